@@ -1,0 +1,191 @@
+// The only Python-facing file of the compiled core: argument checks that name the argument, dtype
+// dispatch, GIL release around whole chunks, one m.def per entry point.  Semantics live in the
+// pure C++ files; error *messages* about bad counts live in Python (shared with the NumPy oracle).
+#include <pybind11/numpy.h>
+#include <pybind11/pybind11.h>
+
+#include <cstdlib>
+#include <string>
+
+#include "rank_tokenize.hpp"
+
+namespace py = pybind11;
+using scfm::i32;
+using scfm::i64;
+
+namespace {
+
+PyObject* g_cell_data_error = nullptr;  // scfm_fast._core.CellDataError
+
+std::string dtype_name(const py::array& a) { return py::str(a.dtype()).cast<std::string>(); }
+
+void require_vector(const py::array& a, const char* name) {
+    if (a.ndim() != 1) {
+        throw py::value_error(std::string(name) + " must be 1-D, got " + std::to_string(a.ndim()) + " dimensions");
+    }
+    if (!(a.flags() & py::array::c_style)) {
+        throw py::value_error(std::string(name) + " must be C-contiguous (use numpy.ascontiguousarray)");
+    }
+}
+
+template <class T>
+bool has_dtype(const py::array& a) {
+    return a.dtype().equal(py::dtype::of<T>());
+}
+
+template <class T>
+const T* checked_ptr(const py::array& a, const char* name, const char* want) {
+    require_vector(a, name);
+    if (!has_dtype<T>(a)) {
+        throw py::type_error(std::string(name) + " must have dtype " + want + ", got " + dtype_name(a));
+    }
+    return static_cast<const T*>(a.data());
+}
+
+[[noreturn]] void raise_cell_error(const scfm::CellError& e) {
+    const char* kind = e.kind == scfm::ErrorKind::bad_count ? "count" : "index";
+    py::tuple args = py::make_tuple(kind, e.row, e.entry, e.col);
+    PyErr_SetObject(g_cell_data_error, args.ptr());
+    throw py::error_already_set();
+}
+
+template <class IP, class IX, class DT>
+py::tuple run_typed(const py::array& indptr, const py::array& indices, const py::array& data,
+                    const scfm::RankConfig& cfg, int n_threads) {
+    scfm::CsrChunk<IP, IX, DT> chunk;
+    chunk.indptr = static_cast<const IP*>(indptr.data());
+    chunk.n_cells = static_cast<i64>(indptr.shape(0)) - 1;
+    chunk.indices = static_cast<const IX*>(indices.data());
+    chunk.data = static_cast<const DT*>(data.data());
+    const i64 n_data = static_cast<i64>(data.shape(0));
+    // Bounds of the rows must lie inside data/indices: the core trusts them.
+    i64 prev = 0;
+    for (i64 i = 0; i <= chunk.n_cells; ++i) {
+        const i64 v = static_cast<i64>(chunk.indptr[i]);
+        if (v < prev || v > n_data) {
+            throw py::value_error("indptr must be non-decreasing, start >= 0 and end <= len(data)=" +
+                                  std::to_string(n_data) + "; indptr[" + std::to_string(i) + "]=" +
+                                  std::to_string(v));
+        }
+        prev = v;
+    }
+    py::array_t<i64> offsets(chunk.n_cells + 1);
+    py::array_t<double> cell_totals(std::max<i64>(chunk.n_cells, 0));
+    i64* off_ptr = offsets.mutable_data();
+    double* tot_ptr = cell_totals.mutable_data();
+    scfm::RankResult result;
+    {
+        py::gil_scoped_release release;
+        result = scfm::rank_tokenize(chunk, cfg, n_threads, off_ptr, tot_ptr);
+    }
+    if (!result.error.ok()) raise_cell_error(result.error);
+    // Hand the core's buffer to NumPy without copying; the capsule frees it with the array.
+    const i64 n_tokens = result.n_tokens;
+    py::array_t<i32> tokens;
+    if (n_tokens == 0) {
+        tokens = py::array_t<i32>(0);
+    } else {
+        i32* buf = result.release();
+        py::capsule owner(buf, [](void* p) { std::free(p); });
+        tokens = py::array_t<i32>({n_tokens}, {static_cast<i64>(sizeof(i32))}, buf, owner);
+    }
+    return py::make_tuple(tokens, offsets, cell_totals);
+}
+
+template <class IP, class IX>
+py::tuple dispatch_data(const py::array& indptr, const py::array& indices, const py::array& data,
+                        const scfm::RankConfig& cfg, int n_threads) {
+    if (has_dtype<float>(data)) return run_typed<IP, IX, float>(indptr, indices, data, cfg, n_threads);
+    if (has_dtype<double>(data)) return run_typed<IP, IX, double>(indptr, indices, data, cfg, n_threads);
+    throw py::type_error("data must have dtype float32 or float64, got " + dtype_name(data));
+}
+
+template <class IP>
+py::tuple dispatch_indices(const py::array& indptr, const py::array& indices, const py::array& data,
+                           const scfm::RankConfig& cfg, int n_threads) {
+    if (has_dtype<i32>(indices)) return dispatch_data<IP, i32>(indptr, indices, data, cfg, n_threads);
+    if (has_dtype<i64>(indices)) return dispatch_data<IP, i64>(indptr, indices, data, cfg, n_threads);
+    throw py::type_error("indices must have dtype int32 or int64, got " + dtype_name(indices));
+}
+
+py::tuple rank_tokenize(const py::array& indptr, const py::array& indices, const py::array& data,
+                        const py::array& col_token, const py::array& token_median,
+                        const py::object& totals, i64 budget, i32 cls_token, i32 eos_token,
+                        bool allow_non_integer, int n_threads) {
+    require_vector(indptr, "indptr");
+    require_vector(indices, "indices");
+    require_vector(data, "data");
+    if (indptr.shape(0) < 1) throw py::value_error("indptr must have at least one element (n_cells + 1)");
+    if (indices.shape(0) != data.shape(0)) {
+        throw py::value_error("indices and data must have the same length, got " +
+                              std::to_string(indices.shape(0)) + " and " + std::to_string(data.shape(0)));
+    }
+    if (budget < 1) throw py::value_error("max_len leaves no room for genes (budget " + std::to_string(budget) + ")");
+    if (n_threads < 1) throw py::value_error("n_threads must be >= 1, got " + std::to_string(n_threads));
+    scfm::RankConfig cfg;
+    cfg.col_token = checked_ptr<i32>(col_token, "col_token", "int32");
+    cfg.n_cols = static_cast<i64>(col_token.shape(0));
+    cfg.token_median = checked_ptr<double>(token_median, "token_median", "float64");
+    cfg.n_tokens = static_cast<i64>(token_median.shape(0));
+    const i64 bad_col = scfm::find_bad_col_token(cfg.col_token, cfg.n_cols, cfg.n_tokens);
+    if (bad_col >= 0) {
+        throw py::value_error("col_token[" + std::to_string(bad_col) + "]=" +
+                              std::to_string(cfg.col_token[bad_col]) + " is not negative (unmapped) or a valid index into token_median (length " +
+                              std::to_string(cfg.n_tokens) + ")");
+    }
+    const i64 n_cells = static_cast<i64>(indptr.shape(0)) - 1;
+    py::array totals_arr;  // keeps the array alive while the core reads it
+    if (!totals.is_none()) {
+        if (!py::isinstance<py::array>(totals)) throw py::type_error("totals must be a numpy array or None");
+        totals_arr = py::reinterpret_borrow<py::array>(totals);
+        cfg.totals = checked_ptr<double>(totals_arr, "totals", "float64");
+        if (static_cast<i64>(totals_arr.shape(0)) != n_cells) {
+            throw py::value_error("totals must have one value per cell (" + std::to_string(n_cells) + "), got " +
+                                  std::to_string(totals_arr.shape(0)));
+        }
+    }
+    cfg.budget = budget;
+    cfg.cls_token = cls_token;
+    cfg.eos_token = eos_token;
+    cfg.allow_non_integer = allow_non_integer;
+    if (has_dtype<i32>(indptr)) return dispatch_indices<i32>(indptr, indices, data, cfg, n_threads);
+    if (has_dtype<i64>(indptr)) return dispatch_indices<i64>(indptr, indices, data, cfg, n_threads);
+    throw py::type_error("indptr must have dtype int32 or int64, got " + dtype_name(indptr));
+}
+
+}  // namespace
+
+PYBIND11_MODULE(_core, m) {
+    m.doc() = "scfm_fast compiled core (pure C++ in csrc/, bound here). Use scfm_fast.tokenizer.rank instead.";
+
+    g_cell_data_error = PyErr_NewExceptionWithDoc(
+        "scfm_fast._core.CellDataError",
+        "Bad input found by the core; args = (kind, row, entry, col) with kind 'count' or 'index'.",
+        PyExc_ValueError, nullptr);
+    if (g_cell_data_error == nullptr) throw py::error_already_set();
+    m.attr("CellDataError") = py::handle(g_cell_data_error);
+
+    m.def("rank_tokenize", &rank_tokenize, py::arg("indptr"), py::arg("indices"), py::arg("data"),
+          py::arg("col_token"), py::arg("token_median"), py::arg("totals").none(true), py::arg("budget"),
+          py::arg("cls_token"), py::arg("eos_token"), py::arg("allow_non_integer"), py::arg("n_threads"),
+          R"doc(Rank-value tokenize a CSR chunk (see scfm_fast.tokenizer.reference.rank_tokenize_ref).
+
+Arrays must be 1-D and C-contiguous: indptr int32/int64, indices int32/int64, data float32/float64,
+col_token int32, token_median float64, totals float64 or None.  budget = max_len minus special tokens.
+Runs with the GIL released on up to n_threads threads.  Returns (tokens int32, offsets int64,
+totals float64).  Raises CellDataError(kind, row, entry, col) on the first bad count (or, when there
+is none, the first out-of-range column index) in stored order.)doc");
+
+    m.def("build_info", []() {
+        py::dict info;
+#if defined(__clang__)
+        info["compiler"] = std::string("clang ") + __clang_version__;
+#elif defined(__GNUC__)
+        info["compiler"] = std::string("gcc ") + __VERSION__;
+#else
+        info["compiler"] = std::string("unknown");
+#endif
+        info["hardware_threads"] = static_cast<int>(std::thread::hardware_concurrency());
+        return info;
+    }, "Compiler and hardware facts of this build (for `python -m scfm_fast.info`).");
+}

@@ -1,0 +1,54 @@
+// Geneformer rank-value tokenization of a CSR chunk of cells (the C++ twin of
+// scfm_fast/tokenizer/reference.py::rank_tokenize_ref, whose docstring defines the semantics).
+#pragma once
+
+#include <vector>
+
+#include "common.hpp"
+
+namespace scfm {
+
+struct RankConfig {
+    const i32* col_token = nullptr;  // token id per source column, -1 = not in the vocabulary
+    i64 n_cols = 0;
+    const double* token_median = nullptr;  // gene median per token id
+    i64 n_tokens = 0;                      // length of token_median; every col_token < n_tokens
+    const double* totals = nullptr;        // per-cell totals, or nullptr to sum each row
+    i64 budget = 1;                        // genes kept per cell (max_len minus special tokens)
+    i32 cls_token = -1;                    // prepended when >= 0
+    i32 eos_token = -1;                    // appended when >= 0
+    bool allow_non_integer = false;
+};
+
+// Tokens of one chunk, concatenated in cell order in a malloc()-ed buffer whose ownership the
+// caller takes (bindings hand it to NumPy without a copy).
+struct RankResult {
+    i32* tokens = nullptr;  // n_tokens entries (may be nullptr when n_tokens == 0); free() it
+    i64 n_tokens = 0;
+    CellError error;        // first bad input in CSR order (ok() when none; then tokens is nullptr)
+
+    RankResult() = default;
+    RankResult(const RankResult&) = delete;
+    RankResult& operator=(const RankResult&) = delete;
+    RankResult(RankResult&& o) noexcept : tokens(o.tokens), n_tokens(o.n_tokens), error(o.error) { o.tokens = nullptr; }
+    RankResult& operator=(RankResult&& o) noexcept;
+    ~RankResult();
+    // Give up ownership of the buffer (the caller must free() it).
+    i32* release() {
+        i32* t = tokens;
+        tokens = nullptr;
+        return t;
+    }
+};
+
+// Index of the first col_token entry that is >= n_tokens, or -1 when all are valid.
+i64 find_bad_col_token(const i32* col_token, i64 n_cols, i64 n_tokens);
+
+// Tokenize cells [0, chunk.n_cells) with up to n_threads threads.  Writes offsets[0..n_cells]
+// (offsets[0] = 0) and cell_totals[0..n_cells).  When result.error is set, nothing else of the
+// result is meaningful.  Throws std::bad_alloc when the output cannot be allocated.
+template <class IP, class IX, class DT>
+RankResult rank_tokenize(const CsrChunk<IP, IX, DT>& chunk, const RankConfig& cfg, int n_threads,
+                         i64* offsets, double* cell_totals);
+
+}  // namespace scfm

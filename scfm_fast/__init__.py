@@ -1,0 +1,42 @@
+"""scfm_fast: a fast, exact engine for single-cell foundation models of the Geneformer family.
+
+Public names are imported lazily so that ``import scfm_fast`` stays cheap (torch is only loaded by
+the model, embedding and perturbation APIs).
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+__version__ = "0.1.0"
+
+_EXPORTS = {
+    "tokenize_corpus": "scfm_fast.tokenizer.pipeline",
+    "tokenize_anndata": "scfm_fast.tokenizer.pipeline",
+    "compute_gene_medians": "scfm_fast.tokenizer.medians",
+    "write_gene_dictionaries": "scfm_fast.tokenizer.medians",
+    "tokenize_rank": "scfm_fast.tokenizer.rank",
+    "rank_tokenize_ref": "scfm_fast.tokenizer.reference",
+    "open_reader": "scfm_fast.readers",
+    "GeneVocab": "scfm_fast.vocab",
+    "resolve_genes": "scfm_fast.vocab",
+    "load_ortholog_map": "scfm_fast.vocab",
+    "TokenStore": "scfm_fast.store",
+    "read_table": "scfm_fast.store",
+    "to_hf_dataset": "scfm_fast.store",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    mod = _EXPORTS.get(name)
+    if mod is None:
+        msg = f"module 'scfm_fast' has no attribute {name!r}"
+        raise AttributeError(msg)
+    return getattr(importlib.import_module(mod), name)
+
+
+def __dir__() -> list[str]:
+    return sorted(list(globals()) + __all__)

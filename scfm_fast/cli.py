@@ -1,0 +1,135 @@
+"""``scfm``: command-line entry point (thin over the Python API)."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import logging
+import sys
+from collections.abc import Sequence
+
+from . import __version__
+from ._errors import ScfmError
+
+
+def _csv(s: str) -> list[str]:
+    return [x.strip() for x in s.split(",") if x.strip()]
+
+
+def _add_tokenize(sub) -> None:
+    p = sub.add_parser("tokenize", help="rank-value tokenize .h5ad / AnnData-Zarr / .loom files",
+                       description="Stream cells from INPUT files into a token dataset directory "
+                                   "(Parquet shards + packed tokens + manifest).")
+    p.add_argument("inputs", nargs="+", metavar="INPUT")
+    p.add_argument("--out", required=True, help="output directory")
+    p.add_argument("--preset", default="geneformer-v1", choices=["geneformer-v1", "geneformer-v2"])
+    p.add_argument("--token-dictionary", help="token dictionary pickle (default: the preset's bundled one)")
+    p.add_argument("--gene-median", help="gene median dictionary pickle (default: the preset's bundled one)")
+    p.add_argument("--gene-name-map", default="auto",
+                   help="symbol->Ensembl table (.pkl/.csv); 'auto' = bundled Geneformer table, 'none' = off")
+    p.add_argument("--orthologs", help="'mouse-to-human' (bundled one-to-one orthologs) or a table path")
+    p.add_argument("--gene-id-column", help="var column with gene ids (default: var index)")
+    p.add_argument("--layer", help="layer holding raw counts (default: X)")
+    p.add_argument("--use-raw", action="store_true", help="read raw/X")
+    p.add_argument("--obs-columns", type=_csv, default=[], help="cell metadata columns to carry, a,b,c")
+    p.add_argument("--workers", type=int, default=None, help="threads of the compiled core (default: all)")
+    p.add_argument("--chunk-size", type=int, default=10_000, help="cells per chunk / shard")
+    p.add_argument("--max-len", type=int, default=None, help="override the preset's input size")
+    p.add_argument("--backend", default="auto", choices=["auto", "cpp", "numba", "reference"])
+    p.add_argument("--min-gene-match", type=float, default=0.2)
+    p.add_argument("--allow-non-integer", action="store_true")
+    p.add_argument("--resume", action="store_true", help="continue an interrupted run in --out")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    p.set_defaults(func=_run_tokenize)
+
+
+def _run_tokenize(args) -> int:
+    from .tokenizer.pipeline import tokenize_corpus
+
+    gmap = None if args.gene_name_map in ("none", "") else args.gene_name_map
+    man = tokenize_corpus(args.inputs, args.out, preset=args.preset, token_dictionary=args.token_dictionary,
+                          gene_median=args.gene_median, gene_name_map=gmap, orthologs=args.orthologs,
+                          gene_id_column=args.gene_id_column, layer=args.layer, use_raw=args.use_raw,
+                          obs_columns=args.obs_columns, chunk_size=args.chunk_size, max_len=args.max_len,
+                          n_threads=args.workers, backend=args.backend, min_gene_match=args.min_gene_match,
+                          allow_non_integer=args.allow_non_integer, resume=args.resume,
+                          overwrite=args.overwrite)
+    s = man["summary"]
+    for p, gm in zip(man["inputs"], man["gene_match"]):
+        print(f"{p}: {gm['n_matched_genes']:,}/{gm['n_input_genes']:,} genes matched "
+              f"({gm['fraction_matched']:.1%})", file=sys.stderr)
+    print(f"wrote {man['n_cells']:,} cells, {man['n_tokens']:,} tokens to {args.out} "
+          f"({s['n_empty']:,} cells without expressed genes and {s['n_filtered']:,} with filter_pass != 1 "
+          f"skipped; {s['fraction_counts_matched']:.1%} of counts matched; "
+          f"{s['n_cells_in'] / max(s['seconds'], 1e-9):,.0f} cells/s)", file=sys.stderr)
+    return 0
+
+
+def _add_medians(sub) -> None:
+    p = sub.add_parser("medians", help="corpus gene medians (one streaming pass) -> Geneformer dictionaries")
+    p.add_argument("inputs", nargs="+", metavar="INPUT")
+    p.add_argument("--out", required=True, help="output directory for gene_median_dictionary.pkl etc.")
+    p.add_argument("--gene-id-column")
+    p.add_argument("--layer")
+    p.add_argument("--use-raw", action="store_true")
+    p.add_argument("--chunk-size", type=int, default=10_000)
+    p.add_argument("--bins-per-octave", type=int, default=64,
+                   help="histogram resolution; relative error <= 2**(1/N)-1")
+    p.add_argument("--special-tokens", type=_csv, default=["<pad>", "<mask>"],
+                   help="special tokens of the written token dictionary, in id order")
+    p.set_defaults(func=_run_medians)
+
+
+def _run_medians(args) -> int:
+    from .tokenizer.medians import compute_gene_medians, write_gene_dictionaries
+
+    med, report = compute_gene_medians(args.inputs, gene_id_column=args.gene_id_column, layer=args.layer,
+                                       use_raw=args.use_raw, chunk_size=args.chunk_size,
+                                       bins_per_octave=args.bins_per_octave)
+    paths = write_gene_dictionaries(med, args.out, special_tokens=args.special_tokens)
+    rep = {k: v for k, v in report.items() if k != "n_nonzero_cells"}
+    (paths["gene_median"].parent / "medians_report.json").write_text(json.dumps(report, indent=1))
+    print(json.dumps({**rep, **{k: str(v) for k, v in paths.items()}}, indent=1))
+    return 0
+
+
+def _add_info(sub) -> None:
+    p = sub.add_parser("info", help="versions and which fast paths are available here")
+    p.set_defaults(func=lambda args: (print(importlib.import_module("scfm_fast.info").info_text()), 0)[1])
+
+
+# subcommands owned by other subpackages register themselves through ``register(subparsers)``
+_PLUGINS = ("scfm_fast.embed._cli", "scfm_fast.perturb._cli")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="scfm", description="scfm_fast: fast single-cell foundation models")
+    parser.add_argument("--version", action="version", version=f"scfm_fast {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log progress details")
+    sub = parser.add_subparsers(dest="command", required=True)
+    _add_tokenize(sub)
+    _add_medians(sub)
+    for mod in _PLUGINS:
+        try:
+            importlib.import_module(mod).register(sub)
+        except ModuleNotFoundError as e:
+            if e.name != mod:
+                raise
+    _add_info(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return int(args.func(args) or 0)
+    except ScfmError as e:
+        print(f"scfm {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

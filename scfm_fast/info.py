@@ -1,0 +1,64 @@
+"""``python -m scfm_fast.info``: versions and which fast paths are usable here, and why not."""
+
+from __future__ import annotations
+
+import importlib
+import platform
+
+
+def _version(mod: str) -> str:
+    try:
+        m = importlib.import_module(mod)
+    except Exception as e:  # noqa: BLE001 - report any import failure
+        return f"not available ({type(e).__name__}: {e})"
+    return getattr(m, "__version__", "installed")
+
+
+def info_dict() -> dict:
+    """Versions, tokenizer backends and attention backends, as a dict."""
+    from . import __version__
+
+    d: dict = {"scfm_fast": __version__, "python": platform.python_version(), "platform": platform.platform()}
+    for mod in ("numpy", "numba", "torch", "triton", "flash_attn", "pyarrow", "anndata", "zarr",
+                "tensorstore", "h5py"):
+        d[mod] = _version(mod)
+    try:
+        from .tokenizer.rank import available_backends
+
+        d["tokenizer_backends"] = available_backends()
+    except Exception as e:  # noqa: BLE001
+        d["tokenizer_backends"] = {"error": str(e)}
+    try:
+        import torch
+
+        d["cuda"] = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "not available"
+    except Exception as e:  # noqa: BLE001
+        d["cuda"] = f"not available ({e})"
+    try:
+        from .kernels.attention import backend_report
+
+        d["attention_backends"] = backend_report()
+    except Exception as e:  # noqa: BLE001
+        d["attention_backends"] = [{"name": "?", "usable": False, "reasons": [str(e)]}]
+    return d
+
+
+def info_text() -> str:
+    d = info_dict()
+    lines = ["scfm_fast environment", "====================="]
+    for k, v in d.items():
+        if k in ("tokenizer_backends", "attention_backends"):
+            continue
+        lines.append(f"{k:>12}: {v}")
+    lines.append("tokenizer backends (rank-value core):")
+    for name, why in d["tokenizer_backends"].items():
+        lines.append(f"  {name:<10} {'usable' if why is None else 'unavailable: ' + str(why)}")
+    lines.append("attention backends (first usable is chosen):")
+    for b in d["attention_backends"]:
+        reasons = "; ".join(b.get("reasons", []))
+        lines.append(f"  {b.get('name', '?'):<12} {'usable' if b.get('usable') else 'unavailable: ' + reasons}")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    print(info_text())

@@ -1,0 +1,258 @@
+"""Perturbation plans: which token sequences to run for each cell, and how they align to the original.
+
+A *variant* of a cell is described by ``src``: for each position of the perturbed sequence, the
+position in the original sequence its token comes from. Every perturbation Geneformer defines is such
+a gather (delete drops positions; overexpress / inhibit / activate permute the gene positions), so the
+engines and readouts only ever need ``src`` plus the original positions of the perturbed genes.
+
+Semantics (Geneformer's in-silico perturbation, see ``shared/README.md``)
+-------------------------------------------------------------------------
+Ranks below count *gene* tokens only (special tokens ``<cls>``/``<eos>``/``<pad>``/``<mask>`` are never
+perturbed and keep their slots: ``<cls>`` stays first, ``<eos>`` stays last).
+
+``delete``
+    The gene's token is removed; later tokens move up one position (the sequence gets shorter).
+``overexpress``
+    The gene moves to rank 1 (position 0, or position 1 after ``<cls>``); genes ranked above it move down
+    one. Several genes perturbed together go to the front in their original order (as Geneformer's
+    ``overexpress_indices``).
+``activate`` / ``inhibit``
+    Geneformer documents (but has not released) these as quantile moves: with ``rank_shift = q`` the
+    ranking of ``n`` genes is cut into ``ceil(1/q)`` bins of width ``q*n``; a gene in bin ``b`` (0 = top)
+    moves to the middle of bin ``b-1`` (activate) or ``b+1`` (inhibit), i.e. to gene rank
+    ``floor((b'+0.5)*q*n)`` clipped to ``[0, n-1]``; from the top bin ``activate`` moves it to rank 0,
+    from the bottom bin ``inhibit`` moves it to rank ``n-1``. The default ``q = 0.25`` is one quartile,
+    Geneformer's ``perturb_rank_shift=1``. Several genes moved together are placed at their target ranks
+    in order of target rank (ties: original order); all other genes keep their relative order.
+
+Groups (pairs, or a whole list perturbed together) are applied only to cells that express every member;
+other cells are skipped and reported. Genes absent from a cell are skipped and reported, never an error.
+Inserting a gene the cell does not express (Geneformer's overexpression of absent genes) is not planned.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+PERTURBATIONS = ("delete", "overexpress", "inhibit", "activate")
+
+
+@dataclass
+class VariantBlock:
+    """Variants of one cell that share one length (they batch without padding).
+
+    Attributes
+    ----------
+    src
+        ``(V, L')`` int64: original position of each token of each variant.
+    perturbed
+        ``(V, m)`` int64: original positions of the perturbed genes (``m`` genes per variant).
+    new_pos
+        ``(V, m)`` int64: their positions in the variant (``-1`` when deleted).
+    tokens
+        ``(V, m)`` int64: their token ids.
+    """
+
+    src: np.ndarray
+    perturbed: np.ndarray
+    new_pos: np.ndarray
+    tokens: np.ndarray
+
+    @property
+    def n_variants(self) -> int:
+        return int(self.src.shape[0])
+
+    @property
+    def length(self) -> int:
+        return int(self.src.shape[1])
+
+    def take(self, rows: slice | np.ndarray) -> VariantBlock:
+        return VariantBlock(self.src[rows], self.perturbed[rows], self.new_pos[rows], self.tokens[rows])
+
+
+@dataclass
+class CellPlan:
+    """All variants planned for one cell, plus what was skipped and why."""
+
+    cell_index: int
+    input_ids: np.ndarray
+    special: np.ndarray  # (L,) bool: special-token positions (never perturbed, never pooled)
+    blocks: list[VariantBlock] = field(default_factory=list)
+    skipped: list[dict] = field(default_factory=list)
+
+    @property
+    def n_variants(self) -> int:
+        return sum(b.n_variants for b in self.blocks)
+
+    @property
+    def gene_slots(self) -> np.ndarray:
+        return np.flatnonzero(~self.special)
+
+
+def target_rank(rank: int, n_genes: int, perturbation: str, rank_shift: float) -> int:
+    """Gene rank (0-based, specials excluded) a gene at ``rank`` moves to; see the module docstring."""
+    if perturbation == "overexpress":
+        return 0
+    if perturbation not in ("activate", "inhibit"):
+        msg = f"target_rank is defined for moves, not {perturbation!r}"
+        raise ValueError(msg)
+    if not 0 < rank_shift <= 1:
+        msg = f"rank_shift={rank_shift} must be a fraction of the cell's length in (0, 1]"
+        raise ValueError(msg)
+    width = rank_shift * n_genes
+    n_bins = math.ceil(1 / rank_shift - 1e-9)
+    b = min(int(rank // width), n_bins - 1)
+    t = b - 1 if perturbation == "activate" else b + 1
+    if t < 0:
+        return 0
+    if t >= n_bins:
+        return n_genes - 1
+    return int(min(max(math.floor((t + 0.5) * width), 0), n_genes - 1))
+
+
+def _move_order(n_genes: int, ranks: Sequence[int], targets: Sequence[int]) -> np.ndarray:
+    """New gene order (as original gene ranks) after moving ``ranks`` to ``targets``."""
+    rest = list(np.delete(np.arange(n_genes), list(ranks)))
+    order = sorted(range(len(ranks)), key=lambda i: (targets[i], ranks[i]))
+    prev = -1
+    for i in order:
+        at = min(max(targets[i], prev + 1), len(rest))
+        rest.insert(at, ranks[i])
+        prev = at
+    return np.asarray(rest, dtype=np.int64)
+
+
+def build_variant(
+    special: np.ndarray, positions: Sequence[int], perturbation: str, *, rank_shift: float = 0.25
+) -> tuple[np.ndarray, np.ndarray]:
+    """``src`` and the new positions of the perturbed genes for one variant.
+
+    Parameters
+    ----------
+    special
+        ``(L,)`` bool mask of special-token positions of the cell.
+    positions
+        Original positions of the genes perturbed together.
+    perturbation
+        One of :data:`PERTURBATIONS`.
+    rank_shift
+        Quantile of the cell's gene count for ``activate`` / ``inhibit``.
+    """
+    L = special.shape[0]
+    pos = np.asarray(positions, dtype=np.int64)
+    if perturbation == "delete":
+        src = np.delete(np.arange(L, dtype=np.int64), pos)
+        return src, np.full(len(pos), -1, dtype=np.int64)
+    slots = np.flatnonzero(~special)
+    n = len(slots)
+    ranks = np.searchsorted(slots, pos)
+    targets = [target_rank(int(r), n, perturbation, rank_shift) for r in ranks]
+    order = _move_order(n, [int(r) for r in ranks], targets)
+    src = np.arange(L, dtype=np.int64)
+    src[slots] = slots[order]
+    inv = np.empty(L, dtype=np.int64)
+    inv[src] = np.arange(L)
+    return src, inv[pos]
+
+
+def _block(special: np.ndarray, ids: np.ndarray, groups: list[tuple[int, ...]], perturbation: str,
+           rank_shift: float) -> VariantBlock:
+    if perturbation == "delete" and all(len(g) == 1 for g in groups):
+        # vectorised fast path for single-gene delete screens (2,048 variants of 2,047 tokens per cell)
+        L = special.shape[0]
+        p = np.asarray([g[0] for g in groups], dtype=np.int64)
+        keep = np.ones((len(p), L), dtype=bool)
+        keep[np.arange(len(p)), p] = False
+        src = np.nonzero(keep)[1].reshape(len(p), L - 1)
+        pert = p[:, None]
+        return VariantBlock(src, pert, np.full_like(pert, -1), ids[pert])
+    srcs, news = [], []
+    for g in groups:
+        s, n = build_variant(special, g, perturbation, rank_shift=rank_shift)
+        srcs.append(s)
+        news.append(n)
+    pert = np.asarray(groups, dtype=np.int64)
+    return VariantBlock(np.stack(srcs), pert, np.stack(news), ids[pert])
+
+
+GeneSpec = str | int | Sequence[int | str]
+
+
+def plan_cell(
+    input_ids: np.ndarray,
+    cell_index: int,
+    *,
+    perturbation: str,
+    groups: Iterable[tuple[int, ...]] | None,
+    special_token_ids: Iterable[int],
+    anchor: int | None = None,
+    rank_shift: float = 0.25,
+) -> CellPlan:
+    """Plan the variants of one cell.
+
+    Parameters
+    ----------
+    input_ids
+        The cell's token ids (``(L,)``).
+    cell_index
+        Identifier carried into the results.
+    perturbation
+        One of :data:`PERTURBATIONS`.
+    groups
+        Token-id groups to perturb together (a 1-tuple is a single gene); ``None`` means every gene of
+        the cell, one at a time (``genes="all"``).
+    special_token_ids
+        Token ids that are never perturbed nor pooled.
+    anchor
+        With ``groups=None``: perturb this token together with each other gene of the cell (pairs).
+    rank_shift
+        Quantile for ``activate`` / ``inhibit``.
+    """
+    if perturbation not in PERTURBATIONS:
+        msg = f"perturbation={perturbation!r}; choose one of {PERTURBATIONS}"
+        raise ValueError(msg)
+    ids = np.asarray(input_ids, dtype=np.int64)
+    special = np.isin(ids, np.fromiter(special_token_ids, dtype=np.int64))
+    plan = CellPlan(int(cell_index), ids, special)
+    gene_pos = np.flatnonzero(~special)
+    first = {}
+    for p in gene_pos[::-1]:  # first occurrence wins if a token repeats
+        first[int(ids[p])] = int(p)
+    if groups is None:
+        if anchor is None:
+            pos_groups = [(int(p),) for p in gene_pos]
+        elif anchor not in first:
+            plan.skipped.append({"cell_index": plan.cell_index, "gene_tokens": [int(anchor)],
+                                 "reason": "anchor gene not expressed in cell"})
+            pos_groups = []
+        else:
+            a = first[anchor]
+            pos_groups = [tuple(sorted((a, int(p)))) for p in gene_pos if p != a]
+    else:
+        pos_groups = []
+        for g in groups:
+            missing = [t for t in g if t not in first]
+            if missing:
+                plan.skipped.append({"cell_index": plan.cell_index, "gene_tokens": [int(t) for t in g],
+                                     "reason": "gene not expressed in cell" if len(g) == 1
+                                     else f"group members not expressed in cell: {missing}"})
+                continue
+            pos_groups.append(tuple(first[t] for t in g))
+    if len(gene_pos) - (perturbation == "delete") * 1 < 1 and pos_groups:
+        plan.skipped.extend({"cell_index": plan.cell_index, "gene_tokens": [int(ids[p]) for p in g],
+                             "reason": "cell would have no genes left"} for g in pos_groups)
+        return plan
+    by_size: dict[int, list[tuple[int, ...]]] = {}
+    for g in pos_groups:
+        by_size.setdefault(len(g), []).append(g)
+    for _, gs in sorted(by_size.items()):
+        if perturbation == "delete" and len(gene_pos) - len(gs[0]) < 1:
+            plan.skipped.extend({"cell_index": plan.cell_index, "gene_tokens": [int(ids[p]) for p in g],
+                                 "reason": "cell would have no genes left"} for g in gs)
+            continue
+        plan.blocks.append(_block(special, ids, gs, perturbation, rank_shift))
+    return plan

@@ -1,0 +1,173 @@
+"""What every concrete reader shares: path checks, the chunk loop, var access, context management."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+
+from .._errors import InputFileError
+from ._anndata_elems import ColumnValues, Frame
+from ._csr import CSRBlock, rechunk
+from ._nodes import ReadStats
+from .base import CellChunk
+
+
+class RowSource(Protocol):
+    """A matrix readable as consecutive CSR row blocks (see :mod:`._sources`)."""
+
+    n_rows: int
+    n_cols: int
+
+    def iter_blocks(self, start: int) -> Iterator[CSRBlock]: ...
+
+
+def check_path(path: str | os.PathLike[str], *, kind: str, fix: str) -> str:
+    """Fail early and clearly on a missing or empty source; return the path as ``str``.
+
+    Parameters
+    ----------
+    path
+        File or directory given by the user.
+    kind
+        Human-readable format name, used in messages ("h5ad file", "AnnData-Zarr store").
+    fix
+        What the user should do, appended to the messages.
+    """
+    p = Path(path)
+    if not p.exists():
+        msg = f"{p}: no such {kind}. Check the path. {fix}"
+        raise InputFileError(msg)
+    if p.is_file() and p.stat().st_size == 0:
+        msg = f"{p}: the {kind} is empty (0 bytes); it was probably not written completely. {fix}"
+        raise InputFileError(msg)
+    if p.is_dir() and not any(p.iterdir()):
+        msg = f"{p}: the {kind} is an empty directory. {fix}"
+        raise InputFileError(msg)
+    return str(p)
+
+
+class ChunkedReader:
+    """Base class of the concrete readers; implements the :class:`~.base.Reader` protocol.
+
+    Subclasses set ``path``, ``n_obs``, ``n_vars``, ``_source`` (a row source), ``_obs`` and ``_var``
+    (:class:`~._anndata_elems.Frame` s) and ``_var_names`` in their constructor, and release their
+    handles in :meth:`_close`.
+    """
+
+    path: str
+    n_obs: int
+    n_vars: int
+    stats: ReadStats
+    _source: RowSource
+    _obs: Frame
+    _var: Frame
+    _var_names: np.ndarray
+
+    @property
+    def var_names(self) -> np.ndarray:
+        """Gene identifiers (``str``) of the gene axis, from ``gene_id_column`` or the var index."""
+        return self._var_names
+
+    @property
+    def obs_columns(self) -> list[str]:
+        """Names of the per-cell metadata columns available in the source."""
+        return self._obs.columns
+
+    @property
+    def obs_names_available(self) -> bool:
+        """Whether the source stores cell names (otherwise chunks are indexed by row number)."""
+        return self._obs.has_index
+
+    @property
+    def var_columns(self) -> list[str]:
+        """Names of the per-gene metadata columns available in the source."""
+        return self._var.columns
+
+    def read_var_column(self, name: str) -> ColumnValues:
+        """Whole per-gene column ``name`` (the gene axis is small, so it is read at once)."""
+        return self._var.read_column(name)
+
+    def _gene_ids(self, gene_id_column: str | None) -> np.ndarray:
+        if gene_id_column is None:
+            values = self._var.read_index(0, self._var.length)
+        else:
+            self._var.check_columns(
+                [gene_id_column], hint=" Pass gene_id_column= one of them, or None to use the var index."
+            )
+            values = self._var.read_column(gene_id_column)
+        return np.asarray([str(v) for v in np.asarray(values, dtype=object)], dtype=str)
+
+    def _check_shapes(self) -> None:
+        if self._obs.length != self.n_obs or self._var.length != self.n_vars:
+            msg = (
+                f"{self.path}: the matrix is {self.n_obs} x {self.n_vars} but {self._obs.what} has "
+                f"{self._obs.length} rows and {self._var.what} has {self._var.length}; the file is "
+                "inconsistent. Rewrite it with anndata."
+            )
+            raise InputFileError(msg)
+
+    def iter_chunks(
+        self, *, start: int = 0, chunk_size: int = 10_000, obs_columns: Sequence[str] = ()
+    ) -> Iterator[CellChunk]:
+        """Yield consecutive chunks of cells from row ``start`` to the end.
+
+        Parameters
+        ----------
+        start
+            First cell (row) to read, ``0 <= start <= n_obs``.
+        chunk_size
+            Cells per chunk; the last chunk may be shorter.
+        obs_columns
+            Per-cell metadata columns to return in ``chunk.obs``.
+
+        Yields
+        ------
+        CellChunk
+            CSR rows with ``int64`` indptr, ``int32`` indices and ``float32``/``float64`` counts as
+            stored (explicit zeros may be kept).  Column indices are sorted within each row for dense
+            and CSC sources, but are not guaranteed sorted for CSR sources (they are as stored).
+        """
+        if int(chunk_size) < 1:
+            msg = f"chunk_size must be >= 1, got {chunk_size}"
+            raise ValueError(msg)
+        if not 0 <= int(start) <= self.n_obs:
+            msg = f"start must be in [0, {self.n_obs}] for {self.path}, got {start}"
+            raise ValueError(msg)
+        if isinstance(obs_columns, str):
+            obs_columns = [obs_columns]
+        columns = list(obs_columns)
+        self._obs.check_columns(
+            columns, hint=" Request only available columns, or add the column to the file first."
+        )
+        return self._chunks(int(start), int(chunk_size), columns)
+
+    def _chunks(self, start: int, chunk_size: int, columns: list[str]) -> Iterator[CellChunk]:
+        def with_obs() -> Iterator[CSRBlock]:
+            for blk in self._source.iter_blocks(start):
+                blk.obs = self._obs.read_frame(blk.start, blk.start + blk.n_rows, columns)
+                yield blk
+
+        for blk in rechunk(with_obs(), chunk_size):
+            yield CellChunk(
+                start=blk.start, indptr=blk.indptr, indices=blk.indices, data=blk.data, obs=blk.obs
+            )
+
+    def _close(self) -> None:
+        """Release file handles (subclasses)."""
+
+    def close(self) -> None:
+        """Release file handles; the reader cannot be used afterwards."""
+        self._close()
+
+    def __enter__(self) -> ChunkedReader:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.path!r}, n_obs={self.n_obs}, n_vars={self.n_vars})"

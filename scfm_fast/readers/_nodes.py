@@ -1,0 +1,117 @@
+"""Backend-neutral access to HDF5 (h5py) and Zarr nodes: kind tests, attributes, counted slicing.
+
+h5py and zarr (v2 and v3 formats, through zarr-python 3) expose nearly the same API: groups are
+mappings, arrays support basic slicing and have ``shape``/``dtype``/``attrs``.  The few places where
+they differ (attribute value types, string dtypes) are normalised here so that the AnnData encoding
+code in :mod:`._anndata_elems` does not care which backend it reads.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+
+@dataclass
+class ReadStats:
+    """Counts of the array elements a reader has pulled from storage.
+
+    Every read of matrix or metadata elements goes through :func:`read_slice`, so ``max_elements``
+    is an upper bound on the size of any single read: this is what the bounded-memory tests check.
+    """
+
+    n_reads: int = 0
+    total_elements: int = 0
+    max_elements: int = 0
+
+    def record(self, n_elements: int) -> None:
+        """Account for one read of ``n_elements`` elements."""
+        self.n_reads += 1
+        self.total_elements += n_elements
+        self.max_elements = max(self.max_elements, n_elements)
+
+
+def is_array(node: Any) -> bool:
+    """Whether ``node`` is an array (h5py Dataset / zarr Array) rather than a group."""
+    return hasattr(node, "shape") and hasattr(node, "dtype") and not hasattr(node, "keys")
+
+
+def node_keys(node: Any) -> list[str]:
+    """Child names of a group (empty for arrays)."""
+    return [] if is_array(node) else [str(k) for k in node.keys()]
+
+
+def _normalise_attr(value: Any) -> Any:
+    # h5py hands back bytes, numpy scalars and numpy arrays; zarr hands back JSON values.
+    if isinstance(value, bytes):
+        return value.decode("utf-8")
+    if isinstance(value, np.ndarray):
+        if value.dtype.kind == "f" and value.size == 0:
+            return []  # h5py stores an empty "column-order" as an empty float array
+        return [_normalise_attr(v) for v in value.tolist()]
+    if isinstance(value, np.generic):
+        return value.item()
+    return value
+
+
+def get_attr(node: Any, key: str, default: Any = None) -> Any:
+    """Attribute ``key`` of ``node`` as a plain Python value (str, int, list...), or ``default``."""
+    attrs = node.attrs
+    if key not in attrs:
+        return default
+    return _normalise_attr(attrs[key])
+
+
+def get_raw_attr(node: Any, key: str, default: Any = None) -> Any:
+    """Attribute without normalisation (needed for HDF5 object references)."""
+    attrs = node.attrs
+    return attrs[key] if key in attrs else default
+
+
+def encoding_type(node: Any) -> str | None:
+    """The AnnData ``encoding-type`` attribute of a node, if any."""
+    enc = get_attr(node, "encoding-type")
+    return None if enc is None else str(enc)
+
+
+def is_string_dtype(dtype: np.dtype) -> bool:
+    """Whether ``dtype`` holds text: fixed bytes/unicode, h5py vlen str, or numpy StringDType."""
+    if dtype.kind in ("S", "U", "T"):
+        return True
+    # Object arrays are h5py variable-length strings or zarr v2 vlen-utf8 text in AnnData files.
+    return dtype.kind == "O"
+
+
+def to_str_array(values: np.ndarray) -> np.ndarray:
+    """Return an ``object`` array of Python ``str`` from bytes / unicode / StringDType / object input."""
+    values = np.asarray(values)
+    kind = values.dtype.kind
+    if kind == "S":
+        return np.char.decode(values, "utf-8").astype(object)
+    if kind in ("U", "T"):
+        return values.astype(object)
+    if kind == "O":
+        if values.size and isinstance(values.flat[0], bytes):
+            return np.array(
+                [v.decode("utf-8") if isinstance(v, bytes) else str(v) for v in values.ravel()], dtype=object
+            ).reshape(values.shape)
+        return values
+    return values.astype(str).astype(object)
+
+
+def read_slice(node: Any, sel: Any, stats: ReadStats) -> np.ndarray:
+    """Read ``node[sel]`` as a numpy array and account for it in ``stats``."""
+    out = np.asarray(node[sel])
+    stats.record(int(out.size))
+    return out
+
+
+def storage_rows(node: Any, axis: int = 0) -> int | None:
+    """Rows along ``axis`` of one storage unit (zarr shard or chunk, HDF5 chunk); None if contiguous."""
+    shards = getattr(node, "shards", None)
+    chunks = shards if shards is not None else getattr(node, "chunks", None)
+    if not chunks:
+        return None
+    return int(chunks[axis])

@@ -1,0 +1,168 @@
+"""Row-block sources: read a stored matrix as consecutive CSR blocks of cells, in bounded memory.
+
+One class per storage layout.  Each yields :class:`~._csr.CSRBlock` s covering rows ``start`` to the
+end, sized so that no single read exceeds ``max_block_elements`` array elements (except where one
+storage chunk or one cell is larger than that, which the file's layout forces).  Indices within a
+row come out sorted for dense and CSC sources, and as stored for CSR sources.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+
+from ._csr import CSRBlock, dense_to_csr, make_block
+from ._nodes import ReadStats, read_slice, storage_rows
+
+#: Default element budget of one read (16 Mi elements: 64 MiB of float32).
+DEFAULT_BLOCK_ELEMENTS = 1 << 24
+#: Default cap on the cells in one source block (bounds per-block obs reads too).
+DEFAULT_BLOCK_ROWS = 1 << 16
+
+
+class DenseSource:
+    """A dense 2-D array; ``cells_axis=1`` for loom's genes x cells layout.
+
+    Blocks are aligned to the array's storage chunks (zarr shard/chunk or HDF5 chunk) along the cell
+    axis, so that each stored chunk is decompressed once.
+    """
+
+    def __init__(
+        self,
+        arr: Any,
+        *,
+        stats: ReadStats,
+        cells_axis: int = 0,
+        max_block_elements: int = DEFAULT_BLOCK_ELEMENTS,
+        max_block_rows: int = DEFAULT_BLOCK_ROWS,
+    ) -> None:
+        self.arr, self.stats, self.cells_axis = arr, stats, cells_axis
+        self.n_rows = int(arr.shape[cells_axis])
+        self.n_cols = int(arr.shape[1 - cells_axis])
+        unit = storage_rows(arr, cells_axis) or 1
+        budget_rows = max(1, min(max_block_rows, max_block_elements // max(self.n_cols, 1)))
+        # A whole number of storage chunks per block; at least one, since reading part of a chunk
+        # decompresses all of it anyway.
+        self.block_rows = max(unit, (budget_rows // unit) * unit)
+
+    def iter_blocks(self, start: int) -> Iterator[CSRBlock]:
+        """Yield CSR blocks from row ``start`` to the end."""
+        r = start
+        while r < self.n_rows:
+            end = min(self.n_rows, (r // self.block_rows + 1) * self.block_rows)
+            if self.cells_axis == 0:
+                dense = read_slice(self.arr, slice(r, end), self.stats)
+            else:
+                dense = read_slice(self.arr, (slice(None), slice(r, end)), self.stats).T
+            yield dense_to_csr(r, dense)
+            r = end
+
+
+class CSRSource:
+    """A CSR group (``data``, ``indices``, ``indptr``): rows are contiguous ranges of data/indices."""
+
+    def __init__(
+        self,
+        group: Any,
+        shape: tuple[int, int],
+        *,
+        stats: ReadStats,
+        max_block_elements: int = DEFAULT_BLOCK_ELEMENTS,
+        max_block_rows: int = DEFAULT_BLOCK_ROWS,
+    ) -> None:
+        self.data, self.indices, self.indptr = group["data"], group["indices"], group["indptr"]
+        self.n_rows, self.n_cols = shape
+        self.stats, self.budget = stats, max_block_elements
+        nnz = int(self.data.shape[0])
+        # Size the indptr window from the mean row length so that a window holds about two
+        # budgets' worth of entries: re-reading the unused part of a window stays cheap.
+        mean = max(nnz / max(self.n_rows, 1), 1e-9)
+        self.window = int(max(1, min(max_block_rows, max_block_elements, 2 * max_block_elements / mean)))
+
+    def iter_blocks(self, start: int) -> Iterator[CSRBlock]:
+        """Yield CSR blocks from row ``start`` to the end."""
+        r = start
+        while r < self.n_rows:
+            w_end = min(self.n_rows, r + self.window)
+            ip = read_slice(self.indptr, slice(r, w_end + 1), self.stats).astype(np.int64)
+            # Largest number of rows whose entries fit the budget; at least one row.
+            n = int(np.searchsorted(ip - ip[0], self.budget, side="right")) - 1
+            n = min(max(n, 1), w_end - r)
+            lo, hi = int(ip[0]), int(ip[n])
+            indices = read_slice(self.indices, slice(lo, hi), self.stats)
+            data = read_slice(self.data, slice(lo, hi), self.stats)
+            yield make_block(r, ip[: n + 1], indices, data)
+            r += n
+
+
+class CSCSource:
+    """A CSC group read by rows: each row block scans all stored entries in bounded pieces.
+
+    Every row block costs one pass over ``indices`` (and the matching parts of ``data``), so blocks
+    are made as large as the budget allows.  The result equals the CSR path exactly, with column
+    indices sorted within each row.
+    """
+
+    def __init__(
+        self,
+        group: Any,
+        shape: tuple[int, int],
+        *,
+        stats: ReadStats,
+        path: str,
+        max_block_elements: int = DEFAULT_BLOCK_ELEMENTS,
+        max_block_rows: int = DEFAULT_BLOCK_ROWS,
+    ) -> None:
+        self.data, self.indices = group["data"], group["indices"]
+        self.n_rows, self.n_cols = shape
+        self.stats, self.budget = stats, max_block_elements
+        # indptr runs over genes, not cells: its size does not grow with the number of cells.
+        self.col_ptr = read_slice(group["indptr"], slice(None), stats).astype(np.int64)
+        nnz = int(self.col_ptr[-1])
+        # Expected entries per row block ~ budget; bigger blocks mean fewer full scans.
+        rows = max_block_elements * self.n_rows // max(nnz, 1)
+        self.block_rows = int(max(1, min(rows, max(max_block_rows, 1), max_block_elements)))
+        warnings.warn(
+            f"{path}: the matrix is stored as CSC (gene-major); reading it by cells needs a pass over "
+            "all entries for every block of cells, which is much slower than CSR. Convert it once, e.g. "
+            "`adata.X = adata.X.tocsr(); adata.write_h5ad(...)`.",
+            UserWarning,
+            stacklevel=4,
+        )
+
+    def _scan(self, r0: int, r1: int) -> CSRBlock:
+        rows, cols, vals = [], [], []
+        nnz = int(self.col_ptr[-1])
+        for p in range(0, nnz, self.budget):
+            q = min(nnz, p + self.budget)
+            idx = read_slice(self.indices, slice(p, q), self.stats)
+            hit = np.flatnonzero((idx >= r0) & (idx < r1))
+            if hit.size == 0:
+                continue
+            lo, hi = int(hit[0]), int(hit[-1]) + 1
+            # Only the span holding hits is read from data.
+            span = read_slice(self.data, slice(p + lo, p + hi), self.stats)
+            rows.append((idx[hit] - r0).astype(np.int64))
+            cols.append(np.searchsorted(self.col_ptr, p + hit, side="right") - 1)
+            vals.append(span[hit - lo])
+        n = r1 - r0
+        if not rows:
+            dtype = self.data.dtype
+            return make_block(r0, np.zeros(n + 1, np.int64), np.zeros(0, np.int32), np.zeros(0, dtype))
+        row, col, val = np.concatenate(rows), np.concatenate(cols), np.concatenate(vals)
+        # Entries arrive in column order; a stable sort by row keeps columns ascending in each row.
+        order = np.argsort(row, kind="stable")
+        indptr = np.zeros(n + 1, dtype=np.int64)
+        np.cumsum(np.bincount(row, minlength=n), out=indptr[1:])
+        return make_block(r0, indptr, col[order], val[order])
+
+    def iter_blocks(self, start: int) -> Iterator[CSRBlock]:
+        """Yield CSR blocks from row ``start`` to the end."""
+        r = start
+        while r < self.n_rows:
+            end = min(self.n_rows, r + self.block_rows)
+            yield self._scan(r, end)
+            r = end

@@ -1,0 +1,73 @@
+"""Uniform, bounded-memory access to cell x gene count matrices.
+
+Every reader yields :class:`CellChunk` objects: a block of consecutive cells as a CSR matrix
+over the *source* gene columns, plus the requested per-cell metadata.  Nothing downstream of a
+reader knows which file format the cells came from.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Protocol, runtime_checkable
+
+import numpy as np
+import pandas as pd
+
+
+@dataclass
+class CellChunk:
+    """A block of consecutive cells in CSR layout.
+
+    Attributes
+    ----------
+    start
+        Row index (in the source file) of the first cell of the chunk.
+    indptr
+        ``int64`` array of length ``n_cells + 1``.
+    indices
+        ``int32`` column indices into the source's gene axis (``Reader.var_names``).
+    data
+        Counts, ``float32`` or ``float64``; same length as ``indices``.
+    obs
+        Per-cell metadata for these cells (index = cell names), holding the requested columns.
+    """
+
+    start: int
+    indptr: np.ndarray
+    indices: np.ndarray
+    data: np.ndarray
+    obs: pd.DataFrame = field(default_factory=pd.DataFrame)
+
+    @property
+    def n_cells(self) -> int:
+        return int(self.indptr.shape[0] - 1)
+
+    @property
+    def stop(self) -> int:
+        return self.start + self.n_cells
+
+
+@runtime_checkable
+class Reader(Protocol):
+    """What every source reader provides (``h5ad``, AnnData-Zarr, loom)."""
+
+    path: str
+    n_obs: int
+    n_vars: int
+
+    @property
+    def var_names(self) -> np.ndarray:
+        """Gene identifiers (strings) of the gene axis, from ``gene_id_column`` or the var index."""
+
+    @property
+    def obs_columns(self) -> list[str]:
+        """Names of the per-cell metadata columns available in the source."""
+
+    def iter_chunks(
+        self, *, start: int = 0, chunk_size: int = 10_000, obs_columns: Sequence[str] = ()
+    ) -> Iterator[CellChunk]:
+        """Yield consecutive :class:`CellChunk` s from row ``start`` to the end."""
+
+    def close(self) -> None:
+        """Release file handles."""

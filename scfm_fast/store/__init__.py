@@ -1,0 +1,6 @@
+"""Token store: sharded Parquet + packed memory-mapped tokens + manifest."""
+
+from .reader import TokenStore, read_manifest, read_table, to_hf_dataset
+from .writer import ShardedTokenWriter
+
+__all__ = ["TokenStore", "read_manifest", "read_table", "to_hf_dataset", "ShardedTokenWriter"]

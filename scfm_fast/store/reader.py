@@ -1,0 +1,100 @@
+"""Read a token dataset directory: Arrow/Parquet tables, memory-mapped packed tokens, HF datasets."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.dataset as ds
+
+from .._errors import StoreError
+from .schema import MANIFEST, PACKED_DIR
+
+
+def read_manifest(path: str | Path, *, require_complete: bool = True) -> dict[str, Any]:
+    """The manifest of a token dataset; raises :class:`StoreError` if it is unfinished."""
+    p = Path(path) / MANIFEST
+    if not p.exists():
+        msg = f"{path}: no {MANIFEST}: not an scfm_fast token dataset (run `scfm tokenize` first)"
+        raise StoreError(msg)
+    man = json.loads(p.read_text())
+    if require_complete and man.get("status") != "complete":
+        msg = (f"{path}: token dataset is unfinished (status {man.get('status')!r}); rerun the same "
+               "`scfm tokenize ... --resume` to complete it")
+        raise StoreError(msg)
+    return man
+
+
+def read_table(path: str | Path, *, columns: list[str] | None = None) -> pa.Table:
+    """All shards as one Arrow table, in source order (file, then row).
+
+    Parameters
+    ----------
+    path
+        A complete token dataset directory.
+    columns
+        Columns to read (default: all).
+    """
+    read_manifest(path)
+    dset = ds.dataset(str(path), format="parquet", exclude_invalid_files=True)
+    tab = dset.to_table(columns=columns)
+    if "file_index" in tab.column_names and "cell_index" in tab.column_names:
+        tab = tab.sort_by([("file_index", "ascending"), ("cell_index", "ascending")])
+    return tab
+
+
+class TokenStore:
+    """Memory-mapped random access to a token dataset's packed tokens.
+
+    Parameters
+    ----------
+    path
+        A complete token dataset directory.
+
+    Examples
+    --------
+    >>> store = TokenStore(out_dir)  # doctest: +SKIP
+    >>> store[0][:5], len(store), store.lengths.mean()  # doctest: +SKIP
+    """
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        self.manifest = read_manifest(self.path)
+        d = self.path / PACKED_DIR
+        self.tokens = np.load(d / "tokens.npy", mmap_mode="r")
+        self.offsets = np.load(d / "offsets.npy", mmap_mode="r")
+        self.cell_index = np.load(d / "cell_index.npy", mmap_mode="r")
+        self.file_index = np.load(d / "file_index.npy", mmap_mode="r")
+
+    def __len__(self) -> int:
+        return int(self.offsets.shape[0] - 1)
+
+    def __getitem__(self, i: int) -> np.ndarray:
+        if not -len(self) <= i < len(self):
+            msg = f"cell {i} out of range for a store of {len(self)} cells"
+            raise IndexError(msg)
+        i %= len(self)
+        return np.asarray(self.tokens[self.offsets[i]:self.offsets[i + 1]], dtype=np.int32)
+
+    @property
+    def lengths(self) -> np.ndarray:
+        return np.diff(np.asarray(self.offsets))
+
+
+def to_hf_dataset(path: str | Path):
+    """The shards as a Hugging Face ``datasets.Dataset`` (needs ``datasets``).
+
+    Parameters
+    ----------
+    path
+        A complete token dataset directory; equivalent to
+        ``datasets.load_dataset("parquet", data_dir=path, split="train")``.
+    """
+    import datasets
+
+    read_manifest(path)
+    files = sorted(str(p) for p in Path(path).glob("part-*.parquet"))
+    return datasets.load_dataset("parquet", data_files=files, split="train")

@@ -1,0 +1,43 @@
+"""Arrow schema and manifest layout of a token dataset directory.
+
+A token dataset directory holds::
+
+    part-FFFF-SSSSSSSSSSSS.parquet   shards: input file FFFF, source rows from SSSS...
+    __scfm__/manifest.json           config, inputs, dictionary hashes, per-shard counts, status
+    __scfm__/packed/tokens.npy       all tokens, concatenated (uint16 when the vocabulary fits, else int32)
+    __scfm__/packed/offsets.npy      int64, n_cells + 1: cell i is tokens[offsets[i]:offsets[i+1]]
+    __scfm__/packed/{cell_index,file_index}.npy   source row and input file of each packed cell
+
+``pyarrow.dataset.dataset(DIR)`` skips names starting with ``_`` or ``.``, and Hugging Face
+``datasets.load_dataset("parquet", data_dir=DIR)`` skips ``__*__`` folders and dot-files, so both read
+exactly the shards; a shard in progress is a hidden dot-file until it is renamed into place.
+
+Shard columns: ``input_ids`` (list<int32>), ``length`` (int32), ``cell_index`` (int64 row in the
+source file), ``file_index`` (int32 index into ``manifest["inputs"]``), ``cell_id`` (obs name), then
+the requested obs columns.
+"""
+
+from __future__ import annotations
+
+import pyarrow as pa
+
+FORMAT = "scfm_fast.tokens/1"
+META_DIR = "__scfm__"
+MANIFEST = f"{META_DIR}/manifest.json"
+PACKED_DIR = f"{META_DIR}/packed"
+PARTS_DIR = f"{META_DIR}/parts"  # per-shard packed parts while a run is in progress
+BASE_COLUMNS = ("input_ids", "length", "cell_index", "file_index", "cell_id")
+
+
+def shard_name(file_index: int, start: int) -> str:
+    return f"part-{file_index:04d}-{start:012d}.parquet"
+
+
+def base_schema() -> pa.Schema:
+    return pa.schema([
+        pa.field("input_ids", pa.list_(pa.int32())),
+        pa.field("length", pa.int32()),
+        pa.field("cell_index", pa.int64()),
+        pa.field("file_index", pa.int32()),
+        pa.field("cell_id", pa.string()),
+    ])

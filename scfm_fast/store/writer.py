@@ -1,0 +1,189 @@
+"""Sharded Parquet writer with an atomic, resumable manifest, and the packed token store.
+
+Every shard is written to a temporary name and renamed into place, and the manifest is replaced
+atomically after each shard: a crash leaves at most a stray ``*.tmp`` file, which a resumed run
+deletes.  The manifest's ``status`` only becomes ``"complete"`` after the packed store is built.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from .._errors import StoreError
+from .schema import FORMAT, MANIFEST, PACKED_DIR, PARTS_DIR, shard_name
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def config_hash(config: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+class ShardedTokenWriter:
+    """Writes token shards into ``out_dir`` and keeps the manifest current.
+
+    Each shard is written twice: as Parquet (the dataset users read) and as a small uncompressed
+    ``.npz`` part (tokens in the packed dtype, offsets, cell/file index), from which
+    :meth:`finalize` assembles the packed store by plain copies instead of re-decoding Parquet.
+
+    Parameters
+    ----------
+    out_dir
+        Output directory.
+    config
+        Everything that determines the output (inputs, dictionary hashes, preset, options). A resumed
+        run must have the same config, or it is refused.
+    vocab_size
+        Size of the token vocabulary: packed tokens are ``uint16`` when it fits, else ``int32``.
+    resume
+        Continue an interrupted run in ``out_dir``.
+    overwrite
+        Replace an existing output directory.
+    """
+
+    def __init__(self, out_dir: str | Path, *, config: dict[str, Any], vocab_size: int = 1 << 31,
+                 resume: bool = False, overwrite: bool = False) -> None:
+        self.out = Path(out_dir)
+        self.config = config
+        self.hash = config_hash(config)
+        self.dtype = np.dtype(np.uint16 if vocab_size <= np.iinfo(np.uint16).max + 1 else np.int32)
+        man_path = self.out / MANIFEST
+        if self.out.exists() and any(self.out.iterdir()):
+            if overwrite:
+                shutil.rmtree(self.out)
+            elif not resume:
+                state = "a complete" if self._status(man_path) == "complete" else "an unfinished"
+                msg = (f"{self.out}: already holds {state} token dataset; pass --resume to continue it "
+                       "or --overwrite to replace it")
+                raise StoreError(msg)
+            elif not man_path.exists():
+                msg = f"{self.out}: not empty and has no {MANIFEST}; refusing to resume into it"
+                raise StoreError(msg)
+        self.parts = self.out / PARTS_DIR
+        self.parts.mkdir(parents=True, exist_ok=True)
+        if resume and man_path.exists():
+            self.manifest = json.loads(man_path.read_text())
+            if self.manifest.get("config_hash") != self.hash:
+                msg = (f"{self.out}: cannot resume: the existing run used different inputs or options "
+                       f"(config {self.manifest.get('config_hash')} vs {self.hash}); use --overwrite or "
+                       "a new --out")
+                raise StoreError(msg)
+            self._clean_strays()
+            self.manifest["status"] = "in_progress"
+        else:
+            self.manifest = {"format": FORMAT, "status": "in_progress", "config_hash": self.hash,
+                             "config": config, "shards": [], "created": time.time()}
+        self._index = {s["file"]: s for s in self.manifest["shards"]}
+        self._save()
+
+    @staticmethod
+    def _status(path: Path) -> str | None:
+        try:
+            return json.loads(path.read_text()).get("status")
+        except (OSError, ValueError):
+            return None
+
+    def _clean_strays(self) -> None:
+        known = {s["file"] for s in self.manifest["shards"]}
+        for p in self.out.iterdir():
+            if p.is_dir():
+                continue
+            if p.name.endswith(".tmp") or (p.suffix == ".parquet" and p.name not in known):
+                # a shard in progress at the crash, or one written but never recorded
+                p.unlink()
+        for p in self.parts.iterdir():
+            if p.name.endswith(".tmp") or p.name.replace(".npz", ".parquet") not in known:
+                p.unlink()
+        shutil.rmtree(self.out / PACKED_DIR, ignore_errors=True)
+        shutil.rmtree(self.out / (PACKED_DIR + ".tmp"), ignore_errors=True)
+
+    def _save(self) -> None:
+        self.manifest["updated"] = time.time()
+        _atomic_write_text(self.out / MANIFEST, json.dumps(self.manifest, indent=1, default=str))
+
+    def done(self, file_index: int, start: int) -> dict[str, Any] | None:
+        """The manifest record of a finished shard, or ``None``."""
+        return self._index.get(shard_name(file_index, start))
+
+    def write_shard(self, table: pa.Table, *, file_index: int, start: int, stop: int,
+                    stats: dict[str, Any]) -> None:
+        """Write one shard (Parquet + packed part) atomically, then record it in the manifest."""
+        name = shard_name(file_index, start)
+        ids = table.column("input_ids").combine_chunks()
+        offsets = ids.offsets.to_numpy()
+        part_tmp = self.parts / ("." + name.replace(".parquet", ".npz") + ".tmp")
+        with open(part_tmp, "wb") as f:
+            np.savez(f, tokens=ids.values.to_numpy(zero_copy_only=False).astype(self.dtype, copy=False),
+                     offsets=(offsets - offsets[0]).astype(np.int64),
+                     cell_index=table.column("cell_index").to_numpy(),
+                     file_index=table.column("file_index").to_numpy())
+        os.replace(part_tmp, self.parts / name.replace(".parquet", ".npz"))
+        tmp = self.out / ("." + name + ".tmp")
+        # lz4 + dictionary pages: as small as zstd on token lists, and faster to write
+        pq.write_table(table, tmp, compression="lz4", row_group_size=8192)
+        os.replace(tmp, self.out / name)
+        rec = {"file": name, "file_index": file_index, "start": start, "stop": stop,
+               "n_cells_written": table.num_rows, **stats}
+        self.manifest["shards"].append(rec)
+        self._index[name] = rec
+        self._save()
+
+    def update(self, **fields: Any) -> None:
+        self.manifest.update(fields)
+        self._save()
+
+    def finalize(self, **summary: Any) -> dict[str, Any]:
+        """Assemble the packed store from the shard parts (streaming, bounded memory); mark complete."""
+        shards = sorted(self.manifest["shards"], key=lambda s: (s["file_index"], s["start"]))
+        n_cells = sum(s["n_cells_written"] for s in shards)
+        n_tokens = sum(s["n_tokens"] for s in shards)
+        tmp = self.out / (PACKED_DIR + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        toks = np.lib.format.open_memmap(tmp / "tokens.npy", mode="w+", dtype=self.dtype, shape=(n_tokens,))
+        offs = np.lib.format.open_memmap(tmp / "offsets.npy", mode="w+", dtype=np.int64, shape=(n_cells + 1,))
+        cidx = np.lib.format.open_memmap(tmp / "cell_index.npy", mode="w+", dtype=np.int64, shape=(n_cells,))
+        fidx = np.lib.format.open_memmap(tmp / "file_index.npy", mode="w+", dtype=np.int32, shape=(n_cells,))
+        offs[0] = 0
+        c = t = 0
+        for s in shards:
+            part = self.parts / s["file"].replace(".parquet", ".npz")
+            with np.load(part) as z:
+                vals, lo = z["tokens"], z["offsets"]
+                k = lo.size - 1
+                if vals.size != s["n_tokens"] or k != s["n_cells_written"]:
+                    msg = f"{part}: shard part does not match the manifest; rerun with --overwrite"
+                    raise StoreError(msg)
+                toks[t:t + vals.size] = vals
+                offs[c + 1:c + k + 1] = t + lo[1:]
+                cidx[c:c + k] = z["cell_index"]
+                fidx[c:c + k] = z["file_index"]
+            c += k
+            t += vals.size
+        for a in (toks, offs, cidx, fidx):
+            a.flush()
+        del toks, offs, cidx, fidx
+        shutil.rmtree(self.out / PACKED_DIR, ignore_errors=True)
+        os.replace(tmp, self.out / PACKED_DIR)
+        shutil.rmtree(self.parts, ignore_errors=True)
+        self.manifest.update(status="complete", n_cells=n_cells, n_tokens=n_tokens,
+                             packed={"dir": PACKED_DIR, "dtype": self.dtype.name}, **summary)
+        self._save()
+        return self.manifest

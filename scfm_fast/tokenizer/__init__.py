@@ -1,0 +1,1 @@
+"""Tokenizer core: rank-value tokenization (reference, Numba, C++), the corpus pipeline, medians."""

@@ -1,0 +1,299 @@
+"""Numba kernels for rank-value tokenization: the fallback when the C++ core is not built.
+
+Same algorithm and the same bit-exact results as ``csrc/rank_tokenize.cpp`` and the oracle
+:func:`scfm_fast.tokenizer.reference.rank_tokenize_ref` (its docstring defines the semantics):
+cells are split into contiguous, equally loaded ranges, one per thread; each range keeps its own
+scratch (a dense per-token accumulator plus a touched list, so duplicate genes are summed in O(nnz)
+without per-cell allocation) and writes each cell into a slot of a shared buffer sized by an upper
+bound, which is compacted at the end.  Errors come back as ``(kind, row, entry, col)`` rows merged
+by :func:`merge_errors` so the reported entry never depends on the thread split.
+
+Use :func:`scfm_fast.tokenizer.rank.tokenize_rank` rather than this module.
+"""
+
+from __future__ import annotations
+
+import numba
+import numpy as np
+from numba import njit, prange
+
+# error kinds, ordered by precedence (a bad count anywhere beats a bad index anywhere)
+ERR_NONE, ERR_COUNT, ERR_INDEX = 0, 1, 2
+
+
+@njit(cache=True, nogil=True, inline="always")
+def _before(ka, ta, kb, tb):
+    """Rank order: key descending, NaN keys last, ties by token ascending (a strict total order)."""
+    if ka != ka:
+        return kb != kb and ta < tb
+    if kb != kb:
+        return True
+    return ka > kb or (ka == kb and ta < tb)
+
+
+@njit(cache=True, nogil=True)
+def _partial_sort(keys, toks, n, k):
+    """Sort ``(keys, toks)[:n]`` in place so that its first ``k`` entries are in rank order.
+
+    A quicksort that skips partitions lying wholly at or beyond ``k`` (so it is also the
+    truncation's selection step), with insertion sort on short partitions; the order is total, so
+    the result does not depend on pivots.
+    """
+    stack = np.empty(128, dtype=np.int64)
+    sp = 0
+    lo, hi = 0, n - 1
+    while True:
+        if hi - lo < 16:
+            for i in range(lo + 1, hi + 1):
+                kk, tt = keys[i], toks[i]
+                j = i - 1
+                while j >= lo and _before(kk, tt, keys[j], toks[j]):
+                    keys[j + 1], toks[j + 1] = keys[j], toks[j]
+                    j -= 1
+                keys[j + 1], toks[j + 1] = kk, tt
+            if sp == 0:
+                return
+            sp -= 2
+            lo, hi = stack[sp], stack[sp + 1]
+            continue
+        # median of three moved to hi as the pivot
+        mid = (lo + hi) // 2
+        if _before(keys[mid], toks[mid], keys[lo], toks[lo]):
+            keys[mid], keys[lo] = keys[lo], keys[mid]
+            toks[mid], toks[lo] = toks[lo], toks[mid]
+        if _before(keys[hi], toks[hi], keys[lo], toks[lo]):
+            keys[hi], keys[lo] = keys[lo], keys[hi]
+            toks[hi], toks[lo] = toks[lo], toks[hi]
+        if _before(keys[mid], toks[mid], keys[hi], toks[hi]):
+            keys[mid], keys[hi] = keys[hi], keys[mid]
+            toks[mid], toks[hi] = toks[hi], toks[mid]
+        pk, pt = keys[hi], toks[hi]
+        store = lo
+        for i in range(lo, hi):
+            if _before(keys[i], toks[i], pk, pt):
+                keys[i], keys[store] = keys[store], keys[i]
+                toks[i], toks[store] = toks[store], toks[i]
+                store += 1
+        keys[hi], keys[store] = keys[store], keys[hi]
+        toks[hi], toks[store] = toks[store], toks[hi]
+        # left part [lo, store-1] always matters when lo < k; right part only if it starts below k
+        left_lo, left_hi = lo, store - 1
+        right_lo, right_hi = store + 1, hi
+        need_right = right_lo < k and right_lo < right_hi
+        need_left = left_lo < left_hi
+        if need_left and need_right:
+            # push the larger side, loop on the smaller: the stack stays O(log n) deep
+            if left_hi - left_lo > right_hi - right_lo:
+                stack[sp], stack[sp + 1] = left_lo, left_hi
+                lo, hi = right_lo, right_hi
+            else:
+                stack[sp], stack[sp + 1] = right_lo, right_hi
+                lo, hi = left_lo, left_hi
+            sp += 2
+        elif need_left:
+            lo, hi = left_lo, left_hi
+        elif need_right:
+            lo, hi = right_lo, right_hi
+        else:
+            if sp == 0:
+                return
+            sp -= 2
+            lo, hi = stack[sp], stack[sp + 1]
+
+
+@njit(cache=True, nogil=True)
+def tokenize_range(indptr, indices, data, col_token, token_median, totals, has_totals, budget,
+                   cls_token, eos_token, allow_non_integer, c0, c1, slot_off, slots, lengths,
+                   cell_totals, acc, touched, keys, toks):
+    """Tokenize cells ``[c0, c1)`` into ``slots[slot_off[i]:]``; returns ``(kind, row, entry, col)``.
+
+    ``acc`` (zeros, one per token id) is returned to all-zeros; ``touched``, ``keys`` and ``toks``
+    must hold the longest row of the range.  Stops at the first bad count; after a bad column index
+    it only keeps validating counts (a later bad count still takes precedence).
+    """
+    n_cols = col_token.shape[0]
+    n_special = (1 if cls_token >= 0 else 0) + (1 if eos_token >= 0 else 0)
+    err_kind, err_row, err_entry, err_col = ERR_NONE, -1, -1, -1
+    producing = True
+    for i in range(c0, c1):
+        lo, hi = indptr[i], indptr[i + 1]
+        total = totals[i] if has_totals else 0.0
+        gather = producing and ((not has_totals) or total > 0)
+        n_touched = 0
+        for k in range(lo, hi):
+            v = np.float64(data[k])
+            bad = not np.isfinite(v) or v < 0
+            if not bad and not allow_non_integer:
+                bad = v != np.floor(v)
+            if bad:
+                return ERR_COUNT, i, k, -1
+            if not has_totals:
+                total = v if k == lo else total + v  # sequential, seeded by the first value
+            if not producing:
+                continue
+            col = np.int64(indices[k])
+            if col < 0 or col >= n_cols:
+                err_kind, err_row, err_entry, err_col = ERR_INDEX, i, k, col
+                producing = False
+                continue
+            if not gather or v == 0:
+                continue
+            tok = col_token[col]
+            if tok < 0:
+                continue
+            if acc[tok] == 0.0:
+                touched[n_touched] = tok
+                n_touched += 1
+            acc[tok] += v  # 0.0 + v == v, so this is the sequential sum seeded by the first value
+        cell_totals[i] = total
+        lengths[i] = 0
+        if not producing:
+            for r in range(n_touched):
+                acc[touched[r]] = 0.0
+            continue
+        if not total > 0:
+            continue
+        n = 0
+        for r in range(n_touched):
+            tok = touched[r]
+            key = acc[tok] / token_median[tok]
+            acc[tok] = 0.0
+            if key != 0:
+                keys[n] = key
+                toks[n] = tok
+                n += 1
+        if n == 0:
+            continue
+        keep = min(n, budget)
+        _partial_sort(keys, toks, n, keep)
+        w = slot_off[i]
+        if cls_token >= 0:
+            slots[w] = cls_token
+            w += 1
+        for r in range(keep):
+            slots[w] = toks[r]
+            w += 1
+        if eos_token >= 0:
+            slots[w] = eos_token
+            w += 1
+        lengths[i] = keep + n_special
+    return err_kind, err_row, err_entry, err_col
+
+
+@njit(cache=True, nogil=True)
+def _run_part(indptr, indices, data, col_token, token_median, totals, has_totals, budget, cls_token,
+              eos_token, allow_non_integer, c0, c1, slot_off, slots, lengths, cell_totals):
+    """Allocate one range's scratch (once per range, not per cell) and tokenize it."""
+    longest = 0
+    for i in range(c0, c1):
+        longest = max(longest, indptr[i + 1] - indptr[i])
+    acc = np.zeros(token_median.shape[0], dtype=np.float64)
+    touched = np.empty(longest, dtype=np.int64)
+    keys = np.empty(longest, dtype=np.float64)
+    toks = np.empty(longest, dtype=np.int32)
+    return tokenize_range(indptr, indices, data, col_token, token_median, totals, has_totals, budget,
+                          cls_token, eos_token, allow_non_integer, c0, c1, slot_off, slots, lengths,
+                          cell_totals, acc, touched, keys, toks)
+
+
+@njit(cache=True, parallel=True)
+def _run_parallel(indptr, indices, data, col_token, token_median, totals, has_totals, budget,
+                  cls_token, eos_token, allow_non_integer, bounds, slot_off, slots, lengths, cell_totals):
+    n_parts = bounds.shape[0] - 1
+    errors = np.empty((n_parts, 4), dtype=np.int64)
+    for p in prange(n_parts):
+        e = _run_part(indptr, indices, data, col_token, token_median, totals, has_totals, budget,
+                      cls_token, eos_token, allow_non_integer, bounds[p], bounds[p + 1], slot_off,
+                      slots, lengths, cell_totals)
+        errors[p, 0], errors[p, 1], errors[p, 2], errors[p, 3] = e
+    return errors
+
+
+@njit(cache=True, parallel=True)
+def _compact_parallel(slots, slot_off, offsets, out):
+    for i in prange(offsets.shape[0] - 1):
+        s = slot_off[i]
+        o = offsets[i]
+        for r in range(offsets[i + 1] - o):
+            out[o + r] = slots[s + r]
+
+
+@njit(cache=True, nogil=True)
+def _compact_serial(slots, slot_off, offsets, out):
+    for i in range(offsets.shape[0] - 1):
+        s = slot_off[i]
+        o = offsets[i]
+        for r in range(offsets[i + 1] - o):
+            out[o + r] = slots[s + r]
+
+
+def split_cells(indptr: np.ndarray, n_parts: int) -> np.ndarray:
+    """Boundaries of ``n_parts`` contiguous cell ranges of about equal work (nnz + 16 per cell)."""
+    n_cells = indptr.shape[0] - 1
+    work = (indptr - indptr[0]) + 16 * np.arange(n_cells + 1, dtype=np.int64)
+    targets = work[-1] * np.arange(n_parts + 1, dtype=np.int64) // max(n_parts, 1)
+    bounds = np.searchsorted(work, targets, side="left").astype(np.int64)
+    bounds[0], bounds[-1] = 0, n_cells
+    return np.maximum.accumulate(bounds)
+
+
+def merge_errors(errors: np.ndarray) -> tuple[int, int, int, int]:
+    """The error the oracle would raise among per-range ``(kind, row, entry, col)`` rows."""
+    best = (ERR_NONE, -1, -1, -1)
+    for kind, row, entry, col in errors.tolist():
+        if kind == ERR_NONE:
+            continue
+        if best[0] == ERR_NONE or (kind, entry) < (best[0], best[2]):
+            best = (kind, row, entry, col)
+    return best
+
+
+def rank_tokenize_numba(indptr, indices, data, col_token, token_median, totals, budget, cls_token,
+                        eos_token, allow_non_integer, n_threads):
+    """Tokenize a validated chunk; returns ``(tokens, offsets, totals, error)``.
+
+    Arrays must already have their final dtypes (``indptr`` int64, ``indices`` int32/int64, ``data``
+    float32/float64, ``col_token`` int32, ``token_median`` and ``totals`` float64 or ``None``).
+    ``error`` is ``(kind, row, entry, col)``, kind :data:`ERR_NONE` when the chunk was fine.
+    """
+    n_cells = indptr.shape[0] - 1
+    n_special = int(cls_token >= 0) + int(eos_token >= 0)
+    nnz = np.diff(indptr)
+    slot_len = np.where(nnz > 0, np.minimum(nnz, budget) + n_special, 0)
+    slot_off = np.zeros(n_cells + 1, dtype=np.int64)
+    np.cumsum(slot_len, out=slot_off[1:])
+    slots = np.empty(int(slot_off[-1]), dtype=np.int32)
+    lengths = np.zeros(n_cells, dtype=np.int64)
+    cell_totals = np.zeros(n_cells, dtype=np.float64)
+    has_totals = totals is not None
+    tot = totals if has_totals else np.zeros(0, dtype=np.float64)
+    n_parts = max(1, min(int(n_threads), n_cells))
+    args = (indptr, indices, data, col_token, token_median, tot, has_totals, np.int64(budget),
+            np.int64(cls_token), np.int64(eos_token), bool(allow_non_integer))
+    if n_parts == 1:
+        # no threading layer at all: cheaper, and safe in fork()-ed DataLoader workers
+        error = _run_part(*args, np.int64(0), np.int64(n_cells), slot_off, slots, lengths, cell_totals)
+    else:
+        bounds = split_cells(indptr, n_parts)
+        previous = numba.get_num_threads()
+        numba.set_num_threads(min(n_parts, numba.config.NUMBA_NUM_THREADS))
+        try:
+            errors = _run_parallel(*args, bounds, slot_off, slots, lengths, cell_totals)
+        finally:
+            numba.set_num_threads(previous)  # restore the process-wide setting, as scanpy does
+        error = merge_errors(errors)
+    if error[0] != ERR_NONE:
+        return None, None, None, tuple(int(x) for x in error)
+    offsets = np.zeros(n_cells + 1, dtype=np.int64)
+    np.cumsum(lengths, out=offsets[1:])
+    tokens = np.empty(int(offsets[-1]), dtype=np.int32)
+    if n_parts == 1:
+        _compact_serial(slots, slot_off, offsets, tokens)
+    else:
+        previous = numba.get_num_threads()
+        numba.set_num_threads(min(n_parts, numba.config.NUMBA_NUM_THREADS))
+        try:
+            _compact_parallel(slots, slot_off, offsets, tokens)
+        finally:
+            numba.set_num_threads(previous)
+    return tokens, offsets, cell_totals, (ERR_NONE, -1, -1, -1)

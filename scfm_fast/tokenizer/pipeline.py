@@ -1,0 +1,402 @@
+"""Corpus tokenization: readers -> rank-value core -> sharded token store, with progress and resume."""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numba
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+
+from .._errors import CountDataError, InputFileError
+from .._progress import progress
+from ..vocab import GeneVocab, get_preset, load_gene_name_map, load_ortholog_map, resolve_genes
+from .reference import check_counts_ref
+
+log = logging.getLogger("scfm_fast")
+
+TOTAL_COLUMN = "n_counts"
+FILTER_COLUMN = "filter_pass"
+
+
+@dataclass
+class TokenizerSpec:
+    """Everything that maps source genes to tokens (the same for every input file)."""
+
+    preset: str = "geneformer-v1"
+    vocab: GeneVocab | None = None
+    gene_name_map: dict[str, str] | None = None
+    ortholog_map: dict[str, str] | None = None
+    max_len: int | None = None
+    min_gene_match: float = 0.2
+    allow_non_integer: bool = False
+    backend: str = "auto"
+    n_threads: int | None = None
+    config: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def build(cls, *, preset: str = "geneformer-v1", token_dictionary: str | Path | None = None,
+              gene_median: str | Path | None = None, gene_name_map: str | Path | None = "auto",
+              orthologs: str | Path | None = None, max_len: int | None = None,
+              min_gene_match: float = 0.2, allow_non_integer: bool = False, backend: str = "auto",
+              n_threads: int | None = None) -> TokenizerSpec:
+        pre = get_preset(preset)
+        vocab = GeneVocab.load(token_dictionary=token_dictionary, gene_median=gene_median, preset=preset)
+        names = None
+        if gene_name_map == "auto":
+            names = load_gene_name_map() if pre.dictionary_dir == "geneformer_v1" or token_dictionary is None \
+                else None
+        elif gene_name_map is not None:
+            names = load_gene_name_map(gene_name_map)
+        orth = load_ortholog_map(orthologs) if orthologs else None
+        spec = cls(preset, vocab, names, orth, max_len or pre.max_len, min_gene_match, allow_non_integer,
+                   backend, n_threads)
+        spec.config = {"preset": preset, "max_len": spec.max_len, "dictionary_hashes": vocab.hashes,
+                       "gene_name_map": str(gene_name_map), "orthologs": str(orthologs),
+                       "allow_non_integer": allow_non_integer, "tie_order": "token id ascending"}
+        # validates that the dictionary holds the preset's special tokens
+        spec.cls_id, spec.eos_id = vocab.special_id(pre.cls), vocab.special_id(pre.eos)
+        return spec
+
+    def tokenize_csr(self, indptr, indices, data, *, col_token, totals=None):
+        from .rank import tokenize_rank
+
+        return tokenize_rank(indptr, indices, data, col_token=col_token,
+                             token_median=self.vocab.token_median, max_len=self.max_len,
+                             cls_token=self.cls_id, eos_token=self.eos_id, totals=totals,
+                             allow_non_integer=self.allow_non_integer, backend=self.backend,
+                             n_threads=self.n_threads)
+
+
+def _bad_count_error(path: str, chunk, var_names, *, allow_non_integer: bool) -> CountDataError:
+    """Locate the first bad count of a chunk and name its file, cell and gene."""
+    try:
+        check_counts_ref(chunk.indptr, chunk.data, allow_non_integer=allow_non_integer)
+    except CountDataError as e:
+        j = int(str(e).split("stored entry ")[1].split(";")[0])
+        row = int(np.searchsorted(chunk.indptr, j, side="right") - 1)
+        cell = chunk.obs.index[row] if len(chunk.obs.index) > row else chunk.start + row
+        gene = var_names[int(chunk.indices[j])]
+        value = chunk.data[j]
+        msg = (f"{path}: cell {cell!r} (row {chunk.start + row}), gene {gene!r}: count {value!r} is not a "
+               f"raw count; tokenization needs raw counts - pick them with --layer/use_raw, or pass "
+               f"--allow-non-integer if fractional counts are intended")
+        return CountDataError(msg)
+    return CountDataError(f"{path}: invalid counts in rows {chunk.start}..{chunk.stop}")
+
+
+def _chunk_totals(path: str, chunk) -> np.ndarray | None:
+    if TOTAL_COLUMN not in chunk.obs.columns:
+        return None
+    tot = pd.to_numeric(chunk.obs[TOTAL_COLUMN], errors="coerce").to_numpy(dtype=np.float64)
+    bad = ~np.isfinite(tot) | (tot < 0)
+    if bad.any():
+        i = int(np.flatnonzero(bad)[0])
+        msg = (f"{path}: cell {chunk.obs.index[i]!r} (row {chunk.start + i}) has {TOTAL_COLUMN}="
+               f"{tot[i]!r}; {TOTAL_COLUMN} must be the cell's total raw count (or drop the column to "
+               "have it computed)")
+        raise CountDataError(msg)
+    return tot
+
+
+@numba.njit(cache=True, nogil=True)
+def _count_sums(indices, data, col_token):
+    """Total counts and counts on vocabulary genes, in one pass (for the match report)."""
+    tot = 0.0
+    matched = 0.0
+    for k in range(indices.shape[0]):
+        v = float(data[k])
+        tot += v
+        if col_token[indices[k]] >= 0:
+            matched += v
+    return tot, matched
+
+
+def _list_array(tokens: np.ndarray, offsets: np.ndarray) -> pa.ListArray:
+    return pa.ListArray.from_arrays(pa.array(offsets.astype(np.int32)), pa.array(tokens, type=pa.int32()))
+
+
+def tokenize_chunk(spec: TokenizerSpec, chunk, col_token: np.ndarray, *, path: str, var_names,
+                   file_index: int = 0, obs_columns: Sequence[str] = ()) -> tuple[pa.Table, dict[str, Any]]:
+    """Tokenize one :class:`~scfm_fast.readers.base.CellChunk` into a shard table and its counts."""
+    totals = _chunk_totals(path, chunk)
+    try:
+        tokens, offsets, used_totals = spec.tokenize_csr(chunk.indptr, chunk.indices, chunk.data,
+                                                         col_token=col_token, totals=totals)
+    except CountDataError:
+        raise _bad_count_error(path, chunk, var_names, allow_non_integer=spec.allow_non_integer) from None
+    lengths = np.diff(offsets)
+    passed = np.ones(chunk.n_cells, dtype=bool)
+    if FILTER_COLUMN in chunk.obs.columns:
+        passed = pd.to_numeric(chunk.obs[FILTER_COLUMN], errors="coerce").to_numpy() == 1
+    n_filtered = int((~passed).sum())
+    n_empty = int(((lengths == 0) & passed).sum())
+    keep = (lengths > 0) & passed
+    counts_total, counts_matched = _count_sums(chunk.indices, chunk.data, col_token)
+    ids = _list_array(tokens, offsets)
+    rows = np.flatnonzero(keep)
+    cols: dict[str, Any] = {
+        "input_ids": ids,
+        "length": pa.array(lengths.astype(np.int32)),
+        "cell_index": pa.array(np.arange(chunk.start, chunk.stop, dtype=np.int64)),
+        "file_index": pa.array(np.full(chunk.n_cells, file_index, dtype=np.int32)),
+        "cell_id": pa.array(chunk.obs.index.astype(str).to_numpy() if len(chunk.obs.index) == chunk.n_cells
+                            else np.arange(chunk.start, chunk.stop).astype(str)),
+    }
+    for c in obs_columns:
+        if c in cols:
+            continue
+        col = chunk.obs[c]
+        cols[c] = pa.array(col.astype(str) if isinstance(col.dtype, pd.CategoricalDtype) else col,
+                           from_pandas=True)
+    table = pa.table(cols)
+    if rows.size != chunk.n_cells:
+        table = table.take(pa.array(rows))
+    stats = {"n_cells_in": chunk.n_cells, "n_empty": n_empty, "n_filtered": n_filtered,
+             "n_tokens": int(lengths[keep].sum()), "n_truncated": int((lengths[keep] >= spec.max_len).sum()),
+             "counts_total": counts_total, "counts_matched": counts_matched}
+    return table, stats
+
+
+def tokenize_corpus(
+    inputs: str | Path | Sequence[str | Path],
+    out: str | Path,
+    *,
+    preset: str = "geneformer-v1",
+    token_dictionary: str | Path | None = None,
+    gene_median: str | Path | None = None,
+    gene_name_map: str | Path | None = "auto",
+    orthologs: str | Path | None = None,
+    gene_id_column: str | None = None,
+    layer: str | None = None,
+    use_raw: bool = False,
+    obs_columns: Sequence[str] = (),
+    chunk_size: int = 10_000,
+    max_len: int | None = None,
+    n_threads: int | None = None,
+    backend: str = "auto",
+    min_gene_match: float = 0.2,
+    allow_non_integer: bool = False,
+    resume: bool = False,
+    overwrite: bool = False,
+    progress_bar: bool | None = True,
+) -> dict[str, Any]:
+    """Tokenize one or more files into a token dataset directory (see :mod:`scfm_fast.store.schema`).
+
+    Parameters
+    ----------
+    inputs
+        ``.h5ad``, AnnData-Zarr (v2/v3) or ``.loom`` paths.
+    out
+        Output directory.
+    preset
+        ``"geneformer-v1"`` (2,048 tokens) or ``"geneformer-v2"`` (4,096 with ``<cls>``/``<eos>``).
+    token_dictionary, gene_median
+        Geneformer-format pickles; default: the preset's bundled dictionaries.
+    gene_name_map
+        Symbol -> Ensembl table (``"auto"``: Geneformer's bundled ``gene_name_id_dict.pkl``; ``None``: off).
+    orthologs
+        ``"mouse-to-human"`` (bundled one-to-one orthologs) or a table path, for mouse input to a
+        human vocabulary.
+    gene_id_column
+        var column holding gene ids (default: the var index).
+    layer, use_raw
+        Where the raw counts are (default ``X``).
+    obs_columns
+        Cell metadata columns to carry into the output.
+    chunk_size
+        Cells per chunk and per output shard; bounds memory.
+    max_len
+        Override the preset's model input size.
+    n_threads
+        Threads of the compiled core (default: all cores).
+    backend
+        ``"auto"``, ``"cpp"``, ``"numba"`` or ``"reference"``.
+    min_gene_match
+        Refuse inputs where fewer than this fraction of genes match the vocabulary.
+    allow_non_integer
+        Accept fractional counts.
+    resume, overwrite
+        Continue an interrupted run in ``out`` / replace an existing one.
+    progress_bar
+        Show a progress bar (cells/s).
+
+    Returns
+    -------
+    dict
+        The completed manifest (also at ``out/manifest.json``).
+    """
+    from ..readers import open_reader
+    from ..store.writer import ShardedTokenWriter
+
+    paths = [inputs] if isinstance(inputs, (str, Path)) else list(inputs)
+    if not paths:
+        msg = "no input files given"
+        raise InputFileError(msg)
+    spec = TokenizerSpec.build(preset=preset, token_dictionary=token_dictionary, gene_median=gene_median,
+                               gene_name_map=gene_name_map, orthologs=orthologs, max_len=max_len,
+                               min_gene_match=min_gene_match, allow_non_integer=allow_non_integer,
+                               backend=backend, n_threads=n_threads)
+    readers = [open_reader(str(p), layer=layer, use_raw=use_raw, gene_id_column=gene_id_column) for p in paths]
+    try:
+        want = list(dict.fromkeys(obs_columns))
+        resolved = []
+        for p, r in zip(paths, readers):
+            missing = [c for c in want if c not in r.obs_columns]
+            if missing:
+                msg = (f"{p}: obs column(s) {missing} not found; available: {sorted(r.obs_columns)}")
+                raise InputFileError(msg)
+            if r.n_obs == 0:
+                msg = f"{p}: has no cells"
+                raise InputFileError(msg)
+            col_token, report = resolve_genes(r.var_names, spec.vocab, gene_name_map=spec.gene_name_map,
+                                              ortholog_map=spec.ortholog_map, min_fraction=min_gene_match,
+                                              source=str(p))
+            log.info("%s: %s", p, report.summary())
+            resolved.append((col_token, report))
+        config = {**spec.config, "inputs": [str(Path(p).resolve()) for p in paths],
+                  "input_sizes": [Path(p).stat().st_size if Path(p).is_file() else None for p in paths],
+                  "gene_id_column": gene_id_column, "layer": layer, "use_raw": use_raw,
+                  "obs_columns": want, "chunk_size": chunk_size}
+        writer = ShardedTokenWriter(out, config=config, vocab_size=spec.vocab.size, resume=resume,
+                                    overwrite=overwrite)
+        writer.update(inputs=[str(p) for p in paths], gene_match=[rep.to_dict() for _, rep in resolved])
+        total = sum(r.n_obs for r in readers)
+        t0 = time.perf_counter()
+        # three stages on their own threads: read (I/O, decompression) -> tokenize (compiled core)
+        # -> write (Parquet encoding); all release the GIL for their heavy parts
+        with progress(total=total, desc="tokenize", enabled=progress_bar) as bar, \
+                cf.ThreadPoolExecutor(1) as read_pool, cf.ThreadPoolExecutor(1) as write_pool:
+            pending: cf.Future | None = None
+            for fi, (p, r, (col_token, _)) in enumerate(zip(paths, readers, resolved)):
+                read_cols = list(dict.fromkeys(
+                    want + [c for c in (TOTAL_COLUMN, FILTER_COLUMN) if c in r.obs_columns]))
+                it = r.iter_chunks(start=0, chunk_size=chunk_size, obs_columns=read_cols)
+                fut = read_pool.submit(next, it, None)
+                while True:
+                    chunk = fut.result()
+                    if chunk is None:
+                        break
+                    fut = read_pool.submit(next, it, None)
+                    if writer.done(fi, chunk.start) is not None:
+                        bar.update(chunk.n_cells)
+                        continue
+                    table, stats = tokenize_chunk(spec, chunk, col_token, path=str(p),
+                                                  var_names=r.var_names, file_index=fi, obs_columns=want)
+                    if pending is not None:
+                        pending.result()  # keep one shard in flight; surfaces write errors
+                    pending = write_pool.submit(writer.write_shard, table, file_index=fi, start=chunk.start,
+                                                stop=chunk.stop, stats=stats)
+                    pending.add_done_callback(lambda _f, n=chunk.n_cells: bar.update(n))
+            if pending is not None:
+                pending.result()
+        shards = writer.manifest["shards"]
+        summ = {k: sum(s[k] for s in shards) for k in
+                ("n_cells_in", "n_empty", "n_filtered", "n_truncated", "counts_total", "counts_matched")}
+        summ["fraction_counts_matched"] = summ["counts_matched"] / max(summ["counts_total"], 1e-300)
+        summ["seconds"] = time.perf_counter() - t0
+        return writer.finalize(summary=summ)
+    finally:
+        for r in readers:
+            r.close()
+
+
+def tokenize_anndata(
+    adata,
+    *,
+    preset: str = "geneformer-v1",
+    token_dictionary: str | Path | None = None,
+    gene_median: str | Path | None = None,
+    gene_name_map: str | Path | None = "auto",
+    orthologs: str | Path | None = None,
+    gene_id_column: str | None = None,
+    layer: str | None = None,
+    use_raw: bool = False,
+    max_len: int | None = None,
+    chunk_size: int = 10_000,
+    backend: str = "auto",
+    n_threads: int | None = None,
+    min_gene_match: float = 0.2,
+    allow_non_integer: bool = False,
+) -> pa.Table:
+    """Tokenize an in-memory AnnData (same semantics and backends as :func:`tokenize_corpus`).
+
+    Parameters
+    ----------
+    adata
+        Cells x genes with raw counts; ``obs["n_counts"]`` is used as the cell total when present,
+        and cells with ``obs["filter_pass"] != 1`` are left out.
+    preset, token_dictionary, gene_median, gene_name_map, orthologs
+        Vocabulary and model layout, as in :func:`tokenize_corpus`.
+    gene_id_column, layer, use_raw
+        Where gene ids and raw counts are.
+    max_len
+        Override the preset's model input size.
+    chunk_size
+        Cells per call of the core (bounds the temporary CSR copy of dense input).
+    backend, n_threads
+        Core backend and its threads.
+    min_gene_match, allow_non_integer
+        Input checks, as in :func:`tokenize_corpus`.
+
+    Returns
+    -------
+    pyarrow.Table
+        ``input_ids`` (list<int32>), ``length``, ``cell_index`` (row in ``adata``); cells without any
+        expressed vocabulary gene are absent.
+
+    Examples
+    --------
+    >>> import anndata as ad, scfm_fast
+    >>> from importlib.resources import files
+    >>> adata = ad.read_h5ad(files("scfm_fast") / "data/demo/pbmc_200cells.h5ad")
+    >>> tab = scfm_fast.tokenize_anndata(adata)
+    >>> tab.num_rows, tab.column("length").to_numpy().max()
+    (200, np.int32(2048))
+    """
+    import scipy.sparse as sp
+
+    from ..readers.base import CellChunk
+
+    spec = TokenizerSpec.build(preset=preset, token_dictionary=token_dictionary, gene_median=gene_median,
+                               gene_name_map=gene_name_map, orthologs=orthologs, max_len=max_len,
+                               min_gene_match=min_gene_match, allow_non_integer=allow_non_integer,
+                               backend=backend, n_threads=n_threads)
+    if use_raw:
+        if adata.raw is None:
+            msg = "use_raw=True but adata.raw is None"
+            raise InputFileError(msg)
+        X, var = adata.raw.X, adata.raw.var
+    elif layer is not None:
+        if layer not in adata.layers:
+            msg = f"layer {layer!r} not in adata.layers (available: {list(adata.layers)})"
+            raise InputFileError(msg)
+        X, var = adata.layers[layer], adata.var
+    else:
+        X, var = adata.X, adata.var
+    if gene_id_column is not None and gene_id_column not in var.columns:
+        msg = f"gene_id_column {gene_id_column!r} not in var (available: {list(var.columns)})"
+        raise InputFileError(msg)
+    gene_ids = (var[gene_id_column] if gene_id_column else var.index).astype(str).to_numpy()
+    col_token, _ = resolve_genes(gene_ids, spec.vocab, gene_name_map=spec.gene_name_map,
+                                 ortholog_map=spec.ortholog_map, min_fraction=min_gene_match, source="adata")
+    obs_cols = [c for c in (TOTAL_COLUMN, FILTER_COLUMN) if c in adata.obs.columns]
+    tables = []
+    for start in range(0, adata.n_obs, chunk_size):
+        stop = min(start + chunk_size, adata.n_obs)
+        block = X[start:stop]
+        block = sp.csr_matrix(block) if not sp.issparse(block) else block.tocsr()
+        chunk = CellChunk(start, block.indptr.astype(np.int64), block.indices.astype(np.int32),
+                          block.data, adata.obs.iloc[start:stop][obs_cols])
+        tab, _ = tokenize_chunk(spec, chunk, col_token, path="adata", var_names=gene_ids)
+        tables.append(tab.select(["input_ids", "length", "cell_index"]))
+    return pa.concat_tables(tables) if tables else pa.table(
+        {"input_ids": pa.array([], pa.list_(pa.int32())), "length": pa.array([], pa.int32()),
+         "cell_index": pa.array([], pa.int64())})

@@ -1,0 +1,160 @@
+"""Resolve a source's gene identifiers to token ids, with a match report.
+
+Accepted identifiers: Ensembl ids (``ENSG00000141510``), versioned Ensembl ids
+(``ENSG00000141510.17``), gene symbols (through a symbol -> Ensembl table) and, for mouse data fed to
+a human vocabulary, mouse ids/symbols through a one-to-one ortholog table.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .._errors import GeneMatchError
+from .dictionaries import GeneVocab, bundled_dir, load_pickle_dict
+
+_VERSIONED = re.compile(r"^(ENS[A-Z]*G\d{6,})\.\d+$")
+
+
+def strip_version(gene_id: str) -> str:
+    """``ENSG00000141510.17`` -> ``ENSG00000141510``; other strings unchanged."""
+    m = _VERSIONED.match(gene_id)
+    return m.group(1) if m else gene_id
+
+
+def load_gene_name_map(path: str | Path | None = None) -> dict[str, str]:
+    """Gene symbol -> Ensembl id (default: Geneformer's bundled ``gene_name_id_dict.pkl``)."""
+    p = Path(path) if path is not None else bundled_dir("geneformer_v1") / "gene_name_id_dict.pkl"
+    if p.suffix in (".csv", ".tsv", ".gz", ".txt"):
+        import pandas as pd
+
+        df = pd.read_csv(p, sep="\t" if ".tsv" in p.name else ",", header=None, dtype=str)
+        first = df.iloc[0].tolist()
+        if str(first[0]).startswith("ENS"):  # id,name (GENCODE-style)
+            return dict(zip(df[1], df[0]))
+        return dict(zip(df[0], df[1]))
+    return {str(k): str(v) for k, v in load_pickle_dict(p, what="gene name dictionary").items()}
+
+
+@dataclass
+class GeneMatchReport:
+    """How the source's genes matched the vocabulary."""
+
+    n_input_genes: int
+    n_matched_genes: int
+    n_by_ensembl: int
+    n_by_version_strip: int
+    n_by_symbol: int
+    n_by_ortholog: int
+    n_duplicate_columns: int
+    unmatched_examples: list[str]
+
+    @property
+    def fraction(self) -> float:
+        return self.n_matched_genes / max(self.n_input_genes, 1)
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["fraction_matched"] = self.fraction
+        return d
+
+    def summary(self) -> str:
+        return (f"{self.n_matched_genes:,}/{self.n_input_genes:,} genes matched the vocabulary "
+                f"({self.fraction:.1%}: {self.n_by_ensembl:,} Ensembl, {self.n_by_version_strip:,} "
+                f"versioned, {self.n_by_symbol:,} symbol, {self.n_by_ortholog:,} ortholog; "
+                f"{self.n_duplicate_columns:,} duplicate columns summed)")
+
+
+def resolve_genes(
+    gene_ids: Sequence[str] | np.ndarray,
+    vocab: GeneVocab,
+    *,
+    gene_name_map: Mapping[str, str] | None = None,
+    ortholog_map: Mapping[str, str] | None = None,
+    min_fraction: float = 0.2,
+    source: str = "input",
+) -> tuple[np.ndarray, GeneMatchReport]:
+    """Token id for every source gene column.
+
+    Parameters
+    ----------
+    gene_ids
+        The source's gene identifiers (var names or a var column).
+    vocab
+        The model vocabulary.
+    gene_name_map
+        Symbol -> Ensembl id, used for identifiers that are not Ensembl ids.
+    ortholog_map
+        Source-species id or symbol -> vocabulary-species Ensembl id, tried after the direct matches.
+    min_fraction
+        Refuse (raise :class:`GeneMatchError`) when fewer than this fraction of genes match.
+    source
+        Name of the input, for messages.
+
+    Returns
+    -------
+    col_token
+        ``int32`` token id per column, ``-1`` where the gene is not tokenized.
+    report
+        :class:`GeneMatchReport`.
+    """
+    col_token = np.full(len(gene_ids), -1, dtype=np.int32)
+    n_ens = n_ver = n_sym = n_orth = 0
+    unmatched: list[str] = []
+    upper_map = None
+    for j, raw in enumerate(gene_ids):
+        g = str(raw).strip()
+        t = vocab.tokenizable(g)
+        if t >= 0:
+            col_token[j] = t
+            n_ens += 1
+            continue
+        g2 = strip_version(g)
+        if g2 != g:
+            t = vocab.tokenizable(g2)
+            if t >= 0:
+                col_token[j] = t
+                n_ver += 1
+                continue
+        if gene_name_map is not None:
+            e = gene_name_map.get(g)
+            if e is not None and (t := vocab.tokenizable(e)) >= 0:
+                col_token[j] = t
+                n_sym += 1
+                continue
+        if ortholog_map is not None:
+            e = ortholog_map.get(g2) or ortholog_map.get(g)
+            if e is not None and (t := vocab.tokenizable(e)) >= 0:
+                col_token[j] = t
+                n_orth += 1
+                continue
+        elif gene_name_map is not None:
+            # case-insensitive symbols only within one species: with an ortholog table, "Actb" must
+            # go through the ortholog, not through the human symbol "ACTB"
+            if upper_map is None:
+                upper_map = {k.upper(): v for k, v in gene_name_map.items()}
+            e = upper_map.get(g.upper())
+            if e is not None and (t := vocab.tokenizable(e)) >= 0:
+                col_token[j] = t
+                n_sym += 1
+                continue
+        if len(unmatched) < 10:
+            unmatched.append(g)
+    matched = col_token[col_token >= 0]
+    n_dup = int(matched.size - np.unique(matched).size)
+    report = GeneMatchReport(len(gene_ids), int(matched.size), n_ens, n_ver, n_sym, n_orth, n_dup, unmatched)
+    if report.fraction < min_fraction:
+        first = [str(g) for g in list(gene_ids)[:5]]
+        hint = ("if these are gene symbols pass a symbol table (--gene-name-map); if they are mouse genes "
+                "pass --orthologs mouse-to-human; if the ids are in another var column pass "
+                "--gene-id-column")
+        msg = (f"{source}: only {report.n_matched_genes} of {report.n_input_genes} genes "
+               f"({report.fraction:.1%}) match the vocabulary ({vocab.token_dictionary_path}); "
+               f"first gene ids: {first}; {hint}. Refusing to write near-empty cells "
+               f"(lower min_gene_match to override).")
+        raise GeneMatchError(msg)
+    return col_token, report

@@ -1,0 +1,93 @@
+"""Sharded writer: atomic shards, manifest status, resume rules, packed store round trip."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pyarrow as pa
+import pytest
+
+from scfm_fast._errors import StoreError
+from scfm_fast.store import ShardedTokenWriter, TokenStore, read_manifest, read_table
+
+
+def _shard(start, lengths, rng):
+    toks = [rng.integers(2, 60_000, n).astype(np.int32) for n in lengths]
+    return pa.table({
+        "input_ids": pa.array(toks, type=pa.list_(pa.int32())),
+        "length": pa.array(np.array(lengths, dtype=np.int32)),
+        "cell_index": pa.array(np.arange(start, start + len(lengths), dtype=np.int64)),
+        "file_index": pa.array(np.zeros(len(lengths), dtype=np.int32)),
+        "cell_id": pa.array([f"c{start + i}" for i in range(len(lengths))]),
+    }), toks
+
+
+def _write(w, shards):
+    for start, tab in shards:
+        w.write_shard(tab, file_index=0, start=start, stop=start + tab.num_rows,
+                      stats={"n_tokens": int(np.sum(tab.column("length").to_numpy()))})
+
+
+def test_round_trip_packed_and_table(tmp_path):
+    rng = np.random.default_rng(0)
+    (t0, a), (t1, b) = _shard(0, [5, 1, 3], rng), _shard(3, [7, 2], rng)
+    w = ShardedTokenWriter(tmp_path / "o", config={"x": 1}, vocab_size=25_426)
+    _write(w, [(3, t1), (0, t0)])  # out of order on purpose
+    with pytest.raises(StoreError, match="unfinished"):
+        TokenStore(tmp_path / "o")
+    w.finalize()
+    store = TokenStore(tmp_path / "o")
+    assert store.tokens.dtype == np.uint16
+    assert len(store) == 5 and store.lengths.tolist() == [5, 1, 3, 7, 2]
+    for got, want in zip((store[i] for i in range(5)), a + b):
+        np.testing.assert_array_equal(got, want)
+    np.testing.assert_array_equal(store[-1], b[-1])
+    assert store.cell_index.tolist() == [0, 1, 2, 3, 4]
+    tab = read_table(tmp_path / "o")
+    assert tab.column("cell_index").to_pylist() == [0, 1, 2, 3, 4]
+    assert read_manifest(tmp_path / "o")["n_tokens"] == 18
+
+
+def test_large_vocab_packs_int32(tmp_path):
+    rng = np.random.default_rng(1)
+    t0, a = _shard(0, [3], rng)
+    w = ShardedTokenWriter(tmp_path / "o", config={}, vocab_size=70_000)
+    _write(w, [(0, t0)])
+    w.finalize()
+    s = TokenStore(tmp_path / "o")
+    assert s.tokens.dtype == np.int32
+    np.testing.assert_array_equal(s[0], a[0])
+
+
+def test_resume_rules(tmp_path):
+    rng = np.random.default_rng(2)
+    out = tmp_path / "o"
+    t0, _ = _shard(0, [2, 2], rng)
+    w = ShardedTokenWriter(out, config={"a": 1})
+    _write(w, [(0, t0)])
+    (out / ".part-0000-000000000002.parquet.tmp").write_bytes(b"half")  # a crash mid-write
+    (out / "part-0000-000000000009.parquet").write_bytes(b"orphan")  # written, never recorded
+    with pytest.raises(StoreError, match="--resume"):
+        ShardedTokenWriter(out, config={"a": 1})
+    with pytest.raises(StoreError, match="different inputs or options"):
+        ShardedTokenWriter(out, config={"a": 2}, resume=True)
+    w2 = ShardedTokenWriter(out, config={"a": 1}, resume=True)
+    assert w2.done(0, 0) is not None and w2.done(0, 2) is None
+    assert not (out / ".part-0000-000000000002.parquet.tmp").exists()
+    assert not (out / "part-0000-000000000009.parquet").exists()
+    t1, _ = _shard(2, [4], rng)
+    _write(w2, [(2, t1)])
+    w2.finalize()
+    assert len(TokenStore(out)) == 3
+    assert json.loads((out / "__scfm__/manifest.json").read_text())["status"] == "complete"
+    w3 = ShardedTokenWriter(out, config={"b": 0}, overwrite=True)
+    assert w3.manifest["shards"] == []
+
+
+def test_not_a_token_dataset(tmp_path):
+    with pytest.raises(StoreError, match="scfm tokenize"):
+        TokenStore(tmp_path)
+    (tmp_path / "x").write_text("1")
+    with pytest.raises(StoreError, match="no __scfm__/manifest.json"):
+        ShardedTokenWriter(tmp_path, config={}, resume=True)

@@ -1,0 +1,59 @@
+"""The ``scfm`` command line: tokenize, medians, info, and error exits."""
+
+from __future__ import annotations
+
+import json
+import pickle
+import subprocess
+import sys
+
+import pytest
+
+from scfm_fast.cli import main
+from scfm_fast.store import TokenStore
+
+
+@pytest.fixture(scope="module")
+def pbmc(shared_dir):
+    return shared_dir / "data/human/scvi_pbmc_5k_protein_v3_200cells.h5ad"
+
+
+def test_tokenize_cli(tmp_path, pbmc, capsys):
+    rc = main(["tokenize", str(pbmc), "--out", str(tmp_path / "o"), "--preset", "geneformer-v1",
+               "--obs-columns", "n_genes,percent_mito", "--workers", "2", "--chunk-size", "64"])
+    assert rc == 0
+    err = capsys.readouterr().err
+    assert "13,065/16,581 genes matched" in err and "wrote 200 cells" in err
+    store = TokenStore(tmp_path / "o")
+    assert len(store) == 200 and store.lengths.max() == 2048
+    # a second run into the same folder is refused with a hint; --resume on a complete run is a no-op
+    assert main(["tokenize", str(pbmc), "--out", str(tmp_path / "o")]) == 2
+    assert "--resume" in capsys.readouterr().err
+
+
+def test_tokenize_cli_error_exit(tmp_path, capsys):
+    assert main(["tokenize", str(tmp_path / "none.h5ad"), "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert "none.h5ad" in err and "Traceback" not in err
+
+
+def test_medians_cli_round_trip(tmp_path, pbmc, capsys):
+    rc = main(["medians", str(pbmc), "--out", str(tmp_path / "d"), "--chunk-size", "50"])
+    assert rc == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["n_cells"] == 200 and report["relative_error_bound"] < 0.011
+    med = pickle.loads((tmp_path / "d/gene_median_dictionary.pkl").read_bytes())
+    tok = pickle.loads((tmp_path / "d/token_dictionary.pkl").read_bytes())
+    assert set(med) < set(tok) and tok["<pad>"] == 0 and tok["<mask>"] == 1
+    # the new dictionaries drive the tokenizer (a new corpus / species workflow)
+    rc = main(["tokenize", str(pbmc), "--out", str(tmp_path / "o"), "--token-dictionary",
+               str(tmp_path / "d/token_dictionary.pkl"), "--gene-median", str(tmp_path / "d/gene_median_dictionary.pkl"),
+               "--gene-name-map", "none"])
+    assert rc == 0
+    assert len(TokenStore(tmp_path / "o")) == 200
+
+
+def test_info_runs_as_module():
+    out = subprocess.run([sys.executable, "-m", "scfm_fast.info"], capture_output=True, text=True, check=True).stdout
+    for word in ("numba", "torch", "tokenizer backends", "attention backends", "cpp"):
+        assert word in out
