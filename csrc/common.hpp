@@ -12,6 +12,7 @@ namespace scfm {
 
 using i32 = std::int32_t;
 using i64 = std::int64_t;
+using u32 = std::uint32_t;
 using u64 = std::uint64_t;
 
 // A chunk of cells in CSR layout over the *source* gene columns.  Entry indices reported in errors

@@ -18,6 +18,7 @@ namespace {
 struct Item {
     u64 order;
     i32 token;
+    u32 digest;  // radix_rank's scratch (fills what would be padding)
 };
 
 inline bool item_less(const Item& a, const Item& b) {
@@ -45,64 +46,94 @@ inline bool bad_count(double v, bool allow_non_integer) {
 }
 
 // Orders items[0, n) so that its first `keep` entries are the `keep` smallest by item_less, sorted.
-// A bucket sort on the order value: the map order -> bucket is monotone, so after one histogram
-// pass and one scatter pass the items are sorted except inside buckets, and one insertion-sort pass
-// finishes the job in O(n + inversions).  Keys of a cell are counts / medians, spread over a few
-// binades in bit space, so with n..2n buckets the buckets hold ~1-2 items.  If a bucket is crowded
-// (skewed keys), fall back to introsort so the worst case stays O(n log n).  Exactness only needs
-// the bucket map to be monotone; all comparisons use the full (order, token) order.
-void bucket_rank(std::vector<Item>& items, std::vector<Item>& spare, std::vector<i32>& counts, i64 keep) {
+// lo / hi: the smallest and largest order value among the items.
+//
+// Most cells have hundreds to thousands of genes, and comparison sorts spend their time in
+// mispredicted branches, so this is a radix sort on a monotone 22-bit digest of the order value
+// (its top bits above `lo`): two stable LSD passes of 11 bits, then one insertion pass with the
+// full (order, token) comparison, which only has work where digests collide (equal or very close
+// keys).  Exactness only needs the digest to be monotone.  If collisions pile up (e.g. thousands of
+// equal keys from a vocabulary with repeated medians) the insertion pass hands over to introsort,
+// so the worst case stays O(n log n).  `spare` and `counts` are reusable scratch.
+void radix_rank(std::vector<Item>& items, std::vector<Item>& spare, std::vector<i32>& counts, i64 keep,
+                u64 lo, u64 hi) {
     const size_t n = items.size();
-    auto introsort = [&]() {
-        if (static_cast<i64>(n) > keep) {
-            std::nth_element(items.begin(), items.begin() + keep, items.end(), item_less);
-        }
-        std::sort(items.begin(), items.begin() + keep, item_less);
+    auto introsort = [&](Item* first) {
+        if (static_cast<i64>(n) > keep) std::nth_element(first, first + keep, first + n, item_less);
+        std::sort(first, first + keep, item_less);
     };
-    if (n < 64) return introsort();
-    u64 lo = items[0].order, hi = items[0].order;
-    for (const Item& it : items) {
-        lo = std::min(lo, it.order);
-        hi = std::max(hi, it.order);
-    }
+    if (n < 192) return introsort(items.data());  // the 2 x 2048-bucket histograms would dominate
+
+    constexpr int kDigitBits = 11;
+    constexpr u32 kBuckets = u32{1} << kDigitBits;
+    constexpr u32 kMask = kBuckets - 1;
     const u64 range = hi - lo;
-    int want_bits = 1;
-    while ((size_t{1} << want_bits) < 2 * n) ++want_bits;
     int range_bits = 0;
     while (range_bits < 64 && (range >> range_bits) != 0) ++range_bits;
-    const int shift = std::max(0, range_bits - want_bits);
-    const size_t n_buckets = static_cast<size_t>(range >> shift) + 1;
-    counts.assign(n_buckets + 1, 0);
-    i32* const c = counts.data();
-    for (const Item& it : items) ++c[((it.order - lo) >> shift) + 1];
-    i32 crowded = 0;
-    for (size_t b = 1; b <= n_buckets; ++b) {
-        crowded = std::max(crowded, c[b]);
-        c[b] += c[b - 1];  // c[b] = start of bucket b
+    const int shift = std::max(0, range_bits - 2 * kDigitBits);
+    counts.assign(2 * kBuckets, 0);
+    i32* const c0 = counts.data();
+    i32* const c1 = c0 + kBuckets;
+    Item* const a = items.data();
+    for (size_t i = 0; i < n; ++i) {
+        const u32 d = static_cast<u32>((a[i].order - lo) >> shift);
+        a[i].digest = d;
+        ++c0[d & kMask];
+        ++c1[d >> kDigitBits];
     }
-    if (crowded > 48) return introsort();
+    i32 s0 = 0, s1 = 0;
+    for (u32 b = 0; b < kBuckets; ++b) {  // exclusive prefix sums: bucket starts
+        const i32 t0 = c0[b], t1 = c1[b];
+        c0[b] = s0;
+        c1[b] = s1;
+        s0 += t0;
+        s1 += t1;
+    }
     spare.resize(n);
-    Item* const out = spare.data();
-    for (const Item& it : items) out[c[(it.order - lo) >> shift]++] = it;
-    for (size_t i = 1; i < n; ++i) {  // insertion sort: only in-bucket inversions remain
-        if (!item_less(out[i], out[i - 1])) continue;
-        const Item x = out[i];
+    Item* const b = spare.data();
+    for (size_t i = 0; i < n; ++i) b[c0[a[i].digest & kMask]++] = a[i];
+    for (size_t i = 0; i < n; ++i) a[c1[b[i].digest >> kDigitBits]++] = b[i];
+
+    // Insertion pass: only runs of equal digests can be out of order.
+    size_t moves = 0;
+    for (size_t i = 1; i < n; ++i) {
+        if (!item_less(a[i], a[i - 1])) continue;
+        const Item x = a[i];
         size_t j = i;
         do {
-            out[j] = out[j - 1];
+            a[j] = a[j - 1];
             --j;
-        } while (j > 0 && item_less(x, out[j - 1]));
-        out[j] = x;
+        } while (j > 0 && item_less(x, a[j - 1]));
+        a[j] = x;
+        moves += i - j;
+        if (moves > 16 * n) return introsort(a);  // many ties: stop paying O(run^2)
     }
-    items.swap(spare);
+}
+
+// The per-token accumulator (0.0 = untouched, plus one sink slot), one per OS thread and kept
+// all-zero between uses: the calling thread runs the first range of every chunk, so small chunks
+// (e.g. one cell per call in a DataLoader worker) do not re-zero n_tokens doubles each time.
+struct ZeroedAcc {
+    std::vector<double> values;
+    bool clean = true;  // false while in use, or after an exit that may have left values behind
+
+    double* acquire(size_t n) {
+        if (!clean || values.size() < n) values.assign(std::max(n, values.size()), 0.0);
+        clean = false;
+        return values.data();
+    }
+};
+
+ZeroedAcc& thread_acc() {
+    static thread_local ZeroedAcc acc;
+    return acc;
 }
 
 struct ThreadState {
-    std::vector<double> acc;     // per-token running sum, 0.0 = untouched (all summed values are > 0)
     std::vector<i32> touched;    // tokens with acc != 0, in first-seen (column) order
     std::vector<Item> items;     // ranking scratch
-    std::vector<Item> spare;     // bucket sort target
-    std::vector<i32> counts;     // bucket sort histogram
+    std::vector<Item> spare;     // radix sort buffer
+    std::vector<i32> counts;     // radix sort histograms
     i64 n_written = 0;           // tokens written at this range's start in the output buffer
     CellError error;
 };
@@ -116,40 +147,68 @@ void tokenize_range(const CsrChunk<IP, IX, DT>& chunk, const RankConfig& cfg, i6
         longest = std::max(longest, static_cast<i64>(chunk.indptr[i + 1]) - static_cast<i64>(chunk.indptr[i]));
     }
     // Scratch sized once per range: nothing is allocated per cell.
-    st.acc.assign(static_cast<size_t>(cfg.n_tokens), 0.0);
     st.touched.resize(static_cast<size_t>(longest));
     i32* const touched = st.touched.data();
-    double* const acc = st.acc.data();
+    ZeroedAcc& zeroed = thread_acc();
+    const size_t sink = static_cast<size_t>(cfg.n_tokens);
+    double* const acc = zeroed.acquire(sink + 1);
     i32* w = out;
     bool producing = true;  // false once a bad index was seen: only count validation continues
+    const bool given = cfg.totals != nullptr;
 
     for (i64 i = c0; i < c1; ++i) {
         const i64 lo = static_cast<i64>(chunk.indptr[i]);
         const i64 hi = static_cast<i64>(chunk.indptr[i + 1]);
-        const bool given = cfg.totals != nullptr;
-        double total = given ? cfg.totals[i] : 0.0;
-        const bool gather = producing && (!given || total > 0);
+        // Row total: the given one, or a sequential sum.  Seeding the sum with -0.0 (the exact
+        // additive identity: -0.0 + x == x for every x, +0.0 included) equals seeding it with the
+        // first value, which is the oracle's definition; an empty row sums to +0.0.
+        double total = given ? cfg.totals[i] : (hi > lo ? -0.0 : 0.0);
         size_t n_touched = 0;
-        for (i64 k = lo; k < hi; ++k) {
+        i64 k = lo;
+        if (producing && (!given || total > 0)) {
+            // hot loop: validate, sum, gather (the loop-invariant `given` / `allow_non_integer`
+            // tests are unswitched by the compiler)
+            for (; k < hi; ++k) {
+                const double v = static_cast<double>(chunk.data[k]);
+                if (bad_count(v, cfg.allow_non_integer)) {
+                    st.error.merge(CellError{ErrorKind::bad_count, i, k, -1});
+                    return;  // later entries cannot be reported before this one (acc left dirty)
+                }
+                if (!given) total += v;
+                const i64 col = static_cast<i64>(chunk.indices[k]);
+                if (col < 0 || col >= cfg.n_cols) {
+                    st.error.merge(CellError{ErrorKind::bad_index, i, k, col});
+                    producing = false;  // keep scanning below: a later bad count takes precedence
+                    ++k;
+                    break;
+                }
+                // Branch-free (unmapped genes are frequent and unpredictable): unmapped columns add
+                // into a sink slot past the last token, which is never read back.  A token is
+                // "touched" by its first nonzero count; acc stays > 0 afterwards, so it is never
+                // listed twice.  0.0 + v == v, so acc holds the sequential sum seeded by the first
+                // value, as in the oracle.
+                const i32 tok = cfg.col_token[col];
+                const bool mapped = tok >= 0;
+                double& a = acc[mapped ? static_cast<size_t>(tok) : sink];
+                touched[n_touched] = tok;
+                n_touched += static_cast<size_t>(mapped & (a == 0.0) & (v != 0));
+                a += v;
+            }
+        }
+        // validation only: the rest of a row after a bad index, or a row that is not tokenized
+        for (; k < hi; ++k) {
             const double v = static_cast<double>(chunk.data[k]);
             if (bad_count(v, cfg.allow_non_integer)) {
                 st.error.merge(CellError{ErrorKind::bad_count, i, k, -1});
-                return;  // later entries of this range cannot be reported before this one
+                return;
             }
-            if (!given) total = (k == lo) ? v : total + v;  // sequential, seeded by the first value
+            if (!given) total += v;
             if (!producing) continue;
             const i64 col = static_cast<i64>(chunk.indices[k]);
             if (col < 0 || col >= cfg.n_cols) {
                 st.error.merge(CellError{ErrorKind::bad_index, i, k, col});
-                producing = false;  // keep scanning: a later bad count still takes precedence
-                continue;
+                producing = false;
             }
-            if (!gather || v == 0) continue;
-            const i32 tok = cfg.col_token[col];
-            if (tok < 0) continue;
-            double& a = acc[tok];
-            if (a == 0.0) touched[n_touched++] = tok;
-            a += v;  // 0.0 + v == v exactly, so this is the sequential sum seeded by the first value
         }
         cell_totals[i] = total;
         lengths[i] = 0;
@@ -162,23 +221,30 @@ void tokenize_range(const CsrChunk<IP, IX, DT>& chunk, const RankConfig& cfg, i6
         st.items.resize(n_touched);
         Item* items = st.items.data();
         size_t n_items = 0;
+        u64 order_lo = ~u64{0}, order_hi = 0;
         for (size_t r = 0; r < n_touched; ++r) {
             const i32 tok = touched[r];
             const double key = acc[tok] / cfg.token_median[tok];
             acc[tok] = 0.0;
-            items[n_items] = Item{descending_order(key), tok};
-            n_items += (key != 0);  // branch-free drop of zero keys
+            const u64 order = descending_order(key);
+            items[n_items] = Item{order, tok, 0};
+            const bool kept = key != 0;
+            n_items += kept;  // branch-free drop of zero keys
+            order_lo = kept ? std::min(order_lo, order) : order_lo;
+            order_hi = kept ? std::max(order_hi, order) : order_hi;
         }
         if (n_items == 0) continue;
         st.items.resize(n_items);
         const i64 keep = std::min(static_cast<i64>(n_items), cfg.budget);
-        bucket_rank(st.items, st.spare, st.counts, keep);
+        radix_rank(st.items, st.spare, st.counts, keep, order_lo, order_hi);
         if (cfg.cls_token >= 0) *w++ = cfg.cls_token;
         for (i64 r = 0; r < keep; ++r) *w++ = st.items[static_cast<size_t>(r)].token;
         if (cfg.eos_token >= 0) *w++ = cfg.eos_token;
         lengths[i] = keep + n_special;
     }
     st.n_written = w - out;
+    acc[sink] = 0.0;  // every touched slot was reset per cell; the sink is the only dirty one
+    zeroed.clean = true;
 }
 
 }  // namespace
@@ -238,7 +304,6 @@ RankResult rank_tokenize(const CsrChunk<IP, IX, DT>& chunk, const RankConfig& cf
     run_parts(n_parts, [&](int p) {
         ThreadState& st = states[static_cast<size_t>(p)];
         tokenize_range(chunk, cfg, bounds[p], bounds[p + 1], st, buffer + slot[p], lengths, cell_totals);
-        st.acc = std::vector<double>();  // free the scratch early
         st.items = std::vector<Item>();
         st.spare = std::vector<Item>();
     });

@@ -65,7 +65,7 @@ def warn_fallback_once(to: str) -> None:
         f"scfm_fast's C++ core is unavailable ({core_error}); using the {to} backend instead, which is "
         f"slower. To get the fast path, {_REBUILD_HINT}.",
         RuntimeWarning,
-        stacklevel=3,
+        stacklevel=4,  # warn_fallback_once <- _pick_backend <- tokenize_rank <- caller
     )
 
 

@@ -14,8 +14,8 @@ from scfm_fast.store import TokenStore
 
 
 @pytest.fixture(scope="module")
-def pbmc(shared_dir):
-    return shared_dir / "data/human/scvi_pbmc_5k_protein_v3_200cells.h5ad"
+def pbmc(pbmc_path):
+    return pbmc_path
 
 
 def test_tokenize_cli(tmp_path, pbmc, capsys):

@@ -1,0 +1,32 @@
+"""In-silico perturbation: Geneformer's semantics, a batched exact engine and an opt-in approximate one.
+
+* :func:`perturb_cells` - the engine (``mode="exact"`` or ``"approx"``), returns a DataFrame;
+* :func:`perturb_cells_reference` - the oracle, one plain forward per variant;
+* :func:`measure_approx_error` - approximate vs exact error (max |dcos|, Spearman of effect rankings);
+* :func:`gene_stats` / :func:`plot_gene_stats` - rank genes by mean shift vs a random-gene null, with FDR.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_EXPORTS = {
+    "perturb_cells": "scfm_fast.perturb.api",
+    "perturb_cells_reference": "scfm_fast.perturb.reference",
+    "measure_approx_error": "scfm_fast.perturb.approx",
+    "gene_stats": "scfm_fast.perturb.stats",
+    "plot_gene_stats": "scfm_fast.perturb.stats",
+    "plan_cell": "scfm_fast.perturb.plan",
+    "PERTURBATIONS": "scfm_fast.perturb.plan",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    mod = _EXPORTS.get(name)
+    if mod is None:
+        msg = f"module 'scfm_fast.perturb' has no attribute {name!r}"
+        raise AttributeError(msg)
+    return getattr(importlib.import_module(mod), name)

@@ -216,7 +216,8 @@ def plan_cell(
         msg = f"perturbation={perturbation!r}; choose one of {PERTURBATIONS}"
         raise ValueError(msg)
     ids = np.asarray(input_ids, dtype=np.int64)
-    special = np.isin(ids, np.fromiter(special_token_ids, dtype=np.int64))
+    special_token_ids = [int(t) for t in special_token_ids]
+    special = np.isin(ids, np.asarray(special_token_ids, dtype=np.int64))
     plan = CellPlan(int(cell_index), ids, special)
     gene_pos = np.flatnonzero(~special)
     first = {}
@@ -234,7 +235,12 @@ def plan_cell(
             pos_groups = [tuple(sorted((a, int(p)))) for p in gene_pos if p != a]
     else:
         pos_groups = []
+        special_set = {int(t) for t in ids[special]} | {int(t) for t in special_token_ids}
         for g in groups:
+            if any(int(t) in special_set for t in g):
+                plan.skipped.append({"cell_index": plan.cell_index, "gene_tokens": [int(t) for t in g],
+                                     "reason": "special tokens are never perturbed"})
+                continue
             missing = [t for t in g if t not in first]
             if missing:
                 plan.skipped.append({"cell_index": plan.cell_index, "gene_tokens": [int(t) for t in g],
@@ -242,10 +248,6 @@ def plan_cell(
                                      else f"group members not expressed in cell: {missing}"})
                 continue
             pos_groups.append(tuple(first[t] for t in g))
-    if len(gene_pos) - (perturbation == "delete") * 1 < 1 and pos_groups:
-        plan.skipped.extend({"cell_index": plan.cell_index, "gene_tokens": [int(ids[p]) for p in g],
-                             "reason": "cell would have no genes left"} for g in pos_groups)
-        return plan
     by_size: dict[int, list[tuple[int, ...]]] = {}
     for g in pos_groups:
         by_size.setdefault(len(g), []).append(g)

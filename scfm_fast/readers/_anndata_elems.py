@@ -179,6 +179,7 @@ class StructuredFrame(Frame):
         self._index_field = fields[0]
         self._columns = fields[1:]
         self.length = int(node.shape[0])
+        self._categories: dict[str, np.ndarray] = {}
 
     @property
     def columns(self) -> list[str]:
@@ -190,31 +191,27 @@ class StructuredFrame(Frame):
     def read_index(self, start: int, stop: int) -> np.ndarray:
         return to_str_array(self._rows(start, stop)[self._index_field])
 
-    def read_column(self, name: str, start: int = 0, stop: int | None = None) -> ColumnValues:
+    def _from_rows(self, rows: np.ndarray, name: str) -> ColumnValues:
         if name not in self._columns:
             raise _missing_column_error(self.path, self.what, name, self._columns)
-        stop = self.length if stop is None else stop
-        values = _decode_values(np.ascontiguousarray(self._rows(start, stop)[name]))
+        values = _decode_values(np.ascontiguousarray(rows[name]))
         key = f"{name}_categories"
         if self.uns is not None and key in self.uns and values.dtype.kind in "iu":
-            # Pre-0.7 categoricals: integer codes here, category labels in uns.
-            cats = _decode_values(np.asarray(self.uns[key][...]))
-            return pd.Categorical.from_codes(values, categories=cats)
+            # Pre-0.7 categoricals: integer codes here, category labels in uns (read once).
+            if name not in self._categories:
+                self._categories[name] = _decode_values(np.asarray(self.uns[key][...]))
+            return pd.Categorical.from_codes(values, categories=self._categories[name])
         return values
+
+    def read_column(self, name: str, start: int = 0, stop: int | None = None) -> ColumnValues:
+        stop = self.length if stop is None else stop
+        return self._from_rows(self._rows(start, stop), name)
 
     def read_frame(self, start: int, stop: int, names: list[str] | tuple[str, ...]) -> pd.DataFrame:
         # One read of the compound rows serves the index and every column.
         rows = self._rows(start, stop)
         index = pd.Index(to_str_array(rows[self._index_field]), dtype=object)
-        data = {}
-        for n in names:
-            if n not in self._columns:
-                raise _missing_column_error(self.path, self.what, n, self._columns)
-            data[n] = (
-                self.read_column(n, start, stop)
-                if f"{n}_categories" in (self.uns or {})
-                else _decode_values(np.ascontiguousarray(rows[n]))
-            )
+        data = {n: self._from_rows(rows, n) for n in names}
         return pd.DataFrame(data, index=index, columns=list(names))
 
 

@@ -22,7 +22,7 @@ class RowSource(Protocol):
     n_rows: int
     n_cols: int
 
-    def iter_blocks(self, start: int) -> Iterator[CSRBlock]: ...
+    def iter_blocks(self, start: int, chunk_size: int) -> Iterator[CSRBlock]: ...
 
 
 def check_path(path: str | os.PathLike[str], *, kind: str, fix: str) -> str:
@@ -147,7 +147,7 @@ class ChunkedReader:
 
     def _chunks(self, start: int, chunk_size: int, columns: list[str]) -> Iterator[CellChunk]:
         def with_obs() -> Iterator[CSRBlock]:
-            for blk in self._source.iter_blocks(start):
+            for blk in self._source.iter_blocks(start, chunk_size):
                 blk.obs = self._obs.read_frame(blk.start, blk.start + blk.n_rows, columns)
                 yield blk
 

@@ -43,9 +43,9 @@ class CSRBlock:
         return int(self.indptr.shape[0] - 1)
 
     def slice(self, lo: int, hi: int) -> CSRBlock:
-        """Rows ``lo:hi`` relative to this block (views where possible)."""
+        """Rows ``lo:hi`` relative to this block (indices/data are views; obs is a copy)."""
         a, b = int(self.indptr[lo]), int(self.indptr[hi])
-        obs = None if self.obs is None else self.obs.iloc[lo:hi]
+        obs = None if self.obs is None else self.obs.iloc[lo:hi].copy()
         return CSRBlock(self.start + lo, self.indptr[lo : hi + 1] - a, self.indices[a:b], self.data[a:b], obs)
 
 
@@ -77,13 +77,15 @@ def dense_to_csr(start: int, block: np.ndarray) -> CSRBlock:
 
 
 def concat_blocks(pieces: list[CSRBlock]) -> CSRBlock:
-    """Concatenate consecutive row blocks into one (always returns freshly allocated arrays)."""
+    """Concatenate consecutive row blocks into one (a single piece is returned as is)."""
+    if len(pieces) == 1:
+        return pieces[0]
     sizes = [p.indptr[-1] for p in pieces]
     offsets = np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(np.int64)
     indptr = np.concatenate([[0]] + [p.indptr[1:] + off for p, off in zip(pieces, offsets, strict=True)])
     obs = None
     if pieces[0].obs is not None:
-        obs = pieces[0].obs.copy() if len(pieces) == 1 else pd.concat([p.obs for p in pieces])
+        obs = pd.concat([p.obs for p in pieces])
     return CSRBlock(
         pieces[0].start,
         indptr.astype(np.int64),
@@ -96,8 +98,9 @@ def concat_blocks(pieces: list[CSRBlock]) -> CSRBlock:
 def rechunk(blocks: Iterable[CSRBlock], chunk_size: int) -> Iterator[CSRBlock]:
     """Re-cut a stream of consecutive row blocks into blocks of exactly ``chunk_size`` rows.
 
-    The last block may be shorter.  A source block that is exactly one output chunk is passed
-    through without copying.
+    The last block may be shorter.  No counts are copied when a chunk lies within one source block
+    (its ``indices``/``data`` are then views into that block), so sources that cut their blocks at
+    chunk boundaries are re-chunked for free.
     """
     pending: list[CSRBlock] = []
     n_pending = 0

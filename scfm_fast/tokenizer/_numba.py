@@ -4,7 +4,8 @@ Same algorithm and the same bit-exact results as ``csrc/rank_tokenize.cpp`` and 
 :func:`scfm_fast.tokenizer.reference.rank_tokenize_ref` (its docstring defines the semantics):
 cells are split into contiguous, equally loaded ranges, one per thread; each range keeps its own
 scratch (a dense per-token accumulator plus a touched list, so duplicate genes are summed in O(nnz)
-without per-cell allocation) and writes each cell into a slot of a shared buffer sized by an upper
+without per-cell allocation), ranks long cells with the same radix sort as the C++ core (short ones
+with a partial quicksort), and writes each cell into a slot of a shared buffer sized by an upper
 bound, which is compacted at the end.  Errors come back as ``(kind, row, entry, col)`` rows merged
 by :func:`merge_errors` so the reported entry never depends on the thread split.
 
@@ -21,7 +22,7 @@ from numba import njit, prange
 ERR_NONE, ERR_COUNT, ERR_INDEX = 0, 1, 2
 
 
-@njit(cache=True, nogil=True, inline="always")
+@njit(cache=True, nogil=True, inline="always", error_model="numpy")
 def _before(ka, ta, kb, tb):
     """Rank order: key descending, NaN keys last, ties by token ascending (a strict total order)."""
     if ka != ka:
@@ -31,7 +32,7 @@ def _before(ka, ta, kb, tb):
     return ka > kb or (ka == kb and ta < tb)
 
 
-@njit(cache=True, nogil=True)
+@njit(cache=True, nogil=True, error_model="numpy")
 def _partial_sort(keys, toks, n, k):
     """Sort ``(keys, toks)[:n]`` in place so that its first ``k`` entries are in rank order.
 
@@ -101,10 +102,106 @@ def _partial_sort(keys, toks, n, k):
             lo, hi = stack[sp], stack[sp + 1]
 
 
-@njit(cache=True, nogil=True)
-def tokenize_range(indptr, indices, data, col_token, token_median, totals, has_totals, budget,
-                   cls_token, eos_token, allow_non_integer, c0, c1, slot_off, slots, lengths,
-                   cell_totals, acc, touched, keys, toks):
+_SIGN = np.uint64(0x8000000000000000)
+_ONES = np.uint64(0xFFFFFFFFFFFFFFFF)
+_DIGIT_BITS = 11
+_BUCKETS = 1 << _DIGIT_BITS
+
+
+@njit(cache=True, nogil=True, error_model="numpy")
+def _radix_rank(keys, toks, n, keep, ord_a, tok_a, dig_a, ord_b, tok_b, counts):
+    """Rank ``(keys, toks)[:n]`` like ``_partial_sort``, in O(n) for typical cells.
+
+    Twin of ``radix_rank`` in ``csrc/rank_tokenize.cpp``: keys become unsigned integers whose
+    ascending order is the rank order (NaN last); two stable 11-bit LSD passes on a monotone 22-bit
+    digest, then an insertion pass with the exact (order, token) comparison.  Returns ``True`` with
+    the ranked tokens in ``tok_a[:n]``, or ``False`` after falling back to ``_partial_sort`` (many
+    equal keys), which leaves them in ``toks[:n]``.
+    """
+    bits = keys.view(np.uint64)
+    lo, hi = _ONES, np.uint64(0)
+    for r in range(n):
+        b = bits[r]
+        if keys[r] != keys[r]:
+            o = _ONES
+        elif b & _SIGN:
+            o = b
+        else:
+            o = _ONES ^ (b | _SIGN)
+        ord_a[r] = o
+        tok_a[r] = toks[r]
+        lo = min(lo, o)
+        hi = max(hi, o)
+    span = hi - lo
+    range_bits = 0
+    while range_bits < 64 and (span >> np.uint64(range_bits)) != np.uint64(0):
+        range_bits += 1
+    shift = np.uint64(max(0, range_bits - 2 * _DIGIT_BITS))
+    counts[:] = 0
+    for r in range(n):
+        d = np.int64((ord_a[r] - lo) >> shift)
+        dig_a[r] = d
+        counts[0, d & (_BUCKETS - 1)] += 1
+        counts[1, d >> _DIGIT_BITS] += 1
+    s0 = 0
+    s1 = 0
+    for b in range(_BUCKETS):
+        t0, t1 = counts[0, b], counts[1, b]
+        counts[0, b], counts[1, b] = s0, s1
+        s0 += t0
+        s1 += t1
+    for r in range(n):
+        j = counts[0, dig_a[r] & (_BUCKETS - 1)]
+        counts[0, dig_a[r] & (_BUCKETS - 1)] = j + 1
+        ord_b[j] = ord_a[r]
+        tok_b[j] = tok_a[r]
+    for r in range(n):  # high digit, recomputed rather than carried through the first pass
+        d = np.int64((ord_b[r] - lo) >> shift) >> _DIGIT_BITS
+        j = counts[1, d]
+        counts[1, d] = j + 1
+        ord_a[j] = ord_b[r]
+        tok_a[j] = tok_b[r]
+    moves = 0
+    for i in range(1, n):
+        o, t = ord_a[i], tok_a[i]
+        j = i
+        while j > 0 and (o < ord_a[j - 1] or (o == ord_a[j - 1] and t < tok_a[j - 1])):
+            ord_a[j] = ord_a[j - 1]
+            tok_a[j] = tok_a[j - 1]
+            j -= 1
+        ord_a[j] = o
+        tok_a[j] = t
+        moves += i - j
+        if moves > 16 * n:  # long runs of equal keys: stop paying O(run^2)
+            _partial_sort(keys, toks, n, keep)
+            return False
+    return True
+
+
+@njit(cache=True, nogil=True, error_model="numpy")
+def tokenize_range(
+    indptr,
+    indices,
+    data,
+    col_token,
+    token_median,
+    totals,
+    has_totals,
+    budget,
+    cls_token,
+    eos_token,
+    allow_non_integer,
+    c0,
+    c1,
+    slot_off,
+    slots,
+    lengths,
+    cell_totals,
+    acc,
+    touched,
+    keys,
+    toks,
+):
     """Tokenize cells ``[c0, c1)`` into ``slots[slot_off[i]:]``; returns ``(kind, row, entry, col)``.
 
     ``acc`` (zeros, one per token id) is returned to all-zeros; ``touched``, ``keys`` and ``toks``
@@ -114,6 +211,14 @@ def tokenize_range(indptr, indices, data, col_token, token_median, totals, has_t
     n_cols = col_token.shape[0]
     n_special = (1 if cls_token >= 0 else 0) + (1 if eos_token >= 0 else 0)
     err_kind, err_row, err_entry, err_col = ERR_NONE, -1, -1, -1
+    # radix-sort scratch, once per range
+    longest = keys.shape[0]
+    ord_a = np.empty(longest, dtype=np.uint64)
+    ord_b = np.empty(longest, dtype=np.uint64)
+    tok_a = np.empty(longest, dtype=np.int32)
+    tok_b = np.empty(longest, dtype=np.int32)
+    dig_a = np.empty(longest, dtype=np.int64)
+    counts = np.empty((2, _BUCKETS), dtype=np.int64)
     producing = True
     for i in range(c0, c1):
         lo, hi = indptr[i], indptr[i + 1]
@@ -165,13 +270,18 @@ def tokenize_range(indptr, indices, data, col_token, token_median, totals, has_t
         if n == 0:
             continue
         keep = min(n, budget)
-        _partial_sort(keys, toks, n, keep)
+        ranked = toks
+        if n >= 192:  # below that the fixed 2 x 2048-bucket cost of the radix sort dominates
+            if _radix_rank(keys, toks, n, keep, ord_a, tok_a, dig_a, ord_b, tok_b, counts):
+                ranked = tok_a
+        else:
+            _partial_sort(keys, toks, n, keep)
         w = slot_off[i]
         if cls_token >= 0:
             slots[w] = cls_token
             w += 1
         for r in range(keep):
-            slots[w] = toks[r]
+            slots[w] = ranked[r]
             w += 1
         if eos_token >= 0:
             slots[w] = eos_token
@@ -180,9 +290,26 @@ def tokenize_range(indptr, indices, data, col_token, token_median, totals, has_t
     return err_kind, err_row, err_entry, err_col
 
 
-@njit(cache=True, nogil=True)
-def _run_part(indptr, indices, data, col_token, token_median, totals, has_totals, budget, cls_token,
-              eos_token, allow_non_integer, c0, c1, slot_off, slots, lengths, cell_totals):
+@njit(cache=True, nogil=True, error_model="numpy")
+def _run_part(
+    indptr,
+    indices,
+    data,
+    col_token,
+    token_median,
+    totals,
+    has_totals,
+    budget,
+    cls_token,
+    eos_token,
+    allow_non_integer,
+    c0,
+    c1,
+    slot_off,
+    slots,
+    lengths,
+    cell_totals,
+):
     """Allocate one range's scratch (once per range, not per cell) and tokenize it."""
     longest = 0
     for i in range(c0, c1):
@@ -191,25 +318,77 @@ def _run_part(indptr, indices, data, col_token, token_median, totals, has_totals
     touched = np.empty(longest, dtype=np.int64)
     keys = np.empty(longest, dtype=np.float64)
     toks = np.empty(longest, dtype=np.int32)
-    return tokenize_range(indptr, indices, data, col_token, token_median, totals, has_totals, budget,
-                          cls_token, eos_token, allow_non_integer, c0, c1, slot_off, slots, lengths,
-                          cell_totals, acc, touched, keys, toks)
+    return tokenize_range(
+        indptr,
+        indices,
+        data,
+        col_token,
+        token_median,
+        totals,
+        has_totals,
+        budget,
+        cls_token,
+        eos_token,
+        allow_non_integer,
+        c0,
+        c1,
+        slot_off,
+        slots,
+        lengths,
+        cell_totals,
+        acc,
+        touched,
+        keys,
+        toks,
+    )
 
 
-@njit(cache=True, parallel=True)
-def _run_parallel(indptr, indices, data, col_token, token_median, totals, has_totals, budget,
-                  cls_token, eos_token, allow_non_integer, bounds, slot_off, slots, lengths, cell_totals):
+@njit(cache=True, parallel=True, error_model="numpy")
+def _run_parallel(
+    indptr,
+    indices,
+    data,
+    col_token,
+    token_median,
+    totals,
+    has_totals,
+    budget,
+    cls_token,
+    eos_token,
+    allow_non_integer,
+    bounds,
+    slot_off,
+    slots,
+    lengths,
+    cell_totals,
+):
     n_parts = bounds.shape[0] - 1
     errors = np.empty((n_parts, 4), dtype=np.int64)
     for p in prange(n_parts):
-        e = _run_part(indptr, indices, data, col_token, token_median, totals, has_totals, budget,
-                      cls_token, eos_token, allow_non_integer, bounds[p], bounds[p + 1], slot_off,
-                      slots, lengths, cell_totals)
+        e = _run_part(
+            indptr,
+            indices,
+            data,
+            col_token,
+            token_median,
+            totals,
+            has_totals,
+            budget,
+            cls_token,
+            eos_token,
+            allow_non_integer,
+            bounds[p],
+            bounds[p + 1],
+            slot_off,
+            slots,
+            lengths,
+            cell_totals,
+        )
         errors[p, 0], errors[p, 1], errors[p, 2], errors[p, 3] = e
     return errors
 
 
-@njit(cache=True, parallel=True)
+@njit(cache=True, parallel=True, error_model="numpy")
 def _compact_parallel(slots, slot_off, offsets, out):
     for i in prange(offsets.shape[0] - 1):
         s = slot_off[i]
@@ -218,7 +397,7 @@ def _compact_parallel(slots, slot_off, offsets, out):
             out[o + r] = slots[s + r]
 
 
-@njit(cache=True, nogil=True)
+@njit(cache=True, nogil=True, error_model="numpy")
 def _compact_serial(slots, slot_off, offsets, out):
     for i in range(offsets.shape[0] - 1):
         s = slot_off[i]
@@ -248,8 +427,19 @@ def merge_errors(errors: np.ndarray) -> tuple[int, int, int, int]:
     return best
 
 
-def rank_tokenize_numba(indptr, indices, data, col_token, token_median, totals, budget, cls_token,
-                        eos_token, allow_non_integer, n_threads):
+def rank_tokenize_numba(
+    indptr,
+    indices,
+    data,
+    col_token,
+    token_median,
+    totals,
+    budget,
+    cls_token,
+    eos_token,
+    allow_non_integer,
+    n_threads,
+):
     """Tokenize a validated chunk; returns ``(tokens, offsets, totals, error)``.
 
     Arrays must already have their final dtypes (``indptr`` int64, ``indices`` int32/int64, ``data``
@@ -268,8 +458,19 @@ def rank_tokenize_numba(indptr, indices, data, col_token, token_median, totals, 
     has_totals = totals is not None
     tot = totals if has_totals else np.zeros(0, dtype=np.float64)
     n_parts = max(1, min(int(n_threads), n_cells))
-    args = (indptr, indices, data, col_token, token_median, tot, has_totals, np.int64(budget),
-            np.int64(cls_token), np.int64(eos_token), bool(allow_non_integer))
+    args = (
+        indptr,
+        indices,
+        data,
+        col_token,
+        token_median,
+        tot,
+        has_totals,
+        np.int64(budget),
+        np.int64(cls_token),
+        np.int64(eos_token),
+        bool(allow_non_integer),
+    )
     if n_parts == 1:
         # no threading layer at all: cheaper, and safe in fork()-ed DataLoader workers
         error = _run_part(*args, np.int64(0), np.int64(n_cells), slot_off, slots, lengths, cell_totals)

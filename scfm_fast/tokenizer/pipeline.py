@@ -278,7 +278,14 @@ def tokenize_corpus(
             for fi, (p, r, (col_token, _)) in enumerate(zip(paths, readers, resolved)):
                 read_cols = list(dict.fromkeys(
                     want + [c for c in (TOTAL_COLUMN, FILTER_COLUMN) if c in r.obs_columns]))
-                it = r.iter_chunks(start=0, chunk_size=chunk_size, obs_columns=read_cols)
+                # resume: skip the finished prefix without reading it (shards finish in order)
+                first = 0
+                while first < r.n_obs and (rec := writer.done(fi, first)) is not None:
+                    first = rec["stop"]
+                bar.update(first)
+                if first >= r.n_obs:
+                    continue
+                it = r.iter_chunks(start=first, chunk_size=chunk_size, obs_columns=read_cols)
                 fut = read_pool.submit(next, it, None)
                 while True:
                     chunk = fut.result()

@@ -106,8 +106,9 @@ def _int_vector(a: Any, name: str, allowed: tuple[type, ...]) -> np.ndarray:
         raise TypeError(msg)
     if arr.dtype.type not in allowed:
         target = allowed[-1]
-        if arr.size and (arr.max() > np.iinfo(target).max):
-            msg = f"{name} has values too large for {np.dtype(target)}"
+        info = np.iinfo(target)
+        if arr.size and (arr.max() > info.max or arr.min() < info.min):
+            msg = f"{name} has values outside the range of {np.dtype(target)}"
             raise ValueError(msg)
         arr = arr.astype(target)
     return np.ascontiguousarray(arr)
@@ -146,16 +147,20 @@ def _prepare(indptr, indices, data, col_token, token_median, totals, max_len, cl
         raise ValueError(msg)
     steps = np.diff(indptr)
     if indptr[0] < 0 or indptr[-1] > data.shape[0] or (steps.size and steps.min() < 0):
-        msg = (f"indptr must be non-decreasing with 0 <= indptr[0] and indptr[-1] <= len(data)={data.shape[0]}; "
-               f"got indptr[0]={int(indptr[0])}, indptr[-1]={int(indptr[-1])}")
+        msg = (
+            f"indptr must be non-decreasing with 0 <= indptr[0] and indptr[-1] <= len(data)={data.shape[0]}; "
+            f"got indptr[0]={int(indptr[0])}, indptr[-1]={int(indptr[-1])}"
+        )
         raise ValueError(msg)
     n_cells = indptr.shape[0] - 1
     token_median = np.ascontiguousarray(_vector(token_median, "token_median"), dtype=np.float64)
     col_token = _int_vector(col_token, "col_token", (np.int32,))
     if col_token.size and col_token.max() >= token_median.shape[0]:
         c = int(np.flatnonzero(col_token >= token_median.shape[0])[0])
-        msg = (f"col_token[{c}]={int(col_token[c])} is not a valid index into token_median "
-               f"(length {token_median.shape[0]}); use -1 for genes outside the vocabulary")
+        msg = (
+            f"col_token[{c}]={int(col_token[c])} is not a valid index into token_median "
+            f"(length {token_median.shape[0]}); use -1 for genes outside the vocabulary"
+        )
         raise ValueError(msg)
     if totals is not None:
         totals = np.ascontiguousarray(_vector(totals, "totals"), dtype=np.float64)
@@ -275,22 +280,52 @@ def tokenize_rank(
 
     if name == "reference":
         _check_indices(indptr, indices, n_cols)
-        return rank_tokenize_ref(indptr, indices, data, col_token=col_token, token_median=token_median,
-                                 max_len=max_len, cls_token=cls_token, eos_token=eos_token,
-                                 totals=totals, allow_non_integer=allow_non_integer)
+        return rank_tokenize_ref(
+            indptr,
+            indices,
+            data,
+            col_token=col_token,
+            token_median=token_median,
+            max_len=max_len,
+            cls_token=cls_token,
+            eos_token=eos_token,
+            totals=totals,
+            allow_non_integer=allow_non_integer,
+        )
     if name == "cpp":
         core = _ext.core
         try:
-            return core.rank_tokenize(indptr, indices, data, col_token, token_median, totals, budget,
-                                      cls_token, eos_token, allow_non_integer, threads)
+            return core.rank_tokenize(
+                indptr,
+                indices,
+                data,
+                col_token,
+                token_median,
+                totals,
+                budget,
+                cls_token,
+                eos_token,
+                allow_non_integer,
+                threads,
+            )
         except core.CellDataError as exc:
             kind, row, entry, col = exc.args
             error = (1 if kind == "count" else 2, row, entry, col)
     else:
         nb = _numba_module
         tokens, offsets, cell_totals, error = nb.rank_tokenize_numba(
-            indptr.astype(np.int64, copy=False), indices, data, col_token, token_median, totals,
-            budget, cls_token, eos_token, allow_non_integer, threads)
+            indptr.astype(np.int64, copy=False),
+            indices,
+            data,
+            col_token,
+            token_median,
+            totals,
+            budget,
+            cls_token,
+            eos_token,
+            allow_non_integer,
+            threads,
+        )
         if error[0] == nb.ERR_NONE:
             return tokens, offsets, cell_totals
     kind, row, entry, col = error

@@ -140,3 +140,19 @@ def test_unreadable_obs_encoding(tmp_path):
         assert reader.obs_columns == ["nested"]
         with pytest.raises(InputFileError, match="cannot read per row"):
             next(reader.iter_chunks(obs_columns=["nested"]))
+
+
+def test_loom_without_cell_names(tmp_path):
+    path = tmp_path / "bare.loom"
+    x = np.array([[0, 2, 0], [1, 0, 3]], dtype=np.int32)  # genes x cells
+    with h5py.File(path, "w") as f:
+        f.create_dataset("matrix", data=x)
+        f.create_group("row_attrs").create_dataset("Gene", data=np.array([b"A&amp;B", b"C"]))
+        f.create_group("col_attrs").create_dataset("total", data=x.sum(0))
+    with open_reader(path) as reader:
+        assert not reader.obs_names_available
+        assert list(reader.var_names) == ["A&B", "C"]  # loom text: ASCII + XML character references
+        dense, obs = _all_rows(reader, obs_columns=["total"])
+    np.testing.assert_array_equal(dense, x.T)
+    assert list(obs.index) == ["0", "1", "2"]
+    assert list(obs["total"]) == [1, 2, 3]

@@ -116,10 +116,17 @@ def test_invalid_iteration_arguments(sources):
             reader.iter_chunks(start=reader.n_obs + 1)
 
 
-def test_csc_warns_once_per_open(sources):
-    with pytest.warns(UserWarning, match="CSC"):
-        reader = open_reader(sources["h5ad_csc"].path)
-    reader.close()
+def test_csc_warns_once_per_file(tmp_path, ref_adata):
+    adata = ref_adata.copy()
+    adata.X = adata.X.tocsc()
+    path = tmp_path / "csc.h5ad"
+    adata.write_h5ad(path)
+    with pytest.warns(UserWarning, match="CSC") as record:
+        open_reader(path).close()
+    assert str(path) in str(record[0].message)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        open_reader(path).close()
 
 
 def test_var_columns(sources, ref_adata):

@@ -8,7 +8,7 @@ import pytest
 from scfm_fast._errors import InputFileError
 from scfm_fast.readers import open_reader
 
-from .conftest import write_h5_without_x
+from ._build import write_h5_without_x
 
 
 def _raises(path, **kwargs) -> str:

@@ -24,9 +24,9 @@ def _published_formula(x_row, n_counts, col_token, token_median, max_len):
 
 
 @pytest.fixture(scope="module")
-def pbmc(shared_dir):
+def pbmc(pbmc_path):
     ad = pytest.importorskip("anndata")
-    a = ad.read_h5ad(shared_dir / "data/human/scvi_pbmc_5k_protein_v3_200cells.h5ad")
+    a = ad.read_h5ad(pbmc_path)
     vocab = GeneVocab.load()
     col, _ = resolve_genes(a.var_names, vocab, gene_name_map=load_gene_name_map())
     return a, vocab, col

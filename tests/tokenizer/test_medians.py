@@ -18,9 +18,9 @@ def _run(acc, m, totals, col_gene, chunk=37):
 
 
 @pytest.mark.parametrize("bpo", [16, 64])
-def test_histogram_medians_within_bound_on_real_data(shared_dir, bpo):
+def test_histogram_medians_within_bound_on_real_data(pbmc_path, bpo):
     ad = pytest.importorskip("anndata")
-    a = ad.read_h5ad(shared_dir / "data/human/scvi_pbmc_5k_protein_v3_200cells.h5ad")
+    a = ad.read_h5ad(pbmc_path)
     m = sp.csr_matrix(np.asarray(a.X, dtype=np.float32))
     totals = a.obs["n_counts"].to_numpy(np.float64)
     genes = list(a.var_names)

@@ -75,8 +75,8 @@ def test_all_formats_give_reference_tokens(tmp_path, adata, vocab, fmt, suffix):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_backends_identical_on_real_pbmc(tmp_path, shared_dir, backend):
-    src = shared_dir / "data/human/scvi_pbmc_5k_protein_v3_200cells.h5ad"
+def test_backends_identical_on_real_pbmc(tmp_path, pbmc_path, backend):
+    src = pbmc_path
     tokenize_corpus(src, tmp_path / "o", backend=backend, chunk_size=64, progress_bar=False)
     a = ad.read_h5ad(src)
     got = read_table(tmp_path / "o").column("input_ids").to_pylist()
@@ -209,3 +209,26 @@ def test_v2_layout_with_custom_dictionary(tmp_path, adata, vocab):
     for got, i in zip(tab.column("input_ids").to_pylist(), tab.column("cell_index").to_pylist()):
         assert got == [vocab.size, *want[i].tolist(), vocab.size + 1]
         assert len(got) <= 12
+
+
+def test_two_inputs_and_ecosystem_readers(tmp_path, adata, vocab):
+    import pyarrow.dataset as pds
+
+    a1, a2 = adata[:20].copy(), adata[20:].copy()
+    a1.write_h5ad(tmp_path / "a1.h5ad")
+    a2.write_zarr(tmp_path / "a2.zarr")
+    man = tokenize_corpus([tmp_path / "a1.h5ad", tmp_path / "a2.zarr"], tmp_path / "o", chunk_size=8,
+                          obs_columns=["cell_type"], progress_bar=False)
+    assert man["inputs"] == [str(tmp_path / "a1.h5ad"), str(tmp_path / "a2.zarr")]
+    want = _expected(adata, vocab)
+    tab = read_table(tmp_path / "o")
+    rows = [(f, c) for f, c in zip(tab.column("file_index").to_pylist(), tab.column("cell_index").to_pylist())]
+    assert rows == sorted(rows)
+    for got, (f, c) in zip(tab.column("input_ids").to_pylist(), rows):
+        assert got == want[c + 20 * f].tolist()
+    # the directory is a plain Parquet dataset for pyarrow and Hugging Face datasets
+    assert pds.dataset(str(tmp_path / "o"), format="parquet").count_rows() == tab.num_rows
+    datasets = pytest.importorskip("datasets")
+    hf = datasets.load_dataset("parquet", data_dir=str(tmp_path / "o"), split="train")
+    assert hf.num_rows == tab.num_rows and set(hf.column_names) >= {"input_ids", "length", "cell_type"}
+    assert sorted(map(tuple, hf["input_ids"])) == sorted(map(tuple, tab.column("input_ids").to_pylist()))

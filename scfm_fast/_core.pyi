@@ -1,0 +1,23 @@
+"""Type stub for the compiled core ``scfm_fast._core`` (csrc/bindings.cpp); checked by
+tests/tokenizer/test_core_stub.py against the built module."""
+
+import numpy as np
+import numpy.typing as npt
+
+class CellDataError(ValueError):
+    """Bad input found by the core; ``args == (kind, row, entry, col)``, kind ``"count"`` or ``"index"``."""
+
+def rank_tokenize(
+    indptr: npt.NDArray[np.int32] | npt.NDArray[np.int64],
+    indices: npt.NDArray[np.int32] | npt.NDArray[np.int64],
+    data: npt.NDArray[np.float32] | npt.NDArray[np.float64],
+    col_token: npt.NDArray[np.int32],
+    token_median: npt.NDArray[np.float64],
+    totals: npt.NDArray[np.float64] | None,
+    budget: int,
+    cls_token: int,
+    eos_token: int,
+    allow_non_integer: bool,
+    n_threads: int,
+) -> tuple[npt.NDArray[np.int32], npt.NDArray[np.int64], npt.NDArray[np.float64]]: ...
+def build_info() -> dict[str, str | int]: ...

@@ -1,0 +1,354 @@
+"""``scfm perturb``: screens at scale, streamed to Parquet shards, resumable, multi-GPU.
+
+Output directory layout::
+
+    OUT/manifest.json                  run configuration, shard list, status, summary
+    OUT/shards/part-SSSSSS.parquet     results of shard S (cells [S*N, (S+1)*N) of the token dataset)
+    OUT/shards/part-SSSSSS.json        that shard's skipped targets and (approx mode) measured error
+    OUT/perturbations.parquet          all shards merged (rank 0, once every shard exists)
+    OUT/gene_stats.parquet, OUT/gene_stats.png   gene ranking vs a random-gene null (FDR) and its plot
+
+Shards are written to a hidden temporary name and renamed into place, so a shard file exists only when
+complete; ``--resume`` skips those, which gives no duplicate and no missing cells. Under ``torchrun``
+(``RANK`` / ``WORLD_SIZE`` / ``LOCAL_RANK``) rank ``r`` runs shards ``s % WORLD_SIZE == r`` on
+``--devices[LOCAL_RANK]`` (default ``cuda:LOCAL_RANK``); rank 0 merges when all shards are present. Several
+``--devices`` without torchrun start one worker process per device with the same split.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from .._errors import InputFileError, StoreError
+
+log = logging.getLogger(__name__)
+
+_CONFIG_KEYS = ("tokens", "model", "perturb", "genes", "anchor", "combine", "rank_shift", "layer", "pooling",
+                "mode", "dtype", "cells_per_shard", "max_cells", "gene_shifts", "target_embedding",
+                "special_tokens")
+
+
+def _csv(s: str) -> list[str]:
+    return [x.strip() for x in s.split(",") if x.strip()]
+
+
+def register(subparsers: Any) -> None:
+    """Add the ``perturb`` subcommand to an argparse ``subparsers`` object."""
+    from .api import MODES
+    from .plan import PERTURBATIONS
+
+    p = subparsers.add_parser(
+        "perturb", help="in-silico perturbation screen (delete / overexpress / inhibit / activate)",
+        description="Perturb genes of every cell of a token dataset and stream cosine shifts to Parquet "
+                    "shards in --out, then rank genes against a random-gene null (gene_stats.parquet + PNG).")
+    p.add_argument("tokens", metavar="TOKENS_DIR", help="token dataset directory (Parquet shards)")
+    p.add_argument("--model", required=True, help="Hugging Face BERT checkpoint directory")
+    p.add_argument("--perturb", default="delete", choices=PERTURBATIONS)
+    p.add_argument("--genes", default="all",
+                   help="'all', a comma-separated list (token ids, Ensembl IDs or symbols; A+B = a pair "
+                        "perturbed together), or a file with one gene (or A+B) per line")
+    p.add_argument("--anchor", help="perturb this gene together with each target (pairs)")
+    p.add_argument("--combine", action="store_true", help="perturb the whole --genes list together")
+    p.add_argument("--rank-shift", type=float, default=0.25, help="quantile for inhibit/activate")
+    p.add_argument("--layer", type=int, default=-2, help="readout layer (default -2: second-to-last)")
+    p.add_argument("--pooling", default="mean", choices=["mean", "cls"])
+    p.add_argument("--mode", default="exact", choices=MODES, help="'approx' = KV-reuse approximation")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--batch-tokens", type=int, help="tokens per batched forward")
+    p.add_argument("--cells-per-shard", type=int, default=256)
+    p.add_argument("--devices", type=_csv, default=[], help="e.g. cuda:0,cuda:1 (default: cuda if present)")
+    p.add_argument("--max-cells", type=int, help="only the first N cells")
+    p.add_argument("--gene-shifts", action="store_true", help="also store every remaining gene's cosine")
+    p.add_argument("--target-embedding", help=".npy target state embedding (adds target_shift)")
+    p.add_argument("--special-tokens", help="comma-separated special token ids (default: from dictionary)")
+    p.add_argument("--token-dictionary", help="token dictionary pickle (default: bundled Geneformer V1)")
+    p.add_argument("--gene-name-map", help="symbol -> Ensembl pickle (default: bundled Geneformer V1)")
+    p.add_argument("--out", required=True, help="output directory")
+    p.add_argument("--resume", action="store_true", help="skip finished shards of an interrupted run")
+    p.add_argument("--overwrite", action="store_true", help="replace the results in --out")
+    p.add_argument("--no-stats", action="store_true", help="skip gene_stats.parquet / the plot")
+    p.add_argument("--merge-timeout", type=float, default=7 * 24 * 3600.0,
+                   help="seconds rank 0 waits for other ranks' shards")
+    p.set_defaults(func=run)
+
+
+def parse_genes(spec: str) -> Any:
+    """``all`` | ``A,B,C+D`` | a file with one entry per line -> the ``genes=`` argument."""
+    if spec == "all":
+        return "all"
+    p = Path(spec)
+    items = [ln.strip() for ln in p.read_text().splitlines()] if p.is_file() else _csv(spec)
+    items = [i for i in items if i and not i.startswith("#")]
+    return [tuple(i.split("+")) if "+" in i else i for i in items]
+
+
+def _config(args: argparse.Namespace, n_cells: int) -> dict:
+    cfg = {k: getattr(args, k, None) for k in _CONFIG_KEYS}
+    cfg["tokens"] = str(Path(args.tokens).resolve())
+    cfg["model"] = str(Path(args.model).resolve())
+    cfg["n_cells"] = n_cells
+    return cfg
+
+
+def _write_json(path: Path, obj: Any) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(obj, indent=1, default=str))
+    os.replace(tmp, path)
+
+
+def load_model(path: str, device: Any) -> Any:
+    """The encoder of a checkpoint directory (``model.checkpoint.load_encoder`` when available)."""
+    try:
+        from ..model.checkpoint import load_encoder
+    except ImportError:
+        load_encoder = None
+    if load_encoder is not None:
+        return load_encoder(path, device=device)
+    # minimal fallback until model/checkpoint.py lands: HF BERT names, optional "bert." prefix
+    import torch
+
+    from ..model.bert import BertEncoderModel
+    from ..model.config import EncoderConfig
+
+    d = Path(path)
+    model = BertEncoderModel(EncoderConfig.from_json(d))
+    if (d / "model.safetensors").exists():
+        from safetensors.torch import load_file
+
+        sd = load_file(str(d / "model.safetensors"))
+    elif (d / "pytorch_model.bin").exists():
+        sd = torch.load(d / "pytorch_model.bin", map_location="cpu", weights_only=True)
+    else:
+        msg = f"{d}: no model.safetensors or pytorch_model.bin"
+        raise InputFileError(msg)
+    sd = {k.removeprefix("bert."): v for k, v in sd.items()}
+    own = model.state_dict()
+    missing = [k for k in own if k not in sd]
+    if missing:
+        msg = f"{d}: checkpoint lacks encoder weights {missing[:5]}"
+        raise InputFileError(msg)
+    model.load_state_dict({k: sd[k] for k in own})
+    return model.to(device)
+
+
+def _arrow_schema(df_columns: list[str]):
+    import pyarrow as pa
+
+    types = {"cell_index": pa.int64(), "perturbation": pa.string(), "gene_token": pa.int64(),
+             "gene_tokens": pa.list_(pa.int64()), "ensembl_id": pa.string(), "n_genes": pa.int64(),
+             "orig_rank": pa.int64(), "new_rank": pa.int64(), "cos_sim": pa.float64(), "shift": pa.float64(),
+             "target_shift": pa.float64(), "gene_shift_tokens": pa.list_(pa.int32()),
+             "gene_shift_cos": pa.list_(pa.float32())}
+    return pa.schema([pa.field(c, types[c]) for c in df_columns])
+
+
+def _columns(args: argparse.Namespace) -> list[str]:
+    cols = ["cell_index", "perturbation", "gene_token", "gene_tokens", "ensembl_id", "n_genes", "orig_rank",
+            "new_rank", "cos_sim", "shift"]
+    if args.target_embedding:
+        cols.append("target_shift")
+    if args.gene_shifts:
+        cols += ["gene_shift_tokens", "gene_shift_cos"]
+    return cols
+
+
+def _write_shard(df: Any, path: Path, cols: list[str]) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    df = df.copy()
+    df.attrs = {}
+    table = pa.Table.from_pandas(df[cols], schema=_arrow_schema(cols), preserve_index=False)
+    tmp = path.with_name(f".{path.name}.tmp")
+    pq.write_table(table, tmp)
+    os.replace(tmp, path)
+
+
+def _rank_world() -> tuple[int, int, int]:
+    return (int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)),
+            int(os.environ.get("LOCAL_RANK", os.environ.get("RANK", 0))))
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run ``scfm perturb`` (this rank's shards; rank 0 also merges and writes the statistics)."""
+    rank, world, _ = _rank_world()
+    if world == 1 and len(args.devices) > 1:
+        return _spawn_workers(args)
+    return _work(args)
+
+
+def _spawn_workers(args: argparse.Namespace) -> int:
+    import multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    n = len(args.devices)
+    opts = {k: v for k, v in vars(args).items() if k != "func"}
+    procs = [ctx.Process(target=_worker_entry, args=(opts, r, n)) for r in range(n)]
+    for pr in procs:
+        pr.start()
+    for pr in procs:
+        pr.join()
+    bad = [r for r, pr in enumerate(procs) if pr.exitcode != 0]
+    if bad:
+        msg = f"perturbation workers {bad} failed; rerun with --resume to finish the missing shards"
+        raise StoreError(msg)
+    return 0
+
+
+def _worker_entry(opts: dict, rank: int, world: int) -> None:
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
+    sys.exit(_work(argparse.Namespace(**opts)))
+
+
+def _work(args: argparse.Namespace) -> int:
+    import numpy as np
+    import pyarrow.dataset as ds
+    import torch
+
+    from .._progress import progress
+    from .api import perturb_cells
+
+    rank, world, local = _rank_world()
+    src = Path(args.tokens)
+    if not src.exists():
+        msg = f"{src}: token dataset directory not found"
+        raise InputFileError(msg)
+    table = ds.dataset(str(src), format="parquet").to_table()
+    if "cell_index" not in table.column_names:
+        import pyarrow as pa
+
+        table = table.append_column("cell_index", pa.array(np.arange(table.num_rows, dtype=np.int64)))
+    table = table.select(["input_ids", "cell_index"])
+    if args.max_cells is not None:
+        table = table.slice(0, args.max_cells)
+    n_cells = table.num_rows
+    cps = max(1, int(args.cells_per_shard))
+    n_shards = max(1, math.ceil(n_cells / cps))
+    out = Path(args.out)
+    shard_dir = out / "shards"
+    shard_dir.mkdir(parents=True, exist_ok=True)
+    cfg = _config(args, n_cells)
+    man_path = out / "manifest.json"
+    if man_path.exists() and not args.overwrite:
+        old = json.loads(man_path.read_text())
+        if old.get("config") != cfg:
+            diff = {k: (old.get("config", {}).get(k), v) for k, v in cfg.items()
+                    if old.get("config", {}).get(k) != v}
+            msg = f"{out}: holds a run with other settings {diff}; use another --out or --overwrite"
+            raise StoreError(msg)
+    mine = [s for s in range(n_shards) if s % world == rank]
+    names = {s: shard_dir / f"part-{s:06d}.parquet" for s in range(n_shards)}
+    done = [s for s in mine if names[s].exists()]
+    if done and not (args.resume or args.overwrite):
+        msg = f"{out}: {len(done)} shards already exist; pass --resume to continue or --overwrite"
+        raise StoreError(msg)
+    if args.overwrite:
+        for s in mine:
+            names[s].unlink(missing_ok=True)
+            names[s].with_suffix(".json").unlink(missing_ok=True)
+        done = []
+        if rank == 0:
+            for f in ("perturbations.parquet", "gene_stats.parquet", "gene_stats.png"):
+                (out / f).unlink(missing_ok=True)
+            # shards of an older layout (another --cells-per-shard) are never written by this run
+            current = {p.name for p in names.values()} | {p.with_suffix(".json").name for p in names.values()}
+            for f in shard_dir.glob("part-*"):
+                if f.name not in current:
+                    f.unlink()
+    if rank == 0:
+        _write_json(man_path, {"format": "scfm_fast.perturb/1", "config": cfg, "n_shards": n_shards,
+                               "world_size": world, "status": "running"})
+    if args.devices:
+        device = torch.device(args.devices[local % len(args.devices)])
+    else:
+        device = torch.device(f"cuda:{local % torch.cuda.device_count()}" if torch.cuda.is_available()
+                              else "cpu")
+    todo = [s for s in mine if s not in done]
+    cols = _columns(args)
+    if todo:
+        model = load_model(args.model, device)
+        target = np.load(args.target_embedding) if args.target_embedding else None
+        special = [int(x) for x in _csv(args.special_tokens)] if args.special_tokens else None
+        genes = parse_genes(args.genes)
+        bar = progress(total=sum(min(cps, n_cells - s * cps) for s in todo), desc=f"perturb rank {rank}",
+                       unit="cells", enabled=True)
+        for s in todo:
+            t0 = time.perf_counter()
+            part = table.slice(s * cps, cps)
+            df = perturb_cells(part, model, perturbation=args.perturb, genes=genes, anchor=args.anchor,
+                               combine=args.combine, rank_shift=args.rank_shift, layer=args.layer,
+                               pooling=args.pooling, mode=args.mode, batch_tokens=args.batch_tokens,
+                               device=device, dtype=args.dtype, special_token_ids=special,
+                               token_dictionary=args.token_dictionary, gene_name_map=args.gene_name_map,
+                               gene_shifts=args.gene_shifts, target_embedding=target, progress=False)
+            meta = {"shard": s, "n_cells": part.num_rows, "n_rows": len(df), "seconds": time.perf_counter() - t0,
+                    "skipped": df.attrs.get("skipped", []), "approx_error": df.attrs.get("approx_error")}
+            _write_json(names[s].with_suffix(".json"), meta)
+            _write_shard(df, names[s], cols)
+            bar.update(part.num_rows)
+        bar.close()
+    if rank != 0:
+        return 0
+    _merge(out, names, cols, args, cfg, n_shards, world)
+    return 0
+
+
+def _merge(out: Path, names: dict[int, Path], cols: list[str], args: argparse.Namespace, cfg: dict,
+           n_shards: int, world: int) -> None:
+    import numpy as np
+    import pyarrow.parquet as pq
+
+    from .stats import gene_stats, plot_gene_stats, summarize
+
+    deadline = time.monotonic() + args.merge_timeout
+    while True:
+        missing = [s for s, p in names.items() if not p.exists()]
+        if not missing:
+            break
+        if time.monotonic() > deadline:
+            msg = f"{out}: shards {missing[:10]} never appeared; rerun with --resume"
+            raise StoreError(msg)
+        time.sleep(2.0)
+    merged = out / "perturbations.parquet"
+    tmp = out / ".perturbations.parquet.tmp"
+    n_rows = 0
+    with pq.ParquetWriter(tmp, _arrow_schema(cols)) as w:
+        for s in range(n_shards):
+            t = pq.read_table(names[s])
+            n_rows += t.num_rows
+            w.write_table(t)
+    os.replace(tmp, merged)
+    metas = [json.loads(p.with_suffix(".json").read_text()) for _, p in sorted(names.items())
+             if p.with_suffix(".json").exists()]
+    summary: dict[str, Any] = {"n_rows": n_rows, "n_skipped": sum(len(m["skipped"]) for m in metas),
+                               "seconds": sum(m["seconds"] for m in metas)}
+    errs = [m["approx_error"] for m in metas if m.get("approx_error") and m["approx_error"]["n_variants"]]
+    if errs:
+        rhos = [e["spearman_min"] for e in errs if np.isfinite(e["spearman_min"])]
+        summary["approx_error"] = {"max_abs_dcos": max(e["max_abs_dcos"] for e in errs),
+                                   "spearman_min": min(rhos) if rhos else None,
+                                   "n_variants_checked": sum(e["n_variants"] for e in errs)}
+    if not args.no_stats and n_rows:
+        df = pq.read_table(merged, columns=[c for c in ("gene_token", "ensembl_id", "shift", "target_shift")
+                                            if c in cols]).to_pandas()
+        st = gene_stats(df)
+        st.to_parquet(out / "gene_stats.parquet", index=False)
+        plot_gene_stats(st, out / "gene_stats.png")
+        summary["stats"] = summarize(st)
+    _write_json(out / "manifest.json", {"format": "scfm_fast.perturb/1", "config": cfg, "n_shards": n_shards,
+                                        "world_size": world, "status": "complete", "summary": summary})
+    msg = f"wrote {n_rows:,} perturbations of {cfg['n_cells']:,} cells to {merged}"
+    if "stats" in summary:
+        msg += (f"; {summary['stats']['n_significant']:,}/{summary['stats']['n_genes']:,} genes at FDR < 0.05 "
+                f"in {out / 'gene_stats.parquet'}")
+    if "approx_error" in summary:
+        msg += f"; approx mode: max |dcos| vs exact = {summary['approx_error']['max_abs_dcos']:.2e}"
+    sys.stderr.write(msg + "\n")

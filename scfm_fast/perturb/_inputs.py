@@ -1,0 +1,162 @@
+"""Inputs of the perturbation engines: token cells and gene targets (ids, Ensembl IDs, symbols)."""
+
+from __future__ import annotations
+
+import logging
+import pickle
+from collections.abc import Iterable, Iterator, Sequence
+from functools import lru_cache
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .._errors import GeneMatchError, InputFileError
+
+log = logging.getLogger(__name__)
+
+SPECIAL_NAMES = ("<pad>", "<mask>", "<cls>", "<eos>")
+
+
+def _bundled(name: str) -> Path:
+    return Path(str(resources.files("scfm_fast") / "data" / "geneformer_v1" / name))
+
+
+@lru_cache(maxsize=8)
+def _load_pickle(path: str) -> dict:
+    p = Path(path)
+    if not p.exists():
+        msg = f"{p}: dictionary pickle not found"
+        raise InputFileError(msg)
+    with open(p, "rb") as f:
+        d = pickle.load(f)
+    if not isinstance(d, dict):
+        msg = f"{p}: expected a pickled dict, got {type(d).__name__}"
+        raise InputFileError(msg)
+    return d
+
+
+def load_dict(source: str | Path | dict | None, default: str) -> dict:
+    """A dict given directly, read from a pickle path, or the bundled Geneformer V1 one."""
+    if isinstance(source, dict):
+        return source
+    return _load_pickle(str(source) if source is not None else str(_bundled(default)))
+
+
+class GeneResolver:
+    """Map gene targets (token ids, Ensembl IDs, symbols) to token ids, and token ids back to Ensembl.
+
+    Parameters
+    ----------
+    token_dictionary
+        Ensembl ID -> token id (dict or pickle path); default: bundled Geneformer V1 ``token_dictionary.pkl``.
+    gene_name_map
+        Symbol -> Ensembl ID (dict or pickle path); default: bundled ``gene_name_id_dict.pkl``.
+    """
+
+    def __init__(self, token_dictionary: str | Path | dict | None = None,
+                 gene_name_map: str | Path | dict | None = None) -> None:
+        self._tok_src = token_dictionary
+        self._name_src = gene_name_map
+
+    @property
+    def token_dict(self) -> dict:
+        return load_dict(self._tok_src, "token_dictionary.pkl")
+
+    @property
+    def name_map(self) -> dict:
+        return load_dict(self._name_src, "gene_name_id_dict.pkl")
+
+    def special_token_ids(self) -> list[int]:
+        return [int(self.token_dict[s]) for s in SPECIAL_NAMES if s in self.token_dict]
+
+    def ensembl_of(self) -> dict[int, str]:
+        return {int(v): k for k, v in self.token_dict.items()}
+
+    def resolve_one(self, gene: int | str) -> int | None:
+        """Token id of one target, or ``None`` when it is not in the vocabulary."""
+        if isinstance(gene, (int, np.integer)):
+            return int(gene)
+        g = str(gene).strip()
+        if g.lstrip("-").isdigit():
+            return int(g)
+        td = self.token_dict
+        if g in td:
+            return int(td[g])
+        base = g.split(".")[0]
+        if base.upper().startswith("ENS"):
+            return int(td[base]) if base in td else None
+        ens = self.name_map.get(g)
+        if ens is None:
+            ens = self.name_map.get(g.upper())
+        return int(td[ens]) if ens is not None and ens in td else None
+
+    def resolve(self, genes: Any, *, combine: bool = False) -> tuple[list[tuple[int, ...]] | None, list[str]]:
+        """Turn a ``genes=`` argument into token groups; returns ``(groups or None for 'all', unknown)``.
+
+        ``"all"`` -> ``None``; a gene -> ``[(tok,)]``; a list -> one group per item (an item that is a
+        tuple/list is a group perturbed together); ``combine=True`` -> the whole list as one group.
+        """
+        if isinstance(genes, str) and genes == "all":
+            return None, []
+        items: Sequence = [genes] if isinstance(genes, (str, int, np.integer)) else list(genes)
+        groups: list[tuple[int, ...]] = []
+        unknown: list[str] = []
+        for item in items:
+            members = [item] if isinstance(item, (str, int, np.integer)) else list(item)
+            toks = [self.resolve_one(m) for m in members]
+            bad = [str(m) for m, t in zip(members, toks) if t is None]
+            if bad:
+                unknown.extend(bad)
+                continue
+            groups.append(tuple(int(t) for t in toks))
+        if combine and groups:
+            merged = tuple(dict.fromkeys(t for g in groups for t in g))
+            groups = [merged]
+        if not groups:
+            msg = f"none of the requested genes {list(items)[:10]} could be resolved to token ids"
+            raise GeneMatchError(msg)
+        if unknown:
+            log.warning("skipping %d genes not in the token dictionary: %s", len(unknown), unknown[:20])
+        return groups, unknown
+
+
+def iter_cells(tokens: Any) -> Iterator[tuple[int, np.ndarray]]:
+    """Yield ``(cell_index, input_ids)`` from a token dataset dir, a pyarrow Table or a list of arrays."""
+    import pyarrow as pa
+
+    if isinstance(tokens, (str, Path)):
+        import pyarrow.dataset as ds
+
+        p = Path(tokens)
+        if not p.exists():
+            msg = f"{p}: token dataset directory not found"
+            raise InputFileError(msg)
+        tokens = ds.dataset(str(p), format="parquet").to_table()
+    if isinstance(tokens, pa.Table):
+        if "input_ids" not in tokens.column_names:
+            msg = f"token table lacks an 'input_ids' column (has {tokens.column_names})"
+            raise InputFileError(msg)
+        col = tokens.column("input_ids").combine_chunks()
+        offs = col.offsets.to_numpy()
+        vals = col.values.to_numpy(zero_copy_only=False).astype(np.int64)
+        if "cell_index" in tokens.column_names:
+            idx = tokens.column("cell_index").to_numpy()
+        else:
+            idx = np.arange(tokens.num_rows)
+        for i in range(tokens.num_rows):
+            yield int(idx[i]), vals[offs[i]:offs[i + 1]]
+        return
+    if isinstance(tokens, np.ndarray) and tokens.ndim == 2:
+        tokens = list(tokens)
+    for i, t in enumerate(tokens):
+        yield i, np.asarray(t, dtype=np.int64)
+
+
+def as_cell_list(tokens: Any) -> list[tuple[int, np.ndarray]]:
+    return list(iter_cells(tokens))
+
+
+def unique_special(ids: Iterable[int] | None, resolver: GeneResolver) -> list[int]:
+    return sorted({int(i) for i in ids}) if ids is not None else resolver.special_token_ids()

@@ -1,0 +1,251 @@
+"""Public entry point: :func:`perturb_cells` (reference, exact and approximate engines share it)."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+
+from .._progress import progress as _progress
+from ._inputs import GeneResolver, iter_cells, unique_special
+from ._results import ResultBuilder
+from .plan import PERTURBATIONS, CellPlan, plan_cell
+
+log = logging.getLogger(__name__)
+
+MODES = ("exact", "approx")
+
+
+def _dtype(dtype: Any) -> torch.dtype | None:
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    names = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
+             "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
+    if str(dtype) not in names:
+        msg = f"dtype={dtype!r}; use float32, bfloat16 or float16"
+        raise ValueError(msg)
+    return names[str(dtype)]
+
+
+def default_batch_tokens(device: torch.device) -> int:
+    """Token budget per batched forward: large on GPUs, cache-friendly on CPUs (measured: 2-4k best)."""
+    return 131_072 if device.type == "cuda" else 4_096
+
+
+def run_engine(
+    tokens: Any,
+    model: Any,
+    *,
+    engine: str,
+    perturbation: str = "delete",
+    genes: Any = "all",
+    anchor: int | str | None = None,
+    combine: bool = False,
+    rank_shift: float = 0.25,
+    layer: int = -2,
+    pooling: str = "mean",
+    batch_tokens: int | None = None,
+    device: str | torch.device | None = None,
+    dtype: Any = None,
+    special_token_ids: Iterable[int] | None = None,
+    token_dictionary: Any = None,
+    gene_name_map: Any = None,
+    gene_shifts: bool = False,
+    target_embedding: Any = None,
+    progress: bool = True,
+    forward_layer: int | None = None,
+    approx_check_cells: int = 1,
+) -> pd.DataFrame:
+    """Shared driver: plan each cell, run one engine, collect the result table (see ``perturb_cells``)."""
+    if perturbation not in PERTURBATIONS:
+        msg = f"perturbation={perturbation!r}; choose one of {PERTURBATIONS}"
+        raise ValueError(msg)
+    if pooling not in ("mean", "cls"):
+        msg = f"pooling={pooling!r}; use 'mean' or 'cls' (V2 models)"
+        raise ValueError(msg)
+    dev = torch.device(device) if device is not None else next(model.parameters()).device
+    model = model.to(dev).eval()
+    n_layers = model.resolve_layer(layer)
+    lowp = _dtype(dtype)
+    budget = int(batch_tokens or default_batch_tokens(dev))
+    resolver = GeneResolver(token_dictionary, gene_name_map)
+    groups, unknown = resolver.resolve(genes, combine=combine)
+    anchor_tok = resolver.resolve_one(anchor) if anchor is not None else None
+    if anchor is not None and anchor_tok is None:
+        msg = f"anchor gene {anchor!r} is not in the token dictionary"
+        raise ValueError(msg)
+    if anchor_tok is not None and groups is not None:
+        groups = [tuple(dict.fromkeys((anchor_tok, *g))) for g in groups]
+    special = unique_special(special_token_ids, resolver)
+    try:
+        ens = resolver.ensembl_of()
+    except Exception:  # a missing dictionary only costs the ensembl_id column
+        ens = None
+    target = None
+    if target_embedding is not None:
+        target = torch.as_tensor(np.asarray(target_embedding), dtype=torch.float32, device=dev).reshape(-1)
+    builder = ResultBuilder(perturbation, anchor_tok, ens, with_target=target is not None,
+                            with_gene_shifts=gene_shifts)
+    builder.skipped.extend({"cell_index": -1, "gene_tokens": [], "reason": f"not in vocabulary: {g}"}
+                           for g in unknown)
+    cells = list(iter_cells(tokens))  # token ids only: plans (V x L index arrays) are built one cell at a time
+    spec_arr = np.asarray(special, dtype=np.int64)
+    if pooling == "cls":
+        bad = [ci for ci, ids in cells if len(ids) == 0 or ids[0] not in spec_arr]
+        if bad:
+            msg = (f"pooling='cls' needs cells that start with a <cls> token (a special token id); cells "
+                   f"{bad[:10]} do not: use pooling='mean' for V1 token layouts")
+            raise ValueError(msg)
+    total = None
+    if groups is None and anchor_tok is None:  # one variant per gene: known without planning
+        n_genes = [int((~np.isin(ids, spec_arr)).sum()) for _, ids in cells]
+        total = sum(n for n in n_genes if n > (perturbation == "delete"))
+
+    def plans():
+        for ci, ids in cells:
+            yield plan_cell(ids, ci, perturbation=perturbation, groups=groups, special_token_ids=special,
+                            anchor=anchor_tok, rank_shift=rank_shift)
+
+    opts = dict(pooling=pooling, gene_shifts=gene_shifts, target=target)
+    if engine == "reference":
+        from .reference import reference_block
+
+        bar = _progress(total=total, desc="perturb (reference)", unit="perturbations", enabled=progress)
+        for plan in plans():
+            builder.skipped.extend(plan.skipped)
+            if not plan.blocks:
+                continue
+            ids = torch.as_tensor(plan.input_ids, device=dev)
+            h0 = model.forward_reference(ids[None], layer=layer if forward_layer is None else forward_layer)
+            h0 = h0[0].float()
+            for block in plan.blocks:
+                res = reference_block(model, plan, block, h0, layer=layer, forward_layer=forward_layer, **opts)
+                builder.add(plan, block, res)
+                bar.update(block.n_variants)
+        bar.close()
+        return builder.frame(mode="reference", layer=layer)
+    if engine == "exact":
+        from .exact import ExactEngine
+
+        eng: Any = ExactEngine(model, n_layers=n_layers, device=dev, dtype=lowp, batch_tokens=budget)
+    elif engine == "approx":
+        from .approx import ApproxEngine
+
+        eng = ApproxEngine(model, n_layers=n_layers, device=dev, dtype=lowp, batch_tokens=budget)
+    else:
+        msg = f"mode={engine!r}; choose one of {MODES}"
+        raise ValueError(msg)
+    bar = _progress(total=total, desc=f"perturb ({engine})", unit="perturbations", enabled=progress)
+    check: list[CellPlan] = []  # the first cells, rerun exactly to measure the approximation
+    for plan in plans():
+        builder.skipped.extend(plan.skipped)
+        if not plan.blocks:
+            continue
+        if engine == "approx" and len(check) < approx_check_cells:
+            check.append(plan)
+        ids = torch.as_tensor(plan.input_ids, device=dev)
+        h0 = eng.unperturbed(ids)
+        for block in plan.blocks:
+            builder.add(plan, block, eng.run_block(plan, block, h0, on_batch=bar.update, **opts))
+    bar.close()
+    df = builder.frame(mode=engine, layer=layer)
+    if check:
+        from .approx import approx_error_of
+
+        df.attrs["approx_error"] = approx_error_of(df, check, model, n_layers=n_layers, device=dev, dtype=lowp,
+                                                   batch_tokens=budget, **opts)
+    return df
+
+
+def perturb_cells(
+    tokens: Any,
+    model: Any,
+    *,
+    perturbation: str = "delete",
+    genes: Any = "all",
+    anchor: int | str | None = None,
+    combine: bool = False,
+    rank_shift: float = 0.25,
+    layer: int = -2,
+    pooling: str = "mean",
+    mode: str = "exact",
+    batch_tokens: int | None = None,
+    device: str | torch.device | None = None,
+    dtype: Any = None,
+    special_token_ids: Iterable[int] | None = None,
+    token_dictionary: Any = None,
+    gene_name_map: Any = None,
+    gene_shifts: bool = False,
+    target_embedding: Any = None,
+    approx_check_cells: int = 1,
+    progress: bool = True,
+) -> pd.DataFrame:
+    """In-silico perturbation of cells with a Geneformer-family encoder (batched, exact by default).
+
+    Parameters
+    ----------
+    tokens
+        A token dataset directory (Parquet shards with ``input_ids`` and optionally ``cell_index``), a
+        ``pyarrow.Table`` with those columns, or a list of token-id arrays (one per cell).
+    model
+        A :class:`~scfm_fast.model.bert.BertEncoderModel` (moved to ``device`` and set to eval mode).
+    perturbation
+        ``"delete"``, ``"overexpress"``, ``"inhibit"`` or ``"activate"`` (semantics in
+        :mod:`scfm_fast.perturb.plan`).
+    genes
+        ``"all"`` (every gene of each cell, one at a time), one gene, or a list; an item that is a
+        tuple/list is a group perturbed together (e.g. pairs). Genes are token ids, Ensembl IDs or symbols.
+        Genes absent from a cell are skipped and listed in ``df.attrs["skipped"]``.
+    anchor
+        Perturb this gene together with each target (Geneformer's ``combos=1`` + ``anchor_gene``).
+    combine
+        Perturb the whole ``genes`` list together, as one variant per cell.
+    rank_shift
+        Quantile of the cell's length for ``activate`` / ``inhibit`` (0.25 = one quartile).
+    layer
+        Readout layer: ``-2`` (default, second-to-last), ``-1`` last, ``0`` embedding output, ``k`` the
+        output of encoder layer ``k``.
+    pooling
+        ``"mean"`` over aligned genes (perturbed genes and special tokens excluded) or ``"cls"`` (V2).
+    mode
+        ``"exact"`` (equals the reference within fp32 tolerance) or ``"approx"`` (KV-cache reuse,
+        cheaper, approximate; see :mod:`scfm_fast.perturb.approx`; its measured error is reported in
+        ``df.attrs["approx_error"]``).
+    batch_tokens
+        Tokens per batched forward (default 131,072 on CUDA, 4,096 on CPU).
+    device
+        Compute device (default: the model's).
+    dtype
+        ``None``/``"float32"``, or ``"bfloat16"`` / ``"float16"`` autocast.
+    special_token_ids
+        Token ids never perturbed nor pooled (default: ``<pad>``, ``<mask>``, ``<cls>``, ``<eos>`` of the
+        token dictionary).
+    token_dictionary
+        Ensembl ID -> token id (dict or pickle path); default: bundled Geneformer V1 dictionary.
+    gene_name_map
+        Symbol -> Ensembl ID (dict or pickle path); default: bundled Geneformer V1 table.
+    gene_shifts
+        Also report each remaining gene's cosine similarity (``gene_shift_tokens`` / ``gene_shift_cos``).
+    target_embedding
+        A target cell-state embedding (e.g. the mean embedding of healthy cells): adds ``target_shift``.
+    approx_check_cells
+        With ``mode="approx"``: rerun this many cells exactly to measure the approximation error.
+    progress
+        Show a progress bar.
+
+    Returns
+    -------
+    pandas.DataFrame
+        One row per (cell, variant); columns documented in :mod:`scfm_fast.perturb._results`.
+    """
+    return run_engine(tokens, model, engine=mode, perturbation=perturbation, genes=genes, anchor=anchor,
+                      combine=combine, rank_shift=rank_shift, layer=layer, pooling=pooling,
+                      batch_tokens=batch_tokens, device=device, dtype=dtype,
+                      special_token_ids=special_token_ids, token_dictionary=token_dictionary,
+                      gene_name_map=gene_name_map, gene_shifts=gene_shifts,
+                      target_embedding=target_embedding, progress=progress,
+                      approx_check_cells=approx_check_cells)

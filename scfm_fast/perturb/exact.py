@@ -1,0 +1,172 @@
+"""Batched exact perturbation engine.
+
+For each cell, all variants of one block have one length, so they run as large unpadded batches
+(``batch_tokens`` tokens per forward, no padding, no mask). Exactly the reference's arithmetic, minus
+what is provably redundant:
+
+* the unperturbed cell runs once per cell, not once per variant;
+* no MLM head, and no layer past the readout layer;
+* embedding rows are per-token functions of (token, position). A variant's row ``j`` comes from original
+  position ``src[j]`` at position ``j``, i.e. at position offset ``d = j - src[j]`` (``0`` for the
+  unshifted prefix, ``-1`` for the suffix after a deleted gene, ``+1`` for genes overtaken by an
+  overexpressed one). For each offset shared by many rows, the embedding LayerNorm of the whole cell is
+  computed once (a table of ``L`` rows) and gathered per variant; rare offsets (a moved gene) are computed
+  once per unique (source, offset) pair;
+* the first layer's Q/K/V projections are per-token functions of those embedding rows too, so they are
+  computed on the same tables and gathered, instead of projected ``V x L`` times.
+
+Everything after the first attention depends on the whole variant and is computed per variant.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import torch
+
+from ._layers import EncoderParams, autocast_ctx
+from ._results import BlockResult
+from .plan import CellPlan, VariantBlock
+
+
+def embedding_index(src: np.ndarray, L: int, *, min_share: int | None = None):
+    """Map every (variant, position) to a row of shared embedding tables.
+
+    Returns ``(flat, table_offsets, extra_src, extra_off)``: rows ``t*L + s`` are table ``t`` (offset
+    ``table_offsets[t]``) at source ``s``; rows ``n_tables*L + e`` are the unique extra pairs.
+    """
+    V, Lp = src.shape
+    d = np.arange(Lp, dtype=np.int64)[None, :] - src
+    counts = np.bincount((d + L).ravel(), minlength=2 * L + 1)
+    # a table costs L rows; it pays once more than ~L/4 rows use it
+    share = max(1, L // 4) if min_share is None else min_share
+    offs = np.flatnonzero(counts >= share) - L
+    tid = np.full(2 * L + 1, -1, dtype=np.int64)
+    tid[offs + L] = np.arange(len(offs))
+    t = tid[d + L]
+    flat = np.where(t >= 0, t * L + src, -1)
+    miss = t < 0
+    if miss.any():
+        key = src[miss] * (2 * L + 1) + (d[miss] + L)
+        uk, inv = np.unique(key, return_inverse=True)
+        flat[miss] = len(offs) * L + inv
+        extra_src, extra_off = uk // (2 * L + 1), uk % (2 * L + 1) - L
+    else:
+        extra_src = extra_off = np.zeros(0, dtype=np.int64)
+    return flat, offs, extra_src, extra_off
+
+
+def readout(h0: torch.Tensor, hv: torch.Tensor, plan: CellPlan, block: VariantBlock, rows: slice, *,
+            pooling: str, gene_shifts: bool, target: torch.Tensor | None) -> BlockResult:
+    """Batched readouts of variants ``rows`` of ``block`` (``hv``: their readout-layer states, fp32)."""
+    dev = hv.device
+    B, Lp, H = hv.shape
+    L = h0.shape[0]
+    src = torch.as_tensor(block.src[rows], device=dev)
+    pert = torch.as_tensor(block.perturbed[rows], device=dev)
+    special = torch.as_tensor(plan.special, device=dev)
+    pm = torch.zeros(B, L, dtype=torch.bool, device=dev).scatter_(1, pert, value=True)
+    valid_o = ~special[None] & ~pm          # aligned genes, indexed by original position
+    valid_v = valid_o.gather(1, src)        # the same genes, indexed by variant position
+    if pooling == "cls":
+        pv, po = hv[:, 0], h0[0].expand(B, H)
+    else:
+        wv = valid_v.to(hv.dtype)
+        pv = torch.bmm(wv[:, None, :], hv)[:, 0] / wv.sum(1, keepdim=True)
+        wo = valid_o.to(h0.dtype)
+        po = (wo @ h0) / wo.sum(1, keepdim=True)
+    pv64, po64 = pv.double(), po.double()
+
+    def cos(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        return (a * b).sum(-1) / (a.norm(dim=-1) * b.norm(dim=-1)).clamp_min(1e-300)
+
+    res = BlockResult(cos(pv64, po64).cpu().numpy())
+    if target is not None:
+        t = target.double().expand_as(pv64)
+        res.target_shift = (cos(pv64, t) - cos(po64, t)).cpu().numpy()
+    if gene_shifts:
+        g = cos(hv.double(), h0.double()[src])
+        ids = torch.as_tensor(plan.input_ids, device=dev)[src]
+        vv = valid_v.cpu().numpy()
+        g, ids = g.cpu().numpy(), ids.cpu().numpy()
+        res.gene_tokens = [ids[b][vv[b]].astype(np.int32) for b in range(B)]
+        res.gene_cos = [g[b][vv[b]].astype(np.float32) for b in range(B)]
+    return res
+
+
+def concat_results(parts: list[BlockResult]) -> BlockResult:
+    out = BlockResult(np.concatenate([p.cos_sim for p in parts]))
+    if parts[0].target_shift is not None:
+        out.target_shift = np.concatenate([p.target_shift for p in parts])
+    if parts[0].gene_tokens is not None:
+        out.gene_tokens = [g for p in parts for g in p.gene_tokens]
+        out.gene_cos = [g for p in parts for g in p.gene_cos]
+    return out
+
+
+class ExactEngine:
+    """Batched exact engine over one model (see the module docstring).
+
+    Parameters
+    ----------
+    model
+        A ``BertEncoderModel`` already on ``device``.
+    n_layers
+        Layers to run (the readout layer, from ``model.resolve_layer``).
+    device, dtype
+        Compute device; ``dtype`` bf16/fp16 runs under autocast (readouts always in fp32/fp64).
+    batch_tokens
+        Token budget of one batched forward (at least one variant per batch).
+    """
+
+    def __init__(self, model: Any, *, n_layers: int, device: torch.device, dtype: torch.dtype | None,
+                 batch_tokens: int) -> None:
+        self.P = EncoderParams(model)
+        self.n_layers = n_layers
+        self.device = device
+        self.dtype = dtype
+        self.batch_tokens = batch_tokens
+
+    @torch.no_grad()
+    def unperturbed(self, ids: torch.Tensor) -> torch.Tensor:
+        """Readout-layer states ``(L, H)`` (fp32) of the unperturbed cell."""
+        with autocast_ctx(self.device, self.dtype):
+            h = self.P.embed(ids[None], torch.arange(ids.shape[0], device=self.device)[None])
+            h = self.P.run(h, self.n_layers)
+        return h[0].float()
+
+    @torch.no_grad()
+    def run_block(self, plan: CellPlan, block: VariantBlock, h0: torch.Tensor, *, pooling: str,
+                  gene_shifts: bool, target: torch.Tensor | None,
+                  on_batch: Callable[[int], None] | None = None) -> BlockResult:
+        P, dev = self.P, self.device
+        L = len(plan.input_ids)
+        ids = torch.as_tensor(plan.input_ids, device=dev)
+        flat, offs, xs, xo = embedding_index(block.src, L)
+        with autocast_ctx(dev, self.dtype):
+            ar = torch.arange(L, device=dev)
+            tabs = [P.embed(ids, (ar + int(o)).clamp(0, P.max_pos - 1)) for o in offs]
+            if len(xs):
+                xs_t = torch.as_tensor(xs, device=dev)
+                tabs.append(P.embed(ids[xs_t], xs_t + torch.as_tensor(xo, device=dev)))
+            emb = torch.cat(tabs) if len(tabs) > 1 else tabs[0]
+            qkv = P.qkv(0, emb) if self.n_layers > 0 else None
+        flat_t = torch.as_tensor(flat, device=dev)
+        per = max(1, self.batch_tokens // block.length)
+        parts = []
+        for b0 in range(0, block.n_variants, per):
+            b1 = min(b0 + per, block.n_variants)
+            idx = flat_t[b0:b1]
+            with autocast_ctx(dev, self.dtype):
+                h = emb[idx]
+                if self.n_layers > 0:
+                    h = P.layer(0, h, qkv[idx])
+                    for i in range(1, self.n_layers):
+                        h = P.layer(i, h)
+            parts.append(readout(h0, h.float(), plan, block, slice(b0, b1), pooling=pooling,
+                                 gene_shifts=gene_shifts, target=target))
+            if on_batch is not None:
+                on_batch(b1 - b0)
+        return concat_results(parts)

@@ -1,0 +1,102 @@
+"""The oracle: one plain forward pass per perturbed variant, then the readouts, written out plainly.
+
+Every variant (and the unperturbed cell) runs alone (batch of one) through
+:meth:`~scfm_fast.model.bert.BertEncoderModel.forward_reference`, as Geneformer's perturber does one
+forward per variant. The exact engine (:mod:`scfm_fast.perturb.exact`) must match it within fp32
+tolerance; tests and ``benchmarks/perturb.py`` import it from here.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+
+from ._results import BlockResult
+from .plan import CellPlan, VariantBlock
+
+
+def _cos(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.double(), b.double()
+    return float((a @ b) / (a.norm() * b.norm()).clamp_min(1e-300))
+
+
+def reference_block(model: Any, plan: CellPlan, block: VariantBlock, h0: torch.Tensor, *, layer: int,
+                    pooling: str, gene_shifts: bool, target: torch.Tensor | None,
+                    forward_layer: int | None = None) -> BlockResult:
+    """Readouts of one block of variants, one ``forward_reference`` call per variant.
+
+    ``forward_layer`` (default ``layer``) lets a benchmark run more layers than the readout needs (as
+    Geneformer does, which always runs the whole model); the readout is then taken at that layer.
+    """
+    dev = h0.device
+    ids = torch.as_tensor(plan.input_ids, device=dev)
+    fl = layer if forward_layer is None else forward_layer
+    cos, tshift, gtoks, gcos = [], [], [], []
+    for v in range(block.n_variants):
+        src = block.src[v]
+        hv = model.forward_reference(ids[torch.as_tensor(src, device=dev)][None], layer=fl)[0].float()
+        pert = set(int(p) for p in block.perturbed[v])
+        # genes present in both sequences: not special, not perturbed; aligned by original position
+        keep = [j for j, s in enumerate(src) if not plan.special[s] and int(s) not in pert]
+        if pooling == "cls":
+            pv, po = hv[0], h0[0]
+        else:
+            pv = hv[keep].mean(0)
+            po = h0[[int(src[j]) for j in keep]].mean(0)
+        cos.append(_cos(pv, po))
+        if target is not None:
+            tshift.append(_cos(pv, target) - _cos(po, target))
+        if gene_shifts:
+            gtoks.append(np.asarray([plan.input_ids[src[j]] for j in keep], dtype=np.int32))
+            gcos.append(np.asarray([_cos(hv[j], h0[int(src[j])]) for j in keep], dtype=np.float32))
+    return BlockResult(np.asarray(cos), np.asarray(tshift) if target is not None else None,
+                       gtoks if gene_shifts else None, gcos if gene_shifts else None)
+
+
+def perturb_cells_reference(
+    tokens: Any,
+    model: Any,
+    *,
+    perturbation: str = "delete",
+    genes: Any = "all",
+    anchor: int | str | None = None,
+    combine: bool = False,
+    rank_shift: float = 0.25,
+    layer: int = -2,
+    pooling: str = "mean",
+    device: str | torch.device | None = None,
+    special_token_ids: Iterable[int] | None = None,
+    token_dictionary: Any = None,
+    gene_name_map: Any = None,
+    gene_shifts: bool = False,
+    target_embedding: Any = None,
+    forward_layer: int | None = None,
+    progress: bool = True,
+) -> pd.DataFrame:
+    """Reference in-silico perturbation: one plain fp32 forward pass per variant (batch of one).
+
+    Parameters
+    ----------
+    tokens, model, perturbation, genes, anchor, combine, rank_shift, layer, pooling, device, \
+special_token_ids, token_dictionary, gene_name_map, gene_shifts, target_embedding, progress
+        As for :func:`scfm_fast.perturb.perturb_cells`.
+    forward_layer
+        Run the model up to this layer and read out there instead of ``layer`` (benchmarks use ``-1`` to
+        time Geneformer's whole-model forward).
+
+    Returns
+    -------
+    pandas.DataFrame
+        The same table as :func:`scfm_fast.perturb.perturb_cells` (``attrs["mode"] == "reference"``).
+    """
+    from .api import run_engine
+
+    return run_engine(tokens, model, engine="reference", perturbation=perturbation, genes=genes, anchor=anchor,
+                      combine=combine, rank_shift=rank_shift, layer=layer, pooling=pooling, device=device,
+                      special_token_ids=special_token_ids, token_dictionary=token_dictionary,
+                      gene_name_map=gene_name_map, gene_shifts=gene_shifts, target_embedding=target_embedding,
+                      forward_layer=forward_layer, progress=progress)

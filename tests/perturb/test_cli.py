@@ -1,0 +1,137 @@
+"""``scfm perturb``: Parquet shards, manifest, merge, resume without duplicates, rank split, stats."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from scfm_fast.cli import main
+from scfm_fast.perturb import perturb_cells
+from scfm_fast.perturb._cli import parse_genes
+
+from .conftest import SPECIAL, make_cells, tiny_model
+
+
+@pytest.fixture(scope="module")
+def cells():
+    return make_cells([6, 9, 4, 12, 7, 10, 5], seed=5)
+
+
+@pytest.fixture(scope="module")
+def token_dir(tmp_path_factory, cells):
+    d = tmp_path_factory.mktemp("tokens")
+    for f, rows in enumerate([range(0, 4), range(4, 7)]):
+        t = pa.table({"input_ids": pa.array([cells[i].tolist() for i in rows], pa.list_(pa.int32())),
+                      "length": pa.array([len(cells[i]) for i in rows], pa.int32()),
+                      "cell_index": pa.array([10 + i for i in rows], pa.int64())})
+        pq.write_table(t, d / f"part-{f:04d}-000000000000.parquet")
+    return d
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    from safetensors.torch import save_file
+
+    d = tmp_path_factory.mktemp("ckpt")
+    m = tiny_model()
+    (d / "config.json").write_text(json.dumps(m.config.to_hf_dict()))
+    save_file({f"bert.{k}": v.contiguous() for k, v in m.state_dict().items()}, str(d / "model.safetensors"))
+    return d
+
+
+def _run(token_dir, ckpt, out, *extra):
+    return main(["perturb", str(token_dir), "--model", str(ckpt), "--out", str(out), "--cells-per-shard", "3",
+                 "--special-tokens", ",".join(map(str, SPECIAL)), "--batch-tokens", "64", *extra])
+
+
+def test_screen_writes_shards_merge_stats(token_dir, ckpt, tmp_path, cells):
+    out = tmp_path / "out"
+    assert _run(token_dir, ckpt, out) == 0
+    man = json.loads((out / "manifest.json").read_text())
+    assert man["status"] == "complete" and man["n_shards"] == 3
+    assert sorted(p.name for p in (out / "shards").glob("*.parquet")) == [
+        f"part-{s:06d}.parquet" for s in range(3)]
+    df = pd.read_parquet(out / "perturbations.parquet")
+    expect = perturb_cells(cells, tiny_model(), special_token_ids=SPECIAL)
+    assert len(df) == len(expect) == sum(len(c) for c in cells)
+    np.testing.assert_allclose(df["cos_sim"], expect["cos_sim"], rtol=0, atol=1e-6)
+    assert df["cell_index"].unique().tolist() == [10 + i for i in range(7)]
+    st = pd.read_parquet(out / "gene_stats.parquet")
+    assert {"gene_token", "mean_shift", "pvalue", "fdr", "rank"} <= set(st.columns)
+    assert (out / "gene_stats.png").read_bytes()[:4] == b"\x89PNG"
+    assert man["summary"]["n_rows"] == len(df)
+
+
+def test_resume_skips_finished_shards_without_duplicates(token_dir, ckpt, tmp_path):
+    out = tmp_path / "out"
+    assert _run(token_dir, ckpt, out) == 0
+    full = pd.read_parquet(out / "perturbations.parquet")
+    shard0 = out / "shards" / "part-000000.parquet"
+    t0 = shard0.stat().st_mtime_ns
+    # an interrupted run: shard 1 missing, a half-written temporary left behind, no merged table
+    (out / "shards" / "part-000001.parquet").unlink()
+    (out / "shards" / ".part-000001.parquet.tmp").write_bytes(b"partial")
+    (out / "perturbations.parquet").unlink()
+    assert _run(token_dir, ckpt, out) == 2  # refuses to mix runs without --resume
+    assert _run(token_dir, ckpt, out, "--resume") == 0
+    assert shard0.stat().st_mtime_ns == t0
+    again = pd.read_parquet(out / "perturbations.parquet")
+    assert not again.duplicated(["cell_index", "gene_token"]).any()
+    pd.testing.assert_frame_equal(again, full)
+
+
+def test_resume_refuses_other_settings(token_dir, ckpt, tmp_path):
+    out = tmp_path / "out"
+    assert _run(token_dir, ckpt, out) == 0
+    assert _run(token_dir, ckpt, out, "--resume", "--layer", "-1") == 2
+    assert _run(token_dir, ckpt, out, "--overwrite", "--layer", "-1") == 0
+    assert json.loads((out / "manifest.json").read_text())["config"]["layer"] == -1
+
+
+def test_ranks_take_disjoint_shards_and_rank0_merges(token_dir, ckpt, tmp_path, monkeypatch):
+    out = tmp_path / "out"
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    assert _run(token_dir, ckpt, out, "--devices", "cpu", "--no-stats") == 0
+    assert [p.name for p in (out / "shards").glob("*.parquet")] == ["part-000001.parquet"]
+    assert not (out / "perturbations.parquet").exists()
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    assert _run(token_dir, ckpt, out, "--devices", "cpu", "--no-stats") == 0
+    df = pd.read_parquet(out / "perturbations.parquet")
+    assert df["cell_index"].nunique() == 7 and not df.duplicated(["cell_index", "gene_token"]).any()
+
+
+def test_gene_list_pairs_approx_and_skips(token_dir, ckpt, tmp_path, cells):
+    out = tmp_path / "out"
+    a, b, c = int(cells[1][0]), int(cells[1][3]), int(cells[3][2])
+    assert _run(token_dir, ckpt, out, "--genes", f"{a},{b}+{c},{c}", "--perturb", "overexpress",
+                "--mode", "approx", "--gene-shifts") == 0
+    df = pd.read_parquet(out / "perturbations.parquet")
+    assert set(df["perturbation"]) == {"overexpress"}
+    assert {"gene_shift_tokens", "gene_shift_cos"} <= set(df.columns)
+    man = json.loads((out / "manifest.json").read_text())
+    assert man["summary"]["n_skipped"] > 0
+    assert "max_abs_dcos" in man["summary"]["approx_error"]
+
+
+def test_parse_genes(tmp_path):
+    assert parse_genes("all") == "all"
+    assert parse_genes("TP53, ENSG00000141510+5,7") == ["TP53", ("ENSG00000141510", "5"), "7"]
+    f = tmp_path / "genes.txt"
+    f.write_text("# screen\nGATA1\nSPI1+CEBPA\n")
+    assert parse_genes(str(f)) == ["GATA1", ("SPI1", "CEBPA")]
+
+
+def test_several_devices_without_torchrun_spawn_one_worker_each(token_dir, ckpt, tmp_path):
+    out = tmp_path / "out"
+    assert _run(token_dir, ckpt, out, "--devices", "cpu,cpu", "--no-stats") == 0
+    df = pd.read_parquet(out / "perturbations.parquet")
+    assert df["cell_index"].nunique() == 7 and not df.duplicated(["cell_index", "gene_token"]).any()
+    assert json.loads((out / "manifest.json").read_text())["status"] == "complete"

@@ -1,0 +1,187 @@
+"""The batched exact engine equals the one-forward-per-variant reference (fp32 tolerance)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from scfm_fast.perturb import perturb_cells, perturb_cells_reference
+from scfm_fast.perturb.exact import embedding_index
+
+from .conftest import SPECIAL, make_cells, tiny_model
+
+COS_ATOL = 2e-6
+
+
+def _both(cells, model, **kw):
+    kw.setdefault("special_token_ids", SPECIAL)
+    ex = perturb_cells(cells, model, **kw)
+    ref_kw = {k: v for k, v in kw.items() if k not in ("batch_tokens", "mode", "dtype")}
+    ref = perturb_cells_reference(cells, model, **ref_kw)
+    return ex, ref
+
+
+def _assert_same(ex: pd.DataFrame, ref: pd.DataFrame, *, atol: float = COS_ATOL) -> None:
+    assert len(ex) == len(ref) > 0
+    for col in ("cell_index", "gene_token", "n_genes", "orig_rank", "new_rank"):
+        np.testing.assert_array_equal(ex[col].to_numpy(), ref[col].to_numpy(), err_msg=col)
+    assert ex["gene_tokens"].map(list).tolist() == ref["gene_tokens"].map(list).tolist()
+    np.testing.assert_allclose(ex["cos_sim"], ref["cos_sim"], rtol=0, atol=atol)
+    np.testing.assert_allclose(ex["shift"], 1 - ex["cos_sim"], rtol=0, atol=0)
+    if "target_shift" in ref:
+        np.testing.assert_allclose(ex["target_shift"], ref["target_shift"], rtol=0, atol=atol)
+    if "gene_shift_cos" in ref:
+        for a, b, ta, tb in zip(ex["gene_shift_cos"], ref["gene_shift_cos"], ex["gene_shift_tokens"],
+                                ref["gene_shift_tokens"]):
+            np.testing.assert_array_equal(ta, tb)
+            np.testing.assert_allclose(a, b, rtol=0, atol=atol)
+    assert ex.attrs["skipped"] == ref.attrs["skipped"]
+
+
+@pytest.mark.parametrize("v2", [False, True], ids=["v1", "v2"])
+@pytest.mark.parametrize("perturbation", ["delete", "overexpress", "inhibit", "activate"])
+def test_all_genes_every_perturbation(model, perturbation, v2):
+    # lengths: 1 gene, prime, and a cell longer than the 96-token batch budget (several batches)
+    cells = make_cells([1, 7, 13, 41], v2=v2)
+    ex, ref = _both(cells, model, perturbation=perturbation, batch_tokens=96, gene_shifts=True,
+                    target_embedding=np.linspace(-1, 1, 48))
+    _assert_same(ex, ref)
+    assert ex["shift"].max() > 1e-4  # the perturbations do move the embeddings
+
+
+@pytest.mark.parametrize("layer", [0, 1, -1])
+def test_readout_layers(model, layer):
+    cells = make_cells([9, 20])
+    _assert_same(*_both(cells, model, perturbation="delete", layer=layer))
+
+
+def test_layer_zero_delete_has_exact_shift_of_embedding_table(model):
+    # layer 0 = embedding output: checks the shared (shifted-position) embedding tables on their own
+    cells = make_cells([6])
+    ex, ref = _both(cells, model, perturbation="overexpress", layer=0, gene_shifts=True)
+    _assert_same(ex, ref)
+
+
+@pytest.mark.parametrize("budget", [1, 30, 10_000], ids=["one-token", "mid", "whole-cell"])
+def test_batch_budget_does_not_change_results(model, budget):
+    cells = make_cells([12, 25], v2=True)
+    ex = perturb_cells(cells, model, special_token_ids=SPECIAL, batch_tokens=budget)
+    ref = perturb_cells(cells, model, special_token_ids=SPECIAL, batch_tokens=10**6)
+    np.testing.assert_allclose(ex["cos_sim"], ref["cos_sim"], rtol=0, atol=1e-6)
+
+
+def test_gene_lists_pairs_and_absent_genes(model):
+    cells = make_cells([10, 15, 20], v2=True, seed=3)
+    present = [int(t) for t in cells[1][1:4]]
+    absent = int(next(t for t in range(4, 200) if all(t not in c for c in cells)))
+    genes = [present[0], (present[1], present[2]), absent, int(cells[0][2])]
+    for perturbation in ("delete", "overexpress", "activate"):
+        ex, ref = _both(cells, model, perturbation=perturbation, genes=genes, gene_shifts=True)
+        _assert_same(ex, ref)
+        assert (ex["gene_token"] == -1).sum() == 1  # the pair
+        reasons = {tuple(s["gene_tokens"]): s["reason"] for s in ex.attrs["skipped"]}
+        assert (absent,) in reasons
+        assert int(ex["cell_index"].nunique()) <= 3
+
+
+def test_anchor_pairs_and_combined_list(model):
+    cells = make_cells([8, 11])
+    anchor = int(cells[1][4])
+    ex, ref = _both(cells, model, perturbation="delete", anchor=anchor)
+    _assert_same(ex, ref)
+    assert set(ex["cell_index"]) == {1} and len(ex) == 10
+    assert (ex["gene_token"] != anchor).all()
+    assert ex.attrs["skipped"][0]["cell_index"] == 0
+    both = [int(cells[1][0]), int(cells[1][5])]
+    ex, ref = _both(cells, model, perturbation="overexpress", genes=both, combine=True)
+    _assert_same(ex, ref)
+    assert len(ex) == 1 and ex["gene_tokens"].iloc[0] == both
+
+
+def test_cls_pooling_v2(model):
+    cells = make_cells([9, 14], v2=True)
+    _assert_same(*_both(cells, model, perturbation="inhibit", pooling="cls", rank_shift=0.5))
+
+
+def test_embedding_tables_are_shared():
+    # delete-all of a 50-token cell: two tables (offset 0 prefix, offset -1 suffix), no extra rows
+    src = np.stack([np.delete(np.arange(50), p) for p in range(50)])
+    flat, offs, xs, _ = embedding_index(src, 50)
+    assert offs.tolist() == [-1, 0] and len(xs) == 0 and flat.max() < 100
+    # overexpress-all: moved genes use unique extra rows, the rest two tables
+    src = np.stack([np.r_[p, np.delete(np.arange(50), p)] for p in range(50)])
+    flat, offs, xs, _ = embedding_index(src, 50)
+    assert offs.tolist() == [0, 1] and len(xs) == 49
+
+
+def test_token_sources_agree(model, tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    cells = make_cells([6, 9])
+    t = pa.table({"input_ids": pa.array([c.tolist() for c in cells], pa.list_(pa.int32())),
+                  "length": pa.array([len(c) for c in cells], pa.int32()),
+                  "cell_index": pa.array([100, 101], pa.int64())})
+    pq.write_table(t, tmp_path / "part-0.parquet")
+    a = perturb_cells(cells, model, special_token_ids=SPECIAL)
+    b = perturb_cells(tmp_path, model, special_token_ids=SPECIAL)
+    c = perturb_cells(t, model, special_token_ids=SPECIAL)
+    np.testing.assert_array_equal(a["cos_sim"], b["cos_sim"])
+    np.testing.assert_array_equal(b["cos_sim"], c["cos_sim"])
+    assert b["cell_index"].unique().tolist() == [100, 101]
+    assert a["cell_index"].unique().tolist() == [0, 1]
+
+
+def test_ensembl_ids_from_the_bundled_dictionary(model):
+    df = perturb_cells(make_cells([5]), model, special_token_ids=SPECIAL)
+    assert df["ensembl_id"].str.startswith("ENSG").all()
+    assert list(df.columns[:10]) == ["cell_index", "perturbation", "gene_token", "gene_tokens", "ensembl_id",
+                                     "n_genes", "orig_rank", "new_rank", "cos_sim", "shift"]
+
+
+def test_symbol_targets_resolve(model):
+    # the bundled Geneformer V1 dictionaries map a symbol to its token; put that token into a cell
+    from scfm_fast.perturb._inputs import GeneResolver
+
+    r = GeneResolver()
+    sym, tok = next((s, int(r.token_dict[e])) for s, e in r.name_map.items()
+                    if e in r.token_dict and 4 <= int(r.token_dict[e]) < 200)
+    cell = np.array([tok] + [t for t in range(4, 12) if t != tok])
+    ex, ref = _both([cell], model, perturbation="delete", genes=[sym, "NOT_A_GENE_XYZ"])
+    _assert_same(ex, ref)
+    assert ex["gene_token"].tolist() == [tok]
+    assert any("NOT_A_GENE_XYZ" in s["reason"] for s in ex.attrs["skipped"])
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, "float16"])
+def test_low_precision_autocast_close_to_fp32(dtype):
+    # no fixed bf16 atol: the engine's low-precision error must stay within 2x the error of running the
+    # reference layers in the same low precision (flash-attn's rule)
+    m = tiny_model(1, std=0.15)
+    cells = make_cells([30])
+    ref = perturb_cells_reference(cells, m, special_token_ids=SPECIAL)
+    lowp = perturb_cells(cells, m, special_token_ids=SPECIAL, dtype=dtype)
+    dt = dtype if isinstance(dtype, torch.dtype) else torch.float16
+    with torch.autocast("cpu", dtype=dt):
+        base = perturb_cells_reference(cells, m, special_token_ids=SPECIAL)
+    err = np.abs(lowp["cos_sim"] - ref["cos_sim"]).max()
+    base_err = np.abs(base["cos_sim"] - ref["cos_sim"]).max()
+    assert np.isfinite(lowp["cos_sim"]).all()
+    assert err <= 2 * base_err + 1e-5
+    assert np.corrcoef(lowp["shift"], ref["shift"])[0, 1] > 0.9
+
+
+@pytest.mark.cuda
+def test_cuda_matches_cpu():
+    m = tiny_model()
+    cells = make_cells([17, 40], v2=True)
+    cpu = perturb_cells(cells, m, special_token_ids=SPECIAL, gene_shifts=True)
+    gpu = perturb_cells(cells, tiny_model(), special_token_ids=SPECIAL, device="cuda", gene_shifts=True)
+    np.testing.assert_allclose(gpu["cos_sim"], cpu["cos_sim"], rtol=0, atol=1e-5)
+
+
+def test_cls_pooling_needs_a_cls_token(model):
+    with pytest.raises(ValueError, match="pooling='cls'"):
+        perturb_cells(make_cells([5]), model, special_token_ids=SPECIAL, pooling="cls")
