@@ -107,6 +107,7 @@ def main() -> None:
     ap.add_argument("--batch-tokens", type=int, default=None)
     ap.add_argument("--out-dir", default=None)
     ap.add_argument("--repeat", type=int, default=3, help="interleaved timing rounds (minimum kept)")
+    ap.add_argument("--tag", default="", help="suffix of the results file name (e.g. L1024)")
     args = ap.parse_args()
     cuda = args.device.startswith("cuda")
     lengths = args.lengths or ([2048] if cuda else [200, 320])
@@ -192,7 +193,7 @@ def main() -> None:
             "batch_tokens": args.batch_tokens or "default", "unix_time": time.time()}
     if cuda and 2048 in lengths:
         meta["goal_delete_all_2048_le_5s"] = [r["seconds"] for r in rows if r["engine"] == "exact"]
-    js, md = write_results("perturb", rows, meta=meta, out_dir=Path(args.out_dir) if args.out_dir else None)
+    js, md = write_results("perturb" + (f"_{args.tag}" if args.tag else ""), rows, meta=meta, out_dir=Path(args.out_dir) if args.out_dir else None)
     sys.stdout.write(md.read_text())
     sys.stdout.write(f"\nexact vs reference max |dcos| = {max_dev:.2e}\nwrote {js}\n")
 

@@ -4,14 +4,18 @@ from __future__ import annotations
 
 import importlib
 import platform
+from importlib import metadata
 
 
-def _version(mod: str) -> str:
+def _version(mod: str, dist: str | None = None) -> str:
     try:
-        m = importlib.import_module(mod)
+        importlib.import_module(mod)
     except Exception as e:  # noqa: BLE001 - report any import failure
         return f"not available ({type(e).__name__}: {e})"
-    return getattr(m, "__version__", "installed")
+    try:
+        return metadata.version(dist or mod)
+    except metadata.PackageNotFoundError:
+        return "installed"
 
 
 def info_dict() -> dict:
@@ -21,7 +25,13 @@ def info_dict() -> dict:
     d: dict = {"scfm_fast": __version__, "python": platform.python_version(), "platform": platform.platform()}
     for mod in ("numpy", "numba", "torch", "triton", "flash_attn", "pyarrow", "anndata", "zarr",
                 "tensorstore", "h5py"):
-        d[mod] = _version(mod)
+        d[mod] = _version(mod, "flash-attn" if mod == "flash_attn" else None)
+    try:
+        from . import _ext
+
+        d["compiled_core"] = _ext.core.build_info() if _ext.core is not None else f"not built ({_ext.core_error})"
+    except Exception as e:  # noqa: BLE001
+        d["compiled_core"] = f"not available ({e})"
     try:
         from .tokenizer.rank import available_backends
 

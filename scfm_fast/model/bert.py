@@ -151,3 +151,73 @@ class BertEncoderModel(nn.Module):
             ff = lyr.output.dense(self.act(lyr.intermediate.dense(h)))
             h = lyr.output.LayerNorm(ff + h)
         return h
+
+    # ------------------------------------------------------------------ fast, unpadded path
+    def forward_varlen(
+        self,
+        input_ids: torch.Tensor,
+        cu_seqlens: torch.Tensor,
+        max_seqlen: int,
+        *,
+        layer: int = -1,
+        position_ids: torch.Tensor | None = None,
+        attn_backend: str = "auto",
+    ) -> torch.Tensor:
+        """Hidden states ``(total, H)`` of ``layer`` for packed cells (no padding anywhere).
+
+        Parameters
+        ----------
+        input_ids
+            ``(total,)`` token ids of all cells back to back.
+        cu_seqlens
+            ``int32 (B+1,)`` cell boundaries (see :mod:`scfm_fast.kernels.padding`).
+        max_seqlen
+            Longest cell in the batch.
+        layer
+            Which hidden states to return (0 = embeddings, -1 = last layer); later layers are not run.
+        position_ids
+            Position of each row inside its cell (default: derived from ``cu_seqlens``).
+        attn_backend
+            ``"auto"`` (flash-attn -> SDPA -> Triton -> reference) or one backend name.
+        """
+        from ..kernels.attention import varlen_attention
+        from ..kernels.bias_act import bias_act
+        from ..kernels.embeddings import bert_embeddings
+        from ..kernels.layer_norm import add_layer_norm
+        from ..kernels.padding import position_ids_from_cu_seqlens
+
+        cfg = self.config
+        n_run = self.resolve_layer(layer)
+        if position_ids is None:
+            position_ids = position_ids_from_cu_seqlens(cu_seqlens, input_ids.numel())
+        if max_seqlen > cfg.max_position_embeddings:
+            msg = (f"a cell has {max_seqlen} tokens but the model has {cfg.max_position_embeddings} positions; "
+                   "tokenize with this model's input size")
+            raise ValueError(msg)
+        e = self.embeddings
+        h = bert_embeddings(input_ids, position_ids, e.word_embeddings.weight, e.position_embeddings.weight,
+                            e.token_type_embeddings.weight[0], e.LayerNorm.weight, e.LayerNorm.bias, e.LayerNorm.eps)
+        dtype = torch.get_autocast_dtype(h.device.type) if torch.is_autocast_enabled(h.device.type) else h.dtype
+        h = h.to(dtype)
+        nh, hd = cfg.num_attention_heads, cfg.head_dim
+        for lyr in self.encoder.layer[:n_run]:
+            sa = lyr.attention.self
+            # one GEMM for q, k and v
+            w_qkv = torch.cat([sa.query.weight, sa.key.weight, sa.value.weight])
+            b_qkv = torch.cat([sa.query.bias, sa.key.bias, sa.value.bias])
+            qkv = F.linear(h, w_qkv, b_qkv).view(-1, 3, nh, hd)
+            ctx = varlen_attention(qkv[:, 0].contiguous(), qkv[:, 1].contiguous(), qkv[:, 2].contiguous(),
+                                   cu_seqlens, max_seqlen, backend=attn_backend)
+            ao = lyr.attention.output
+            a = F.linear(ctx.reshape(-1, cfg.hidden_size), ao.dense.weight, ao.dense.bias)
+            h = add_layer_norm(a, h, ao.LayerNorm.weight, ao.LayerNorm.bias, ao.LayerNorm.eps).to(a.dtype)
+            inter = bias_act(F.linear(h, lyr.intermediate.dense.weight), lyr.intermediate.dense.bias, cfg.hidden_act)
+            o = F.linear(inter, lyr.output.dense.weight, lyr.output.dense.bias)
+            h = add_layer_norm(o, h, lyr.output.LayerNorm.weight, lyr.output.LayerNorm.bias,
+                               lyr.output.LayerNorm.eps).to(o.dtype)
+        return h
+
+    def forward(self, input_ids: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int, *, layer: int = -1,
+                attn_backend: str = "auto") -> torch.Tensor:
+        """Alias of :meth:`forward_varlen` (packed input)."""
+        return self.forward_varlen(input_ids, cu_seqlens, max_seqlen, layer=layer, attn_backend=attn_backend)

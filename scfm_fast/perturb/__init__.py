@@ -4,6 +4,23 @@
 * :func:`perturb_cells_reference` - the oracle, one plain forward per variant;
 * :func:`measure_approx_error` - approximate vs exact error (max |dcos|, Spearman of effect rankings);
 * :func:`gene_stats` / :func:`plot_gene_stats` - rank genes by mean shift vs a random-gene null, with FDR.
+
+Example (a delete-all screen of every cell of a token dataset)::
+
+    from scfm_fast.model.checkpoint import load_encoder
+    from scfm_fast.perturb import perturb_cells, gene_stats
+
+    model = load_encoder("path/to/Geneformer-V1-6L", device="cuda")
+    df = perturb_cells("tokens/", model, perturbation="delete", genes="all", dtype="bfloat16")
+    stats = gene_stats(df)          # gene_token, mean_shift, pvalue, fdr, rank
+
+or, streamed to Parquet shards with resume and several GPUs::
+
+    scfm perturb tokens/ --model path/to/ckpt --perturb delete --genes all --out screen/
+    torchrun --nproc-per-node 8 -m scfm_fast perturb tokens/ --model ckpt --out screen/ --resume
+
+Semantics: :mod:`.plan`; result columns: :mod:`._results`; exactness argument: :mod:`.exact`; what the
+approximation leaves out: :mod:`.approx`; null model: :mod:`.stats`; output layout: :mod:`._cli`.
 """
 
 from __future__ import annotations

@@ -221,7 +221,11 @@ def _work(args: argparse.Namespace) -> int:
     if not src.exists():
         msg = f"{src}: token dataset directory not found"
         raise InputFileError(msg)
-    table = ds.dataset(str(src), format="parquet").to_table()
+    dset = ds.dataset(str(src), format="parquet")
+    if "input_ids" not in dset.schema.names:
+        msg = f"{src}: token shards lack an 'input_ids' column (have {dset.schema.names})"
+        raise InputFileError(msg)
+    table = dset.to_table(columns=[c for c in ("input_ids", "cell_index") if c in dset.schema.names])
     if "cell_index" not in table.column_names:
         import pyarrow as pa
 

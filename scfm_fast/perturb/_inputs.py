@@ -133,7 +133,8 @@ def iter_cells(tokens: Any) -> Iterator[tuple[int, np.ndarray]]:
         if not p.exists():
             msg = f"{p}: token dataset directory not found"
             raise InputFileError(msg)
-        tokens = ds.dataset(str(p), format="parquet").to_table()
+        dset = ds.dataset(str(p), format="parquet")
+        tokens = dset.to_table(columns=[c for c in ("input_ids", "cell_index") if c in dset.schema.names])
     if isinstance(tokens, pa.Table):
         if "input_ids" not in tokens.column_names:
             msg = f"token table lacks an 'input_ids' column (has {tokens.column_names})"

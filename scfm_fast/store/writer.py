@@ -36,6 +36,26 @@ def config_hash(config: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
+class _NpyAppender:
+    """Write a 1-D ``.npy`` of known length by appending blocks (bounded memory, no memory map)."""
+
+    def __init__(self, path: Path, dtype: Any, n: int) -> None:
+        self.dtype, self.n, self.written = np.dtype(dtype), n, 0
+        self.f = open(path, "wb")  # noqa: SIM115 - closed in close()
+        np.lib.format.write_array_header_2_0(
+            self.f, {"descr": np.lib.format.dtype_to_descr(self.dtype), "fortran_order": False, "shape": (n,)})
+
+    def write(self, block: np.ndarray) -> None:
+        self.f.write(np.ascontiguousarray(block, dtype=self.dtype).tobytes())
+        self.written += block.size
+
+    def close(self) -> None:
+        self.f.close()
+        if self.written != self.n:
+            msg = f"{self.f.name}: wrote {self.written} of {self.n} elements"
+            raise StoreError(msg)
+
+
 class ShardedTokenWriter:
     """Writes token shards into ``out_dir`` and keeps the manifest current.
 
@@ -157,29 +177,29 @@ class ShardedTokenWriter:
         tmp = self.out / (PACKED_DIR + ".tmp")
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
-        toks = np.lib.format.open_memmap(tmp / "tokens.npy", mode="w+", dtype=self.dtype, shape=(n_tokens,))
-        offs = np.lib.format.open_memmap(tmp / "offsets.npy", mode="w+", dtype=np.int64, shape=(n_cells + 1,))
-        cidx = np.lib.format.open_memmap(tmp / "cell_index.npy", mode="w+", dtype=np.int64, shape=(n_cells,))
-        fidx = np.lib.format.open_memmap(tmp / "file_index.npy", mode="w+", dtype=np.int32, shape=(n_cells,))
-        offs[0] = 0
-        c = t = 0
-        for s in shards:
-            part = self.parts / s["file"].replace(".parquet", ".npz")
-            with np.load(part) as z:
-                vals, lo = z["tokens"], z["offsets"]
-                k = lo.size - 1
-                if vals.size != s["n_tokens"] or k != s["n_cells_written"]:
-                    msg = f"{part}: shard part does not match the manifest; rerun with --overwrite"
-                    raise StoreError(msg)
-                toks[t:t + vals.size] = vals
-                offs[c + 1:c + k + 1] = t + lo[1:]
-                cidx[c:c + k] = z["cell_index"]
-                fidx[c:c + k] = z["file_index"]
-            c += k
-            t += vals.size
-        for a in (toks, offs, cidx, fidx):
-            a.flush()
-        del toks, offs, cidx, fidx
+        # plain appends, not memory maps: dirty mapped pages would count against the process's memory
+        # and grow with the corpus
+        outs = {name: _NpyAppender(tmp / f"{name}.npy", dt, n)
+                for name, dt, n in (("tokens", self.dtype, n_tokens), ("offsets", np.int64, n_cells + 1),
+                                    ("cell_index", np.int64, n_cells), ("file_index", np.int32, n_cells))}
+        try:
+            outs["offsets"].write(np.zeros(1, dtype=np.int64))
+            t = 0
+            for s in shards:
+                part = self.parts / s["file"].replace(".parquet", ".npz")
+                with np.load(part) as z:
+                    vals, lo = z["tokens"], z["offsets"]
+                    if vals.size != s["n_tokens"] or lo.size - 1 != s["n_cells_written"]:
+                        msg = f"{part}: shard part does not match the manifest; rerun with --overwrite"
+                        raise StoreError(msg)
+                    outs["tokens"].write(vals)
+                    outs["offsets"].write(t + lo[1:])
+                    outs["cell_index"].write(z["cell_index"])
+                    outs["file_index"].write(z["file_index"])
+                t += vals.size
+        finally:
+            for o in outs.values():
+                o.close()
         shutil.rmtree(self.out / PACKED_DIR, ignore_errors=True)
         os.replace(tmp, self.out / PACKED_DIR)
         shutil.rmtree(self.parts, ignore_errors=True)

@@ -18,6 +18,7 @@ import pyarrow as pa
 from .._errors import CountDataError, InputFileError
 from .._progress import progress
 from ..vocab import GeneVocab, get_preset, load_gene_name_map, load_ortholog_map, resolve_genes
+from ..vocab.dictionaries import SPECIAL_TOKENS
 from .reference import check_counts_ref
 
 log = logging.getLogger("scfm_fast")
@@ -60,7 +61,8 @@ class TokenizerSpec:
                    backend, n_threads)
         spec.config = {"preset": preset, "max_len": spec.max_len, "dictionary_hashes": vocab.hashes,
                        "gene_name_map": str(gene_name_map), "orthologs": str(orthologs),
-                       "allow_non_integer": allow_non_integer, "tie_order": "token id ascending"}
+                       "allow_non_integer": allow_non_integer, "tie_order": "token id ascending",
+                       "special_tokens": {t: vocab.token_of[t] for t in SPECIAL_TOKENS if t in vocab.token_of}}
         # validates that the dictionary holds the preset's special tokens
         spec.cls_id, spec.eos_id = vocab.special_id(pre.cls), vocab.special_id(pre.eos)
         return spec

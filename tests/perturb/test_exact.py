@@ -174,14 +174,55 @@ def test_low_precision_autocast_close_to_fp32(dtype):
 
 
 @pytest.mark.cuda
-def test_cuda_matches_cpu():
-    m = tiny_model()
+@pytest.mark.parametrize("mode", ["exact", "approx"])
+def test_cuda_matches_cpu(mode):
     cells = make_cells([17, 40], v2=True)
-    cpu = perturb_cells(cells, m, special_token_ids=SPECIAL, gene_shifts=True)
-    gpu = perturb_cells(cells, tiny_model(), special_token_ids=SPECIAL, device="cuda", gene_shifts=True)
+    kw = dict(special_token_ids=SPECIAL, gene_shifts=True, mode=mode, approx_check_cells=0)
+    cpu = perturb_cells(cells, tiny_model(), **kw)
+    gpu = perturb_cells(cells, tiny_model(), device="cuda", **kw)
     np.testing.assert_allclose(gpu["cos_sim"], cpu["cos_sim"], rtol=0, atol=1e-5)
+    bf16 = perturb_cells(cells, tiny_model(), device="cuda", dtype="bfloat16", **kw)
+    assert np.corrcoef(bf16["shift"], cpu["shift"])[0, 1] > 0.95
 
 
 def test_cls_pooling_needs_a_cls_token(model):
     with pytest.raises(ValueError, match="pooling='cls'"):
         perturb_cells(make_cells([5]), model, special_token_ids=SPECIAL, pooling="cls")
+
+
+def test_no_layer_past_the_readout_is_computed():
+    # poison the last layer: a readout at layer -2 must not touch it (no MLM head, no extra layers)
+    m = tiny_model()
+    cells = make_cells([11], v2=True)
+    clean = perturb_cells(cells, m, special_token_ids=SPECIAL, layer=-2)
+    with torch.no_grad():
+        for p in m.encoder.layer[-1].parameters():
+            p.fill_(float("nan"))
+    for mode in ("exact", "approx"):
+        df = perturb_cells(cells, m, special_token_ids=SPECIAL, layer=-2, mode=mode, approx_check_cells=0)
+        assert np.isfinite(df["cos_sim"]).all()
+    np.testing.assert_array_equal(perturb_cells(cells, m, special_token_ids=SPECIAL, layer=-2)["cos_sim"],
+                                  clean["cos_sim"])
+
+
+def test_bf16_weights_run_under_autocast():
+    cells = make_cells([24])
+    m16 = tiny_model(std=0.15).to(torch.bfloat16)
+    ref = perturb_cells_reference(cells, tiny_model(std=0.15).to(torch.bfloat16).float(),
+                                  special_token_ids=SPECIAL)  # the same rounded weights, fp32 maths
+    ex = perturb_cells(cells, m16, special_token_ids=SPECIAL)
+    assert np.corrcoef(ex["shift"], ref["shift"])[0, 1] > 0.95
+    ap = perturb_cells(cells, m16, special_token_ids=SPECIAL, mode="approx", approx_check_cells=0)
+    assert np.isfinite(ap["cos_sim"]).all()
+
+
+def test_padding_is_dropped_and_overlong_cells_are_refused(model):
+    cells = make_cells([7, 4])
+    padded = np.zeros((2, 9), dtype=np.int64)
+    for i, c in enumerate(cells):
+        padded[i, :len(c)] = c
+    a = perturb_cells(cells, model, special_token_ids=SPECIAL)
+    b = perturb_cells(padded, model, special_token_ids=SPECIAL)
+    np.testing.assert_allclose(a["cos_sim"], b["cos_sim"], rtol=0, atol=1e-6)
+    with pytest.raises(ValueError, match="longer than the model's 64 positions"):
+        perturb_cells([np.arange(4, 70)], model, special_token_ids=SPECIAL)

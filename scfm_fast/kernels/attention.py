@@ -1,0 +1,293 @@
+"""Variable-length (unpadded) multi-head attention with backend dispatch.
+
+Inputs follow flash-attn's varlen API: ``q, k, v`` of shape ``(total, heads, head_dim)`` holding the
+rows of ``B`` sequences back to back, ``cu_seqlens`` ``int32 (B+1,)`` and ``max_seqlen``. Attention is
+bidirectional (BERT) and never crosses sequences.
+
+Backends, tried in this order by ``backend="auto"`` (the first that supports the inputs wins):
+
+``flash``
+    ``flash_attn.flash_attn_varlen_func`` (CUDA, fp16/bf16, head_dim <= 256 and a multiple of 8).
+``sdpa``
+    ``torch.nn.functional.scaled_dot_product_attention`` on length-bucketed padded blocks with a key
+    mask (any device and dtype).
+``triton``
+    :func:`_varlen_attn_fwd` below, our FlashAttention-style forward kernel (online softmax over
+    key blocks, one program per (query block, sequence, head)); CUDA, or the CPU under
+    ``TRITON_INTERPRET=1``. Forward only (inference / embeddings / perturbation).
+``reference``
+    :func:`varlen_attention_ref`, plain PyTorch per sequence in float32: the oracle.
+
+:func:`backend_report` lists, for a device and dtype, which backends are usable and why the others
+are not (printed by ``scfm info``).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from ._utils import interpreting, next_pow2, triton_available
+
+log = logging.getLogger("scfm_fast")
+
+BACKENDS = ("flash", "sdpa", "triton", "reference")
+
+
+# ----------------------------------------------------------------------------- reference
+def varlen_attention_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor,
+                         max_seqlen: int | None = None, *, scale: float | None = None) -> torch.Tensor:
+    """Softmax(q k^T * scale) v for each sequence separately, in float32 (the oracle)."""
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+    out = torch.empty_like(q)
+    cu = cu_seqlens.tolist()
+    for s, e in zip(cu[:-1], cu[1:]):
+        if e == s:
+            continue
+        qs, ks, vs = (t[s:e].float().transpose(0, 1) for t in (q, k, v))  # (H, L, D)
+        p = torch.softmax(qs @ ks.transpose(-1, -2) * scale, dim=-1)
+        out[s:e] = (p @ vs).transpose(0, 1).to(q.dtype)
+    return out
+
+
+# ----------------------------------------------------------------------------- sdpa
+def _sdpa_varlen(q, k, v, cu_seqlens, max_seqlen, *, scale):
+    """Pad to (B, H, L, D) and run SDPA with a key-padding mask.
+
+    Sequences are grouped into buckets of similar length (at most 2x apart) so that padding waste
+    stays bounded even when a batch mixes short and long cells.
+    """
+    from .padding import position_ids_from_cu_seqlens, seq_ids_from_cu_seqlens
+
+    total, nh, hd = q.shape
+    lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).to(torch.int64)
+    out = torch.empty_like(q)
+    if total == 0:
+        return out
+    pos = position_ids_from_cu_seqlens(cu_seqlens, total)
+    seq = seq_ids_from_cu_seqlens(cu_seqlens, total)
+    lens_cpu = lengths.cpu()
+    order = torch.argsort(lens_cpu, descending=True, stable=True)
+    i = 0
+    nb = order.numel()
+    while i < nb:
+        lmax = int(lens_cpu[order[i]])
+        if lmax == 0:
+            break
+        j = i
+        while j < nb and int(lens_cpu[order[j]]) * 2 > lmax:
+            j += 1
+        group = order[i:j].to(q.device)
+        slot = torch.full((lengths.numel(),), -1, dtype=torch.int64, device=q.device)
+        slot[group] = torch.arange(group.numel(), device=q.device)
+        rows = torch.nonzero(slot[seq] >= 0, as_tuple=False).flatten()
+        flat = slot[seq[rows]] * lmax + pos[rows]
+        g = group.numel()
+
+        def padded(t):
+            buf = t.new_zeros(g * lmax, nh, hd)
+            buf[flat] = t[rows]
+            return buf.view(g, lmax, nh, hd).transpose(1, 2)
+
+        mask = torch.zeros(g * lmax, dtype=torch.bool, device=q.device)
+        mask[flat] = True
+        mask = mask.view(g, 1, 1, lmax)
+        o = F.scaled_dot_product_attention(padded(q), padded(k), padded(v), attn_mask=mask, scale=scale)
+        out[rows] = o.transpose(1, 2).reshape(g * lmax, nh, hd)[flat]
+        i = j
+    return out
+
+
+# ----------------------------------------------------------------------------- triton
+_kernel_cache: dict = {}
+
+
+def _get_triton_kernel():
+    if "fwd" in _kernel_cache:
+        return _kernel_cache["fwd"]
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def _varlen_attn_fwd(Q, K, V, O, CU, sm_scale, stride_t, stride_h, H, D,
+                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+        pid_m = tl.program_id(0)
+        pid_bh = tl.program_id(1)
+        b = pid_bh // H
+        h = pid_bh % H
+        start = tl.load(CU + b)
+        seqlen = tl.load(CU + b + 1) - start
+        if pid_m * BLOCK_M < seqlen:
+            offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+            offs_n = tl.arange(0, BLOCK_N)
+            offs_d = tl.arange(0, BLOCK_D)
+            dmask = offs_d[None, :] < D
+            q = tl.load(Q + (start + offs_m)[:, None] * stride_t + h * stride_h + offs_d[None, :],
+                        mask=(offs_m[:, None] < seqlen) & dmask, other=0.0)
+            m_i = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
+            l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
+            acc = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
+            for n0 in range(0, seqlen, BLOCK_N):
+                kn = n0 + offs_n
+                kv_mask = (kn[:, None] < seqlen) & dmask
+                kv_off = (start + kn)[:, None] * stride_t + h * stride_h + offs_d[None, :]
+                k = tl.load(K + kv_off, mask=kv_mask, other=0.0)
+                s = tl.dot(q, tl.trans(k)) * sm_scale
+                s = tl.where(kn[None, :] < seqlen, s, float("-inf"))
+                m_new = tl.maximum(m_i, tl.max(s, 1))
+                p = tl.exp(s - m_new[:, None])
+                alpha = tl.exp(m_i - m_new)
+                l_i = l_i * alpha + tl.sum(p, 1)
+                v = tl.load(V + kv_off, mask=kv_mask, other=0.0)
+                acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+                m_i = m_new
+            acc = acc / l_i[:, None]
+            tl.store(O + (start + offs_m)[:, None] * stride_t + h * stride_h + offs_d[None, :],
+                     acc.to(O.dtype.element_ty), mask=(offs_m[:, None] < seqlen) & dmask)
+
+    _kernel_cache["fwd"] = (_varlen_attn_fwd, triton)
+    return _kernel_cache["fwd"]
+
+
+def varlen_attention_triton(q, k, v, cu_seqlens, max_seqlen, *, scale=None):
+    """Launch the Triton varlen forward kernel (see module docstring)."""
+    kernel, triton = _get_triton_kernel()
+    total, nh, hd = q.shape
+    if not (q.is_contiguous() and k.is_contiguous() and v.is_contiguous()):
+        q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+    out = torch.empty_like(q)
+    if total == 0:
+        return out
+    scale = 1.0 / math.sqrt(hd) if scale is None else scale
+    block_d = max(16, next_pow2(hd))
+    block_m = 16 if interpreting() else (64 if block_d <= 64 else 32)
+    block_n = 16 if interpreting() else (64 if block_d <= 64 else 32)
+    batch = cu_seqlens.numel() - 1
+    grid = (triton.cdiv(max(int(max_seqlen), 1), block_m), batch * nh)
+    kernel[grid](q, k, v, out, cu_seqlens.to(torch.int32), scale, q.stride(0), q.stride(1), nh, hd,
+                 BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d)
+    return out
+
+
+# ----------------------------------------------------------------------------- dispatch
+@dataclass
+class Backend:
+    name: str
+    reasons: list[str] = field(default_factory=list)
+
+    @property
+    def usable(self) -> bool:
+        return not self.reasons
+
+
+def _flash_reasons(device: torch.device, dtype: torch.dtype, head_dim: int) -> list[str]:
+    r = []
+    try:
+        import flash_attn  # noqa: F401
+    except Exception as e:  # noqa: BLE001
+        r.append(f"flash-attn not installed ({type(e).__name__}): pip install scfm_fast[flash]")
+    if device.type != "cuda":
+        r.append(f"needs a CUDA device, got {device.type}")
+    if dtype not in (torch.float16, torch.bfloat16):
+        r.append(f"needs fp16/bf16, got {str(dtype).removeprefix('torch.')}")
+    if head_dim > 256 or head_dim % 8:
+        r.append(f"head_dim {head_dim} must be <= 256 and a multiple of 8")
+    return r
+
+
+def _triton_reasons(device: torch.device, dtype: torch.dtype, head_dim: int) -> list[str]:
+    r = []
+    why = triton_available()
+    if why:
+        r.append(why)
+    if device.type != "cuda" and not interpreting():
+        r.append("needs a CUDA device (or TRITON_INTERPRET=1 on the CPU, for tests)")
+    if head_dim > 256:
+        r.append(f"head_dim {head_dim} > 256")
+    if dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        r.append(f"unsupported dtype {dtype}")
+    return r
+
+
+def not_supported_reasons(backend: str, *, device: torch.device | str, dtype: torch.dtype,
+                          head_dim: int) -> list[str]:
+    """Why ``backend`` cannot run these inputs (empty list: it can)."""
+    device = torch.device(device)
+    if backend == "flash":
+        return _flash_reasons(device, dtype, head_dim)
+    if backend == "triton":
+        return _triton_reasons(device, dtype, head_dim)
+    if backend in ("sdpa", "reference"):
+        return []
+    return [f"unknown backend {backend!r}; choose from {BACKENDS}"]
+
+
+def backend_report(device: torch.device | str | None = None, dtype: torch.dtype | None = None,
+                   head_dim: int = 64) -> list[dict]:
+    """For each backend: name, whether it is usable for (device, dtype, head_dim), and why not."""
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(device)
+    if dtype is None:
+        dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    rows = []
+    for b in BACKENDS:
+        reasons = not_supported_reasons(b, device=device, dtype=dtype, head_dim=head_dim)
+        rows.append({"name": b, "usable": not reasons, "reasons": reasons, "device": str(device),
+                     "dtype": str(dtype).removeprefix("torch."), "head_dim": head_dim})
+    return rows
+
+
+_logged: set = set()
+
+
+def select_backend(q: torch.Tensor, backend: str = "auto") -> str:
+    """The backend ``backend`` resolves to for ``q``; raises listing every reason when none fits."""
+    cands = BACKENDS if backend == "auto" else (backend,)
+    reasons = {}
+    for b in cands:
+        r = not_supported_reasons(b, device=q.device, dtype=q.dtype, head_dim=q.shape[-1])
+        if not r:
+            key = (b, q.device.type, q.dtype)
+            if key not in _logged:
+                _logged.add(key)
+                log.info("attention backend: %s (device %s, %s)", b, q.device, q.dtype)
+            return b
+        reasons[b] = r
+    msg = "no attention backend fits: " + "; ".join(f"{b}: {', '.join(r)}" for b, r in reasons.items())
+    raise RuntimeError(msg)
+
+
+def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor,
+                     max_seqlen: int, *, scale: float | None = None, backend: str = "auto") -> torch.Tensor:
+    """Bidirectional attention over packed sequences; ``(total, H, D)`` in and out.
+
+    Parameters
+    ----------
+    q, k, v
+        Packed query/key/value rows.
+    cu_seqlens
+        ``int32 (B+1,)`` sequence boundaries.
+    max_seqlen
+        Longest sequence.
+    scale
+        Softmax scale (default ``1/sqrt(head_dim)``).
+    backend
+        ``"auto"`` or one of ``flash``, ``sdpa``, ``triton``, ``reference``.
+    """
+    b = select_backend(q, backend)
+    if b == "flash":
+        from flash_attn import flash_attn_varlen_func
+
+        cu = cu_seqlens.to(torch.int32)
+        return flash_attn_varlen_func(q, k, v, cu, cu, max_seqlen, max_seqlen, softmax_scale=scale)
+    if b == "sdpa":
+        scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+        return _sdpa_varlen(q, k, v, cu_seqlens, max_seqlen, scale=scale)
+    if b == "triton":
+        return varlen_attention_triton(q, k, v, cu_seqlens, max_seqlen, scale=scale)
+    return varlen_attention_ref(q, k, v, cu_seqlens, max_seqlen, scale=scale)

@@ -1,0 +1,138 @@
+"""Hugging Face BERT checkpoints <-> :class:`~scfm_fast.model.bert.BertEncoderModel`.
+
+Reads ``config.json`` plus ``model.safetensors`` or ``pytorch_model.bin`` as written by
+``BertForMaskedLM`` (keys prefixed ``bert.``; Geneformer V1/V2, mouse-Geneformer) or ``BertModel``
+(bare keys). The MLM head (``cls.*``) and pooler are not part of the encoder; ``save_encoder`` can
+write a head back so that ``transformers.BertForMaskedLM.from_pretrained`` loads the directory.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .._errors import InputFileError
+from .bert import BertEncoderModel
+from .config import EncoderConfig
+
+_WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
+_IGNORED_PREFIXES = ("cls.", "pooler.", "bert.pooler.")
+_IGNORED_SUFFIXES = ("position_ids", "token_type_ids")
+
+
+def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return load_file(str(path))
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def read_checkpoint(path: str | Path) -> tuple[EncoderConfig, dict[str, torch.Tensor], Path]:
+    """Config, raw state dict and weight file of a checkpoint directory."""
+    p = Path(path)
+    if not p.is_dir():
+        msg = f"{p}: not a checkpoint directory (expected config.json + model.safetensors or pytorch_model.bin)"
+        raise InputFileError(msg)
+    cfg = EncoderConfig.from_json(p)
+    for name in _WEIGHT_FILES:
+        if (p / name).exists():
+            return cfg, _read_state_dict(p / name), p / name
+    msg = f"{p}: no weights found; expected one of {list(_WEIGHT_FILES)}"
+    raise InputFileError(msg)
+
+
+def encoder_state_dict(sd: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """Split an HF state dict into (encoder weights with bare BertModel names, MLM head weights)."""
+    enc, head = {}, {}
+    for k, v in sd.items():
+        if k.startswith("cls."):
+            head[k] = v
+            continue
+        if k.startswith(_IGNORED_PREFIXES) or k.endswith(_IGNORED_SUFFIXES):
+            continue
+        enc[k.removeprefix("bert.")] = v
+    return enc, head
+
+
+def load_encoder(path: str | Path, *, device: str | torch.device | None = None,
+                 dtype: torch.dtype | None = None, return_head: bool = False) -> Any:
+    """Load a Hugging Face BERT checkpoint as a :class:`BertEncoderModel` (eval mode).
+
+    Parameters
+    ----------
+    path
+        Checkpoint directory (``config.json`` + ``model.safetensors`` or ``pytorch_model.bin``).
+    device
+        Where to put the model (default: CPU).
+    dtype
+        Parameter dtype (default: as stored, float32 for Geneformer).
+    return_head
+        Also return the MLM head weights (``cls.*``) so that :func:`save_encoder` can write them back.
+
+    Returns
+    -------
+    BertEncoderModel, or (model, head_state_dict) when ``return_head``.
+    """
+    cfg, sd, wfile = read_checkpoint(path)
+    enc, head = encoder_state_dict(sd)
+    model = BertEncoderModel(cfg)
+    want = set(model.state_dict())
+    missing, unexpected = sorted(want - set(enc)), sorted(set(enc) - want)
+    if missing or unexpected:
+        msg = (f"{wfile}: weights do not match a BERT encoder of this config.json "
+               f"(missing {missing[:5]}{'...' if len(missing) > 5 else ''}, unexpected "
+               f"{unexpected[:5]}{'...' if len(unexpected) > 5 else ''}); is this a BERT checkpoint?")
+        raise InputFileError(msg)
+    for k, v in enc.items():
+        if tuple(v.shape) != tuple(model.state_dict()[k].shape):
+            msg = f"{wfile}: {k} has shape {tuple(v.shape)}, config.json implies {tuple(model.state_dict()[k].shape)}"
+            raise InputFileError(msg)
+    model.load_state_dict(enc, strict=True)
+    model = model.to(device=device or "cpu", dtype=dtype).eval()
+    return (model, head) if return_head else model
+
+
+def save_encoder(model: BertEncoderModel, path: str | Path, *, mlm_head: dict[str, torch.Tensor] | None = None) -> Path:
+    """Write ``model`` as a Hugging Face ``BertForMaskedLM`` checkpoint directory (safetensors).
+
+    Parameters
+    ----------
+    model
+        The encoder.
+    path
+        Output directory (created).
+    mlm_head
+        ``cls.*`` weights (from ``load_encoder(..., return_head=True)``); when absent a fresh head is
+        written whose decoder is tied to the word embeddings, so the directory still loads as
+        ``BertForMaskedLM`` (its MLM predictions are then untrained).
+
+    Returns
+    -------
+    Path of the directory.
+    """
+    from safetensors.torch import save_file
+
+    out = Path(path)
+    out.mkdir(parents=True, exist_ok=True)
+    cfg = model.config
+    sd = {f"bert.{k}": v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
+    h = cfg.hidden_size
+    if mlm_head is None:
+        mlm_head = {
+            "cls.predictions.transform.dense.weight": torch.eye(h),
+            "cls.predictions.transform.dense.bias": torch.zeros(h),
+            "cls.predictions.transform.LayerNorm.weight": torch.ones(h),
+            "cls.predictions.transform.LayerNorm.bias": torch.zeros(h),
+            "cls.predictions.bias": torch.zeros(cfg.vocab_size),
+        }
+    for k, v in mlm_head.items():
+        if k == "cls.predictions.decoder.weight":
+            continue  # tied to the word embeddings
+        sd[k] = v.detach().to("cpu").contiguous()
+    save_file(sd, str(out / "model.safetensors"), metadata={"format": "pt"})
+    (out / "config.json").write_text(json.dumps(cfg.to_hf_dict(), indent=2))
+    return out

@@ -1,0 +1,103 @@
+"""Cell/gene embeddings: equal to pooled reference hidden states, batch-invariant, AnnData + CLI."""
+
+from __future__ import annotations
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from scfm_fast.embed import embed_cells, embed_tokens
+from scfm_fast.model.bert import BertEncoderModel
+from tests._helpers import init_like_bert, tiny_config
+
+
+@pytest.fixture(scope="module")
+def model():
+    return init_like_bert(BertEncoderModel(tiny_config(layers=2, positions=64))).eval()
+
+
+def _cells(vocab, lengths, seed=0):
+    rng = np.random.default_rng(seed)
+    return [rng.integers(2, vocab, n) for n in lengths]
+
+
+def _ref_mean(model, cell, layer, specials=(0, 1)):
+    with torch.no_grad():
+        h = model.forward_reference(torch.as_tensor(cell)[None], torch.ones(1, len(cell)), layer=layer)[0]
+    keep = ~np.isin(cell, specials)
+    return h[torch.as_tensor(keep)].mean(0).numpy()
+
+
+@pytest.mark.parametrize("layer", [-1, -2])
+def test_mean_pooling_equals_reference_and_is_batch_invariant(model, layer):
+    cells = _cells(model.config.vocab_size, [5, 1, 64, 17, 33, 2])
+    cells[2][[0, 10]] = 1  # <mask> tokens inside a cell are excluded from the mean
+    a, _ = embed_tokens(cells, model, layer=layer, batch_tokens=16, progress_bar=False)
+    b, _ = embed_tokens(cells[::-1], model, layer=layer, batch_tokens=1000, progress_bar=False)
+    np.testing.assert_allclose(a, b[::-1], atol=1e-5)
+    for i, c in enumerate(cells):
+        np.testing.assert_allclose(a[i], _ref_mean(model, c, layer), atol=1e-4)
+
+
+def test_cls_pooling_and_empty_cells(model):
+    cells = _cells(model.config.vocab_size, [4, 9]) + [np.zeros(0, dtype=np.int64)]
+    emb, _ = embed_tokens(cells, model, pooling="cls", progress_bar=False)
+    with torch.no_grad():
+        h0 = model.forward_reference(torch.as_tensor(cells[1])[None])[0, 0].numpy()
+    np.testing.assert_allclose(emb[1], h0, atol=1e-4)
+    assert np.isnan(emb[2]).all()
+
+
+def test_gene_embeddings_are_means_over_occurrences(model):
+    cells = [np.array([5, 6, 7]), np.array([7, 5]), np.array([8])]
+    _, genes = embed_tokens(cells, model, genes=True, progress_bar=False)
+    assert genes["token"].tolist() == [5, 6, 7, 8] and genes["n"].tolist() == [2, 1, 2, 1]
+    with torch.no_grad():
+        h_a = model.forward_reference(torch.tensor([[5, 6, 7]]))[0]
+        h_b = model.forward_reference(torch.tensor([[7, 5]]))[0]
+    np.testing.assert_allclose(genes["embedding"][0], ((h_a[0] + h_b[1]) / 2).numpy(), atol=1e-4)
+
+
+def test_table_source_and_bf16(model):
+    cells = _cells(model.config.vocab_size, [7, 12])
+    table = pa.table({"input_ids": pa.array(cells, type=pa.list_(pa.int32())), "cell_index": [3, 9]})
+    f32, _ = embed_tokens(table, model, progress_bar=False)
+    b16, _ = embed_tokens(table, model, dtype="bfloat16", progress_bar=False)
+    assert np.abs(f32 - b16).max() < 0.1 and not np.isnan(b16).any()
+
+
+def test_embed_cells_on_real_pbmc(pbmc_path, tmp_path):
+    ad = pytest.importorskip("anndata")
+    from scfm_fast.model.config import EncoderConfig
+
+    adata = ad.read_h5ad(pbmc_path)[:6].copy()
+    cfg = EncoderConfig(vocab_size=25_426, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                        intermediate_size=40, max_position_embeddings=2048)
+    m = BertEncoderModel(cfg).eval()
+    out = embed_cells(adata, m, genes=True, copy=True, tokenize_kwargs={"max_len": 64})
+    assert out.obsm["X_geneformer"].shape == (6, 32) and not np.isnan(out.obsm["X_geneformer"]).any()
+    varm = out.varm["X_geneformer"]
+    assert varm.shape == (adata.n_vars, 32)
+    assert 0 < (~np.isnan(varm[:, 0])).sum() <= 6 * 64
+    assert "X_geneformer" not in adata.obsm  # copy=True left the input alone
+
+
+def test_embed_cli(tmp_path, pbmc_path):
+    from scfm_fast.cli import main
+    from scfm_fast.model.checkpoint import save_encoder
+    from scfm_fast.model.config import EncoderConfig
+
+    cfg = EncoderConfig(vocab_size=25_426, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                        intermediate_size=40, max_position_embeddings=128)
+    save_encoder(BertEncoderModel(cfg), tmp_path / "ckpt")
+    assert main(["tokenize", str(pbmc_path), "--out", str(tmp_path / "tok"), "--max-len", "128"]) == 0
+    assert main(["embed", str(tmp_path / "tok"), "--model", str(tmp_path / "ckpt"), "--out", str(tmp_path / "e"),
+                 "--layer", "-2", "--genes", "--device", "cpu"]) == 0
+    cells = pq.read_table(tmp_path / "e/cell_embeddings.parquet")
+    assert cells.num_rows == 200 and cells.column("cell_index").to_pylist() == list(range(200))
+    np.testing.assert_array_equal(np.load(tmp_path / "e/cell_embeddings.npy"),
+                                  np.stack(cells.column("embedding").to_numpy(zero_copy_only=False)))
+    genes = pq.read_table(tmp_path / "e/gene_embeddings.parquet")
+    assert genes.num_rows > 1000 and all(g.startswith("ENSG") for g in genes.column("ensembl_id").to_pylist())

@@ -1,0 +1,81 @@
+"""Triton row kernels (LayerNorm, bias+activation, embeddings, pooling) vs their PyTorch references.
+
+On the CPU these run under TRITON_INTERPRET=1 (set in conftest) with small awkward shapes.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from scfm_fast.kernels.bias_act import BiasActFunction, bias_act_forward, bias_act_ref
+from scfm_fast.kernels.embeddings import embeddings_forward, embeddings_ref
+from scfm_fast.kernels.layer_norm import AddLayerNormFunction, layer_norm_forward, layer_norm_ref
+from scfm_fast.kernels.padding import cu_seqlens_from_lengths
+from scfm_fast.kernels.pooling import first_token, segment_mean_forward, segment_mean_ref
+from tests._helpers import assert_close_to_baseline
+
+SHAPES = [(1, 48), (7, 45), (13, 257)]
+
+
+@pytest.mark.parametrize("rows,n", SHAPES)
+@pytest.mark.parametrize("residual", [True, False])
+def test_layer_norm_fp32(rows, n, residual):
+    x, r = torch.randn(rows, n), torch.randn(rows, n) if residual else None
+    w, b = torch.randn(n), torch.randn(n)
+    torch.testing.assert_close(layer_norm_forward(x, r, w, b, 1e-12), layer_norm_ref(x, r, w, b, 1e-12),
+                               atol=2e-6, rtol=1e-5)
+
+
+def test_layer_norm_bf16_and_backward():
+    x, r = torch.randn(5, 45), torch.randn(5, 45)
+    w, b = torch.randn(45), torch.randn(45)
+    ref = layer_norm_ref(x, r, w, b, 1e-12)
+    assert_close_to_baseline(layer_norm_forward(x.bfloat16(), r.bfloat16(), w, b, 1e-12), ref,
+                             layer_norm_ref(x.bfloat16(), r.bfloat16(), w, b, 1e-12))
+    xs, rs, ws, bs = (t.clone().requires_grad_() for t in (x, r, w, b))
+    AddLayerNormFunction.apply(xs, rs, ws, bs, 1e-12).pow(2).sum().backward()
+    xr, rr, wr, br = (t.clone().requires_grad_() for t in (x, r, w, b))
+    layer_norm_ref(xr, rr, wr, br, 1e-12).pow(2).sum().backward()
+    for a, c in ((xs, xr), (rs, rr), (ws, wr), (bs, br)):
+        torch.testing.assert_close(a.grad, c.grad, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("act", ["relu", "gelu", "gelu_new", "silu"])
+@pytest.mark.parametrize("rows,n", SHAPES)
+def test_bias_act(act, rows, n):
+    x, b = torch.randn(rows, n), torch.randn(n)
+    torch.testing.assert_close(bias_act_forward(x, b, act), bias_act_ref(x, b, act), atol=2e-6, rtol=1e-5)
+    xs, bs = x.clone().requires_grad_(), b.clone().requires_grad_()
+    BiasActFunction.apply(xs, bs, act).sum().backward()
+    xr, br = x.clone().requires_grad_(), b.clone().requires_grad_()
+    bias_act_ref(xr, br, act).sum().backward()
+    torch.testing.assert_close(xs.grad, xr.grad)
+    torch.testing.assert_close(bs.grad, br.grad)
+
+
+def test_bias_act_rejects_unknown_activation():
+    with pytest.raises(ValueError, match="tanh"):
+        bias_act_forward(torch.randn(2, 3), torch.randn(3), "tanh")
+
+
+@pytest.mark.parametrize("n", [48, 45])
+def test_embeddings(n):
+    word, pos, t0 = torch.randn(50, n), torch.randn(20, n), torch.randn(n)
+    w, b = torch.randn(n), torch.randn(n)
+    ids, p = torch.randint(0, 50, (11,)), torch.randint(0, 20, (11,))
+    torch.testing.assert_close(embeddings_forward(ids, p, word, pos, t0, w, b, 1e-12),
+                               embeddings_ref(ids, p, word, pos, t0, w, b, 1e-12), atol=2e-6, rtol=1e-5)
+    with pytest.raises(ValueError, match="positions"):
+        embeddings_forward(ids, torch.full((11,), 20), word, pos, t0, w, b, 1e-12)
+
+
+def test_segment_mean_excludes_and_empty_is_nan():
+    cu = cu_seqlens_from_lengths(torch.tensor([1, 40, 3, 2]))
+    x = torch.randn(46, 45)
+    keep = torch.rand(46) > 0.3
+    keep[44:] = False  # last cell: only special tokens -> NaN, never a silent zero
+    got, ref = segment_mean_forward(x, cu, keep), segment_mean_ref(x, cu, keep)
+    assert torch.isnan(got[3]).all() and torch.isnan(ref[3]).all()
+    torch.testing.assert_close(got[:3].nan_to_num(), ref[:3].nan_to_num(), atol=2e-6, rtol=1e-5)
+    torch.testing.assert_close(first_token(x, cu), x[[0, 1, 41, 44]])
