@@ -25,6 +25,18 @@ _EXPORTS = {
     "TokenStore": "scfm_fast.store",
     "read_table": "scfm_fast.store",
     "to_hf_dataset": "scfm_fast.store",
+    "EncoderConfig": "scfm_fast.model.config",
+    "BertEncoderModel": "scfm_fast.model.bert",
+    "load_encoder": "scfm_fast.model.checkpoint",
+    "save_encoder": "scfm_fast.model.checkpoint",
+    "varlen_attention": "scfm_fast.kernels.attention",
+    "embed_tokens": "scfm_fast.embed",
+    "embed_cells": "scfm_fast.embed",
+    "perturb_cells": "scfm_fast.perturb",
+    "perturb_cells_reference": "scfm_fast.perturb",
+    "measure_approx_error": "scfm_fast.perturb",
+    "gene_stats": "scfm_fast.perturb",
+    "plot_gene_stats": "scfm_fast.perturb",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -8,7 +8,7 @@ import sys
 from tqdm.auto import tqdm
 
 
-def progress_enabled(requested: bool | None = True) -> bool:
+def progress_enabled(*, requested: bool | None = True) -> bool:
     if requested is False:
         return False
     if os.environ.get("SCFM_FAST_PROGRESS", "1") == "0" or "PYTEST_CURRENT_TEST" in os.environ:
@@ -18,4 +18,4 @@ def progress_enabled(requested: bool | None = True) -> bool:
 
 def progress(*, total: int | None, desc: str, unit: str = "cells", enabled: bool | None = True) -> tqdm:
     return tqdm(total=total, desc=desc, unit=unit, unit_scale=True, dynamic_ncols=True,
-                disable=not progress_enabled(enabled), smoothing=0.1)
+                disable=not progress_enabled(requested=enabled), smoothing=0.1)

@@ -9,8 +9,8 @@ Backends, tried in this order by ``backend="auto"`` (the first that supports the
 ``flash``
     ``flash_attn.flash_attn_varlen_func`` (CUDA, fp16/bf16, head_dim <= 256 and a multiple of 8).
 ``sdpa``
-    ``torch.nn.functional.scaled_dot_product_attention`` on length-bucketed padded blocks with a key
-    mask (any device and dtype).
+    ``torch.nn.functional.scaled_dot_product_attention``: on CUDA over length-bucketed padded blocks
+    with a key mask; on the CPU one unmasked call per cell (so its fused kernel is used).
 ``triton``
     :func:`_varlen_attn_fwd` below, our FlashAttention-style forward kernel (online softmax over
     key blocks, one program per (query block, sequence, head)); CUDA, or the CPU under
@@ -55,7 +55,7 @@ def varlen_attention_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_s
 
 
 # ----------------------------------------------------------------------------- sdpa
-def _sdpa_varlen(q, k, v, cu_seqlens, max_seqlen, *, scale):
+def _sdpa_varlen(q, k, v, cu_seqlens, max_seqlen, *, scale, per_cell=None):
     """Pad to (B, H, L, D) and run SDPA with a key-padding mask.
 
     Sequences are grouped into buckets of similar length (at most 2x apart) so that padding waste
@@ -67,6 +67,16 @@ def _sdpa_varlen(q, k, v, cu_seqlens, max_seqlen, *, scale):
     lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).to(torch.int64)
     out = torch.empty_like(q)
     if total == 0:
+        return out
+    if per_cell if per_cell is not None else q.device.type == "cpu":
+        # CPU: one unmasked call per cell lets SDPA use its fused flash kernel (a mask forces the
+        # math path, which materialises L x L scores); per-call overhead is negligible at these lengths
+        cu = cu_seqlens.tolist()
+        for s, e in zip(cu[:-1], cu[1:]):
+            if e > s:
+                o = F.scaled_dot_product_attention(q[s:e].transpose(0, 1)[None], k[s:e].transpose(0, 1)[None],
+                                                   v[s:e].transpose(0, 1)[None], scale=scale)
+                out[s:e] = o[0].transpose(0, 1)
         return out
     pos = position_ids_from_cu_seqlens(cu_seqlens, total)
     seq = seq_ids_from_cu_seqlens(cu_seqlens, total)
@@ -88,7 +98,7 @@ def _sdpa_varlen(q, k, v, cu_seqlens, max_seqlen, *, scale):
         flat = slot[seq[rows]] * lmax + pos[rows]
         g = group.numel()
 
-        def padded(t):
+        def padded(t, g=g, lmax=lmax, flat=flat, rows=rows):
             buf = t.new_zeros(g * lmax, nh, hd)
             buf[flat] = t[rows]
             return buf.view(g, lmax, nh, hd).transpose(1, 2)
@@ -113,7 +123,7 @@ def _get_triton_kernel():
     import triton.language as tl
 
     @triton.jit
-    def _varlen_attn_fwd(Q, K, V, O, CU, sm_scale, stride_t, stride_h, H, D,
+    def _varlen_attn_fwd(Q, K, V, Out, CU, sm_scale, stride_t, stride_h, H, D,
                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
         pid_m = tl.program_id(0)
         pid_bh = tl.program_id(1)
@@ -146,8 +156,8 @@ def _get_triton_kernel():
                 acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
                 m_i = m_new
             acc = acc / l_i[:, None]
-            tl.store(O + (start + offs_m)[:, None] * stride_t + h * stride_h + offs_d[None, :],
-                     acc.to(O.dtype.element_ty), mask=(offs_m[:, None] < seqlen) & dmask)
+            tl.store(Out + (start + offs_m)[:, None] * stride_t + h * stride_h + offs_d[None, :],
+                     acc.to(Out.dtype.element_ty), mask=(offs_m[:, None] < seqlen) & dmask)
 
     _kernel_cache["fwd"] = (_varlen_attn_fwd, triton)
     return _kernel_cache["fwd"]

@@ -105,38 +105,10 @@ def _write_json(path: Path, obj: Any) -> None:
 
 
 def load_model(path: str, device: Any) -> Any:
-    """The encoder of a checkpoint directory (``model.checkpoint.load_encoder`` when available)."""
-    try:
-        from ..model.checkpoint import load_encoder
-    except ImportError:
-        load_encoder = None
-    if load_encoder is not None:
-        return load_encoder(path, device=device)
-    # minimal fallback until model/checkpoint.py lands: HF BERT names, optional "bert." prefix
-    import torch
+    """The encoder of a Hugging Face BERT checkpoint directory."""
+    from ..model.checkpoint import load_encoder
 
-    from ..model.bert import BertEncoderModel
-    from ..model.config import EncoderConfig
-
-    d = Path(path)
-    model = BertEncoderModel(EncoderConfig.from_json(d))
-    if (d / "model.safetensors").exists():
-        from safetensors.torch import load_file
-
-        sd = load_file(str(d / "model.safetensors"))
-    elif (d / "pytorch_model.bin").exists():
-        sd = torch.load(d / "pytorch_model.bin", map_location="cpu", weights_only=True)
-    else:
-        msg = f"{d}: no model.safetensors or pytorch_model.bin"
-        raise InputFileError(msg)
-    sd = {k.removeprefix("bert."): v for k, v in sd.items()}
-    own = model.state_dict()
-    missing = [k for k in own if k not in sd]
-    if missing:
-        msg = f"{d}: checkpoint lacks encoder weights {missing[:5]}"
-        raise InputFileError(msg)
-    model.load_state_dict({k: sd[k] for k in own})
-    return model.to(device)
+    return load_encoder(path, device=device)
 
 
 def _arrow_schema(df_columns: list[str]):

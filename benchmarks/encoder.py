@@ -1,0 +1,201 @@
+"""Encoder throughput: unpadded fast path vs the padded reference and Hugging Face ``BertModel``.
+
+Cells are real: the bundled PBMC file tokenized with the Geneformer V1 preset (lengths 600-2,048,
+median ~1,600), or ``--tokens DIR`` (any ``scfm tokenize`` output). Models: the V1-6L and V1-12L
+configs with random weights (speed does not depend on the values). Each (model, path) runs in a fresh
+subprocess so its peak memory is its own; ratios are from the same run.
+
+    python benchmarks/encoder.py                 # CPU: a few cells, fp32
+    python benchmarks/encoder.py --cells 512     # CUDA: fp16 padded HF vs bf16/fp16 varlen, + attention TFLOP/s
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+# benchmarks/tokenize.py shadows the standard library's ``tokenize`` when a script in this folder runs:
+# drop the folder from sys.path before anything imports it.
+_HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != _HERE]
+
+import argparse
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+HERE = Path(__file__).resolve().parent
+_spec = importlib.util.spec_from_file_location("_harness", HERE / "_harness.py")
+_harness = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(_harness)
+CONFIGS = {"V1-6L": "config_6L_30M.json", "V1-12L": "config_12L_30M.json"}
+
+
+def load_cells(tokens: str | None, n: int) -> list[np.ndarray]:
+    if tokens:
+        from scfm_fast.store import TokenStore
+
+        store = TokenStore(tokens)
+        idx = np.random.default_rng(0).choice(len(store), size=min(n, len(store)), replace=False)
+        return [store[int(i)] for i in idx]
+    import anndata as ad
+
+    from scfm_fast.tokenizer.pipeline import tokenize_anndata
+
+    a = ad.read_h5ad(Path(__file__).resolve().parents[1] / "scfm_fast/data/demo/pbmc_200cells.h5ad")
+    ids = tokenize_anndata(a).column("input_ids").to_numpy(zero_copy_only=False)
+    rng = np.random.default_rng(0)
+    return [np.asarray(ids[i], dtype=np.int64) for i in rng.choice(len(ids), size=n, replace=n > len(ids))]
+
+
+def child(args) -> None:
+    import resource
+
+    import torch
+
+    from scfm_fast.embed import embed_tokens
+    from scfm_fast.model.bert import BertEncoderModel
+    from scfm_fast.model.config import EncoderConfig
+
+    cfg = EncoderConfig.from_json(Path(__file__).resolve().parents[1] / "scfm_fast/data/geneformer_v1" / CONFIGS[args.config])
+    dev = torch.device(args.device)
+    cells = load_cells(args.tokens, args.cells)
+    model = BertEncoderModel(cfg).eval().to(dev)
+    lowp = {"float32": None, "bfloat16": torch.bfloat16, "float16": torch.float16}[args.dtype]
+    if dev.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+
+    if args.path == "fast":
+        def run():
+            embed_tokens(cells, model, layer=-1, batch_tokens=args.batch_tokens, device=dev, dtype=args.dtype,
+                         progress_bar=False)
+    else:
+        hf = None
+        if args.path == "hf":
+            import transformers
+
+            hf = transformers.BertModel(transformers.BertConfig(**cfg.to_hf_dict()), add_pooling_layer=False)
+            hf.load_state_dict(model.state_dict(), strict=False)
+            hf = hf.eval().to(dev)
+            if lowp is not None:
+                hf = hf.to(lowp)  # what users do with HF: cast the model to half precision
+
+        order = np.argsort([-len(c) for c in cells], kind="stable")  # sorted, as a fair padded baseline
+
+        @torch.inference_mode()
+        def run():
+            for s in range(0, len(cells), args.batch_size):
+                group = [cells[i] for i in order[s:s + args.batch_size]]
+                L = max(len(c) for c in group)
+                ids = torch.zeros(len(group), L, dtype=torch.long)
+                for i, c in enumerate(group):
+                    ids[i, :len(c)] = torch.as_tensor(c)
+                ids = ids.to(dev)
+                mask = ids != 0
+                if hf is not None:
+                    h = hf(input_ids=ids, attention_mask=mask.long()).last_hidden_state
+                else:
+                    with torch.autocast(dev.type, dtype=lowp, enabled=lowp is not None):
+                        h = model.forward_reference(ids, mask)
+                (h * mask[..., None]).sum(1) / mask.sum(1, keepdim=True)
+
+    t = _harness.time_fn(run, repeat=args.repeat, warmup=1, cuda=dev.type == "cuda")
+    out = {"seconds": t["median_s"], "cells": len(cells), "tokens": int(sum(len(c) for c in cells)),
+           "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+    if dev.type == "cuda":
+        out["peak_gpu_mb"] = torch.cuda.max_memory_allocated() / 2**20
+    print(json.dumps(out))
+
+
+def attention_tflops(device: str, repeat: int = 10) -> list[dict]:
+    """Achieved TFLOP/s of each usable attention backend on 2,048-token cells (bf16, 4 heads x 64)."""
+    import torch
+
+    from scfm_fast.kernels.attention import backend_report, varlen_attention
+    from scfm_fast.kernels.padding import cu_seqlens_from_lengths
+
+    rows = []
+    b, L, H, D = 32, 2048, 4, 64
+    cu = cu_seqlens_from_lengths(torch.full((b,), L)).to(device)
+    q, k, v = (torch.randn(b * L, H, D, device=device, dtype=torch.bfloat16) for _ in range(3))
+    flops = 4 * b * L * L * H * D
+    for r in backend_report(device=device, dtype=torch.bfloat16, head_dim=D):
+        if not r["usable"] or r["name"] == "reference":
+            continue
+        t = _harness.time_fn(lambda n=r["name"]: varlen_attention(q, k, v, cu, L, backend=n), repeat=repeat,
+                             cuda=True)
+        rows.append({"bench": "attention 32x2048 tokens bf16", "backend": r["name"],
+                     "tflops": flops / t["median_s"] / 1e12, "ms": t["median_s"] * 1e3})
+    return rows
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--cells", type=int, default=None, help="cells per run (default 24 on CPU, 512 on CUDA)")
+    ap.add_argument("--tokens", default=None, help="token dataset directory for real lengths (default: bundled PBMC)")
+    ap.add_argument("--configs", nargs="+", default=list(CONFIGS))
+    ap.add_argument("--device", default=None)
+    ap.add_argument("--repeat", type=int, default=None)
+    ap.add_argument("--no-write", action="store_true")
+    ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--config", default="V1-6L", help=argparse.SUPPRESS)
+    ap.add_argument("--path", default="fast", help=argparse.SUPPRESS)
+    ap.add_argument("--dtype", default="float32", help=argparse.SUPPRESS)
+    ap.add_argument("--batch-size", type=int, default=8, help=argparse.SUPPRESS)
+    ap.add_argument("--batch-tokens", type=int, default=None, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    import torch
+
+    args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    cuda = args.device.startswith("cuda")
+    args.cells = args.cells or (512 if cuda else 24)
+    args.repeat = args.repeat or (5 if cuda else 1)
+    if args.child:
+        return child(args)
+
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(HERE.parent), os.environ.get("PYTHONPATH", "")]))
+    # CPU: fp32 everywhere; CUDA: HF in fp16 (its usual fast setting) vs ours in bf16 and fp16 autocast
+    plans = [("hf", "float16" if cuda else "float32"), ("reference", "float32" if not cuda else "bfloat16"),
+             ("fast", "float32" if not cuda else "bfloat16")] + ([("fast", "float16")] if cuda else [])
+    rows = []
+    for cfg in args.configs:
+        base = None
+        for path, dtype in plans:
+            cmd = [sys.executable, __file__, "--child", "--config", cfg, "--path", path, "--dtype", dtype,
+                   "--cells", str(args.cells), "--device", args.device, "--repeat", str(args.repeat),
+                   "--batch-size", "8" if not cuda else "32"] + (["--tokens", args.tokens] if args.tokens else [])
+            t0 = time.time()
+            res = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
+            if res.returncode:
+                print(res.stderr[-2000:], file=sys.stderr)
+                continue
+            r = json.loads(res.stdout.strip().splitlines()[-1])
+            rate = r["cells"] / r["seconds"]
+            base = rate if path == "hf" else base
+            row = {"model": cfg, "path": {"hf": "HF BertModel (padded)", "reference": "reference (padded)",
+                                          "fast": "scfm_fast varlen"}[path], "dtype": dtype, "cells": r["cells"],
+                   "mean_len": r["tokens"] / r["cells"], "cells_per_s": rate,
+                   "x_hf": rate / base if base else float("nan"), "peak_rss_mb": r["peak_rss_mb"]}
+            if "peak_gpu_mb" in r:
+                row["peak_gpu_mb"] = r["peak_gpu_mb"]
+            rows.append(row)
+            print(f"{cfg:7} {row['path']:24} {dtype:9} {rate:9.2f} cells/s  x{row['x_hf']:5.2f} vs HF  "
+                  f"peak RSS {row['peak_rss_mb']:.0f} MiB" + (f"  GPU {row['peak_gpu_mb']:.0f} MiB" if cuda else "")
+                  + f"  ({time.time() - t0:.0f}s)")
+    if cuda:
+        for r in attention_tflops(args.device):
+            print(r)
+            rows.append(r)
+    if not args.no_write:
+        js, md = _harness.write_results("encoder", rows, meta={"cells": args.cells, "device_arg": args.device})
+        print(f"wrote {js} and {md}")
+
+
+if __name__ == "__main__":
+    main()
