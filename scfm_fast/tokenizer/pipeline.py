@@ -52,8 +52,8 @@ class TokenizerSpec:
         vocab = GeneVocab.load(token_dictionary=token_dictionary, gene_median=gene_median, preset=preset)
         names = None
         if gene_name_map == "auto":
-            names = load_gene_name_map() if pre.dictionary_dir == "geneformer_v1" or token_dictionary is None \
-                else None
+            # ids that are already in the vocabulary match first, so the symbol table never overrides them
+            names = load_gene_name_map()
         elif gene_name_map is not None:
             names = load_gene_name_map(gene_name_map)
         orth = load_ortholog_map(orthologs) if orthologs else None
