@@ -31,6 +31,12 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+try:  # a Linux dependency; without it the other backends are used
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover
+    triton = tl = None
+
 from ._utils import interpreting, next_pow2, triton_available
 
 log = logging.getLogger("scfm_fast")
@@ -113,14 +119,9 @@ def _sdpa_varlen(q, k, v, cu_seqlens, max_seqlen, *, scale, per_cell=None):
 
 
 # ----------------------------------------------------------------------------- triton
-_kernel_cache: dict = {}
 
 
-def _get_triton_kernel():
-    if "fwd" in _kernel_cache:
-        return _kernel_cache["fwd"]
-    import triton
-    import triton.language as tl
+if triton is not None:
 
     @triton.jit
     def _varlen_attn_fwd(Q, K, V, Out, CU, sm_scale, stride_t, stride_h, H, D,
@@ -159,13 +160,9 @@ def _get_triton_kernel():
             tl.store(Out + (start + offs_m)[:, None] * stride_t + h * stride_h + offs_d[None, :],
                      acc.to(Out.dtype.element_ty), mask=(offs_m[:, None] < seqlen) & dmask)
 
-    _kernel_cache["fwd"] = (_varlen_attn_fwd, triton)
-    return _kernel_cache["fwd"]
-
 
 def varlen_attention_triton(q, k, v, cu_seqlens, max_seqlen, *, scale=None):
     """Launch the Triton varlen forward kernel (see module docstring)."""
-    kernel, triton = _get_triton_kernel()
     total, nh, hd = q.shape
     if not (q.is_contiguous() and k.is_contiguous() and v.is_contiguous()):
         q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
@@ -178,7 +175,7 @@ def varlen_attention_triton(q, k, v, cu_seqlens, max_seqlen, *, scale=None):
     block_n = 16 if interpreting() else (64 if block_d <= 64 else 32)
     batch = cu_seqlens.numel() - 1
     grid = (triton.cdiv(max(int(max_seqlen), 1), block_m), batch * nh)
-    kernel[grid](q, k, v, out, cu_seqlens.to(torch.int32), scale, q.stride(0), q.stride(1), nh, hd,
+    _varlen_attn_fwd[grid](q, k, v, out, cu_seqlens.to(torch.int32), scale, q.stride(0), q.stride(1), nh, hd,
                  BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d)
     return out
 

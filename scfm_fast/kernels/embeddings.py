@@ -10,9 +10,13 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ._utils import row_block, use_triton
+try:  # a Linux dependency; without it the PyTorch ops below are used
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover
+    triton = tl = None
 
-_cache: dict = {}
+from ._utils import row_block, use_triton
 
 
 def embeddings_ref(input_ids: torch.Tensor, position_ids: torch.Tensor, word: torch.Tensor, pos: torch.Tensor,
@@ -22,31 +26,29 @@ def embeddings_ref(input_ids: torch.Tensor, position_ids: torch.Tensor, word: to
     return F.layer_norm(h, (word.shape[1],), weight.float(), bias.float(), eps).to(word.dtype)
 
 
+if triton is not None:
+
+    @triton.jit
+    def _embed_ln_fwd(IDS, POS, WORD, PE, T0, W, B, Y, stride_w, stride_p, stride_y, N, eps,
+                      BLOCK: tl.constexpr):
+        row = tl.program_id(0)
+        cols = tl.arange(0, BLOCK)
+        mask = cols < N
+        tok = tl.load(IDS + row).to(tl.int64)
+        p = tl.load(POS + row).to(tl.int64)
+        h = tl.load(WORD + tok * stride_w + cols, mask=mask, other=0.0).to(tl.float32)
+        h += tl.load(PE + p * stride_p + cols, mask=mask, other=0.0).to(tl.float32)
+        h += tl.load(T0 + cols, mask=mask, other=0.0).to(tl.float32)
+        mean = tl.sum(h, axis=0) / N
+        hc = tl.where(mask, h - mean, 0.0)
+        rstd = 1.0 / tl.sqrt(tl.sum(hc * hc, axis=0) / N + eps)
+        w = tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
+        b = tl.load(B + cols, mask=mask, other=0.0).to(tl.float32)
+        tl.store(Y + row * stride_y + cols, (hc * rstd * w + b).to(Y.dtype.element_ty), mask=mask)
+
+
 def _kernel():
-    if "k" not in _cache:
-        import triton
-        import triton.language as tl
-
-        @triton.jit
-        def _embed_ln_fwd(IDS, POS, WORD, PE, T0, W, B, Y, stride_w, stride_p, stride_y, N, eps,
-                          BLOCK: tl.constexpr):
-            row = tl.program_id(0)
-            cols = tl.arange(0, BLOCK)
-            mask = cols < N
-            tok = tl.load(IDS + row).to(tl.int64)
-            p = tl.load(POS + row).to(tl.int64)
-            h = tl.load(WORD + tok * stride_w + cols, mask=mask, other=0.0).to(tl.float32)
-            h += tl.load(PE + p * stride_p + cols, mask=mask, other=0.0).to(tl.float32)
-            h += tl.load(T0 + cols, mask=mask, other=0.0).to(tl.float32)
-            mean = tl.sum(h, axis=0) / N
-            hc = tl.where(mask, h - mean, 0.0)
-            rstd = 1.0 / tl.sqrt(tl.sum(hc * hc, axis=0) / N + eps)
-            w = tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
-            b = tl.load(B + cols, mask=mask, other=0.0).to(tl.float32)
-            tl.store(Y + row * stride_y + cols, (hc * rstd * w + b).to(Y.dtype.element_ty), mask=mask)
-
-        _cache["k"] = _embed_ln_fwd
-    return _cache["k"]
+    return _embed_ln_fwd
 
 
 def embeddings_forward(input_ids, position_ids, word, pos, type0, weight, bias, eps):

@@ -11,9 +11,13 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ._utils import row_block, use_triton
+try:  # a Linux dependency; without it the PyTorch ops below are used
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover
+    triton = tl = None
 
-_cache: dict = {}
+from ._utils import row_block, use_triton
 
 
 def layer_norm_ref(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor, bias: torch.Tensor,
@@ -23,30 +27,28 @@ def layer_norm_ref(x: torch.Tensor, residual: torch.Tensor | None, weight: torch
     return F.layer_norm(h, (x.shape[-1],), weight.float(), bias.float(), eps).to(x.dtype)
 
 
+if triton is not None:
+
+    @triton.jit
+    def _add_layer_norm_fwd(X, R, W, B, Y, stride_x, stride_r, stride_y, N, eps,
+                            HAS_RES: tl.constexpr, BLOCK: tl.constexpr):
+        row = tl.program_id(0)
+        cols = tl.arange(0, BLOCK)
+        mask = cols < N
+        x = tl.load(X + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
+        if HAS_RES:
+            x += tl.load(R + row * stride_r + cols, mask=mask, other=0.0).to(tl.float32)
+        mean = tl.sum(x, axis=0) / N
+        xc = tl.where(mask, x - mean, 0.0)
+        var = tl.sum(xc * xc, axis=0) / N
+        rstd = 1.0 / tl.sqrt(var + eps)
+        w = tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
+        b = tl.load(B + cols, mask=mask, other=0.0).to(tl.float32)
+        tl.store(Y + row * stride_y + cols, (xc * rstd * w + b).to(Y.dtype.element_ty), mask=mask)
+
+
 def _kernel():
-    if "k" not in _cache:
-        import triton
-        import triton.language as tl
-
-        @triton.jit
-        def _add_layer_norm_fwd(X, R, W, B, Y, stride_x, stride_r, stride_y, N, eps,
-                                HAS_RES: tl.constexpr, BLOCK: tl.constexpr):
-            row = tl.program_id(0)
-            cols = tl.arange(0, BLOCK)
-            mask = cols < N
-            x = tl.load(X + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
-            if HAS_RES:
-                x += tl.load(R + row * stride_r + cols, mask=mask, other=0.0).to(tl.float32)
-            mean = tl.sum(x, axis=0) / N
-            xc = tl.where(mask, x - mean, 0.0)
-            var = tl.sum(xc * xc, axis=0) / N
-            rstd = 1.0 / tl.sqrt(var + eps)
-            w = tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
-            b = tl.load(B + cols, mask=mask, other=0.0).to(tl.float32)
-            tl.store(Y + row * stride_y + cols, (xc * rstd * w + b).to(Y.dtype.element_ty), mask=mask)
-
-        _cache["k"] = _add_layer_norm_fwd
-    return _cache["k"]
+    return _add_layer_norm_fwd
 
 
 def layer_norm_forward(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor,

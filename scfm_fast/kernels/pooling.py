@@ -10,9 +10,13 @@ from __future__ import annotations
 
 import torch
 
-from ._utils import next_pow2, use_triton
+try:  # a Linux dependency; without it the PyTorch ops below are used
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover
+    triton = tl = None
 
-_cache: dict = {}
+from ._utils import next_pow2, use_triton
 
 
 def segment_mean_ref(x: torch.Tensor, cu_seqlens: torch.Tensor, keep: torch.Tensor | None = None) -> torch.Tensor:
@@ -27,39 +31,35 @@ def segment_mean_ref(x: torch.Tensor, cu_seqlens: torch.Tensor, keep: torch.Tens
     return sums / cnt[:, None]
 
 
+if triton is not None:
+
+    @triton.jit
+    def _segment_mean(X, KEEP, CU, Y, stride_x, stride_y, N, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr):
+        seq = tl.program_id(0)
+        cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+        cmask = cols < N
+        start = tl.load(CU + seq)
+        end = tl.load(CU + seq + 1)
+        acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
+        cnt = tl.zeros((BLOCK_R,), dtype=tl.float32)
+        for r0 in range(start, end, BLOCK_R):
+            rows = r0 + tl.arange(0, BLOCK_R)
+            rmask = rows < end
+            k = tl.load(KEEP + rows, mask=rmask, other=0).to(tl.float32)
+            x = tl.load(X + rows[:, None] * stride_x + cols[None, :], mask=rmask[:, None] & cmask[None, :],
+                        other=0.0).to(tl.float32)
+            acc += tl.sum(x * k[:, None], axis=0)
+            cnt += k
+        total = tl.sum(cnt, axis=0)
+        tl.store(Y + seq * stride_y + cols, acc / total, mask=cmask)
+
+
 def _kernel():
-    if "k" not in _cache:
-        import triton
-        import triton.language as tl
-
-        @triton.jit
-        def _segment_mean(X, KEEP, CU, Y, stride_x, stride_y, N, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr):
-            seq = tl.program_id(0)
-            cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-            cmask = cols < N
-            start = tl.load(CU + seq)
-            end = tl.load(CU + seq + 1)
-            acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
-            cnt = tl.zeros((BLOCK_R,), dtype=tl.float32)
-            for r0 in range(start, end, BLOCK_R):
-                rows = r0 + tl.arange(0, BLOCK_R)
-                rmask = rows < end
-                k = tl.load(KEEP + rows, mask=rmask, other=0).to(tl.float32)
-                x = tl.load(X + rows[:, None] * stride_x + cols[None, :], mask=rmask[:, None] & cmask[None, :],
-                            other=0.0).to(tl.float32)
-                acc += tl.sum(x * k[:, None], axis=0)
-                cnt += k
-            total = tl.sum(cnt, axis=0)
-            tl.store(Y + seq * stride_y + cols, acc / total, mask=cmask)
-
-        _cache["k"] = _segment_mean
-    return _cache["k"]
+    return _segment_mean
 
 
 def segment_mean_forward(x: torch.Tensor, cu_seqlens: torch.Tensor, keep: torch.Tensor | None = None) -> torch.Tensor:
     """Launch the Triton kernel; returns ``(B, hidden)`` float32."""
-    import triton
-
     b, n = cu_seqlens.numel() - 1, x.shape[1]
     x = x.contiguous()
     keep = torch.ones(x.shape[0], dtype=torch.int8, device=x.device) if keep is None else keep.to(torch.int8)

@@ -130,7 +130,7 @@ def tokenize_chunk(spec: TokenizerSpec, chunk, col_token: np.ndarray, *, path: s
     """Tokenize one :class:`~scfm_fast.readers.base.CellChunk` into a shard table and its counts."""
     totals = _chunk_totals(path, chunk)
     try:
-        tokens, offsets, used_totals = spec.tokenize_csr(chunk.indptr, chunk.indices, chunk.data,
+        tokens, offsets, _ = spec.tokenize_csr(chunk.indptr, chunk.indices, chunk.data,
                                                          col_token=col_token, totals=totals)
     except CountDataError:
         raise _bad_count_error(path, chunk, var_names, allow_non_integer=spec.allow_non_integer) from None
@@ -156,13 +156,14 @@ def tokenize_chunk(spec: TokenizerSpec, chunk, col_token: np.ndarray, *, path: s
         if c in cols:
             continue
         col = chunk.obs[c]
-        cols[c] = pa.array(col.astype(str) if isinstance(col.dtype, pd.CategoricalDtype) else col,
-                           from_pandas=True)
+        if isinstance(col.dtype, pd.CategoricalDtype):  # plain strings: shards share no dictionary
+            col = col.astype(object).where(col.notna(), None).map(lambda v: v if v is None else str(v))
+        cols[c] = pa.array(col, from_pandas=True)
     table = pa.table(cols)
     if rows.size != chunk.n_cells:
         table = table.take(pa.array(rows))
     stats = {"n_cells_in": chunk.n_cells, "n_empty": n_empty, "n_filtered": n_filtered,
-             "n_tokens": int(lengths[keep].sum()), "n_truncated": int((lengths[keep] >= spec.max_len).sum()),
+             "n_tokens": int(lengths[keep].sum()), "n_at_max_len": int((lengths[keep] >= spec.max_len).sum()),
              "counts_total": counts_total, "counts_matched": counts_matched}
     return table, stats
 
@@ -308,7 +309,7 @@ def tokenize_corpus(
                 pending.result()
         shards = writer.manifest["shards"]
         summ = {k: sum(s[k] for s in shards) for k in
-                ("n_cells_in", "n_empty", "n_filtered", "n_truncated", "counts_total", "counts_matched")}
+                ("n_cells_in", "n_empty", "n_filtered", "n_at_max_len", "counts_total", "counts_matched")}
         summ["fraction_counts_matched"] = summ["counts_matched"] / max(summ["counts_total"], 1e-300)
         summ["seconds"] = time.perf_counter() - t0
         return writer.finalize(summary=summ)

@@ -85,10 +85,11 @@ def test_backends_identical_on_real_pbmc(tmp_path, pbmc_path, backend):
     assert len(got) == 200
 
 
-def test_mouse_zarr_with_orthologs(tmp_path, shared_dir):
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_mouse_zarr_with_orthologs(tmp_path, shared_dir, backend):
     src = shared_dir / "data/mouse/scanpy_10x-10k-subset.zarr"
     man = tokenize_corpus(src, tmp_path / "o", orthologs="mouse-to-human", gene_id_column="gene_ids",
-                          chunk_size=3000, progress_bar=False)
+                          chunk_size=3000, backend=backend, progress_bar=False)
     assert man["gene_match"][0]["n_by_ortholog"] > 500
     store = TokenStore(tmp_path / "o")
     assert len(store) + man["summary"]["n_empty"] == 10_000
