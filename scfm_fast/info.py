@@ -23,8 +23,7 @@ def info_dict() -> dict:
     from . import __version__
 
     d: dict = {"scfm_fast": __version__, "python": platform.python_version(), "platform": platform.platform()}
-    for mod in ("numpy", "numba", "torch", "triton", "flash_attn", "pyarrow", "anndata", "zarr",
-                "tensorstore", "h5py"):
+    for mod in ("numpy", "numba", "torch", "triton", "flash_attn", "pyarrow", "anndata", "zarr", "h5py"):
         d[mod] = _version(mod, "flash-attn" if mod == "flash_attn" else None)
     try:
         from . import _ext

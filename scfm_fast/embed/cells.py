@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from .._dtypes import resolve_dtype
 from .._progress import progress
 
 DEFAULT_SPECIAL_IDS = (0, 1)  # <pad>, <mask> in Geneformer's dictionaries
@@ -59,17 +60,6 @@ def as_token_source(tokens: Any) -> TokenSource:
     return TokenSource(cells.__getitem__, np.array([c.size for c in cells], dtype=np.int64), np.arange(len(cells)))
 
 
-def _resolve_dtype(dtype: Any) -> torch.dtype | None:
-    if dtype is None or isinstance(dtype, torch.dtype):
-        return dtype
-    names = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-             "float16": torch.float16, "fp16": torch.float16}
-    if str(dtype) not in names:
-        msg = f"dtype={dtype!r}; use float32, bfloat16 or float16"
-        raise ValueError(msg)
-    return names[str(dtype)]
-
-
 def iter_embeddings(
     tokens: Any,
     model: Any,
@@ -93,7 +83,7 @@ def iter_embeddings(
     src = tokens if isinstance(tokens, TokenSource) else as_token_source(tokens)
     dev = torch.device(device) if device is not None else next(model.parameters()).device
     model = model.to(dev).eval()
-    lowp = _resolve_dtype(dtype)
+    lowp = resolve_dtype(dtype)
     specials = torch.tensor(sorted(set(special_token_ids if special_token_ids is not None
                                        else (src.special_ids or DEFAULT_SPECIAL_IDS))), dtype=torch.int64, device=dev)
     budget = batch_tokens or (65_536 if dev.type == "cuda" else 8_192)

@@ -10,6 +10,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from .._dtypes import resolve_dtype
 from .._progress import progress as _progress
 from ._inputs import GeneResolver, iter_cells, unique_special
 from ._results import ResultBuilder
@@ -18,17 +19,6 @@ from .plan import PERTURBATIONS, CellPlan, plan_cell
 log = logging.getLogger(__name__)
 
 MODES = ("exact", "approx")
-
-
-def _dtype(dtype: Any) -> torch.dtype | None:
-    if dtype is None or isinstance(dtype, torch.dtype):
-        return dtype
-    names = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
-             "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
-    if str(dtype) not in names:
-        msg = f"dtype={dtype!r}; use float32, bfloat16 or float16"
-        raise ValueError(msg)
-    return names[str(dtype)]
 
 
 def default_batch_tokens(device: torch.device) -> int:
@@ -70,7 +60,7 @@ def run_engine(
     dev = torch.device(device) if device is not None else next(model.parameters()).device
     model = model.to(dev).eval()
     n_layers = model.resolve_layer(layer)
-    lowp = _dtype(dtype)
+    lowp = resolve_dtype(dtype)
     wdt = next(model.parameters()).dtype
     if lowp is None and wdt != torch.float32:
         lowp = wdt  # a bf16/fp16 checkpoint computes under autocast in its own dtype
