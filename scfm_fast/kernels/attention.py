@@ -126,8 +126,9 @@ if triton is not None:
     @triton.jit
     def _varlen_attn_fwd(Q, K, V, Out, CU, sm_scale, stride_t, stride_h, H, D,
                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
-        pid_m = tl.program_id(0)
-        pid_bh = tl.program_id(1)
+        # (sequence, head) on axis 0: its limit is 2**31, axis 1 only allows 65,535 programs
+        pid_bh = tl.program_id(0)
+        pid_m = tl.program_id(1)
         b = pid_bh // H
         h = pid_bh % H
         start = tl.load(CU + b)
@@ -174,7 +175,7 @@ def varlen_attention_triton(q, k, v, cu_seqlens, max_seqlen, *, scale=None):
     block_m = 16 if interpreting() else (64 if block_d <= 64 else 32)
     block_n = 16 if interpreting() else (64 if block_d <= 64 else 32)
     batch = cu_seqlens.numel() - 1
-    grid = (triton.cdiv(max(int(max_seqlen), 1), block_m), batch * nh)
+    grid = (batch * nh, triton.cdiv(max(int(max_seqlen), 1), block_m))
     _varlen_attn_fwd[grid](q, k, v, out, cu_seqlens.to(torch.int32), scale, q.stride(0), q.stride(1), nh, hd,
                  BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d)
     return out
