@@ -74,8 +74,11 @@ def time_fn(fn: Callable[[], Any], *, repeat: int = 3, warmup: int = 1, cuda: bo
 
 def write_results(name: str, rows: list[dict[str, Any]], *, meta: dict[str, Any] | None = None,
                   out_dir: Path | None = None) -> tuple[Path, Path]:
-    """Write ``<name>_<device>_<date>.json`` and ``.md`` under ``benchmarks/results``."""
-    out_dir = out_dir or RESULTS
+    """Write ``<name>_<device>_<date>.json`` and ``.md`` under ``benchmarks/results``.
+
+    ``$SCFM_BENCH_RESULTS`` overrides the folder (the GPU runner points it at ``$OUT``).
+    """
+    out_dir = out_dir or Path(os.environ.get("SCFM_BENCH_RESULTS") or RESULTS)
     out_dir.mkdir(parents=True, exist_ok=True)
     dev = device_name()
     date = _dt.date.today().isoformat()
@@ -97,6 +100,16 @@ def write_results(name: str, rows: list[dict[str, Any]], *, meta: dict[str, Any]
         lines.append("| " + " | ".join(_fmt(r.get(c, "")) for c in cols) + " |")
     Path(f"{base}.md").write_text("\n".join(lines) + "\n")
     return Path(f"{base}.json"), Path(f"{base}.md")
+
+
+def matmul_tflops(device: str = "cuda", n: int = 8192, repeat: int = 10) -> float:
+    """Measured bf16 matrix-product rate (TFLOP/s) on random ``n x n`` operands: the device's practical
+    ceiling, measured in the same run as the numbers compared with it."""
+    import torch
+
+    a, b = (torch.randn(n, n, device=device, dtype=torch.bfloat16) for _ in range(2))
+    t = time_fn(lambda: a @ b, repeat=repeat, warmup=3, cuda=True)["median_s"]
+    return 2 * n**3 / t / 1e12
 
 
 def _fmt(v: Any) -> str:

@@ -125,14 +125,15 @@ if triton is not None:
 
     @triton.jit
     def _varlen_attn_fwd(Q, K, V, Out, CU, sm_scale, stride_t, stride_h, H, D,
-                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+                         IEEE: tl.constexpr):
         # (sequence, head) on axis 0: its limit is 2**31, axis 1 only allows 65,535 programs
         pid_bh = tl.program_id(0)
         pid_m = tl.program_id(1)
         b = pid_bh // H
         h = pid_bh % H
-        start = tl.load(CU + b)
-        seqlen = tl.load(CU + b + 1) - start
+        start = tl.load(CU + b).to(tl.int64)  # 64-bit row offsets: token * stride can pass 2**31
+        seqlen = (tl.load(CU + b + 1) - tl.load(CU + b)).to(tl.int32)
         if pid_m * BLOCK_M < seqlen:
             offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
             offs_n = tl.arange(0, BLOCK_N)
@@ -148,14 +149,22 @@ if triton is not None:
                 kv_mask = (kn[:, None] < seqlen) & dmask
                 kv_off = (start + kn)[:, None] * stride_t + h * stride_h + offs_d[None, :]
                 k = tl.load(K + kv_off, mask=kv_mask, other=0.0)
-                s = tl.dot(q, tl.trans(k)) * sm_scale
+                # float32 inputs: exact fp32 products, as the reference (Triton's default is TF32 on
+                # CUDA, ~3e-4 relative error); half inputs use the tensor cores either way
+                if IEEE:
+                    s = tl.dot(q, tl.trans(k), input_precision="ieee") * sm_scale
+                else:
+                    s = tl.dot(q, tl.trans(k)) * sm_scale
                 s = tl.where(kn[None, :] < seqlen, s, float("-inf"))
                 m_new = tl.maximum(m_i, tl.max(s, 1))
                 p = tl.exp(s - m_new[:, None])
                 alpha = tl.exp(m_i - m_new)
                 l_i = l_i * alpha + tl.sum(p, 1)
                 v = tl.load(V + kv_off, mask=kv_mask, other=0.0)
-                acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+                if IEEE:
+                    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")
+                else:
+                    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
                 m_i = m_new
             acc = acc / l_i[:, None]
             tl.store(Out + (start + offs_m)[:, None] * stride_t + h * stride_h + offs_d[None, :],
@@ -177,7 +186,7 @@ def varlen_attention_triton(q, k, v, cu_seqlens, max_seqlen, *, scale=None):
     batch = cu_seqlens.numel() - 1
     grid = (batch * nh, triton.cdiv(max(int(max_seqlen), 1), block_m))
     _varlen_attn_fwd[grid](q, k, v, out, cu_seqlens.to(torch.int32), scale, q.stride(0), q.stride(1), nh, hd,
-                 BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d)
+                 BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, IEEE=q.dtype == torch.float32)
     return out
 
 

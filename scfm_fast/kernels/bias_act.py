@@ -40,7 +40,7 @@ if triton is not None:
 
     @triton.jit
     def _bias_act_fwd(X, B, Y, stride_x, stride_y, N, ACT: tl.constexpr, BLOCK: tl.constexpr):
-        row = tl.program_id(0)
+        row = tl.program_id(0).to(tl.int64)  # 64-bit offsets: rows * stride can pass 2**31
         cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
         mask = cols < N
         h = tl.load(X + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)

@@ -31,7 +31,7 @@ if triton is not None:
     @triton.jit
     def _embed_ln_fwd(IDS, POS, WORD, PE, T0, W, B, Y, stride_w, stride_p, stride_y, N, eps,
                       BLOCK: tl.constexpr):
-        row = tl.program_id(0)
+        row = tl.program_id(0).to(tl.int64)  # 64-bit offsets: rows * stride can pass 2**31
         cols = tl.arange(0, BLOCK)
         mask = cols < N
         tok = tl.load(IDS + row).to(tl.int64)

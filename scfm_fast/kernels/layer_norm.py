@@ -32,7 +32,7 @@ if triton is not None:
     @triton.jit
     def _add_layer_norm_fwd(X, R, W, B, Y, stride_x, stride_r, stride_y, N, eps,
                             HAS_RES: tl.constexpr, BLOCK: tl.constexpr):
-        row = tl.program_id(0)
+        row = tl.program_id(0).to(tl.int64)  # 64-bit offsets: rows * stride can pass 2**31
         cols = tl.arange(0, BLOCK)
         mask = cols < N
         x = tl.load(X + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)

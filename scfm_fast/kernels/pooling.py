@@ -46,7 +46,7 @@ if triton is not None:
             rows = r0 + tl.arange(0, BLOCK_R)
             rmask = rows < end
             k = tl.load(KEEP + rows, mask=rmask, other=0).to(tl.float32)
-            x = tl.load(X + rows[:, None] * stride_x + cols[None, :], mask=rmask[:, None] & cmask[None, :],
+            x = tl.load(X + rows[:, None].to(tl.int64) * stride_x + cols[None, :], mask=rmask[:, None] & cmask[None, :],
                         other=0.0).to(tl.float32)
             acc += tl.sum(x * k[:, None], axis=0)
             cnt += k
