@@ -102,13 +102,16 @@ def write_results(name: str, rows: list[dict[str, Any]], *, meta: dict[str, Any]
     return Path(f"{base}.json"), Path(f"{base}.md")
 
 
-def matmul_tflops(device: str = "cuda", n: int = 8192, repeat: int = 10) -> float:
-    """Measured bf16 matrix-product rate (TFLOP/s) on random ``n x n`` operands: the device's practical
-    ceiling, measured in the same run as the numbers compared with it."""
+def matmul_tflops(device: str = "cuda", dtype: str = "bfloat16", n: int | None = None, repeat: int = 10) -> float:
+    """Measured matrix-product rate (TFLOP/s) on random ``n x n`` operands of ``dtype``: the device's
+    practical ceiling, measured in the same run as the numbers compared with it (METHOD: datasheet rates
+    are leads). Float32 products on CUDA run as true fp32 (PyTorch's default, no TF32), as our engines do."""
     import torch
 
-    a, b = (torch.randn(n, n, device=device, dtype=torch.bfloat16) for _ in range(2))
-    t = time_fn(lambda: a @ b, repeat=repeat, warmup=3, cuda=True)["median_s"]
+    cuda = str(device).startswith("cuda")
+    n = n or (8192 if cuda else 2048)
+    a, b = (torch.randn(n, n, device=device, dtype=getattr(torch, dtype)) for _ in range(2))
+    t = time_fn(lambda: a @ b, repeat=repeat if cuda else 3, warmup=3 if cuda else 1, cuda=cuda)["median_s"]
     return 2 * n**3 / t / 1e12
 
 

@@ -93,6 +93,14 @@ def geneformer_style(hf, cells: list[np.ndarray], n: int, *, batch: int, device:
             out.hidden_states[-2].mean(1)
 
 
+def forward_flops(cfg: EncoderConfig, T: int, n_layers: int) -> float:
+    """Floating-point operations of one encoder forward over ``T`` tokens through ``n_layers`` layers
+    (matrix products and attention; the per-element work is a few percent and left out)."""
+    H, F = cfg.hidden_size, cfg.intermediate_size
+    per_layer = 2 * T * H * (3 * H) + 4 * T * T * H + 2 * T * H * H + 4 * T * H * F
+    return float(n_layers * per_layer)
+
+
 def make_cells(lengths: list[int], vocab: int, seed: int = 0) -> list[np.ndarray]:
     rng = np.random.default_rng(seed)
     return [rng.choice(np.arange(2, vocab), size=n, replace=False).astype(np.int64) for n in lengths]
@@ -115,7 +123,7 @@ def main() -> None:
     os.environ.setdefault("SCFM_FAST_PROGRESS", "0")
     model = make_model(args.device)
     cells = make_cells(lengths, model.config.vocab_size)
-    common = dict(perturbation="delete", layer=-2, special_token_ids=[0, 1], device=args.device, progress=False)
+    common = dict(perturbation="delete", layer=-2, special_token_ids=[0, 1], device=args.device, progress_bar=False)
     n_all = sum(len(c) for c in cells)
     rep = dict(repeat=args.repeat, warmup=0) if not cuda else dict(repeat=3, warmup=1)
     rows: list[dict] = []
@@ -163,6 +171,13 @@ def main() -> None:
             dfs = [parts[(mode, dt, i)].assign(cell_index=i) for i in range(len(cells))]
             results[(mode, dt)] = pd.concat(dfs, ignore_index=True)
     rate = {k: timed[k][1] / best[k] for k in timed}
+    # the same useful work for every engine (a per-variant forward to the readout layer), over its time:
+    # how close each comes to the device's measured matrix-product ceiling. The exact engine cannot beat
+    # the reference by more than ceiling / reference rate without skipping work.
+    n_layers = model.resolve_layer(-2)
+    fl_all = sum(len(c) * forward_flops(model.config, len(c) - 1, n_layers) for c in cells)
+    fl_ref = sum(n_ref * forward_flops(model.config, len(c) - 1, n_layers) for c in cells)
+    ceiling = {dt: _harness.matmul_tflops(args.device, dt) * 1e3 for dt in dict.fromkeys(dtypes)}
     ref_rate = rate[("reference", "float32")]
     gf, gfb = rate[("geneformer_style", "float32")], rate[("geneformer_style_batched", "float32")]
     for k in timed:
@@ -170,6 +185,8 @@ def main() -> None:
         row = {"engine": mode, "dtype": dt, "variants": timed[k][1], "seconds": best[k],
                "perturbations_per_s": rate[k], "speedup_vs_reference": rate[k] / ref_rate,
                "speedup_vs_geneformer_style": rate[k] / gf, "speedup_vs_geneformer_style_batched": rate[k] / gfb}
+        eff = (fl_all if mode in ("exact", "approx") else fl_ref) / best[k] / 1e9
+        row.update(effective_gflop_per_s=eff, pct_of_matmul_ceiling=100 * eff / ceiling[dt])
         if mode == "approx":
             ex = results[("exact", dt)]
             err = compare_results(ex["shift"].to_numpy(), results[k]["shift"].to_numpy(),
@@ -189,6 +206,7 @@ def main() -> None:
     meta = {"hf_vs_reference_hidden_max_abs_diff": hf_dev, "model": "Geneformer V1-6L shape (config_6L_30M.json), random init", "device_arg": args.device,
             "cell_lengths": lengths, "perturbation": "delete all genes", "layer": -2,
             "reference_variants_per_cell": n_ref, "exact_vs_reference_max_abs_dcos": max_dev,
+            "matmul_ceiling_gflop_per_s": ceiling, "readout_layers_run": n_layers,
             "torch": torch.__version__, "threads": torch.get_num_threads(),
             "batch_tokens": args.batch_tokens or "default", "unix_time": time.time()}
     if cuda and 2048 in lengths:

@@ -120,9 +120,9 @@ def main(argv: list[str] | None = None) -> int:
     top, cnt = np.unique(np.concatenate([c[:20] for c in cells]), return_counts=True)
     genes = [vocab.gene_of_token[int(t)] for t in top[np.argsort(-cnt, kind="stable")[:5]]]
     t0 = time.perf_counter()
-    res = perturb_cells(cells, model, perturbation="delete", genes=genes, layer=-2, progress=False)
+    res = perturb_cells(cells, model, perturbation="delete", genes=genes, layer=-2, progress_bar=False)
     dt = time.perf_counter() - t0
-    ref = perturb_cells_reference(cells[:1], model, perturbation="delete", genes=genes, layer=-2, progress=False)
+    ref = perturb_cells_reference(cells[:1], model, perturbation="delete", genes=genes, layer=-2, progress_bar=False)
     err = float(np.abs(res[res.cell_index == 0].sort_values("gene_token").cos_sim.to_numpy()
                        - ref.sort_values("gene_token").cos_sim.to_numpy()).max())
     res.to_parquet(out / "perturbations.parquet")

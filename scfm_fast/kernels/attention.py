@@ -9,8 +9,9 @@ Backends, tried in this order by ``backend="auto"`` (the first that supports the
 ``flash``
     ``flash_attn.flash_attn_varlen_func`` (CUDA, fp16/bf16, head_dim <= 256 and a multiple of 8).
 ``sdpa``
-    ``torch.nn.functional.scaled_dot_product_attention``: on CUDA over length-bucketed padded blocks
-    with a key mask; on the CPU one unmasked call per cell (so its fused kernel is used).
+    ``torch.nn.functional.scaled_dot_product_attention``: on CUDA over nested (jagged) tensors, which
+    PyTorch runs with its varlen flash / memory-efficient kernels (padded length buckets if that fails);
+    on the CPU one unmasked call per cell (so its fused kernel is used).
 ``triton``
     :func:`_varlen_attn_fwd` below, our FlashAttention-style forward kernel (online softmax over
     key blocks, one program per (query block, sequence, head)); CUDA, or the CPU under
@@ -61,11 +62,43 @@ def varlen_attention_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_s
 
 
 # ----------------------------------------------------------------------------- sdpa
-def _sdpa_varlen(q, k, v, cu_seqlens, max_seqlen, *, scale, per_cell=None):
-    """Pad to (B, H, L, D) and run SDPA with a key-padding mask.
+_nested_failed: list[str] = []
 
-    Sequences are grouped into buckets of similar length (at most 2x apart) so that padding waste
-    stays bounded even when a batch mixes short and long cells.
+
+def _sdpa_nested(q, k, v, cu_seqlens, max_seqlen, *, scale):
+    """SDPA over nested (jagged) tensors built on ``cu_seqlens``: on CUDA, PyTorch hands these to its
+    own varlen flash / memory-efficient kernels, with no padding and no mask."""
+    off = cu_seqlens.to(torch.int64)
+
+    def nt(t):
+        return torch.nested.nested_tensor_from_jagged(t, off, max_seqlen=int(max_seqlen)).transpose(1, 2)
+
+    if q.is_cuda:
+        # fused kernels only: if neither applies, raise (the caller falls back to padded buckets) rather
+        # than let SDPA run its slow math path one sequence at a time
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        with sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION]):
+            o = F.scaled_dot_product_attention(nt(q), nt(k), nt(v), scale=scale)
+    else:  # the CPU runs nested tensors through the math path: used by tests only
+        o = F.scaled_dot_product_attention(nt(q), nt(k), nt(v), scale=scale)
+    return o.transpose(1, 2).values().reshape(q.shape)
+
+
+def _sdpa_varlen(q, k, v, cu_seqlens, max_seqlen, *, scale, layout=None):
+    """Varlen attention through ``torch.nn.functional.scaled_dot_product_attention``.
+
+    ``layout`` (default: ``"per_cell"`` on the CPU, ``"nested"`` on CUDA):
+
+    ``per_cell``
+        One unmasked call per cell (the CPU's fused kernel; a mask would force the math path, which
+        materialises L x L scores; per-call overhead is negligible at these lengths).
+    ``nested``
+        Nested (jagged) tensors: PyTorch's varlen kernels. Falls back to ``bucketed`` (logged once) if
+        this PyTorch build cannot run them.
+    ``bucketed``
+        Pad to ``(B, H, L, D)`` with a key-padding mask, sequences grouped into buckets of similar length
+        (at most 2x apart) so padding waste stays bounded; a bucket of one length runs unmasked.
     """
     from .padding import position_ids_from_cu_seqlens, seq_ids_from_cu_seqlens
 
@@ -74,9 +107,14 @@ def _sdpa_varlen(q, k, v, cu_seqlens, max_seqlen, *, scale, per_cell=None):
     out = torch.empty_like(q)
     if total == 0:
         return out
-    if per_cell if per_cell is not None else q.device.type == "cpu":
-        # CPU: one unmasked call per cell lets SDPA use its fused flash kernel (a mask forces the
-        # math path, which materialises L x L scores); per-call overhead is negligible at these lengths
+    layout = layout or ("per_cell" if q.device.type == "cpu" else "nested")
+    if layout == "nested" and not _nested_failed:
+        try:
+            return _sdpa_nested(q, k, v, cu_seqlens, max_seqlen, scale=scale)
+        except (RuntimeError, NotImplementedError, TypeError, AttributeError, ValueError) as e:
+            _nested_failed.append(f"{type(e).__name__}: {e}")
+            log.warning("SDPA on nested tensors failed (%s); using padded buckets", _nested_failed[0][:300])
+    if layout == "per_cell":
         cu = cu_seqlens.tolist()
         for s, e in zip(cu[:-1], cu[1:]):
             if e > s:
@@ -109,9 +147,12 @@ def _sdpa_varlen(q, k, v, cu_seqlens, max_seqlen, *, scale, per_cell=None):
             buf[flat] = t[rows]
             return buf.view(g, lmax, nh, hd).transpose(1, 2)
 
-        mask = torch.zeros(g * lmax, dtype=torch.bool, device=q.device)
-        mask[flat] = True
-        mask = mask.view(g, 1, 1, lmax)
+        if rows.numel() == g * lmax:  # every cell of the bucket has length lmax: no mask, fused kernels
+            mask = None
+        else:
+            mask = torch.zeros(g * lmax, dtype=torch.bool, device=q.device)
+            mask[flat] = True
+            mask = mask.view(g, 1, 1, lmax)
         o = F.scaled_dot_product_attention(padded(q), padded(k), padded(v), attn_mask=mask, scale=scale)
         out[rows] = o.transpose(1, 2).reshape(g * lmax, nh, hd)[flat]
         i = j

@@ -264,7 +264,7 @@ def _work(args: argparse.Namespace) -> int:
                                pooling=args.pooling, mode=args.mode, batch_tokens=args.batch_tokens,
                                device=device, dtype=args.dtype, special_token_ids=special,
                                token_dictionary=args.token_dictionary, gene_name_map=args.gene_name_map,
-                               gene_shifts=args.gene_shifts, target_embedding=target, progress=False)
+                               gene_shifts=args.gene_shifts, target_embedding=target, progress_bar=False)
             meta = {"shard": s, "n_cells": part.num_rows, "n_rows": len(df), "seconds": time.perf_counter() - t0,
                     "skipped": df.attrs.get("skipped", []), "approx_error": df.attrs.get("approx_error")}
             _write_json(names[s].with_suffix(".json"), meta)

@@ -46,7 +46,7 @@ def run_engine(
     gene_name_map: Any = None,
     gene_shifts: bool = False,
     target_embedding: Any = None,
-    progress: bool = True,
+    progress_bar: bool = True,
     forward_layer: int | None = None,
     approx_check_cells: int = 1,
 ) -> pd.DataFrame:
@@ -116,7 +116,7 @@ def run_engine(
     if engine == "reference":
         from .reference import reference_block
 
-        bar = _progress(total=total, desc="perturb (reference)", unit="perturbations", enabled=progress)
+        bar = _progress(total=total, desc="perturb (reference)", unit="perturbations", enabled=progress_bar)
         for plan in plans():
             builder.skipped.extend(plan.skipped)
             if not plan.blocks:
@@ -141,7 +141,7 @@ def run_engine(
     else:
         msg = f"mode={engine!r}; choose one of {MODES}"
         raise ValueError(msg)
-    bar = _progress(total=total, desc=f"perturb ({engine})", unit="perturbations", enabled=progress)
+    bar = _progress(total=total, desc=f"perturb ({engine})", unit="perturbations", enabled=progress_bar)
     check: list[CellPlan] = []  # the first cells, rerun exactly to measure the approximation
     for plan in plans():
         builder.skipped.extend(plan.skipped)
@@ -188,7 +188,7 @@ def perturb_cells(
     gene_shifts: bool = False,
     target_embedding: Any = None,
     approx_check_cells: int = 1,
-    progress: bool = True,
+    progress_bar: bool = True,
 ) -> pd.DataFrame:
     """In-silico perturbation of cells with a Geneformer-family encoder (batched, exact by default).
 
@@ -240,7 +240,7 @@ def perturb_cells(
         A target cell-state embedding (e.g. the mean embedding of healthy cells): adds ``target_shift``.
     approx_check_cells
         With ``mode="approx"``: rerun this many cells exactly to measure the approximation error.
-    progress
+    progress_bar
         Show a progress bar.
 
     Returns
@@ -253,5 +253,5 @@ def perturb_cells(
                       batch_tokens=batch_tokens, device=device, dtype=dtype,
                       special_token_ids=special_token_ids, token_dictionary=token_dictionary,
                       gene_name_map=gene_name_map, gene_shifts=gene_shifts,
-                      target_embedding=target_embedding, progress=progress,
+                      target_embedding=target_embedding, progress_bar=progress_bar,
                       approx_check_cells=approx_check_cells)

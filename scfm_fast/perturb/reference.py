@@ -75,14 +75,14 @@ def perturb_cells_reference(
     gene_shifts: bool = False,
     target_embedding: Any = None,
     forward_layer: int | None = None,
-    progress: bool = True,
+    progress_bar: bool = True,
 ) -> pd.DataFrame:
     """Reference in-silico perturbation: one plain fp32 forward pass per variant (batch of one).
 
     Parameters
     ----------
     tokens, model, perturbation, genes, anchor, combine, rank_shift, layer, pooling, device, \
-special_token_ids, token_dictionary, gene_name_map, gene_shifts, target_embedding, progress
+special_token_ids, token_dictionary, gene_name_map, gene_shifts, target_embedding, progress_bar
         As for :func:`scfm_fast.perturb.perturb_cells`.
     forward_layer
         Run the model up to this layer and read out there instead of ``layer`` (benchmarks use ``-1`` to
@@ -99,4 +99,4 @@ special_token_ids, token_dictionary, gene_name_map, gene_shifts, target_embeddin
                       combine=combine, rank_shift=rank_shift, layer=layer, pooling=pooling, device=device,
                       special_token_ids=special_token_ids, token_dictionary=token_dictionary,
                       gene_name_map=gene_name_map, gene_shifts=gene_shifts, target_embedding=target_embedding,
-                      forward_layer=forward_layer, progress=progress)
+                      forward_layer=forward_layer, progress_bar=progress_bar)

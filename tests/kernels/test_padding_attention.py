@@ -51,15 +51,21 @@ def test_backends_match_reference_fp32(lengths, backend):
     torch.testing.assert_close(varlen_attention(q, k, v, cu, m, backend=backend), ref, atol=2e-6, rtol=1e-5)
 
 
-@pytest.mark.parametrize("lengths", LENGTHS)
-def test_sdpa_bucketed_path_matches_reference(lengths):
-    # the masked, length-bucketed layout used on CUDA, checked here on the CPU
-    from scfm_fast.kernels.attention import _sdpa_varlen
+@pytest.mark.parametrize("lengths", LENGTHS + [[6, 6, 6], [4, 0, 9]])
+@pytest.mark.parametrize("layout", ["bucketed", "nested", "per_cell"])
+@pytest.mark.filterwarnings("ignore::UserWarning")  # nested tensors are a "prototype" API on the CPU
+def test_sdpa_layouts_match_reference(lengths, layout):
+    # every SDPA layout (CUDA's nested and bucketed ones included) checked on the CPU too; the nested
+    # one without its fallback, so that a failure shows
+    from scfm_fast.kernels.attention import _sdpa_nested, _sdpa_varlen
 
     (q, k, v), cu, m = _qkv(lengths + [3, 3, 29])
     ref = varlen_attention_ref(q, k, v, cu, m)
-    torch.testing.assert_close(_sdpa_varlen(q, k, v, cu, m, scale=20 ** -0.5, per_cell=False), ref,
-                               atol=2e-6, rtol=1e-5)
+    if layout == "nested":
+        out = _sdpa_nested(q, k, v, cu, m, scale=20 ** -0.5)
+    else:
+        out = _sdpa_varlen(q, k, v, cu, m, scale=20 ** -0.5, layout=layout)
+    torch.testing.assert_close(out, ref, atol=2e-6, rtol=1e-5)
 
 
 def test_attention_never_crosses_cells():
