@@ -88,6 +88,19 @@ class EncoderParams:
         ctx = self.merge_heads(F.scaled_dot_product_attention(q, k, v))
         return self.post_attention(i, ctx, h)
 
+    def layer_first_row(self, i: int, h: torch.Tensor, qkv: torch.Tensor | None = None) -> torch.Tensor:
+        """Encoder layer ``i``'s output at row 0 only, ``(B, 1, H)``: all a ``<cls>`` readout needs from
+        its last layer. Keys and values of every row, the query, attention and feed-forward of row 0."""
+        lp, H = self.layers[i], self.hidden
+        if qkv is None:
+            q = F.linear(h[:, :1], lp.wqkv[:H], lp.bqkv[:H])
+            k, v = F.linear(h, lp.wqkv[H:], lp.bqkv[H:]).chunk(2, dim=-1)
+        else:
+            q, k, v = qkv[:, :1, :H], qkv[..., H:2 * H], qkv[..., 2 * H:]
+        q, k, v = (self.split_heads(t) for t in (q, k, v))
+        ctx = self.merge_heads(F.scaled_dot_product_attention(q, k, v))
+        return self.post_attention(i, ctx, h[:, :1])
+
     def run(self, h: torch.Tensor, n_layers: int) -> torch.Tensor:
         for i in range(n_layers):
             h = self.layer(i, h)

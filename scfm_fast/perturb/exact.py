@@ -13,7 +13,9 @@ what is provably redundant:
   computed once (a table of ``L`` rows) and gathered per variant; rare offsets (a moved gene) are computed
   once per unique (source, offset) pair;
 * the first layer's Q/K/V projections are per-token functions of those embedding rows too, so they are
-  computed on the same tables and gathered, instead of projected ``V x L`` times.
+  computed on the same tables and gathered, instead of projected ``V x L`` times;
+* with a ``<cls>`` readout (and no per-gene shifts), the last layer computes keys and values for every
+  row but its query, attention and feed-forward for row 0 only.
 
 Everything after the first attention depends on the whole variant and is computed per variant.
 """
@@ -154,6 +156,8 @@ class ExactEngine:
             emb = torch.cat(tabs) if len(tabs) > 1 else tabs[0]
             qkv = P.qkv(0, emb) if self.n_layers > 0 else None
         flat_t = torch.as_tensor(flat, device=dev)
+        # a <cls> readout without per-gene shifts needs only row 0 of the last layer
+        cls_only = pooling == "cls" and not gene_shifts
         per = max(1, self.batch_tokens // block.length)
         parts = []
         for b0 in range(0, block.n_variants, per):
@@ -161,10 +165,12 @@ class ExactEngine:
             idx = flat_t[b0:b1]
             with autocast_ctx(dev, self.dtype):
                 h = emb[idx]
-                if self.n_layers > 0:
-                    h = P.layer(0, h, qkv[idx])
-                    for i in range(1, self.n_layers):
-                        h = P.layer(i, h)
+                for i in range(self.n_layers):
+                    pre = qkv[idx] if i == 0 else None
+                    if i == self.n_layers - 1 and cls_only:
+                        h = P.layer_first_row(i, h, pre)
+                    else:
+                        h = P.layer(i, h, pre)
             parts.append(readout(h0, h.float(), plan, block, slice(b0, b1), pooling=pooling,
                                  gene_shifts=gene_shifts, target=target))
             if on_batch is not None:

@@ -100,9 +100,14 @@ def test_anchor_pairs_and_combined_list(model):
     assert len(ex) == 1 and ex["gene_tokens"].iloc[0] == both
 
 
-def test_cls_pooling_v2(model):
+@pytest.mark.parametrize("perturbation", ["delete", "overexpress", "inhibit"])
+@pytest.mark.parametrize("layer", [1, -2, -1])
+@pytest.mark.parametrize("gene_shifts", [False, True])
+def test_cls_pooling_v2(model, perturbation, layer, gene_shifts):
+    # without gene shifts the last layer runs for the <cls> row only (layer 1: from the shared Q/K/V)
     cells = make_cells([9, 14], v2=True)
-    _assert_same(*_both(cells, model, perturbation="inhibit", pooling="cls", rank_shift=0.5))
+    _assert_same(*_both(cells, model, perturbation=perturbation, pooling="cls", rank_shift=0.5, layer=layer,
+                        gene_shifts=gene_shifts, batch_tokens=40))
 
 
 def test_embedding_tables_are_shared():
