@@ -18,6 +18,8 @@ except ImportError:  # pragma: no cover - torch is a hard dependency
     _HAS_CUDA = False
 if not _HAS_CUDA:
     os.environ.setdefault("TRITON_INTERPRET", "1")
+# a Triton kernel that does not build must fail its tests, not fall back to PyTorch ops quietly
+os.environ.setdefault("SCFM_FAST_TRITON_STRICT", "1")
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("SCFM_SHARED", REPO.parent / "shared"))

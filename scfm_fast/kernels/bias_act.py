@@ -16,7 +16,7 @@ try:  # a Linux dependency; without it the PyTorch ops below are used
 except ImportError:  # pragma: no cover
     triton = tl = None
 
-from ._utils import row_block, use_triton
+from ._utils import row_block, run_kernel, use_triton
 
 ACTS = {"relu": 0, "gelu": 1, "gelu_new": 2, "gelu_pytorch_tanh": 2, "silu": 3, "swish": 3}
 
@@ -97,14 +97,18 @@ class BiasActFunction(torch.autograd.Function):
 
 def bias_act(x: torch.Tensor, bias: torch.Tensor, act: str) -> torch.Tensor:
     """``act(x + bias)``: Triton on CUDA (or under the interpreter), PyTorch otherwise."""
-    if use_triton(x):
-        return BiasActFunction.apply(x, bias, act)
-    h = x + bias
     a = ACTS[act]
-    if a == 0:
-        return F.relu(h)
-    if a == 1:
-        return F.gelu(h)
-    if a == 2:
-        return F.gelu(h, approximate="tanh")
-    return F.silu(h)
+
+    def torch_ops() -> torch.Tensor:
+        h = x + bias
+        if a == 0:
+            return F.relu(h)
+        if a == 1:
+            return F.gelu(h)
+        if a == 2:
+            return F.gelu(h, approximate="tanh")
+        return F.silu(h)
+
+    if use_triton(x):
+        return run_kernel("bias_act", lambda: BiasActFunction.apply(x, bias, act), torch_ops)
+    return torch_ops()

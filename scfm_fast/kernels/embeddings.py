@@ -16,7 +16,7 @@ try:  # a Linux dependency; without it the PyTorch ops below are used
 except ImportError:  # pragma: no cover
     triton = tl = None
 
-from ._utils import row_block, use_triton
+from ._utils import row_block, run_kernel, use_triton
 
 
 def embeddings_ref(input_ids: torch.Tensor, position_ids: torch.Tensor, word: torch.Tensor, pos: torch.Tensor,
@@ -73,7 +73,12 @@ def embeddings_forward(input_ids, position_ids, word, pos, type0, weight, bias, 
 
 def bert_embeddings(input_ids, position_ids, word, pos, type0, weight, bias, eps):
     """Embedding sum + LayerNorm: Triton on CUDA (or under the interpreter), PyTorch otherwise."""
+    def torch_ops() -> torch.Tensor:
+        h = F.embedding(input_ids, word) + F.embedding(position_ids, pos) + type0
+        return F.layer_norm(h, (word.shape[1],), weight, bias, eps)
+
     if use_triton(word) and not torch.is_grad_enabled():
-        return embeddings_forward(input_ids, position_ids, word, pos, type0, weight, bias, eps)
-    h = F.embedding(input_ids, word) + F.embedding(position_ids, pos) + type0
-    return F.layer_norm(h, (word.shape[1],), weight, bias, eps)
+        return run_kernel("bert_embeddings",
+                          lambda: embeddings_forward(input_ids, position_ids, word, pos, type0, weight, bias, eps),
+                          torch_ops)
+    return torch_ops()

@@ -17,7 +17,7 @@ try:  # a Linux dependency; without it the PyTorch ops below are used
 except ImportError:  # pragma: no cover
     triton = tl = None
 
-from ._utils import row_block, use_triton
+from ._utils import row_block, run_kernel, use_triton
 
 
 def layer_norm_ref(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor, bias: torch.Tensor,
@@ -95,7 +95,11 @@ class AddLayerNormFunction(torch.autograd.Function):
 def add_layer_norm(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor, bias: torch.Tensor,
                    eps: float) -> torch.Tensor:
     """``LayerNorm(x + residual)``: Triton on CUDA (or under the interpreter), PyTorch otherwise."""
+    def torch_ops() -> torch.Tensor:
+        h = x if residual is None else x + residual
+        return F.layer_norm(h, (x.shape[-1],), weight, bias, eps)
+
     if use_triton(x):
-        return AddLayerNormFunction.apply(x, residual, weight, bias, eps)
-    h = x if residual is None else x + residual
-    return F.layer_norm(h, (x.shape[-1],), weight, bias, eps)
+        return run_kernel("add_layer_norm", lambda: AddLayerNormFunction.apply(x, residual, weight, bias, eps),
+                          torch_ops)
+    return torch_ops()

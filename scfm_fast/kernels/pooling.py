@@ -16,7 +16,7 @@ try:  # a Linux dependency; without it the PyTorch ops below are used
 except ImportError:  # pragma: no cover
     triton = tl = None
 
-from ._utils import next_pow2, use_triton
+from ._utils import next_pow2, run_kernel, use_triton
 
 
 def segment_mean_ref(x: torch.Tensor, cu_seqlens: torch.Tensor, keep: torch.Tensor | None = None) -> torch.Tensor:
@@ -74,7 +74,8 @@ def segment_mean_forward(x: torch.Tensor, cu_seqlens: torch.Tensor, keep: torch.
 def segment_mean(x: torch.Tensor, cu_seqlens: torch.Tensor, keep: torch.Tensor | None = None) -> torch.Tensor:
     """Per-cell mean over kept rows: Triton on CUDA (or under the interpreter), PyTorch otherwise."""
     if use_triton(x) and not torch.is_grad_enabled():
-        return segment_mean_forward(x, cu_seqlens, keep)
+        return run_kernel("segment_mean", lambda: segment_mean_forward(x, cu_seqlens, keep),
+                          lambda: segment_mean_ref(x, cu_seqlens, keep))
     return segment_mean_ref(x, cu_seqlens, keep)
 
 
