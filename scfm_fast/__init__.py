@@ -37,6 +37,8 @@ _EXPORTS = {
     "measure_approx_error": "scfm_fast.perturb",
     "gene_stats": "scfm_fast.perturb",
     "plot_gene_stats": "scfm_fast.perturb",
+    "select_cells": "scfm_fast.perturb",
+    "state_embedding": "scfm_fast.perturb",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -25,3 +25,7 @@ class StoreError(ScfmError, RuntimeError):
 
 class BackendUnavailableError(ScfmError, RuntimeError):
     """A compute backend the user asked for explicitly cannot be used here."""
+
+
+class UsageError(ScfmError, ValueError):
+    """Options that are malformed or cannot be combined."""

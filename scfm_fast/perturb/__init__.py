@@ -3,7 +3,9 @@
 * :func:`perturb_cells` - the engine (``mode="exact"`` or ``"approx"``), returns a DataFrame;
 * :func:`perturb_cells_reference` - the oracle, one plain forward per variant;
 * :func:`measure_approx_error` - approximate vs exact error (max |dcos|, Spearman of effect rankings);
-* :func:`gene_stats` / :func:`plot_gene_stats` - rank genes by mean shift vs a random-gene null, with FDR.
+* :func:`gene_stats` / :func:`plot_gene_stats` - rank genes by mean shift vs a random-gene null, with FDR;
+* :func:`select_cells` / :func:`state_embedding` - cells of a state (by metadata) and a state's mean
+  embedding, the target of disease -> healthy screens (``target_embedding=``).
 
 Example (a delete-all screen of every cell of a token dataset)::
 
@@ -35,6 +37,8 @@ _EXPORTS = {
     "gene_stats": "scfm_fast.perturb.stats",
     "plot_gene_stats": "scfm_fast.perturb.stats",
     "plan_cell": "scfm_fast.perturb.plan",
+    "select_cells": "scfm_fast.perturb.states",
+    "state_embedding": "scfm_fast.perturb.states",
     "PERTURBATIONS": "scfm_fast.perturb.plan",
 }
 

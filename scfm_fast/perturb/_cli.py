@@ -27,13 +27,13 @@ import time
 from pathlib import Path
 from typing import Any
 
-from .._errors import InputFileError, StoreError
+from .._errors import InputFileError, StoreError, UsageError
 
 log = logging.getLogger(__name__)
 
 _CONFIG_KEYS = ("tokens", "model", "perturb", "genes", "anchor", "combine", "rank_shift", "layer", "pooling",
                 "mode", "dtype", "cells_per_shard", "max_cells", "gene_shifts", "target_embedding",
-                "special_tokens")
+                "special_tokens", "filter", "target_state")
 
 
 def _csv(s: str) -> list[str]:
@@ -68,6 +68,13 @@ def register(subparsers: Any) -> None:
     p.add_argument("--max-cells", type=int, help="only the first N cells")
     p.add_argument("--gene-shifts", action="store_true", help="also store every remaining gene's cosine")
     p.add_argument("--target-embedding", help=".npy target state embedding (adds target_shift)")
+    p.add_argument("--target-state", metavar="COLUMN=VALUE[,VALUE]",
+                   help="target state = mean embedding of the cells of TOKENS_DIR with this metadata (e.g. "
+                        "disease=nf), same model/layer/pooling; saved as OUT/target_embedding.npy; adds "
+                        "target_shift")
+    p.add_argument("--filter", metavar="COLUMN=VALUE[,VALUE]",
+                   help="perturb only the cells with this metadata (e.g. disease=dcm; several joined by ';'); "
+                        "cell_index keeps their positions in TOKENS_DIR")
     p.add_argument("--special-tokens", help="comma-separated special token ids (default: from dictionary)")
     p.add_argument("--token-dictionary", help="token dictionary pickle (default: bundled Geneformer V1)")
     p.add_argument("--gene-name-map", help="symbol -> Ensembl pickle (default: bundled Geneformer V1)")
@@ -125,7 +132,7 @@ def _arrow_schema(df_columns: list[str]):
 def _columns(args: argparse.Namespace) -> list[str]:
     cols = ["cell_index", "perturbation", "gene_token", "gene_tokens", "ensembl_id", "n_genes", "orig_rank",
             "new_rank", "cos_sim", "shift"]
-    if args.target_embedding:
+    if args.target_embedding or args.target_state:
         cols.append("target_shift")
     if args.gene_shifts:
         cols += ["gene_shift_tokens", "gene_shift_cos"]
@@ -187,17 +194,24 @@ def _work(args: argparse.Namespace) -> int:
 
     from .._progress import progress
     from .api import perturb_cells
+    from .states import parse_where, select_cells, state_embedding
 
     rank, world, local = _rank_world()
     src = Path(args.tokens)
     if not src.exists():
         msg = f"{src}: token dataset directory not found"
         raise InputFileError(msg)
+    if args.target_embedding and args.target_state:
+        msg = "give either --target-embedding or --target-state, not both"
+        raise UsageError(msg)
     dset = ds.dataset(str(src), format="parquet")
     if "input_ids" not in dset.schema.names:
         msg = f"{src}: token shards lack an 'input_ids' column (have {dset.schema.names})"
         raise InputFileError(msg)
-    table = dset.to_table(columns=[c for c in ("input_ids", "cell_index") if c in dset.schema.names])
+    if args.filter:
+        table = select_cells(src, parse_where(args.filter))
+    else:
+        table = dset.to_table(columns=[c for c in ("input_ids", "cell_index") if c in dset.schema.names])
     if "cell_index" not in table.column_names:
         import pyarrow as pa
 
@@ -232,7 +246,7 @@ def _work(args: argparse.Namespace) -> int:
             names[s].with_suffix(".json").unlink(missing_ok=True)
         done = []
         if rank == 0:
-            for f in ("perturbations.parquet", "gene_stats.parquet", "gene_stats.png"):
+            for f in ("perturbations.parquet", "gene_stats.parquet", "gene_stats.png", "target_embedding.npy"):
                 (out / f).unlink(missing_ok=True)
             # shards of an older layout (another --cells-per-shard) are never written by this run
             current = {p.name for p in names.values()} | {p.with_suffix(".json").name for p in names.values()}
@@ -253,6 +267,19 @@ def _work(args: argparse.Namespace) -> int:
         model = load_model(args.model, device)
         target = np.load(args.target_embedding) if args.target_embedding else None
         special = [int(x) for x in _csv(args.special_tokens)] if args.special_tokens else None
+        if args.target_state:
+            # every rank computes it (deterministic, and cheap next to the screen); rank 0 keeps a copy
+            target, n_state = state_embedding(src, model, where=parse_where(args.target_state), layer=args.layer,
+                                              pooling=args.pooling, special_token_ids=special,
+                                              token_dictionary=args.token_dictionary,
+                                              batch_tokens=args.batch_tokens, device=device, dtype=args.dtype,
+                                              progress_bar=rank == 0)
+            if rank == 0:
+                tmp = out / ".target_embedding.npy.tmp"
+                with open(tmp, "wb") as f:
+                    np.save(f, target)
+                os.replace(tmp, out / "target_embedding.npy")
+                log.info("target state %s: mean embedding of %d cells", args.target_state, n_state)
         genes = parse_genes(args.genes)
         bar = progress(total=sum(min(cps, n_cells - s * cps) for s in todo), desc=f"perturb rank {rank}",
                        unit="cells", enabled=True)

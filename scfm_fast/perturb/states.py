@@ -1,0 +1,140 @@
+"""Cell states for screens: select cells by a metadata column, and a state's mean embedding.
+
+Geneformer models disease -> healthy screens with ``cell_states_to_model``: perturb the cells of a start
+state and measure how far each perturbation moves them toward a goal state, represented by the mean
+embedding of the goal state's cells. Here :func:`select_cells` picks cells of a token table by the
+metadata columns the tokenizer carried (``scfm tokenize --obs-columns``), and :func:`state_embedding`
+computes a state's mean embedding with the same model, layer, pooling and special tokens as the screen
+(``perturb_cells(..., target_embedding=...)`` then adds ``target_shift``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .._errors import InputFileError, UsageError
+
+
+def parse_where(spec: str) -> dict[str, list[str]]:
+    """``"COLUMN=V1,V2"`` (several joined by ``;``) -> ``{"COLUMN": ["V1", "V2"]}``."""
+    out: dict[str, list[str]] = {}
+    for part in (p.strip() for p in spec.split(";")):
+        if not part:
+            continue
+        col, sep, vals = part.partition("=")
+        values = [v.strip() for v in vals.split(",") if v.strip()]
+        if not sep or not col.strip() or not values:
+            msg = f"{spec!r}: expected COLUMN=VALUE[,VALUE...] (e.g. disease=dcm), several joined by ';'"
+            raise UsageError(msg)
+        out.setdefault(col.strip(), []).extend(values)
+    if not out:
+        msg = f"{spec!r}: expected COLUMN=VALUE[,VALUE...]"
+        raise UsageError(msg)
+    return out
+
+
+def _read_table(tokens: Any, columns: Iterable[str]):
+    import pyarrow as pa
+    import pyarrow.dataset as ds
+
+    if isinstance(tokens, pa.Table):
+        return tokens, "the token table"
+    src = Path(tokens)
+    if not src.exists():
+        msg = f"{src}: token dataset directory not found"
+        raise InputFileError(msg)
+    dset = ds.dataset(str(src), format="parquet")
+    want = ["input_ids", "cell_index", *columns]
+    return dset.to_table(columns=[c for c in dict.fromkeys(want) if c in dset.schema.names]), str(src)
+
+
+def select_cells(tokens: Any, where: Mapping[str, str | Sequence[str]]):
+    """The cells of a token table whose metadata match ``where`` (every column, any of its values).
+
+    Parameters
+    ----------
+    tokens
+        A token dataset directory or a ``pyarrow.Table`` with ``input_ids`` and metadata columns.
+    where
+        ``{column: value or values}``; values are compared as strings, so ``{"batch": "3"}`` matches an
+        integer column too.
+
+    Returns
+    -------
+    pyarrow.Table
+        ``input_ids``, ``cell_index`` (the cells' positions in the dataset, added when absent) and the
+        ``where`` columns of the matching cells, in dataset order.
+    """
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    table, name = _read_table(tokens, where)
+    if "input_ids" not in table.column_names:
+        msg = f"{name}: no 'input_ids' column (have {table.column_names})"
+        raise InputFileError(msg)
+    if "cell_index" not in table.column_names:
+        table = table.append_column("cell_index", pa.array(np.arange(table.num_rows, dtype=np.int64)))
+    keep = pa.array(np.ones(table.num_rows, dtype=bool))
+    for col, vals in where.items():
+        vals = [vals] if isinstance(vals, str) else [str(v) for v in vals]
+        if col not in table.column_names:
+            meta = [c for c in table.column_names if c not in ("input_ids", "cell_index", "length")]
+            msg = (f"{name}: no metadata column {col!r} (have {meta or 'none'}); tokenize with "
+                   f"`scfm tokenize ... --obs-columns {col}` to carry it")
+            raise InputFileError(msg)
+        as_str = pc.cast(table.column(col), pa.string())
+        hit = pc.fill_null(pc.is_in(as_str, value_set=pa.array(vals, pa.string())), fill_value=False)
+        if not pc.any(hit).as_py():
+            present = pc.unique(as_str).to_pylist()
+            shown = ", ".join(map(str, present[:20])) + (" ..." if len(present) > 20 else "")
+            msg = f"{name}: no cell has {col} in {vals} (values present: {shown})"
+            raise InputFileError(msg)
+        keep = pc.and_(keep, hit)
+    cols = ["input_ids", "cell_index", *[c for c in where if c not in ("input_ids", "cell_index")]]
+    return table.filter(keep).select(list(dict.fromkeys(cols)))
+
+
+def state_embedding(tokens: Any, model: Any, *, where: Mapping[str, str | Sequence[str]] | None = None,
+                    layer: int = -2, pooling: str = "mean", special_token_ids: Iterable[int] | None = None,
+                    token_dictionary: Any = None, batch_tokens: int | None = None, device: Any = None,
+                    dtype: Any = None, progress_bar: bool = True) -> tuple[np.ndarray, int]:
+    """Mean cell embedding of a cell state, read out as a perturbation screen reads out its cells.
+
+    Parameters
+    ----------
+    tokens
+        Token dataset directory or ``pyarrow.Table`` (see :func:`select_cells`), or a list of token arrays
+        when ``where`` is ``None``.
+    model
+        The screen's :class:`~scfm_fast.model.bert.BertEncoderModel`.
+    where
+        Which cells form the state, e.g. ``{"disease": "nf"}``; ``None``: all of ``tokens``.
+    layer, pooling, special_token_ids, token_dictionary
+        As for :func:`~scfm_fast.perturb.perturb_cells` (the same defaults), so the state and the
+        perturbed cells are embedded alike.
+    batch_tokens, device, dtype, progress_bar
+        As for :func:`~scfm_fast.embed.embed_tokens`.
+
+    Returns
+    -------
+    embedding
+        ``float64 (hidden,)``, the mean over the state's cells (cells without genes are left out).
+    n_cells
+        How many cells it averages.
+    """
+    from ..embed import embed_tokens
+    from ._inputs import GeneResolver, unique_special
+
+    cells = select_cells(tokens, where) if where else tokens
+    specials = unique_special(special_token_ids, GeneResolver(token_dictionary))
+    emb, _ = embed_tokens(cells, model, layer=layer, pooling=pooling, batch_tokens=batch_tokens, device=device,
+                          dtype=dtype, special_token_ids=specials, progress_bar=progress_bar)
+    ok = np.isfinite(emb).all(axis=1)
+    if not ok.any():
+        msg = f"cell state {dict(where) if where else 'of all cells'}: no cell has any gene token to embed"
+        raise InputFileError(msg)
+    return emb[ok].astype(np.float64).mean(axis=0), int(ok.sum())

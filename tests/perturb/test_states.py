@@ -1,0 +1,148 @@
+"""Cell states: selecting cells by metadata, a state's mean embedding, and `scfm perturb --filter/--target-state`."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from scfm_fast._errors import InputFileError, UsageError
+from scfm_fast.cli import main
+from scfm_fast.perturb import perturb_cells, select_cells, state_embedding
+from scfm_fast.perturb.states import parse_where
+
+from .conftest import SPECIAL, make_cells, tiny_model
+
+DISEASE = ["dcm", "nf", "dcm", "hcm", "nf", "dcm", "nf"]
+BATCH = [1, 1, 2, 2, 3, 3, 3]
+
+
+@pytest.fixture(scope="module")
+def cells():
+    return make_cells([6, 9, 4, 12, 7, 10, 5], seed=7)
+
+
+def _table(cells):
+    return pa.table({"input_ids": pa.array([c.tolist() for c in cells], pa.list_(pa.int32())),
+                     "disease": pa.array(DISEASE).dictionary_encode(), "batch": pa.array(BATCH, pa.int64())})
+
+
+def test_parse_where():
+    assert parse_where("disease=dcm,hcm; batch=3") == {"disease": ["dcm", "hcm"], "batch": ["3"]}
+    for bad in ("disease", "=dcm", "disease=", ""):
+        with pytest.raises(UsageError, match="COLUMN=VALUE"):
+            parse_where(bad)
+
+
+def test_select_cells_by_string_and_integer_columns(cells):
+    t = select_cells(_table(cells), {"disease": ["dcm", "hcm"], "batch": "2"})
+    assert t.column("cell_index").to_pylist() == [2, 3]
+    assert t.column("input_ids").to_pylist() == [cells[2].tolist(), cells[3].tolist()]
+    assert select_cells(_table(cells), {"disease": "nf"}).column("cell_index").to_pylist() == [1, 4, 6]
+
+
+def test_select_cells_explains_what_is_missing(cells):
+    with pytest.raises(InputFileError, match="--obs-columns tissue"):
+        select_cells(_table(cells), {"tissue": "heart"})
+    with pytest.raises(InputFileError, match=r"no cell has disease in \['healthy'\].*dcm"):
+        select_cells(_table(cells), {"disease": "healthy"})
+
+
+@pytest.mark.parametrize("pooling,v2", [("mean", False), ("cls", True)])
+def test_state_embedding_is_mean_of_reference_readouts(cells, pooling, v2):
+    model = tiny_model()
+    cs = make_cells([6, 9, 4, 12, 7, 10, 5], seed=7, v2=v2)
+    got, n = state_embedding(_table(cs), model, where={"disease": "nf"}, layer=-2, pooling=pooling,
+                             special_token_ids=SPECIAL, progress_bar=False)
+    want = []
+    with torch.no_grad():
+        for i in (1, 4, 6):
+            h = model.forward_reference(torch.as_tensor(cs[i])[None], layer=-2)[0]
+            keep = torch.as_tensor(~np.isin(cs[i], SPECIAL))
+            want.append((h[0] if pooling == "cls" else h[keep].mean(0)).numpy())
+    assert n == 3
+    np.testing.assert_allclose(got, np.mean(want, axis=0), rtol=0, atol=2e-6)
+
+
+def test_target_state_shift_matches_definition(cells):
+    # target_shift = cos(perturbed, target) - cos(unperturbed, target), per variant
+    model = tiny_model()
+    target, _ = state_embedding(_table(cells), model, where={"disease": "nf"}, special_token_ids=SPECIAL,
+                                progress_bar=False)
+    df = perturb_cells([cells[0]], model, genes="all", special_token_ids=SPECIAL, target_embedding=target,
+                       progress_bar=False)
+
+    def pooled(ids, drop):
+        with torch.no_grad():
+            h = model.forward_reference(torch.as_tensor(ids)[None], layer=-2)[0].double()
+        keep = [t not in drop for t in ids]
+        return h[torch.as_tensor(keep)].mean(0).numpy()
+
+    def cos(a, b):
+        return float(a @ b / np.linalg.norm(a) / np.linalg.norm(b))
+
+    for _, row in df.iterrows():
+        g = int(row["gene_token"])
+        pert = pooled(np.array([t for t in cells[0] if t != g]), {g})
+        orig = pooled(cells[0], {g})
+        assert row["target_shift"] == pytest.approx(cos(pert, target) - cos(orig, target), abs=2e-6)
+
+
+@pytest.fixture(scope="module")
+def state_dir(tmp_path_factory, cells):
+    d = tmp_path_factory.mktemp("tokens_states")
+    t = _table(cells)
+    pq.write_table(t.slice(0, 4), d / "part-0000-000000000000.parquet")
+    pq.write_table(t.slice(4), d / "part-0001-000000000000.parquet")
+    return d
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    from safetensors.torch import save_file
+
+    d = tmp_path_factory.mktemp("ckpt_states")
+    m = tiny_model()
+    (d / "config.json").write_text(json.dumps(m.config.to_hf_dict()))
+    save_file({f"bert.{k}": v.contiguous() for k, v in m.state_dict().items()}, str(d / "model.safetensors"))
+    return d
+
+
+def _run(token_dir, ckpt, out, *extra):
+    return main(["perturb", str(token_dir), "--model", str(ckpt), "--out", str(out), "--cells-per-shard", "2",
+                 "--special-tokens", ",".join(map(str, SPECIAL)), "--batch-tokens", "64", *extra])
+
+
+def test_cli_filter_and_target_state(state_dir, ckpt, tmp_path, cells):
+    out = tmp_path / "out"
+    assert _run(state_dir, ckpt, out, "--filter", "disease=dcm", "--target-state", "disease=nf") == 0
+    df = pd.read_parquet(out / "perturbations.parquet")
+    dcm = [i for i, d in enumerate(DISEASE) if d == "dcm"]
+    assert sorted(df["cell_index"].unique()) == dcm
+    assert len(df) == sum(len(cells[i]) for i in dcm)
+    target = np.load(out / "target_embedding.npy")
+    want, _ = state_embedding(state_dir, tiny_model(), where={"disease": "nf"}, special_token_ids=SPECIAL,
+                              progress_bar=False)
+    np.testing.assert_allclose(target, want, rtol=0, atol=1e-6)
+    api = perturb_cells([cells[i] for i in dcm], tiny_model(), special_token_ids=SPECIAL, target_embedding=want,
+                        progress_bar=False)
+    np.testing.assert_allclose(df["target_shift"], api["target_shift"], rtol=0, atol=1e-6)
+    man = json.loads((out / "manifest.json").read_text())
+    assert man["config"]["filter"] == "disease=dcm" and man["config"]["target_state"] == "disease=nf"
+    # a resumed run with the same settings is accepted; other states are refused without --overwrite
+    assert _run(state_dir, ckpt, out, "--filter", "disease=dcm", "--target-state", "disease=nf", "--resume") == 0
+    assert _run(state_dir, ckpt, out, "--filter", "disease=hcm", "--target-state", "disease=nf", "--resume") == 2
+
+
+def test_cli_refuses_bad_state_options(state_dir, ckpt, tmp_path, capsys):
+    npy = tmp_path / "t.npy"
+    np.save(npy, np.zeros(48))
+    assert _run(state_dir, ckpt, tmp_path / "a", "--target-embedding", str(npy), "--target-state", "disease=nf") == 2
+    assert "not both" in capsys.readouterr().err
+    assert _run(state_dir, ckpt, tmp_path / "b", "--filter", "tissue=heart") == 2
+    assert "--obs-columns tissue" in capsys.readouterr().err
