@@ -51,3 +51,26 @@ def model() -> BertEncoderModel:
 @pytest.fixture(autouse=True)
 def _quiet(monkeypatch):
     monkeypatch.setenv("SCFM_FAST_PROGRESS", "0")
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    """``tiny_model()`` saved as a Hugging Face checkpoint directory (``bert.`` prefix, safetensors)."""
+    import json
+
+    from safetensors.torch import save_file
+
+    d = tmp_path_factory.mktemp("ckpt")
+    m = tiny_model()
+    (d / "config.json").write_text(json.dumps(m.config.to_hf_dict()))
+    save_file({f"bert.{k}": v.contiguous() for k, v in m.state_dict().items()}, str(d / "model.safetensors"))
+    return d
+
+
+def run_cli(token_dir, ckpt, out, *extra, cells_per_shard: int = 3) -> int:
+    """``scfm perturb`` on the test layout (special tokens 0-3, small batches); returns the exit code."""
+    from scfm_fast.cli import main
+
+    return main(["perturb", str(token_dir), "--model", str(ckpt), "--out", str(out), "--cells-per-shard",
+                 str(cells_per_shard), "--special-tokens", ",".join(map(str, SPECIAL)), "--batch-tokens", "64",
+                 *extra])

@@ -10,11 +10,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from scfm_fast.cli import main
 from scfm_fast.perturb import perturb_cells
 from scfm_fast.perturb._cli import parse_genes
 
-from .conftest import SPECIAL, make_cells, tiny_model
+from .conftest import SPECIAL, make_cells, run_cli, tiny_model
 
 
 @pytest.fixture(scope="module")
@@ -33,20 +32,8 @@ def token_dir(tmp_path_factory, cells):
     return d
 
 
-@pytest.fixture(scope="module")
-def ckpt(tmp_path_factory):
-    from safetensors.torch import save_file
-
-    d = tmp_path_factory.mktemp("ckpt")
-    m = tiny_model()
-    (d / "config.json").write_text(json.dumps(m.config.to_hf_dict()))
-    save_file({f"bert.{k}": v.contiguous() for k, v in m.state_dict().items()}, str(d / "model.safetensors"))
-    return d
-
-
 def _run(token_dir, ckpt, out, *extra):
-    return main(["perturb", str(token_dir), "--model", str(ckpt), "--out", str(out), "--cells-per-shard", "3",
-                 "--special-tokens", ",".join(map(str, SPECIAL)), "--batch-tokens", "64", *extra])
+    return run_cli(token_dir, ckpt, out, *extra)
 
 
 def test_screen_writes_shards_merge_stats(token_dir, ckpt, tmp_path, cells):

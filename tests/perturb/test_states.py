@@ -12,11 +12,10 @@ import pytest
 import torch
 
 from scfm_fast._errors import InputFileError, UsageError
-from scfm_fast.cli import main
 from scfm_fast.perturb import perturb_cells, select_cells, state_embedding
 from scfm_fast.perturb.states import parse_where
 
-from .conftest import SPECIAL, make_cells, tiny_model
+from .conftest import SPECIAL, make_cells, run_cli, tiny_model
 
 DISEASE = ["dcm", "nf", "dcm", "hcm", "nf", "dcm", "nf"]
 BATCH = [1, 1, 2, 2, 3, 3, 3]
@@ -102,20 +101,8 @@ def state_dir(tmp_path_factory, cells):
     return d
 
 
-@pytest.fixture(scope="module")
-def ckpt(tmp_path_factory):
-    from safetensors.torch import save_file
-
-    d = tmp_path_factory.mktemp("ckpt_states")
-    m = tiny_model()
-    (d / "config.json").write_text(json.dumps(m.config.to_hf_dict()))
-    save_file({f"bert.{k}": v.contiguous() for k, v in m.state_dict().items()}, str(d / "model.safetensors"))
-    return d
-
-
 def _run(token_dir, ckpt, out, *extra):
-    return main(["perturb", str(token_dir), "--model", str(ckpt), "--out", str(out), "--cells-per-shard", "2",
-                 "--special-tokens", ",".join(map(str, SPECIAL)), "--batch-tokens", "64", *extra])
+    return run_cli(token_dir, ckpt, out, *extra, cells_per_shard=2)
 
 
 def test_cli_filter_and_target_state(state_dir, ckpt, tmp_path, cells):
