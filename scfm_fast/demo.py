@@ -42,24 +42,6 @@ def _plot_tokens(store, vocab, names, path: Path) -> None:
     plt.close(fig)
 
 
-def _plot_pca(emb: np.ndarray, color: np.ndarray, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    x = emb - emb.mean(0)
-    u, s, _ = np.linalg.svd(x, full_matrices=False)
-    pc = u[:, :2] * s[:2]
-    fig, ax = plt.subplots(figsize=(5.5, 4.5))
-    sc = ax.scatter(pc[:, 0], pc[:, 1], c=color, s=12, cmap="viridis")
-    fig.colorbar(sc, label="tokens per cell")
-    ax.set(xlabel="PC1", ylabel="PC2", title="Cell embeddings (random-weight V1-6L)")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-
-
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("out", help="demo output directory holding tokens/")
@@ -71,6 +53,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     from .embed import embed_tokens
+    from .embed.plot import plot_embedding_pca
     from .model.bert import BertEncoderModel
     from .model.checkpoint import load_encoder, save_encoder
     from .model.config import EncoderConfig
@@ -110,7 +93,8 @@ def main(argv: list[str] | None = None) -> int:
     pq.write_table(pa.table({"cell_index": np.asarray(store.cell_index),
                              "embedding": pa.FixedSizeListArray.from_arrays(pa.array(emb.ravel()), emb.shape[1])}),
                    out / "cell_embeddings.parquet")
-    _plot_pca(emb, store.lengths, out / "embeddings_pca.png")
+    plot_embedding_pca(emb, store.lengths, out / "embeddings_pca.png", label="tokens per cell",
+                       title="Cell embeddings (random-weight V1-6L)" if not args.model else "Cell embeddings")
     embed_rate = len(store) / dt
     print(f"[3/4] embedded {len(store)} cells at layer -2 in {dt:.1f} s ({len(store) / dt:.1f} cells/s, CPU) "
           f"-> cell_embeddings.parquet, embeddings_pca.png")

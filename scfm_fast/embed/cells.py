@@ -37,6 +37,8 @@ class TokenSource:
 
 def as_token_source(tokens: Any) -> TokenSource:
     """A token dataset directory, a pyarrow Table with ``input_ids``, or a list of int arrays."""
+    if isinstance(tokens, TokenSource):
+        return tokens
     if isinstance(tokens, (str, Path)):
         from ..store import TokenStore
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -84,20 +86,77 @@ def test_embed_cells_on_real_pbmc(pbmc_path, tmp_path):
     assert "X_geneformer" not in adata.obsm  # copy=True left the input alone
 
 
-def test_embed_cli(tmp_path, pbmc_path):
+@pytest.fixture(scope="module")
+def pbmc_tokens_ckpt(tmp_path_factory, pbmc_path):
+    """The PBMC cells tokenized (with a metadata column) and a small random checkpoint."""
     from scfm_fast.cli import main
     from scfm_fast.model.checkpoint import save_encoder
     from scfm_fast.model.config import EncoderConfig
 
+    d = tmp_path_factory.mktemp("embed_cli")
     cfg = EncoderConfig(vocab_size=25_426, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
                         intermediate_size=40, max_position_embeddings=128)
-    save_encoder(BertEncoderModel(cfg), tmp_path / "ckpt")
-    assert main(["tokenize", str(pbmc_path), "--out", str(tmp_path / "tok"), "--max-len", "128"]) == 0
-    assert main(["embed", str(tmp_path / "tok"), "--model", str(tmp_path / "ckpt"), "--out", str(tmp_path / "e"),
-                 "--layer", "-2", "--genes", "--device", "cpu"]) == 0
+    torch.manual_seed(0)
+    save_encoder(init_like_bert(BertEncoderModel(cfg)), d / "ckpt")
+    assert main(["tokenize", str(pbmc_path), "--out", str(d / "tok"), "--max-len", "128",
+                 "--obs-columns", "n_genes"]) == 0
+    return d / "tok", d / "ckpt"
+
+
+def _embed(tok, ckpt, out, *extra):
+    from scfm_fast.cli import main
+
+    return main(["embed", str(tok), "--model", str(ckpt), "--out", str(out), "--layer", "-2", "--device", "cpu",
+                 *extra])
+
+
+def test_embed_cli(tmp_path, pbmc_tokens_ckpt):
+    from scfm_fast.model.checkpoint import load_encoder
+
+    tok, ckpt = pbmc_tokens_ckpt
+    assert _embed(tok, ckpt, tmp_path / "e", "--genes", "--plot", "n_genes") == 0
     cells = pq.read_table(tmp_path / "e/cell_embeddings.parquet")
     assert cells.num_rows == 200 and cells.column("cell_index").to_pylist() == list(range(200))
-    np.testing.assert_array_equal(np.load(tmp_path / "e/cell_embeddings.npy"),
-                                  np.stack(cells.column("embedding").to_numpy(zero_copy_only=False)))
+    assert {"n_genes", "length", "file_index"} <= set(cells.column_names)  # metadata travel with embeddings
+    emb = np.load(tmp_path / "e/cell_embeddings.npy")
+    np.testing.assert_array_equal(emb, np.stack(cells.column("embedding").to_numpy(zero_copy_only=False)))
+    api, api_genes = embed_tokens(tok, load_encoder(ckpt), layer=-2, genes=True, progress_bar=False)
+    np.testing.assert_allclose(emb, api, rtol=0, atol=1e-6)
     genes = pq.read_table(tmp_path / "e/gene_embeddings.parquet")
     assert genes.num_rows > 1000 and all(g.startswith("ENSG") for g in genes.column("ensembl_id").to_pylist())
+    np.testing.assert_array_equal(genes.column("token").to_numpy(), api_genes["token"])
+    np.testing.assert_allclose(np.stack(genes.column("embedding").to_numpy(zero_copy_only=False)),
+                               api_genes["embedding"], rtol=0, atol=1e-6)
+    assert (tmp_path / "e/cell_embeddings_pca.png").read_bytes()[:4] == b"\x89PNG"
+    info = json.loads((tmp_path / "e/embed_info.json").read_text())
+    assert info["status"] == "complete" and info["n_cells"] == 200
+
+
+def test_embed_cli_parts_resume_and_refusals(tmp_path, pbmc_tokens_ckpt):
+    tok, ckpt = pbmc_tokens_ckpt
+    one = tmp_path / "one"
+    assert _embed(tok, ckpt, one, "--genes") == 0
+    out = tmp_path / "parts"
+    assert _embed(tok, ckpt, out, "--genes", "--cells-per-part", "64") == 0
+    assert sorted(p.name for p in (out / "parts").glob("*.parquet")) == [f"part-{i:06d}.parquet" for i in range(4)]
+    full = pq.read_table(out / "cell_embeddings.parquet")
+    # parts give the same cells and genes as one pass (cells in parts are batched differently)
+    np.testing.assert_allclose(np.load(out / "cell_embeddings.npy"), np.load(one / "cell_embeddings.npy"),
+                               rtol=0, atol=1e-6)
+    g1, g4 = (pq.read_table(d / "gene_embeddings.parquet") for d in (one, out))
+    assert g1.column("n").to_pylist() == g4.column("n").to_pylist()
+    np.testing.assert_allclose(np.stack(g4.column("embedding").to_numpy(zero_copy_only=False)),
+                               np.stack(g1.column("embedding").to_numpy(zero_copy_only=False)), rtol=0, atol=1e-6)
+    # an interrupted run: part 2 missing, a half-written temporary, no merged files
+    (out / "parts/part-000002.parquet").unlink()
+    (out / "parts/.part-000002.parquet.tmp").write_bytes(b"partial")
+    (out / "cell_embeddings.parquet").unlink()
+    t0 = (out / "parts/part-000000.parquet").stat().st_mtime_ns
+    assert _embed(tok, ckpt, out, "--genes", "--cells-per-part", "64") == 2  # refuses without --resume
+    assert _embed(tok, ckpt, out, "--genes", "--cells-per-part", "64", "--resume") == 0
+    assert (out / "parts/part-000000.parquet").stat().st_mtime_ns == t0
+    assert pq.read_table(out / "cell_embeddings.parquet").equals(full)
+    assert _embed(tok, ckpt, out, "--genes", "--cells-per-part", "64", "--resume", "--layer", "-1") == 2
+    assert _embed(tok, ckpt, out, "--cells-per-part", "64", "--overwrite", "--plot", "nope") == 2
+    assert _embed(tok, ckpt, out, "--cells-per-part", "100", "--overwrite") == 0
+    assert len(list((out / "parts").glob("*.parquet"))) == 2 and not (out / "gene_embeddings.parquet").exists()
