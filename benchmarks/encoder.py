@@ -118,6 +118,16 @@ def child(args) -> None:
     print(json.dumps(out))
 
 
+def _triton_fixed(q, k, v, cu, L):
+    os.environ["SCFM_FAST_TRITON_AUTOTUNE"] = "0"
+    try:
+        from scfm_fast.kernels.attention import varlen_attention_triton
+
+        return varlen_attention_triton(q, k, v, cu, L)
+    finally:
+        os.environ.pop("SCFM_FAST_TRITON_AUTOTUNE")
+
+
 def _attention_rows(bench: str, lens: list[int], device: str, peak: float, repeat: int) -> list[dict]:
     import torch
 
@@ -135,6 +145,17 @@ def _attention_rows(bench: str, lens: list[int], device: str, peak: float, repea
     # the SDPA layouts separately: "sdpa" above is nested tensors unless they fail
     runs["sdpa nested (no fallback)"] = lambda: _sdpa_nested(q, k, v, cu, L, scale=D**-0.5)
     runs["sdpa bucketed"] = lambda: _sdpa_varlen(q, k, v, cu, L, scale=D**-0.5, layout="bucketed")
+    runs["triton (fixed 64x64, no autotune)"] = lambda: _triton_fixed(q, k, v, cu, L)
+    if len(set(lens)) == 1:  # one length: the dense layout the perturbation engine uses, per SDPA kernel
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        dense = [t.view(len(lens), L, H, D).transpose(1, 2) for t in (q, k, v)]
+        for kname in ("FLASH_ATTENTION", "CUDNN_ATTENTION", "EFFICIENT_ATTENTION"):
+            if hasattr(SDPBackend, kname):
+                def run(kname=kname):
+                    with sdpa_kernel([getattr(SDPBackend, kname)]):
+                        return torch.nn.functional.scaled_dot_product_attention(*dense)
+                runs[f"sdpa dense {kname.split('_')[0].lower()}"] = run
     rows = []
     for name, fn in runs.items():
         try:

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 from dataclasses import dataclass, field
 
 import torch
@@ -43,6 +44,7 @@ from ._utils import interpreting, next_pow2, triton_available
 log = logging.getLogger("scfm_fast")
 
 BACKENDS = ("flash", "sdpa", "triton", "reference")
+_LOG2E = 1.4426950408889634
 
 
 # ----------------------------------------------------------------------------- reference
@@ -165,7 +167,7 @@ def _sdpa_varlen(q, k, v, cu_seqlens, max_seqlen, *, scale, layout=None):
 if triton is not None:
 
     @triton.jit
-    def _varlen_attn_fwd(Q, K, V, Out, CU, sm_scale, stride_t, stride_h, H, D,
+    def _varlen_attn_fwd(Q, K, V, Out, CU, qk_scale, stride_t, stride_h, H, D,
                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
                          IEEE: tl.constexpr):
         # (sequence, head) on axis 0: its limit is 2**31, axis 1 only allows 65,535 programs
@@ -192,14 +194,15 @@ if triton is not None:
                 k = tl.load(K + kv_off, mask=kv_mask, other=0.0)
                 # float32 inputs: exact fp32 products, as the reference (Triton's default is TF32 on
                 # CUDA, ~3e-4 relative error); half inputs use the tensor cores either way
+                # scores in log2 units (qk_scale = scale * log2(e)): exp2 is the hardware's native exponential
                 if IEEE:
-                    s = tl.dot(q, tl.trans(k), input_precision="ieee") * sm_scale
+                    s = tl.dot(q, tl.trans(k), input_precision="ieee") * qk_scale
                 else:
-                    s = tl.dot(q, tl.trans(k)) * sm_scale
+                    s = tl.dot(q, tl.trans(k)) * qk_scale
                 s = tl.where(kn[None, :] < seqlen, s, float("-inf"))
                 m_new = tl.maximum(m_i, tl.max(s, 1))
-                p = tl.exp(s - m_new[:, None])
-                alpha = tl.exp(m_i - m_new)
+                p = tl.exp2(s - m_new[:, None])
+                alpha = tl.exp2(m_i - m_new)
                 l_i = l_i * alpha + tl.sum(p, 1)
                 v = tl.load(V + kv_off, mask=kv_mask, other=0.0)
                 if IEEE:
@@ -212,8 +215,20 @@ if triton is not None:
                      acc.to(Out.dtype.element_ty), mask=(offs_m[:, None] < seqlen) & dmask)
 
 
+    # CUDA: block shapes, warps and pipelining depth chosen by timing on the first call per (heads, head
+    # dim, precision). Configurations that do not fit the device are skipped by the autotuner.
+    _CUDA_CONFIGS = [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
+                     for bm, bn, w, s in ((128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 3), (64, 64, 4, 3),
+                                          (64, 64, 4, 4), (128, 32, 4, 4), (64, 32, 4, 3))]
+    _varlen_attn_fwd_tuned = triton.autotune(configs=_CUDA_CONFIGS, key=["H", "BLOCK_D", "IEEE"])(_varlen_attn_fwd)
+
+
 def varlen_attention_triton(q, k, v, cu_seqlens, max_seqlen, *, scale=None):
-    """Launch the Triton varlen forward kernel (see module docstring)."""
+    """Launch the Triton varlen forward kernel (see module docstring).
+
+    On CUDA the block configuration is autotuned (``SCFM_FAST_TRITON_AUTOTUNE=0``: a fixed 64 x 64);
+    under the CPU interpreter it is 16 x 16.
+    """
     total, nh, hd = q.shape
     if not (q.is_contiguous() and k.is_contiguous() and v.is_contiguous()):
         q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
@@ -222,12 +237,17 @@ def varlen_attention_triton(q, k, v, cu_seqlens, max_seqlen, *, scale=None):
         return out
     scale = 1.0 / math.sqrt(hd) if scale is None else scale
     block_d = max(16, next_pow2(hd))
-    block_m = 16 if interpreting() else (64 if block_d <= 64 else 32)
-    block_n = 16 if interpreting() else (64 if block_d <= 64 else 32)
     batch = cu_seqlens.numel() - 1
-    grid = (batch * nh, triton.cdiv(max(int(max_seqlen), 1), block_m))
-    _varlen_attn_fwd[grid](q, k, v, out, cu_seqlens.to(torch.int32), scale, q.stride(0), q.stride(1), nh, hd,
-                 BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, IEEE=q.dtype == torch.float32)
+    lmax = max(int(max_seqlen), 1)
+    args = (q, k, v, out, cu_seqlens.to(torch.int32), scale * _LOG2E, q.stride(0), q.stride(1), nh, hd)
+    ieee = q.dtype == torch.float32
+    if q.is_cuda and os.environ.get("SCFM_FAST_TRITON_AUTOTUNE", "1") != "0":
+        grid = lambda meta: (batch * nh, triton.cdiv(lmax, meta["BLOCK_M"]))  # noqa: E731
+        _varlen_attn_fwd_tuned[grid](*args, BLOCK_D=block_d, IEEE=ieee)
+        return out
+    block = 16 if interpreting() else (64 if block_d <= 64 else 32)
+    _varlen_attn_fwd[(batch * nh, triton.cdiv(lmax, block))](*args, BLOCK_M=block, BLOCK_N=block, BLOCK_D=block_d,
+                                                             IEEE=ieee)
     return out
 
 
