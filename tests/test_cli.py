@@ -7,10 +7,12 @@ import pickle
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 from scfm_fast.cli import main
-from scfm_fast.store import TokenStore
+from scfm_fast.store import TokenStore, read_table
+from scfm_fast.tokenizer.pipeline import tokenize_anndata
 
 
 @pytest.fixture(scope="module")
@@ -26,9 +28,23 @@ def test_tokenize_cli(tmp_path, pbmc, capsys):
     assert "13,065/16,581 genes matched" in err and "wrote 200 cells" in err
     store = TokenStore(tmp_path / "o")
     assert len(store) == 200 and store.lengths.max() == 2048
+    # the command's tokens and carried columns equal the in-memory API on the same cells
+    ad = pytest.importorskip("anndata")
+    adata = ad.read_h5ad(pbmc)
+    want = tokenize_anndata(adata, preset="geneformer-v1")
+    tab = read_table(tmp_path / "o")
+    assert tab.column("cell_index").to_pylist() == want.column("cell_index").to_pylist()
+    assert tab.column("input_ids").to_pylist() == want.column("input_ids").to_pylist()
+    rows = tab.column("cell_index").to_numpy()
+    np.testing.assert_allclose(tab.column("percent_mito").to_numpy(), adata.obs["percent_mito"].to_numpy()[rows])
     # a second run into the same folder is refused with a hint; --resume on a complete run is a no-op
     assert main(["tokenize", str(pbmc), "--out", str(tmp_path / "o")]) == 2
     assert "--resume" in capsys.readouterr().err
+    before = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "o").glob("*.parquet")}
+    assert main(["tokenize", str(pbmc), "--out", str(tmp_path / "o"), "--preset", "geneformer-v1",
+                 "--obs-columns", "n_genes,percent_mito", "--chunk-size", "64", "--resume"]) == 0
+    assert {p.name: p.stat().st_mtime_ns for p in (tmp_path / "o").glob("*.parquet")} == before
+    assert read_table(tmp_path / "o").column("input_ids").to_pylist() == want.column("input_ids").to_pylist()
 
 
 def test_tokenize_cli_error_exit(tmp_path, capsys):

@@ -15,8 +15,13 @@ FLASH_ATTN_STYLE = {"varlen_attention"}
 
 
 def test_all_names_resolve():
+    # every exported name exists, is documented, and is what its home module defines
+    assert len(set(scfm_fast.__all__)) == len(scfm_fast.__all__)
     for name in scfm_fast.__all__:
-        assert getattr(scfm_fast, name) is not None
+        obj = getattr(scfm_fast, name)
+        if inspect.isfunction(obj) or inspect.isclass(obj):
+            assert obj.__module__.startswith("scfm_fast."), name
+            assert inspect.getdoc(obj), f"{name} has no docstring"
 
 
 @pytest.mark.parametrize("name", FUNCS)

@@ -131,6 +131,9 @@ class ChunkedReader:
             stored (explicit zeros may be kept).  Column indices are sorted within each row for dense
             and CSC sources, but are not guaranteed sorted for CSR sources (they are as stored).
         """
+        if getattr(self, "_closed", False):
+            msg = f"{self.path}: this reader was closed; open the file again with open_reader()"
+            raise ValueError(msg)
         if int(chunk_size) < 1:
             msg = f"chunk_size must be >= 1, got {chunk_size}"
             raise ValueError(msg)
@@ -160,7 +163,8 @@ class ChunkedReader:
         """Release file handles (subclasses)."""
 
     def close(self) -> None:
-        """Release file handles; the reader cannot be used afterwards."""
+        """Release file handles; the reader cannot be used afterwards (closing twice is fine)."""
+        self._closed = True
         self._close()
 
     def __enter__(self) -> ChunkedReader:

@@ -49,9 +49,9 @@ class _NpyAppender:
         self.f.write(np.ascontiguousarray(block, dtype=self.dtype).tobytes())
         self.written += block.size
 
-    def close(self) -> None:
+    def close(self, *, check: bool = True) -> None:
         self.f.close()
-        if self.written != self.n:
+        if check and self.written != self.n:
             msg = f"{self.f.name}: wrote {self.written} of {self.n} elements"
             raise StoreError(msg)
 
@@ -73,7 +73,8 @@ class ShardedTokenWriter:
     vocab_size
         Size of the token vocabulary: packed tokens are ``uint16`` when it fits, else ``int32``.
     resume
-        Continue an interrupted run in ``out_dir``.
+        Continue an interrupted run in ``out_dir``; resuming a complete run changes nothing
+        (:attr:`complete` is then ``True``).
     overwrite
         Replace an existing output directory.
     """
@@ -83,6 +84,7 @@ class ShardedTokenWriter:
         self.out = Path(out_dir)
         self.config = config
         self.hash = config_hash(config)
+        self.complete = False
         self.dtype = np.dtype(np.uint16 if vocab_size <= np.iinfo(np.uint16).max + 1 else np.int32)
         man_path = self.out / MANIFEST
         if self.out.exists() and any(self.out.iterdir()):
@@ -97,7 +99,6 @@ class ShardedTokenWriter:
                 msg = f"{self.out}: not empty and has no {MANIFEST}; refusing to resume into it"
                 raise StoreError(msg)
         self.parts = self.out / PARTS_DIR
-        self.parts.mkdir(parents=True, exist_ok=True)
         if resume and man_path.exists():
             self.manifest = json.loads(man_path.read_text())
             if self.manifest.get("config_hash") != self.hash:
@@ -105,9 +106,17 @@ class ShardedTokenWriter:
                        f"(config {self.manifest.get('config_hash')} vs {self.hash}); use --overwrite or "
                        "a new --out")
                 raise StoreError(msg)
+            if self.manifest.get("status") == "complete" and (self.out / PACKED_DIR).is_dir():
+                # nothing left to do; only parts a crash after the final manifest left behind go
+                shutil.rmtree(self.parts, ignore_errors=True)
+                self.complete = True
+                self._index = {s["file"]: s for s in self.manifest["shards"]}
+                return
+            self.parts.mkdir(parents=True, exist_ok=True)
             self._clean_strays()
             self.manifest["status"] = "in_progress"
         else:
+            self.parts.mkdir(parents=True, exist_ok=True)
             self.manifest = {"format": FORMAT, "status": "in_progress", "config_hash": self.hash,
                              "config": config, "shards": [], "created": time.time()}
         self._index = {s["file"]: s for s in self.manifest["shards"]}
@@ -182,6 +191,7 @@ class ShardedTokenWriter:
         outs = {name: _NpyAppender(tmp / f"{name}.npy", dt, n)
                 for name, dt, n in (("tokens", self.dtype, n_tokens), ("offsets", np.int64, n_cells + 1),
                                     ("cell_index", np.int64, n_cells), ("file_index", np.int32, n_cells))}
+        ok = False
         try:
             outs["offsets"].write(np.zeros(1, dtype=np.int64))
             t = 0
@@ -197,13 +207,17 @@ class ShardedTokenWriter:
                     outs["cell_index"].write(z["cell_index"])
                     outs["file_index"].write(z["file_index"])
                 t += vals.size
+            ok = True
         finally:
+            # a short file is an error only when nothing else failed first (never mask the cause)
             for o in outs.values():
-                o.close()
+                o.close(check=ok)
         shutil.rmtree(self.out / PACKED_DIR, ignore_errors=True)
         os.replace(tmp, self.out / PACKED_DIR)
-        shutil.rmtree(self.parts, ignore_errors=True)
         self.manifest.update(status="complete", n_cells=n_cells, n_tokens=n_tokens,
                              packed={"dir": PACKED_DIR, "dtype": self.dtype.name}, **summary)
         self._save()
+        # the parts go only once the manifest says complete, so a crash in between can still resume
+        shutil.rmtree(self.parts, ignore_errors=True)
+        self.complete = True
         return self.manifest

@@ -19,7 +19,7 @@ from .._errors import CountDataError, InputFileError
 from .._progress import progress
 from ..vocab import GeneVocab, get_preset, load_gene_name_map, load_ortholog_map, resolve_genes
 from ..vocab.dictionaries import SPECIAL_TOKENS
-from .reference import check_counts_ref
+from .reference import check_counts_ref, count_problem
 
 log = logging.getLogger("scfm_fast")
 
@@ -86,10 +86,14 @@ def _bad_count_error(path: str, chunk, var_names, *, allow_non_integer: bool) ->
         row = int(np.searchsorted(chunk.indptr, j, side="right") - 1)
         cell = chunk.obs.index[row] if len(chunk.obs.index) > row else chunk.start + row
         gene = var_names[int(chunk.indices[j])]
-        value = chunk.data[j]
-        msg = (f"{path}: cell {cell!r} (row {chunk.start + row}), gene {gene!r}: count {value!r} is not a "
-               f"raw count; tokenization needs raw counts - pick them with --layer/use_raw, or pass "
-               f"--allow-non-integer if fractional counts are intended")
+        value = float(chunk.data[j])
+        what = count_problem(value)
+        fix = "tokenization needs raw counts - pick them with --layer/use_raw"
+        if what == "a non-integer count":
+            fix += ", or pass --allow-non-integer if fractional counts are intended"
+        # str()/float() so numpy scalars print as values, not as np.str_('...') reprs.
+        msg = (f"{path}: cell '{cell}' (row {chunk.start + row}), gene '{gene}': {what} ({value!r}) is not "
+               f"a raw count; {fix}")
         return CountDataError(msg)
     return CountDataError(f"{path}: invalid counts in rows {chunk.start}..{chunk.stop}")
 
@@ -101,8 +105,8 @@ def _chunk_totals(path: str, chunk) -> np.ndarray | None:
     bad = ~np.isfinite(tot) | (tot < 0)
     if bad.any():
         i = int(np.flatnonzero(bad)[0])
-        msg = (f"{path}: cell {chunk.obs.index[i]!r} (row {chunk.start + i}) has {TOTAL_COLUMN}="
-               f"{tot[i]!r}; {TOTAL_COLUMN} must be the cell's total raw count (or drop the column to "
+        msg = (f"{path}: cell '{chunk.obs.index[i]}' (row {chunk.start + i}) has {TOTAL_COLUMN}="
+               f"{float(tot[i])!r}; {TOTAL_COLUMN} must be the cell's total raw count (or drop the column to "
                "have it computed)")
         raise CountDataError(msg)
     return tot
@@ -270,6 +274,9 @@ def tokenize_corpus(
                   "obs_columns": want, "chunk_size": chunk_size}
         writer = ShardedTokenWriter(out, config=config, vocab_size=spec.vocab.size, resume=resume,
                                     overwrite=overwrite)
+        if writer.complete:
+            log.info("%s: already complete (%d cells); nothing to do", out, writer.manifest.get("n_cells", 0))
+            return writer.manifest
         writer.update(inputs=[str(p) for p in paths], gene_match=[rep.to_dict() for _, rep in resolved])
         total = sum(r.n_obs for r in readers)
         t0 = time.perf_counter()

@@ -56,17 +56,21 @@ def _seq_sum(values: np.ndarray) -> float:
     return float(np.add.accumulate(values, dtype=np.float64)[-1])
 
 
-def _count_error(row: int, entry: int, value: float, *, allow_non_integer: bool) -> str:
+def count_problem(value: float) -> str:
+    """What is wrong with a count that failed the raw-count check ("a NaN/Inf count", ...)."""
     if not np.isfinite(value):
-        what = "a NaN/Inf count"
-    elif value < 0:
-        what = "a negative count"
-    else:
-        what = "a non-integer count"
+        return "a NaN/Inf count"
+    if value < 0:
+        return "a negative count"
+    return "a non-integer count"
+
+
+def _count_error(row: int, entry: int, value: float, *, allow_non_integer: bool) -> str:
+    what = count_problem(value)
     fix = "pass raw counts (e.g. layer='counts' or use_raw=True)"
     if what == "a non-integer count" and not allow_non_integer:
         fix += ", or allow_non_integer=True if the values are e.g. ambient-corrected counts"
-    return f"cell row {row} has {what} ({value!r}) at stored entry {entry}; {fix}"
+    return f"cell row {row} has {what} ({float(value)!r}) at stored entry {entry}; {fix}"
 
 
 def rank_tokenize_ref(

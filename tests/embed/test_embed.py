@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 
 import numpy as np
@@ -12,7 +13,7 @@ import torch
 
 from scfm_fast.embed import embed_cells, embed_tokens
 from scfm_fast.model.bert import BertEncoderModel
-from tests._helpers import init_like_bert, tiny_config
+from tests._helpers import assert_close_to_baseline, init_like_bert, tiny_config
 
 
 @pytest.fixture(scope="module")
@@ -29,7 +30,7 @@ def _ref_mean(model, cell, layer, specials=(0, 1)):
     with torch.no_grad():
         h = model.forward_reference(torch.as_tensor(cell)[None], torch.ones(1, len(cell)), layer=layer)[0]
     keep = ~np.isin(cell, specials)
-    return h[torch.as_tensor(keep)].mean(0).numpy()
+    return h[torch.as_tensor(keep)].float().mean(0).numpy()
 
 
 @pytest.mark.parametrize("layer", [-1, -2])
@@ -67,23 +68,48 @@ def test_table_source_and_bf16(model):
     table = pa.table({"input_ids": pa.array(cells, type=pa.list_(pa.int32())), "cell_index": [3, 9]})
     f32, _ = embed_tokens(table, model, progress_bar=False)
     b16, _ = embed_tokens(table, model, dtype="bfloat16", progress_bar=False)
-    assert np.abs(f32 - b16).max() < 0.1 and not np.isnan(b16).any()
+    for i, c in enumerate(cells):
+        np.testing.assert_allclose(f32[i], _ref_mean(model, c, -1), atol=1e-4)
+    # bf16 error no worse than twice the reference forward's own error in bf16 (both against fp32)
+    m16 = copy.deepcopy(model).to(torch.bfloat16)
+    base = np.stack([_ref_mean(m16, c, -1) for c in cells]).astype(np.float32)
+    assert_close_to_baseline(torch.as_tensor(b16), torch.as_tensor(f32), torch.as_tensor(base))
 
 
 def test_embed_cells_on_real_pbmc(pbmc_path, tmp_path):
     ad = pytest.importorskip("anndata")
     from scfm_fast.model.config import EncoderConfig
+    from scfm_fast.tokenizer.pipeline import TokenizerSpec, tokenize_anndata
+    from scfm_fast.vocab import resolve_genes
 
     adata = ad.read_h5ad(pbmc_path)[:6].copy()
     cfg = EncoderConfig(vocab_size=25_426, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
                         intermediate_size=40, max_position_embeddings=2048)
-    m = BertEncoderModel(cfg).eval()
+    m = init_like_bert(BertEncoderModel(cfg)).eval()
     out = embed_cells(adata, m, genes=True, copy=True, tokenize_kwargs={"max_len": 64})
-    assert out.obsm["X_geneformer"].shape == (6, 32) and not np.isnan(out.obsm["X_geneformer"]).any()
+    assert "X_geneformer" not in adata.obsm  # copy=True left the input alone
+    # every cell's row equals the reference forward of its own tokens, mean-pooled
+    tab = tokenize_anndata(adata, max_len=64)
+    cells = [np.asarray(c) for c in tab.column("input_ids").to_pylist()]
+    rows = tab.column("cell_index").to_numpy()
+    assert out.obsm["X_geneformer"].shape == (6, 32) and sorted(rows.tolist()) == list(range(6))
+    sums: dict[int, list] = {}
+    for r, c in zip(rows, cells):
+        np.testing.assert_allclose(out.obsm["X_geneformer"][r], _ref_mean(m, c, -1), atol=1e-4)
+        with torch.no_grad():
+            h = m.forward_reference(torch.as_tensor(c)[None])[0].numpy()
+        for t, v in zip(c.tolist(), h):
+            sums.setdefault(t, []).append(v)
+    # varm holds, for each vocabulary gene of the AnnData, the mean of its hidden states over the cells
+    spec = TokenizerSpec.build()
+    col, _ = resolve_genes(adata.var_names.astype(str).to_numpy(), spec.vocab,
+                           gene_name_map=spec.gene_name_map, min_fraction=0.0)
     varm = out.varm["X_geneformer"]
     assert varm.shape == (adata.n_vars, 32)
-    assert 0 < (~np.isnan(varm[:, 0])).sum() <= 6 * 64
-    assert "X_geneformer" not in adata.obsm  # copy=True left the input alone
+    seen = [g for g in range(adata.n_vars) if col[g] in sums]
+    assert len(seen) == len(sums) and (~np.isnan(varm[:, 0])).sum() == len(seen)
+    for g in seen:
+        np.testing.assert_allclose(varm[g], np.mean(sums[int(col[g])], axis=0), atol=1e-4)
 
 
 @pytest.fixture(scope="module")
@@ -160,3 +186,24 @@ def test_embed_cli_parts_resume_and_refusals(tmp_path, pbmc_tokens_ckpt):
     assert _embed(tok, ckpt, out, "--cells-per-part", "64", "--overwrite", "--plot", "nope") == 2
     assert _embed(tok, ckpt, out, "--cells-per-part", "100", "--overwrite") == 0
     assert len(list((out / "parts").glob("*.parquet"))) == 2 and not (out / "gene_embeddings.parquet").exists()
+
+
+def test_triton_kernels_give_the_same_embeddings(model, monkeypatch):
+    # the rest of this folder runs plain torch ops (interpreter speed); here the Triton path of the
+    # whole embed pipeline (row kernels, attention, segment-mean pooling, gene sums) on a few small cells
+    cells = _cells(model.config.vocab_size, [6, 1, 13])
+    cells[2][3] = 1  # a <mask> inside a cell: excluded by the pooling kernel too
+    plain, plain_genes = embed_tokens(cells, model, genes=True, progress_bar=False)
+    monkeypatch.setenv("SCFM_FAST_TRITON", "1")
+    import scfm_fast.kernels._utils as kutils
+
+    ran = []
+    real = kutils.run_kernel
+    monkeypatch.setattr(kutils, "run_kernel", lambda name, *a, **k: ran.append(name) or real(name, *a, **k))
+    for mod in ("layer_norm", "bias_act", "embeddings", "pooling"):
+        monkeypatch.setattr(f"scfm_fast.kernels.{mod}.run_kernel", kutils.run_kernel)
+    fast, fast_genes = embed_tokens(cells, model, genes=True, progress_bar=False)
+    assert {"add_layer_norm", "bias_act", "segment_mean"} <= set(ran)
+    np.testing.assert_allclose(fast, plain, rtol=0, atol=1e-5)
+    np.testing.assert_array_equal(fast_genes["token"], plain_genes["token"])
+    np.testing.assert_allclose(fast_genes["embedding"], plain_genes["embedding"], rtol=0, atol=1e-5)

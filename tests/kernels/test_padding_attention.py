@@ -68,6 +68,29 @@ def test_sdpa_layouts_match_reference(lengths, layout):
     torch.testing.assert_close(out, ref, atol=2e-6, rtol=1e-5)
 
 
+def test_nested_failure_falls_back_to_buckets_once(monkeypatch, caplog):
+    # a PyTorch build whose nested SDPA cannot run: same answer through padded buckets, one warning,
+    # and later calls go straight to the buckets
+    import scfm_fast.kernels.attention as attn
+
+    calls = []
+
+    def broken(*a, **k):
+        calls.append(1)
+        raise RuntimeError("No available kernel (simulated)")
+
+    monkeypatch.setattr(attn, "_sdpa_nested", broken)
+    monkeypatch.setattr(attn, "_nested_failed", [])
+    (q, k, v), cu, m = _qkv([5, 17, 9])
+    ref = varlen_attention_ref(q, k, v, cu, m)
+    with caplog.at_level("WARNING", logger=attn.log.name):
+        for _ in range(2):
+            out = attn._sdpa_varlen(q, k, v, cu, m, scale=20 ** -0.5, layout="nested")
+            torch.testing.assert_close(out, ref, atol=2e-6, rtol=1e-5)
+    assert len(calls) == 1 and "simulated" in attn._nested_failed[0]
+    assert sum("nested tensors failed" in r.message for r in caplog.records) == 1
+
+
 def test_attention_never_crosses_cells():
     (q, k, v), cu, m = _qkv([5, 6])
     out = varlen_attention(q, k, v, cu, m, backend="triton")
@@ -86,7 +109,7 @@ def test_low_precision_within_twice_reference_error(backend, dtype):
     ref = varlen_attention_ref(q, k, v, cu, m)
     qb, kb, vb = (t.to(dtype) for t in (q, k, v))
     base = varlen_attention_ref(qb, kb, vb, cu, m)
-    assert_close_to_baseline(varlen_attention(qb, kb, vb, cu, m, backend=backend), ref, base, atol=2e-3)
+    assert_close_to_baseline(varlen_attention(qb, kb, vb, cu, m, backend=backend), ref, base)
 
 
 def test_dispatch_reasons():
@@ -106,4 +129,6 @@ def test_triton_attention_cuda_long_cells():
     q, k, v, cu = q.cuda(), k.cuda(), v.cuda(), cu.cuda()
     ref = varlen_attention_ref(q.float(), k.float(), v.float(), cu, m)
     base = varlen_attention_ref(q, k, v, cu, m)
+    # atol: the kernel rounds the probabilities to bf16 before the P @ V dot, as FlashAttention does,
+    # which the reference (one softmax, then one matmul) does not
     assert_close_to_baseline(varlen_attention(q, k, v, cu, m, backend="triton"), ref, base, atol=2e-3)

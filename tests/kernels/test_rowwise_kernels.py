@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from scfm_fast.kernels.bias_act import BiasActFunction, bias_act_forward, bias_act_ref
 from scfm_fast.kernels.embeddings import embeddings_forward, embeddings_ref
@@ -35,8 +36,10 @@ def test_layer_norm_bf16_and_backward():
                              layer_norm_ref(x.bfloat16(), r.bfloat16(), w, b, 1e-12))
     xs, rs, ws, bs = (t.clone().requires_grad_() for t in (x, r, w, b))
     AddLayerNormFunction.apply(xs, rs, ws, bs, 1e-12).pow(2).sum().backward()
+    # Gradients against torch's own LayerNorm autograd (independent of our reference function), so a
+    # swapped or mis-scaled gradient in the wrapper fails.
     xr, rr, wr, br = (t.clone().requires_grad_() for t in (x, r, w, b))
-    layer_norm_ref(xr, rr, wr, br, 1e-12).pow(2).sum().backward()
+    F.layer_norm(xr + rr, (45,), wr, br, 1e-12).pow(2).sum().backward()
     for a, c in ((xs, xr), (rs, rr), (ws, wr), (bs, br)):
         torch.testing.assert_close(a.grad, c.grad, atol=1e-5, rtol=1e-4)
 
@@ -47,9 +50,13 @@ def test_bias_act(act, rows, n):
     x, b = torch.randn(rows, n), torch.randn(n)
     torch.testing.assert_close(bias_act_forward(x, b, act), bias_act_ref(x, b, act), atol=2e-6, rtol=1e-5)
     xs, bs = x.clone().requires_grad_(), b.clone().requires_grad_()
-    BiasActFunction.apply(xs, bs, act).sum().backward()
     xr, br = x.clone().requires_grad_(), b.clone().requires_grad_()
-    bias_act_ref(xr, br, act).sum().backward()
+    torch_act = {"relu": F.relu, "gelu": F.gelu, "gelu_new": lambda h: F.gelu(h, approximate="tanh"),
+                 "silu": F.silu}[act]
+    # A random upstream gradient, so a gradient that ignores it (or sums rows wrongly) fails.
+    g = torch.randn(rows, n)
+    (BiasActFunction.apply(xs, bs, act) * g).sum().backward()
+    (torch_act(xr + br) * g).sum().backward()
     torch.testing.assert_close(xs.grad, xr.grad)
     torch.testing.assert_close(bs.grad, br.grad)
 

@@ -78,3 +78,24 @@ def test_approx_supports_readouts_and_budget(model):
     np.testing.assert_allclose(a["target_shift"], b["target_shift"], rtol=0, atol=1e-6)
     assert "approx_error" not in a.attrs
     assert all(len(t) == len(c) for t, c in zip(a["gene_shift_tokens"], a["gene_shift_cos"]))
+
+
+@pytest.mark.parametrize("pooling", ["mean", "cls"])
+def test_approx_readouts_equal_exact_where_the_approximation_is_exact(pooling):
+    # delete at layer 1 without position embeddings is exact (see above): every readout of the
+    # approximate engine (cosine, target shift, per-gene shifts) must then equal the exact engine's
+    m = tiny_model()
+    with torch.no_grad():
+        m.embeddings.position_embeddings.weight.zero_()
+    cells = make_cells([9, 21], v2=True)
+    target = np.random.default_rng(0).normal(size=48)
+    kw = dict(special_token_ids=SPECIAL, layer=1, pooling=pooling, gene_shifts=True, target_embedding=target)
+    ap = perturb_cells(cells, m, mode="approx", approx_check_cells=0, **kw)
+    ex = perturb_cells(cells, m, **kw)
+    assert ap[["cell_index", "gene_token"]].equals(ex[["cell_index", "gene_token"]])
+    for col in ("cos_sim", "target_shift"):
+        np.testing.assert_allclose(ap[col], ex[col], rtol=0, atol=1e-5)
+    for ta, te, ca, ce in zip(ap["gene_shift_tokens"], ex["gene_shift_tokens"], ap["gene_shift_cos"],
+                              ex["gene_shift_cos"]):
+        np.testing.assert_array_equal(ta, te)
+        np.testing.assert_allclose(ca, ce, rtol=0, atol=1e-5)

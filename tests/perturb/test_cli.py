@@ -36,6 +36,17 @@ def _run(token_dir, ckpt, out, *extra):
     return run_cli(token_dir, ckpt, out, *extra)
 
 
+def _assert_equals_one_process(df, cells, **kw):
+    """The merged table holds exactly the rows of one in-process run over all cells, same values."""
+    expect = perturb_cells(cells, tiny_model(), special_token_ids=SPECIAL, **kw)
+    expect["cell_index"] += 10
+    key = ["cell_index", "orig_rank", "gene_token"]
+    got = df.sort_values(key).reset_index(drop=True)
+    expect = expect.sort_values(key).reset_index(drop=True)
+    assert got[key].equals(expect[key])
+    np.testing.assert_allclose(got["cos_sim"], expect["cos_sim"], rtol=0, atol=1e-6)
+
+
 def test_screen_writes_shards_merge_stats(token_dir, ckpt, tmp_path, cells):
     out = tmp_path / "out"
     assert _run(token_dir, ckpt, out) == 0
@@ -80,7 +91,7 @@ def test_resume_refuses_other_settings(token_dir, ckpt, tmp_path):
     assert json.loads((out / "manifest.json").read_text())["config"]["layer"] == -1
 
 
-def test_ranks_take_disjoint_shards_and_rank0_merges(token_dir, ckpt, tmp_path, monkeypatch):
+def test_ranks_take_disjoint_shards_and_rank0_merges(token_dir, ckpt, tmp_path, monkeypatch, cells):
     out = tmp_path / "out"
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setenv("RANK", "1")
@@ -92,7 +103,8 @@ def test_ranks_take_disjoint_shards_and_rank0_merges(token_dir, ckpt, tmp_path, 
     monkeypatch.setenv("LOCAL_RANK", "0")
     assert _run(token_dir, ckpt, out, "--devices", "cpu", "--no-stats") == 0
     df = pd.read_parquet(out / "perturbations.parquet")
-    assert df["cell_index"].nunique() == 7 and not df.duplicated(["cell_index", "gene_token"]).any()
+    assert not df.duplicated(["cell_index", "gene_token"]).any()
+    _assert_equals_one_process(df, cells)
 
 
 def test_gene_list_pairs_approx_and_skips(token_dir, ckpt, tmp_path, cells):
@@ -103,6 +115,8 @@ def test_gene_list_pairs_approx_and_skips(token_dir, ckpt, tmp_path, cells):
     df = pd.read_parquet(out / "perturbations.parquet")
     assert set(df["perturbation"]) == {"overexpress"}
     assert {"gene_shift_tokens", "gene_shift_cos"} <= set(df.columns)
+    _assert_equals_one_process(df, cells, perturbation="overexpress", genes=[a, (b, c), c], mode="approx",
+                               gene_shifts=True, approx_check_cells=0)
     man = json.loads((out / "manifest.json").read_text())
     assert man["summary"]["n_skipped"] > 0
     assert "max_abs_dcos" in man["summary"]["approx_error"]
@@ -116,9 +130,10 @@ def test_parse_genes(tmp_path):
     assert parse_genes(str(f)) == ["GATA1", ("SPI1", "CEBPA")]
 
 
-def test_several_devices_without_torchrun_spawn_one_worker_each(token_dir, ckpt, tmp_path):
+def test_several_devices_without_torchrun_spawn_one_worker_each(token_dir, ckpt, tmp_path, cells):
     out = tmp_path / "out"
     assert _run(token_dir, ckpt, out, "--devices", "cpu,cpu", "--no-stats") == 0
     df = pd.read_parquet(out / "perturbations.parquet")
-    assert df["cell_index"].nunique() == 7 and not df.duplicated(["cell_index", "gene_token"]).any()
+    assert not df.duplicated(["cell_index", "gene_token"]).any()
+    _assert_equals_one_process(df, cells)
     assert json.loads((out / "manifest.json").read_text())["status"] == "complete"

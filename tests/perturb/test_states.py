@@ -85,6 +85,7 @@ def test_target_state_shift_matches_definition(cells):
     def cos(a, b):
         return float(a @ b / np.linalg.norm(a) / np.linalg.norm(b))
 
+    assert sorted(df["gene_token"]) == sorted({int(t) for t in cells[0]} - set(SPECIAL))
     for _, row in df.iterrows():
         g = int(row["gene_token"])
         pert = pooled(np.array([t for t in cells[0] if t != g]), {g})

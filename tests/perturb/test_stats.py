@@ -7,7 +7,7 @@ import pandas as pd
 import pytest
 
 from scfm_fast.perturb import gene_stats, plot_gene_stats
-from scfm_fast.perturb.stats import bh_fdr
+from scfm_fast.perturb.stats import bh_fdr, summarize
 
 
 def test_bh_fdr_matches_definition():
@@ -43,10 +43,39 @@ def test_planted_gene_ranks_first(method):
 
 
 def test_two_sided_target_shift_and_min_cells():
-    st = gene_stats(_screen(), value="target_shift", min_cells=5)
+    df = _screen()
+    st = gene_stats(df, value="target_shift", min_cells=5)
     assert st["gene_token"].iloc[0] == 7 and "mean_target_shift" in st
+    # a gene moved strongly *away* (negative mean) is found by the two-sided test (default for
+    # target_shift) and not by a one-sided 'greater' test
+    df.loc[df["gene_token"] == 9, "target_shift"] -= 0.05
+    two = gene_stats(df, value="target_shift")
+    assert set(two["gene_token"].iloc[:2]) == {7, 9} and (two["fdr"].iloc[:2] < 0.05).all()
+    one = gene_stats(df, value="target_shift", alternative="greater")
+    assert one.set_index("gene_token").loc[9, "pvalue"] > 0.9
+    # genes perturbed in fewer than min_cells cells are dropped, the rest keep their counts
+    rare = df[(df["gene_token"] != 11) | (df["cell_index"] < 3)]
+    assert rare[rare["gene_token"] == 11].shape[0] <= 3
+    kept = gene_stats(rare, min_cells=4)
+    assert 11 not in set(kept["gene_token"]) and kept["n_cells"].min() >= 4
+    assert 11 in set(gene_stats(rare, min_cells=1)["gene_token"])
     with pytest.raises(ValueError, match="no 'nope' column"):
-        gene_stats(_screen(), value="nope")
+        gene_stats(df, value="nope")
+    with pytest.raises(ValueError, match="alternative='less'"):
+        gene_stats(df, alternative="less")
+
+
+def test_empirical_and_normal_p_values_agree_and_summary():
+    df = _screen(seed=3)
+    emp = gene_stats(df, method="empirical", n_null=4000).set_index("gene_token")
+    nor = gene_stats(df, method="normal").set_index("gene_token")
+    mid = (nor["pvalue"] > 0.05) & (nor["pvalue"] < 0.95)
+    assert mid.sum() > 10
+    np.testing.assert_allclose(emp.loc[mid[mid].index, "pvalue"], nor.loc[mid, "pvalue"], atol=0.08)
+    summ = summarize(gene_stats(df))
+    assert summ["n_genes"] == df["gene_token"].nunique() and summ["top_genes"][0] == 7
+    assert summ["n_significant"] >= 1 and summ["nan_free"]
+    assert summarize(gene_stats(df.iloc[:0]))["n_genes"] == 0
 
 
 def test_plot_writes_png(tmp_path):

@@ -104,7 +104,12 @@ def test_missing_obs_column(sources, name):
     assert "'batch'" in message and "'n_counts'" in message and "'filter_pass'" in message
 
 
-def test_close_is_idempotent(sources):
-    reader = open_reader(sources["loom"].path)
+@pytest.mark.parametrize("name", ["h5ad_csr", "loom", "zarr_v3"])
+def test_close_is_idempotent_and_a_closed_reader_says_so(sources, name):
+    reader = open_reader(sources[name].path)
+    assert next(reader.iter_chunks(chunk_size=4)).n_cells == 4
     reader.close()
     reader.close()
+    with pytest.raises(ValueError, match="reader was closed") as info:
+        next(reader.iter_chunks(chunk_size=4))
+    assert str(sources[name].path) in str(info.value)

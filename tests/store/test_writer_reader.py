@@ -91,3 +91,38 @@ def test_not_a_token_dataset(tmp_path):
     (tmp_path / "x").write_text("1")
     with pytest.raises(StoreError, match="no __scfm__/manifest.json"):
         ShardedTokenWriter(tmp_path, config={}, resume=True)
+
+
+def _one_shard(out, seed):
+    t0, a = _shard(0, [3, 4], np.random.default_rng(seed))
+    w = ShardedTokenWriter(out, config={"a": 1})
+    _write(w, [(0, t0)])
+    return w, a
+
+
+def test_resume_of_a_complete_run_changes_nothing(tmp_path):
+    out = tmp_path / "o"
+    w, a = _one_shard(out, 3)
+    w.finalize()
+    files = {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()}
+    w2 = ShardedTokenWriter(out, config={"a": 1}, resume=True)
+    assert w2.complete and w2.done(0, 0) is not None
+    assert {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()} == files
+    np.testing.assert_array_equal(TokenStore(out)[1], a[1])
+
+
+def test_finalize_failure_names_the_cause_and_can_be_resumed(tmp_path):
+    out = tmp_path / "o"
+    w, a = _one_shard(out, 4)
+    part = next((out / "__scfm__").rglob("*.npz"))
+    saved = part.read_bytes()
+    part.unlink()
+    # the missing part is reported, not a follow-on "wrote 0 of N elements"
+    with pytest.raises(FileNotFoundError, match=part.name):
+        w.finalize()
+    assert read_manifest(out, require_complete=False)["status"] == "in_progress"
+    part.write_bytes(saved)
+    w2 = ShardedTokenWriter(out, config={"a": 1}, resume=True)
+    assert not w2.complete
+    w2.finalize()
+    np.testing.assert_array_equal(TokenStore(out)[0], a[0])

@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import json
+import re
 
 import numpy as np
 import pytest
 import scipy.sparse as sp
 
 from scfm_fast._errors import CountDataError, GeneMatchError, InputFileError
-from scfm_fast.store import TokenStore, read_manifest, read_table
+from scfm_fast.store import TokenStore, read_manifest, read_table, to_hf_dataset
+from scfm_fast.store.schema import base_schema
 from scfm_fast.tokenizer.pipeline import tokenize_anndata, tokenize_corpus
 from scfm_fast.tokenizer.rank import available_backends
 from scfm_fast.tokenizer.reference import rank_tokenize_ref
@@ -120,6 +122,7 @@ def test_n_counts_and_filter_pass(tmp_path, adata, vocab):
     tab = read_table(tmp_path / "o")
     assert 0 not in tab.column("cell_index").to_pylist() and 7 not in tab.column("cell_index").to_pylist()
     want = _expected(adata, vocab)  # scaling totals never changes the ranking
+    assert tab.column("cell_index").to_pylist() == [i for i, w in enumerate(want) if w.size and i not in (0, 7)]
     for got, i in zip(tab.column("input_ids").to_pylist(), tab.column("cell_index").to_pylist()):
         assert got == want[i].tolist()
 
@@ -163,7 +166,7 @@ def test_bad_counts_name_file_cell_and_gene(tmp_path, adata, bad, match):
         tokenize_corpus(tmp_path / "bad.h5ad", tmp_path / "o", progress_bar=False)
     msg = str(e.value)
     assert "bad.h5ad" in msg and "cell9" in msg and b.var_names[4] in msg
-    assert "not a raw count" in msg
+    assert re.search(match, msg, re.IGNORECASE), msg
     assert read_manifest(tmp_path / "o", require_complete=False)["status"] == "in_progress"
     if bad == 2.5:
         man = tokenize_corpus(tmp_path / "bad.h5ad", tmp_path / "o2", allow_non_integer=True,
@@ -207,6 +210,7 @@ def test_v2_layout_with_custom_dictionary(tmp_path, adata, vocab):
                     progress_bar=False)
     want = _expected(adata, vocab, max_len=10)
     tab = read_table(tmp_path / "o")
+    assert tab.column("cell_index").to_pylist() == [i for i, w in enumerate(want) if w.size]
     for got, i in zip(tab.column("input_ids").to_pylist(), tab.column("cell_index").to_pylist()):
         assert got == [vocab.size, *want[i].tolist(), vocab.size + 1]
         assert len(got) <= 12
@@ -225,6 +229,7 @@ def test_two_inputs_and_ecosystem_readers(tmp_path, adata, vocab):
     tab = read_table(tmp_path / "o")
     rows = [(f, c) for f, c in zip(tab.column("file_index").to_pylist(), tab.column("cell_index").to_pylist())]
     assert rows == sorted(rows)
+    assert [c + 20 * f for f, c in rows] == [i for i, w in enumerate(want) if w.size]
     for got, (f, c) in zip(tab.column("input_ids").to_pylist(), rows):
         assert got == want[c + 20 * f].tolist()
     # the directory is a plain Parquet dataset for pyarrow and Hugging Face datasets
@@ -233,3 +238,12 @@ def test_two_inputs_and_ecosystem_readers(tmp_path, adata, vocab):
     hf = datasets.load_dataset("parquet", data_dir=str(tmp_path / "o"), split="train")
     assert hf.num_rows == tab.num_rows and set(hf.column_names) >= {"input_ids", "length", "cell_type"}
     assert sorted(map(tuple, hf["input_ids"])) == sorted(map(tuple, tab.column("input_ids").to_pylist()))
+    # our helper: the same shards in shard order
+    ours = to_hf_dataset(tmp_path / "o")
+    assert ours["input_ids"] == tab.column("input_ids").to_pylist() and ours["cell_type"] == tab.column(
+        "cell_type").to_pylist()
+    # the documented shard schema: base columns first, then the requested obs columns
+    base = base_schema()
+    assert tab.schema.names[:len(base)] == base.names and tab.schema.names[len(base):] == ["cell_type"]
+    for f in base:
+        assert tab.schema.field(f.name).type == f.type, f.name
