@@ -76,6 +76,7 @@ def _add_medians(sub) -> None:
     p.add_argument("--chunk-size", type=int, default=10_000)
     p.add_argument("--bins-per-octave", type=int, default=64,
                    help="histogram resolution; relative error <= 2**(1/N)-1")
+    p.add_argument("--allow-non-integer", action="store_true", help="accept fractional counts")
     p.add_argument("--special-tokens", type=_csv, default=["<pad>", "<mask>"],
                    help="special tokens of the written token dictionary, in id order")
     p.set_defaults(func=_run_medians)
@@ -86,7 +87,8 @@ def _run_medians(args) -> int:
 
     med, report = compute_gene_medians(args.inputs, gene_id_column=args.gene_id_column, layer=args.layer,
                                        use_raw=args.use_raw, chunk_size=args.chunk_size,
-                                       bins_per_octave=args.bins_per_octave)
+                                       bins_per_octave=args.bins_per_octave,
+                                       allow_non_integer=args.allow_non_integer)
     paths = write_gene_dictionaries(med, args.out, special_tokens=args.special_tokens)
     rep = {k: v for k, v in report.items() if k != "n_nonzero_cells"}
     (paths["gene_median"].parent / "medians_report.json").write_text(json.dumps(report, indent=1))

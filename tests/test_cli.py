@@ -73,3 +73,17 @@ def test_info_runs_as_module():
     out = subprocess.run([sys.executable, "-m", "scfm_fast.info"], capture_output=True, text=True, check=True).stdout
     for word in ("numba", "torch", "tokenizer backends", "attention backends", "cpp"):
         assert word in out
+
+
+def test_cli_never_deletes_inputs_and_medians_flags(tmp_path, pbmc, capsys):
+    import shutil
+
+    src = tmp_path / "cells.h5ad"
+    shutil.copy(pbmc, src)
+    # --out at the inputs' own folder: refused with a message, the input stays
+    assert main(["tokenize", str(src), "--out", str(tmp_path), "--overwrite"]) == 2
+    err = capsys.readouterr().err
+    assert "cells.h5ad" in err and "Traceback" not in err and src.exists()
+    assert main(["medians", str(src), "--out", str(tmp_path / "d"), "--bins-per-octave", "0"]) == 2
+    assert "--bins-per-octave" in capsys.readouterr().err
+    assert main(["medians", str(src), "--out", str(tmp_path / "d"), "--allow-non-integer"]) == 0

@@ -23,9 +23,10 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from .._errors import InputFileError, StoreError
+from .._errors import BackendUnavailableError, InputFileError, StoreError, UsageError
 
 _CONFIG_KEYS = ("model", "layer", "pool", "genes", "dtype", "cells_per_part")
+_MERGED = ("cell_embeddings.parquet", "cell_embeddings.npy", "gene_embeddings.parquet", "cell_embeddings_pca.png")
 
 
 def register(subparsers: Any) -> None:
@@ -82,39 +83,77 @@ def _metadata(tokens: str, store: Any):
     return meta
 
 
+def _check_options(args: Any) -> None:
+    """Option values argparse cannot check, before anything is read or written."""
+    for flag, value in (("--cells-per-part", args.cells_per_part), ("--batch-tokens", args.batch_tokens)):
+        if value is not None and value < 1:
+            msg = f"{flag} {value}: must be at least 1"
+            raise UsageError(msg)
+    tokens, out = Path(args.tokens).resolve(), Path(args.out).resolve()
+    if out == tokens or tokens in out.parents:  # our Parquet files would then be read as token shards
+        msg = f"--out {args.out} is inside TOKENS_DIR {args.tokens}; write the embeddings somewhere else"
+        raise UsageError(msg)
+
+
+def _device(name: str | None) -> Any:
+    """``--device`` as a torch device, failing here rather than deep inside the first batch."""
+    import torch
+
+    if name is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(name)
+    except (RuntimeError, ValueError):
+        msg = f"--device {name!r} is not a device; use cpu, cuda or cuda:N"
+        raise UsageError(msg) from None
+    n_gpu = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if dev.type == "cuda" and (dev.index or 0) >= n_gpu:
+        msg = f"--device {name}: this machine has {n_gpu} usable CUDA device(s); use --device cpu or another index"
+        raise BackendUnavailableError(msg)
+    return dev
+
+
 def run(args: Any) -> int:
     import numpy as np
     import pyarrow as pa
     import pyarrow.parquet as pq
-    import torch
 
     from .._progress import progress
     from ..model.checkpoint import load_encoder
     from ..store import TokenStore
-    from .cells import TokenSource, embed_tokens
+    from .cells import TokenSource, check_inputs, embed_tokens
 
+    _check_options(args)
     store = TokenStore(args.tokens)
     n = len(store)
-    cpp = max(1, int(args.cells_per_part))
+    cpp = int(args.cells_per_part)
     n_parts = max(1, math.ceil(n / cpp))
     meta = _metadata(args.tokens, store)
     if args.plot and args.plot not in meta.column_names:
         msg = (f"{args.tokens}: no metadata column {args.plot!r} to plot (have {meta.column_names}); tokenize with "
                f"--obs-columns {args.plot}")
         raise InputFileError(msg)
+    device = _device(args.device)
+    # the model and its fit to the tokens are checked before --out is touched
+    model = load_encoder(args.model, device=device)
+    hidden = model.config.hidden_size
+    lengths = store.lengths
+    check_inputs(TokenSource(store.__getitem__, lengths, np.asarray(store.cell_index), _specials(store), args.tokens),
+                 model, layer=args.layer, pooling=args.pool)
     out = Path(args.out)
     parts = out / "parts"
     cfg = {k: getattr(args, k) for k in _CONFIG_KEYS}
-    cfg.update(tokens=str(Path(args.tokens).resolve()), model=str(Path(args.model).resolve()), n_cells=n)
+    cfg.update(tokens=str(Path(args.tokens).resolve()), model=str(Path(args.model).resolve()), n_cells=n,
+               tokens_config=store.manifest.get("config_hash"))  # re-tokenized in place: parts don't mix
     info_path = out / "embed_info.json"
     names = [parts / f"part-{p:06d}.parquet" for p in range(n_parts)]
-    if args.overwrite:
-        for f in (*parts.glob("part-*"), *(out / f for f in ("cell_embeddings.parquet", "cell_embeddings.npy",
-                                                               "gene_embeddings.parquet", "cell_embeddings_pca.png"))):
+    results = [*parts.glob("part-*"), *(out / f for f in _MERGED)]
+    if args.overwrite:  # embed_info.json first, so an interrupted --overwrite never reads "complete"
+        for f in (info_path, *results):
             f.unlink(missing_ok=True)
     elif info_path.exists():
         old = json.loads(info_path.read_text()).get("config", {})
-        if old != cfg:
+        if old != cfg and any(f.exists() for f in results):  # a run that wrote nothing holds nothing to lose
             diff = {k: (old.get(k), v) for k, v in cfg.items() if old.get(k) != v}
             msg = f"{out}: holds embeddings made with other settings {diff}; use another --out or --overwrite"
             raise StoreError(msg)
@@ -124,13 +163,8 @@ def run(args: Any) -> int:
     parts.mkdir(parents=True, exist_ok=True)
     _write_json(info_path, {"config": cfg, "status": "running"})
 
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     todo = [p for p in range(n_parts) if not names[p].exists()]
-    lengths = store.lengths
-    hidden = None
     if todo:
-        model = load_encoder(args.model, device=device)
-        hidden = model.config.hidden_size
         bar = progress(total=sum(min(cpp, n - p * cpp) for p in todo), desc="embed", unit="cells", enabled=True)
         for p in todo:
             s, e = p * cpp, min(n, (p + 1) * cpp)
@@ -150,7 +184,7 @@ def run(args: Any) -> int:
         bar.close()
     n_empty = _merge(out, names, args, n, hidden)
     summary = {"n_cells": n, "n_cells_without_genes": n_empty, "n_parts": n_parts}
-    _write_json(info_path, {"config": cfg, "status": "complete", "device": device, **summary,
+    _write_json(info_path, {"config": cfg, "status": "complete", "device": str(device), **summary,
                             # the keys of earlier versions, kept for scripts that read them
                             "tokens": cfg["tokens"], "model": cfg["model"], "layer": args.layer,
                             "pooling": args.pool, "dtype": args.dtype})
@@ -233,13 +267,24 @@ def _merge_genes(out: Path, names: list[Path], tokens: str, hidden: int) -> None
     cnt = np.array([counts[t] for t in tok], dtype=np.int64)
     mean = (np.stack([sums[t] for t in tok]) / cnt[:, None]).astype(np.float32) if tok.size else \
         np.zeros((0, hidden), np.float32)
-    try:
-        from ..vocab import GeneVocab
-
-        preset = read_manifest(tokens)["config"].get("preset", "geneformer-v1")
-        gene_of = GeneVocab.load(preset=preset).gene_of_token
-    except Exception:  # noqa: BLE001 - names are a convenience; tokens are the key
-        gene_of = {}
-    table = pa.table({"token": tok, "ensembl_id": [gene_of.get(int(t), "") for t in tok], "n": cnt,
+    gene_of = _gene_names(read_manifest(tokens)["config"], tokens)
+    names_col = pa.array([gene_of.get(int(t), "") for t in tok], pa.string())  # typed even when empty
+    table = pa.table({"token": tok, "ensembl_id": names_col, "n": cnt,
                       "embedding": pa.FixedSizeListArray.from_arrays(pa.array(mean.ravel()), hidden)})
     _atomic(out / "gene_embeddings.parquet", lambda t: pq.write_table(table, t))
+
+
+def _gene_names(config: dict, tokens: str) -> dict[int, str]:
+    """Token id -> gene id from the preset's bundled dictionary, only if the tokens were made with it."""
+    from ..vocab import GeneVocab
+
+    try:
+        vocab = GeneVocab.load(preset=config.get("preset", "geneformer-v1"))
+    except Exception:  # noqa: BLE001 - names are a convenience; tokens are the key
+        vocab = None
+    if vocab is None or vocab.hashes["token_dictionary"] != config.get("dictionary_hashes", {}).get("token_dictionary"):
+        # a custom --token-dictionary: the bundled one would put wrong names on its token ids
+        print(f"{tokens}: tokens made with a token dictionary scfm_fast does not bundle; gene_embeddings.parquet "
+              "has empty ensembl_id (map its token column with your dictionary)", file=sys.stderr)
+        return {}
+    return vocab.gene_of_token

@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from .._dtypes import resolve_dtype
+from .._errors import InputFileError, UsageError
 from .._progress import progress
 
 DEFAULT_SPECIAL_IDS = (0, 1)  # <pad>, <mask> in Geneformer's dictionaries
@@ -30,6 +31,7 @@ class TokenSource:
     lengths: np.ndarray
     cell_index: np.ndarray
     special_ids: tuple[int, ...] | None = None
+    name: str = "tokens"
 
     def __len__(self) -> int:
         return int(self.lengths.size)
@@ -45,7 +47,8 @@ def as_token_source(tokens: Any) -> TokenSource:
         store = TokenStore(tokens)
         spec = store.manifest.get("config", {}).get("special_tokens")
         specials = tuple(int(v) for v in spec.values()) if spec else None
-        return TokenSource(store.__getitem__, np.asarray(store.lengths), np.asarray(store.cell_index), specials)
+        return TokenSource(store.__getitem__, np.asarray(store.lengths), np.asarray(store.cell_index), specials,
+                           str(tokens))
     try:
         import pyarrow as pa
 
@@ -60,6 +63,66 @@ def as_token_source(tokens: Any) -> TokenSource:
         pass
     cells = [np.asarray(c, dtype=np.int64) for c in tokens]
     return TokenSource(cells.__getitem__, np.array([c.size for c in cells], dtype=np.int64), np.arange(len(cells)))
+
+
+def check_inputs(src: TokenSource, model: Any, *, layer: int, pooling: str,
+                 special_token_ids: Sequence[int] | None = None) -> None:
+    """Fail before any work when ``model`` cannot embed ``src`` as asked.
+
+    Checks the pooling name, that ``layer`` exists, that every cell fits the model's positions and,
+    for ``pooling="cls"``, that the first cell starts with a special token (V1 tokens have no
+    ``<cls>``; :func:`iter_embeddings` checks every cell as it goes).
+
+    Raises
+    ------
+    UsageError
+        Bad ``pooling`` or ``layer``, or ``"cls"`` pooling of tokens without ``<cls>``.
+    InputFileError
+        A cell longer than the model's ``max_position_embeddings``.
+    """
+    if pooling not in ("mean", "cls"):
+        msg = f"pooling={pooling!r}; use 'mean' or 'cls'"
+        raise UsageError(msg)
+    try:
+        model.resolve_layer(layer)
+    except ValueError as e:
+        msg = f"{e}; pick another --layer"
+        raise UsageError(msg) from None
+    n_pos = model.config.max_position_embeddings
+    long = np.flatnonzero(src.lengths > n_pos)
+    if long.size:
+        msg = (f"{src.name}: cell {src.cell_index[long[0]]} has {src.lengths[long[0]]} tokens ({long.size} cells "
+               f"longer than {n_pos}) but the model has {n_pos} positions; tokenize with --max-len {n_pos}")
+        raise InputFileError(msg)
+    specials = _known_specials(src, special_token_ids)
+    first = np.flatnonzero(src.lengths > 0)[:1]
+    if pooling == "cls" and specials is not None and first.size:
+        _check_cls(src, first, np.asarray(src.get(int(first[0])))[:1], specials)
+
+
+def _known_specials(src: TokenSource, special_token_ids: Sequence[int] | None) -> tuple[int, ...] | None:
+    """Special token ids when given or recorded in the token dataset, else ``None`` (unknown)."""
+    known = special_token_ids if special_token_ids is not None else src.special_ids
+    return None if known is None else tuple(sorted({int(t) for t in known}))
+
+
+def _check_cls(src: TokenSource, pos: np.ndarray, first_tokens: np.ndarray, specials: tuple[int, ...]) -> None:
+    bad = np.flatnonzero(~np.isin(first_tokens, specials))
+    if bad.size:  # a gene in first place: "cls" pooling would silently return that gene's embedding
+        msg = (f"{src.name}: pooling 'cls' reads each cell's first token, but cell {src.cell_index[pos[bad[0]]]} "
+               f"starts with gene token {first_tokens[bad[0]]}: these tokens have no <cls> (Geneformer V1); "
+               "use --pool mean (pooling='mean'), or tokens made with <cls> (--preset geneformer-v2)")
+        raise UsageError(msg)
+
+
+def _check_vocab(src: TokenSource, pos: np.ndarray, ids: np.ndarray, cu: np.ndarray, vocab: int) -> None:
+    bad = np.flatnonzero((ids < 0) | (ids >= vocab))
+    if bad.size:  # else an opaque IndexError (CPU) or a device-side assert (CUDA) in the embedding gather
+        row = int(bad[0])
+        cell = pos[np.searchsorted(cu, row, side="right") - 1]
+        msg = (f"{src.name}: cell {src.cell_index[cell]} has token id {int(ids[row])}, outside the model's "
+               f"vocabulary of {vocab} tokens; tokenize with this model's token dictionary")
+        raise InputFileError(msg)
 
 
 def iter_embeddings(
@@ -79,22 +142,25 @@ def iter_embeddings(
     from ..kernels.pooling import first_token, segment_mean
     from ..loader import pack_cells, token_budget_batches
 
-    if pooling not in ("mean", "cls"):
-        msg = f"pooling={pooling!r}; use 'mean' or 'cls'"
-        raise ValueError(msg)
     src = tokens if isinstance(tokens, TokenSource) else as_token_source(tokens)
+    check_inputs(src, model, layer=layer, pooling=pooling, special_token_ids=special_token_ids)
+    known = _known_specials(src, special_token_ids)
     dev = torch.device(device) if device is not None else next(model.parameters()).device
     model = model.to(dev).eval()
     lowp = resolve_dtype(dtype)
-    specials = torch.tensor(sorted(set(special_token_ids if special_token_ids is not None
-                                       else (src.special_ids or DEFAULT_SPECIAL_IDS))), dtype=torch.int64, device=dev)
+    specials = torch.tensor(DEFAULT_SPECIAL_IDS if known is None else known, dtype=torch.int64, device=dev)
     budget = batch_tokens or (65_536 if dev.type == "cuda" else 8_192)
     nonempty = np.flatnonzero(src.lengths > 0)
     batches = token_budget_batches(src.lengths[nonempty], max_tokens=budget)
     with progress(total=int(nonempty.size), desc="embed", enabled=progress_bar) as bar, torch.inference_mode():
         for b in batches:
             pos = nonempty[b]
-            batch = pack_cells([src.get(int(i)) for i in pos], index=pos).to(dev)
+            batch = pack_cells([src.get(int(i)) for i in pos], index=pos)
+            host_ids, cu = batch.input_ids.numpy(), batch.cu_seqlens.numpy()
+            _check_vocab(src, pos, host_ids, cu, model.config.vocab_size)
+            if pooling == "cls" and known is not None:
+                _check_cls(src, pos, host_ids[cu[:-1]], known)
+            batch = batch.to(dev)
             with torch.autocast(dev.type, dtype=lowp, enabled=lowp is not None and lowp != torch.float32):
                 h = model.forward_varlen(batch.input_ids, batch.cu_seqlens, batch.max_seqlen, layer=layer,
                                          position_ids=batch.position_ids)
@@ -156,6 +222,13 @@ def embed_tokens(
         ``float32 (n_cells, hidden)`` in input order; NaN rows for cells without tokens.
     gene_embeddings
         ``None``, or ``{"token": int64 (g,), "n": int64 (g,), "embedding": float32 (g, hidden)}``.
+
+    Raises
+    ------
+    UsageError
+        A ``layer`` the model lacks, or ``"cls"`` pooling of cells that do not start with a special token.
+    InputFileError
+        A cell longer than the model's positions or with a token id outside its vocabulary (names the cell).
     """
     src = as_token_source(tokens)
     hidden = model.config.hidden_size

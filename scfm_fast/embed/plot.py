@@ -38,9 +38,9 @@ def plot_embedding_pca(emb: np.ndarray, color: np.ndarray | None, path: str | Pa
     if ok.size > max_points:
         ok = np.sort(np.random.default_rng(seed).choice(ok, size=max_points, replace=False))
     x = emb[ok].astype(np.float64)
-    x -= x.mean(0)
     fig, ax = plt.subplots(figsize=(6.5, 5))
-    if x.shape[0] >= 2:
+    if x.shape[0] >= 2:  # else an empty frame (and no mean-of-nothing warning)
+        x -= x.mean(0)
         u, s, _ = np.linalg.svd(x, full_matrices=False)
         pc = u[:, :2] * s[:2]
         if pc.shape[1] < 2:

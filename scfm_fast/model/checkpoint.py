@@ -24,11 +24,15 @@ _IGNORED_SUFFIXES = ("position_ids", "token_type_ids")
 
 
 def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
 
-        return load_file(str(path))
-    return torch.load(path, map_location="cpu", weights_only=True)
+            return load_file(str(path))
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - safetensors / pickle / zip errors alike mean an unreadable file
+        msg = f"{path}: cannot read the weights ({type(e).__name__}: {e}); is the file complete?"
+        raise InputFileError(msg) from e
 
 
 def read_checkpoint(path: str | Path) -> tuple[EncoderConfig, dict[str, torch.Tensor], Path]:
@@ -37,7 +41,14 @@ def read_checkpoint(path: str | Path) -> tuple[EncoderConfig, dict[str, torch.Te
     if not p.is_dir():
         msg = f"{p}: not a checkpoint directory (expected config.json + model.safetensors or pytorch_model.bin)"
         raise InputFileError(msg)
-    cfg = EncoderConfig.from_json(p)
+    if not (p / "config.json").is_file():
+        msg = f"{p}: no config.json; a checkpoint directory holds config.json + model.safetensors or pytorch_model.bin"
+        raise InputFileError(msg)
+    try:
+        cfg = EncoderConfig.from_json(p)
+    except (ValueError, TypeError) as e:  # malformed JSON or unsupported settings
+        msg = f"{p / 'config.json'}: {e}"
+        raise InputFileError(msg) from e
     for name in _WEIGHT_FILES:
         if (p / name).exists():
             return cfg, _read_state_dict(p / name), p / name

@@ -33,7 +33,7 @@ log = logging.getLogger(__name__)
 
 _CONFIG_KEYS = ("tokens", "model", "perturb", "genes", "anchor", "combine", "rank_shift", "layer", "pooling",
                 "mode", "dtype", "cells_per_shard", "max_cells", "gene_shifts", "target_embedding",
-                "special_tokens", "filter", "target_state")
+                "special_tokens", "filter", "target_state", "token_dictionary", "gene_name_map")
 
 
 def _csv(s: str) -> list[str]:
@@ -101,6 +101,12 @@ def _config(args: argparse.Namespace, n_cells: int) -> dict:
     cfg = {k: getattr(args, k, None) for k in _CONFIG_KEYS}
     cfg["tokens"] = str(Path(args.tokens).resolve())
     cfg["model"] = str(Path(args.model).resolve())
+    for k in ("token_dictionary", "gene_name_map", "target_embedding"):
+        if cfg[k]:
+            cfg[k] = str(Path(cfg[k]).resolve())
+    if args.genes != "all" and Path(args.genes).is_file():
+        # the file's entries, not only its name: an edited gene file must not be resumed into the old run
+        cfg["gene_list"] = json.loads(json.dumps(parse_genes(args.genes)))
     cfg["n_cells"] = n_cells
     return cfg
 
@@ -167,6 +173,7 @@ def run(args: argparse.Namespace) -> int:
 def _spawn_workers(args: argparse.Namespace) -> int:
     import multiprocessing as mp
 
+    _check_options(args)
     ctx = mp.get_context("spawn")
     n = len(args.devices)
     opts = {k: v for k, v in vars(args).items() if k != "func"}
@@ -177,33 +184,38 @@ def _spawn_workers(args: argparse.Namespace) -> int:
         pr.join()
     bad = [r for r, pr in enumerate(procs) if pr.exitcode != 0]
     if bad:
-        msg = f"perturbation workers {bad} failed; rerun with --resume to finish the missing shards"
+        msg = f"perturbation workers {bad} failed (see above); rerun with --resume to finish the missing shards"
         raise StoreError(msg)
+    # the parent merges once every worker is done: a rank-0 worker waiting for the shards of a failed
+    # rank would otherwise wait --merge-timeout (a week) before anyone could report the failure
+    _, out, names, cfg, n_shards = _layout(args)
+    _merge(out, names, _columns(args), args, cfg, n_shards, n)
     return 0
 
 
 def _worker_entry(opts: dict, rank: int, world: int) -> None:
+    from .._errors import ScfmError
+
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
-    sys.exit(_work(argparse.Namespace(**opts)))
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        sys.exit(_work(argparse.Namespace(**opts), merge=False))
+    except ScfmError as e:  # the same one-line report as the main process, not a traceback
+        sys.stderr.write(f"scfm perturb (worker {rank}, {opts['devices'][rank]}): error: {e}\n")
+        sys.exit(2)
 
 
-def _work(args: argparse.Namespace) -> int:
+def _layout(args: argparse.Namespace) -> tuple[Any, Path, dict[int, Path], dict, int]:
+    """The cells of the run and its shard layout: ``(table, out, shard paths, config, n_shards)``."""
     import numpy as np
     import pyarrow.dataset as ds
-    import torch
 
-    from .._progress import progress
-    from .api import perturb_cells
-    from .states import parse_where, select_cells, state_embedding
+    from .states import parse_where, select_cells
 
-    rank, world, local = _rank_world()
     src = Path(args.tokens)
     if not src.exists():
         msg = f"{src}: token dataset directory not found"
         raise InputFileError(msg)
-    if args.target_embedding and args.target_state:
-        msg = "give either --target-embedding or --target-state, not both"
-        raise UsageError(msg)
     dset = ds.dataset(str(src), format="parquet")
     if "input_ids" not in dset.schema.names:
         msg = f"{src}: token shards lack an 'input_ids' column (have {dset.schema.names})"
@@ -220,12 +232,76 @@ def _work(args: argparse.Namespace) -> int:
     if args.max_cells is not None:
         table = table.slice(0, args.max_cells)
     n_cells = table.num_rows
-    cps = max(1, int(args.cells_per_shard))
-    n_shards = max(1, math.ceil(n_cells / cps))
+    n_shards = max(1, math.ceil(n_cells / args.cells_per_shard))
     out = Path(args.out)
+    names = {s: out / "shards" / f"part-{s:06d}.parquet" for s in range(n_shards)}
+    return table, out, names, _config(args, n_cells), n_shards
+
+
+def _check_options(args: argparse.Namespace) -> None:
+    for opt, v, low in (("--cells-per-shard", args.cells_per_shard, 1), ("--max-cells", args.max_cells, 0),
+                        ("--batch-tokens", args.batch_tokens, 1)):
+        if v is not None and v < low:
+            msg = f"{opt} {v}: must be at least {low}"
+            raise UsageError(msg)
+    if args.target_embedding and args.target_state:
+        msg = "give either --target-embedding or --target-state, not both"
+        raise UsageError(msg)
+    for d in args.devices:
+        _check_device(d)
+    if args.target_embedding and not Path(args.target_embedding).is_file():
+        msg = f"{args.target_embedding}: --target-embedding file not found (a .npy of one embedding)"
+        raise InputFileError(msg)
+
+
+def _check_device(name: str) -> None:
+    import torch
+
+    n = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    try:
+        dev = torch.device(name)
+    except RuntimeError:
+        dev = None
+    if dev is None or (dev.type == "cuda" and (dev.index or 0) >= n):
+        have = f"cpu, cuda:0..cuda:{n - 1}" if n else "cpu (no GPU here)"
+        msg = f"--devices {name!r}: not a usable device; use {have}"
+        raise UsageError(msg)
+
+
+def _check_lengths(table: Any, model: Any, src: Path) -> None:
+    """Refuse cells longer than the model's positions before any shard runs (not at the first bad shard)."""
+    import numpy as np
+
+    col = table.column("input_ids").combine_chunks()
+    offs = col.offsets.to_numpy()
+    genes = np.concatenate([[0], np.cumsum(col.values.to_numpy(zero_copy_only=False) != model.config.pad_token_id)])
+    lengths = genes[offs[1:]] - genes[offs[:-1]]
+    max_pos = model.config.max_position_embeddings
+    bad = np.flatnonzero(lengths > max_pos)
+    if len(bad):
+        cells = table.column("cell_index").to_numpy()[bad[:10]].tolist()
+        msg = (f"{src}: {len(bad):,} cells (cell_index {cells}...) have up to {int(lengths.max()):,} tokens, more than "
+               f"the model's {max_pos} positions: re-tokenize with `scfm tokenize ... --max-len {max_pos}` or use a "
+               "model with more positions")
+        raise InputFileError(msg)
+
+
+def _work(args: argparse.Namespace, *, merge: bool = True) -> int:
+    import numpy as np
+    import torch
+
+    from .._progress import progress
+    from .api import perturb_cells
+    from .states import parse_where, state_embedding
+
+    rank, world, local = _rank_world()
+    _check_options(args)
+    src = Path(args.tokens)
+    table, out, names, cfg, n_shards = _layout(args)
+    n_cells = table.num_rows
+    cps = int(args.cells_per_shard)
     shard_dir = out / "shards"
     shard_dir.mkdir(parents=True, exist_ok=True)
-    cfg = _config(args, n_cells)
     man_path = out / "manifest.json"
     if man_path.exists() and not args.overwrite:
         old = json.loads(man_path.read_text())
@@ -235,7 +311,6 @@ def _work(args: argparse.Namespace) -> int:
             msg = f"{out}: holds a run with other settings {diff}; use another --out or --overwrite"
             raise StoreError(msg)
     mine = [s for s in range(n_shards) if s % world == rank]
-    names = {s: shard_dir / f"part-{s:06d}.parquet" for s in range(n_shards)}
     done = [s for s in mine if names[s].exists()]
     if done and not (args.resume or args.overwrite):
         msg = f"{out}: {len(done)} shards already exist; pass --resume to continue or --overwrite"
@@ -265,7 +340,8 @@ def _work(args: argparse.Namespace) -> int:
     cols = _columns(args)
     if todo:
         model = load_model(args.model, device)
-        target = np.load(args.target_embedding) if args.target_embedding else None
+        _check_lengths(table, model, src)
+        target = _load_target(args.target_embedding) if args.target_embedding else None
         special = [int(x) for x in _csv(args.special_tokens)] if args.special_tokens else None
         if args.target_state:
             # every rank computes it (deterministic, and cheap next to the screen); rank 0 keeps a copy
@@ -298,10 +374,20 @@ def _work(args: argparse.Namespace) -> int:
             _write_shard(df, names[s], cols)
             bar.update(part.num_rows)
         bar.close()
-    if rank != 0:
+    if rank != 0 or not merge:
         return 0
     _merge(out, names, cols, args, cfg, n_shards, world)
     return 0
+
+
+def _load_target(path: str) -> Any:
+    import numpy as np
+
+    try:
+        return np.load(path)
+    except (OSError, ValueError) as e:
+        msg = f"{path}: cannot read the --target-embedding .npy file ({e})"
+        raise InputFileError(msg) from None
 
 
 def _merge(out: Path, names: dict[int, Path], cols: list[str], args: argparse.Namespace, cfg: dict,
@@ -354,4 +440,8 @@ def _merge(out: Path, names: dict[int, Path], cols: list[str], args: argparse.Na
                 f"in {out / 'gene_stats.parquet'}")
     if "approx_error" in summary:
         msg += f"; approx mode: max |dcos| vs exact = {summary['approx_error']['max_abs_dcos']:.2e}"
+    if summary["n_skipped"]:
+        # e.g. genes absent from every cell: an empty table must not pass silently as a finished screen
+        msg += (f"; {summary['n_skipped']:,} targets skipped (gene not in vocabulary / not expressed; listed in "
+                f"{out / 'shards'}/part-*.json)")
     sys.stderr.write(msg + "\n")

@@ -11,6 +11,7 @@ import pandas as pd
 import torch
 
 from .._dtypes import resolve_dtype
+from .._errors import InputFileError, UsageError
 from .._progress import progress as _progress
 from ._inputs import GeneResolver, iter_cells, unique_special
 from ._results import ResultBuilder
@@ -51,15 +52,23 @@ def run_engine(
     approx_check_cells: int = 1,
 ) -> pd.DataFrame:
     """Shared driver: plan each cell, run one engine, collect the result table (see ``perturb_cells``)."""
+    # option errors are UsageError / InputFileError (ValueError subclasses): the CLI reports them cleanly
     if perturbation not in PERTURBATIONS:
         msg = f"perturbation={perturbation!r}; choose one of {PERTURBATIONS}"
-        raise ValueError(msg)
+        raise UsageError(msg)
     if pooling not in ("mean", "cls"):
         msg = f"pooling={pooling!r}; use 'mean' or 'cls' (V2 models)"
-        raise ValueError(msg)
+        raise UsageError(msg)
+    if perturbation in ("inhibit", "activate") and not 0 < rank_shift <= 1:
+        msg = f"rank_shift={rank_shift} (--rank-shift): use a fraction of the cell's length in (0, 1], e.g. 0.25"
+        raise UsageError(msg)
     dev = torch.device(device) if device is not None else next(model.parameters()).device
     model = model.to(dev).eval()
-    n_layers = model.resolve_layer(layer)
+    try:
+        n_layers = model.resolve_layer(layer)
+    except ValueError as e:
+        msg = f"{e} (--layer)"
+        raise UsageError(msg) from None
     lowp = resolve_dtype(dtype)
     wdt = next(model.parameters()).dtype
     if lowp is None and wdt != torch.float32:
@@ -69,8 +78,8 @@ def run_engine(
     groups, unknown = resolver.resolve(genes, combine=combine)
     anchor_tok = resolver.resolve_one(anchor) if anchor is not None else None
     if anchor is not None and anchor_tok is None:
-        msg = f"anchor gene {anchor!r} is not in the token dictionary"
-        raise ValueError(msg)
+        msg = f"anchor gene {anchor!r} (--anchor) is not in the token dictionary: give a symbol, Ensembl ID or token id"
+        raise UsageError(msg)
     if anchor_tok is not None and groups is not None:
         groups = [tuple(dict.fromkeys((anchor_tok, *g))) for g in groups]
     special = unique_special(special_token_ids, resolver)
@@ -81,6 +90,10 @@ def run_engine(
     target = None
     if target_embedding is not None:
         target = torch.as_tensor(np.asarray(target_embedding), dtype=torch.float32, device=dev).reshape(-1)
+        if target.numel() != model.config.hidden_size:
+            msg = (f"target_embedding has {target.numel()} values but the model's hidden size is "
+                   f"{model.config.hidden_size}: compute it with the same model (state_embedding)")
+            raise UsageError(msg)
     builder = ResultBuilder(perturbation, anchor_tok, ens, with_target=target is not None,
                             with_gene_shifts=gene_shifts)
     builder.skipped.extend({"cell_index": -1, "gene_tokens": [], "reason": f"not in vocabulary: {g}"}
@@ -92,20 +105,20 @@ def run_engine(
     max_pos = model.config.max_position_embeddings
     too_long = [ci for ci, ids in cells if len(ids) > max_pos]
     if too_long:
-        msg = (f"cells {too_long[:10]} are longer than the model's {max_pos} positions: truncate them when "
-               "tokenizing (Geneformer V1: 2,048 genes)")
-        raise ValueError(msg)
+        msg = (f"cells {too_long[:10]} ({len(too_long)} in all) are longer than the model's {max_pos} positions: "
+               f"re-tokenize with `scfm tokenize ... --max-len {max_pos}` or use a model with more positions")
+        raise InputFileError(msg)
     spec_arr = np.asarray(special, dtype=np.int64)
     if pooling == "cls":
         bad = [ci for ci, ids in cells if len(ids) == 0 or ids[0] not in spec_arr]
         if bad:
             msg = (f"pooling='cls' needs cells that start with a <cls> token (a special token id); cells "
                    f"{bad[:10]} do not: use pooling='mean' for V1 token layouts")
-            raise ValueError(msg)
+            raise UsageError(msg)
     total = None
     if groups is None and anchor_tok is None:  # one variant per gene: known without planning
         n_genes = [int((~np.isin(ids, spec_arr)).sum()) for _, ids in cells]
-        total = sum(n for n in n_genes if n > (perturbation == "delete"))
+        total = sum(n for n in n_genes if n > 1)  # a one-gene cell is skipped (see plan_cell)
 
     def plans():
         for ci, ids in cells:
@@ -140,7 +153,7 @@ def run_engine(
         eng = ApproxEngine(model, n_layers=n_layers, device=dev, dtype=lowp, batch_tokens=budget)
     else:
         msg = f"mode={engine!r}; choose one of {MODES}"
-        raise ValueError(msg)
+        raise UsageError(msg)
     bar = _progress(total=total, desc=f"perturb ({engine})", unit="perturbations", enabled=progress_bar)
     check: list[CellPlan] = []  # the first cells, rerun exactly to measure the approximation
     for plan in plans():

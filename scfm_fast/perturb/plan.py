@@ -26,8 +26,10 @@ perturbed and keep their slots: ``<cls>`` stays first, ``<eos>`` stays last).
     in order of target rank (ties: original order); all other genes keep their relative order.
 
 Groups (pairs, or a whole list perturbed together) are applied only to cells that express every member;
-other cells are skipped and reported. Genes absent from a cell are skipped and reported, never an error.
-Inserting a gene the cell does not express (Geneformer's overexpression of absent genes) is not planned.
+other cells are skipped and reported, as are perturbations of every gene of a cell (nothing is left to
+compare: a delete would empty the cell, a move would be a no-op). Genes absent from a cell are skipped
+and reported, never an error. Inserting a gene the cell does not express (Geneformer's overexpression
+of absent genes) is not planned.
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
+from fractions import Fraction
 
 import numpy as np
 
@@ -103,15 +106,16 @@ def target_rank(rank: int, n_genes: int, perturbation: str, rank_shift: float) -
     if not 0 < rank_shift <= 1:
         msg = f"rank_shift={rank_shift} must be a fraction of the cell's length in (0, 1]"
         raise ValueError(msg)
-    width = rank_shift * n_genes
-    n_bins = math.ceil(1 / rank_shift - 1e-9)
-    b = min(int(rank // width), n_bins - 1)
+    # exact rational arithmetic: with floats, 0.1 * 8 > 0.8 puts rank 4 of 8 in decile bin 4 instead of 5
+    q = Fraction(rank_shift).limit_denominator(1_000_000)
+    n_bins = math.ceil(1 / q)
+    b = min(math.floor(rank / (q * n_genes)), n_bins - 1)
     t = b - 1 if perturbation == "activate" else b + 1
     if t < 0:
         return 0
     if t >= n_bins:
         return n_genes - 1
-    return int(min(max(math.floor((t + 0.5) * width), 0), n_genes - 1))
+    return int(min(max(math.floor((t + Fraction(1, 2)) * q * n_genes), 0), n_genes - 1))
 
 
 def _move_order(n_genes: int, ranks: Sequence[int], targets: Sequence[int]) -> np.ndarray:
@@ -252,9 +256,12 @@ def plan_cell(
     for g in pos_groups:
         by_size.setdefault(len(g), []).append(g)
     for _, gs in sorted(by_size.items()):
-        if perturbation == "delete" and len(gene_pos) - len(gs[0]) < 1:
+        if len(gene_pos) - len(gs[0]) < 1:
+            # nothing left to read out: a delete empties the cell, a move is a no-op whose mean-pooled
+            # cosine over the other genes is NaN (and would poison the gene statistics)
+            reason = "cell would have no genes left" if perturbation == "delete" else "no other gene in cell"
             plan.skipped.extend({"cell_index": plan.cell_index, "gene_tokens": [int(ids[p]) for p in g],
-                                 "reason": "cell would have no genes left"} for g in gs)
+                                 "reason": reason} for g in gs)
             continue
         plan.blocks.append(_block(special, ids, gs, perturbation, rank_shift))
     return plan

@@ -82,10 +82,12 @@ def gene_stats(
     if alt not in ("greater", "two-sided"):
         msg = f"alternative={alt!r}; use 'greater' or 'two-sided'"
         raise ValueError(msg)
-    df = results[results["gene_token"] >= 0]
+    # group rows (gene_token -1) have no single gene; a NaN value would make every p-value NaN
+    df = results[(results["gene_token"] >= 0) & np.isfinite(results[value].to_numpy(np.float64))]
     pool = df[value].to_numpy(np.float64)
     if len(pool) == 0:
-        return pd.DataFrame(columns=["gene_token", "ensembl_id", "n_cells", "pvalue", "fdr", "rank"])
+        return pd.DataFrame(columns=["gene_token", "ensembl_id", "n_cells", f"mean_{value}", f"median_{value}",
+                                     f"std_{value}", "z", "pvalue", "fdr", "rank"])
     mu, sd = float(pool.mean()), float(pool.std(ddof=1)) if len(pool) > 1 else 0.0
     g = df.groupby("gene_token", sort=True)
     out = pd.DataFrame({

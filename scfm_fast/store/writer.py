@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 import time
 from pathlib import Path
@@ -20,7 +21,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from .._errors import StoreError
-from .schema import FORMAT, MANIFEST, PACKED_DIR, PARTS_DIR, shard_name
+from .schema import FORMAT, MANIFEST, META_DIR, PACKED_DIR, PARTS_DIR, shard_name
 
 
 def _atomic_write_text(path: Path, text: str) -> None:
@@ -34,6 +35,28 @@ def _atomic_write_text(path: Path, text: str) -> None:
 
 def config_hash(config: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _config_diff(old: dict[str, Any], new: dict[str, Any]) -> str:
+    """Which config entries differ, as ``key: old -> new`` (what a refused resume must name)."""
+    def enc(v: Any) -> str:
+        return json.dumps(v, sort_keys=True, default=str)
+
+    keys = [k for k in dict.fromkeys([*old, *new]) if enc(old.get(k)) != enc(new.get(k))]
+    return "; ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in keys) or "config differs"
+
+
+#: names a token run writes at the top of its directory (anything else is not ours to delete)
+_OWN_NAME = re.compile(rf"{re.escape(META_DIR)}|\.?part-\d{{4,}}-\d{{12,}}\.parquet(\.tmp)?")
+
+
+def _check_replaceable(out: Path) -> None:
+    """Refuse to delete a directory that holds anything but a token dataset (e.g. the input files)."""
+    foreign = sorted(p.name for p in out.iterdir() if not _OWN_NAME.fullmatch(p.name))
+    if foreign:
+        msg = (f"{out}: --overwrite refused: the directory is not a token dataset (it holds "
+               f"{', '.join(foreign[:5])}{', ...' if len(foreign) > 5 else ''}); pass a new or empty --out")
+        raise StoreError(msg)
 
 
 class _NpyAppender:
@@ -87,23 +110,30 @@ class ShardedTokenWriter:
         self.complete = False
         self.dtype = np.dtype(np.uint16 if vocab_size <= np.iinfo(np.uint16).max + 1 else np.int32)
         man_path = self.out / MANIFEST
+        if self.out.exists() and not self.out.is_dir():
+            msg = f"{self.out}: is a file; --out must be a directory (new, empty, or a token dataset)"
+            raise StoreError(msg)
         if self.out.exists() and any(self.out.iterdir()):
-            if overwrite:
+            if overwrite or self._nothing_written(man_path):
+                # a run that stopped before its first shard (e.g. on bad counts) holds nothing to
+                # keep, so a corrected rerun needs neither --resume with the old options nor --overwrite
+                _check_replaceable(self.out)
                 shutil.rmtree(self.out)
+            elif not man_path.exists():
+                msg = (f"{self.out}: not empty and has no {MANIFEST}, so it is not a token dataset to "
+                       "resume; pass a new or empty --out")
+                raise StoreError(msg)
             elif not resume:
                 state = "a complete" if self._status(man_path) == "complete" else "an unfinished"
                 msg = (f"{self.out}: already holds {state} token dataset; pass --resume to continue it "
                        "or --overwrite to replace it")
-                raise StoreError(msg)
-            elif not man_path.exists():
-                msg = f"{self.out}: not empty and has no {MANIFEST}; refusing to resume into it"
                 raise StoreError(msg)
         self.parts = self.out / PARTS_DIR
         if resume and man_path.exists():
             self.manifest = json.loads(man_path.read_text())
             if self.manifest.get("config_hash") != self.hash:
                 msg = (f"{self.out}: cannot resume: the existing run used different inputs or options "
-                       f"(config {self.manifest.get('config_hash')} vs {self.hash}); use --overwrite or "
+                       f"({_config_diff(self.manifest.get('config', {}), config)}); use --overwrite or "
                        "a new --out")
                 raise StoreError(msg)
             if self.manifest.get("status") == "complete" and (self.out / PACKED_DIR).is_dir():
@@ -121,6 +151,14 @@ class ShardedTokenWriter:
                              "config": config, "shards": [], "created": time.time()}
         self._index = {s["file"]: s for s in self.manifest["shards"]}
         self._save()
+
+    @staticmethod
+    def _nothing_written(path: Path) -> bool:
+        try:
+            man = json.loads(path.read_text())
+        except (OSError, ValueError):
+            return False
+        return man.get("status") != "complete" and not man.get("shards")
 
     @staticmethod
     def _status(path: Path) -> str | None:

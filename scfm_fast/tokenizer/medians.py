@@ -24,9 +24,11 @@ from typing import Any
 import numba
 import numpy as np
 
-from .._errors import InputFileError
+from .._errors import CountDataError, UsageError
 from .._progress import progress
 from ..vocab.gene_ids import strip_version
+from .pipeline import _bad_count_error, _check_distinct, _check_options, _chunk_totals
+from .reference import check_counts_ref
 
 TARGET_SUM = 10_000.0
 
@@ -139,6 +141,21 @@ def gene_medians_ref(indptr, indices, data, totals, col_gene, n_genes: int) -> n
     return np.array([np.median(v) if v else np.nan for v in vals])
 
 
+def _checked_chunk(path: str, chunk, var_names, *, allow_non_integer: bool) -> tuple[np.ndarray, np.ndarray]:
+    """A chunk's counts (float64) and cell totals, checked as tokenization checks them."""
+    try:
+        check_counts_ref(chunk.indptr, chunk.data, allow_non_integer=allow_non_integer)
+    except CountDataError:
+        raise _bad_count_error(path, chunk, var_names, allow_non_integer=allow_non_integer) from None
+    data = np.asarray(chunk.data, dtype=np.float64)
+    totals = _chunk_totals(path, chunk)
+    if totals is None:
+        # per-row sums by each entry's row: unlike np.add.reduceat, right for empty rows at the end
+        rows = np.repeat(np.arange(chunk.n_cells), np.diff(chunk.indptr))
+        totals = np.bincount(rows, weights=data, minlength=chunk.n_cells)
+    return data, totals
+
+
 def compute_gene_medians(
     inputs: str | Path | Sequence[str | Path],
     *,
@@ -147,6 +164,7 @@ def compute_gene_medians(
     use_raw: bool = False,
     chunk_size: int = 10_000,
     bins_per_octave: int = 64,
+    allow_non_integer: bool = False,
     progress_bar: bool | None = True,
 ) -> tuple[dict[str, float], dict[str, Any]]:
     """Non-zero median of ``count / total x 10,000`` per gene over a corpus, in one streaming pass.
@@ -161,6 +179,9 @@ def compute_gene_medians(
         ``n_counts`` obs column when present, else the sum over all genes.
     bins_per_octave
         Histogram resolution; relative error bound ``2**(1/bins_per_octave) - 1``.
+    allow_non_integer
+        Accept fractional counts; otherwise they stop the run, as negative and NaN/Inf counts and
+        a bad ``n_counts`` do (medians of normalised data would not match raw-count tokenization).
     progress_bar
         Show a progress bar.
 
@@ -174,6 +195,11 @@ def compute_gene_medians(
     from ..readers import open_reader
 
     paths = [inputs] if isinstance(inputs, (str, Path)) else list(inputs)
+    _check_distinct(paths)
+    _check_options(max_len=None, n_special=0, n_threads=None, chunk_size=chunk_size)
+    if bins_per_octave < 1:
+        msg = f"--bins-per-octave must be at least 1, got {bins_per_octave}"
+        raise UsageError(msg)
     readers = [open_reader(str(p), layer=layer, use_raw=use_raw, gene_id_column=gene_id_column) for p in paths]
     try:
         genes = list(dict.fromkeys(strip_version(str(g)) for r in readers for g in r.var_names))
@@ -183,16 +209,8 @@ def compute_gene_medians(
                 col_gene = acc.col_gene(r.var_names)
                 cols = ["n_counts"] if "n_counts" in r.obs_columns else []
                 for chunk in r.iter_chunks(chunk_size=chunk_size, obs_columns=cols):
-                    data = np.asarray(chunk.data, dtype=np.float64)
-                    if data.size and (not np.isfinite(data).all() or (data < 0).any()):
-                        msg = f"{p}: rows {chunk.start}..{chunk.stop} hold negative or NaN/Inf counts"
-                        raise InputFileError(msg)
-                    if cols:
-                        totals = chunk.obs["n_counts"].to_numpy(dtype=np.float64)
-                    else:
-                        totals = np.add.reduceat(data, chunk.indptr[:-1]) if data.size else \
-                            np.zeros(chunk.n_cells)
-                        totals[np.diff(chunk.indptr) == 0] = 0.0
+                    data, totals = _checked_chunk(str(p), chunk, r.var_names,
+                                                  allow_non_integer=allow_non_integer)
                     acc.add(chunk.indptr, chunk.indices, data, totals, col_gene)
                     bar.update(chunk.n_cells)
         med, n = acc.medians()
@@ -226,6 +244,9 @@ def write_gene_dictionaries(medians: dict[str, float], out_dir: str | Path, *,
         ``{"gene_median": path, "token_dictionary": path}``.
     """
     out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        msg = f"{out}: is a file; the output must be a directory (it is created if missing)"
+        raise UsageError(msg)
     out.mkdir(parents=True, exist_ok=True)
     genes = sorted(medians)
     tok = {s: i for i, s in enumerate(special_tokens)}

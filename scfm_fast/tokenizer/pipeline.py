@@ -15,7 +15,7 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 
-from .._errors import CountDataError, InputFileError
+from .._errors import CountDataError, InputFileError, UsageError
 from .._progress import progress
 from ..vocab import GeneVocab, get_preset, load_gene_name_map, load_ortholog_map, resolve_genes
 from ..vocab.dictionaries import SPECIAL_TOKENS
@@ -49,6 +49,7 @@ class TokenizerSpec:
               min_gene_match: float = 0.2, allow_non_integer: bool = False, backend: str = "auto",
               n_threads: int | None = None) -> TokenizerSpec:
         pre = get_preset(preset)
+        _check_options(max_len=max_len, n_special=pre.n_special, n_threads=n_threads)
         vocab = GeneVocab.load(token_dictionary=token_dictionary, gene_median=gene_median, preset=preset)
         names = None
         if gene_name_map == "auto":
@@ -57,8 +58,8 @@ class TokenizerSpec:
         elif gene_name_map is not None:
             names = load_gene_name_map(gene_name_map)
         orth = load_ortholog_map(orthologs) if orthologs else None
-        spec = cls(preset, vocab, names, orth, max_len or pre.max_len, min_gene_match, allow_non_integer,
-                   backend, n_threads)
+        spec = cls(preset, vocab, names, orth, pre.max_len if max_len is None else max_len, min_gene_match,
+                   allow_non_integer, backend, n_threads)
         spec.config = {"preset": preset, "max_len": spec.max_len, "dictionary_hashes": vocab.hashes,
                        "gene_name_map": str(gene_name_map), "orthologs": str(orthologs),
                        "allow_non_integer": allow_non_integer, "tie_order": "token id ascending",
@@ -75,6 +76,32 @@ class TokenizerSpec:
                              cls_token=self.cls_id, eos_token=self.eos_id, totals=totals,
                              allow_non_integer=self.allow_non_integer, backend=self.backend,
                              n_threads=self.n_threads)
+
+
+def _check_options(*, max_len: int | None, n_special: int, n_threads: int | None,
+                   chunk_size: int = 1) -> None:
+    """Refuse option values that would be ignored or fail deep inside the run."""
+    if max_len is not None and max_len < n_special + 1:
+        msg = (f"--max-len {max_len} leaves no room for genes after {n_special} special tokens; pass at "
+               f"least {n_special + 1}")
+        raise UsageError(msg)
+    if n_threads is not None and n_threads < 1:
+        msg = f"--workers must be at least 1 (or left out for all cores), got {n_threads}"
+        raise UsageError(msg)
+    if chunk_size < 1:
+        msg = f"--chunk-size must be at least 1, got {chunk_size}"
+        raise UsageError(msg)
+
+
+def _check_distinct(paths: Sequence[str | Path]) -> None:
+    """The same input twice would write every one of its cells twice."""
+    seen: dict[Path, str | Path] = {}
+    for p in paths:
+        key = Path(p).resolve()
+        if key in seen:
+            msg = f"{p}: given twice as input (also as {seen[key]}); each of its cells would count twice"
+            raise UsageError(msg)
+        seen[key] = p
 
 
 def _bad_count_error(path: str, chunk, var_names, *, allow_non_integer: bool) -> CountDataError:
@@ -129,6 +156,17 @@ def _list_array(tokens: np.ndarray, offsets: np.ndarray) -> pa.ListArray:
     return pa.ListArray.from_arrays(pa.array(offsets.astype(np.int32)), pa.array(tokens, type=pa.int32()))
 
 
+def _obs_array(col: pd.Series) -> pa.Array:
+    """One obs column as Arrow, typed by its dtype alone, so that every shard gets the same type."""
+    if not (col.dtype == object or isinstance(col.dtype, (pd.CategoricalDtype, pd.StringDtype))):
+        return pa.array(col, from_pandas=True)
+    # categorical / object / string columns become plain strings (shards share no dictionary); typed
+    # explicitly, since a chunk whose values are all missing would otherwise infer Arrow's null type
+    # and make the shards' schemas incompatible
+    values = col.astype(object).where(col.notna(), None)
+    return pa.array([v if v is None else str(v) for v in values], type=pa.string())
+
+
 def tokenize_chunk(spec: TokenizerSpec, chunk, col_token: np.ndarray, *, path: str, var_names,
                    file_index: int = 0, obs_columns: Sequence[str] = ()) -> tuple[pa.Table, dict[str, Any]]:
     """Tokenize one :class:`~scfm_fast.readers.base.CellChunk` into a shard table and its counts."""
@@ -157,12 +195,8 @@ def tokenize_chunk(spec: TokenizerSpec, chunk, col_token: np.ndarray, *, path: s
                             else np.arange(chunk.start, chunk.stop).astype(str)),
     }
     for c in obs_columns:
-        if c in cols:
-            continue
-        col = chunk.obs[c]
-        if isinstance(col.dtype, pd.CategoricalDtype):  # plain strings: shards share no dictionary
-            col = col.astype(object).where(col.notna(), None).map(lambda v: v if v is None else str(v))
-        cols[c] = pa.array(col, from_pandas=True)
+        if c not in cols:
+            cols[c] = _obs_array(chunk.obs[c])
     table = pa.table(cols)
     if rows.size != chunk.n_cells:
         table = table.take(pa.array(rows))
@@ -241,12 +275,15 @@ def tokenize_corpus(
         The completed manifest (also at ``out/manifest.json``).
     """
     from ..readers import open_reader
+    from ..store.schema import BASE_COLUMNS
     from ..store.writer import ShardedTokenWriter
 
     paths = [inputs] if isinstance(inputs, (str, Path)) else list(inputs)
     if not paths:
         msg = "no input files given"
         raise InputFileError(msg)
+    _check_distinct(paths)
+    _check_options(max_len=None, n_special=0, n_threads=None, chunk_size=chunk_size)
     spec = TokenizerSpec.build(preset=preset, token_dictionary=token_dictionary, gene_median=gene_median,
                                gene_name_map=gene_name_map, orthologs=orthologs, max_len=max_len,
                                min_gene_match=min_gene_match, allow_non_integer=allow_non_integer,
@@ -254,6 +291,11 @@ def tokenize_corpus(
     readers = [open_reader(str(p), layer=layer, use_raw=use_raw, gene_id_column=gene_id_column) for p in paths]
     try:
         want = list(dict.fromkeys(obs_columns))
+        clash = [c for c in want if c in BASE_COLUMNS]
+        if clash:
+            msg = (f"obs column(s) {clash} share a name with the output's own columns {list(BASE_COLUMNS)}; "
+                   "copy them to another name in obs (e.g. obs['orig_length'] = obs['length']) and pass that")
+            raise UsageError(msg)
         resolved = []
         for p, r in zip(paths, readers):
             missing = [c for c in want if c not in r.obs_columns]
@@ -382,6 +424,7 @@ def tokenize_anndata(
 
     from ..readers.base import CellChunk
 
+    _check_options(max_len=None, n_special=0, n_threads=None, chunk_size=chunk_size)
     spec = TokenizerSpec.build(preset=preset, token_dictionary=token_dictionary, gene_median=gene_median,
                                gene_name_map=gene_name_map, orthologs=orthologs, max_len=max_len,
                                min_gene_match=min_gene_match, allow_non_integer=allow_non_integer,

@@ -7,6 +7,7 @@ a human vocabulary, mouse ids/symbols through a one-to-one ortholog table.
 
 from __future__ import annotations
 
+import logging
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
@@ -14,8 +15,10 @@ from pathlib import Path
 
 import numpy as np
 
-from .._errors import GeneMatchError
+from .._errors import GeneMatchError, InputFileError
 from .dictionaries import GeneVocab, bundled_dir, load_pickle_dict
+
+log = logging.getLogger("scfm_fast")
 
 _VERSIONED = re.compile(r"^(ENS[A-Z]*G\d{6,})\.\d+$")
 
@@ -30,14 +33,37 @@ def load_gene_name_map(path: str | Path | None = None) -> dict[str, str]:
     """Gene symbol -> Ensembl id (default: Geneformer's bundled ``gene_name_id_dict.pkl``)."""
     p = Path(path) if path is not None else bundled_dir("geneformer_v1") / "gene_name_id_dict.pkl"
     if p.suffix in (".csv", ".tsv", ".gz", ".txt"):
-        import pandas as pd
-
-        df = pd.read_csv(p, sep="\t" if ".tsv" in p.name else ",", header=None, dtype=str)
-        first = df.iloc[0].tolist()
-        if str(first[0]).startswith("ENS"):  # id,name (GENCODE-style)
-            return dict(zip(df[1], df[0]))
-        return dict(zip(df[0], df[1]))
+        return _name_map_from_table(p)
     return {str(k): str(v) for k, v in load_pickle_dict(p, what="gene name dictionary").items()}
+
+
+#: header names of the symbol and the Ensembl id column in gene tables with more than two columns
+_SYMBOL_HEADERS = ("gene_name", "symbol", "gene_symbol", "name", "gene name")
+_ID_HEADERS = ("gene_id", "ensembl_id", "ensembl_gene_id", "gene stable id")
+
+
+def _name_map_from_table(p: Path) -> dict[str, str]:
+    """Symbol -> Ensembl id from a CSV/TSV: two columns in either order, or named columns."""
+    import pandas as pd
+
+    if not p.is_file():
+        msg = f"{p}: gene name table not found; pass a .pkl/.csv/.tsv symbol table, 'auto' or 'none'"
+        raise InputFileError(msg)
+    df = pd.read_csv(p, sep="\t" if ".tsv" in p.name else ",", header=None, dtype=str)
+    head = [str(h).strip().lower() for h in df.iloc[0]]
+    if df.shape[1] == 2:
+        # the id column is the one holding Ensembl ids; a header row, if any, maps nothing useful
+        ens = df[0].str.startswith("ENS", na=False).mean() > df[1].str.startswith("ENS", na=False).mean()
+        ids, names = (df[0], df[1]) if ens else (df[1], df[0])
+    elif (i := next((head.index(h) for h in _ID_HEADERS if h in head), None)) is not None and (
+            j := next((head.index(h) for h in _SYMBOL_HEADERS if h in head), None)) is not None:
+        ids, names = df[i].iloc[1:], df[j].iloc[1:]
+    else:
+        msg = (f"{p}: gene name table has {df.shape[1]} columns; use two columns (symbol and Ensembl id) "
+               f"or a header naming them ({_ID_HEADERS[0]!r} and {_SYMBOL_HEADERS[0]!r})")
+        raise InputFileError(msg)
+    ok = ids.notna() & names.notna()
+    return dict(zip(names[ok], ids[ok]))
 
 
 @dataclass
@@ -103,7 +129,8 @@ def resolve_genes(
         :class:`GeneMatchReport`.
     """
     col_token = np.full(len(gene_ids), -1, dtype=np.int32)
-    n_ens = n_ver = n_sym = n_orth = 0
+    n_ens = n_ver = n_sym = n_orth = n_case = 0
+    case_example = ""
     unmatched: list[str] = []
     upper_map = None
     for j, raw in enumerate(gene_ids):
@@ -141,12 +168,19 @@ def resolve_genes(
             if e is not None and (t := vocab.tokenizable(e)) >= 0:
                 col_token[j] = t
                 n_sym += 1
+                n_case += 1
+                case_example = case_example or g
                 continue
         if len(unmatched) < 10:
             unmatched.append(g)
     matched = col_token[col_token >= 0]
     n_dup = int(matched.size - np.unique(matched).size)
     report = GeneMatchReport(len(gene_ids), int(matched.size), n_ens, n_ver, n_sym, n_orth, n_dup, unmatched)
+    if n_case > report.n_matched_genes / 2:
+        # "Actb"-style symbols: most likely mouse genes that only match human symbols by case
+        log.warning("%s: %d of %d matched genes match a symbol only case-insensitively (e.g. %r); if this "
+                    "is mouse data, pass --orthologs mouse-to-human", source, n_case,
+                    report.n_matched_genes, case_example)
     if report.fraction < min_fraction:
         first = [str(g) for g in list(gene_ids)[:5]]
         hint = ("if these are gene symbols pass a symbol table (--gene-name-map); if they are mouse genes "

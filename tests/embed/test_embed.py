@@ -207,3 +207,100 @@ def test_triton_kernels_give_the_same_embeddings(model, monkeypatch):
     np.testing.assert_allclose(fast, plain, rtol=0, atol=1e-5)
     np.testing.assert_array_equal(fast_genes["token"], plain_genes["token"])
     np.testing.assert_allclose(fast_genes["embedding"], plain_genes["embedding"], rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize(("extra", "match"), [
+    (["--layer", "3"], "--layer"),
+    (["--pool", "cls"], "no <cls>"),  # V1 tokens: "cls" would silently pool the top-ranked gene
+    (["--batch-tokens", "-1"], "--batch-tokens"),
+    (["--cells-per-part", "0"], "--cells-per-part"),
+    (["--device", "nonsense"], "--device"),
+])
+def test_embed_cli_refuses_before_writing(tmp_path, pbmc_tokens_ckpt, capsys, extra, match):
+    tok, ckpt = pbmc_tokens_ckpt
+    assert _embed(tok, ckpt, tmp_path / "e", *extra) == 2
+    assert match in capsys.readouterr().err and not (tmp_path / "e").exists()
+
+
+def test_embed_cli_checkpoint_and_out_errors(tmp_path, pbmc_tokens_ckpt, capsys):
+    import shutil
+
+    tok, ckpt = pbmc_tokens_ckpt
+    bad = tmp_path / "no_config"
+    shutil.copytree(ckpt, bad)
+    (bad / "config.json").unlink()
+    assert _embed(tok, bad, tmp_path / "e") == 2
+    assert "no config.json" in capsys.readouterr().err and not (tmp_path / "e").exists()
+    # the fixed checkpoint then runs in the same --out: a run that wrote nothing is no earlier result
+    (tmp_path / "e").mkdir()
+    (tmp_path / "e/embed_info.json").write_text(json.dumps({"config": {"model": str(bad)}, "status": "running"}))
+    assert _embed(tok, ckpt, tmp_path / "e", "--cells-per-part", "150") == 0
+    # --out inside TOKENS_DIR would make its Parquet files part of the token dataset
+    shutil.copytree(tok, tmp_path / "tok")
+    assert _embed(tmp_path / "tok", ckpt, tmp_path / "tok/emb") == 2
+    assert "inside TOKENS_DIR" in capsys.readouterr().err and not (tmp_path / "tok/emb").exists()
+
+
+def test_tokens_the_model_cannot_read_name_the_cell(model):
+    from scfm_fast._errors import InputFileError, UsageError
+
+    vocab = model.config.vocab_size
+    cells = [np.array([5, 6]), np.array([7, vocab + 3, 8])]
+    with pytest.raises(InputFileError, match=f"cell 1 has token id {vocab + 3}"):
+        embed_tokens(cells, model, progress_bar=False)
+    with pytest.raises(InputFileError, match="cell 0 has 65 tokens"):
+        embed_tokens([np.full(65, 5)], model, progress_bar=False)
+    with pytest.raises(UsageError, match="cell 1 starts with gene token 9"):  # specials known: check every cell
+        embed_tokens([np.array([2, 5]), np.array([9, 5])], model, pooling="cls", special_token_ids=[0, 1, 2],
+                     batch_tokens=2, progress_bar=False)
+
+
+def test_gene_names_only_from_the_dictionary_the_tokens_used(tmp_path, pbmc_path, pbmc_tokens_ckpt):
+    import pickle
+
+    from scfm_fast.cli import main
+
+    _, ckpt = pbmc_tokens_ckpt
+    v1 = pbmc_path.parents[1] / "geneformer_v1"
+    tokdict = pickle.loads((v1 / "token_dictionary.pkl").read_bytes())
+    a, b = sorted(tokdict, key=tokdict.get)[2:4]
+    tokdict[a], tokdict[b] = tokdict[b], tokdict[a]  # a custom dictionary: the bundled names would be wrong
+    (tmp_path / "dict.pkl").write_bytes(pickle.dumps(tokdict))
+    assert main(["tokenize", str(pbmc_path), "--out", str(tmp_path / "tok"), "--max-len", "128",
+                 "--token-dictionary", str(tmp_path / "dict.pkl"),
+                 "--gene-median", str(v1 / "gene_median_dictionary.pkl")]) == 0
+    assert _embed(tmp_path / "tok", ckpt, tmp_path / "e", "--genes") == 0
+    genes = pq.read_table(tmp_path / "e/gene_embeddings.parquet")
+    assert genes.num_rows > 1000 and set(genes.column("ensembl_id").to_pylist()) == {""}
+
+
+def test_resume_refuses_tokens_retokenized_in_place(tmp_path, pbmc_path, pbmc_tokens_ckpt):
+    from scfm_fast.cli import main
+
+    _, ckpt = pbmc_tokens_ckpt
+    tok = tmp_path / "tok"
+    assert main(["tokenize", str(pbmc_path), "--out", str(tok), "--max-len", "64"]) == 0
+    assert _embed(tok, ckpt, tmp_path / "e", "--cells-per-part", "100") == 0
+    (tmp_path / "e/parts/part-000001.parquet").unlink()
+    assert main(["tokenize", str(pbmc_path), "--out", str(tok), "--max-len", "128", "--overwrite"]) == 0
+    # same cell count, other tokens: part 0 of the old tokens must not be merged with part 1 of the new
+    assert _embed(tok, ckpt, tmp_path / "e", "--cells-per-part", "100", "--resume") == 2
+
+
+def test_empty_token_dataset(tmp_path, pbmc_path, pbmc_tokens_ckpt):
+    import warnings
+
+    ad = pytest.importorskip("anndata")
+    from scfm_fast.cli import main
+
+    _, ckpt = pbmc_tokens_ckpt
+    adata = ad.read_h5ad(pbmc_path)[:3].copy()
+    adata.X = adata.X * 0  # every cell is skipped: a complete dataset of 0 cells
+    adata.write_h5ad(tmp_path / "zeros.h5ad")
+    assert main(["tokenize", str(tmp_path / "zeros.h5ad"), "--out", str(tmp_path / "tok")]) == 0
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no mean-of-empty warnings from the plot
+        assert _embed(tmp_path / "tok", ckpt, tmp_path / "e", "--genes", "--plot", "length") == 0
+    assert np.load(tmp_path / "e/cell_embeddings.npy").shape == (0, 32)
+    genes = pq.read_table(tmp_path / "e/gene_embeddings.parquet")
+    assert genes.num_rows == 0 and genes.schema.field("ensembl_id").type == pa.string()

@@ -129,3 +129,19 @@ def test_checkpoint_errors(tmp_path):
     (tmp_path / "d/config.json").write_text(json.dumps(tiny_config(hidden=96, heads=4).to_hf_dict()))
     with pytest.raises(InputFileError, match="shape"):
         load_encoder(tmp_path / "d")
+
+
+def test_checkpoint_without_config_or_with_unreadable_files(tmp_path):
+    # each is an InputFileError naming the file (the CLI prints those), not FileNotFoundError / a safetensors error
+    save_encoder(BertEncoderModel(tiny_config()), tmp_path / "d")
+    (tmp_path / "d/config.json").unlink()
+    with pytest.raises(InputFileError, match="no config.json"):
+        load_encoder(tmp_path / "d")
+    save_encoder(BertEncoderModel(tiny_config()), tmp_path / "e")
+    w = tmp_path / "e/model.safetensors"
+    w.write_bytes(w.read_bytes()[:100])  # an interrupted download
+    with pytest.raises(InputFileError, match="model.safetensors: cannot read"):
+        load_encoder(tmp_path / "e")
+    (tmp_path / "e/config.json").write_text("{not json")
+    with pytest.raises(InputFileError, match="config.json"):
+        load_encoder(tmp_path / "e")

@@ -137,3 +137,80 @@ def test_several_devices_without_torchrun_spawn_one_worker_each(token_dir, ckpt,
     assert not df.duplicated(["cell_index", "gene_token"]).any()
     _assert_equals_one_process(df, cells)
     assert json.loads((out / "manifest.json").read_text())["status"] == "complete"
+
+
+def test_pair_screen_writes_stats_without_per_gene_rows(token_dir, ckpt, tmp_path, cells):
+    # group rows have gene_token -1: the stats table is empty, but the run (and its plot) must finish
+    a, b = int(cells[0][0]), int(cells[0][1])
+    out = tmp_path / "out"
+    assert _run(token_dir, ckpt, out, "--genes", f"{a}+{b}") == 0
+    assert json.loads((out / "manifest.json").read_text())["status"] == "complete"
+    assert len(pd.read_parquet(out / "gene_stats.parquet")) == 0 and (out / "gene_stats.png").exists()
+
+
+def test_resume_refuses_other_dictionary_or_edited_gene_file(token_dir, ckpt, tmp_path, cells):
+    import pickle
+
+    genes = tmp_path / "genes.txt"
+    genes.write_text(f"{int(cells[0][0])}\n")
+    out = tmp_path / "out"
+    assert _run(token_dir, ckpt, out, "--genes", str(genes)) == 0
+    genes.write_text(f"{int(cells[0][1])}\n")
+    assert _run(token_dir, ckpt, out, "--genes", str(genes), "--resume") == 2
+    genes.write_text(f"{int(cells[0][0])}\n")
+    td = tmp_path / "td.pkl"
+    td.write_bytes(pickle.dumps({f"ENSG{i:011d}": i for i in range(200)}))
+    assert _run(token_dir, ckpt, out, "--genes", str(genes), "--resume", "--token-dictionary", str(td)) == 2
+    assert _run(token_dir, ckpt, out, "--genes", str(genes), "--resume") == 0
+
+
+@pytest.mark.parametrize(("extra", "expect"), [
+    (["--anchor", "NOT_A_GENE_XYZ"], "--anchor"),
+    (["--layer", "9"], "--layer"),
+    (["--perturb", "inhibit", "--rank-shift", "1.5"], "--rank-shift"),
+    (["--pooling", "cls"], "pooling='cls'"),
+    (["--target-embedding", "missing.npy"], "--target-embedding file not found"),
+    (["--target-embedding", "bad.npy"], "hidden size is 48"),
+    (["--cells-per-shard", "0"], "--cells-per-shard 0"),
+    (["--devices", "cuda:99"], "--devices 'cuda:99'"),
+])
+def test_bad_options_give_one_line_errors(token_dir, ckpt, tmp_path, capsys, monkeypatch, extra, expect):
+    monkeypatch.chdir(tmp_path)
+    np.save(tmp_path / "bad.npy", np.zeros(7))
+    extra = [*extra, "--cells-per-shard", "3"] if "--cells-per-shard" not in extra else extra
+    from scfm_fast.cli import main
+
+    rc = main(["perturb", str(token_dir), "--model", str(ckpt), "--out", str(tmp_path / "out"), "--special-tokens",
+               ",".join(map(str, SPECIAL)), *extra])
+    err = capsys.readouterr().err
+    assert rc == 2 and expect in err and "Traceback" not in err
+    man = tmp_path / "out" / "manifest.json"
+    assert not man.exists() or json.loads(man.read_text())["status"] != "complete"
+
+
+def test_cells_longer_than_model_fail_before_any_shard(ckpt, tmp_path, capsys):
+    d = tmp_path / "tokens"
+    d.mkdir()
+    lens = [5, 5, 5, 70]  # the tiny model has 64 positions; the long cell is in the last shard
+    pq.write_table(pa.table({"input_ids": pa.array([list(range(4, 4 + n)) for n in lens], pa.list_(pa.int32()))}),
+                   d / "part-0000-000000000000.parquet")
+    assert run_cli(d, ckpt, tmp_path / "out", cells_per_shard=1) == 2
+    err = capsys.readouterr().err
+    assert "cell_index [3]" in err and "--max-len 64" in err
+    assert not list((tmp_path / "out" / "shards").glob("*.parquet"))
+
+
+def test_failed_worker_is_reported_without_waiting_for_its_shards(ckpt, tmp_path, capsys):
+    import time
+
+    # V2 cells (with <cls>) in shard 0, a V1 cell in shard 1: with --pooling cls only worker 1 fails
+    d = tmp_path / "tokens"
+    d.mkdir()
+    rows = [*make_cells([5, 6], v2=True), *make_cells([5], seed=1)]
+    pq.write_table(pa.table({"input_ids": pa.array([r.tolist() for r in rows], pa.list_(pa.int32()))}),
+                   d / "part-0000-000000000000.parquet")
+    t0 = time.monotonic()
+    rc = run_cli(d, ckpt, tmp_path / "out", "--devices", "cpu,cpu", "--pooling", "cls", "--merge-timeout", "120",
+                 cells_per_shard=2)
+    assert rc == 2 and time.monotonic() - t0 < 100
+    assert json.loads((tmp_path / "out" / "manifest.json").read_text())["status"] == "running"

@@ -85,11 +85,39 @@ def test_pairs_and_anchor_blocks():
     assert pn.n_variants == 0 and "anchor" in pn.skipped[0]["reason"]
 
 
-def test_single_gene_cell_cannot_be_deleted_but_can_move():
+def test_single_gene_cell_is_skipped_for_every_perturbation():
     p = plan_cell(np.array([10]), 0, perturbation="delete", groups=None, special_token_ids=SPECIAL)
     assert p.n_variants == 0 and p.skipped[0]["reason"] == "cell would have no genes left"
-    p = plan_cell(np.array([10]), 0, perturbation="overexpress", groups=None, special_token_ids=SPECIAL)
-    assert p.n_variants == 1
+    # a move of a cell's only gene is a no-op with nothing left to pool (its cosine was NaN)
+    for kind in ("overexpress", "inhibit", "activate"):
+        p = plan_cell(np.array([CLS, 10, EOS]), 0, perturbation=kind, groups=None, special_token_ids=SPECIAL)
+        assert p.n_variants == 0 and p.skipped[0]["reason"] == "no other gene in cell"
+        p = plan_cell(np.array([10, 11]), 0, perturbation=kind, groups=[(10, 11), (11,)], special_token_ids=SPECIAL)
+        assert p.n_variants == 1 and p.skipped[0]["gene_tokens"] == [10, 11]
+
+
+def test_moves_on_tiny_cells_give_no_nan_rows(model):
+    from scfm_fast.perturb import perturb_cells
+
+    cells = [np.array([10]), np.array([11, 12]), np.array([CLS, 13, EOS])]
+    for kind in ("overexpress", "inhibit", "activate"):
+        df = perturb_cells(cells, model, perturbation=kind, special_token_ids=SPECIAL, progress_bar=False)
+        assert df["cell_index"].tolist() == [1, 1] and np.isfinite(df["cos_sim"]).all()
+        assert {s["cell_index"] for s in df.attrs["skipped"]} == {0, 2}
+
+
+@pytest.mark.parametrize("q", [0.1, 0.2, 0.3, 0.05])
+def test_quantile_bins_are_exact_for_decimal_rank_shifts(q):
+    # 0.1 * 8 is 0.8000000000000000444 in floats: rank 4 of 8 fell in decile bin 4 instead of 5
+    assert target_rank(4, 8, "inhibit", 0.1) == 5 and target_rank(4, 8, "activate", 0.1) == 3
+    from fractions import Fraction
+
+    qf = Fraction(q).limit_denominator(1000)
+    for n in range(1, 120):
+        for r in range(n):
+            b = min(int(r / (qf * n)), int(1 / qf) + (1 / qf != int(1 / qf)) - 1)
+            up = int((b - 1 + Fraction(1, 2)) * qf * n) if b > 0 else 0
+            assert target_rank(r, n, "activate", q) == up, (n, r)
 
 
 def test_resolver_symbols_and_ensembl(geneformer_v1_dir):

@@ -82,3 +82,13 @@ def test_plot_writes_png(tmp_path):
     st = gene_stats(_screen())
     p = plot_gene_stats(st, tmp_path / "x" / "stats.png")
     assert p.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_nan_values_do_not_poison_every_pvalue():
+    rng = np.random.default_rng(0)
+    df = pd.DataFrame({"gene_token": rng.integers(4, 30, 400), "shift": rng.random(400)})
+    clean = gene_stats(df)
+    df.loc[len(df)] = {"gene_token": 99, "shift": np.nan}  # e.g. a table from an older version
+    st = gene_stats(df)
+    assert np.isfinite(st["z"]).all() and 99 not in st["gene_token"].tolist()
+    pd.testing.assert_frame_equal(st, clean)

@@ -126,3 +126,31 @@ def test_finalize_failure_names_the_cause_and_can_be_resumed(tmp_path):
     assert not w2.complete
     w2.finalize()
     np.testing.assert_array_equal(TokenStore(out)[0], a[0])
+
+
+def test_overwrite_only_replaces_a_token_dataset(tmp_path):
+    # --out pointing at a folder of inputs must never delete them
+    (tmp_path / "cells.h5ad").write_bytes(b"precious")
+    with pytest.raises(StoreError, match=r"--overwrite refused.*cells\.h5ad"):
+        ShardedTokenWriter(tmp_path, config={}, overwrite=True)
+    with pytest.raises(StoreError, match="not a token dataset"):
+        ShardedTokenWriter(tmp_path, config={})
+    assert (tmp_path / "cells.h5ad").read_bytes() == b"precious"
+    with pytest.raises(StoreError, match="is a file"):
+        ShardedTokenWriter(tmp_path / "cells.h5ad", config={})
+    out = tmp_path / "o"
+    _one_shard(out, 5)[0].finalize()
+    assert ShardedTokenWriter(out, config={"a": 2}, overwrite=True).manifest["shards"] == []
+
+
+def test_refused_resume_names_the_changed_options(tmp_path):
+    _one_shard(tmp_path / "o", 6)
+    with pytest.raises(StoreError, match=r"a: 1 -> 2; b: None -> 'x'"):
+        ShardedTokenWriter(tmp_path / "o", config={"a": 2, "b": "x"}, resume=True)
+
+
+def test_a_run_that_wrote_no_shard_is_replaced(tmp_path):
+    # e.g. stopped on bad counts in its first chunk: the corrected rerun needs no --overwrite
+    ShardedTokenWriter(tmp_path / "o", config={"layer": None})
+    w = ShardedTokenWriter(tmp_path / "o", config={"layer": "counts"})
+    assert w.manifest["config"] == {"layer": "counts"}

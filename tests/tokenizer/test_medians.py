@@ -8,7 +8,13 @@ import numpy as np
 import pytest
 import scipy.sparse as sp
 
-from scfm_fast.tokenizer.medians import MedianAccumulator, gene_medians_ref, write_gene_dictionaries
+from scfm_fast._errors import CountDataError, UsageError
+from scfm_fast.tokenizer.medians import (
+    MedianAccumulator,
+    compute_gene_medians,
+    gene_medians_ref,
+    write_gene_dictionaries,
+)
 
 
 def _run(acc, m, totals, col_gene, chunk=37):
@@ -58,3 +64,47 @@ def test_write_dictionaries_geneformer_format(tmp_path):
     med = pickle.loads(paths["gene_median"].read_bytes())
     assert tok == {"<pad>": 0, "<mask>": 1, "<cls>": 2, "G1": 3, "G2": 4}
     assert med == {"G1": 1.0, "G2": 2.5}
+
+
+def _medians_input(tmp_path, X, **obs):
+    ad = pytest.importorskip("anndata")
+    import pandas as pd
+
+    a = ad.AnnData(sp.csr_matrix(np.asarray(X, dtype=np.float32)),
+                   obs=pd.DataFrame(obs, index=[f"c{i}" for i in range(len(X))]),
+                   var=pd.DataFrame(index=[f"G{j}" for j in range(len(X[0]))]))
+    a.write_h5ad(tmp_path / "m.h5ad")
+    return tmp_path / "m.h5ad"
+
+
+def test_empty_cells_at_the_end_of_a_chunk(tmp_path):
+    # cell totals from the counts: empty rows at a chunk's end once crashed np.add.reduceat
+    X = [[2, 0, 1], [0, 4, 4], [0, 0, 0], [6, 2, 0], [0, 0, 0]]
+    med, report = compute_gene_medians(_medians_input(tmp_path, X), chunk_size=3, progress_bar=False)
+    m = sp.csr_matrix(np.asarray(X, dtype=np.float64))
+    exact = gene_medians_ref(m.indptr, m.indices, m.data, np.asarray(m.sum(1)).ravel(), np.arange(3), 3)
+    assert report["n_cells"] == 5
+    for g, e in zip(["G0", "G1", "G2"], exact):
+        assert med[g] == pytest.approx(e, rel=2 ** (1 / 64) - 1)
+
+
+@pytest.mark.parametrize("value,match", [(-3, "c1.*'G2'.*negative"), (np.nan, "c1.*'G2'.*NaN"),
+                                         (0.5, "c1.*'G2'.*--allow-non-integer")])
+def test_bad_counts_name_the_cell_and_gene(tmp_path, value, match):
+    X = [[2.0, 0, 1], [0, 4, value]]
+    path = _medians_input(tmp_path, X)
+    with pytest.raises(CountDataError, match=match):
+        compute_gene_medians(path, progress_bar=False)
+    if value == 0.5:
+        med, _ = compute_gene_medians(path, allow_non_integer=True, progress_bar=False)
+        assert set(med) == {"G0", "G1", "G2"}
+
+
+def test_bad_n_counts_and_options(tmp_path):
+    path = _medians_input(tmp_path, [[2, 0, 1], [0, 4, 4]], n_counts=[3.0, np.nan])
+    with pytest.raises(CountDataError, match="c1.*n_counts"):
+        compute_gene_medians(path, progress_bar=False)
+    with pytest.raises(UsageError, match="--bins-per-octave"):
+        compute_gene_medians(path, bins_per_octave=0, progress_bar=False)
+    with pytest.raises(UsageError, match="is a file"):
+        write_gene_dictionaries({"G1": 1.0}, path)

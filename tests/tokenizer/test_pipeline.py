@@ -6,10 +6,11 @@ import json
 import re
 
 import numpy as np
+import pyarrow as pa
 import pytest
 import scipy.sparse as sp
 
-from scfm_fast._errors import CountDataError, GeneMatchError, InputFileError
+from scfm_fast._errors import CountDataError, GeneMatchError, InputFileError, UsageError
 from scfm_fast.store import TokenStore, read_manifest, read_table, to_hf_dataset
 from scfm_fast.store.schema import base_schema
 from scfm_fast.tokenizer.pipeline import tokenize_anndata, tokenize_corpus
@@ -247,3 +248,38 @@ def test_two_inputs_and_ecosystem_readers(tmp_path, adata, vocab):
     assert tab.schema.names[:len(base)] == base.names and tab.schema.names[len(base):] == ["cell_type"]
     for f in base:
         assert tab.schema.field(f.name).type == f.type, f.name
+
+
+def test_obs_columns_with_missing_values_have_one_type_in_every_shard(tmp_path, adata):
+    import pandas as pd
+    import pyarrow.dataset as pds
+
+    b = adata.copy()
+    label = pd.Series(["x", "y"] * (b.n_obs // 2) + ["x"] * (b.n_obs % 2), index=b.obs_names, dtype=object)
+    label.iloc[:10] = np.nan  # the whole first shard is missing: it must not become Arrow's null type
+    b.obs["label"] = pd.Categorical(label)
+    b.obs["note"] = label.astype(object)
+    b.write_h5ad(tmp_path / "c.h5ad")
+    tokenize_corpus(tmp_path / "c.h5ad", tmp_path / "o", chunk_size=10, obs_columns=["label", "note"],
+                    progress_bar=False)
+    tab = pds.dataset(str(tmp_path / "o"), format="parquet").to_table()
+    rows = tab.column("cell_index").to_pylist()
+    want = [None if pd.isna(v) else v for v in label.iloc[rows]]
+    assert tab.schema.field("label").type == tab.schema.field("note").type == pa.string()
+    assert tab.column("label").to_pylist() == tab.column("note").to_pylist() == want
+
+
+@pytest.mark.parametrize("kw,match", [
+    ({"max_len": 0}, "--max-len 0"), ({"chunk_size": 0}, "--chunk-size"), ({"n_threads": 0}, "--workers"),
+    ({"obs_columns": ["length"]}, "'length'.*own columns")])
+def test_bad_options_are_refused_before_any_output(tmp_path, adata, kw, match):
+    adata.write_h5ad(tmp_path / "c.h5ad")
+    with pytest.raises(UsageError, match=match):
+        tokenize_corpus(tmp_path / "c.h5ad", tmp_path / "o", progress_bar=False, **kw)
+    assert not (tmp_path / "o").exists()
+
+
+def test_the_same_input_twice_is_refused(tmp_path, adata):
+    adata.write_h5ad(tmp_path / "c.h5ad")
+    with pytest.raises(UsageError, match="given twice"):
+        tokenize_corpus([tmp_path / "c.h5ad", f"{tmp_path}/./c.h5ad"], tmp_path / "o", progress_bar=False)

