@@ -110,7 +110,7 @@ def main(argv: list[str] | None = None) -> int:
     err = float(np.abs(res[res.cell_index == 0].sort_values("gene_token").cos_sim.to_numpy()
                        - ref.sort_values("gene_token").cos_sim.to_numpy()).max())
     res.to_parquet(out / "perturbations.parquet")
-    stats = gene_stats(res, n_null=500)
+    stats = gene_stats(res)
     stats.to_parquet(out / "gene_stats.parquet")
     plot_gene_stats(stats, out / "gene_stats.png")
     print(f"[4/4] deleted {len(genes)} genes in {args.perturb_cells} cells: {len(res)} perturbations in {dt:.1f} s; "

@@ -107,6 +107,11 @@ def _config(args: argparse.Namespace, n_cells: int) -> dict:
     if args.genes != "all" and Path(args.genes).is_file():
         # the file's entries, not only its name: an edited gene file must not be resumed into the old run
         cfg["gene_list"] = json.loads(json.dumps(parse_genes(args.genes)))
+    man = Path(args.tokens) / "__scfm__" / "manifest.json"
+    if man.is_file():
+        # a token dataset re-tokenized in place (same path, other cells or options) must not be resumed into
+        tm = json.loads(man.read_text())
+        cfg["tokens_config"] = {"config_hash": tm.get("config_hash"), "n_cells": tm.get("n_cells")}
     cfg["n_cells"] = n_cells
     return cfg
 
@@ -336,6 +341,9 @@ def _work(args: argparse.Namespace, *, merge: bool = True) -> int:
     else:
         device = torch.device(f"cuda:{local % torch.cuda.device_count()}" if torch.cuda.is_available()
                               else "cpu")
+    if device.type == "cpu" and world > 1 and "OMP_NUM_THREADS" not in os.environ:
+        # ranks on one machine share its cores; each using all of them oversubscribes (~3x slower)
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", world))))
     todo = [s for s in mine if s not in done]
     cols = _columns(args)
     if todo:

@@ -64,10 +64,19 @@ class TokenStore:
         self.path = Path(path)
         self.manifest = read_manifest(self.path)
         d = self.path / PACKED_DIR
-        self.tokens = np.load(d / "tokens.npy", mmap_mode="r")
-        self.offsets = np.load(d / "offsets.npy", mmap_mode="r")
-        self.cell_index = np.load(d / "cell_index.npy", mmap_mode="r")
-        self.file_index = np.load(d / "file_index.npy", mmap_mode="r")
+        try:
+            self.tokens = np.load(d / "tokens.npy", mmap_mode="r")
+            self.offsets = np.load(d / "offsets.npy", mmap_mode="r")
+            self.cell_index = np.load(d / "cell_index.npy", mmap_mode="r")
+            self.file_index = np.load(d / "file_index.npy", mmap_mode="r")
+        except (OSError, ValueError) as e:
+            msg = (f"{self.path}: the packed token store is missing or damaged ({e}); the Parquet shards are "
+                   "intact: rebuild it with the same `scfm tokenize ... --overwrite`, or read the shards "
+                   "with read_table()")
+            raise StoreError(msg) from None
+        if self.offsets.shape[0] != self.manifest.get("n_cells", self.offsets.shape[0] - 1) + 1:
+            msg = f"{self.path}: the packed store does not match the manifest's cell count; re-tokenize"
+            raise StoreError(msg)
 
     def __len__(self) -> int:
         return int(self.offsets.shape[0] - 1)

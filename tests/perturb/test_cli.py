@@ -164,6 +164,22 @@ def test_resume_refuses_other_dictionary_or_edited_gene_file(token_dir, ckpt, tm
     assert _run(token_dir, ckpt, out, "--genes", str(genes), "--resume") == 0
 
 
+def test_resume_refuses_tokens_retokenized_in_place(token_dir, ckpt, tmp_path, capsys):
+    import shutil
+
+    tokens = tmp_path / "tokens"
+    shutil.copytree(token_dir, tokens)
+    (tokens / "__scfm__").mkdir()
+    man = tokens / "__scfm__" / "manifest.json"
+    man.write_text(json.dumps({"config_hash": "aaaa", "n_cells": 7, "status": "complete"}))
+    out = tmp_path / "out"
+    assert _run(tokens, ckpt, out) == 0
+    man.write_text(json.dumps({"config_hash": "bbbb", "n_cells": 7, "status": "complete"}))
+    capsys.readouterr()
+    assert _run(tokens, ckpt, out, "--resume") == 2
+    assert "tokens_config" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize(("extra", "expect"), [
     (["--anchor", "NOT_A_GENE_XYZ"], "--anchor"),
     (["--layer", "9"], "--layer"),

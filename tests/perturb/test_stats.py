@@ -32,7 +32,7 @@ def _screen(seed=0, n_genes=40, n_cells=25, planted=7, effect=0.03):
     return pd.DataFrame(rows)
 
 
-@pytest.mark.parametrize("method", ["empirical", "normal"])
+@pytest.mark.parametrize("method", ["ranksum", "empirical", "normal"])
 def test_planted_gene_ranks_first(method):
     st = gene_stats(_screen(), method=method)
     assert st["gene_token"].iloc[0] == 7 and st["rank"].iloc[0] == 1
@@ -92,3 +92,29 @@ def test_nan_values_do_not_poison_every_pvalue():
     st = gene_stats(df)
     assert np.isfinite(st["z"]).all() and 99 not in st["gene_token"].tolist()
     pd.testing.assert_frame_equal(st, clean)
+
+
+@pytest.mark.parametrize("alternative", ["greater", "two-sided"])
+def test_ranksum_equals_mann_whitney_of_gene_vs_rest(alternative):
+    scipy_stats = pytest.importorskip("scipy.stats")
+    df = _screen(seed=5)
+    df["shift"] = df["shift"].round(3)  # ties, so the tie correction is exercised
+    st = gene_stats(df, method="ranksum", alternative=alternative).set_index("gene_token")
+    for g in (7, 12, 30):
+        mine = df["gene_token"] == g
+        want = scipy_stats.mannwhitneyu(df.loc[mine, "shift"], df.loc[~mine, "shift"], alternative=alternative,
+                                        method="asymptotic", use_continuity=True).pvalue
+        assert st.loc[g, "pvalue"] == pytest.approx(want, rel=1e-9, abs=1e-15)
+
+
+def test_genome_wide_screen_can_reach_fdr():
+    # 2,000 genes: an empirical null of 2,000 draws cannot give p < 5e-4, so BH over 2,000 genes can
+    # never pass 0.05; the rank-sum test finds the planted genes
+    rng = np.random.default_rng(0)
+    n_genes, n_cells, planted = 2_000, 30, [4, 5, 6]
+    g = np.repeat(np.arange(4, 4 + n_genes), n_cells)
+    shift = rng.exponential(0.01, g.size) + np.isin(g, planted) * 0.02
+    df = pd.DataFrame({"cell_index": np.tile(np.arange(n_cells), n_genes), "gene_token": g, "shift": shift})
+    rs = gene_stats(df)
+    assert set(rs.loc[rs["fdr"] < 0.05, "gene_token"]) == set(planted)
+    assert (gene_stats(df, method="empirical", n_null=500)["fdr"] >= 0.05).all()

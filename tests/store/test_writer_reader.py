@@ -154,3 +154,15 @@ def test_a_run_that_wrote_no_shard_is_replaced(tmp_path):
     ShardedTokenWriter(tmp_path / "o", config={"layer": None})
     w = ShardedTokenWriter(tmp_path / "o", config={"layer": "counts"})
     assert w.manifest["config"] == {"layer": "counts"}
+
+
+def test_missing_packed_store_is_a_store_error(tmp_path):
+    import shutil
+
+    out = tmp_path / "o"
+    w, _ = _one_shard(out, 5)
+    w.finalize()
+    shutil.rmtree(out / "__scfm__" / "packed")
+    with pytest.raises(StoreError, match="packed token store is missing"):
+        TokenStore(out)
+    assert read_table(out).num_rows == 2  # the shards still read
