@@ -56,6 +56,10 @@ def _run_tokenize(args) -> int:
                           allow_non_integer=args.allow_non_integer, resume=args.resume,
                           overwrite=args.overwrite)
     s = man["summary"]
+    if man.get("already_complete"):
+        print(f"{args.out}: already complete ({man['n_cells']:,} cells, {man['n_tokens']:,} tokens); nothing to do",
+              file=sys.stderr)
+        return 0
     for p, gm in zip(man["inputs"], man["gene_match"]):
         print(f"{p}: {gm['n_matched_genes']:,}/{gm['n_input_genes']:,} genes matched "
               f"({gm['fraction_matched']:.1%})", file=sys.stderr)

@@ -44,6 +44,7 @@ def test_tokenize_cli(tmp_path, pbmc, capsys):
     assert main(["tokenize", str(pbmc), "--out", str(tmp_path / "o"), "--preset", "geneformer-v1",
                  "--obs-columns", "n_genes,percent_mito", "--chunk-size", "64", "--resume"]) == 0
     assert {p.name: p.stat().st_mtime_ns for p in (tmp_path / "o").glob("*.parquet")} == before
+    assert "already complete (200 cells" in capsys.readouterr().err
     assert read_table(tmp_path / "o").column("input_ids").to_pylist() == want.column("input_ids").to_pylist()
 
 

@@ -2,7 +2,7 @@
 
 Each gene's value in a cell is ``count / cell total x 10,000`` (duplicate gene columns summed, as in
 tokenization); its median is taken over the cells where it is non-zero (Geneformer's
-``gene_median_dictionary``).
+``gene_median_dictionary``). Cells with ``filter_pass != 1`` are left out, as tokenization leaves them out.
 
 Method and error
 ----------------
@@ -23,11 +23,13 @@ from typing import Any
 
 import numba
 import numpy as np
+import pandas as pd
 
 from .._errors import CountDataError, UsageError
 from .._progress import progress
 from ..vocab.gene_ids import strip_version
-from .pipeline import _bad_count_error, _check_distinct, _check_options, _chunk_totals
+from .pipeline import (FILTER_COLUMN, TOTAL_COLUMN, _bad_count_error, _check_distinct, _check_options,
+                       _chunk_totals)
 from .reference import check_counts_ref
 
 TARGET_SUM = 10_000.0
@@ -141,8 +143,10 @@ def gene_medians_ref(indptr, indices, data, totals, col_gene, n_genes: int) -> n
     return np.array([np.median(v) if v else np.nan for v in vals])
 
 
-def _checked_chunk(path: str, chunk, var_names, *, allow_non_integer: bool) -> tuple[np.ndarray, np.ndarray]:
-    """A chunk's counts (float64) and cell totals, checked as tokenization checks them."""
+def _checked_chunk(path: str, chunk, var_names, *,
+                   allow_non_integer: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """A chunk's CSR arrays (counts as float64) and cell totals, checked as tokenization checks them,
+    without the cells that tokenization leaves out (``filter_pass != 1``)."""
     try:
         check_counts_ref(chunk.indptr, chunk.data, allow_non_integer=allow_non_integer)
     except CountDataError:
@@ -153,7 +157,15 @@ def _checked_chunk(path: str, chunk, var_names, *, allow_non_integer: bool) -> t
         # per-row sums by each entry's row: unlike np.add.reduceat, right for empty rows at the end
         rows = np.repeat(np.arange(chunk.n_cells), np.diff(chunk.indptr))
         totals = np.bincount(rows, weights=data, minlength=chunk.n_cells)
-    return data, totals
+    indptr, indices = np.asarray(chunk.indptr, np.int64), np.asarray(chunk.indices)
+    if FILTER_COLUMN in chunk.obs.columns:
+        keep = pd.to_numeric(chunk.obs[FILTER_COLUMN], errors="coerce").to_numpy() == 1
+        if not keep.all():
+            lengths = np.diff(indptr)
+            entries = np.repeat(keep, lengths)
+            indptr = np.concatenate([[0], np.cumsum(lengths[keep])])
+            indices, data, totals = indices[entries], data[entries], totals[keep]
+    return indptr, indices, data, totals
 
 
 def compute_gene_medians(
@@ -207,11 +219,11 @@ def compute_gene_medians(
         with progress(total=sum(r.n_obs for r in readers), desc="medians", enabled=progress_bar) as bar:
             for p, r in zip(paths, readers):
                 col_gene = acc.col_gene(r.var_names)
-                cols = ["n_counts"] if "n_counts" in r.obs_columns else []
+                cols = [c for c in (TOTAL_COLUMN, FILTER_COLUMN) if c in r.obs_columns]
                 for chunk in r.iter_chunks(chunk_size=chunk_size, obs_columns=cols):
-                    data, totals = _checked_chunk(str(p), chunk, r.var_names,
-                                                  allow_non_integer=allow_non_integer)
-                    acc.add(chunk.indptr, chunk.indices, data, totals, col_gene)
+                    indptr, indices, data, totals = _checked_chunk(str(p), chunk, r.var_names,
+                                                                   allow_non_integer=allow_non_integer)
+                    acc.add(indptr, indices, data, totals, col_gene)
                     bar.update(chunk.n_cells)
         med, n = acc.medians()
         report = {"n_cells": acc.n_cells, "n_genes_in": len(genes), "n_genes_expressed": len(med),

@@ -93,6 +93,23 @@ def _check_options(*, max_len: int | None, n_special: int, n_threads: int | None
         raise UsageError(msg)
 
 
+def _input_fingerprint(p: Path) -> dict[str, Any]:
+    """Size and modification time of an input, so that ``--resume`` refuses an input changed in place.
+
+    For a directory store (Zarr) the newest modification time of its entries two levels down: cheap
+    (no walk over millions of chunk files), and any array rewritten through zarr touches those.
+    """
+    if p.is_file():
+        st = p.stat()
+        return {"size": st.st_size, "mtime_ns": st.st_mtime_ns}
+    newest = p.stat().st_mtime_ns
+    for child in p.iterdir():
+        newest = max(newest, child.stat().st_mtime_ns)
+        if child.is_dir():
+            newest = max([newest, *(c.stat().st_mtime_ns for c in child.iterdir())])
+    return {"size": None, "mtime_ns": newest}
+
+
 def _check_distinct(paths: Sequence[str | Path]) -> None:
     """The same input twice would write every one of its cells twice."""
     seen: dict[Path, str | Path] = {}
@@ -311,14 +328,14 @@ def tokenize_corpus(
             log.info("%s: %s", p, report.summary())
             resolved.append((col_token, report))
         config = {**spec.config, "inputs": [str(Path(p).resolve()) for p in paths],
-                  "input_sizes": [Path(p).stat().st_size if Path(p).is_file() else None for p in paths],
+                  "input_fingerprints": [_input_fingerprint(Path(p)) for p in paths],
                   "gene_id_column": gene_id_column, "layer": layer, "use_raw": use_raw,
                   "obs_columns": want, "chunk_size": chunk_size}
         writer = ShardedTokenWriter(out, config=config, vocab_size=spec.vocab.size, resume=resume,
                                     overwrite=overwrite)
         if writer.complete:
             log.info("%s: already complete (%d cells); nothing to do", out, writer.manifest.get("n_cells", 0))
-            return writer.manifest
+            return {**writer.manifest, "already_complete": True}
         writer.update(inputs=[str(p) for p in paths], gene_match=[rep.to_dict() for _, rep in resolved])
         total = sum(r.n_obs for r in readers)
         t0 = time.perf_counter()

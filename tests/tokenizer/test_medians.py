@@ -108,3 +108,15 @@ def test_bad_n_counts_and_options(tmp_path):
         compute_gene_medians(path, bins_per_octave=0, progress_bar=False)
     with pytest.raises(UsageError, match="is a file"):
         write_gene_dictionaries({"G1": 1.0}, path)
+
+
+def test_cells_that_tokenization_filters_out_do_not_count(tmp_path):
+    X = [[2, 0, 1], [0, 4, 4], [9, 9, 9], [6, 2, 0], [1, 1, 1]]
+    keep = [1, 1, 0, 1, 0]
+    med, report = compute_gene_medians(_medians_input(tmp_path, X, filter_pass=keep), chunk_size=2,
+                                       progress_bar=False)
+    m = sp.csr_matrix(np.asarray([x for x, k in zip(X, keep) if k], dtype=np.float64))
+    exact = gene_medians_ref(m.indptr, m.indices, m.data, np.asarray(m.sum(1)).ravel(), np.arange(3), 3)
+    assert report["n_cells"] == 3
+    for g, e in zip(["G0", "G1", "G2"], exact):
+        assert med[g] == pytest.approx(e, rel=2 ** (1 / 64) - 1)

@@ -283,3 +283,21 @@ def test_the_same_input_twice_is_refused(tmp_path, adata):
     adata.write_h5ad(tmp_path / "c.h5ad")
     with pytest.raises(UsageError, match="given twice"):
         tokenize_corpus([tmp_path / "c.h5ad", f"{tmp_path}/./c.h5ad"], tmp_path / "o", progress_bar=False)
+
+
+@pytest.mark.parametrize("fmt", ["h5ad", "zarr"])
+def test_resume_refuses_an_input_changed_in_place(tmp_path, adata, fmt):
+    import os
+
+    src = _write(adata, tmp_path / f"c.{fmt}", fmt)
+    tokenize_corpus(src, tmp_path / "o", chunk_size=10, progress_bar=False)
+    # same path, same size, rewritten: only the modification time tells
+    b = adata.copy()
+    b.X = b.X.copy()
+    b.X.data[:] = b.X.data[::-1]
+    src2 = _write(b, tmp_path / f"c.{fmt}", fmt)
+    assert src2 == src
+    if fmt == "h5ad":
+        os.utime(src, ns=(1, 2_000_000_000_000_000_000))
+    with pytest.raises(Exception, match="input_fingerprints"):
+        tokenize_corpus(src, tmp_path / "o", chunk_size=10, resume=True, progress_bar=False)
