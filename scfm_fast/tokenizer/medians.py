@@ -28,8 +28,14 @@ import pandas as pd
 from .._errors import CountDataError, UsageError
 from .._progress import progress
 from ..vocab.gene_ids import strip_version
-from .pipeline import (FILTER_COLUMN, TOTAL_COLUMN, _bad_count_error, _check_distinct, _check_options,
-                       _chunk_totals)
+from .pipeline import (
+    FILTER_COLUMN,
+    TOTAL_COLUMN,
+    _bad_count_error,
+    _check_distinct,
+    _check_options,
+    _chunk_totals,
+)
 from .reference import check_counts_ref
 
 TARGET_SUM = 10_000.0
