@@ -436,6 +436,8 @@ def _merge(out: Path, names: dict[int, Path], cols: list[str], args: argparse.Na
     if not args.no_stats and n_rows:
         df = pq.read_table(merged, columns=[c for c in ("gene_token", "ensembl_id", "shift", "target_shift")
                                             if c in cols]).to_pandas()
+        if (df["gene_token"] < 0).any():  # groups are keyed by their members (only then: a list per row)
+            df["gene_tokens"] = pq.read_table(merged, columns=["gene_tokens"]).column(0).to_pylist()
         st = gene_stats(df)
         st.to_parquet(out / "gene_stats.parquet", index=False)
         plot_gene_stats(st, out / "gene_stats.png")

@@ -68,30 +68,27 @@ def _mean_null_p(pool: np.ndarray, n: np.ndarray, mean: np.ndarray, z: np.ndarra
     return pv
 
 
-def _ranksum_z(genes: np.ndarray, values: np.ndarray, order: np.ndarray) -> np.ndarray:
-    """Rank-sum z of each gene's values against all other values (ties: mid-ranks, variance corrected).
+def _ranksum_z(codes: np.ndarray, values: np.ndarray) -> np.ndarray:
+    """Rank-sum z of each group's values (``codes`` 0..k-1) against all other values.
 
-    ``order`` lists the genes (sorted) for which to return z. For ``n`` values of a gene among ``N``,
+    Ties get mid-ranks and the variance is tie-corrected. For ``n`` values of a group among ``N``,
     U = R - n(n+1)/2 has mean n(N-n)/2 and variance n(N-n)/12 * (N+1 - sum(t^3-t)/(N(N-1))); a 0.5
     continuity correction moves U toward its mean.
     """
     from scipy.stats import rankdata
 
     big_n = len(values)
-    ranks = rankdata(values)  # mid-ranks for ties
+    ranks = rankdata(values)
     _, ties = np.unique(values, return_counts=True)
     tie_term = float((ties.astype(np.float64) ** 3 - ties).sum()) / (big_n * (big_n - 1)) if big_n > 1 else 0.0
-    uniq, inv = np.unique(genes, return_inverse=True)
-    r = np.bincount(inv, weights=ranks)
-    n = np.bincount(inv).astype(np.float64)
+    r = np.bincount(codes, weights=ranks)
+    n = np.bincount(codes).astype(np.float64)
     u = r - n * (n + 1) / 2
     m = n * (big_n - n)
     var = m / 12 * ((big_n + 1) - tie_term)
     d = u - m / 2
     d = np.sign(d) * np.maximum(np.abs(d) - 0.5, 0.0)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        z = np.where(var > 0, d / np.sqrt(np.where(var > 0, var, 1.0)), 0.0)
-    return z[np.searchsorted(uniq, order)]
+    return np.where(var > 0, d / np.sqrt(np.where(var > 0, var, 1.0)), 0.0)
 
 
 def gene_stats(
@@ -128,9 +125,12 @@ def gene_stats(
     Returns
     -------
     pandas.DataFrame
-        ``gene_token, ensembl_id, n_cells, mean_<value>, median_<value>, std_<value>, z, pvalue, fdr, rank``
-        sorted by ``rank`` (1 = strongest); ``z`` is the test statistic on the normal scale (rank-sum
-        z for ``ranksum``, else ``(mean - pooled mean) / (pooled sd / sqrt(n))``).
+        ``gene_token, target, ensembl_id, n_cells, mean_<value>, median_<value>, std_<value>, z, pvalue,
+        fdr, rank`` sorted by ``rank`` (1 = strongest). ``target`` is the token id, or ``"12+40"`` for a
+        group perturbed together (``gene_token`` -1); each group size is tested against its own null
+        (pairs against random pairs of the screen), then one FDR covers all. ``z`` is the test statistic
+        on the normal scale (rank-sum z for ``ranksum``, else ``(mean - pooled mean) / (pooled sd /
+        sqrt(n))``).
     """
     if not isinstance(results, pd.DataFrame):
         results = pd.read_parquet(results)
@@ -144,27 +144,59 @@ def gene_stats(
     if method not in ("ranksum", "empirical", "normal"):
         msg = f"method={method!r}; use 'ranksum', 'empirical' or 'normal'"
         raise ValueError(msg)
-    # group rows (gene_token -1) have no single gene; a NaN value would make every p-value NaN
-    df = results[(results["gene_token"] >= 0) & np.isfinite(results[value].to_numpy(np.float64))]
+    # a NaN value (a cell with nothing left to read out) would make every p-value NaN
+    df = results[np.isfinite(results[value].to_numpy(np.float64))]
+    target, size = _targets(df)
+    parts = [_stats_of_kind(df[size == k], target[size == k], value=value, alt=alt, method=method,
+                            min_cells=min_cells, n_null=n_null, seed=seed) for k in np.unique(size)]
+    cols = ["gene_token", "target", "ensembl_id", "n_cells", f"mean_{value}", f"median_{value}", f"std_{value}",
+            "z", "pvalue", "fdr", "rank"]
+    parts = [p for p in parts if len(p)]
+    if not parts:
+        return pd.DataFrame(columns=cols)
+    out = pd.concat(parts, ignore_index=True)
+    out["fdr"] = bh_fdr(out["pvalue"].to_numpy())
+    key = -out["_effect"].to_numpy() if alt == "greater" else -np.abs(out["_effect"].to_numpy())
+    out = out.iloc[np.lexsort((key, out["pvalue"].to_numpy()))].reset_index(drop=True)
+    out["rank"] = np.arange(1, len(out) + 1)
+    return out[[c for c in cols if c in out.columns]]
+
+
+def _targets(df: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:
+    """Each row's target (``"12"`` for a gene, ``"12+40"`` for a group of genes) and its number of genes."""
+    tok = df["gene_token"].to_numpy()
+    if "gene_tokens" not in df.columns or (tok >= 0).all():
+        return tok.astype(str), np.ones(len(tok), dtype=np.int64)
+    groups = df["gene_tokens"].to_numpy()
+    target = np.array([str(t) if t >= 0 else "+".join(str(int(x)) for x in g) for t, g in zip(tok, groups)],
+                      dtype=object)
+    size = np.array([1 if t >= 0 else len(g) for t, g in zip(tok, groups)], dtype=np.int64)
+    return target, size
+
+
+def _stats_of_kind(df: pd.DataFrame, target: np.ndarray, *, value: str, alt: str, method: str, min_cells: int,
+                   n_null: int, seed: int) -> pd.DataFrame:
+    """Statistics of targets of one kind (single genes, or groups of one size) against their own null:
+    a pair is compared with random pairs of the screen, a gene with random genes."""
     pool = df[value].to_numpy(np.float64)
-    if len(pool) == 0:
-        return pd.DataFrame(columns=["gene_token", "ensembl_id", "n_cells", f"mean_{value}", f"median_{value}",
-                                     f"std_{value}", "z", "pvalue", "fdr", "rank"])
-    mu, sd = float(pool.mean()), float(pool.std(ddof=1)) if len(pool) > 1 else 0.0
-    g = df.groupby("gene_token", sort=True)
+    codes, uniques = pd.factorize(target, sort=True)
+    g = df.groupby(codes, sort=True)
     out = pd.DataFrame({
-        "n_cells": g[value].size(),
-        f"mean_{value}": g[value].mean(),
-        f"median_{value}": g[value].median(),
-        f"std_{value}": g[value].std(ddof=1),
+        "gene_token": g["gene_token"].first().to_numpy(),
+        "target": np.asarray(uniques, dtype=str),
+        "n_cells": g[value].size().to_numpy(),
+        f"mean_{value}": g[value].mean().to_numpy(),
+        f"median_{value}": g[value].median().to_numpy(),
+        f"std_{value}": g[value].std(ddof=1).to_numpy(),
     })
     if "ensembl_id" in df.columns:
-        out.insert(0, "ensembl_id", g["ensembl_id"].first())
-    if method == "ranksum":  # ranked against every other value, before genes are dropped by min_cells
-        out["z"] = _ranksum_z(df["gene_token"].to_numpy(), pool, out.index.to_numpy())
-    out = out[out["n_cells"] >= min_cells].reset_index()
+        out.insert(2, "ensembl_id", g["ensembl_id"].first().to_numpy())
+    if method == "ranksum":  # ranked against every other value, before targets are dropped by min_cells
+        out["z"] = _ranksum_z(codes, pool)
+    out = out[out["n_cells"] >= min_cells].reset_index(drop=True)
     n = out["n_cells"].to_numpy()
     mean = out[f"mean_{value}"].to_numpy()
+    mu, sd = float(pool.mean()), float(pool.std(ddof=1)) if len(pool) > 1 else 0.0
     if method == "ranksum":
         z = out["z"].to_numpy()
         pv = _normal_sf(z) if alt == "greater" else np.minimum(2 * _normal_sf(np.abs(z)), 1.0)
@@ -173,11 +205,7 @@ def gene_stats(
         out["z"] = z = (mean - mu) / se
         pv = _mean_null_p(pool, n, mean, z, alt=alt, n_null=n_null, normal=method == "normal", seed=seed)
     out["pvalue"] = pv
-    out["fdr"] = bh_fdr(pv)
-    key = -(mean - mu) if alt == "greater" else -np.abs(mean - mu)
-    order = np.lexsort((key, pv))
-    out = out.iloc[order].reset_index(drop=True)
-    out["rank"] = np.arange(1, len(out) + 1)
+    out["_effect"] = mean - mu
     return out
 
 
@@ -215,13 +243,13 @@ def plot_gene_stats(stats: pd.DataFrame, path: str | Path, *, value: str = "shif
     a1.set_ylabel(col)
     a1.set_xscale("log" if len(by_eff) > 50 else "linear")
     a1.legend(frameon=False)
-    names = stats["ensembl_id"] if "ensembl_id" in stats else stats["gene_token"].astype(str)
+    names = stats["ensembl_id"] if "ensembl_id" in stats else stats["target"]
     lp = -np.log10(np.maximum(stats["pvalue"].to_numpy(), 1e-300))
     s2 = stats["fdr"].to_numpy() < fdr
     a2.scatter(stats.loc[~s2, col], lp[~s2], s=6, c="0.6")
     a2.scatter(stats.loc[s2, col], lp[s2], s=10, c="tab:red")
     for i in range(min(top, len(stats))):
-        a2.annotate(str(names.iloc[i] if names.iloc[i] is not None else stats["gene_token"].iloc[i]),
+        a2.annotate(str(names.iloc[i] if names.iloc[i] is not None else stats["target"].iloc[i]),
                     (stats[col].iloc[i], lp[i]), fontsize=6)
     a2.set_xlabel(col)
     a2.set_ylabel("-log10 p (vs random-gene null)")
@@ -235,5 +263,5 @@ def plot_gene_stats(stats: pd.DataFrame, path: str | Path, *, value: str = "shif
 
 def summarize(stats: pd.DataFrame, *, fdr: float = 0.05) -> dict[str, Any]:
     return {"n_genes": len(stats), "n_significant": int((stats["fdr"] < fdr).sum()) if len(stats) else 0,
-            "top_genes": stats["gene_token"].head(10).astype(int).tolist() if len(stats) else [],
+            "top_genes": stats["target"].head(10).astype(str).tolist() if len(stats) else [],
             "fdr_threshold": fdr, "nan_free": bool(not any(math.isnan(v) for v in stats.get("pvalue", [])))}

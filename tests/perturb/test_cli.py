@@ -139,13 +139,15 @@ def test_several_devices_without_torchrun_spawn_one_worker_each(token_dir, ckpt,
     assert json.loads((out / "manifest.json").read_text())["status"] == "complete"
 
 
-def test_pair_screen_writes_stats_without_per_gene_rows(token_dir, ckpt, tmp_path, cells):
-    # group rows have gene_token -1: the stats table is empty, but the run (and its plot) must finish
+def test_pair_screen_writes_stats_per_pair(token_dir, ckpt, tmp_path, cells):
+    # group rows have gene_token -1: their statistics are keyed by the group ("a+b"), and the plot renders
     a, b = int(cells[0][0]), int(cells[0][1])
     out = tmp_path / "out"
     assert _run(token_dir, ckpt, out, "--genes", f"{a}+{b}") == 0
     assert json.loads((out / "manifest.json").read_text())["status"] == "complete"
-    assert len(pd.read_parquet(out / "gene_stats.parquet")) == 0 and (out / "gene_stats.png").exists()
+    st = pd.read_parquet(out / "gene_stats.parquet")
+    assert st["target"].tolist() == [f"{a}+{b}"] and st["gene_token"].tolist() == [-1]
+    assert st["n_cells"].iloc[0] == sum(a in c and b in c for c in cells) and (out / "gene_stats.png").exists()
 
 
 def test_resume_refuses_other_dictionary_or_edited_gene_file(token_dir, ckpt, tmp_path, cells):
