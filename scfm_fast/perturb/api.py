@@ -76,7 +76,14 @@ def run_engine(
     budget = int(batch_tokens or default_batch_tokens(dev))
     resolver = GeneResolver(token_dictionary, gene_name_map)
     groups, unknown = resolver.resolve(genes, combine=combine)
+    vocab = model.config.vocab_size
+    if groups is not None:  # token ids given as numbers must exist in the model (not "not expressed")
+        outside = [g for g in groups if any(not 0 <= t < vocab for t in g)]
+        unknown += [f"token id {'+'.join(map(str, g))} (the model has {vocab} tokens)" for g in outside]
+        groups = [g for g in groups if g not in outside]
     anchor_tok = resolver.resolve_one(anchor) if anchor is not None else None
+    if anchor_tok is not None and not 0 <= anchor_tok < vocab:
+        anchor_tok = None
     if anchor is not None and anchor_tok is None:
         msg = f"anchor gene {anchor!r} (--anchor) is not in the token dictionary: give a symbol, Ensembl ID or token id"
         raise UsageError(msg)

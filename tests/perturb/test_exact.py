@@ -235,3 +235,14 @@ def test_padding_is_dropped_and_overlong_cells_are_refused(model):
     np.testing.assert_allclose(a["cos_sim"], b["cos_sim"], rtol=0, atol=1e-6)
     with pytest.raises(ValueError, match="longer than the model's 64 positions"):
         perturb_cells([np.arange(4, 70)], model, special_token_ids=SPECIAL)
+
+
+def test_token_ids_outside_the_model_are_reported_as_such(model):
+    cell = np.arange(4, 12)
+    vocab = model.config.vocab_size
+    df = perturb_cells([cell], model, special_token_ids=SPECIAL, genes=[5, vocab + 7, (6, vocab)],
+                       progress_bar=False)
+    assert df["gene_token"].tolist() == [5]
+    reasons = [s["reason"] for s in df.attrs["skipped"]]
+    assert any(f"token id {vocab + 7}" in r and f"{vocab} tokens" in r for r in reasons)
+    assert any(f"token id 6+{vocab}" in r for r in reasons)
