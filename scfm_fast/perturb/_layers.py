@@ -73,12 +73,22 @@ class EncoderParams:
         *lead, nh, T, hd = x.shape
         return x.transpose(-3, -2).reshape(*lead, T, nh * hd)
 
+    def _act_(self, x: torch.Tensor) -> torch.Tensor:
+        """The activation, in place where torch has an in-place form (``x`` is a fresh temporary)."""
+        if self.act is F.relu:
+            return x.relu_()
+        if self.act is F.silu:
+            return F.silu(x, inplace=True)
+        return self.act(x)
+
     def post_attention(self, i: int, ctx: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
         """Output projection + residual LayerNorm + feed-forward of layer ``i`` given the attention context."""
+        # the same operations as forward_reference; in-place on fresh temporaries, because at these sizes
+        # the CPU spends as long allocating (page faults) as computing an elementwise op
         lp = self.layers[i]
-        h = self._ln(F.linear(ctx, lp.wo, lp.bo) + h, lp.ln1)
-        ff = F.linear(self.act(F.linear(h, lp.wi, lp.bi)), lp.wo2, lp.bo2)
-        return self._ln(ff + h, lp.ln2)
+        h = self._ln(F.linear(ctx, lp.wo, lp.bo).add_(h), lp.ln1)
+        ff = F.linear(self._act_(F.linear(h, lp.wi, lp.bi)), lp.wo2, lp.bo2)
+        return self._ln(ff.add_(h), lp.ln2)
 
     def layer(self, i: int, h: torch.Tensor, qkv: torch.Tensor | None = None) -> torch.Tensor:
         """Encoder layer ``i`` on an unpadded batch ``(B, T, H)`` (``qkv`` precomputed if given)."""
