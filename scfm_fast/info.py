@@ -62,11 +62,23 @@ def info_text() -> str:
     lines.append("tokenizer backends (rank-value core):")
     for name, why in d["tokenizer_backends"].items():
         lines.append(f"  {name:<10} {'usable' if why is None else 'unavailable: ' + str(why)}")
-    lines.append("attention backends (first usable is chosen):")
-    for b in d["attention_backends"]:
-        reasons = "; ".join(b.get("reasons", []))
-        lines.append(f"  {b.get('name', '?'):<12} {'usable' if b.get('usable') else 'unavailable: ' + reasons}")
+    lines.extend(_attention_lines(d["attention_backends"]))
     return "\n".join(lines)
+
+
+def _attention_lines(rows: list[dict]) -> list[str]:
+    """The attention report: for which inputs, which backend ``auto`` picks, and why the others are out."""
+    first = rows[0] if rows else {}
+    what = f"{first.get('device', '?')}, {first.get('dtype', '?')}, head_dim {first.get('head_dim', '?')}"
+    chosen = next((b.get("name") for b in rows if b.get("usable")), None)
+    lines = [f"attention backends for {what} (auto picks the first usable: {chosen or 'none'}):"]
+    for b in rows:
+        if b.get("usable"):
+            status = "usable, chosen" if b.get("name") == chosen else "usable"
+        else:
+            status = "unavailable: " + "; ".join(b.get("reasons", []))
+        lines.append(f"  {b.get('name', '?'):<12} {status}")
+    return lines
 
 
 if __name__ == "__main__":

@@ -57,10 +57,17 @@ def embeddings_forward(input_ids, position_ids, word, pos, type0, weight, bias, 
     if input_ids.shape != position_ids.shape:
         msg = f"input_ids {tuple(input_ids.shape)} and position_ids {tuple(position_ids.shape)} differ"
         raise ValueError(msg)
-    if input_ids.numel() and int(position_ids.max()) >= pos.shape[0]:
-        msg = (f"a cell has {int(position_ids.max()) + 1} tokens but the model has only {pos.shape[0]} "
-               "positions; tokenize with this model's max length")
-        raise ValueError(msg)
+    if input_ids.numel():
+        # the kernel gathers rows unchecked: an out-of-range id or position would read past the table
+        lo, hi, pmax = torch.stack([input_ids.min(), input_ids.max(), position_ids.max()]).tolist()
+        if pmax >= pos.shape[0]:
+            msg = (f"a cell has {pmax + 1} tokens but the model has only {pos.shape[0]} "
+                   "positions; tokenize with this model's max length")
+            raise ValueError(msg)
+        if lo < 0 or hi >= word.shape[0]:
+            msg = (f"token ids range over [{lo}, {hi}] but the model's vocabulary has {word.shape[0]} tokens; "
+                   "tokenize with this model's token dictionary")
+            raise ValueError(msg)
     y = torch.empty(input_ids.numel(), n, dtype=word.dtype, device=word.device)
     if input_ids.numel():
         block, warps = row_block(n)

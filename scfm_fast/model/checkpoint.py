@@ -1,9 +1,11 @@
 """Hugging Face BERT checkpoints <-> :class:`~scfm_fast.model.bert.BertEncoderModel`.
 
-Reads ``config.json`` plus ``model.safetensors`` or ``pytorch_model.bin`` as written by
-``BertForMaskedLM`` (keys prefixed ``bert.``; Geneformer V1/V2, mouse-Geneformer) or ``BertModel``
-(bare keys). The MLM head (``cls.*``) and pooler are not part of the encoder; ``save_encoder`` can
-write a head back so that ``transformers.BertForMaskedLM.from_pretrained`` loads the directory.
+Reads ``config.json`` plus ``model.safetensors`` or ``pytorch_model.bin`` (or their sharded forms,
+``*.index.json`` + shards) as written by ``BertForMaskedLM`` (keys prefixed ``bert.``; Geneformer V1/V2,
+mouse-Geneformer), ``BertModel`` (bare keys) or a fine-tuned ``BertForSequenceClassification`` /
+``BertForTokenClassification``. The MLM head (``cls.predictions.*``), pooler and classifier are not part
+of the encoder; ``save_encoder`` can write an MLM head back so that
+``transformers.BertForMaskedLM.from_pretrained`` loads the directory.
 """
 
 from __future__ import annotations
@@ -18,9 +20,15 @@ from .._errors import InputFileError
 from .bert import BertEncoderModel
 from .config import EncoderConfig
 
-_WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
-_IGNORED_PREFIXES = ("cls.", "pooler.", "bert.pooler.")
+# in transformers' order of preference; an *.index.json names the shards of a sharded checkpoint
+_WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
+                 "pytorch_model.bin.index.json")
+_HEAD_PREFIX = "cls.predictions."
+# pooler, next-sentence head (BertForPreTraining) and fine-tuned classifiers: not part of the encoder
+_IGNORED_PREFIXES = ("cls.", "pooler.", "bert.pooler.", "classifier.")
 _IGNORED_SUFFIXES = ("position_ids", "token_type_ids")
+# with tie_word_embeddings, BertForMaskedLM ties these to the word embeddings / cls.predictions.bias
+_DECODER_WEIGHT, _DECODER_BIAS = "cls.predictions.decoder.weight", "cls.predictions.decoder.bias"
 
 
 def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
@@ -33,6 +41,22 @@ def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     except Exception as e:  # noqa: BLE001 - safetensors / pickle / zip errors alike mean an unreadable file
         msg = f"{path}: cannot read the weights ({type(e).__name__}: {e}); is the file complete?"
         raise InputFileError(msg) from e
+
+
+def _read_sharded(index: Path) -> dict[str, torch.Tensor]:
+    """Merge the shards that a Hugging Face ``*.index.json`` lists in its ``weight_map``."""
+    try:
+        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+    except (ValueError, KeyError, TypeError, AttributeError) as e:
+        msg = f"{index}: not a shard index with a weight_map ({type(e).__name__}: {e})"
+        raise InputFileError(msg) from e
+    sd: dict[str, torch.Tensor] = {}
+    for name in shards:
+        if not (index.parent / name).is_file():
+            msg = f"{index}: lists shard {name}, which is missing; is the download complete?"
+            raise InputFileError(msg)
+        sd.update(_read_state_dict(index.parent / name))
+    return sd
 
 
 def read_checkpoint(path: str | Path) -> tuple[EncoderConfig, dict[str, torch.Tensor], Path]:
@@ -50,8 +74,9 @@ def read_checkpoint(path: str | Path) -> tuple[EncoderConfig, dict[str, torch.Te
         msg = f"{p / 'config.json'}: {e}"
         raise InputFileError(msg) from e
     for name in _WEIGHT_FILES:
-        if (p / name).exists():
-            return cfg, _read_state_dict(p / name), p / name
+        w = p / name
+        if w.exists():
+            return cfg, _read_sharded(w) if name.endswith(".index.json") else _read_state_dict(w), w
     msg = f"{p}: no weights found; expected one of {list(_WEIGHT_FILES)}"
     raise InputFileError(msg)
 
@@ -60,7 +85,7 @@ def encoder_state_dict(sd: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Ten
     """Split an HF state dict into (encoder weights with bare BertModel names, MLM head weights)."""
     enc, head = {}, {}
     for k, v in sd.items():
-        if k.startswith("cls."):
+        if k.startswith(_HEAD_PREFIX):
             head[k] = v
             continue
         if k.startswith(_IGNORED_PREFIXES) or k.endswith(_IGNORED_SUFFIXES):
@@ -76,13 +101,15 @@ def load_encoder(path: str | Path, *, device: str | torch.device | None = None,
     Parameters
     ----------
     path
-        Checkpoint directory (``config.json`` + ``model.safetensors`` or ``pytorch_model.bin``).
+        Checkpoint directory (``config.json`` + ``model.safetensors`` or ``pytorch_model.bin``, or a
+        sharded ``*.index.json`` with its shards).
     device
         Where to put the model (default: CPU).
     dtype
-        Parameter dtype (default: as stored, float32 for Geneformer).
+        Parameter dtype (default: float32; float16/bfloat16 checkpoints are widened, losslessly).
     return_head
-        Also return the MLM head weights (``cls.*``) so that :func:`save_encoder` can write them back.
+        Also return the MLM head weights (``cls.predictions.*``, empty for a checkpoint without one) so
+        that :func:`save_encoder` can write them back.
 
     Returns
     -------
@@ -104,6 +131,9 @@ def load_encoder(path: str | Path, *, device: str | torch.device | None = None,
             raise InputFileError(msg)
     model.load_state_dict(enc, strict=True)
     model = model.to(device=device or "cpu", dtype=dtype).eval()
+    if cfg.tie_word_embeddings:  # copies of tied weights (a pytorch_model.bin holds them); save_encoder re-ties
+        head.pop(_DECODER_WEIGHT, None)
+        head.pop(_DECODER_BIAS, None)
     return (model, head) if return_head else model
 
 
@@ -117,9 +147,10 @@ def save_encoder(model: BertEncoderModel, path: str | Path, *, mlm_head: dict[st
     path
         Output directory (created).
     mlm_head
-        ``cls.*`` weights (from ``load_encoder(..., return_head=True)``); when absent a fresh head is
-        written whose decoder is tied to the word embeddings, so the directory still loads as
-        ``BertForMaskedLM`` (its MLM predictions are then untrained).
+        ``cls.predictions.*`` weights (from ``load_encoder(..., return_head=True)``); when absent a fresh
+        head is written whose decoder is tied to the word embeddings, so the directory still loads as
+        ``BertForMaskedLM`` (its MLM predictions are then untrained). A head holding
+        ``cls.predictions.decoder.weight`` is written untied (``tie_word_embeddings: false``).
 
     Returns
     -------
@@ -141,9 +172,10 @@ def save_encoder(model: BertEncoderModel, path: str | Path, *, mlm_head: dict[st
             "cls.predictions.bias": torch.zeros(cfg.vocab_size),
         }
     for k, v in mlm_head.items():
-        if k == "cls.predictions.decoder.weight":
-            continue  # tied to the word embeddings
-        sd[k] = v.detach().to("cpu").contiguous()
+        # a copy: tensors of a torch.load-ed head may share storage, which safetensors refuses
+        sd[k] = v.detach().to("cpu").clone(memory_format=torch.contiguous_format)
+    hf = cfg.to_hf_dict()
+    hf["tie_word_embeddings"] = _DECODER_WEIGHT not in mlm_head
     save_file(sd, str(out / "model.safetensors"), metadata={"format": "pt"})
-    (out / "config.json").write_text(json.dumps(cfg.to_hf_dict(), indent=2))
+    (out / "config.json").write_text(json.dumps(hf, indent=2))
     return out

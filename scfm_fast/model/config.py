@@ -30,6 +30,8 @@ class EncoderConfig:
     hidden_dropout_prob: float = 0.0
     attention_probs_dropout_prob: float = 0.0
     initializer_range: float = 0.02
+    position_embedding_type: str = "absolute"
+    tie_word_embeddings: bool = True  # MLM decoder shares the word embeddings (kept for save_encoder)
 
     def __post_init__(self) -> None:
         if self.hidden_size % self.num_attention_heads:
@@ -41,6 +43,11 @@ class EncoderConfig:
         if self.hidden_act not in _ACTIVATIONS:
             msg = f"hidden_act={self.hidden_act!r} is not supported; use one of {_ACTIVATIONS}"
             raise ValueError(msg)
+        if self.position_embedding_type != "absolute":
+            # relative_key(_query) adds distance embeddings inside attention, which no kernel here computes
+            msg = (f"position_embedding_type={self.position_embedding_type!r} is not supported; only 'absolute' "
+                   "position embeddings (Geneformer's) are")
+            raise ValueError(msg)
 
     @property
     def head_dim(self) -> int:
@@ -48,8 +55,17 @@ class EncoderConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> EncoderConfig:
+        """From a ``config.json`` dict; keys it lacks take ``BertConfig``'s defaults where those matter.
+
+        Raises ``ValueError`` for settings the encoder cannot run (a decoder: causal attention).
+        """
+        if d.get("is_decoder") or d.get("add_cross_attention"):
+            msg = "is_decoder / add_cross_attention is set: only bidirectional BERT encoders are supported"
+            raise ValueError(msg)
         names = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in names})
+        # transformers reads a missing hidden_act as GELU, not Geneformer's ReLU (the other defaults
+        # that differ set weight shapes, which load_encoder checks)
+        return cls(**{"hidden_act": "gelu", **{k: v for k, v in d.items() if k in names}})
 
     @classmethod
     def from_json(cls, path: str | Path) -> EncoderConfig:
@@ -65,5 +81,5 @@ class EncoderConfig:
     def to_hf_dict(self) -> dict[str, Any]:
         """A dict that ``transformers.BertConfig(**d)`` accepts."""
         d = asdict(self)
-        d.update(model_type="bert", architectures=["BertForMaskedLM"], position_embedding_type="absolute")
+        d.update(model_type="bert", architectures=["BertForMaskedLM"])
         return d

@@ -132,3 +132,13 @@ def test_triton_attention_cuda_long_cells():
     # atol: the kernel rounds the probabilities to bf16 before the P @ V dot, as FlashAttention does,
     # which the reference (one softmax, then one matmul) does not
     assert_close_to_baseline(varlen_attention(q, k, v, cu, m, backend="triton"), ref, base, atol=2e-3)
+
+
+def test_info_names_the_backend_auto_picks_and_for_what():
+    from scfm_fast.info import info_text
+
+    dev, dtype = ("cuda", torch.bfloat16) if torch.cuda.is_available() else ("cpu", torch.float32)
+    chosen = select_backend(torch.empty(1, 1, 64, device=dev, dtype=dtype))
+    text = info_text()
+    assert f"attention backends for {dev}, {str(dtype).removeprefix('torch.')}, head_dim 64" in text
+    assert f"auto picks the first usable: {chosen}" in text and f"{chosen:<12} usable, chosen" in text

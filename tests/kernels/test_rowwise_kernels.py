@@ -77,6 +77,15 @@ def test_embeddings(n):
         embeddings_forward(ids, torch.full((11,), 20), word, pos, t0, w, b, 1e-12)
 
 
+@pytest.mark.parametrize("bad", [50, -1])
+def test_embeddings_refuse_ids_outside_the_vocabulary(bad):
+    # the kernel gathers rows unchecked: an id from another token dictionary must not read past the table
+    word, pos, t0, w, b = torch.randn(50, 48), torch.randn(20, 48), torch.randn(48), torch.randn(48), torch.randn(48)
+    ids = torch.tensor([3, bad, 4])
+    with pytest.raises(ValueError, match="vocabulary has 50"):
+        embeddings_forward(ids, torch.arange(3), word, pos, t0, w, b, 1e-12)
+
+
 def test_segment_mean_excludes_and_empty_is_nan():
     cu = cu_seqlens_from_lengths(torch.tensor([1, 40, 3, 2]))
     x = torch.randn(46, 45)
