@@ -33,7 +33,8 @@ log = logging.getLogger(__name__)
 
 _CONFIG_KEYS = ("tokens", "model", "perturb", "genes", "anchor", "combine", "rank_shift", "layer", "pooling",
                 "mode", "dtype", "cells_per_shard", "max_cells", "gene_shifts", "target_embedding",
-                "special_tokens", "filter", "target_state", "token_dictionary", "gene_name_map")
+                "special_tokens", "filter", "target_state", "token_dictionary", "gene_name_map",
+                "orthologs")
 
 
 def _csv(s: str) -> list[str]:
@@ -75,9 +76,12 @@ def register(subparsers: Any) -> None:
     p.add_argument("--filter", metavar="COLUMN=VALUE[,VALUE]",
                    help="perturb only the cells with this metadata (e.g. disease=dcm; several joined by ';'); "
                         "cell_index keeps their positions in TOKENS_DIR")
-    p.add_argument("--special-tokens", help="comma-separated special token ids (default: from dictionary)")
+    p.add_argument("--special-tokens", help="comma-separated special token ids (default: the token dataset's, from its "
+                        "manifest)")
     p.add_argument("--token-dictionary", help="token dictionary pickle (default: bundled Geneformer V1)")
     p.add_argument("--gene-name-map", help="symbol -> Ensembl pickle (default: bundled Geneformer V1)")
+    p.add_argument("--orthologs", help="'mouse-to-human' or an ortholog table, to resolve mouse --genes as the "
+                        "tokenizer did (default: the token dataset's own --orthologs, from its manifest)")
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--resume", action="store_true", help="skip finished shards of an interrupted run")
     p.add_argument("--overwrite", action="store_true", help="replace the results in --out")
@@ -296,12 +300,14 @@ def _work(args: argparse.Namespace, *, merge: bool = True) -> int:
     import torch
 
     from .._progress import progress
+    from ._inputs import check_dictionary, dataset_orthologs, dataset_special_ids
     from .api import perturb_cells
     from .states import parse_where, state_embedding
 
     rank, world, local = _rank_world()
     _check_options(args)
     src = Path(args.tokens)
+    check_dictionary(src, args.token_dictionary)
     table, out, names, cfg, n_shards = _layout(args)
     n_cells = table.num_rows
     cps = int(args.cells_per_shard)
@@ -350,7 +356,8 @@ def _work(args: argparse.Namespace, *, merge: bool = True) -> int:
         model = load_model(args.model, device)
         _check_lengths(table, model, src)
         target = _load_target(args.target_embedding) if args.target_embedding else None
-        special = [int(x) for x in _csv(args.special_tokens)] if args.special_tokens else None
+        # the cells reach perturb_cells as a Table, so the dataset's own specials (V2: <cls>/<eos>) come from here
+        special = [int(x) for x in _csv(args.special_tokens)] if args.special_tokens else dataset_special_ids(src)
         if args.target_state:
             # every rank computes it (deterministic, and cheap next to the screen); rank 0 keeps a copy
             target, n_state = state_embedding(src, model, where=parse_where(args.target_state), layer=args.layer,
@@ -375,6 +382,7 @@ def _work(args: argparse.Namespace, *, merge: bool = True) -> int:
                                pooling=args.pooling, mode=args.mode, batch_tokens=args.batch_tokens,
                                device=device, dtype=args.dtype, special_token_ids=special,
                                token_dictionary=args.token_dictionary, gene_name_map=args.gene_name_map,
+                               orthologs=args.orthologs or dataset_orthologs(src),
                                gene_shifts=args.gene_shifts, target_embedding=target, progress_bar=False)
             meta = {"shard": s, "n_cells": part.num_rows, "n_rows": len(df), "seconds": time.perf_counter() - t0,
                     "skipped": df.attrs.get("skipped", []), "approx_error": df.attrs.get("approx_error")}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import pickle
 from collections.abc import Iterable, Iterator, Sequence
@@ -12,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from .._errors import GeneMatchError, InputFileError
+from .._errors import GeneMatchError, InputFileError, UsageError
 
 log = logging.getLogger(__name__)
 
@@ -53,12 +54,17 @@ class GeneResolver:
         Ensembl ID -> token id (dict or pickle path); default: bundled Geneformer V1 ``token_dictionary.pkl``.
     gene_name_map
         Symbol -> Ensembl ID (dict or pickle path); default: bundled ``gene_name_id_dict.pkl``.
+    orthologs
+        ``"mouse-to-human"``, an ortholog table path or a dict (mouse id/symbol -> human Ensembl ID), for
+        cells tokenized with ``--orthologs``: mouse targets then resolve as the tokenizer resolved them.
     """
 
     def __init__(self, token_dictionary: str | Path | dict | None = None,
-                 gene_name_map: str | Path | dict | None = None) -> None:
+                 gene_name_map: str | Path | dict | None = None,
+                 orthologs: str | Path | dict | None = None) -> None:
         self._tok_src = token_dictionary
         self._name_src = gene_name_map
+        self._orth_src = orthologs
 
     @property
     def token_dict(self) -> dict:
@@ -67,6 +73,12 @@ class GeneResolver:
     @property
     def name_map(self) -> dict:
         return load_dict(self._name_src, "gene_name_id_dict.pkl")
+
+    @property
+    def ortholog_map(self) -> dict | None:
+        if self._orth_src is None or isinstance(self._orth_src, dict):
+            return self._orth_src
+        return _load_orthologs(str(self._orth_src))
 
     def special_token_ids(self) -> list[int]:
         return [int(self.token_dict[s]) for s in SPECIAL_NAMES if s in self.token_dict]
@@ -85,11 +97,14 @@ class GeneResolver:
         if g in td:
             return int(td[g])
         base = g.split(".")[0]
+        orth = self.ortholog_map
         if base.upper().startswith("ENS"):
-            return int(td[base]) if base in td else None
+            ens = base if base in td or orth is None else orth.get(base)
+            return int(td[ens]) if ens is not None and ens in td else None
         ens = self.name_map.get(g)
         if ens is None:
-            ens = self.name_map.get(g.upper())
+            # as the tokenizer: with orthologs, "Actb" maps through the table, never by case to a human symbol
+            ens = orth.get(g) if orth is not None else self.name_map.get(g.upper())
         return int(td[ens]) if ens is not None and ens in td else None
 
     def resolve(self, genes: Any, *, combine: bool = False) -> tuple[list[tuple[int, ...]] | None, list[str]]:
@@ -159,5 +174,58 @@ def as_cell_list(tokens: Any) -> list[tuple[int, np.ndarray]]:
     return list(iter_cells(tokens))
 
 
-def unique_special(ids: Iterable[int] | None, resolver: GeneResolver) -> list[int]:
-    return sorted({int(i) for i in ids}) if ids is not None else resolver.special_token_ids()
+@lru_cache(maxsize=4)
+def _load_orthologs(source: str) -> dict:
+    from ..vocab import load_ortholog_map
+
+    return load_ortholog_map(source)
+
+
+def dataset_config(tokens: Any) -> dict:
+    """The tokenizer config a token dataset directory's manifest records (``{}`` for other inputs)."""
+    if not isinstance(tokens, (str, Path)):
+        return {}
+    from ..store.schema import MANIFEST
+
+    man = Path(tokens) / MANIFEST
+    return json.loads(man.read_text()).get("config", {}) if man.is_file() else {}
+
+
+def check_dictionary(tokens: Any, token_dictionary: str | Path | dict | None) -> None:
+    """Refuse a token dictionary other than the one a token dataset directory was tokenized with.
+
+    Its token ids would name other genes: ``"Aamp"`` would perturb whichever gene holds AAMP's V1 id.
+    A dict given directly cannot be compared and is trusted.
+    """
+    want = dataset_config(tokens).get("dictionary_hashes", {}).get("token_dictionary")
+    if want is None or isinstance(token_dictionary, dict):
+        return
+    from ..vocab.dictionaries import file_sha256
+
+    path = Path(token_dictionary) if token_dictionary is not None else _bundled("token_dictionary.pkl")
+    if path.is_file() and file_sha256(path) != want:
+        msg = (f"{tokens}: tokenized with another token dictionary (sha256 {want[:12]}…) than {path}; pass the "
+               "one it was tokenized with (--token-dictionary / token_dictionary=), or gene names and "
+               "ensembl_id would map to the wrong token ids")
+        raise UsageError(msg)
+
+
+def dataset_special_ids(tokens: Any) -> list[int] | None:
+    """Special token ids recorded in a token dataset directory's manifest (``None``: not known from it)."""
+    spec = dataset_config(tokens).get("special_tokens")
+    return sorted({int(v) for v in spec.values()}) if spec else None
+
+
+def dataset_orthologs(tokens: Any) -> str | None:
+    """The ``--orthologs`` a token dataset directory was tokenized with (``None``: none or not known)."""
+    orth = dataset_config(tokens).get("orthologs")
+    return None if orth in (None, "None") else str(orth)  # the manifest stores str(None)
+
+
+def unique_special(ids: Iterable[int] | None, resolver: GeneResolver, tokens: Any = None) -> list[int]:
+    """Explicit special ids, else the token dataset's own (its manifest), else the dictionary's."""
+    if ids is not None:
+        return sorted({int(i) for i in ids})
+    # the dataset's record wins over the (default: bundled V1) dictionary, which lacks V2's <cls>/<eos>
+    own = dataset_special_ids(tokens)
+    return own if own is not None else resolver.special_token_ids()

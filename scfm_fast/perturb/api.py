@@ -13,7 +13,7 @@ import torch
 from .._dtypes import resolve_dtype
 from .._errors import InputFileError, UsageError
 from .._progress import progress as _progress
-from ._inputs import GeneResolver, iter_cells, unique_special
+from ._inputs import GeneResolver, check_dictionary, dataset_orthologs, iter_cells, unique_special
 from ._results import ResultBuilder
 from .plan import PERTURBATIONS, CellPlan, plan_cell
 
@@ -45,6 +45,7 @@ def run_engine(
     special_token_ids: Iterable[int] | None = None,
     token_dictionary: Any = None,
     gene_name_map: Any = None,
+    orthologs: Any = None,
     gene_shifts: bool = False,
     target_embedding: Any = None,
     progress_bar: bool = True,
@@ -74,7 +75,9 @@ def run_engine(
     if lowp is None and wdt != torch.float32:
         lowp = wdt  # a bf16/fp16 checkpoint computes under autocast in its own dtype
     budget = int(batch_tokens or default_batch_tokens(dev))
-    resolver = GeneResolver(token_dictionary, gene_name_map)
+    check_dictionary(tokens, token_dictionary)
+    resolver = GeneResolver(token_dictionary, gene_name_map,
+                            orthologs if orthologs is not None else dataset_orthologs(tokens))
     groups, unknown = resolver.resolve(genes, combine=combine)
     vocab = model.config.vocab_size
     if groups is not None:  # token ids given as numbers must exist in the model (not "not expressed")
@@ -89,7 +92,7 @@ def run_engine(
         raise UsageError(msg)
     if anchor_tok is not None and groups is not None:
         groups = [tuple(dict.fromkeys((anchor_tok, *g))) for g in groups]
-    special = unique_special(special_token_ids, resolver)
+    special = unique_special(special_token_ids, resolver, tokens)
     try:
         ens = resolver.ensembl_of()
     except Exception:  # a missing dictionary only costs the ensembl_id column
@@ -205,6 +208,7 @@ def perturb_cells(
     special_token_ids: Iterable[int] | None = None,
     token_dictionary: Any = None,
     gene_name_map: Any = None,
+    orthologs: Any = None,
     gene_shifts: bool = False,
     target_embedding: Any = None,
     approx_check_cells: int = 1,
@@ -248,12 +252,16 @@ def perturb_cells(
     dtype
         ``None``/``"float32"``, or ``"bfloat16"`` / ``"float16"`` autocast.
     special_token_ids
-        Token ids never perturbed nor pooled (default: ``<pad>``, ``<mask>``, ``<cls>``, ``<eos>`` of the
-        token dictionary).
+        Token ids never perturbed nor pooled (default: those a token dataset directory's manifest
+        records, else ``<pad>``, ``<mask>``, ``<cls>``, ``<eos>`` of the token dictionary).
     token_dictionary
         Ensembl ID -> token id (dict or pickle path); default: bundled Geneformer V1 dictionary.
     gene_name_map
         Symbol -> Ensembl ID (dict or pickle path); default: bundled Geneformer V1 table.
+    orthologs
+        ``"mouse-to-human"`` or an ortholog table path, for cells tokenized with ``orthologs=``: mouse
+        targets (``"Actb"``, ``ENSMUSG…``) resolve through it, as the tokenizer resolved them (default: the
+        token dataset directory's own setting, from its manifest).
     gene_shifts
         Also report each remaining gene's cosine similarity (``gene_shift_tokens`` / ``gene_shift_cos``).
     target_embedding
@@ -272,6 +280,6 @@ def perturb_cells(
                       combine=combine, rank_shift=rank_shift, layer=layer, pooling=pooling,
                       batch_tokens=batch_tokens, device=device, dtype=dtype,
                       special_token_ids=special_token_ids, token_dictionary=token_dictionary,
-                      gene_name_map=gene_name_map, gene_shifts=gene_shifts,
+                      gene_name_map=gene_name_map, orthologs=orthologs, gene_shifts=gene_shifts,
                       target_embedding=target_embedding, progress_bar=progress_bar,
                       approx_check_cells=approx_check_cells)

@@ -72,6 +72,7 @@ def perturb_cells_reference(
     special_token_ids: Iterable[int] | None = None,
     token_dictionary: Any = None,
     gene_name_map: Any = None,
+    orthologs: Any = None,
     gene_shifts: bool = False,
     target_embedding: Any = None,
     forward_layer: int | None = None,
@@ -82,7 +83,8 @@ def perturb_cells_reference(
     Parameters
     ----------
     tokens, model, perturbation, genes, anchor, combine, rank_shift, layer, pooling, device, \
-special_token_ids, token_dictionary, gene_name_map, gene_shifts, target_embedding, progress_bar
+special_token_ids, token_dictionary, gene_name_map, orthologs, gene_shifts, target_embedding, \
+progress_bar
         As for :func:`scfm_fast.perturb.perturb_cells`.
     forward_layer
         Run the model up to this layer and read out there instead of ``layer`` (benchmarks use ``-1`` to
@@ -98,5 +100,6 @@ special_token_ids, token_dictionary, gene_name_map, gene_shifts, target_embeddin
     return run_engine(tokens, model, engine="reference", perturbation=perturbation, genes=genes, anchor=anchor,
                       combine=combine, rank_shift=rank_shift, layer=layer, pooling=pooling, device=device,
                       special_token_ids=special_token_ids, token_dictionary=token_dictionary,
-                      gene_name_map=gene_name_map, gene_shifts=gene_shifts, target_embedding=target_embedding,
+                      gene_name_map=gene_name_map, orthologs=orthologs, gene_shifts=gene_shifts,
+                      target_embedding=target_embedding,
                       forward_layer=forward_layer, progress_bar=progress_bar)

@@ -130,7 +130,7 @@ def state_embedding(tokens: Any, model: Any, *, where: Mapping[str, str | Sequen
     from ._inputs import GeneResolver, unique_special
 
     cells = select_cells(tokens, where) if where else tokens
-    specials = unique_special(special_token_ids, GeneResolver(token_dictionary))
+    specials = unique_special(special_token_ids, GeneResolver(token_dictionary), tokens)
     emb, _ = embed_tokens(cells, model, layer=layer, pooling=pooling, batch_tokens=batch_tokens, device=device,
                           dtype=dtype, special_token_ids=specials, progress_bar=progress_bar)
     ok = np.isfinite(emb).all(axis=1)

@@ -13,7 +13,7 @@ import pytest
 from scfm_fast.perturb import perturb_cells
 from scfm_fast.perturb._cli import parse_genes
 
-from .conftest import SPECIAL, make_cells, run_cli, tiny_model
+from .conftest import CLS, EOS, SPECIAL, make_cells, run_cli, tiny_model
 
 
 @pytest.fixture(scope="module")
@@ -232,3 +232,38 @@ def test_failed_worker_is_reported_without_waiting_for_its_shards(ckpt, tmp_path
                  cells_per_shard=2)
     assert rc == 2 and time.monotonic() - t0 < 100
     assert json.loads((tmp_path / "out" / "manifest.json").read_text())["status"] == "running"
+
+
+def _v2_token_dir(path, cells):
+    """A V2 token dataset whose manifest records its own special tokens (as ``scfm tokenize`` writes it)."""
+    path.mkdir()
+    t = pa.table({"input_ids": pa.array([c.tolist() for c in cells], pa.list_(pa.int32())),
+                  "length": pa.array([len(c) for c in cells], pa.int32()),
+                  "cell_index": pa.array(range(len(cells)), pa.int64())})
+    pq.write_table(t, path / "part-0000-000000000000.parquet")
+    (path / "__scfm__").mkdir()
+    specials = dict(zip(("<pad>", "<mask>", "<cls>", "<eos>"), SPECIAL))
+    (path / "__scfm__" / "manifest.json").write_text(json.dumps(
+        {"status": "complete", "config_hash": "x", "n_cells": len(cells), "config": {"special_tokens": specials}}))
+    return path
+
+
+def test_specials_come_from_the_token_datasets_manifest(ckpt, tmp_path):
+    # no --special-tokens / --token-dictionary: <cls>/<eos> (here 2, 3: genes in the bundled V1 dictionary)
+    # must come from the dataset's manifest, or they are perturbed as genes and --pooling cls is refused
+    from scfm_fast.cli import main
+
+    cells = make_cells([6, 9, 4], v2=True, seed=3)
+    d = _v2_token_dir(tmp_path / "tokens", cells)
+    out = tmp_path / "out"
+    rc = main(["perturb", str(d), "--model", str(ckpt), "--out", str(out), "--pooling", "cls", "--batch-tokens",
+               "64", "--target-state", "cell_index=0,1"])
+    assert rc == 0
+    df = pd.read_parquet(out / "perturbations.parquet")
+    assert not df["gene_token"].isin([CLS, EOS]).any()
+    expect = perturb_cells(cells, tiny_model(), special_token_ids=SPECIAL, pooling="cls",
+                           target_embedding=np.load(out / "target_embedding.npy"))
+    np.testing.assert_allclose(df["cos_sim"], expect["cos_sim"], rtol=0, atol=1e-6)
+    np.testing.assert_allclose(df["target_shift"], expect["target_shift"], rtol=0, atol=1e-6)
+    api = perturb_cells(str(d), tiny_model(), pooling="cls")  # the Python API reads the manifest too
+    np.testing.assert_allclose(api["cos_sim"], expect["cos_sim"], rtol=0, atol=1e-6)

@@ -1,0 +1,61 @@
+"""Gene targets of a screen resolve as the tokenizer resolved the cells' genes (orthologs, specials)."""
+
+from __future__ import annotations
+
+import json
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from scfm_fast.perturb import perturb_cells
+from scfm_fast.perturb._inputs import GeneResolver
+
+from .conftest import make_cells, tiny_model
+
+# mouse Gsta3's one-to-one human ortholog is GSTA5; by case it would wrongly be human GSTA3
+CD24, GSTA5, GSTA3 = "ENSG00000272398", "ENSG00000182793", "ENSG00000174156"
+TOKENS = {"<pad>": 0, "<mask>": 1, CD24: 5, GSTA5: 6, GSTA3: 7}
+
+
+def test_mouse_symbols_and_ids_resolve_through_orthologs():
+    r = GeneResolver(TOKENS, orthologs="mouse-to-human")
+    assert [r.resolve_one(g) for g in ("Cd24a", "Gsta3", "ENSMUSG00000025934", GSTA3)] == [5, 6, 6, 7]
+    assert GeneResolver(TOKENS).resolve_one("Gsta3") == 7  # human data: case-insensitive symbols stay
+
+
+def test_screen_of_mouse_tokens_uses_the_datasets_orthologs(tmp_path):
+    # cells tokenized with --orthologs mouse-to-human: "Gsta3" must be the token the tokenizer gave it
+    cell = make_cells([8], seed=2)[0]
+    cell[:3] = [5, 6, 7]
+    pq.write_table(pa.table({"input_ids": pa.array([cell.tolist()], pa.list_(pa.int32()))}),
+                   tmp_path / "part-0000-000000000000.parquet")
+    (tmp_path / "__scfm__").mkdir()
+    (tmp_path / "__scfm__" / "manifest.json").write_text(json.dumps(
+        {"status": "complete", "config": {"orthologs": "mouse-to-human", "special_tokens": {"<pad>": 0}}}))
+    df = perturb_cells(str(tmp_path), tiny_model(), genes=["Cd24a", "Gsta3"], token_dictionary=TOKENS)
+    assert df["gene_token"].tolist() == [5, 6]
+    assert df["ensembl_id"].tolist() == [CD24, GSTA5]
+
+
+def test_screen_refuses_another_dictionary_than_the_datasets(tmp_path):
+    # tokens made with a custom dictionary (e.g. `scfm medians`): the bundled V1 ids would name other genes
+    import pickle
+
+    import pytest
+
+    from scfm_fast._errors import UsageError
+    from scfm_fast.vocab.dictionaries import file_sha256
+
+    own = tmp_path / "token_dictionary.pkl"
+    own.write_bytes(pickle.dumps({"<pad>": 0, "<mask>": 1, "Aamp": 5}))
+    tokens = tmp_path / "tokens"
+    (tokens / "__scfm__").mkdir(parents=True)
+    pq.write_table(pa.table({"input_ids": pa.array([make_cells([6], seed=4)[0].tolist() + [5]],
+                                                   pa.list_(pa.int32()))}),
+                   tokens / "part-0000-000000000000.parquet")
+    (tokens / "__scfm__" / "manifest.json").write_text(json.dumps(
+        {"status": "complete", "config": {"dictionary_hashes": {"token_dictionary": file_sha256(own)}}}))
+    with pytest.raises(UsageError, match="another token dictionary"):
+        perturb_cells(str(tokens), tiny_model(), genes=["Aamp"])
+    df = perturb_cells(str(tokens), tiny_model(), genes=["Aamp"], token_dictionary=str(own))
+    assert df["gene_token"].tolist() == [5]
