@@ -48,6 +48,9 @@ def register(subparsers: Any) -> None:
                    help="cells embedded and written per part (bounds memory; the unit of --resume)")
     p.add_argument("--plot", metavar="COLUMN", default=None,
                    help="also plot PC1/PC2 coloured by this metadata column ('length' for tokens per cell)")
+    p.add_argument("--token-dictionary", default=None, metavar="PKL",
+                   help="the dictionary TOKENS_DIR was tokenized with, to name genes in gene_embeddings.parquet "
+                        "when it is not a bundled one (checked against the dataset's manifest)")
     p.add_argument("--resume", action="store_true", help="keep finished parts of an interrupted run")
     p.add_argument("--overwrite", action="store_true", help="replace the results in --out")
     p.set_defaults(func=run)
@@ -125,6 +128,7 @@ def run(args: Any) -> int:
 
     _check_options(args)
     store = TokenStore(args.tokens)
+    _check_dictionary(args.token_dictionary, store.manifest.get("config", {}), args.tokens)
     n = len(store)
     cpp = int(args.cells_per_part)
     n_parts = max(1, math.ceil(n / cpp))
@@ -236,7 +240,7 @@ def _merge(out: Path, names: list[Path], args: Any, n: int, hidden: int | None) 
     emb = np.load(npy, mmap_mode="r")
     n_empty = int((~np.isfinite(emb).all(axis=1)).sum())
     if args.genes:
-        _merge_genes(out, names, args.tokens, hidden)
+        _merge_genes(out, names, args.tokens, hidden, args.token_dictionary)
     if args.plot:
         from .plot import plot_embedding_pca
 
@@ -249,7 +253,7 @@ def _merge(out: Path, names: list[Path], args: Any, n: int, hidden: int | None) 
     return n_empty
 
 
-def _merge_genes(out: Path, names: list[Path], tokens: str, hidden: int) -> None:
+def _merge_genes(out: Path, names: list[Path], tokens: str, hidden: int, token_dictionary: str | None) -> None:
     import numpy as np
     import pyarrow as pa
     import pyarrow.parquet as pq
@@ -267,17 +271,38 @@ def _merge_genes(out: Path, names: list[Path], tokens: str, hidden: int) -> None
     cnt = np.array([counts[t] for t in tok], dtype=np.int64)
     mean = (np.stack([sums[t] for t in tok]) / cnt[:, None]).astype(np.float32) if tok.size else \
         np.zeros((0, hidden), np.float32)
-    gene_of = _gene_names(read_manifest(tokens)["config"], tokens)
+    gene_of = _gene_names(read_manifest(tokens)["config"], tokens, token_dictionary)
     names_col = pa.array([gene_of.get(int(t), "") for t in tok], pa.string())  # typed even when empty
     table = pa.table({"token": tok, "ensembl_id": names_col, "n": cnt,
                       "embedding": pa.FixedSizeListArray.from_arrays(pa.array(mean.ravel()), hidden)})
     _atomic(out / "gene_embeddings.parquet", lambda t: pq.write_table(table, t))
 
 
-def _gene_names(config: dict, tokens: str) -> dict[int, str]:
-    """Token id -> gene id from the preset's bundled dictionary, only if the tokens were made with it."""
-    from ..vocab import GeneVocab
+def _check_dictionary(path: str | None, config: dict, tokens: str) -> None:
+    """``--token-dictionary`` must be the dictionary the tokens were made with (else wrong gene names)."""
+    if path is None:
+        return
+    from ..vocab.dictionaries import file_sha256
 
+    if not Path(path).is_file():
+        msg = f"{path}: --token-dictionary not found"
+        raise InputFileError(msg)
+    want = config.get("dictionary_hashes", {}).get("token_dictionary")
+    if want is not None and file_sha256(path) != want:
+        msg = (f"{path}: not the token dictionary {tokens} was tokenized with (sha256 {want[:12]}...); pass that "
+               "one, or leave --token-dictionary out")
+        raise UsageError(msg)
+
+
+def _gene_names(config: dict, tokens: str, token_dictionary: str | None = None) -> dict[int, str]:
+    """Token id -> gene id from ``token_dictionary`` (checked against the manifest before the run), else from
+    the preset's bundled dictionary if the tokens were made with it."""
+    from ..vocab import GeneVocab
+    from ..vocab.dictionaries import load_pickle_dict
+
+    if token_dictionary is not None:
+        d = load_pickle_dict(token_dictionary, what="token dictionary")
+        return {int(v): str(k) for k, v in d.items() if not str(k).startswith("<")}
     try:
         vocab = GeneVocab.load(preset=config.get("preset", "geneformer-v1"))
     except Exception:  # noqa: BLE001 - names are a convenience; tokens are the key
@@ -285,6 +310,7 @@ def _gene_names(config: dict, tokens: str) -> dict[int, str]:
     if vocab is None or vocab.hashes["token_dictionary"] != config.get("dictionary_hashes", {}).get("token_dictionary"):
         # a custom --token-dictionary: the bundled one would put wrong names on its token ids
         print(f"{tokens}: tokens made with a token dictionary scfm_fast does not bundle; gene_embeddings.parquet "
-              "has empty ensembl_id (map its token column with your dictionary)", file=sys.stderr)
+              "has empty ensembl_id: pass --token-dictionary PKL (the one used by scfm tokenize) to name genes",
+              file=sys.stderr)
         return {}
     return vocab.gene_of_token

@@ -272,6 +272,15 @@ def test_gene_names_only_from_the_dictionary_the_tokens_used(tmp_path, pbmc_path
     assert _embed(tmp_path / "tok", ckpt, tmp_path / "e", "--genes") == 0
     genes = pq.read_table(tmp_path / "e/gene_embeddings.parquet")
     assert genes.num_rows > 1000 and set(genes.column("ensembl_id").to_pylist()) == {""}
+    # --token-dictionary names them from the right dictionary; another dictionary is refused up front
+    assert _embed(tmp_path / "tok", ckpt, tmp_path / "e2", "--genes", "--token-dictionary",
+                  str(tmp_path / "dict.pkl")) == 0
+    named = pq.read_table(tmp_path / "e2/gene_embeddings.parquet").to_pydict()
+    gene_of = {v: k for k, v in tokdict.items()}
+    assert named["ensembl_id"] == [gene_of[t] for t in named["token"]]
+    assert _embed(tmp_path / "tok", ckpt, tmp_path / "e3", "--genes", "--token-dictionary",
+                  str(v1 / "token_dictionary.pkl")) == 2
+    assert not (tmp_path / "e3").exists()
 
 
 def test_resume_refuses_tokens_retokenized_in_place(tmp_path, pbmc_path, pbmc_tokens_ckpt):
