@@ -58,7 +58,11 @@ def as_token_source(tokens: Any) -> TokenSource:
             vals = ids.values.to_numpy(zero_copy_only=False)
             cidx = (tokens.column("cell_index").to_numpy() if "cell_index" in tokens.column_names
                     else np.arange(len(ids)))
-            return TokenSource(lambda i: vals[offs[i]:offs[i + 1]], np.diff(offs), cidx)
+            from ..store.schema import table_config
+
+            spec = table_config(tokens).get("special_tokens")  # recorded by tokenize_anndata
+            specials = tuple(int(v) for v in spec.values()) if spec else None
+            return TokenSource(lambda i: vals[offs[i]:offs[i + 1]], np.diff(offs), cidx, specials, "the token table")
     except ImportError:  # pragma: no cover
         pass
     cells = [np.asarray(c, dtype=np.int64) for c in tokens]

@@ -182,7 +182,14 @@ def _load_orthologs(source: str) -> dict:
 
 
 def dataset_config(tokens: Any) -> dict:
-    """The tokenizer config a token dataset directory's manifest records (``{}`` for other inputs)."""
+    """The tokenizer config a token dataset directory's manifest, or a token table's schema metadata
+    (:func:`~scfm_fast.tokenize_anndata`), records (``{}`` for other inputs)."""
+    import pyarrow as pa
+
+    if isinstance(tokens, pa.Table):
+        from ..store.schema import table_config
+
+        return table_config(tokens)
     if not isinstance(tokens, (str, Path)):
         return {}
     from ..store.schema import MANIFEST
@@ -204,7 +211,8 @@ def check_dictionary(tokens: Any, token_dictionary: str | Path | dict | None) ->
 
     path = Path(token_dictionary) if token_dictionary is not None else _bundled("token_dictionary.pkl")
     if path.is_file() and file_sha256(path) != want:
-        msg = (f"{tokens}: tokenized with another token dictionary (sha256 {want[:12]}…) than {path}; pass the "
+        name = tokens if isinstance(tokens, (str, Path)) else "the token table"
+        msg = (f"{name}: tokenized with another token dictionary (sha256 {want[:12]}…) than {path}; pass the "
                "one it was tokenized with (--token-dictionary / token_dictionary=), or gene names and "
                "ensembl_id would map to the wrong token ids")
         raise UsageError(msg)

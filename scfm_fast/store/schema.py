@@ -19,6 +19,9 @@ the requested obs columns.
 
 from __future__ import annotations
 
+import json
+from typing import Any
+
 import pyarrow as pa
 
 FORMAT = "scfm_fast.tokens/1"
@@ -41,3 +44,21 @@ def base_schema() -> pa.Schema:
         pa.field("file_index", pa.int32()),
         pa.field("cell_id", pa.string()),
     ])
+
+
+#: schema-metadata key under which an in-memory token table records its tokenizer config
+TABLE_CONFIG_KEY = b"scfm_fast.config"
+
+
+def with_table_config(table: pa.Table, config: dict[str, Any]) -> pa.Table:
+    """``table`` carrying the tokenizer ``config`` (special tokens, dictionary hashes, orthologs) in its
+    schema metadata, as a token dataset directory carries it in its manifest."""
+    meta = dict(table.schema.metadata or {})
+    meta[TABLE_CONFIG_KEY] = json.dumps(config, default=str).encode()
+    return table.replace_schema_metadata(meta)
+
+
+def table_config(table: pa.Table) -> dict[str, Any]:
+    """The tokenizer config recorded by :func:`with_table_config` (``{}`` if none)."""
+    raw = (table.schema.metadata or {}).get(TABLE_CONFIG_KEY)
+    return json.loads(raw) if raw else {}

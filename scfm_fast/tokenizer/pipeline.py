@@ -17,6 +17,7 @@ import pyarrow as pa
 
 from .._errors import CountDataError, InputFileError, UsageError
 from .._progress import progress
+from ..store.schema import with_table_config
 from ..vocab import GeneVocab, get_preset, load_gene_name_map, load_ortholog_map, resolve_genes
 from ..vocab.dictionaries import SPECIAL_TOKENS
 from .reference import check_counts_ref, count_problem
@@ -426,7 +427,9 @@ def tokenize_anndata(
     -------
     pyarrow.Table
         ``input_ids`` (list<int32>), ``length``, ``cell_index`` (row in ``adata``); cells without any
-        expressed vocabulary gene are absent.
+        expressed vocabulary gene are absent. The schema metadata records the tokenizer config (special
+        tokens, dictionary hashes, orthologs), which :func:`~scfm_fast.embed_tokens` and
+        :func:`~scfm_fast.perturb_cells` use as they use a token dataset's manifest.
 
     Examples
     --------
@@ -474,6 +477,8 @@ def tokenize_anndata(
                           block.data, adata.obs.iloc[start:stop][obs_cols])
         tab, _ = tokenize_chunk(spec, chunk, col_token, path="adata", var_names=gene_ids)
         tables.append(tab.select(["input_ids", "length", "cell_index"]))
-    return pa.concat_tables(tables) if tables else pa.table(
+    out = pa.concat_tables(tables) if tables else pa.table(
         {"input_ids": pa.array([], pa.list_(pa.int32())), "length": pa.array([], pa.int32()),
          "cell_index": pa.array([], pa.int64())})
+    # embed / perturb read the special tokens, dictionary and orthologs from here, as from a manifest
+    return with_table_config(out, spec.config)

@@ -59,3 +59,36 @@ def test_screen_refuses_another_dictionary_than_the_datasets(tmp_path):
         perturb_cells(str(tokens), tiny_model(), genes=["Aamp"])
     df = perturb_cells(str(tokens), tiny_model(), genes=["Aamp"], token_dictionary=str(own))
     assert df["gene_token"].tolist() == [5]
+
+
+def test_tables_from_tokenize_anndata_carry_their_specials_and_dictionary(tmp_path):
+    # a V2-style table from the in-memory API: <cls>/<eos> are known to embed and perturb without being
+    # passed, and perturbing it with another dictionary than the one that made it is refused
+    import pickle
+
+    import numpy as np
+    import pytest
+
+    from scfm_fast import embed_tokens, tokenize_anndata
+    from scfm_fast.model.bert import BertEncoderModel
+    from scfm_fast.model.config import EncoderConfig
+    from scfm_fast.vocab import GeneVocab
+    from tests._data import make_counts_adata
+
+    pytest.importorskip("anndata")
+    vocab = GeneVocab.load()
+    tok = dict(vocab.token_of)
+    tok["<cls>"], tok["<eos>"] = vocab.size, vocab.size + 1
+    (tmp_path / "tok.pkl").write_bytes(pickle.dumps(tok))
+    table = tokenize_anndata(make_counts_adata(vocab, n_cells=6), preset="geneformer-v2", max_len=12,
+                             token_dictionary=tmp_path / "tok.pkl", gene_median=vocab.gene_median_path)
+    model = BertEncoderModel(EncoderConfig(vocab_size=vocab.size + 2, hidden_size=16, num_hidden_layers=2,
+                                           num_attention_heads=2, intermediate_size=24,
+                                           max_position_embeddings=16)).eval()
+    df = perturb_cells(table, model, token_dictionary=tmp_path / "tok.pkl", pooling="cls", progress_bar=False)
+    assert not set(df["gene_token"]) & {vocab.size, vocab.size + 1}  # specials are never perturbed
+    assert len(df) == sum(len(c) - 2 for c in table.column("input_ids").to_pylist())
+    with pytest.raises(ValueError, match="the token table: tokenized with another token dictionary"):
+        perturb_cells(table, model, progress_bar=False)
+    emb, _ = embed_tokens(table, model, pooling="cls", progress_bar=False)
+    assert np.isfinite(emb).all()
