@@ -136,7 +136,7 @@ def load_model(path: str, device: Any) -> Any:
 def _arrow_schema(df_columns: list[str]):
     import pyarrow as pa
 
-    types = {"cell_index": pa.int64(), "perturbation": pa.string(), "gene_token": pa.int64(),
+    types = {"cell_index": pa.int64(), "file_index": pa.int32(), "perturbation": pa.string(), "gene_token": pa.int64(),
              "gene_tokens": pa.list_(pa.int64()), "ensembl_id": pa.string(), "n_genes": pa.int64(),
              "orig_rank": pa.int64(), "new_rank": pa.int64(), "cos_sim": pa.float64(), "shift": pa.float64(),
              "target_shift": pa.float64(), "gene_shift_tokens": pa.list_(pa.int32()),
@@ -144,9 +144,9 @@ def _arrow_schema(df_columns: list[str]):
     return pa.schema([pa.field(c, types[c]) for c in df_columns])
 
 
-def _columns(args: argparse.Namespace) -> list[str]:
-    cols = ["cell_index", "perturbation", "gene_token", "gene_tokens", "ensembl_id", "n_genes", "orig_rank",
-            "new_rank", "cos_sim", "shift"]
+def _columns(args: argparse.Namespace, *, file_index: bool = False) -> list[str]:
+    cols = ["cell_index", *(["file_index"] if file_index else []), "perturbation", "gene_token", "gene_tokens",
+            "ensembl_id", "n_genes", "orig_rank", "new_rank", "cos_sim", "shift"]
     if args.target_embedding or args.target_state:
         cols.append("target_shift")
     if args.gene_shifts:
@@ -197,8 +197,8 @@ def _spawn_workers(args: argparse.Namespace) -> int:
         raise StoreError(msg)
     # the parent merges once every worker is done: a rank-0 worker waiting for the shards of a failed
     # rank would otherwise wait --merge-timeout (a week) before anyone could report the failure
-    _, out, names, cfg, n_shards = _layout(args)
-    _merge(out, names, _columns(args), args, cfg, n_shards, n)
+    table, out, names, cfg, n_shards = _layout(args)
+    _merge(out, names, _columns(args, file_index="file_index" in table.column_names), args, cfg, n_shards, n)
     return 0
 
 
@@ -232,12 +232,13 @@ def _layout(args: argparse.Namespace) -> tuple[Any, Path, dict[int, Path], dict,
     if args.filter:
         table = select_cells(src, parse_where(args.filter))
     else:
-        table = dset.to_table(columns=[c for c in ("input_ids", "cell_index") if c in dset.schema.names])
+        table = dset.to_table(columns=[c for c in ("input_ids", "cell_index", "file_index") if c in dset.schema.names])
     if "cell_index" not in table.column_names:
         import pyarrow as pa
 
         table = table.append_column("cell_index", pa.array(np.arange(table.num_rows, dtype=np.int64)))
-    table = table.select(["input_ids", "cell_index"])
+    # several input files: cell_index (a row of its file) repeats, so file_index travels with the results
+    table = table.select(["input_ids", "cell_index", *(["file_index"] if "file_index" in table.column_names else [])])
     if args.max_cells is not None:
         table = table.slice(0, args.max_cells)
     n_cells = table.num_rows
@@ -351,7 +352,7 @@ def _work(args: argparse.Namespace, *, merge: bool = True) -> int:
         # ranks on one machine share its cores; each using all of them oversubscribes (~3x slower)
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", world))))
     todo = [s for s in mine if s not in done]
-    cols = _columns(args)
+    cols = _columns(args, file_index="file_index" in table.column_names)
     if todo:
         model = load_model(args.model, device)
         _check_lengths(table, model, src)
@@ -377,15 +378,16 @@ def _work(args: argparse.Namespace, *, merge: bool = True) -> int:
         for s in todo:
             t0 = time.perf_counter()
             part = table.slice(s * cps, cps)
-            df = perturb_cells(part, model, perturbation=args.perturb, genes=genes, anchor=args.anchor,
+            df = perturb_cells(_by_position(part), model, perturbation=args.perturb, genes=genes, anchor=args.anchor,
                                combine=args.combine, rank_shift=args.rank_shift, layer=args.layer,
                                pooling=args.pooling, mode=args.mode, batch_tokens=args.batch_tokens,
                                device=device, dtype=args.dtype, special_token_ids=special,
                                token_dictionary=args.token_dictionary, gene_name_map=args.gene_name_map,
                                orthologs=args.orthologs or dataset_orthologs(src),
                                gene_shifts=args.gene_shifts, target_embedding=target, progress_bar=False)
+            skipped = _from_positions(df, part)
             meta = {"shard": s, "n_cells": part.num_rows, "n_rows": len(df), "seconds": time.perf_counter() - t0,
-                    "skipped": df.attrs.get("skipped", []), "approx_error": df.attrs.get("approx_error")}
+                    "skipped": skipped, "approx_error": df.attrs.get("approx_error")}
             _write_json(names[s].with_suffix(".json"), meta)
             _write_shard(df, names[s], cols)
             bar.update(part.num_rows)
@@ -394,6 +396,36 @@ def _work(args: argparse.Namespace, *, merge: bool = True) -> int:
         return 0
     _merge(out, names, cols, args, cfg, n_shards, world)
     return 0
+
+
+def _by_position(part: Any) -> Any:
+    """The shard's cells keyed by their position in it (``cell_index`` need not be unique across files)."""
+    import numpy as np
+    import pyarrow as pa
+
+    return pa.table({"input_ids": part.column("input_ids"), "cell_index": np.arange(part.num_rows, dtype=np.int64)})
+
+
+def _from_positions(df: Any, part: Any) -> list[dict]:
+    """Map the results (and skips) of :func:`_by_position` cells back to ``cell_index`` / ``file_index``."""
+    import numpy as np
+
+    cell = part.column("cell_index").to_numpy()
+    pos = df["cell_index"].to_numpy()
+    df["cell_index"] = cell[pos]
+    files = part.column("file_index").to_numpy() if "file_index" in part.column_names else None
+    if files is not None:
+        df.insert(1, "file_index", files[pos].astype(np.int32))
+    skipped = []
+    for rec in df.attrs.get("skipped", []):
+        i = int(rec.get("cell_index", -1))
+        rec = dict(rec)
+        if i >= 0:  # -1: not about one cell (e.g. a gene outside the vocabulary)
+            rec["cell_index"] = int(cell[i])
+            if files is not None:
+                rec["file_index"] = int(files[i])
+        skipped.append(rec)
+    return skipped
 
 
 def _load_target(path: str) -> Any:

@@ -48,7 +48,7 @@ def _read_table(tokens: Any, columns: Iterable[str]):
         msg = f"{src}: token dataset directory not found"
         raise InputFileError(msg)
     dset = ds.dataset(str(src), format="parquet")
-    want = ["input_ids", "cell_index", *columns]
+    want = ["input_ids", "cell_index", "file_index", *columns]
     return dset.to_table(columns=[c for c in dict.fromkeys(want) if c in dset.schema.names]), str(src)
 
 
@@ -66,8 +66,9 @@ def select_cells(tokens: Any, where: Mapping[str, str | Sequence[str]]):
     Returns
     -------
     pyarrow.Table
-        ``input_ids``, ``cell_index`` (the cells' positions in the dataset, added when absent) and the
-        ``where`` columns of the matching cells, in dataset order.
+        ``input_ids``, ``cell_index`` (the cells' positions in the dataset, added when absent),
+        ``file_index`` (when the dataset has it) and the ``where`` columns of the matching cells, in
+        dataset order.
     """
     import pyarrow as pa
     import pyarrow.compute as pc
@@ -94,7 +95,8 @@ def select_cells(tokens: Any, where: Mapping[str, str | Sequence[str]]):
             msg = f"{name}: no cell has {col} in {vals} (values present: {shown})"
             raise InputFileError(msg)
         keep = pc.and_(keep, hit)
-    cols = ["input_ids", "cell_index", *[c for c in where if c not in ("input_ids", "cell_index")]]
+    cols = ["input_ids", "cell_index", *(["file_index"] if "file_index" in table.column_names else []),
+            *[c for c in where if c not in ("input_ids", "cell_index")]]
     return table.filter(keep).select(list(dict.fromkeys(cols)))
 
 

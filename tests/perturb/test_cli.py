@@ -267,3 +267,33 @@ def test_specials_come_from_the_token_datasets_manifest(ckpt, tmp_path):
     np.testing.assert_allclose(df["target_shift"], expect["target_shift"], rtol=0, atol=1e-6)
     api = perturb_cells(str(d), tiny_model(), pooling="cls")  # the Python API reads the manifest too
     np.testing.assert_allclose(api["cos_sim"], expect["cos_sim"], rtol=0, atol=1e-6)
+
+
+def test_several_input_files_keep_file_index_with_the_results(tmp_path, pbmc_path):
+    # two files whose rows both start at 0: cell_index repeats, file_index tells the cells apart
+    ad = pytest.importorskip("anndata")
+    from scfm_fast.cli import main
+    from scfm_fast.model.bert import BertEncoderModel
+    from scfm_fast.model.checkpoint import save_encoder
+    from scfm_fast.model.config import EncoderConfig
+    from scfm_fast.store import read_table
+
+    a = ad.read_h5ad(pbmc_path)
+    a[:3].write_h5ad(tmp_path / "a.h5ad")
+    a[3:5].write_h5ad(tmp_path / "b.h5ad")
+    assert main(["tokenize", str(tmp_path / "a.h5ad"), str(tmp_path / "b.h5ad"), "--out", str(tmp_path / "tok"),
+                 "--max-len", "12"]) == 0
+    model = BertEncoderModel(EncoderConfig(vocab_size=25_426, hidden_size=16, num_hidden_layers=1,
+                                           num_attention_heads=2, intermediate_size=24,
+                                           max_position_embeddings=16)).eval()
+    save_encoder(model, tmp_path / "ckpt")
+    out = tmp_path / "out"
+    assert main(["perturb", str(tmp_path / "tok"), "--model", str(tmp_path / "ckpt"), "--out", str(out),
+                 "--cells-per-shard", "2", "--no-stats"]) == 0
+    df = pd.read_parquet(out / "perturbations.parquet")
+    assert list(df.columns[:2]) == ["cell_index", "file_index"]
+    assert sorted(set(zip(df["file_index"], df["cell_index"]))) == [(0, 0), (0, 1), (0, 2), (1, 0), (1, 1)]
+    assert not df.duplicated(["file_index", "cell_index", "gene_token"]).any()
+    tab = read_table(tmp_path / "tok")
+    want = perturb_cells([np.asarray(c) for c in tab.column("input_ids").to_pylist()], model, progress_bar=False)
+    np.testing.assert_allclose(df["cos_sim"], want["cos_sim"], rtol=0, atol=1e-6)
