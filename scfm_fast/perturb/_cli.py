@@ -232,7 +232,9 @@ def _layout(args: argparse.Namespace) -> tuple[Any, Path, dict[int, Path], dict,
     if args.filter:
         table = select_cells(src, parse_where(args.filter))
     else:
-        table = dset.to_table(columns=[c for c in ("input_ids", "cell_index", "file_index") if c in dset.schema.names])
+        cols = [c for c in ("input_ids", "cell_index", "file_index") if c in dset.schema.names]
+        # --max-cells: read only those cells' tokens (a screen of a few cells from a large corpus)
+        table = dset.to_table(columns=cols) if args.max_cells is None else dset.head(args.max_cells, columns=cols)
     if "cell_index" not in table.column_names:
         import pyarrow as pa
 

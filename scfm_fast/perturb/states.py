@@ -37,23 +37,36 @@ def parse_where(spec: str) -> dict[str, list[str]]:
     return out
 
 
-def _read_table(tokens: Any, columns: Iterable[str]):
+def _read_metadata(tokens: Any, columns: Iterable[str]):
+    """``(metadata table, name, take_ids)``: the cells' metadata columns without their tokens, and a
+    function giving ``input_ids`` of chosen rows, so a selection from a large corpus reads only the
+    tokens of the cells it keeps."""
     import pyarrow as pa
     import pyarrow.dataset as ds
 
+    want = ["cell_index", "file_index", *columns]
     if isinstance(tokens, pa.Table):
-        return tokens, "the token table"
+        if "input_ids" not in tokens.column_names:
+            msg = f"the token table: no 'input_ids' column (have {tokens.column_names})"
+            raise InputFileError(msg)
+        meta = tokens.select([c for c in dict.fromkeys(want) if c in tokens.column_names])
+        return meta, "the token table", lambda rows: tokens.column("input_ids").take(pa.array(rows))
     src = Path(tokens)
     if not src.exists():
         msg = f"{src}: token dataset directory not found"
         raise InputFileError(msg)
     dset = ds.dataset(str(src), format="parquet")
-    want = ["input_ids", "cell_index", "file_index", *columns]
-    return dset.to_table(columns=[c for c in dict.fromkeys(want) if c in dset.schema.names]), str(src)
+    if "input_ids" not in dset.schema.names:
+        msg = f"{src}: no 'input_ids' column (have {dset.schema.names})"
+        raise InputFileError(msg)
+    meta = dset.to_table(columns=[c for c in dict.fromkeys(want) if c in dset.schema.names])
+    return meta, str(src), lambda rows: dset.take(pa.array(rows), columns=["input_ids"]).column("input_ids")
 
 
 def select_cells(tokens: Any, where: Mapping[str, str | Sequence[str]]):
     """The cells of a token table whose metadata match ``where`` (every column, any of its values).
+
+    Only the matching cells' tokens are read, so selecting a cell type from a whole corpus is cheap.
 
     Parameters
     ----------
@@ -73,10 +86,7 @@ def select_cells(tokens: Any, where: Mapping[str, str | Sequence[str]]):
     import pyarrow as pa
     import pyarrow.compute as pc
 
-    table, name = _read_table(tokens, where)
-    if "input_ids" not in table.column_names:
-        msg = f"{name}: no 'input_ids' column (have {table.column_names})"
-        raise InputFileError(msg)
+    table, name, take_ids = _read_metadata(tokens, where)
     if "cell_index" not in table.column_names:
         table = table.append_column("cell_index", pa.array(np.arange(table.num_rows, dtype=np.int64)))
     keep = pa.array(np.ones(table.num_rows, dtype=bool))
@@ -95,9 +105,11 @@ def select_cells(tokens: Any, where: Mapping[str, str | Sequence[str]]):
             msg = f"{name}: no cell has {col} in {vals} (values present: {shown})"
             raise InputFileError(msg)
         keep = pc.and_(keep, hit)
-    cols = ["input_ids", "cell_index", *(["file_index"] if "file_index" in table.column_names else []),
+    rows = np.flatnonzero(keep.to_numpy(zero_copy_only=False))
+    picked = table.take(pa.array(rows))
+    cols = ["cell_index", *(["file_index"] if "file_index" in picked.column_names else []),
             *[c for c in where if c not in ("input_ids", "cell_index")]]
-    return table.filter(keep).select(list(dict.fromkeys(cols)))
+    return picked.select(list(dict.fromkeys(cols))).add_column(0, "input_ids", take_ids(rows))
 
 
 def state_embedding(tokens: Any, model: Any, *, where: Mapping[str, str | Sequence[str]] | None = None,

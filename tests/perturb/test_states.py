@@ -45,6 +45,32 @@ def test_select_cells_by_string_and_integer_columns(cells):
     assert select_cells(_table(cells), {"disease": "nf"}).column("cell_index").to_pylist() == [1, 4, 6]
 
 
+def test_select_cells_from_a_directory_reads_only_the_kept_cells_tokens(state_dir, cells, monkeypatch):
+    import pyarrow.dataset as ds
+
+    asked: list = []
+    real = ds.dataset
+
+    class Spy:  # records what is read from the dataset
+        def __init__(self, d):
+            self.d = d
+            self.schema = d.schema
+
+        def to_table(self, *a, **k):
+            asked.append(("scan", k.get("columns")))
+            return self.d.to_table(*a, **k)
+
+        def take(self, rows, **k):
+            asked.append(("take", len(rows)))
+            return self.d.take(rows, **k)
+
+    monkeypatch.setattr(ds, "dataset", lambda *a, **k: Spy(real(*a, **k)))
+    t = select_cells(str(state_dir), {"disease": ["dcm", "hcm"], "batch": "2"})
+    assert t.column("input_ids").to_pylist() == [cells[2].tolist(), cells[3].tolist()]
+    assert t.column("cell_index").to_pylist() == [2, 3]
+    assert all("input_ids" not in (cols or []) for kind, cols in asked if kind == "scan") and ("take", 2) in asked
+
+
 def test_select_cells_explains_what_is_missing(cells):
     with pytest.raises(InputFileError, match="--obs-columns tissue"):
         select_cells(_table(cells), {"tissue": "heart"})
