@@ -105,8 +105,8 @@ def _config(args: argparse.Namespace, n_cells: int) -> dict:
     cfg = {k: getattr(args, k, None) for k in _CONFIG_KEYS}
     cfg["tokens"] = str(Path(args.tokens).resolve())
     cfg["model"] = str(Path(args.model).resolve())
-    for k in ("token_dictionary", "gene_name_map", "target_embedding"):
-        if cfg[k]:
+    for k in ("token_dictionary", "gene_name_map", "target_embedding", "orthologs"):
+        if cfg.get(k) and not (k == "orthologs" and cfg[k] == "mouse-to-human"):
             cfg[k] = str(Path(cfg[k]).resolve())
     if args.genes != "all" and Path(args.genes).is_file():
         # the file's entries, not only its name: an edited gene file must not be resumed into the old run
@@ -283,11 +283,19 @@ def _check_device(name: str) -> None:
 def _check_lengths(table: Any, model: Any, src: Path) -> None:
     """Refuse cells longer than the model's positions before any shard runs (not at the first bad shard)."""
     import numpy as np
+    import pyarrow.compute as pc
 
-    col = table.column("input_ids").combine_chunks()
-    offs = col.offsets.to_numpy()
-    genes = np.concatenate([[0], np.cumsum(col.values.to_numpy(zero_copy_only=False) != model.config.pad_token_id)])
-    lengths = genes[offs[1:]] - genes[offs[:-1]]
+    # chunk by chunk: one combined list array overflows int32 offsets past ~1M cells, and costs memory
+    parts = []
+    for chunk in table.column("input_ids").chunks:
+        lens = pc.list_value_length(chunk).to_numpy(zero_copy_only=False).astype(np.int64)
+        pads = chunk.flatten().to_numpy(zero_copy_only=False) == model.config.pad_token_id
+        if pads.any():  # the engines drop padding, so it does not count
+            cum = np.concatenate([[0], np.cumsum(pads)])
+            starts = np.concatenate([[0], np.cumsum(lens)])
+            lens = lens - (cum[starts[1:]] - cum[starts[:-1]])
+        parts.append(lens)
+    lengths = np.concatenate(parts) if parts else np.zeros(0, np.int64)
     max_pos = model.config.max_position_embeddings
     bad = np.flatnonzero(lengths > max_pos)
     if len(bad):
@@ -494,6 +502,6 @@ def _merge(out: Path, names: dict[int, Path], cols: list[str], args: argparse.Na
         msg += f"; approx mode: max |dcos| vs exact = {summary['approx_error']['max_abs_dcos']:.2e}"
     if summary["n_skipped"]:
         # e.g. genes absent from every cell: an empty table must not pass silently as a finished screen
-        msg += (f"; {summary['n_skipped']:,} targets skipped (gene not in vocabulary / not expressed; listed in "
-                f"{out / 'shards'}/part-*.json)")
+        msg += (f"; {summary['n_skipped']:,} (cell, target) skips (gene not in vocabulary / not expressed; listed "
+                f"in {out / 'shards'}/part-*.json)")
     sys.stderr.write(msg + "\n")

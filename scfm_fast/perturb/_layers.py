@@ -86,9 +86,9 @@ class EncoderParams:
         # the same operations as forward_reference; in-place on fresh temporaries, because at these sizes
         # the CPU spends as long allocating (page faults) as computing an elementwise op
         lp = self.layers[i]
-        h = self._ln(F.linear(ctx, lp.wo, lp.bo).add_(h), lp.ln1)
+        h = self._ln(_add(F.linear(ctx, lp.wo, lp.bo), h), lp.ln1)
         ff = F.linear(self._act_(F.linear(h, lp.wi, lp.bi)), lp.wo2, lp.bo2)
-        return self._ln(ff.add_(h), lp.ln2)
+        return self._ln(_add(ff, h), lp.ln2)
 
     def layer(self, i: int, h: torch.Tensor, qkv: torch.Tensor | None = None) -> torch.Tensor:
         """Encoder layer ``i`` on an unpadded batch ``(B, T, H)`` (``qkv`` precomputed if given)."""
@@ -115,6 +115,12 @@ class EncoderParams:
         for i in range(n_layers):
             h = self.layer(i, h)
         return h
+
+
+def _add(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``a + b``, in place on the temporary ``a`` when that keeps the dtype of the sum (under autocast
+    ``a`` is half precision and ``b`` float32: then the sum must stay float32, as in forward_reference)."""
+    return a.add_(b) if a.dtype == torch.promote_types(a.dtype, b.dtype) else a + b
 
 
 def autocast_ctx(device: torch.device, dtype: torch.dtype | None):

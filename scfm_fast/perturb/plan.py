@@ -107,7 +107,7 @@ def target_rank(rank: int, n_genes: int, perturbation: str, rank_shift: float) -
         msg = f"rank_shift={rank_shift} must be a fraction of the cell's length in (0, 1]"
         raise ValueError(msg)
     # exact rational arithmetic: with floats, 0.1 * 8 > 0.8 puts rank 4 of 8 in decile bin 4 instead of 5
-    q = Fraction(rank_shift).limit_denominator(1_000_000)
+    q = Fraction(float(rank_shift)).limit_denominator(1_000_000)  # float(): numpy scalars too
     n_bins = math.ceil(1 / q)
     b = min(math.floor(rank / (q * n_genes)), n_bins - 1)
     t = b - 1 if perturbation == "activate" else b + 1

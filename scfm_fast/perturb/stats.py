@@ -68,12 +68,14 @@ def _mean_null_p(pool: np.ndarray, n: np.ndarray, mean: np.ndarray, z: np.ndarra
     return pv
 
 
-def _ranksum_z(codes: np.ndarray, values: np.ndarray) -> np.ndarray:
-    """Rank-sum z of each group's values (``codes`` 0..k-1) against all other values.
+def _ranksum_z(codes: np.ndarray, values: np.ndarray, *, alt: str) -> np.ndarray:
+    """Rank-sum z of each group's values (``codes`` 0..k-1) against all other values; NaN for a group
+    with nothing to compare against (every value is its own, or all values tie).
 
     Ties get mid-ranks and the variance is tie-corrected. For ``n`` values of a group among ``N``,
-    U = R - n(n+1)/2 has mean n(N-n)/2 and variance n(N-n)/12 * (N+1 - sum(t^3-t)/(N(N-1))); a 0.5
-    continuity correction moves U toward its mean.
+    U = R - n(n+1)/2 has mean n(N-n)/2 and variance n(N-n)/12 * (N+1 - sum(t^3-t)/(N(N-1))). Continuity
+    correction as ``scipy.stats.mannwhitneyu``: 0.5 is subtracted from U - mean for ``"greater"``, and
+    from |U - mean| for ``"two-sided"``.
     """
     from scipy.stats import rankdata
 
@@ -87,8 +89,9 @@ def _ranksum_z(codes: np.ndarray, values: np.ndarray) -> np.ndarray:
     m = n * (big_n - n)
     var = m / 12 * ((big_n + 1) - tie_term)
     d = u - m / 2
-    d = np.sign(d) * np.maximum(np.abs(d) - 0.5, 0.0)
-    return np.where(var > 0, d / np.sqrt(np.where(var > 0, var, 1.0)), 0.0)
+    d = d - 0.5 if alt == "greater" else np.sign(d) * np.maximum(np.abs(d) - 0.5, 0.0)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return np.where(var > 0, d / np.sqrt(np.where(var > 0, var, 1.0)), np.nan)
 
 
 def gene_stats(
@@ -155,9 +158,15 @@ def gene_stats(
     if not parts:
         return pd.DataFrame(columns=cols)
     out = pd.concat(parts, ignore_index=True)
-    out["fdr"] = bh_fdr(out["pvalue"].to_numpy())
+    pv = out["pvalue"].to_numpy(np.float64)
+    # untestable targets (p NaN: e.g. the only pair of a screen has no random pairs to face) stay out
+    # of the FDR and rank last
+    ok = np.isfinite(pv)
+    fdr = np.full(len(pv), np.nan)
+    fdr[ok] = bh_fdr(pv[ok])
+    out["fdr"] = fdr
     key = -out["_effect"].to_numpy() if alt == "greater" else -np.abs(out["_effect"].to_numpy())
-    out = out.iloc[np.lexsort((key, out["pvalue"].to_numpy()))].reset_index(drop=True)
+    out = out.iloc[np.lexsort((key, np.where(ok, pv, np.inf)))].reset_index(drop=True)
     out["rank"] = np.arange(1, len(out) + 1)
     return out[[c for c in cols if c in out.columns]]
 
@@ -165,8 +174,12 @@ def gene_stats(
 def _targets(df: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:
     """Each row's target (``"12"`` for a gene, ``"12+40"`` for a group of genes) and its number of genes."""
     tok = df["gene_token"].to_numpy()
-    if "gene_tokens" not in df.columns or (tok >= 0).all():
+    if (tok >= 0).all():
         return tok.astype(str), np.ones(len(tok), dtype=np.int64)
+    if "gene_tokens" not in df.columns:
+        msg = ("results hold groups (gene_token -1) but no 'gene_tokens' column to tell them apart; read "
+               "perturbations.parquet with the gene_tokens column")
+        raise ValueError(msg)
     groups = df["gene_tokens"].to_numpy()
     target = np.array([str(t) if t >= 0 else "+".join(str(int(x)) for x in g) for t, g in zip(tok, groups)],
                       dtype=object)
@@ -192,7 +205,7 @@ def _stats_of_kind(df: pd.DataFrame, target: np.ndarray, *, value: str, alt: str
     if "ensembl_id" in df.columns:
         out.insert(2, "ensembl_id", g["ensembl_id"].first().to_numpy())
     if method == "ranksum":  # ranked against every other value, before targets are dropped by min_cells
-        out["z"] = _ranksum_z(codes, pool)
+        out["z"] = _ranksum_z(codes, pool, alt=alt)
     out = out[out["n_cells"] >= min_cells].reset_index(drop=True)
     n = out["n_cells"].to_numpy()
     mean = out[f"mean_{value}"].to_numpy()
@@ -264,4 +277,5 @@ def plot_gene_stats(stats: pd.DataFrame, path: str | Path, *, value: str = "shif
 def summarize(stats: pd.DataFrame, *, fdr: float = 0.05) -> dict[str, Any]:
     return {"n_genes": len(stats), "n_significant": int((stats["fdr"] < fdr).sum()) if len(stats) else 0,
             "top_genes": stats["target"].head(10).astype(str).tolist() if len(stats) else [],
-            "fdr_threshold": fdr, "nan_free": bool(not any(math.isnan(v) for v in stats.get("pvalue", [])))}
+            "fdr_threshold": fdr, "nan_free": bool(not any(math.isnan(v) for v in stats.get("pvalue", []))),
+            "n_untestable": int(sum(math.isnan(v) for v in stats.get("pvalue", [])))}

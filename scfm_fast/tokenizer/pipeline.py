@@ -62,7 +62,7 @@ class TokenizerSpec:
         spec = cls(preset, vocab, names, orth, pre.max_len if max_len is None else max_len, min_gene_match,
                    allow_non_integer, backend, n_threads)
         spec.config = {"preset": preset, "max_len": spec.max_len, "dictionary_hashes": vocab.hashes,
-                       "gene_name_map": str(gene_name_map), "orthologs": str(orthologs),
+                       "gene_name_map": str(gene_name_map), "orthologs": _path_or_name(orthologs),
                        "allow_non_integer": allow_non_integer, "tie_order": "token id ascending",
                        "special_tokens": {t: vocab.token_of[t] for t in SPECIAL_TOKENS if t in vocab.token_of}}
         # validates that the dictionary holds the preset's special tokens
@@ -77,6 +77,14 @@ class TokenizerSpec:
                              cls_token=self.cls_id, eos_token=self.eos_id, totals=totals,
                              allow_non_integer=self.allow_non_integer, backend=self.backend,
                              n_threads=self.n_threads)
+
+
+def _path_or_name(value: Any) -> str:
+    """A table option as recorded in the manifest: a bundled name as is, a file as an absolute path (so
+    that later commands run from another directory find it)."""
+    if value is None or not Path(str(value)).exists():
+        return str(value)
+    return str(Path(str(value)).resolve())
 
 
 def _check_options(*, max_len: int | None, n_special: int, n_threads: int | None,

@@ -297,3 +297,17 @@ def test_several_input_files_keep_file_index_with_the_results(tmp_path, pbmc_pat
     tab = read_table(tmp_path / "tok")
     want = perturb_cells([np.asarray(c) for c in tab.column("input_ids").to_pylist()], model, progress_bar=False)
     np.testing.assert_allclose(df["cos_sim"], want["cos_sim"], rtol=0, atol=1e-6)
+
+
+def test_length_check_works_chunk_by_chunk_and_ignores_padding(tmp_path):
+    from scfm_fast.perturb._cli import _check_lengths
+
+    model = tiny_model()  # 64 positions, pad id 0
+    ok = [list(range(4, 40)), list(range(4, 64)) + [0] * 10]  # 70 ids, 60 after dropping padding
+    bad = [list(range(4, 70))]
+    chunks = [pa.array(ok, pa.list_(pa.int32())), pa.array(bad, pa.list_(pa.int32()))]
+    table = pa.table({"input_ids": pa.chunked_array(chunks[:1]), "cell_index": [5, 6]})
+    _check_lengths(table, model, tmp_path)  # padding does not count
+    both = pa.table({"input_ids": pa.chunked_array(chunks), "cell_index": [5, 6, 7]})
+    with pytest.raises(Exception, match=r"cell_index \[7\]"):
+        _check_lengths(both, model, tmp_path)

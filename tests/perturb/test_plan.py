@@ -110,6 +110,7 @@ def test_moves_on_tiny_cells_give_no_nan_rows(model):
 def test_quantile_bins_are_exact_for_decimal_rank_shifts(q):
     # 0.1 * 8 is 0.8000000000000000444 in floats: rank 4 of 8 fell in decile bin 4 instead of 5
     assert target_rank(4, 8, "inhibit", 0.1) == 5 and target_rank(4, 8, "activate", 0.1) == 3
+    assert target_rank(4, 8, "inhibit", np.float32(q)) == target_rank(4, 8, "inhibit", q)  # numpy scalars
     from fractions import Fraction
 
     qf = Fraction(q).limit_denominator(1000)

@@ -100,7 +100,7 @@ def test_ranksum_equals_mann_whitney_of_gene_vs_rest(alternative):
     df = _screen(seed=5)
     df["shift"] = df["shift"].round(3)  # ties, so the tie correction is exercised
     st = gene_stats(df, method="ranksum", alternative=alternative).set_index("gene_token")
-    for g in (7, 12, 30):
+    for g in sorted(set(df["gene_token"])):  # every gene: p above and below 1/2
         mine = df["gene_token"] == g
         want = scipy_stats.mannwhitneyu(df.loc[mine, "shift"], df.loc[~mine, "shift"], alternative=alternative,
                                         method="asymptotic", use_continuity=True).pvalue
@@ -139,3 +139,19 @@ def test_pairs_are_tested_against_random_pairs():
     assert (grouped["n_cells"] == 25).all()
     alone = gene_stats(df).set_index("target")
     np.testing.assert_allclose(singles.set_index("target").loc[alone.index, "pvalue"], alone["pvalue"])
+
+
+def test_untestable_groups_get_no_p_value_and_rows_need_their_members():
+    # one pair among single genes: there are no other pairs to compare it with
+    df = _screen(seed=4)
+    df["gene_tokens"] = [[g] for g in df["gene_token"]]
+    pair = pd.DataFrame({"cell_index": range(5), "gene_token": -1, "gene_tokens": [[4, 5]] * 5,
+                         "ensembl_id": "G4+G5", "shift": 0.5})
+    st = gene_stats(pd.concat([df, pair], ignore_index=True))
+    row = st[st["target"] == "4+5"].iloc[0]
+    assert np.isnan(row["pvalue"]) and np.isnan(row["fdr"]) and row["rank"] == len(st)
+    np.testing.assert_allclose(st[st["gene_token"] >= 0].set_index("target")["fdr"].sort_index(),
+                               gene_stats(df).set_index("target")["fdr"].sort_index())
+    assert summarize(st)["n_untestable"] == 1
+    with pytest.raises(ValueError, match="gene_tokens"):
+        gene_stats(pd.concat([df, pair], ignore_index=True).drop(columns="gene_tokens"))
