@@ -192,6 +192,12 @@ def dataset_config(tokens: Any) -> dict:
         return table_config(tokens)
     if not isinstance(tokens, (str, Path)):
         return {}
+    if Path(tokens).is_file():  # a saved tokenize_anndata table keeps its config in the Parquet schema
+        import pyarrow.parquet as pq
+
+        from ..store.schema import table_config
+
+        return table_config(pq.read_schema(str(tokens)).empty_table())
     from ..store.schema import MANIFEST
 
     man = Path(tokens) / MANIFEST

@@ -92,3 +92,14 @@ def test_tables_from_tokenize_anndata_carry_their_specials_and_dictionary(tmp_pa
         perturb_cells(table, model, progress_bar=False)
     emb, _ = embed_tokens(table, model, pooling="cls", progress_bar=False)
     assert np.isfinite(emb).all()
+
+
+def test_a_saved_token_table_keeps_its_config(tmp_path):
+    from scfm_fast.perturb._inputs import dataset_config, dataset_special_ids
+    from scfm_fast.store.schema import with_table_config
+
+    t = with_table_config(pa.table({"input_ids": pa.array([[5, 6]], pa.list_(pa.int32()))}),
+                          {"special_tokens": {"<pad>": 0, "<cls>": 9}, "orthologs": "mouse-to-human"})
+    pq.write_table(t, tmp_path / "cells.parquet")
+    assert dataset_config(tmp_path / "cells.parquet")["orthologs"] == "mouse-to-human"
+    assert dataset_special_ids(str(tmp_path / "cells.parquet")) == [0, 9]
