@@ -23,7 +23,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from .._errors import BackendUnavailableError, InputFileError, StoreError, UsageError
+from .._errors import InputFileError, StoreError, UsageError
 
 _CONFIG_KEYS = ("model", "layer", "pool", "genes", "dtype", "cells_per_part")
 _MERGED = ("cell_embeddings.parquet", "cell_embeddings.npy", "gene_embeddings.parquet", "cell_embeddings_pca.png")
@@ -99,21 +99,14 @@ def _check_options(args: Any) -> None:
 
 
 def _device(name: str | None) -> Any:
-    """``--device`` as a torch device, failing here rather than deep inside the first batch."""
+    """``--device`` as a torch device (default: cuda if available)."""
     import torch
+
+    from .._devices import parse_device
 
     if name is None:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(name)
-    except (RuntimeError, ValueError):
-        msg = f"--device {name!r} is not a device; use cpu, cuda or cuda:N"
-        raise UsageError(msg) from None
-    n_gpu = torch.cuda.device_count() if torch.cuda.is_available() else 0
-    if dev.type == "cuda" and (dev.index or 0) >= n_gpu:
-        msg = f"--device {name}: this machine has {n_gpu} usable CUDA device(s); use --device cpu or another index"
-        raise BackendUnavailableError(msg)
-    return dev
+    return parse_device(name, flag="--device")
 
 
 def run(args: Any) -> int:

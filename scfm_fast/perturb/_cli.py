@@ -259,25 +259,13 @@ def _check_options(args: argparse.Namespace) -> None:
     if args.target_embedding and args.target_state:
         msg = "give either --target-embedding or --target-state, not both"
         raise UsageError(msg)
+    from .._devices import parse_device
+
     for d in args.devices:
-        _check_device(d)
+        parse_device(d, flag="--devices")
     if args.target_embedding and not Path(args.target_embedding).is_file():
         msg = f"{args.target_embedding}: --target-embedding file not found (a .npy of one embedding)"
         raise InputFileError(msg)
-
-
-def _check_device(name: str) -> None:
-    import torch
-
-    n = torch.cuda.device_count() if torch.cuda.is_available() else 0
-    try:
-        dev = torch.device(name)
-    except RuntimeError:
-        dev = None
-    if dev is None or (dev.type == "cuda" and (dev.index or 0) >= n):
-        have = f"cpu, cuda:0..cuda:{n - 1}" if n else "cpu (no GPU here)"
-        msg = f"--devices {name!r}: not a usable device; use {have}"
-        raise UsageError(msg)
 
 
 def _check_lengths(table: Any, model: Any, src: Path) -> None:
