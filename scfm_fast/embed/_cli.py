@@ -275,16 +275,12 @@ def _check_dictionary(path: str | None, config: dict, tokens: str) -> None:
     """``--token-dictionary`` must be the dictionary the tokens were made with (else wrong gene names)."""
     if path is None:
         return
-    from ..vocab.dictionaries import file_sha256
+    from ..vocab.dictionaries import check_token_dictionary
 
     if not Path(path).is_file():
         msg = f"{path}: --token-dictionary not found"
         raise InputFileError(msg)
-    want = config.get("dictionary_hashes", {}).get("token_dictionary")
-    if want is not None and file_sha256(path) != want:
-        msg = (f"{path}: not the token dictionary {tokens} was tokenized with (sha256 {want[:12]}...); pass that "
-               "one, or leave --token-dictionary out")
-        raise UsageError(msg)
+    check_token_dictionary(path, config.get("dictionary_hashes", {}).get("token_dictionary"), dataset=tokens)
 
 
 def _gene_names(config: dict, tokens: str, token_dictionary: str | None = None) -> dict[int, str]:

@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from .._errors import GeneMatchError, InputFileError, UsageError
+from .._errors import GeneMatchError, InputFileError
 
 log = logging.getLogger(__name__)
 
@@ -213,15 +213,11 @@ def check_dictionary(tokens: Any, token_dictionary: str | Path | dict | None) ->
     want = dataset_config(tokens).get("dictionary_hashes", {}).get("token_dictionary")
     if want is None or isinstance(token_dictionary, dict):
         return
-    from ..vocab.dictionaries import file_sha256
+    from ..vocab.dictionaries import check_token_dictionary
 
     path = Path(token_dictionary) if token_dictionary is not None else _bundled("token_dictionary.pkl")
-    if path.is_file() and file_sha256(path) != want:
-        name = tokens if isinstance(tokens, (str, Path)) else "the token table"
-        msg = (f"{name}: tokenized with another token dictionary (sha256 {want[:12]}…) than {path}; pass the "
-               "one it was tokenized with (--token-dictionary / token_dictionary=), or gene names and "
-               "ensembl_id would map to the wrong token ids")
-        raise UsageError(msg)
+    if path.is_file():
+        check_token_dictionary(path, want, dataset=str(tokens) if isinstance(tokens, (str, Path)) else "the token table")
 
 
 def dataset_special_ids(tokens: Any) -> list[int] | None:

@@ -59,6 +59,19 @@ def file_sha256(path: str | Path) -> str:
     return h.hexdigest()
 
 
+def check_token_dictionary(path: str | Path, recorded: str | None, *, dataset: str) -> None:
+    """Refuse a token dictionary file other than the one ``dataset`` was tokenized with (its manifest's
+    ``dictionary_hashes["token_dictionary"]``, ``recorded``; ``None``: nothing to compare): its token
+    ids would name other genes."""
+    if recorded is not None and file_sha256(path) != recorded:
+        from .._errors import UsageError
+
+        msg = (f"{dataset}: tokenized with another token dictionary (sha256 {recorded[:12]}…) than {path}; pass "
+               "the one it was tokenized with (--token-dictionary / token_dictionary=), or gene names and "
+               "ensembl_id would map to the wrong token ids")
+        raise UsageError(msg)
+
+
 def load_pickle_dict(path: str | Path, *, what: str) -> dict:
     """Load a Geneformer dictionary pickle, with errors that name the file."""
     p = Path(path)
