@@ -111,7 +111,9 @@ def _config(args: argparse.Namespace, n_cells: int) -> dict:
     if args.genes != "all" and Path(args.genes).is_file():
         # the file's entries, not only its name: an edited gene file must not be resumed into the old run
         cfg["gene_list"] = json.loads(json.dumps(parse_genes(args.genes)))
-    man = Path(args.tokens) / "__scfm__" / "manifest.json"
+    from ..store.schema import MANIFEST
+
+    man = Path(args.tokens) / MANIFEST
     if man.is_file():
         # a token dataset re-tokenized in place (same path, other cells or options) must not be resumed into
         tm = json.loads(man.read_text())
@@ -357,6 +359,7 @@ def _work(args: argparse.Namespace, *, merge: bool = True) -> int:
         target = _load_target(args.target_embedding) if args.target_embedding else None
         # the cells reach perturb_cells as a Table, so the dataset's own specials (V2: <cls>/<eos>) come from here
         special = [int(x) for x in _csv(args.special_tokens)] if args.special_tokens else dataset_special_ids(src)
+        orthologs = args.orthologs or dataset_orthologs(src)
         if args.target_state:
             # every rank computes it (deterministic, and cheap next to the screen); rank 0 keeps a copy
             target, n_state = state_embedding(src, model, where=parse_where(args.target_state), layer=args.layer,
@@ -381,7 +384,7 @@ def _work(args: argparse.Namespace, *, merge: bool = True) -> int:
                                pooling=args.pooling, mode=args.mode, batch_tokens=args.batch_tokens,
                                device=device, dtype=args.dtype, special_token_ids=special,
                                token_dictionary=args.token_dictionary, gene_name_map=args.gene_name_map,
-                               orthologs=args.orthologs or dataset_orthologs(src),
+                               orthologs=orthologs,
                                gene_shifts=args.gene_shifts, target_embedding=target, progress_bar=False)
             skipped = _from_positions(df, part)
             meta = {"shard": s, "n_cells": part.num_rows, "n_rows": len(df), "seconds": time.perf_counter() - t0,
