@@ -114,7 +114,9 @@ class ShardedTokenWriter:
             msg = f"{self.out}: is a file; --out must be a directory (new, empty, or a token dataset)"
             raise StoreError(msg)
         if self.out.exists() and any(self.out.iterdir()):
-            if overwrite or self._nothing_written(man_path):
+            old = self._read_manifest(man_path)
+            nothing_written = old is not None and old.get("status") != "complete" and not old.get("shards")
+            if overwrite or nothing_written:
                 # a run that stopped before its first shard (e.g. on bad counts) holds nothing to
                 # keep, so a corrected rerun needs neither --resume with the old options nor --overwrite
                 _check_replaceable(self.out)
@@ -124,7 +126,7 @@ class ShardedTokenWriter:
                        "resume; pass a new or empty --out")
                 raise StoreError(msg)
             elif not resume:
-                state = "a complete" if self._status(man_path) == "complete" else "an unfinished"
+                state = "a complete" if (old or {}).get("status") == "complete" else "an unfinished"
                 msg = (f"{self.out}: already holds {state} token dataset; pass --resume to continue it "
                        "or --overwrite to replace it")
                 raise StoreError(msg)
@@ -153,17 +155,10 @@ class ShardedTokenWriter:
         self._save()
 
     @staticmethod
-    def _nothing_written(path: Path) -> bool:
+    def _read_manifest(path: Path) -> dict[str, Any] | None:
+        """The existing manifest, or ``None`` if there is none or it cannot be read."""
         try:
-            man = json.loads(path.read_text())
-        except (OSError, ValueError):
-            return False
-        return man.get("status") != "complete" and not man.get("shards")
-
-    @staticmethod
-    def _status(path: Path) -> str | None:
-        try:
-            return json.loads(path.read_text()).get("status")
+            return json.loads(path.read_text())
         except (OSError, ValueError):
             return None
 
