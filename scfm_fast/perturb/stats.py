@@ -48,10 +48,10 @@ def _normal_sf(z: np.ndarray) -> np.ndarray:
     return ndtr(-z)
 
 
-def _mean_null_p(pool: np.ndarray, n: np.ndarray, mean: np.ndarray, z: np.ndarray, *, alt: str, n_null: int,
-                 normal: bool, seed: int) -> np.ndarray:
-    """P-values of each gene's mean against the mean of ``n`` random pooled values (sampled or CLT)."""
-    mu, sd = float(pool.mean()), float(pool.std(ddof=1)) if len(pool) > 1 else 0.0
+def _mean_null_p(pool: np.ndarray, n: np.ndarray, mean: np.ndarray, z: np.ndarray, *, mu: float, sd: float,
+                 alt: str, n_null: int, normal: bool, seed: int) -> np.ndarray:
+    """P-values of each gene's mean against the mean of ``n`` random pooled values (sampled or CLT);
+    ``mu`` and ``sd`` are the pool's mean and standard deviation."""
     pv = np.empty(len(n))
     rng = np.random.default_rng(seed)
     for k in np.unique(n):
@@ -216,7 +216,8 @@ def _stats_of_kind(df: pd.DataFrame, target: np.ndarray, *, value: str, alt: str
     else:
         se = sd / np.sqrt(n) if sd > 0 else np.full(len(n), np.inf)
         out["z"] = z = (mean - mu) / se
-        pv = _mean_null_p(pool, n, mean, z, alt=alt, n_null=n_null, normal=method == "normal", seed=seed)
+        pv = _mean_null_p(pool, n, mean, z, mu=mu, sd=sd, alt=alt, n_null=n_null, normal=method == "normal",
+                          seed=seed)
     out["pvalue"] = pv
     out["_effect"] = mean - mu
     return out
