@@ -35,6 +35,7 @@ from .pipeline import (
     _check_distinct,
     _check_options,
     _chunk_totals,
+    filter_mask,
 )
 from .reference import check_counts_ref
 
@@ -165,7 +166,7 @@ def _checked_chunk(path: str, chunk, var_names, *,
         totals = np.bincount(rows, weights=data, minlength=chunk.n_cells)
     indptr, indices = np.asarray(chunk.indptr, np.int64), np.asarray(chunk.indices)
     if FILTER_COLUMN in chunk.obs.columns:
-        keep = pd.to_numeric(chunk.obs[FILTER_COLUMN], errors="coerce").to_numpy() == 1
+        keep = filter_mask(path, chunk)
         if not keep.all():
             lengths = np.diff(indptr)
             entries = np.repeat(keep, lengths)

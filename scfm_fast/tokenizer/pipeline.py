@@ -16,6 +16,7 @@ import pandas as pd
 import pyarrow as pa
 
 from .._errors import CountDataError, InputFileError, UsageError
+from .._lock import TOKENS_LOCK, OutputLock
 from .._progress import progress
 from ..store.schema import with_table_config
 from ..vocab import GeneVocab, get_preset, load_gene_name_map, load_ortholog_map, resolve_genes
@@ -165,6 +166,35 @@ def _chunk_totals(path: str, chunk) -> np.ndarray | None:
     return tot
 
 
+_FILTER_WORDS = {"true": True, "false": False, "1": True, "0": False}
+
+
+def filter_mask(path: str, chunk) -> np.ndarray:
+    """Which cells of a chunk pass: ``filter_pass`` as bool, 0/1 or the strings "True"/"False" (also as
+    categories); any other value is refused, so a misread column never drops every cell silently."""
+    if FILTER_COLUMN not in chunk.obs.columns:
+        return np.ones(chunk.n_cells, dtype=bool)
+    col = chunk.obs[FILTER_COLUMN]
+    if isinstance(col.dtype, pd.CategoricalDtype):
+        col = col.astype(object)
+    if pd.api.types.is_bool_dtype(col.dtype) and not col.isna().any():
+        return col.to_numpy(dtype=bool)
+    if pd.api.types.is_numeric_dtype(col.dtype) and not pd.api.types.is_bool_dtype(col.dtype):
+        values = col.to_numpy(dtype=np.float64, na_value=np.nan)
+        if np.isin(values, (0.0, 1.0)).all():
+            return values == 1
+    else:
+        words = col.map(lambda v: _FILTER_WORDS.get(str(v).strip().lower()) if isinstance(v, (str, bool, np.bool_))
+                        else None)
+        if words.notna().all():
+            return words.to_numpy(dtype=bool)
+    seen = sorted({repr(v) for v in col.unique()[:20]})
+    msg = (f"{path}: obs column {FILTER_COLUMN!r} (rows {chunk.start}..{chunk.stop - 1}) holds values "
+           f"{', '.join(seen[:10])}; it must be boolean, 0/1 or 'True'/'False' (1/True = keep the cell). "
+           f"Fix the column (or drop it to keep every cell)")
+    raise InputFileError(msg)
+
+
 @numba.njit(cache=True, nogil=True)
 def _count_sums(indices, data, col_token):
     """Total counts and counts on vocabulary genes, in one pass (for the match report)."""
@@ -203,9 +233,7 @@ def tokenize_chunk(spec: TokenizerSpec, chunk, col_token: np.ndarray, *, path: s
     except CountDataError:
         raise _bad_count_error(path, chunk, var_names, allow_non_integer=spec.allow_non_integer) from None
     lengths = np.diff(offsets)
-    passed = np.ones(chunk.n_cells, dtype=bool)
-    if FILTER_COLUMN in chunk.obs.columns:
-        passed = pd.to_numeric(chunk.obs[FILTER_COLUMN], errors="coerce").to_numpy() == 1
+    passed = filter_mask(path, chunk)
     n_filtered = int((~passed).sum())
     n_empty = int(((lengths == 0) & passed).sum())
     keep = (lengths > 0) & passed
@@ -315,6 +343,7 @@ def tokenize_corpus(
                                min_gene_match=min_gene_match, allow_non_integer=allow_non_integer,
                                backend=backend, n_threads=n_threads)
     readers = [open_reader(str(p), layer=layer, use_raw=use_raw, gene_id_column=gene_id_column) for p in paths]
+    lock = OutputLock(out, command="tokenize", lock_name=TOKENS_LOCK)
     try:
         want = list(dict.fromkeys(obs_columns))
         clash = [c for c in want if c in BASE_COLUMNS]
@@ -340,6 +369,7 @@ def tokenize_corpus(
                   "input_fingerprints": [_input_fingerprint(Path(p)) for p in paths],
                   "gene_id_column": gene_id_column, "layer": layer, "use_raw": use_raw,
                   "obs_columns": want, "chunk_size": chunk_size}
+        lock.acquire()  # one writer per --out, held until the dataset is complete or the run fails
         writer = ShardedTokenWriter(out, config=config, vocab_size=spec.vocab.size, resume=resume,
                                     overwrite=overwrite)
         if writer.complete:
@@ -389,6 +419,7 @@ def tokenize_corpus(
         summ["seconds"] = time.perf_counter() - t0
         return writer.finalize(summary=summ)
     finally:
+        lock.release()
         for r in readers:
             r.close()
 
