@@ -3,14 +3,23 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
+import errno
 import importlib
 import json
 import logging
+import os
 import sys
 from collections.abc import Sequence
 
 from . import __version__
 from ._errors import ScfmError
+from ._lock import output_lock
+
+#: commands whose --out is locked here for the whole run (tokenize locks inside tokenize_corpus, so
+#: that the Python API is covered too); a command that resumes keeps its finished part after a failure
+_LOCKED = ("medians", "embed", "perturb")
+_RESUMABLE = ("tokenize", "embed", "perturb")
 
 
 def _csv(s: str) -> list[str]:
@@ -131,10 +140,41 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
     try:
-        return int(args.func(args) or 0)
+        with _out_lock(args):
+            return int(args.func(args) or 0)
     except ScfmError as e:
         print(f"scfm {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:
+        print(f"scfm {args.command}: error: {os_error_message(e, command=args.command)}", file=sys.stderr)
+        return 2
+
+
+def _out_lock(args: argparse.Namespace) -> contextlib.AbstractContextManager:
+    out = getattr(args, "out", None)
+    # torchrun starts one `scfm perturb` per rank: rank 0 holds the lock for all of them
+    if args.command not in _LOCKED or not out or os.environ.get("RANK", "0") != "0":
+        return contextlib.nullcontext()
+    if os.path.exists(out) and not os.path.isdir(out):
+        return contextlib.nullcontext()  # the command itself reports "--out is a file"
+    return output_lock(out, command=args.command)
+
+
+_FIXES = {errno.ENOSPC: "free disk space", errno.EDQUOT: "free space in your quota",
+          errno.EACCES: "fix the permissions (or choose another --out)",
+          errno.EPERM: "fix the permissions (or choose another --out)",
+          errno.EROFS: "choose a writable --out", errno.ENOENT: "check that the path still exists"}
+
+
+def os_error_message(err: OSError, *, command: str) -> str:
+    """One line for an OS error: what failed, where, and whether ``--resume`` continues the run."""
+    where = err.filename if err.filename is not None else "?"
+    what = err.strerror or str(err)
+    code = errno.errorcode.get(err.errno, "") if err.errno is not None else ""
+    fix = _FIXES.get(err.errno, "fix the cause")
+    again = ("then rerun the same command with --resume: the finished part is kept"
+             if command in _RESUMABLE else "then rerun the command")
+    return f"{what}{f' [{code}]' if code else ''}: {where}; {fix}, {again}"
 
 
 if __name__ == "__main__":

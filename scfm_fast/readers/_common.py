@@ -50,6 +50,43 @@ def check_path(path: str | os.PathLike[str], *, kind: str, fix: str) -> str:
     return str(p)
 
 
+_REEXPORT = "the file is damaged (e.g. an interrupted copy or write): re-export / re-copy the file"
+
+
+def check_block(path: str, blk: CSRBlock) -> None:
+    """Refuse a block whose ``indptr`` decreases or points past its entries, naming the first bad row."""
+    ip = blk.indptr
+    steps = np.diff(ip)
+    if steps.size and steps.min() < 0:
+        i = int(np.flatnonzero(steps < 0)[0])
+        msg = (f"{path}: the matrix's indptr decreases at row {blk.start + i} ({int(ip[i])} -> {int(ip[i + 1])} "
+               f"relative to row {blk.start}); {_REEXPORT}")
+        raise InputFileError(msg)
+    if ip.size and (ip[0] != 0 or int(ip[-1]) != blk.indices.shape[0] or blk.data.shape[0] != blk.indices.shape[0]):
+        msg = (f"{path}: rows {blk.start}..{blk.start + blk.n_rows - 1}: indptr points to {int(ip[-1] - ip[0])} "
+               f"entries but {blk.indices.shape[0]} indices / {blk.data.shape[0]} counts are stored; {_REEXPORT}")
+        raise InputFileError(msg)
+
+
+def _checked_blocks(path: str, blocks: Iterator[CSRBlock], start: int) -> Iterator[CSRBlock]:
+    """The source's blocks, structurally checked; storage and decoding failures (h5py, zarr, codecs)
+    become one :class:`InputFileError` naming the file and the rows being read."""
+    row = start
+    while True:
+        try:
+            blk = next(blocks)
+        except StopIteration:
+            return
+        except InputFileError:
+            raise
+        except Exception as err:  # noqa: BLE001 - h5py / zarr / numcodecs raise many types for damage
+            msg = f"{path}: cannot read the cells from row {row} on ({type(err).__name__}: {err}); {_REEXPORT}"
+            raise InputFileError(msg) from err
+        check_block(path, blk)
+        row = blk.start + blk.n_rows
+        yield blk
+
+
 class ChunkedReader:
     """Base class of the concrete readers; implements the :class:`~.base.Reader` protocol.
 
@@ -150,7 +187,7 @@ class ChunkedReader:
 
     def _chunks(self, start: int, chunk_size: int, columns: list[str]) -> Iterator[CellChunk]:
         def with_obs() -> Iterator[CSRBlock]:
-            for blk in self._source.iter_blocks(start, chunk_size):
+            for blk in _checked_blocks(self.path, self._source.iter_blocks(start, chunk_size), start):
                 blk.obs = self._obs.read_frame(blk.start, blk.start + blk.n_rows, columns)
                 yield blk
 

@@ -248,9 +248,13 @@ class ShardedTokenWriter:
         name = shard_name(file_index, start)
         self._write_part(table, name)
         tmp = self.out / _tmp_name(name)
-        # lz4 + dictionary pages: as small as zstd on token lists, and faster to write
-        pq.write_table(table, tmp, compression="lz4", row_group_size=8192)
-        os.replace(tmp, self.out / name)
+        try:
+            # lz4 + dictionary pages: as small as zstd on token lists, and faster to write
+            pq.write_table(table, tmp, compression="lz4", row_group_size=8192)
+            os.replace(tmp, self.out / name)
+        except BaseException:
+            tmp.unlink(missing_ok=True)  # e.g. a full disk: leave no partial file behind
+            raise
         rec = {"file": name, "file_index": file_index, "start": start, "stop": stop,
                "n_cells_written": table.num_rows, **stats}
         self.manifest["shards"].append(rec)

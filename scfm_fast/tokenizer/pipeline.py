@@ -15,7 +15,7 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 
-from .._errors import CountDataError, InputFileError, UsageError
+from .._errors import CountDataError, InputFileError, ScfmError, UsageError
 from .._lock import TOKENS_LOCK, OutputLock
 from .._progress import progress
 from ..store.schema import with_table_config
@@ -232,6 +232,12 @@ def tokenize_chunk(spec: TokenizerSpec, chunk, col_token: np.ndarray, *, path: s
                                                          col_token=col_token, totals=totals)
     except CountDataError:
         raise _bad_count_error(path, chunk, var_names, allow_non_integer=spec.allow_non_integer) from None
+    except ScfmError:
+        raise
+    except (ValueError, TypeError, IndexError) as e:  # the core's structural checks (indptr, indices)
+        msg = (f"{path}: rows {chunk.start}..{chunk.stop - 1} cannot be tokenized ({e}); the file is damaged: "
+               "re-export / re-copy the file")
+        raise InputFileError(msg) from None
     lengths = np.diff(offsets)
     passed = filter_mask(path, chunk)
     n_filtered = int((~passed).sum())
