@@ -38,7 +38,11 @@ def _add_tokenize(sub) -> None:
     p.add_argument("--gene-name-map", default="auto",
                    help="symbol->Ensembl table (.pkl/.csv); 'auto' = bundled Geneformer table, 'none' = off")
     p.add_argument("--orthologs", help="'mouse-to-human' (bundled one-to-one orthologs) or a table path")
-    p.add_argument("--gene-id-column", help="var column with gene ids (default: var index)")
+    p.add_argument("--gene-id-column", help="var column with gene ids ('index': the var index; default: var "
+                                            "index, refused when another var column matches clearly better)")
+    p.add_argument("--allow-case-insensitive", action="store_true",
+                   help="accept genes that match human symbols only when case is ignored (else mouse-looking "
+                        "input needs --orthologs)")
     p.add_argument("--layer", help="layer holding raw counts (default: X)")
     p.add_argument("--use-raw", action="store_true", help="read raw/X")
     p.add_argument("--obs-columns", type=_csv, default=[], help="cell metadata columns to carry, a,b,c")
@@ -63,7 +67,7 @@ def _run_tokenize(args) -> int:
                           obs_columns=args.obs_columns, chunk_size=args.chunk_size, max_len=args.max_len,
                           n_threads=args.workers, backend=args.backend, min_gene_match=args.min_gene_match,
                           allow_non_integer=args.allow_non_integer, resume=args.resume,
-                          overwrite=args.overwrite)
+                          overwrite=args.overwrite, allow_case_insensitive=args.allow_case_insensitive)
     s = man["summary"]
     if man.get("already_complete"):
         print(f"{args.out}: already complete ({man['n_cells']:,} cells, {man['n_tokens']:,} tokens); nothing to do",

@@ -50,6 +50,9 @@ def check_path(path: str | os.PathLike[str], *, kind: str, fix: str) -> str:
     return str(p)
 
 
+#: ``gene_id_column`` value that selects the var index explicitly
+VAR_INDEX = "index"
+
 _REEXPORT = "the file is damaged (e.g. an interrupted copy or write): re-export / re-copy the file"
 
 
@@ -128,8 +131,13 @@ class ChunkedReader:
         """Whole per-gene column ``name`` (the gene axis is small, so it is read at once)."""
         return self._var.read_column(name)
 
+    def read_var_index(self) -> np.ndarray:
+        """The var index (gene axis row names) as ``str``."""
+        return np.asarray([str(v) for v in self._var.read_index(0, self._var.length)], dtype=str)
+
     def _gene_ids(self, gene_id_column: str | None) -> np.ndarray:
-        if gene_id_column is None:
+        # "index" names the var index explicitly (unless var has a column of that name)
+        if gene_id_column is None or (gene_id_column == VAR_INDEX and VAR_INDEX not in self._var.columns):
             values = self._var.read_index(0, self._var.length)
         else:
             self._var.check_columns(

@@ -223,6 +223,35 @@ def _obs_array(col: pd.Series) -> pa.Array:
     return pa.array([v if v is None else str(v) for v in values], type=pa.string())
 
 
+def _var_candidates(r, in_use: np.ndarray) -> dict[str, np.ndarray]:
+    """The reader's other text var columns (and its var index), as gene-id alternatives to ``in_use``."""
+    from ..readers._common import VAR_INDEX
+
+    found = {}
+    for c in r.var_columns:
+        values = np.asarray(r.read_var_column(c), dtype=object)
+        if values.size and isinstance(values[0], str):
+            found[c] = values.astype(str)
+    if hasattr(r, "read_var_index") and VAR_INDEX not in found:
+        found[VAR_INDEX] = r.read_var_index()
+    return {c: v for c, v in found.items() if not np.array_equal(v, in_use)}
+
+
+def _resolve_input(path: str, r, spec: TokenizerSpec, *, gene_id_column: str | None,
+                   allow_case_insensitive: bool):
+    """Gene ids -> tokens for one input; a default id source that another var column beats stops here."""
+    from ..vocab.gene_ids import check_gene_id_choice
+
+    kw = {"gene_name_map": spec.gene_name_map, "ortholog_map": spec.ortholog_map}
+    if gene_id_column is None:
+        _, first = resolve_genes(r.var_names, spec.vocab, **kw, min_fraction=0.0, source=path,
+                                 allow_case_insensitive=True)
+        check_gene_id_choice(first, _var_candidates(r, r.var_names), spec.vocab, **kw, source=path,
+                             current_name="the ids in use (default var index)")
+    return resolve_genes(r.var_names, spec.vocab, **kw, min_fraction=spec.min_gene_match, source=path,
+                         allow_case_insensitive=allow_case_insensitive)
+
+
 def tokenize_chunk(spec: TokenizerSpec, chunk, col_token: np.ndarray, *, path: str, var_names,
                    file_index: int = 0, obs_columns: Sequence[str] = ()) -> tuple[pa.Table, dict[str, Any]]:
     """Tokenize one :class:`~scfm_fast.readers.base.CellChunk` into a shard table and its counts."""
@@ -288,6 +317,7 @@ def tokenize_corpus(
     resume: bool = False,
     overwrite: bool = False,
     progress_bar: bool | None = True,
+    allow_case_insensitive: bool = False,
 ) -> dict[str, Any]:
     """Tokenize one or more files into a token dataset directory (see :mod:`scfm_fast.store.schema`).
 
@@ -307,7 +337,8 @@ def tokenize_corpus(
         ``"mouse-to-human"`` (bundled one-to-one orthologs) or a table path, for mouse input to a
         human vocabulary.
     gene_id_column
-        var column holding gene ids (default: the var index).
+        var column holding gene ids (``"index"``: the var index). When not given, a run whose default
+        ids match the vocabulary clearly worse than another var column stops and names that column.
     layer, use_raw
         Where the raw counts are (default ``X``).
     obs_columns
@@ -328,6 +359,10 @@ def tokenize_corpus(
         Continue an interrupted run in ``out`` / replace an existing one.
     progress_bar
         Show a progress bar (cells/s).
+    allow_case_insensitive
+        Accept inputs whose genes mostly match human symbols only when case is ignored (without it such
+        mouse-looking input stops unless ``orthologs`` is given); the manifest's ``gene_match`` records
+        ``n_case_insensitive`` either way.
 
     Returns
     -------
@@ -366,15 +401,15 @@ def tokenize_corpus(
             if r.n_obs == 0:
                 msg = f"{p}: has no cells"
                 raise InputFileError(msg)
-            col_token, report = resolve_genes(r.var_names, spec.vocab, gene_name_map=spec.gene_name_map,
-                                              ortholog_map=spec.ortholog_map, min_fraction=min_gene_match,
-                                              source=str(p))
+            col_token, report = _resolve_input(str(p), r, spec, gene_id_column=gene_id_column,
+                                               allow_case_insensitive=allow_case_insensitive)
             log.info("%s: %s", p, report.summary())
             resolved.append((col_token, report))
         config = {**spec.config, "inputs": [str(Path(p).resolve()) for p in paths],
                   "input_fingerprints": [_input_fingerprint(Path(p)) for p in paths],
                   "gene_id_column": gene_id_column, "layer": layer, "use_raw": use_raw,
-                  "obs_columns": want, "chunk_size": chunk_size}
+                  "obs_columns": want, "chunk_size": chunk_size,
+                  **({"allow_case_insensitive": True} if allow_case_insensitive else {})}
         lock.acquire()  # one writer per --out, held until the dataset is complete or the run fails
         writer = ShardedTokenWriter(out, config=config, vocab_size=spec.vocab.size, resume=resume,
                                     overwrite=overwrite)
