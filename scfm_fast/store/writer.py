@@ -162,7 +162,8 @@ class ShardedTokenWriter:
                        f"({_config_diff(self.manifest.get('config', {}), config)}); use --overwrite or "
                        "a new --out")
                 raise StoreError(msg)
-            if self.manifest.get("status") == "complete" and (self.out / PACKED_DIR).is_dir():
+            if (self.manifest.get("status") == "complete" and (self.out / PACKED_DIR).is_dir()
+                    and all((self.out / s["file"]).is_file() for s in self.manifest["shards"])):
                 # nothing left to do; only parts a crash after the final manifest left behind go
                 shutil.rmtree(self.parts, ignore_errors=True)
                 self.complete = True

@@ -188,7 +188,7 @@ def filter_mask(path: str, chunk) -> np.ndarray:
                         else None)
         if words.notna().all():
             return words.to_numpy(dtype=bool)
-    seen = sorted({repr(v) for v in col.unique()[:20]})
+    seen = sorted({repr(v.item() if isinstance(v, np.generic) else v) for v in col.unique()[:20]})
     msg = (f"{path}: obs column {FILTER_COLUMN!r} (rows {chunk.start}..{chunk.stop - 1}) holds values "
            f"{', '.join(seen[:10])}; it must be boolean, 0/1 or 'True'/'False' (1/True = keep the cell). "
            f"Fix the column (or drop it to keep every cell)")
