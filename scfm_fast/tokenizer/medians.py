@@ -24,11 +24,11 @@ from typing import Any
 
 import numba
 import numpy as np
-import pandas as pd
 
 from .._errors import CountDataError, UsageError
 from .._progress import progress
 from ..vocab.gene_ids import strip_version
+from ._inputs import filter_mask
 from .pipeline import (
     FILTER_COLUMN,
     TOTAL_COLUMN,
@@ -36,7 +36,6 @@ from .pipeline import (
     _check_distinct,
     _check_options,
     _chunk_totals,
-    filter_mask,
 )
 from .reference import check_counts_ref
 
