@@ -155,3 +155,16 @@ def test_concurrent_tokenize_on_one_out(tmp_path, source, stage, capsys):
     assert not (out / TOKENS_LOCK).exists()  # released at the end of the run
     # and the lock is free again: --resume of the complete dataset has nothing to do
     assert main(["tokenize", str(src), "--out", str(out), "--chunk-size", "10", "--resume"]) == 0
+
+
+@pytest.mark.parametrize("argv", [
+    ["medians", "in.h5ad"],
+    ["embed", "tokens", "--model", "model"],
+    ["perturb", "tokens", "--model", "model"],
+], ids=["medians", "embed", "perturb"])
+def test_every_writing_command_takes_the_lock(tmp_path, argv, capsys):
+    out = tmp_path / "o"
+    with output_lock(out, command=argv[0]):
+        assert main([*argv, "--out", str(out)]) == 2  # refused before the command reads anything
+    err = capsys.readouterr().err
+    assert f"scfm {argv[0]}: error: another scfm {argv[0]} (pid {os.getpid()} on" in err and str(out) in err
