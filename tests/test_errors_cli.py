@@ -40,8 +40,13 @@ def _same_as_ref(out, ref):
     np.testing.assert_array_equal(np.asarray(TokenStore(out).tokens), np.asarray(TokenStore(ref).tokens))
 
 
-def _leftovers(out):
-    return sorted(p.name for p in out.rglob("*") if p.name.endswith(".tmp"))
+def _resumes_after_the_fix(src, out, ref, fix):
+    """No temporary file is left, nothing is marked complete, and --resume finishes the same dataset."""
+    assert sorted(p.name for p in out.rglob("*") if p.name.endswith(".tmp")) == []
+    assert read_manifest(out, require_complete=False)["status"] == "in_progress"
+    fix()
+    assert _tok(src, out, "--resume") == 0
+    _same_as_ref(out, ref)
 
 
 @pytest.mark.parametrize("err,code,fix", [
@@ -70,11 +75,7 @@ def test_write_failure_is_one_line_and_resume_continues(tmp_path, source, monkey
     line = _one_line(capsys.readouterr().err)
     assert line.startswith("scfm tokenize: error: ") and f"[{code}]" in line and fix in line
     assert str(out) in line and "--resume" in line
-    assert _leftovers(out) == []  # the partial shard is gone
-    assert read_manifest(out, require_complete=False)["status"] == "in_progress"
-    monkeypatch.setattr(writer_mod.pq, "write_table", real)
-    assert _tok(src, out, "--resume") == 0
-    _same_as_ref(out, ref)
+    _resumes_after_the_fix(src, out, ref, lambda: monkeypatch.setattr(writer_mod.pq, "write_table", real))
 
 
 def test_failed_finalisation_removes_its_temporary_files(tmp_path, source, monkeypatch, capsys):
@@ -90,11 +91,8 @@ def test_failed_finalisation_removes_its_temporary_files(tmp_path, source, monke
     monkeypatch.setattr(writer_mod._NpyAppender, "write", full)
     assert _tok(src, out) == 2
     assert "[ENOSPC]" in _one_line(capsys.readouterr().err)
-    assert _leftovers(out) == [] and not (out / "__scfm__" / "packed").exists()
-    assert read_manifest(out, require_complete=False)["status"] == "in_progress"
-    monkeypatch.setattr(writer_mod._NpyAppender, "write", real)
-    assert _tok(src, out, "--resume") == 0
-    _same_as_ref(out, ref)
+    assert not (out / "__scfm__" / "packed").exists()
+    _resumes_after_the_fix(src, out, ref, lambda: monkeypatch.setattr(writer_mod._NpyAppender, "write", real))
 
 
 def test_vanished_output_directory(tmp_path, source, monkeypatch, capsys):
