@@ -3,6 +3,8 @@ gene ids (a default beaten clearly by another column stops the run)."""
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 import pandas as pd
 
@@ -46,7 +48,10 @@ def _var_candidates(r, in_use: np.ndarray) -> dict[str, np.ndarray]:
 
     found = {}
     for c in r.var_columns:
-        values = np.asarray(r.read_var_column(c), dtype=object)
+        try:
+            values = np.asarray(r.read_var_column(c), dtype=object)
+        except InputFileError:
+            continue  # a column in an encoding we cannot read is no gene-id candidate, and no reason to stop
         if values.size and isinstance(values[0], str):
             found[c] = values.astype(str)
     if hasattr(r, "read_var_index") and VAR_INDEX not in found:
@@ -55,7 +60,7 @@ def _var_candidates(r, in_use: np.ndarray) -> dict[str, np.ndarray]:
 
 
 def resolve_input(path: str, r, spec, *, gene_id_column: str | None,
-                   allow_case_insensitive: bool):
+                   allow_case_insensitive: bool) -> tuple[np.ndarray, Any]:
     """Gene ids -> tokens for one input; a default id source that another var column beats stops here."""
     from ..vocab.gene_ids import check_gene_id_choice
 
@@ -64,6 +69,6 @@ def resolve_input(path: str, r, spec, *, gene_id_column: str | None,
         _, first = resolve_genes(r.var_names, spec.vocab, **kw, min_fraction=0.0, source=path,
                                  allow_case_insensitive=True)
         check_gene_id_choice(first, _var_candidates(r, r.var_names), spec.vocab, **kw, source=path,
-                             current_name="the ids in use (default var index)")
+                             current_name="the default gene ids")
     return resolve_genes(r.var_names, spec.vocab, **kw, min_fraction=spec.min_gene_match, source=path,
                          allow_case_insensitive=allow_case_insensitive)
