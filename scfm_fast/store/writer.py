@@ -205,7 +205,11 @@ class ShardedTokenWriter:
                 continue  # dropped from the manifest: the resumed run tokenizes these cells again
             part = self.parts / rec["file"].replace(".parquet", ".npz")
             if not part.is_file():
-                tab = pq.read_table(shard, columns=["input_ids", "cell_index", "file_index"])
+                try:
+                    tab = pq.read_table(shard, columns=["input_ids", "cell_index", "file_index"])
+                except (OSError, pa.ArrowException):
+                    shard.unlink()  # unreadable (damaged): redone like a missing one
+                    continue
                 self._write_part(tab, rec["file"])
             kept.append(rec)
         if len(kept) != len(self.manifest["shards"]):

@@ -147,3 +147,12 @@ def test_finalize_refuses_a_shard_that_does_not_match_its_record(dataset, monkey
         tokenize_corpus(src, out, chunk_size=10, overwrite=True, progress_bar=False)
     assert read_manifest(out, require_complete=False)["status"] == "in_progress"
     assert not list((out / "__scfm__").glob("*.tmp"))
+
+
+def test_resume_redoes_a_damaged_shard_of_a_dataset_without_packed_store(dataset):
+    src, out, ref = dataset
+    shutil.rmtree(out / "__scfm__" / "packed")
+    shard = out / "part-0000-000000000010.parquet"
+    shard.write_bytes(shard.read_bytes()[:50])  # truncated, e.g. by a bad copy
+    tokenize_corpus(src, out, chunk_size=10, resume=True, progress_bar=False)
+    _same(out, ref)
