@@ -55,6 +55,9 @@ class OutputLock:
         """Take the lock or raise :class:`StoreError` naming the process that holds it."""
         if self._fd is not None:
             return self
+        if self.out.exists() and not self.out.is_dir():
+            msg = f"{self.out}: is a file; --out must be a directory (new, empty, or this command's output)"
+            raise StoreError(msg)
         self._created = [d for d in (*reversed(self.path.parents),) if d not in self.out.parents and not d.exists()]
         self.path.parent.mkdir(parents=True, exist_ok=True)
         while True:

@@ -168,3 +168,10 @@ def test_every_writing_command_takes_the_lock(tmp_path, argv, capsys):
         assert main([*argv, "--out", str(out)]) == 2  # refused before the command reads anything
     err = capsys.readouterr().err
     assert f"scfm {argv[0]}: error: another scfm {argv[0]} (pid {os.getpid()} on" in err and str(out) in err
+
+
+def test_out_that_is_a_file_is_refused_clearly(tmp_path, source):
+    (tmp_path / "f").write_text("x")
+    with pytest.raises(StoreError, match="is a file; --out must be a directory"):
+        tokenize_corpus(source[0], tmp_path / "f", progress_bar=False)
+    assert (tmp_path / "f").read_text() == "x"
