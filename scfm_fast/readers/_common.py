@@ -56,6 +56,11 @@ VAR_INDEX = "index"
 _REEXPORT = "the file is damaged (e.g. an interrupted copy or write): re-export / re-copy the file"
 
 
+def structure_error(path: str, err: Exception) -> InputFileError:
+    """The error for a file whose metadata or arrays cannot be read while opening it."""
+    return InputFileError(f"{path}: cannot read the file's structure ({type(err).__name__}: {err}); {_REEXPORT}")
+
+
 def check_block(path: str, blk: CSRBlock) -> None:
     """Refuse a block whose ``indptr`` decreases or points past its entries, naming the first bad row."""
     ip = blk.indptr

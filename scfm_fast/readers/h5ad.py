@@ -12,7 +12,7 @@ import h5py
 
 from .._errors import InputFileError
 from ._anndata_reader import AnnDataReader
-from ._common import _REEXPORT, check_path
+from ._common import check_path, structure_error
 from ._sources import DEFAULT_BLOCK_ELEMENTS, DEFAULT_BLOCK_ROWS
 
 _FIX = "Pass an .h5ad written by anndata (adata.write_h5ad)."
@@ -67,8 +67,7 @@ class H5adReader(AnnDataReader):
             raise
         except Exception as err:  # noqa: BLE001 - damaged HDF5 internals: h5py raises OSError, KeyError...
             self._file.close()
-            msg = f"{self.path}: cannot read the AnnData structure ({type(err).__name__}: {err}); {_REEXPORT}"
-            raise InputFileError(msg) from err
+            raise structure_error(self.path, err) from err
         except BaseException:
             self._file.close()
             raise

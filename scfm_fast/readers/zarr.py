@@ -14,7 +14,7 @@ import zarr
 
 from .._errors import InputFileError
 from ._anndata_reader import AnnDataReader, _select_matrix
-from ._common import _REEXPORT, check_path
+from ._common import _REEXPORT, check_path, structure_error
 from ._nodes import is_array
 from ._sources import DEFAULT_BLOCK_ELEMENTS, DEFAULT_BLOCK_ROWS
 
@@ -70,8 +70,7 @@ class ZarrReader(AnnDataReader):
         except InputFileError:
             raise
         except Exception as err:  # noqa: BLE001 - damaged metadata or arrays: zarr/numcodecs raise many types
-            msg = f"{self.path}: cannot read the AnnData structure ({type(err).__name__}: {err}); {_REEXPORT}"
-            raise InputFileError(msg) from err
+            raise structure_error(self.path, err) from err
         if not is_array(matrix):
             check_sparse_chunks(self.path, name, matrix)
 
