@@ -32,11 +32,15 @@ def _tmp_name(name: str) -> str:
 
 def _atomic_write_text(path: Path, text: str) -> None:
     tmp = path.with_name(_tmp_name(path.name))
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)  # e.g. a full disk: the previous manifest stays, no partial file
+        raise
 
 
 def config_hash(config: dict[str, Any]) -> str:
