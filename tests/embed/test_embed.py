@@ -296,20 +296,24 @@ def test_resume_refuses_tokens_retokenized_in_place(tmp_path, pbmc_path, pbmc_to
     assert _embed(tok, ckpt, tmp_path / "e", "--cells-per-part", "100", "--resume") == 2
 
 
-def test_empty_token_dataset(tmp_path, pbmc_path, pbmc_tokens_ckpt):
-    import warnings
+def test_empty_or_unfinished_token_dataset_is_refused(tmp_path, pbmc_path, pbmc_tokens_ckpt, capsys):
+    import shutil
 
     ad = pytest.importorskip("anndata")
     from scfm_fast.cli import main
 
-    _, ckpt = pbmc_tokens_ckpt
+    tok, ckpt = pbmc_tokens_ckpt
     adata = ad.read_h5ad(pbmc_path)[:3].copy()
-    adata.X = adata.X * 0  # every cell is skipped: a complete dataset of 0 cells
+    adata.X = adata.X * 0  # every cell is skipped: a dataset of 0 cells (or a tokenize that refused)
     adata.write_h5ad(tmp_path / "zeros.h5ad")
-    assert main(["tokenize", str(tmp_path / "zeros.h5ad"), "--out", str(tmp_path / "tok")]) == 0
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")  # no mean-of-empty warnings from the plot
-        assert _embed(tmp_path / "tok", ckpt, tmp_path / "e", "--genes", "--plot", "length") == 0
-    assert np.load(tmp_path / "e/cell_embeddings.npy").shape == (0, 32)
-    genes = pq.read_table(tmp_path / "e/gene_embeddings.parquet")
-    assert genes.num_rows == 0 and genes.schema.field("ensembl_id").type == pa.string()
+    main(["tokenize", str(tmp_path / "zeros.h5ad"), "--out", str(tmp_path / "tok")])
+    capsys.readouterr()
+    assert _embed(tmp_path / "tok", ckpt, tmp_path / "e", "--genes") == 2
+    err = capsys.readouterr().err
+    assert ("no cells" in err or "unfinished" in err or "not found" in err) and not (tmp_path / "e").exists()
+    # an unfinished dataset (a tokenize still running or killed) is refused naming what to do
+    shutil.copytree(tok, tmp_path / "half")
+    man = tmp_path / "half/__scfm__/manifest.json"
+    man.write_text(man.read_text().replace('"complete"', '"in_progress"'))
+    assert _embed(tmp_path / "half", ckpt, tmp_path / "e2") == 2
+    assert "--resume" in capsys.readouterr().err and not (tmp_path / "e2").exists()
