@@ -18,7 +18,6 @@ Examples
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -27,57 +26,8 @@ import numpy as np
 import pyarrow as pa
 
 from .._errors import InputFileError, StoreError, UsageError
+from ._cell_arrays import SPECIES_COLUMN, VALUES_FILE, CellArrays, from_directory, from_lists, from_table
 from .schema import PACKED_DIR, table_config
-
-log = logging.getLogger("scfm_fast")
-
-#: optional per-token values (GeneCompass) beside the packed tokens, and the per-cell species column
-VALUES_FILE = "values.npy"
-SPECIES_COLUMN = "species"
-_IDENTITY = ("cell_index", "file_index")
-
-
-class _Base:
-    """Flat tokens + offsets (+ optional per-token values) and where the per-cell metadata lives."""
-
-    def __init__(self, tokens: np.ndarray, offsets: np.ndarray, cell_index: np.ndarray, file_index: np.ndarray,
-                 *, values: np.ndarray | None = None, table: pa.Table | None = None,
-                 directory: Path | None = None) -> None:
-        self.tokens, self.offsets, self.values = tokens, offsets, values
-        self.cell_index, self.file_index = cell_index, file_index
-        self.table, self.directory = table, directory
-        self._names: list[str] | None = None
-
-    def column_names(self) -> list[str]:
-        if self._names is None:
-            if self.table is not None:
-                self._names = [c for c in self.table.column_names if c != "input_ids"]
-            elif self.directory is not None:
-                import pyarrow.dataset as ds
-
-                schema = ds.dataset(str(self.directory), format="parquet", exclude_invalid_files=True).schema
-                self._names = [c for c in schema.names if c != "input_ids"]
-            else:
-                self._names = []
-        return self._names
-
-    def read_columns(self, names: Sequence[str]) -> pa.Table:
-        """Metadata columns of every cell, in the packed order (never the token column)."""
-        if self.table is not None:
-            return self.table.select(list(names))
-        if self.directory is None:
-            return pa.table({n: pa.array([], pa.null()) for n in names})
-        from .reader import read_table
-
-        want = list(dict.fromkeys([*names, *_IDENTITY]))
-        tab = read_table(self.directory, columns=want)
-        same = (np.array_equal(tab.column("cell_index").to_numpy(), self.cell_index)
-                and np.array_equal(tab.column("file_index").to_numpy(), self.file_index))
-        if not same:
-            msg = (f"{self.directory}: the Parquet shards and the packed store list cells in different orders; "
-                   "re-tokenize with --overwrite")
-            raise StoreError(msg)
-        return tab.select(list(names))
 
 
 class CellSource:
@@ -96,7 +46,7 @@ class CellSource:
         The token dataset's manifest (``None`` for tables and lists).
     """
 
-    def __init__(self, base: _Base, rows: np.ndarray | None, *, name: str, config: dict[str, Any],
+    def __init__(self, base: CellArrays, rows: np.ndarray | None, *, name: str, config: dict[str, Any],
                  manifest: dict[str, Any] | None = None) -> None:
         self._base, self._rows = base, rows
         self.name, self.config, self.manifest = name, config, manifest
@@ -128,12 +78,15 @@ class CellSource:
         """Input file of each cell (an index into the manifest's ``inputs``; 0 for tables and lists)."""
         return self._pick(self._base.file_index)
 
+    def _values_of(self, name: str) -> np.ndarray | None:
+        if name not in self.column_names:
+            return None
+        return np.asarray(self.columns([name]).column(name).to_pylist(), dtype=object)
+
     @property
     def cell_id(self) -> np.ndarray | None:
         """Each cell's obs name, or ``None`` when the source has no ``cell_id`` column."""
-        if "cell_id" not in self.column_names:
-            return None
-        return np.asarray(self.columns(["cell_id"]).column("cell_id").to_pylist(), dtype=object)
+        return self._values_of("cell_id")
 
     # ---- tokenizer config -------------------------------------------------------------------------
     @property
@@ -175,9 +128,7 @@ class CellSource:
     @property
     def species(self) -> np.ndarray | None:
         """Each cell's species when the dataset has a ``species`` column, else ``None``."""
-        if SPECIES_COLUMN not in self.column_names:
-            return None
-        return np.asarray(self.columns([SPECIES_COLUMN]).column(SPECIES_COLUMN).to_pylist(), dtype=object)
+        return self._values_of(SPECIES_COLUMN)
 
     # ---- tokens ------------------------------------------------------------------------------------
     def _base_rows(self, indices: Any) -> np.ndarray:
@@ -227,26 +178,17 @@ class CellSource:
         vals, cu = self._gather(self._base.values, indices, np.float32)
         return [vals[cu[k]:cu[k + 1]] for k in range(cu.size - 1)]
 
-    def first_token_outside(self, vocab_size: int, *, block: int = 1 << 24) -> tuple[int, int] | None:
+    def first_token_outside(self, vocab_size: int) -> tuple[int, int] | None:
         """``(position, token)`` of the first cell holding a token id outside ``[0, vocab_size)``, else ``None``.
 
-        Scans the tokens in blocks (a corpus is never loaded whole); what a model check runs before its
-        first part, so a bad id is an error naming the cell instead of an IndexError mid-run.
+        Reads the tokens part by part (a corpus is never loaded whole): what a model check runs before
+        its first part, so a bad id is an error naming the cell, not an IndexError mid-run.
         """
-        if self._rows is None:
-            flat, offs = self._base.tokens, np.asarray(self._base.offsets)
-            for s in range(0, int(flat.shape[0]), block):
-                chunk = np.asarray(flat[s:s + block])
-                bad = np.flatnonzero((chunk < 0) | (chunk >= vocab_size)) if chunk.size else chunk
-                if bad.size:
-                    at = s + int(bad[0])
-                    return int(np.searchsorted(offs, at, side="right") - 1), int(chunk[bad[0]])
-            return None
-        for part_start, part in zip(range(0, len(self), 65_536), self.parts(65_536)):
+        for start, part in zip(range(0, len(self), 65_536), self.parts(65_536)):
             ids, cu = part.take_packed(np.arange(len(part)))
             bad = np.flatnonzero((ids < 0) | (ids >= vocab_size))
             if bad.size:
-                return part_start + int(np.searchsorted(cu, bad[0], side="right") - 1), int(ids[bad[0]])
+                return start + int(np.searchsorted(cu, bad[0], side="right") - 1), int(ids[bad[0]])
         return None
 
     def __getitem__(self, i: int) -> np.ndarray:
@@ -313,81 +255,6 @@ class CellSource:
         return self.subset(np.flatnonzero(keep))
 
 
-# ---- opening -------------------------------------------------------------------------------------------
-def _from_table(table: pa.Table, name: str, config: dict[str, Any] | None) -> CellSource:
-    if "input_ids" not in table.column_names:
-        msg = f"{name}: no 'input_ids' column (has {table.column_names}); pass the output of tokenize_anndata"
-        raise InputFileError(msg)
-    ids = table.column("input_ids").combine_chunks()
-    offsets = ids.offsets.to_numpy().astype(np.int64)
-    tokens = ids.values.to_numpy(zero_copy_only=False)[offsets[0]:]
-    offsets = offsets - offsets[0]
-    n = table.num_rows
-    cidx = table.column("cell_index").to_numpy() if "cell_index" in table.column_names else np.arange(n)
-    fidx = table.column("file_index").to_numpy() if "file_index" in table.column_names else np.zeros(n, np.int32)
-    values = None
-    if "values" in table.column_names:
-        vcol = table.column("values").combine_chunks()
-        values = vcol.values.to_numpy(zero_copy_only=False)[vcol.offsets.to_numpy()[0]:]
-    base = _Base(tokens, offsets, np.asarray(cidx, np.int64), np.asarray(fidx, np.int32), values=values,
-                 table=table)
-    return CellSource(base, None, name=name, config=config if config is not None else table_config(table))
-
-
-def _from_lists(cells: Sequence[Any], config: dict[str, Any] | None) -> CellSource:
-    arrays = [np.asarray(c, dtype=np.int64).reshape(-1) for c in cells]
-    offsets = np.zeros(len(arrays) + 1, dtype=np.int64)
-    np.cumsum([a.size for a in arrays], out=offsets[1:])
-    tokens = np.concatenate(arrays) if arrays else np.zeros(0, np.int64)
-    base = _Base(tokens, offsets, np.arange(len(arrays), dtype=np.int64), np.zeros(len(arrays), np.int32))
-    return CellSource(base, None, name="the token list", config=dict(config or {}))
-
-
-def _from_directory(path: Path, *, allow_empty: bool) -> CellSource:
-    import pyarrow.dataset as ds
-
-    from .reader import TokenStore, read_manifest, read_table
-
-    man = read_manifest(path)  # refuses a missing or unfinished dataset with what to do
-    config = man.get("config", {})
-    n_rows = ds.dataset(str(path), format="parquet", exclude_invalid_files=True).count_rows()
-    recorded = man.get("n_cells")
-    if recorded is None and man.get("shards"):
-        recorded = sum(int(s.get("n_cells_written", 0)) for s in man["shards"])
-    if recorded is not None and n_rows != recorded:
-        msg = (f"{path}: the Parquet shards hold {n_rows:,} cells but the manifest records {recorded:,}; a shard "
-               "is missing or foreign: rerun `scfm tokenize ... --resume` to redo it, or --overwrite")
-        raise StoreError(msg)
-    if (path / PACKED_DIR).is_dir():
-        store = TokenStore(path)  # checks the packed store against the manifest's count
-        if len(store) != n_rows:
-            msg = (f"{path}: the packed store holds {len(store):,} cells but the Parquet shards {n_rows:,}; "
-                   "re-tokenize with --overwrite")
-            raise StoreError(msg)
-        vpath = path / PACKED_DIR / VALUES_FILE
-        values = np.load(vpath, mmap_mode="r") if vpath.is_file() else None
-        if values is not None and values.shape[0] != store.tokens.shape[0]:
-            msg = f"{vpath}: {values.shape[0]:,} values for {store.tokens.shape[0]:,} tokens; re-tokenize"
-            raise StoreError(msg)
-        base = _Base(store.tokens, store.offsets, np.asarray(store.cell_index, np.int64),
-                     np.asarray(store.file_index, np.int32), values=values, directory=path)
-        src = CellSource(base, None, name=str(path), config=config, manifest=man)
-    else:
-        # no packed store (a hand-made or older dataset): the shards' tokens are read into memory
-        log.warning("%s: no packed token store; reading the Parquet shards' tokens into memory", path)
-        tab = read_table(path)
-        src = _from_table(tab, str(path), config)
-        src.manifest = man
-        src._base.table, src._base.directory = None, path
-        if not set(_IDENTITY) <= set(tab.column_names):
-            src._base.table = tab.drop_columns(["input_ids"])  # order cannot be checked: use these rows
-    if len(src) == 0 and not allow_empty:
-        msg = (f"{path}: the token dataset holds no cells (every cell was filtered out or had no vocabulary "
-               "gene); check the tokenize inputs and options and tokenize again")
-        raise StoreError(msg)
-    return src
-
-
 def open_cells(tokens: Any, *, config: dict[str, Any] | None = None, allow_empty: bool = False) -> CellSource:
     """Open tokenized cells from any of the forms scfm_fast produces.
 
@@ -417,28 +284,33 @@ def open_cells(tokens: Any, *, config: dict[str, Any] | None = None, allow_empty
     """
     if isinstance(tokens, CellSource):
         return tokens
-    if isinstance(tokens, (str, Path)):
-        p = Path(tokens)
-        if p.is_dir():
-            return _from_directory(p, allow_empty=allow_empty)
-        if not p.is_file():
-            msg = f"{p}: token dataset not found; pass the --out directory of `scfm tokenize`"
-            raise InputFileError(msg)
-        import pyarrow.parquet as pq
-
-        try:
-            table = pq.read_table(p)
-        except (OSError, pa.ArrowException) as e:
-            msg = f"{p}: not a readable Parquet token table ({e})"
-            raise InputFileError(msg) from None
-        src = _from_table(table, str(p), config)
-    elif isinstance(tokens, pa.Table):
-        src = _from_table(tokens, "the token table", config)
-    elif isinstance(tokens, np.ndarray) and tokens.ndim == 2:
-        src = _from_lists(list(tokens), config)
+    manifest = None
+    if isinstance(tokens, (str, Path)) and Path(tokens).is_dir():
+        arrays, manifest = from_directory(Path(tokens))
+        name, cfg = str(tokens), manifest.get("config", {})
+    elif isinstance(tokens, (str, Path, pa.Table)):
+        table, name = tokens, "the token table"
+        if not isinstance(tokens, pa.Table):
+            table, name = _read_parquet(Path(tokens)), str(tokens)
+        arrays, cfg = from_table(table, name), table_config(table)
     else:
-        src = _from_lists(list(tokens), config)
-    if len(src) == 0 and not allow_empty and not isinstance(tokens, (list, tuple, np.ndarray)):
-        msg = f"{src.name}: holds no cells; tokenize cells with at least one vocabulary gene"
+        arrays, name, cfg = from_lists(list(tokens)), "the token list", {}
+    src = CellSource(arrays, None, name=name, config=cfg if config is None else dict(config), manifest=manifest)
+    if len(src) == 0 and not allow_empty and name != "the token list":
+        msg = (f"{name}: the token dataset holds no cells (every cell was filtered out or had no vocabulary gene); "
+               "check the tokenize inputs and options and tokenize again")
         raise StoreError(msg)
     return src
+
+
+def _read_parquet(p: Path) -> pa.Table:
+    import pyarrow.parquet as pq
+
+    if not p.is_file():
+        msg = f"{p}: token dataset not found; pass the --out directory of `scfm tokenize`"
+        raise InputFileError(msg)
+    try:
+        return pq.read_table(p)
+    except (OSError, pa.ArrowException) as e:
+        msg = f"{p}: not a readable Parquet token table ({e})"
+        raise InputFileError(msg) from None
