@@ -10,8 +10,10 @@ Output directory layout::
     OUT/gene_embeddings.parquet         token, ensembl_id, n, embedding (with --genes)
     OUT/cell_embeddings_pca.png         PC1/PC2 coloured by --plot COLUMN (with --plot)
 
-Memory is bounded by ``--cells-per-part``; every file is written under a temporary name and renamed
-into place, so a part exists only when complete and ``--resume`` continues an interrupted run.
+Cells come from :func:`~scfm_fast.store.cells.open_cells` (an unfinished or empty dataset is refused) and
+the parts follow :class:`~scfm_fast._runs.PartitionedRun`: memory is bounded by ``--cells-per-part``, every
+file is written under a temporary name and renamed into place, so a part exists only when complete and
+``--resume`` continues an interrupted run; under torchrun each rank writes its share of the parts.
 """
 
 from __future__ import annotations
