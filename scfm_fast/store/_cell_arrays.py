@@ -101,14 +101,24 @@ def from_directory(path: Path) -> tuple[CellArrays, dict[str, Any]]:
     """The arrays of a finished token dataset directory and its manifest; the shards, the packed store
     and the manifest must agree on the number of cells."""
     import pyarrow.dataset as ds
+    import pyarrow.parquet as pq
 
     from .reader import TokenStore, read_manifest, read_table
 
     man = read_manifest(path)  # refuses a missing or unfinished dataset with what to do
-    n_rows = ds.dataset(str(path), format="parquet", exclude_invalid_files=True).count_rows()
     recorded = man.get("n_cells")
-    if recorded is None and man.get("shards"):
-        recorded = sum(int(s.get("n_cells_written", 0)) for s in man["shards"])
+    if man.get("shards"):
+        # the manifest's shards only (footers, not tokens): a stray Parquet file is no part of the dataset
+        files = [path / s["file"] for s in man["shards"]]
+        gone = [f.name for f in files if not f.is_file()]
+        if gone:
+            msg = (f"{path}: {len(gone)} shard(s) recorded in the manifest are missing ({', '.join(gone[:3])}); "
+                   "rerun the same `scfm tokenize ... --resume` to redo them")
+            raise StoreError(msg)
+        n_rows = sum(pq.ParquetFile(f).metadata.num_rows for f in files)
+        recorded = sum(int(s.get("n_cells_written", 0)) for s in man["shards"]) if recorded is None else recorded
+    else:
+        n_rows = ds.dataset(str(path), format="parquet", exclude_invalid_files=True).count_rows()
     if recorded is not None and n_rows != recorded:
         msg = (f"{path}: the Parquet shards hold {n_rows:,} cells but the manifest records {recorded:,}; a shard "
                "is missing or foreign: rerun `scfm tokenize ... --resume` to redo it, or --overwrite")

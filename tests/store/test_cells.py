@@ -155,12 +155,22 @@ def test_unfinished_empty_and_damaged_datasets_are_refused(tokens, tmp_path):
     man.write_text(man.read_text().replace('"complete"', '"in_progress"'))
     with pytest.raises(StoreError, match="unfinished.*--resume"):
         open_cells(half)
-    # a recorded shard gone: the shards no longer hold the manifest's cells
+    # a recorded shard gone, or replaced by one of other cells: the shards no longer hold the manifest's cells
     lost = tmp_path / "lost"
     shutil.copytree(tokens, lost)
-    sorted(lost.glob("part-*.parquet"))[1].unlink()
-    with pytest.raises(StoreError, match="hold 152 cells but the manifest records 200"):
+    gone = sorted(lost.glob("part-*.parquet"))[1]
+    gone.unlink()
+    with pytest.raises(StoreError, match=f"missing \\({gone.name}\\).*--resume"):
         open_cells(lost)
+    first = sorted(lost.glob("part-*.parquet"))[0]
+    pq.write_table(pq.read_table(first).slice(0, 10), gone)
+    with pytest.raises(StoreError, match="hold 162 cells but the manifest records 200"):
+        open_cells(lost)
+    # a stray Parquet file that no shard record names is not read as cells
+    stray = tmp_path / "stray"
+    shutil.copytree(tokens, stray)
+    shutil.copy(first, stray / "part-0009-000000000000.parquet")
+    assert len(open_cells(stray)) == 200
     # a packed store of another size than the shards
     short = tmp_path / "short"
     shutil.copytree(tokens, short)
