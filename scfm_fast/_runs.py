@@ -13,7 +13,13 @@ them into the final outputs. The rules, in one place:
 - **Partitioning**: :func:`rank_world` reads ``RANK``/``WORLD_SIZE`` (torchrun) or takes them from
   ``--devices`` workers; rank ``r`` of ``w`` writes the parts ``p`` with ``p % w == r``. Rank 0 prepares
   ``OUT`` (and applies ``--overwrite``); the other ranks wait for its info file. Whichever rank finds
-  every part done merges, under an exclusive lock, so exactly one merge runs.
+  every part done merges, under an exclusive lock, so exactly one merge runs; a command whose rank 0
+  (or ``--devices`` parent, which calls :meth:`PartitionedRun.begin` as rank 0 before starting its
+  workers) must merge waits with :meth:`PartitionedRun.wait_all` instead.
+
+Layouts differ only by names: ``scfm embed`` uses ``embed_info.json`` + ``parts/part-PPPPPP.parquet`` (+ a
+``.genes.npz`` side file); ``scfm perturb`` would use ``info_name="manifest.json"``, ``parts_dir="shards"``,
+a ``.json`` side file per shard and ``info_extra={"format": "scfm_fast.perturb/1"}``.
 
 Example
 -------
@@ -113,12 +119,14 @@ class PartitionedRun:
         This process's share of the parts (see :func:`rank_world`).
     command
         Name used in messages (``"scfm embed"``).
+    info_extra
+        Fields written into every status file beside ``config``/``status`` (e.g. a ``format`` tag).
     """
 
     def __init__(self, out: str | Path, *, config: Mapping[str, Any], n_parts: int, info_name: str = "run_info.json",
                  parts_dir: str = "parts", part_name: Callable[[int], str] | None = None,
                  outputs: Sequence[str] = (), resume: bool = False, overwrite: bool = False, rank: int = 0,
-                 world: int = 1, command: str = "scfm") -> None:
+                 world: int = 1, command: str = "scfm", info_extra: Mapping[str, Any] | None = None) -> None:
         if n_parts < 1:
             msg = f"a run needs at least one part, got {n_parts}"
             raise UsageError(msg)
@@ -130,6 +138,7 @@ class PartitionedRun:
         self._name = part_name or (lambda p: f"part-{p:06d}.parquet")
         self.outputs = [self.out / o for o in outputs]
         self.resume, self.overwrite, self.command = resume, overwrite, command
+        self.info_extra = dict(info_extra or {})
 
     # ---- paths and state ------------------------------------------------------------------------
     def part_path(self, p: int) -> Path:
@@ -194,7 +203,8 @@ class PartitionedRun:
             for f in self.parts.glob(".*.tmp"):
                 f.unlink(missing_ok=True)
         self.parts.mkdir(parents=True, exist_ok=True)
-        write_json(self.info_path, {"config": self.config, "status": RUNNING, "n_parts": self.n_parts})
+        write_json(self.info_path, {**self.info_extra, "config": self.config, "status": RUNNING,
+                                    "n_parts": self.n_parts})
 
     def _wait_for_rank0(self, wait_s: float) -> None:
         deadline = time.monotonic() + wait_s
@@ -244,6 +254,17 @@ class PartitionedRun:
             finally:
                 fcntl.flock(f, fcntl.LOCK_UN)
 
+    def wait_all(self, *, timeout_s: float, poll_s: float = 2.0) -> None:
+        """Wait until every part exists (other ranks still writing); refuse after ``timeout_s`` naming the
+        missing parts."""
+        deadline = time.monotonic() + timeout_s
+        while not self.all_done():
+            if time.monotonic() > deadline:
+                msg = (f"{self.out}: parts {self.missing()[:5]} never appeared within {timeout_s:.0f}s; rerun with "
+                       "--resume to write them")
+                raise StoreError(msg)
+            time.sleep(poll_s)
+
     def check_merge_ready(self) -> None:
         """Refuse to merge while parts are missing (names them)."""
         missing = self.missing()
@@ -253,6 +274,6 @@ class PartitionedRun:
 
     def complete(self, **summary: Any) -> dict[str, Any]:
         """Mark the run complete (after the merged outputs are in place); returns the status written."""
-        info = {"config": self.config, "status": COMPLETE, "n_parts": self.n_parts, **summary}
+        info = {**self.info_extra, "config": self.config, "status": COMPLETE, "n_parts": self.n_parts, **summary}
         write_json(self.info_path, info)
         return info

@@ -105,7 +105,19 @@ def test_ranks_share_the_parts_and_the_last_one_merges(tmp_path):
     _work(r1)
     with r0.merging() as mine0, r1.merging() as mine1:
         assert mine0 and not mine1  # one merge at a time: the lock holder merges
+    r0.wait_all(timeout_s=1)
     assert _finish(r1) and r1.info()["status"] == "complete"
+    r0.part_path(3).unlink()
+    with pytest.raises(StoreError, match=r"parts \['part-000003.parquet'\] never appeared"):
+        r0.wait_all(timeout_s=0.1, poll_s=0.05)
+
+
+def test_status_files_carry_extra_fields(tmp_path):
+    run = _run(tmp_path / "o", n_parts=1, info_extra={"format": "scfm_fast.test/1"})
+    run.begin()
+    assert run.info()["format"] == "scfm_fast.test/1" and run.info()["status"] == "running"
+    _work(run)
+    assert _finish(run) and run.info()["format"] == "scfm_fast.test/1"
 
 
 def test_rank_world_from_torchrun_or_devices():
