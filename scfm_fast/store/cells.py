@@ -66,7 +66,10 @@ class CellSource:
     @property
     def lengths(self) -> np.ndarray:
         """``int64`` tokens per cell."""
-        return self._pick(np.diff(np.asarray(self._base.offsets)).astype(np.int64))
+        offs = self._base.offsets
+        if self._rows is None:
+            return np.diff(np.asarray(offs)).astype(np.int64)
+        return (np.asarray(offs[self._rows + 1]) - np.asarray(offs[self._rows])).astype(np.int64)
 
     @property
     def cell_index(self) -> np.ndarray:
@@ -178,13 +181,22 @@ class CellSource:
         vals, cu = self._gather(self._base.values, indices, np.float32)
         return [vals[cu[k]:cu[k + 1]] for k in range(cu.size - 1)]
 
-    def first_token_outside(self, vocab_size: int) -> tuple[int, int] | None:
+    def first_token_outside(self, vocab_size: int, *, block: int = 1 << 22) -> tuple[int, int] | None:
         """``(position, token)`` of the first cell holding a token id outside ``[0, vocab_size)``, else ``None``.
 
-        Reads the tokens part by part (a corpus is never loaded whole): what a model check runs before
-        its first part, so a bad id is an error naming the cell, not an IndexError mid-run.
+        Reads about ``block`` tokens at a time (a corpus is never loaded whole): what a model check runs
+        before its first part, so a bad id is an error naming the cell, not an IndexError mid-run.
         """
-        for start, part in zip(range(0, len(self), 65_536), self.parts(65_536)):
+        if self._rows is None:  # the whole dataset: scan the flat tokens in place
+            flat, offs = self._base.tokens, np.asarray(self._base.offsets)
+            for s in range(0, int(flat.shape[0]), block):
+                chunk = np.asarray(flat[s:s + block])
+                bad = np.flatnonzero((chunk < 0) | (chunk >= vocab_size))
+                if bad.size:
+                    return int(np.searchsorted(offs, s + bad[0], side="right") - 1), int(chunk[bad[0]])
+            return None
+        cells = max(1, block // max(1, int(self.lengths.max(initial=1))))
+        for start, part in zip(range(0, len(self), cells), self.parts(cells)):
             ids, cu = part.take_packed(np.arange(len(part)))
             bad = np.flatnonzero((ids < 0) | (ids >= vocab_size))
             if bad.size:

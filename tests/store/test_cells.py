@@ -100,6 +100,9 @@ def test_tokens_outside_a_vocabulary_name_the_cell(tokens):
     assert tok == big and big in src[pos] and all(big not in c for c in src.take(np.arange(pos)))
     sel = src.subset(np.arange(pos, len(src)))
     assert sel.first_token_outside(big) == (0, big)
+    # small blocks: the answer does not depend on where the blocks fall
+    assert src.first_token_outside(big, block=7) == (pos, big)
+    assert src.subset(np.arange(len(src))).first_token_outside(big, block=7) == (pos, big)
 
 
 def test_table_parquet_file_and_lists_give_the_same_cells(tmp_path):
