@@ -63,6 +63,10 @@ def _check_options(args: Any) -> None:
         if value is not None and value < 1:
             msg = f"{flag} {value}: must be at least 1"
             raise UsageError(msg)
+    if not Path(args.tokens).is_dir():  # a run's resume check needs the dataset's manifest
+        msg = (f"{args.tokens}: not a token dataset directory; pass the --out of `scfm tokenize` (a table from "
+               "tokenize_anndata embeds with scfm_fast.embed_tokens)")
+        raise InputFileError(msg)
     tokens, out = Path(args.tokens).resolve(), Path(args.out).resolve()
     if out == tokens or tokens in out.parents:  # our Parquet files would then be read as token shards
         msg = f"--out {args.out} is inside TOKENS_DIR {args.tokens}; write the embeddings somewhere else"

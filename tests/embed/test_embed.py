@@ -317,6 +317,8 @@ def test_empty_or_unfinished_token_dataset_is_refused(tmp_path, pbmc_path, pbmc_
     man.write_text(man.read_text().replace('"complete"', '"in_progress"'))
     assert _embed(tmp_path / "half", ckpt, tmp_path / "e2") == 2
     assert "--resume" in capsys.readouterr().err and not (tmp_path / "e2").exists()
+    assert _embed(tmp_path / "missing", ckpt, tmp_path / "e3") == 2
+    assert "not a token dataset directory" in capsys.readouterr().err and not (tmp_path / "e3").exists()
 
 
 def test_embed_cli_checks_the_model_vocabulary_before_the_first_part(tmp_path, pbmc_tokens_ckpt, capsys):
