@@ -19,19 +19,22 @@ from .schema import PACKED_DIR
 
 log = logging.getLogger("scfm_fast")
 
-#: optional per-token values (GeneCompass) beside the packed tokens, and the per-cell species column
-VALUES_FILE = "values.npy"
+#: optional packed arrays of GeneCompass datasets: float32 values aligned with tokens.npy, int8 species per
+#: cell (0 human, 1 mouse); the same names are the shards' / tables' columns
+VALUES_FILE, SPECIES_FILE = "values.npy", "species.npy"
 SPECIES_COLUMN = "species"
 IDENTITY = ("cell_index", "file_index")
 
 
 class CellArrays:
-    """Flat tokens + offsets (+ optional per-token values) and where the per-cell metadata lives."""
+    """Flat tokens + offsets (+ optional per-token values and per-cell species) and where the per-cell
+    metadata lives."""
 
     def __init__(self, tokens: np.ndarray, offsets: np.ndarray, cell_index: np.ndarray, file_index: np.ndarray,
-                 *, values: np.ndarray | None = None, table: pa.Table | None = None,
+                 *, values: np.ndarray | None = None, species: np.ndarray | None = None,
+                 table: pa.Table | None = None,
                  directory: Path | None = None) -> None:
-        self.tokens, self.offsets, self.values = tokens, offsets, values
+        self.tokens, self.offsets, self.values, self.species = tokens, offsets, values, species
         self.cell_index, self.file_index = cell_index, file_index
         self.table, self.directory = table, directory
         self._names: list[str] | None = None
@@ -138,10 +141,19 @@ def from_directory(path: Path) -> tuple[CellArrays, dict[str, Any]]:
         msg = (f"{path}: the packed store holds {len(store):,} cells but the Parquet shards {n_rows:,}; "
                "re-tokenize with --overwrite")
         raise StoreError(msg)
-    vpath = path / PACKED_DIR / VALUES_FILE
-    values = np.load(vpath, mmap_mode="r") if vpath.is_file() else None
-    if values is not None and values.shape[0] != store.tokens.shape[0]:
-        msg = f"{vpath}: {values.shape[0]:,} values for {store.tokens.shape[0]:,} tokens; re-tokenize"
-        raise StoreError(msg)
+    values = _optional(store, path, "values", VALUES_FILE, store.tokens.shape[0])
+    species = _optional(store, path, "species", SPECIES_FILE, len(store))
     return CellArrays(store.tokens, store.offsets, np.asarray(store.cell_index, np.int64),
-                      np.asarray(store.file_index, np.int32), values=values, directory=path), man
+                      np.asarray(store.file_index, np.int32), values=values, species=species, directory=path), man
+
+
+def _optional(store: Any, path: Path, attr: str, file: str, n: int) -> np.ndarray | None:
+    """An optional packed array: the token store's own when it loads it, else the file if present."""
+    arr = getattr(store, attr, None)
+    where = path / PACKED_DIR / file
+    if arr is None and where.is_file():
+        arr = np.load(where, mmap_mode="r")
+    if arr is not None and arr.shape[0] != n:
+        msg = f"{where}: {arr.shape[0]:,} entries for {n:,} expected; re-tokenize with --overwrite"
+        raise StoreError(msg)
+    return arr

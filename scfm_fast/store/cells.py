@@ -130,7 +130,9 @@ class CellSource:
 
     @property
     def species(self) -> np.ndarray | None:
-        """Each cell's species when the dataset has a ``species`` column, else ``None``."""
+        """Each cell's species (GeneCompass: 0 human, 1 mouse) when the dataset records it, else ``None``."""
+        if self._base.species is not None:
+            return self._pick(self._base.species)
         return self._values_of(SPECIES_COLUMN)
 
     # ---- tokens ------------------------------------------------------------------------------------

@@ -138,8 +138,11 @@ def test_values_and_species_are_exposed_when_present(tokens, tmp_path):
     assert src.has_values
     lo = int(np.asarray(TokenStore(d).offsets)[5])
     np.testing.assert_array_equal(src.take_values([5])[0], vals[lo:lo + src.lengths[5]])
+    assert src.species is None
+    np.save(d / "__scfm__/packed/species.npy", (np.arange(len(src)) % 2).astype(np.int8))
+    assert open_cells(d).subset([3, 4, 5]).species.tolist() == [1, 0, 1]
     np.save(d / "__scfm__/packed/values.npy", vals[:-1])
-    with pytest.raises(StoreError, match="values for"):
+    with pytest.raises(StoreError, match="entries for"):
         open_cells(d)
     table = pa.table({"input_ids": pa.array([[5, 6], [7]], pa.list_(pa.int32())), "species": ["human", "mouse"],
                       "values": pa.array([[1.5, 2.5], [3.5]], pa.list_(pa.float32()))})
