@@ -236,7 +236,7 @@ class PartitionedRun:
         other merge running, run not already complete)."""
         import fcntl
 
-        lock = self.out / ".merge.lock"
+        lock = self.parts / ".merge.lock"  # beside the parts: OUT keeps only the results
         with open(lock, "a+") as f:
             try:
                 fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
