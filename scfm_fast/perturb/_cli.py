@@ -31,8 +31,8 @@ from .._errors import InputFileError, StoreError, UsageError
 
 log = logging.getLogger(__name__)
 
-_CONFIG_KEYS = ("tokens", "model", "perturb", "genes", "anchor", "combine", "rank_shift", "layer", "pooling",
-                "mode", "dtype", "cells_per_shard", "max_cells", "gene_shifts", "target_embedding",
+_CONFIG_KEYS = ("tokens", "model", "perturb", "genes", "anchor", "combine", "rank_shift", "rank_shift_quartiles",
+                "layer", "pooling", "cell_readout", "state_shift", "mode", "dtype", "cells_per_shard", "max_cells", "gene_shifts", "target_embedding",
                 "special_tokens", "filter", "target_state", "token_dictionary", "gene_name_map",
                 "orthologs")
 
@@ -58,9 +58,21 @@ def register(subparsers: Any) -> None:
                         "perturbed together), or a file with one gene (or A+B) per line")
     p.add_argument("--anchor", help="perturb this gene together with each target (pairs)")
     p.add_argument("--combine", action="store_true", help="perturb the whole --genes list together")
-    p.add_argument("--rank-shift", type=float, default=0.25, help="quantile for inhibit/activate")
+    p.add_argument("--rank-shift", type=float, default=0.25,
+                   help="bin width (fraction of the cell's genes) for inhibit/activate; the gene moves one bin")
+    p.add_argument("--rank-shift-quartiles", type=int, choices=[1, 2, 3],
+                   help="Geneformer's perturb_rank_shift: move inhibit/activate genes by 1, 2 or 3 quartiles")
     p.add_argument("--layer", type=int, default=-2, help="readout layer (default -2: second-to-last)")
-    p.add_argument("--pooling", default="mean", choices=["mean", "cls"])
+    p.add_argument("--emb-layer", type=int, choices=[0, -1],
+                   help="Geneformer's numbering instead of --layer: 0 = last layer, -1 = second-to-last")
+    p.add_argument("--pooling", choices=["mean", "cls"],
+                   help="cell readout rows (default: cls for a V2 dataset whose manifest records <cls>, else mean)")
+    p.add_argument("--cell-readout", default="genes", choices=["genes", "pooled"],
+                   help="with mean pooling, cos_sim = mean of the genes' own cosines (genes, Geneformer's) or the "
+                        "cosine of the mean-pooled embeddings (pooled)")
+    p.add_argument("--state-shift", default="all", choices=["all", "aligned"],
+                   help="target/state shifts compare each cell's mean over all its genes (all, Geneformer today) "
+                        "or over the genes present in both cells (aligned, Geneformer 2023)")
     p.add_argument("--mode", default="exact", choices=MODES, help="'approx' = KV-reuse approximation")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--batch-tokens", type=int, help="tokens per batched forward")
@@ -139,7 +151,8 @@ def _arrow_schema(df_columns: list[str]):
     import pyarrow as pa
 
     types = {"cell_index": pa.int64(), "file_index": pa.int32(), "perturbation": pa.string(), "gene_token": pa.int64(),
-             "gene_tokens": pa.list_(pa.int64()), "ensembl_id": pa.string(), "n_genes": pa.int64(),
+             "gene_tokens": pa.list_(pa.int64()), "ensembl_id": pa.string(), "gene_name": pa.string(),
+             "n_genes": pa.int64(),
              "orig_rank": pa.int64(), "new_rank": pa.int64(), "cos_sim": pa.float64(), "shift": pa.float64(),
              "target_shift": pa.float64(), "gene_shift_tokens": pa.list_(pa.int32()),
              "gene_shift_cos": pa.list_(pa.float32())}
@@ -148,7 +161,7 @@ def _arrow_schema(df_columns: list[str]):
 
 def _columns(args: argparse.Namespace, *, file_index: bool = False) -> list[str]:
     cols = ["cell_index", *(["file_index"] if file_index else []), "perturbation", "gene_token", "gene_tokens",
-            "ensembl_id", "n_genes", "orig_rank", "new_rank", "cos_sim", "shift"]
+            "ensembl_id", "gene_name", "n_genes", "orig_rank", "new_rank", "cos_sim", "shift"]
     if args.target_embedding or args.target_state:
         cols.append("target_shift")
     if args.gene_shifts:
@@ -204,9 +217,34 @@ def _spawn_workers(args: argparse.Namespace) -> int:
     return 0
 
 
+def _die_with_parent() -> None:
+    """Make this worker exit when the parent dies (a killed parent must not leave workers writing shards)."""
+    parent = os.getppid()
+    try:  # Linux: the kernel sends SIGTERM when the parent thread exits
+        import ctypes
+        import signal
+
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        if libc.prctl(1, signal.SIGTERM, 0, 0, 0) == 0:  # PR_SET_PDEATHSIG = 1
+            if os.getppid() != parent:  # the parent died before the call
+                os._exit(1)
+            return
+    except (OSError, AttributeError):
+        pass
+    import threading
+
+    def watch() -> None:  # elsewhere: poll for re-parenting
+        while os.getppid() == parent:
+            time.sleep(1.0)
+        os._exit(1)
+
+    threading.Thread(target=watch, daemon=True).start()
+
+
 def _worker_entry(opts: dict, rank: int, world: int) -> None:
     from .._errors import ScfmError
 
+    _die_with_parent()
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
@@ -227,6 +265,12 @@ def _layout(args: argparse.Namespace) -> tuple[Any, Path, dict[int, Path], dict,
     if not src.exists():
         msg = f"{src}: token dataset directory not found"
         raise InputFileError(msg)
+    from ..store.schema import MANIFEST
+
+    if src.is_dir() and (src / MANIFEST).is_file():
+        from ..store.reader import read_manifest
+
+        read_manifest(src)  # an unfinished dataset is refused: its result would look complete with cells missing
     dset = ds.dataset(str(src), format="parquet")
     if "input_ids" not in dset.schema.names:
         msg = f"{src}: token shards lack an 'input_ids' column (have {dset.schema.names})"
@@ -246,6 +290,9 @@ def _layout(args: argparse.Namespace) -> tuple[Any, Path, dict[int, Path], dict,
     if args.max_cells is not None:
         table = table.slice(0, args.max_cells)
     n_cells = table.num_rows
+    if n_cells == 0 and args.max_cells != 0:
+        msg = f"{src}: the token dataset has no cells{' matching --filter' if args.filter else ''}: nothing to perturb"
+        raise InputFileError(msg)
     n_shards = max(1, math.ceil(n_cells / args.cells_per_shard))
     out = Path(args.out)
     names = {s: out / "shards" / f"part-{s:06d}.parquet" for s in range(n_shards)}
@@ -268,6 +315,19 @@ def _check_options(args: argparse.Namespace) -> None:
     if args.target_embedding and not Path(args.target_embedding).is_file():
         msg = f"{args.target_embedding}: --target-embedding file not found (a .npy of one embedding)"
         raise InputFileError(msg)
+    if args.emb_layer is not None:
+        if args.layer != -2:
+            msg = "give either --layer or --emb-layer (Geneformer's numbering), not both"
+            raise UsageError(msg)
+        from .api import layer_of
+
+        args.layer, args.emb_layer = layer_of(args.layer, args.emb_layer), None
+    if args.pooling is None:  # resolved once, so the manifest records what ran
+        from ._inputs import dataset_special_ids
+        from .api import default_pooling
+
+        special = [int(x) for x in _csv(args.special_tokens)] if args.special_tokens else dataset_special_ids(args.tokens)
+        args.pooling = default_pooling(args.tokens, special or [])
 
 
 def _check_lengths(table: Any, model: Any, src: Path) -> None:
@@ -317,6 +377,8 @@ def _work(args: argparse.Namespace, *, merge: bool = True) -> int:
     man_path = out / "manifest.json"
     if man_path.exists() and not args.overwrite:
         old = json.loads(man_path.read_text())
+        if old.get("status") != "complete" and not any(shard_dir.glob("part-*.parquet")):
+            old = {"config": cfg}  # a run that failed before its first shard holds nothing to protect
         if old.get("config") != cfg:
             diff = {k: (old.get("config", {}).get(k), v) for k, v in cfg.items()
                     if old.get("config", {}).get(k) != v}
@@ -380,8 +442,10 @@ def _work(args: argparse.Namespace, *, merge: bool = True) -> int:
             t0 = time.perf_counter()
             part = table.slice(s * cps, cps)
             df = perturb_cells(_by_position(part), model, perturbation=args.perturb, genes=genes, anchor=args.anchor,
-                               combine=args.combine, rank_shift=args.rank_shift, layer=args.layer,
-                               pooling=args.pooling, mode=args.mode, batch_tokens=args.batch_tokens,
+                               combine=args.combine, rank_shift=args.rank_shift,
+                               rank_shift_quartiles=args.rank_shift_quartiles, layer=args.layer,
+                               pooling=args.pooling, cell_readout=args.cell_readout, state_shift=args.state_shift,
+                               mode=args.mode, batch_tokens=args.batch_tokens,
                                device=device, dtype=args.dtype, special_token_ids=special,
                                token_dictionary=args.token_dictionary, gene_name_map=args.gene_name_map,
                                orthologs=orthologs,

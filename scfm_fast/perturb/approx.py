@@ -123,8 +123,8 @@ class ApproxEngine:
 
     @torch.no_grad()
     def run_block(self, plan: CellPlan, block: VariantBlock, h0: torch.Tensor, *, pooling: str,
-                  gene_shifts: bool, target: torch.Tensor | None,
-                  on_batch: Callable[[int], None] | None = None) -> BlockResult:
+                  gene_shifts: bool, target: torch.Tensor | None, cell_readout: str = "genes",
+                  state_shift: str = "all", on_batch: Callable[[int], None] | None = None) -> BlockResult:
         P, dev = self.P, self.device
         L = len(plan.input_ids)
         ids = torch.as_tensor(plan.input_ids, device=dev)
@@ -152,7 +152,8 @@ class ApproxEngine:
                 with autocast_ctx(dev, self.dtype):
                     h = P.post_attention(i, ctx.to(h.dtype), h)
             parts.append(readout(h0, h.float(), plan, block, slice(b0, b1), pooling=pooling,
-                                 gene_shifts=gene_shifts, target=target))
+                                 gene_shifts=gene_shifts, target=target, cell_readout=cell_readout,
+                                 state_shift=state_shift))
             if on_batch is not None:
                 on_batch(b1 - b0)
         return concat_results(parts)
@@ -178,7 +179,8 @@ def compare_results(exact: np.ndarray, approx: np.ndarray, cell: np.ndarray) -> 
 
 def approx_error_of(df: Any, plans: list[CellPlan], model: Any, *, n_layers: int, device: torch.device,
                     dtype: torch.dtype | None, batch_tokens: int, pooling: str, gene_shifts: bool,
-                    target: torch.Tensor | None) -> dict[str, float]:
+                    target: torch.Tensor | None, cell_readout: str = "genes",
+                    state_shift: str = "all") -> dict[str, float]:
     """Rerun ``plans`` with both engines and compare (used for ``df.attrs["approx_error"]``)."""
     del df, gene_shifts
     ex = ExactEngine(model, n_layers=n_layers, device=device, dtype=dtype, batch_tokens=batch_tokens)
@@ -188,7 +190,8 @@ def approx_error_of(df: Any, plans: list[CellPlan], model: Any, *, n_layers: int
         ids = torch.as_tensor(plan.input_ids, device=device)
         he, ha = ex.unperturbed(ids), ap.unperturbed(ids)
         for block in plan.blocks:
-            kw = dict(pooling=pooling, gene_shifts=False, target=target)
+            kw = dict(pooling=pooling, gene_shifts=False, target=target, cell_readout=cell_readout,
+                      state_shift=state_shift)
             e_all.append(ex.run_block(plan, block, he, **kw).cos_sim)
             a_all.append(ap.run_block(plan, block, ha, **kw).cos_sim)
             cells.append(np.full(block.n_variants, plan.cell_index))

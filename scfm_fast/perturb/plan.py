@@ -14,17 +14,20 @@ perturbed and keep their slots: ``<cls>`` stays first, ``<eos>`` stays last).
     The gene's token is removed; later tokens move up one position (the sequence gets shorter).
 ``overexpress``
     The gene moves to rank 1 (position 0, or position 1 after ``<cls>``); genes ranked above it move down
-    one. Several genes perturbed together go to the front in their original order (as Geneformer's
-    ``overexpress_indices``).
+    one. Several genes perturbed together go to the front in the order they were listed (an anchor
+    first), as Geneformer's ``overexpress_indices``.
 ``activate`` / ``inhibit``
-    Geneformer documents (but has not released) these as quantile moves: with ``rank_shift = q`` the
+    Geneformer documents (but has not released) these as quantile moves: with bin width ``q`` the
     ranking of ``n`` genes is cut into ``ceil(1/q)`` bins of width ``q*n``; a gene in bin ``b`` (0 = top)
-    moves to the middle of bin ``b-1`` (activate) or ``b+1`` (inhibit), i.e. to gene rank
-    ``floor((b'+0.5)*q*n)`` clipped to ``[0, n-1]``; from the top bin ``activate`` moves it to rank 0,
-    from the bottom bin ``inhibit`` moves it to rank ``n-1``. The default ``q = 0.25`` is one quartile,
-    Geneformer's ``perturb_rank_shift=1``. Several genes moved together are placed at their target ranks
-    in order of target rank (ties: original order); all other genes keep their relative order.
+    moves ``steps`` bins up (activate, to bin ``b-steps``) or down (inhibit, ``b+steps``), to the middle
+    of that bin, i.e. to gene rank ``floor((b'+0.5)*q*n)`` clipped to ``[0, n-1]``; past the top bin
+    ``activate`` moves it to rank 0, past the bottom bin ``inhibit`` moves it to rank ``n-1``. The default
+    ``q = 0.25, steps = 1`` is one quartile, Geneformer's ``perturb_rank_shift=1``; its ``2`` and ``3``
+    are ``steps=2, 3``. Several genes moved together are placed at their target ranks in order of
+    target rank (ties: the order they were listed); all other genes keep their relative order.
 
+A move that leaves the cell unchanged (overexpressing the top gene, activating a gene already in the
+top rank, inhibiting the bottom one) is not a perturbation: it is skipped and reported.
 Groups (pairs, or a whole list perturbed together) are applied only to cells that express every member;
 other cells are skipped and reported, as are perturbations of every gene of a cell (nothing is left to
 compare: a delete would empty the cell, a move would be a no-op). Genes absent from a cell are skipped
@@ -96,7 +99,7 @@ class CellPlan:
         return np.flatnonzero(~self.special)
 
 
-def target_rank(rank: int, n_genes: int, perturbation: str, rank_shift: float) -> int:
+def target_rank(rank: int, n_genes: int, perturbation: str, rank_shift: float, steps: int = 1) -> int:
     """Gene rank (0-based, specials excluded) a gene at ``rank`` moves to; see the module docstring."""
     if perturbation == "overexpress":
         return 0
@@ -110,7 +113,10 @@ def target_rank(rank: int, n_genes: int, perturbation: str, rank_shift: float) -
     q = Fraction(float(rank_shift)).limit_denominator(1_000_000)  # float(): numpy scalars too
     n_bins = math.ceil(1 / q)
     b = min(math.floor(rank / (q * n_genes)), n_bins - 1)
-    t = b - 1 if perturbation == "activate" else b + 1
+    if steps < 1:
+        msg = f"steps={steps}: move by at least one bin"
+        raise ValueError(msg)
+    t = b - steps if perturbation == "activate" else b + steps
     if t < 0:
         return 0
     if t >= n_bins:
@@ -121,7 +127,7 @@ def target_rank(rank: int, n_genes: int, perturbation: str, rank_shift: float) -
 def _move_order(n_genes: int, ranks: Sequence[int], targets: Sequence[int]) -> np.ndarray:
     """New gene order (as original gene ranks) after moving ``ranks`` to ``targets``."""
     rest = list(np.delete(np.arange(n_genes), list(ranks)))
-    order = sorted(range(len(ranks)), key=lambda i: (targets[i], ranks[i]))
+    order = sorted(range(len(ranks)), key=lambda i: (targets[i], i))  # ties: listed order
     prev = -1
     for i in order:
         at = min(max(targets[i], prev + 1), len(rest))
@@ -131,7 +137,8 @@ def _move_order(n_genes: int, ranks: Sequence[int], targets: Sequence[int]) -> n
 
 
 def build_variant(
-    special: np.ndarray, positions: Sequence[int], perturbation: str, *, rank_shift: float = 0.25
+    special: np.ndarray, positions: Sequence[int], perturbation: str, *, rank_shift: float = 0.25,
+    steps: int = 1,
 ) -> tuple[np.ndarray, np.ndarray]:
     """``src`` and the new positions of the perturbed genes for one variant.
 
@@ -144,7 +151,9 @@ def build_variant(
     perturbation
         One of :data:`PERTURBATIONS`.
     rank_shift
-        Quantile of the cell's gene count for ``activate`` / ``inhibit``.
+        Bin width (fraction of the cell's gene count) for ``activate`` / ``inhibit``.
+    steps
+        Bins to move by for ``activate`` / ``inhibit``.
     """
     L = special.shape[0]
     pos = np.asarray(positions, dtype=np.int64)
@@ -154,7 +163,7 @@ def build_variant(
     slots = np.flatnonzero(~special)
     n = len(slots)
     ranks = np.searchsorted(slots, pos)
-    targets = [target_rank(int(r), n, perturbation, rank_shift) for r in ranks]
+    targets = [target_rank(int(r), n, perturbation, rank_shift, steps) for r in ranks]
     order = _move_order(n, [int(r) for r in ranks], targets)
     src = np.arange(L, dtype=np.int64)
     src[slots] = slots[order]
@@ -164,8 +173,8 @@ def build_variant(
 
 
 def _block(special: np.ndarray, ids: np.ndarray, groups: list[tuple[int, ...]], perturbation: str,
-           rank_shift: float) -> VariantBlock:
-    if perturbation == "delete" and all(len(g) == 1 for g in groups):
+           variants: list[tuple[np.ndarray, np.ndarray]] | None) -> VariantBlock:
+    if variants is None:
         # vectorised fast path for single-gene delete screens (2,048 variants of 2,047 tokens per cell)
         L = special.shape[0]
         p = np.asarray([g[0] for g in groups], dtype=np.int64)
@@ -174,13 +183,8 @@ def _block(special: np.ndarray, ids: np.ndarray, groups: list[tuple[int, ...]], 
         src = np.nonzero(keep)[1].reshape(len(p), L - 1)
         pert = p[:, None]
         return VariantBlock(src, pert, np.full_like(pert, -1), ids[pert])
-    srcs, news = [], []
-    for g in groups:
-        s, n = build_variant(special, g, perturbation, rank_shift=rank_shift)
-        srcs.append(s)
-        news.append(n)
     pert = np.asarray(groups, dtype=np.int64)
-    return VariantBlock(np.stack(srcs), pert, np.stack(news), ids[pert])
+    return VariantBlock(np.stack([v[0] for v in variants]), pert, np.stack([v[1] for v in variants]), ids[pert])
 
 
 GeneSpec = str | int | Sequence[int | str]
@@ -195,6 +199,7 @@ def plan_cell(
     special_token_ids: Iterable[int],
     anchor: int | None = None,
     rank_shift: float = 0.25,
+    steps: int = 1,
 ) -> CellPlan:
     """Plan the variants of one cell.
 
@@ -213,8 +218,8 @@ def plan_cell(
         Token ids that are never perturbed nor pooled.
     anchor
         With ``groups=None``: perturb this token together with each other gene of the cell (pairs).
-    rank_shift
-        Quantile for ``activate`` / ``inhibit``.
+    rank_shift, steps
+        Bin width and number of bins moved for ``activate`` / ``inhibit`` (see the module docstring).
     """
     if perturbation not in PERTURBATIONS:
         msg = f"perturbation={perturbation!r}; choose one of {PERTURBATIONS}"
@@ -236,7 +241,7 @@ def plan_cell(
             pos_groups = []
         else:
             a = first[anchor]
-            pos_groups = [tuple(sorted((a, int(p)))) for p in gene_pos if p != a]
+            pos_groups = [(a, int(p)) for p in gene_pos if p != a]  # anchor first (overexpress order)
     else:
         pos_groups = []
         special_set = {int(t) for t in ids[special]} | {int(t) for t in special_token_ids}
@@ -263,5 +268,24 @@ def plan_cell(
             plan.skipped.extend({"cell_index": plan.cell_index, "gene_tokens": [int(ids[p]) for p in g],
                                  "reason": reason} for g in gs)
             continue
-        plan.blocks.append(_block(special, ids, gs, perturbation, rank_shift))
+        if perturbation == "delete":
+            if all(len(g) == 1 for g in gs):
+                plan.blocks.append(_block(special, ids, gs, perturbation, None))
+                continue
+            variants = [build_variant(special, g, perturbation) for g in gs]
+        else:
+            variants, moved = [], []
+            for g in gs:
+                src, new = build_variant(special, g, perturbation, rank_shift=rank_shift, steps=steps)
+                if np.array_equal(src, np.arange(len(src))):
+                    # e.g. overexpressing the top gene: not a perturbation (a zero shift would enter the stats)
+                    plan.skipped.append({"cell_index": plan.cell_index, "gene_tokens": [int(ids[p]) for p in g],
+                                         "reason": "no-op: already at its destination"})
+                    continue
+                variants.append((src, new))
+                moved.append(g)
+            gs = moved
+            if not gs:
+                continue
+        plan.blocks.append(_block(special, ids, gs, perturbation, variants))
     return plan
