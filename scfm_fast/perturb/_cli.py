@@ -33,7 +33,8 @@ log = logging.getLogger(__name__)
 
 _CONFIG_KEYS = ("tokens", "model", "perturb", "genes", "anchor", "combine", "rank_shift", "rank_shift_quartiles",
                 "layer", "pooling", "cell_readout", "state_shift", "mode", "dtype", "cells_per_shard", "max_cells", "gene_shifts", "target_embedding",
-                "special_tokens", "filter", "target_state", "token_dictionary", "gene_name_map",
+                "special_tokens", "filter", "target_state", "cell_states", "state_aggregate", "max_state_cells",
+                "state_seed", "token_dictionary", "gene_name_map",
                 "orthologs")
 
 
@@ -85,6 +86,14 @@ def register(subparsers: Any) -> None:
                    help="target state = mean embedding of the cells of TOKENS_DIR with this metadata (e.g. "
                         "disease=nf), same model/layer/pooling; saved as OUT/target_embedding.npy; adds "
                         "target_shift")
+    p.add_argument("--cell-states", metavar="JSON|FILE",
+                   help='Geneformer\'s cell_states_to_model, inline JSON or a .json file: {"state_key": "disease", '
+                        '"start_state": "dcm", "goal_state": "nf", "alt_states": ["hcm"]}; perturbs the start-state '
+                        "cells and adds one shift_<state> column per goal/alt state")
+    p.add_argument("--state-aggregate", default="mean", choices=["mean", "median"],
+                   help="state embedding = mean (default) or median of its cells' embeddings")
+    p.add_argument("--max-state-cells", type=int, default=1000, help="cells per state embedding (seeded sample)")
+    p.add_argument("--state-seed", type=int, default=0, help="seed of the state cells' sample")
     p.add_argument("--filter", metavar="COLUMN=VALUE[,VALUE]",
                    help="perturb only the cells with this metadata (e.g. disease=dcm; several joined by ';'); "
                         "cell_index keeps their positions in TOKENS_DIR")
@@ -156,7 +165,8 @@ def _arrow_schema(df_columns: list[str]):
              "orig_rank": pa.int64(), "new_rank": pa.int64(), "cos_sim": pa.float64(), "shift": pa.float64(),
              "target_shift": pa.float64(), "gene_shift_tokens": pa.list_(pa.int32()),
              "gene_shift_cos": pa.list_(pa.float32())}
-    return pa.schema([pa.field(c, types[c]) for c in df_columns])
+    return pa.schema([pa.field(c, types.get(c, pa.float64() if c.startswith("shift_") else None))
+                      for c in df_columns])
 
 
 def _columns(args: argparse.Namespace, *, file_index: bool = False) -> list[str]:
@@ -164,9 +174,20 @@ def _columns(args: argparse.Namespace, *, file_index: bool = False) -> list[str]
             "ensembl_id", "gene_name", "n_genes", "orig_rank", "new_rank", "cos_sim", "shift"]
     if args.target_embedding or args.target_state:
         cols.append("target_shift")
+    cols += _state_columns(args)
     if args.gene_shifts:
         cols += ["gene_shift_tokens", "gene_shift_cos"]
     return cols
+
+
+def _state_columns(args: argparse.Namespace) -> list[str]:
+    cs = getattr(args, "cell_states", None)
+    if not cs:
+        return []
+    from .states import parse_cell_states
+
+    d = parse_cell_states(cs) if isinstance(cs, str) else cs
+    return [f"shift_{s}" for s in (d["goal_state"], *d["alt_states"])]
 
 
 def _write_shard(df: Any, path: Path, cols: list[str]) -> None:
@@ -275,7 +296,9 @@ def _layout(args: argparse.Namespace) -> tuple[Any, Path, dict[int, Path], dict,
     if "input_ids" not in dset.schema.names:
         msg = f"{src}: token shards lack an 'input_ids' column (have {dset.schema.names})"
         raise InputFileError(msg)
-    if args.filter:
+    if args.cell_states:
+        table = select_cells(src, {args.cell_states["state_key"]: [args.cell_states["start_state"]]})
+    elif args.filter:
         table = select_cells(src, parse_where(args.filter))
     else:
         cols = [c for c in ("input_ids", "cell_index", "file_index") if c in dset.schema.names]
@@ -308,6 +331,19 @@ def _check_options(args: argparse.Namespace) -> None:
     if args.target_embedding and args.target_state:
         msg = "give either --target-embedding or --target-state, not both"
         raise UsageError(msg)
+    if args.cell_states:
+        from .states import parse_cell_states
+
+        given = [f for f, v in (("--filter", args.filter), ("--target-state", args.target_state),
+                                ("--target-embedding", args.target_embedding)) if v]
+        if given:
+            msg = f"--cell-states chooses the cells and the states itself: drop {', '.join(given)}"
+            raise UsageError(msg)
+        if args.max_state_cells < 1:
+            msg = f"--max-state-cells {args.max_state_cells}: must be at least 1"
+            raise UsageError(msg)
+        if isinstance(args.cell_states, str):  # parsed once: the manifest records the states, not a file name
+            args.cell_states = parse_cell_states(args.cell_states)
     from .._devices import parse_device
 
     for d in args.devices:
@@ -395,7 +431,8 @@ def _work(args: argparse.Namespace, *, merge: bool = True) -> int:
             names[s].with_suffix(".json").unlink(missing_ok=True)
         done = []
         if rank == 0:
-            for f in ("perturbations.parquet", "gene_stats.parquet", "gene_stats.png", "target_embedding.npy"):
+            for f in ("perturbations.parquet", "gene_stats.parquet", "gene_stats.png", "target_embedding.npy",
+                      "state_embeddings.npz", *(f"gene_stats_{c}.parquet" for c in _state_columns(args))):
                 (out / f).unlink(missing_ok=True)
             # shards of an older layout (another --cells-per-shard) are never written by this run
             current = {p.name for p in names.values()} | {p.with_suffix(".json").name for p in names.values()}
@@ -435,6 +472,9 @@ def _work(args: argparse.Namespace, *, merge: bool = True) -> int:
                     np.save(f, target)
                 os.replace(tmp, out / "target_embedding.npy")
                 log.info("target state %s: mean embedding of %d cells", args.target_state, n_state)
+        state_names = None
+        if args.cell_states:
+            target, state_names = _state_targets(args, src, model, special, device, out, rank)
         genes = parse_genes(args.genes)
         bar = progress(total=sum(min(cps, n_cells - s * cps) for s in todo), desc=f"perturb rank {rank}",
                        unit="cells", enabled=True)
@@ -449,7 +489,8 @@ def _work(args: argparse.Namespace, *, merge: bool = True) -> int:
                                device=device, dtype=args.dtype, special_token_ids=special,
                                token_dictionary=args.token_dictionary, gene_name_map=args.gene_name_map,
                                orthologs=orthologs,
-                               gene_shifts=args.gene_shifts, target_embedding=target, progress_bar=False)
+                               gene_shifts=args.gene_shifts, target_embedding=target, target_names=state_names,
+                               progress_bar=False)
             skipped = _from_positions(df, part)
             meta = {"shard": s, "n_cells": part.num_rows, "n_rows": len(df), "seconds": time.perf_counter() - t0,
                     "skipped": skipped, "approx_error": df.attrs.get("approx_error")}
@@ -461,6 +502,34 @@ def _work(args: argparse.Namespace, *, merge: bool = True) -> int:
         return 0
     _merge(out, names, cols, args, cfg, n_shards, world)
     return 0
+
+
+def _state_targets(args: argparse.Namespace, src: Path, model: Any, special: Any, device: Any, out: Path,
+                   rank: int) -> tuple[Any, list[str]]:
+    """Goal and alt state embeddings ``(S, H)`` and their column names; rank 0 saves them."""
+    import numpy as np
+
+    from .states import state_embedding
+
+    cs = args.cell_states
+    states = [cs["goal_state"], *cs["alt_states"]]
+    embs, counts = [], []
+    for st in states:
+        # every rank computes them (deterministic, and cheap next to the screen)
+        e, n = state_embedding(src, model, where={cs["state_key"]: [st]}, layer=args.layer, pooling=args.pooling,
+                               special_token_ids=special, token_dictionary=args.token_dictionary,
+                               batch_tokens=args.batch_tokens, device=device, dtype=args.dtype,
+                               progress_bar=rank == 0, max_cells=args.max_state_cells, seed=args.state_seed,
+                               aggregate=args.state_aggregate)
+        embs.append(e)
+        counts.append(n)
+    if rank == 0:
+        tmp = out / ".state_embeddings.npz.tmp"
+        with open(tmp, "wb") as f:
+            np.savez(f, embeddings=np.stack(embs), states=np.asarray(states), n_cells=np.asarray(counts))
+        os.replace(tmp, out / "state_embeddings.npz")
+        log.info("cell states %s: %s embeddings of %s cells", states, args.state_aggregate, counts)
+    return np.stack(embs), [f"shift_{s}" for s in states]
 
 
 def _by_position(part: Any) -> Any:
@@ -539,13 +608,25 @@ def _merge(out: Path, names: dict[int, Path], cols: list[str], args: argparse.Na
                                    "spearman_min": min(rhos) if rhos else None,
                                    "n_variants_checked": sum(e["n_variants"] for e in errs)}
     if not args.no_stats and n_rows:
-        df = pq.read_table(merged, columns=[c for c in ("gene_token", "ensembl_id", "shift", "target_shift")
-                                            if c in cols]).to_pandas()
+        state_cols = _state_columns(args)
+        df = pq.read_table(merged, columns=[c for c in ("gene_token", "ensembl_id", "shift", "target_shift",
+                                                         *state_cols) if c in cols]).to_pandas()
         if (df["gene_token"] < 0).any():  # groups are keyed by their members (only then: a list per row)
             df["gene_tokens"] = pq.read_table(merged, columns=["gene_tokens"]).column(0).to_pylist()
-        st = gene_stats(df)
-        st.to_parquet(out / "gene_stats.parquet", index=False)
-        plot_gene_stats(st, out / "gene_stats.png")
+        if state_cols:
+            # Geneformer's goal-state test: each gene's shifts toward a state vs all perturbations pooled
+            # (rank-sum), BH FDR per state; gene_stats.parquet = the goal state
+            for i, c in enumerate(state_cols):
+                st_c = gene_stats(df, value=c)
+                st_c.to_parquet(out / ("gene_stats.parquet" if i == 0 else f"gene_stats_{c}.parquet"), index=False)
+                summary.setdefault("state_stats", {})[c] = summarize(st_c)
+                if i == 0:
+                    st = st_c
+                    plot_gene_stats(st, out / "gene_stats.png", value=c)
+        else:
+            st = gene_stats(df)
+            plot_gene_stats(st, out / "gene_stats.png")
+            st.to_parquet(out / "gene_stats.parquet", index=False)
         summary["stats"] = summarize(st)
     _write_json(out / "manifest.json", {"format": "scfm_fast.perturb/1", "config": cfg, "n_shards": n_shards,
                                         "world_size": world, "status": "complete", "summary": summary})
