@@ -117,6 +117,9 @@ def parse_genes(spec: str) -> Any:
     if spec == "all":
         return "all"
     p = Path(spec)
+    if not p.is_file() and ("/" in spec or p.suffix.lower() in (".txt", ".csv", ".tsv", ".list")):
+        msg = f"{spec}: --genes file not found (give 'all', a comma-separated list or a file with one gene per line)"
+        raise InputFileError(msg)
     items = [ln.strip() for ln in p.read_text().splitlines()] if p.is_file() else _csv(spec)
     items = [i for i in items if i and not i.startswith("#")]
     return [tuple(i.split("+")) if "+" in i else i for i in items]
