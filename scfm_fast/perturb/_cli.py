@@ -31,7 +31,7 @@ from .._errors import InputFileError, StoreError, UsageError
 
 log = logging.getLogger(__name__)
 
-_CONFIG_KEYS = ("tokens", "model", "perturb", "genes", "anchor", "combine", "rank_shift", "rank_shift_quartiles",
+_CONFIG_KEYS = ("tokens", "model", "perturb", "genes", "anchor", "combine", "rank_shift", "rank_shift_quartiles", "skip_absent",
                 "layer", "pooling", "cell_readout", "state_shift", "mode", "dtype", "cells_per_shard", "max_cells", "gene_shifts", "target_embedding",
                 "special_tokens", "filter", "target_state", "cell_states", "state_aggregate", "max_state_cells",
                 "state_seed", "token_dictionary", "gene_name_map",
@@ -59,6 +59,8 @@ def register(subparsers: Any) -> None:
                         "perturbed together), or a file with one gene (or A+B) per line")
     p.add_argument("--anchor", help="perturb this gene together with each target (pairs)")
     p.add_argument("--combine", action="store_true", help="perturb the whole --genes list together")
+    p.add_argument("--skip-absent", action="store_true",
+                   help="overexpress: skip genes a cell lacks instead of inserting them at the front")
     p.add_argument("--rank-shift", type=float, default=0.25,
                    help="bin width (fraction of the cell's genes) for inhibit/activate; the gene moves one bin")
     p.add_argument("--rank-shift-quartiles", type=int, choices=[1, 2, 3],
@@ -488,7 +490,7 @@ def _work(args: argparse.Namespace, *, merge: bool = True) -> int:
                                combine=args.combine, rank_shift=args.rank_shift,
                                rank_shift_quartiles=args.rank_shift_quartiles, layer=args.layer,
                                pooling=args.pooling, cell_readout=args.cell_readout, state_shift=args.state_shift,
-                               mode=args.mode, batch_tokens=args.batch_tokens,
+                               skip_absent=args.skip_absent, mode=args.mode, batch_tokens=args.batch_tokens,
                                device=device, dtype=args.dtype, special_token_ids=special,
                                token_dictionary=args.token_dictionary, gene_name_map=args.gene_name_map,
                                orthologs=orthologs,

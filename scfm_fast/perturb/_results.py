@@ -18,7 +18,8 @@ Columns
 ``n_genes`` (int64)
     Gene tokens of the unperturbed cell (special tokens excluded).
 ``orig_rank`` / ``new_rank`` (int64)
-    0-based gene rank of ``gene_token`` (or the first member) before / after (``-1`` after a delete).
+    0-based gene rank of ``gene_token`` (or the first member) before / after (``-1`` after a delete;
+    ``orig_rank`` ``-1`` for a gene the cell lacked, inserted by ``overexpress``).
 ``cos_sim`` (float64)
     Perturbed vs unperturbed cell (see :func:`scfm_fast.perturb.exact.readout`): with mean pooling the
     mean of the aligned genes' own cosines (Geneformer's; ``cell_readout="pooled"``: the cosine of the
@@ -79,7 +80,9 @@ class ResultBuilder:
         else:
             which = np.zeros(V, dtype=np.int64)
             gene_token = np.full(V, -1, dtype=np.int64)
-        orig = np.searchsorted(gene_slots, block.perturbed[np.arange(V), which])
+        pos = block.perturbed[np.arange(V), which]
+        # an inserted gene (source position past the cell) had no rank
+        orig = np.where(pos < len(plan.input_ids), np.searchsorted(gene_slots, pos), -1)
         newp = block.new_pos[np.arange(V), which]
         if self.perturbation == "delete":
             new_rank = np.full(V, -1, dtype=np.int64)

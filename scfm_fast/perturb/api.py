@@ -75,6 +75,7 @@ def run_engine(
     target_embedding: Any = None,
     target_names: Iterable[str] | None = None,
     state_shift: str = "all",
+    skip_absent: bool = False,
     progress_bar: bool = True,
     forward_layer: int | None = None,
     approx_check_cells: int = 1,
@@ -190,7 +191,8 @@ def run_engine(
     def plans():
         for ci, ids in cells:
             yield plan_cell(ids, ci, perturbation=perturbation, groups=groups, special_token_ids=special,
-                            anchor=anchor_tok, rank_shift=rank_shift, steps=steps)
+                            anchor=anchor_tok, rank_shift=rank_shift, steps=steps,
+                            insert_absent=not skip_absent, max_len=max_pos)
 
     opts = dict(pooling=pooling, gene_shifts=gene_shifts, target=target, cell_readout=cell_readout,
                 state_shift=state_shift)
@@ -275,6 +277,7 @@ def perturb_cells(
     target_embedding: Any = None,
     target_names: Iterable[str] | None = None,
     state_shift: str = "all",
+    skip_absent: bool = False,
     approx_check_cells: int = 1,
     progress_bar: bool = True,
 ) -> pd.DataFrame:
@@ -349,6 +352,9 @@ def perturb_cells(
         Cell embedding compared with the states under mean pooling: ``"all"`` (default, Geneformer today)
         = the mean over all of each cell's genes, ``"aligned"`` (Geneformer's 2023 code) = the mean over
         the genes present in both cells.
+    skip_absent
+        ``overexpress``: skip genes a cell lacks instead of inserting them at the front (Geneformer's;
+        the cell is cut to the model's input size from its end, keeping ``<eos>``).
     approx_check_cells
         With ``mode="approx"``: rerun this many cells exactly to measure the approximation error.
     progress_bar
@@ -366,4 +372,4 @@ def perturb_cells(
                       special_token_ids=special_token_ids, token_dictionary=token_dictionary,
                       gene_name_map=gene_name_map, orthologs=orthologs, gene_shifts=gene_shifts,
                       target_embedding=target_embedding, target_names=target_names, state_shift=state_shift,
-                      progress_bar=progress_bar, approx_check_cells=approx_check_cells)
+                      skip_absent=skip_absent, progress_bar=progress_bar, approx_check_cells=approx_check_cells)

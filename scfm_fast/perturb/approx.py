@@ -55,6 +55,8 @@ class ApproxEngine:
         self.dtype = dtype
         self.batch_tokens = batch_tokens
         self.cache: list[dict[str, torch.Tensor]] = []
+        self.model = model
+        self._exact: ExactEngine | None = None
 
     @torch.no_grad()
     def unperturbed(self, ids: torch.Tensor) -> torch.Tensor:
@@ -132,6 +134,14 @@ class ApproxEngine:
                   gene_shifts: bool, target: torch.Tensor | None, cell_readout: str = "genes",
                   state_shift: str = "all", on_batch: Callable[[int], None] | None = None) -> BlockResult:
         P, dev = self.P, self.device
+        opts = dict(pooling=pooling, gene_shifts=gene_shifts, target=target, cell_readout=cell_readout,
+                    state_shift=state_shift, on_batch=on_batch)
+        if len(block.inserted):
+            # an inserted gene has no cached K/V to update: these variants run exactly (the same h0)
+            if self._exact is None:
+                self._exact = ExactEngine(self.model, n_layers=self.n_layers, device=dev, dtype=self.dtype,
+                                          batch_tokens=self.batch_tokens)
+            return self._exact.run_block(plan, block, h0, **opts)
         L = len(plan.input_ids)
         ids = torch.as_tensor(plan.input_ids, device=dev)
         flat, offs, xs, xo = embedding_index(block.src, L)

@@ -31,8 +31,11 @@ top rank, inhibiting the bottom one) is not a perturbation: it is skipped and re
 Groups (pairs, or a whole list perturbed together) are applied only to cells that express every member;
 other cells are skipped and reported, as are perturbations of every gene of a cell (nothing is left to
 compare: a delete would empty the cell, a move would be a no-op). Genes absent from a cell are skipped
-and reported, never an error. Inserting a gene the cell does not express (Geneformer's overexpression
-of absent genes) is not planned.
+and reported, never an error, except for ``overexpress`` with ``insert_absent=True`` (Geneformer's):
+a gene the cell lacks is *inserted* at the front (after ``<cls>``, in the listed order with the group's
+present members) and the cell is cut to the model's ``max_len`` from its end, keeping ``<eos>``. Its
+source positions are ``L + j`` (``j``: index into the block's ``inserted`` tokens); original genes cut
+by the overflow are absent from ``src``, so the readouts leave them out of the original cell too.
 """
 
 from __future__ import annotations
@@ -61,12 +64,15 @@ class VariantBlock:
         ``(V, m)`` int64: their positions in the variant (``-1`` when deleted).
     tokens
         ``(V, m)`` int64: their token ids.
+    inserted
+        ``(k,)`` int64: tokens of genes inserted by these variants (source positions ``L..L+k-1``).
     """
 
     src: np.ndarray
     perturbed: np.ndarray
     new_pos: np.ndarray
     tokens: np.ndarray
+    inserted: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
 
     @property
     def n_variants(self) -> int:
@@ -77,7 +83,8 @@ class VariantBlock:
         return int(self.src.shape[1])
 
     def take(self, rows: slice | np.ndarray) -> VariantBlock:
-        return VariantBlock(self.src[rows], self.perturbed[rows], self.new_pos[rows], self.tokens[rows])
+        return VariantBlock(self.src[rows], self.perturbed[rows], self.new_pos[rows], self.tokens[rows],
+                            self.inserted)
 
 
 @dataclass
@@ -172,6 +179,26 @@ def build_variant(
     return src, inv[pos]
 
 
+def build_insertion(special: np.ndarray, members: Sequence[int], max_len: int) -> tuple[np.ndarray, np.ndarray]:
+    """``src`` and new positions for overexpressing ``members`` (source positions; ``>= L``: inserted).
+
+    All members go to the front (after a leading special token) in the listed order; the other genes
+    follow in their order; the sequence is cut to ``max_len`` by dropping genes from the end, before
+    any trailing special token.
+    """
+    L = special.shape[0]
+    mem = [int(m) for m in members]
+    spec = np.flatnonzero(special)
+    head = [0] if L and special[0] else []
+    tail = [int(p) for p in spec if p not in head]
+    body = mem + [int(p) for p in np.flatnonzero(~special) if p not in set(mem)]
+    over = len(head) + len(body) + len(tail) - max_len
+    if over > 0:
+        body = body[:len(body) - over]
+    src = np.asarray(head + body + tail, dtype=np.int64)
+    return src, np.asarray([len(head) + i for i in range(len(mem))], dtype=np.int64)
+
+
 def _block(special: np.ndarray, ids: np.ndarray, groups: list[tuple[int, ...]], perturbation: str,
            variants: list[tuple[np.ndarray, np.ndarray]] | None) -> VariantBlock:
     if variants is None:
@@ -200,6 +227,8 @@ def plan_cell(
     anchor: int | None = None,
     rank_shift: float = 0.25,
     steps: int = 1,
+    insert_absent: bool = False,
+    max_len: int | None = None,
 ) -> CellPlan:
     """Plan the variants of one cell.
 
@@ -220,7 +249,12 @@ def plan_cell(
         With ``groups=None``: perturb this token together with each other gene of the cell (pairs).
     rank_shift, steps
         Bin width and number of bins moved for ``activate`` / ``inhibit`` (see the module docstring).
+    insert_absent, max_len
+        ``overexpress``: insert genes the cell lacks at the front, cutting the cell to ``max_len`` tokens
+        (the model's input size); otherwise such targets are skipped.
     """
+    if insert_absent and perturbation != "overexpress":
+        insert_absent = False
     if perturbation not in PERTURBATIONS:
         msg = f"perturbation={perturbation!r}; choose one of {PERTURBATIONS}"
         raise ValueError(msg)
@@ -244,6 +278,7 @@ def plan_cell(
             pos_groups = [(a, int(p)) for p in gene_pos if p != a]  # anchor first (overexpress order)
     else:
         pos_groups = []
+        inserts: list[tuple[int, ...]] = []
         special_set = {int(t) for t in ids[special]} | {int(t) for t in special_token_ids}
         for g in groups:
             if any(int(t) in special_set for t in g):
@@ -251,6 +286,9 @@ def plan_cell(
                                      "reason": "special tokens are never perturbed"})
                 continue
             missing = [t for t in g if t not in first]
+            if missing and insert_absent:
+                inserts.append(tuple(int(t) for t in g))
+                continue
             if missing:
                 plan.skipped.append({"cell_index": plan.cell_index, "gene_tokens": [int(t) for t in g],
                                      "reason": "gene not expressed in cell" if len(g) == 1
@@ -288,4 +326,22 @@ def plan_cell(
             if not gs:
                 continue
         plan.blocks.append(_block(special, ids, gs, perturbation, variants))
+    if groups is not None and inserts:
+        _plan_insertions(plan, inserts, first, max_len if max_len is not None else len(ids) + max(map(len, inserts)))
     return plan
+
+
+def _plan_insertions(plan: CellPlan, groups: list[tuple[int, ...]], first: dict[int, int], max_len: int) -> None:
+    """Blocks (one per group size and length) of overexpressions that insert absent genes."""
+    L = len(plan.input_ids)
+    inserted: dict[int, int] = {}
+    by_shape: dict[tuple[int, int], list] = {}
+    for g in groups:
+        members = [first[t] if t in first else L + inserted.setdefault(t, len(inserted)) for t in g]
+        src, new = build_insertion(plan.special, members, max_len)
+        by_shape.setdefault((len(g), len(src)), []).append((src, new, members, g))
+    ins = np.asarray(list(inserted), dtype=np.int64)
+    for _, vs in sorted(by_shape.items()):
+        plan.blocks.append(VariantBlock(np.stack([v[0] for v in vs]), np.asarray([v[2] for v in vs], dtype=np.int64),
+                                        np.stack([v[1] for v in vs]), np.asarray([v[3] for v in vs], dtype=np.int64),
+                                        ins))

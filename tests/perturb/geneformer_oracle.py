@@ -57,8 +57,10 @@ def quartile_target(rank: int, n: int, kind: str, quartiles: int) -> int:
     return min((2 * t + 1) * n // 8, n - 1)
 
 
-def perturbed(ids: list[int], kind: str, genes: list[int], special: set[int], *, quartiles: int = 1) -> list[int]:
-    """The perturbed token sequence (``genes`` = tokens perturbed together, in the user's order)."""
+def perturbed(ids: list[int], kind: str, genes: list[int], special: set[int], *, quartiles: int = 1,
+              max_len: int = 2048) -> list[int]:
+    """The perturbed token sequence (``genes`` = tokens perturbed together, in the user's order; an
+    overexpressed gene the cell lacks is inserted, and the cell cut to ``max_len`` keeping ``<eos>``)."""
     head = [t for t in ids[:1] if t in special]  # <cls> stays first
     tail = [t for t in ids[-1:] if t in special and len(ids) > 1]  # <eos> stays last
     body = [t for t in ids if t not in special]
@@ -72,7 +74,7 @@ def perturbed(ids: list[int], kind: str, genes: list[int], special: set[int], *,
         rest = [t for t in body if t != g]
         rest.insert(quartile_target(r, len(body), kind, quartiles), g)
         body = rest
-    return head + body + tail
+    return head + body[:max_len - len(head) - len(tail)] + tail
 
 
 def _cos(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -97,7 +99,9 @@ def readouts(model, ids: list[int], new: list[int], genes: list[int], special: s
            "pooled_cos": _cos(h0[[row0[t] for t in both]].mean(0), h1[[row1[t] for t in both]].mean(0)),
            "cls_cos": _cos(h0[0], h1[0])}
     if states is not None:
-        e0, e1 = h0[list(row0.values())].mean(0), h1[list(row1.values())].mean(0)
+        # the original trimmed by the same overflow as the perturbed cell (genes cut from its end)
+        kept = [i for t, i in row0.items() if t in row1 or t in genes]
+        e0, e1 = h0[kept].mean(0), h1[list(row1.values())].mean(0)
         out["state_shift"] = [_cos(e1, torch.as_tensor(s)) - _cos(e0, torch.as_tensor(s)) for s in states]
     return out
 

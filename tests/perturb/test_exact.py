@@ -80,12 +80,40 @@ def test_gene_lists_pairs_and_absent_genes(model):
     absent = int(next(t for t in range(4, 200) if all(t not in c for c in cells)))
     genes = [present[0], (present[1], present[2]), absent, int(cells[0][2])]
     for perturbation in ("delete", "overexpress", "activate"):
-        ex, ref = _both(cells, model, perturbation=perturbation, genes=genes, gene_shifts=True)
+        ex, ref = _both(cells, model, perturbation=perturbation, genes=genes, gene_shifts=True, skip_absent=True)
         _assert_same(ex, ref)
         assert (ex["gene_token"] == -1).sum() == 1  # the pair
         reasons = {tuple(s["gene_tokens"]): s["reason"] for s in ex.attrs["skipped"]}
         assert (absent,) in reasons
         assert int(ex["cell_index"].nunique()) <= 3
+
+
+@pytest.mark.parametrize("v2", [False, True], ids=["v1", "v2"])
+@pytest.mark.parametrize("cell_readout", ["genes", "pooled"])
+def test_overexpress_inserts_absent_genes(model, v2, cell_readout):
+    # a cell at the model's 64 positions (the insertion cuts its last genes) and shorter ones
+    cells = make_cells([62 if v2 else 64, 10, 5], v2=v2, seed=4)
+    absent = [t for t in range(4, 200) if all(t not in c for c in cells)][:3]
+    present = int(cells[1][3 if v2 else 2])
+    genes = [absent[0], (absent[1], absent[2]), (present, absent[0]), present]
+    ex, ref = _both(cells, model, perturbation="overexpress", genes=genes, gene_shifts=True, pooling="mean",
+                    cell_readout=cell_readout, target_embedding=np.linspace(-1, 1, 48), batch_tokens=80)
+    _assert_same(ex, ref)
+    assert len(ex) == 4 * 3 and not ex.attrs["skipped"]  # every group in every cell (absent -> inserted)
+    first = ex[ex["cell_index"] == 0]
+    # the full cell keeps its length: as many of its last genes cut as were inserted (never <eos>), so
+    # (moved members + inserted-and-cut) = len(group) of its genes leave the comparison
+    n_full = len(cells[0]) - (2 if v2 else 0)
+    assert (first["gene_shift_tokens"].map(len) == n_full - first["gene_tokens"].map(len)).all()
+    cut = set(int(t) for t in cells[0][-(3 if v2 else 2):][:2])  # its last two genes
+    two = first["gene_tokens"].map(lambda g: [int(t) for t in g] == absent[1:3])
+    (kept,) = first["gene_shift_tokens"][two]
+    assert cut.isdisjoint(int(t) for t in kept)
+    for mode in ("approx",):  # inserted genes have no cached K/V: those variants run exactly
+        ap = perturb_cells(cells, model, perturbation="overexpress", genes=genes, special_token_ids=SPECIAL,
+                           pooling="mean", cell_readout=cell_readout, mode=mode, approx_check_cells=0)
+        ins = ap["gene_tokens"].map(lambda g: any(int(t) in absent for t in g)).to_numpy()
+        np.testing.assert_allclose(ap["cos_sim"][ins], ex["cos_sim"][ins], rtol=0, atol=1e-5)
 
 
 def test_anchor_pairs_and_combined_list(model):

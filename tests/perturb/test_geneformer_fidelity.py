@@ -65,9 +65,10 @@ def _oracle_rows(hf_model, cells, kind, groups, special, **kw):
     out = {}
     for ci, ids in enumerate(cells):
         for g in groups if groups is not None else [(t,) for t in ids if t not in special]:
-            if not all(t in ids for t in g):
+            if not all(t in ids for t in g) and kind != "overexpress":
                 continue
-            new = gf.perturbed(ids, kind, list(g), special, quartiles=kw.get("quartiles", 1))
+            new = gf.perturbed(ids, kind, list(g), special, quartiles=kw.get("quartiles", 1),
+                               max_len=kw.get("max_len", 2048))
             out[(ci, tuple(g))] = None if new == ids else gf.readouts(
                 hf_model, ids, new, list(g), special, layer=kw.get("layer", -2), states=kw.get("states"))
     return out
@@ -132,8 +133,11 @@ def test_overexpress_genes_and_groups_in_list_order(hf_model, encoder, cells, mo
     from scfm_fast.perturb import perturb_cells, perturb_cells_reference
 
     c0 = cells[0]
-    # the top gene (a no-op, skipped), single genes, and a group listed against its rank order
-    groups = [(c0[0],), (c0[5],), (c0[17],), (c0[9], c0[2]), (c0[20], c0[3], c0[11])]
+    absent = [t for t in cells[1] if t not in c0]
+    # the top gene (a no-op, skipped), single genes, groups listed against their rank order, and genes
+    # the cell lacks (inserted at the front; alone, and in a group with present genes)
+    groups = [(c0[0],), (c0[5],), (c0[17],), (c0[9], c0[2]), (c0[20], c0[3], c0[11]), (absent[0],),
+              (c0[7], absent[1])]
     kw = dict(perturbation="overexpress", genes=groups, gene_shifts=True, progress_bar=False)
     if mode == "reference":
         df = perturb_cells_reference(cells, encoder, **kw)
@@ -180,6 +184,41 @@ def test_cell_state_shifts(hf_model, encoder, cells):
         want = oracle[(int(c), tuple(int(t) for t in g))]["state_shift"]
         np.testing.assert_allclose(df[["shift_goal", "shift_alt"]].iloc[i], want, rtol=0, atol=ATOL)
     assert df["shift_goal"].abs().max() > 1e-4
+
+
+def test_inserted_genes_cut_the_cell_to_the_model_input(cells):
+    """V2 layout at the model's input size: an inserted gene pushes the last genes out, <eos> stays."""
+    from scfm_fast.model.checkpoint import load_encoder
+    from scfm_fast.perturb import perturb_cells
+
+    import tempfile
+
+    from transformers import BertConfig, BertForMaskedLM
+
+    cls, eos = 25426, 25427
+    special = {0, 1, cls, eos}
+    cfg = dict(gf.V1_CONFIG, vocab_size=25428, max_position_embeddings=20, initializer_range=0.25)
+    hf = BertForMaskedLM(BertConfig(**cfg)).eval()
+    v2 = [[cls, *c[:18], eos] for c in cells[:2]]  # exactly 20 tokens
+    absent = [t for t in cells[2] if t not in v2[0] and t not in v2[1]]
+    groups = [(absent[0],), (absent[1], absent[2]), (v2[0][5], absent[3])]
+    states = np.random.default_rng(0).normal(size=(1, 256))
+    with tempfile.TemporaryDirectory() as d:
+        hf.save_pretrained(d)
+        enc = load_encoder(d, device="cpu")
+    for mode in ("exact", "approx"):
+        df = perturb_cells(v2, enc, perturbation="overexpress", genes=groups, pooling="mean", gene_shifts=True,
+                           special_token_ids=sorted(special), target_embedding=states, mode=mode,
+                           approx_check_cells=0, progress_bar=False)
+        oracle = _oracle_rows(hf, v2, "overexpress", groups, special, max_len=20, states=states)
+        _compare(df, oracle, gene_shifts=True)
+        for i, (c, g) in enumerate(zip(df["cell_index"], df["gene_tokens"])):
+            want = oracle[(int(c), tuple(int(t) for t in g))]["state_shift"][0]
+            assert abs(df["target_shift"].iloc[i] - want) < ATOL
+    assert (df["orig_rank"] == -1).sum() == 5  # absent first members had no rank (cell 1 lacks v2[0][5] too)
+    skipped = perturb_cells(v2, enc, perturbation="overexpress", genes=groups, pooling="mean", skip_absent=True,
+                            special_token_ids=sorted(special), progress_bar=False)
+    assert len(skipped) == 0 and len(skipped.attrs["skipped"]) == 6
 
 
 def test_cls_readout_v2_layout(cells):
