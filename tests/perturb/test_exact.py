@@ -127,7 +127,11 @@ def test_anchor_pairs_and_combined_list(model):
     both = [int(cells[1][0]), int(cells[1][5])]
     ex, ref = _both(cells, model, perturbation="overexpress", genes=both, combine=True)
     _assert_same(ex, ref)
-    assert len(ex) == 1 and ex["gene_tokens"].iloc[0] == both
+    # cell 1 expresses both; cell 0 gets them inserted (orig_rank -1 unless it has the first one)
+    assert len(ex) == 2 and all(g == both for g in ex["gene_tokens"])
+    ex = perturb_cells(cells, model, perturbation="overexpress", genes=both, combine=True, skip_absent=True,
+                       special_token_ids=SPECIAL)
+    assert ex["cell_index"].tolist() == [1]
 
 
 @pytest.mark.parametrize("perturbation", ["delete", "overexpress", "inhibit"])

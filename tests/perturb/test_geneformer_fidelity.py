@@ -31,8 +31,9 @@ def _one_thread():
 
 @pytest.fixture(scope="module")
 def cells() -> list[list[int]]:
-    import anndata as ad
     from importlib.resources import files
+
+    import anndata as ad
 
     from scfm_fast import tokenize_anndata
 
@@ -188,12 +189,12 @@ def test_cell_state_shifts(hf_model, encoder, cells):
 
 def test_inserted_genes_cut_the_cell_to_the_model_input(cells):
     """V2 layout at the model's input size: an inserted gene pushes the last genes out, <eos> stays."""
-    from scfm_fast.model.checkpoint import load_encoder
-    from scfm_fast.perturb import perturb_cells
-
     import tempfile
 
     from transformers import BertConfig, BertForMaskedLM
+
+    from scfm_fast.model.checkpoint import load_encoder
+    from scfm_fast.perturb import perturb_cells
 
     cls, eos = 25426, 25427
     special = {0, 1, cls, eos}
