@@ -139,7 +139,7 @@ def _merge(out: Path, names: dict[int, Path], cols: list[str], args: argparse.Na
                                    "n_variants_checked": sum(e["n_variants"] for e in errs)}
     if not args.no_stats and n_rows:
         state_cols = _state_columns(args)
-        df = pq.read_table(merged, columns=[c for c in ("gene_token", "ensembl_id", "shift", "target_shift",
+        df = pq.read_table(merged, columns=[c for c in ("gene_token", "ensembl_id", "gene_name", "shift", "target_shift",
                                                          *state_cols) if c in cols]).to_pandas()
         if (df["gene_token"] < 0).any():  # groups are keyed by their members (only then: a list per row)
             df["gene_tokens"] = pq.read_table(merged, columns=["gene_tokens"]).column(0).to_pylist()

@@ -128,7 +128,7 @@ def gene_stats(
     Returns
     -------
     pandas.DataFrame
-        ``gene_token, target, ensembl_id, n_cells, mean_<value>, median_<value>, std_<value>, z, pvalue,
+        ``gene_token, target, ensembl_id, gene_name (symbols, when the results have them), n_cells, mean_<value>, median_<value>, std_<value>, z, pvalue,
         fdr, rank`` sorted by ``rank`` (1 = strongest). ``target`` is the token id, or ``"12+40"`` for a
         group perturbed together (``gene_token`` -1); each group size is tested against its own null
         (pairs against random pairs of the screen), then one FDR covers all. ``z`` is the test statistic
@@ -152,7 +152,7 @@ def gene_stats(
     target, size = _targets(df)
     parts = [_stats_of_kind(df[size == k], target[size == k], value=value, alt=alt, method=method,
                             min_cells=min_cells, n_null=n_null, seed=seed) for k in np.unique(size)]
-    cols = ["gene_token", "target", "ensembl_id", "n_cells", f"mean_{value}", f"median_{value}", f"std_{value}",
+    cols = ["gene_token", "target", "ensembl_id", "gene_name", "n_cells", f"mean_{value}", f"median_{value}", f"std_{value}",
             "z", "pvalue", "fdr", "rank"]
     parts = [p for p in parts if len(p)]
     if not parts:
@@ -204,6 +204,8 @@ def _stats_of_kind(df: pd.DataFrame, target: np.ndarray, *, value: str, alt: str
     })
     if "ensembl_id" in df.columns:
         out.insert(2, "ensembl_id", g["ensembl_id"].first().to_numpy())
+    if "gene_name" in df.columns:
+        out.insert(3 if "ensembl_id" in df.columns else 2, "gene_name", g["gene_name"].first().to_numpy())
     if method == "ranksum":  # ranked against every other value, before targets are dropped by min_cells
         out["z"] = _ranksum_z(codes, pool, alt=alt)
     out = out[out["n_cells"] >= min_cells].reset_index(drop=True)
@@ -257,7 +259,8 @@ def plot_gene_stats(stats: pd.DataFrame, path: str | Path, *, value: str = "shif
     a1.set_ylabel(col)
     a1.set_xscale("log" if len(by_eff) > 50 else "linear")
     a1.legend(frameon=False)
-    names = stats["ensembl_id"] if "ensembl_id" in stats else stats["target"]
+    # label by symbol where one is known (gene_name falls back to the Ensembl ID, then the token id)
+    names = next((stats[c] for c in ("gene_name", "ensembl_id") if c in stats), stats["target"])
     lp = -np.log10(np.maximum(stats["pvalue"].to_numpy(), 1e-300))
     s2 = stats["fdr"].to_numpy() < fdr
     a2.scatter(stats.loc[~s2, col], lp[~s2], s=6, c="0.6")

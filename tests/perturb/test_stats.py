@@ -155,3 +155,19 @@ def test_untestable_groups_get_no_p_value_and_rows_need_their_members():
     assert summarize(st)["n_untestable"] == 1
     with pytest.raises(ValueError, match="gene_tokens"):
         gene_stats(pd.concat([df, pair], ignore_index=True).drop(columns="gene_tokens"))
+
+
+def test_gene_names_travel_into_the_stats_and_plot_labels(tmp_path, monkeypatch):
+    df = _screen()
+    df["gene_name"] = "G" + df["gene_token"].astype(str)
+    st = gene_stats(df)
+    assert "gene_name" in st.columns
+    assert (st["gene_name"] == "G" + st["gene_token"].astype(str)).all()
+    import matplotlib.axes
+
+    labels = []
+    orig = matplotlib.axes.Axes.annotate
+    monkeypatch.setattr(matplotlib.axes.Axes, "annotate",
+                        lambda self, text, *a, **k: labels.append(str(text)) or orig(self, text, *a, **k))
+    plot_gene_stats(st, tmp_path / "s.png")
+    assert labels and all(lbl.startswith("G") for lbl in labels)
