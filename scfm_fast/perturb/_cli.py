@@ -44,7 +44,7 @@ log = logging.getLogger(__name__)
 _CONFIG_KEYS = ("tokens", "model", "perturb", "genes", "anchor", "combine", "rank_shift", "rank_shift_quartiles", "skip_absent",
                 "layer", "pooling", "cell_readout", "state_shift", "mode", "dtype", "cells_per_shard", "max_cells", "gene_shifts", "target_embedding",
                 "special_tokens", "filter", "target_state", "cell_states", "state_aggregate", "max_state_cells",
-                "state_seed", "token_dictionary", "gene_name_map",
+                "state_seed", "null_run", "token_dictionary", "gene_name_map",
                 "orthologs")
 
 
@@ -118,6 +118,9 @@ def register(subparsers: Any) -> None:
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--resume", action="store_true", help="skip finished shards of an interrupted run")
     p.add_argument("--overwrite", action="store_true", help="replace the results in --out")
+    p.add_argument("--null-run", metavar="DIR",
+                   help="test each gene against a separate null screen's results (an `scfm perturb` --out of "
+                        "random genes) instead of against the rest of this screen")
     p.add_argument("--no-stats", action="store_true", help="skip gene_stats.parquet / the plot")
     p.add_argument("--merge-timeout", type=float, default=7 * 24 * 3600.0,
                    help="seconds rank 0 waits for other ranks' shards")
@@ -248,6 +251,9 @@ def _check_options(args: argparse.Namespace) -> None:
         parse_device(d, flag="--devices")
     if args.target_embedding and not Path(args.target_embedding).is_file():
         msg = f"{args.target_embedding}: --target-embedding file not found (a .npy of one embedding)"
+        raise InputFileError(msg)
+    if args.null_run and not (Path(args.null_run) / "perturbations.parquet").is_file():
+        msg = f"{args.null_run}: --null-run has no perturbations.parquet (give a finished `scfm perturb` --out)"
         raise InputFileError(msg)
     if args.emb_layer is not None:
         if args.layer != -2:

@@ -143,18 +143,27 @@ def _merge(out: Path, names: dict[int, Path], cols: list[str], args: argparse.Na
                                                          *state_cols) if c in cols]).to_pandas()
         if (df["gene_token"] < 0).any():  # groups are keyed by their members (only then: a list per row)
             df["gene_tokens"] = pq.read_table(merged, columns=["gene_tokens"]).column(0).to_pylist()
+        def null_of(col: str) -> Any:
+            if not getattr(args, "null_run", None):
+                return None
+            path = Path(args.null_run) / "perturbations.parquet"
+            if col not in pq.read_schema(path).names:
+                msg = f"{path}: the --null-run has no {col!r} column to compare with (run it with the same states)"
+                raise StoreError(msg)
+            return pq.read_table(path, columns=[col]).column(0).to_numpy()
+
         if state_cols:
             # Geneformer's goal-state test: each gene's shifts toward a state vs all perturbations pooled
             # (rank-sum), BH FDR per state; gene_stats.parquet = the goal state
             for i, c in enumerate(state_cols):
-                st_c = gene_stats(df, value=c)
+                st_c = gene_stats(df, value=c, null=null_of(c))
                 st_c.to_parquet(out / ("gene_stats.parquet" if i == 0 else f"gene_stats_{c}.parquet"), index=False)
                 summary.setdefault("state_stats", {})[c] = summarize(st_c)
                 if i == 0:
                     st = st_c
                     plot_gene_stats(st, out / "gene_stats.png", value=c)
         else:
-            st = gene_stats(df)
+            st = gene_stats(df, null=null_of("shift"))
             plot_gene_stats(st, out / "gene_stats.png")
             st.to_parquet(out / "gene_stats.parquet", index=False)
         summary["stats"] = summarize(st)

@@ -404,3 +404,19 @@ if __name__ == "__main__":
     finally:
         if parent.poll() is None:
             parent.kill()
+
+
+def test_null_run_statistics(token_dir, ckpt, tmp_path, cells, capsys):
+    from scfm_fast.perturb import gene_stats
+
+    null_out, out = tmp_path / "null", tmp_path / "screen"
+    random = ",".join(str(int(c[1])) for c in cells[:4])
+    assert _run(token_dir, ckpt, null_out, "--genes", random) == 0
+    assert _run(token_dir, ckpt, out, "--null-run", str(null_out)) == 0
+    got = pd.read_parquet(out / "gene_stats.parquet")
+    df = pd.read_parquet(out / "perturbations.parquet")
+    want = gene_stats(df, null=pd.read_parquet(null_out / "perturbations.parquet")["shift"].to_numpy())
+    np.testing.assert_allclose(got["pvalue"], want["pvalue"], rtol=1e-12)
+    assert not np.allclose(got["pvalue"], gene_stats(df)["pvalue"])  # not the in-screen null
+    assert _run(token_dir, ckpt, tmp_path / "x", "--null-run", str(tmp_path / "nothing")) == 2
+    assert "no perturbations.parquet" in capsys.readouterr().err

@@ -171,3 +171,18 @@ def test_gene_names_travel_into_the_stats_and_plot_labels(tmp_path, monkeypatch)
                         lambda self, text, *a, **k: labels.append(str(text)) or orig(self, text, *a, **k))
     plot_gene_stats(st, tmp_path / "s.png")
     assert labels and all(lbl.startswith("G") for lbl in labels)
+
+
+@pytest.mark.parametrize("alternative", ["greater", "two-sided"])
+def test_null_run_is_a_two_sample_mann_whitney(alternative):
+    from scipy.stats import mannwhitneyu
+
+    df = _screen()
+    null = np.random.default_rng(7).normal(df["shift"].mean(), df["shift"].std(), size=300).round(3)  # ties
+    st = gene_stats(df, null=null, alternative=alternative)
+    for _, row in st.iterrows():
+        x = df.loc[df["gene_token"] == row["gene_token"], "shift"]
+        want = mannwhitneyu(x, null, alternative=alternative, method="asymptotic").pvalue
+        assert row["pvalue"] == pytest.approx(want, rel=1e-9, abs=1e-300)
+    with pytest.raises(ValueError, match="null run"):
+        gene_stats(df, null=np.array([np.nan]))
