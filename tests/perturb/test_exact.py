@@ -307,3 +307,21 @@ def test_genes_readout_is_the_mean_of_the_gene_cosines(model):
     np.testing.assert_allclose(df["cos_sim"], [np.mean(c.astype(np.float64)) for c in df["gene_shift_cos"]],
                                rtol=0, atol=1e-6)
     assert np.abs(df["cos_sim"] - pooled["cos_sim"]).max() > 1e-3  # two different quantities
+
+
+def test_v2_datasets_pool_cls_by_default(model):
+    import pyarrow as pa
+
+    from scfm_fast.store.schema import with_table_config
+
+    cells = make_cells([8, 12], v2=True)
+    t = pa.table({"input_ids": pa.array([c.tolist() for c in cells], pa.list_(pa.int32()))})
+    v2 = with_table_config(t, {"special_tokens": {"<pad>": 0, "<mask>": 1, "<cls>": 2, "<eos>": 3}})
+    v1 = with_table_config(t, {"special_tokens": {"<pad>": 0, "<mask>": 1}})
+    df = perturb_cells(v2, model, special_token_ids=SPECIAL)
+    assert df.attrs["pooling"] == "cls"
+    np.testing.assert_array_equal(df["cos_sim"], perturb_cells(cells, model, special_token_ids=SPECIAL,
+                                                               pooling="cls")["cos_sim"])
+    mean = perturb_cells(v2, model, special_token_ids=SPECIAL, pooling="mean")  # still possible, recorded
+    assert mean.attrs["pooling"] == "mean" and not np.allclose(mean["cos_sim"], df["cos_sim"])
+    assert perturb_cells(v1, model, special_token_ids=[0, 1]).attrs["pooling"] == "mean"
