@@ -271,13 +271,21 @@ def _check_options(args: argparse.Namespace) -> None:
 
 
 def _check_lengths(table: Any, model: Any, src: Path) -> None:
-    """Refuse cells longer than the model's positions before any shard runs (not at the first bad shard)."""
+    """Refuse cells longer than the model's positions, or holding token ids outside its vocabulary, before
+    any shard runs (not at the first bad shard)."""
     import numpy as np
     import pyarrow.compute as pc
 
     # chunk by chunk: one combined list array overflows int32 offsets past ~1M cells, and costs memory
     parts = []
+    vocab = model.config.vocab_size
     for chunk in table.column("input_ids").chunks:
+        mm = pc.min_max(chunk.flatten()).as_py()
+        if mm["max"] is not None and (mm["max"] >= vocab or mm["min"] < 0):
+            msg = (f"{src}: token ids up to {mm['max']} (from {mm['min']}) lie outside the model's vocabulary of "
+                   f"{vocab}: the tokens come from another dictionary than this model's; re-tokenize with the model's "
+                   "--token-dictionary or pass the matching --model")
+            raise InputFileError(msg)
         lens = pc.list_value_length(chunk).to_numpy(zero_copy_only=False).astype(np.int64)
         pads = chunk.flatten().to_numpy(zero_copy_only=False) == model.config.pad_token_id
         if pads.any():  # the engines drop padding, so it does not count

@@ -345,7 +345,9 @@ def test_bad_genes_and_token_ids_are_errors(token_dir, ckpt, tmp_path, capsys):
     assert "NOT_A_GENE_XYZ" in capsys.readouterr().err
     big = tmp_path / "big"
     big.mkdir()
-    pq.write_table(pa.table({"input_ids": pa.array([[5, 6, 7], [8, 900]], pa.list_(pa.int32()))}), big / "p.parquet")
+    # the bad cell sits in the last shard: refused before the first shard is written
+    rows = [[5, 6, 7]] * 7 + [[8, 900]]
+    pq.write_table(pa.table({"input_ids": pa.array(rows, pa.list_(pa.int32()))}), big / "p.parquet")
     assert _run(big, ckpt, tmp_path / "c") == 2
     err = capsys.readouterr().err
     assert "outside the model's vocabulary of 200" in err and "Traceback" not in err
