@@ -158,6 +158,12 @@ def iter_cells(tokens: Any) -> Iterator[tuple[int, np.ndarray]]:
         if not p.exists():
             msg = f"{p}: token dataset directory not found"
             raise InputFileError(msg)
+        from ..store.schema import MANIFEST
+
+        if p.is_dir() and (p / MANIFEST).is_file():
+            from ..store.reader import read_manifest
+
+            read_manifest(p)  # an unfinished dataset is refused (its missing cells would pass unnoticed)
         dset = ds.dataset(str(p), format="parquet")
         tokens = dset.to_table(columns=[c for c in ("input_ids", "cell_index") if c in dset.schema.names])
     if isinstance(tokens, pa.Table):
