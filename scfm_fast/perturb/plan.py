@@ -26,16 +26,18 @@ perturbed and keep their slots: ``<cls>`` stays first, ``<eos>`` stays last).
     are ``steps=2, 3``. Several genes moved together are placed at their target ranks in order of
     target rank (ties: the order they were listed); all other genes keep their relative order.
 
-A move that leaves the cell unchanged (overexpressing the top gene, activating a gene already in the
-top rank, inhibiting the bottom one) is not a perturbation: it is skipped and reported.
-Groups (pairs, or a whole list perturbed together) are applied only to cells that express every member;
-other cells are skipped and reported, as are perturbations of every gene of a cell (nothing is left to
-compare: a delete would empty the cell, a move would be a no-op). Genes absent from a cell are skipped
-and reported, never an error, except for ``overexpress`` with ``insert_absent=True`` (Geneformer's):
-a gene the cell lacks is *inserted* at the front (after ``<cls>``, in the listed order with the group's
-present members) and the cell is cut to the model's ``max_len`` from its end, keeping ``<eos>``. Its
-source positions are ``L + j`` (``j``: index into the block's ``inserted`` tokens); original genes cut
-by the overflow are absent from ``src``, so the readouts leave them out of the original cell too.
+A move that leaves the cell unchanged (overexpressing the top gene, activating the gene at rank 0,
+inhibiting the last one) is not a perturbation: it is skipped and reported. Perturbations of every gene
+of a cell are skipped and reported too (nothing is left to compare: a delete would empty the cell, a
+move would be a no-op).
+
+Absent genes: a single gene the cell lacks, or a group (pair, or a whole list perturbed together) with
+a member it lacks, is skipped and reported, never an error, except for ``overexpress`` with
+``insert_absent=True`` (Geneformer's): the genes the cell lacks are *inserted* at the front (after
+``<cls>``, in the listed order with the group's present members) and the cell is cut to the model's
+``max_len`` from its end, keeping ``<eos>``. Inserted genes have source positions ``L + j`` (``j``:
+index into the block's ``inserted`` tokens); original genes cut by the overflow are absent from
+``src``, so the readouts leave them out of the original cell too.
 """
 
 from __future__ import annotations
