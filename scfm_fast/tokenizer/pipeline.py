@@ -55,7 +55,7 @@ class TokenizerSpec:
         names = None
         if gene_name_map == "auto":
             # ids that are already in the vocabulary match first, so the symbol table never overrides them
-            names = load_gene_name_map()
+            names = load_gene_name_map(pre.gene_name_map)  # the preset's table (None: Geneformer's)
         elif gene_name_map is not None:
             names = load_gene_name_map(gene_name_map)
         orth = load_ortholog_map(orthologs) if orthologs else None
