@@ -79,6 +79,21 @@ class _NpyAppender:
             raise StoreError(msg)
 
 
+#: optional packed arrays, written when the shards carry the column: name -> (per "token"/"cell", dtype)
+OPTIONAL_PACKED = {"values": ("token", np.float32), "species": ("cell", np.int8)}
+
+
+def _optional_columns(table: pa.Table) -> dict[str, np.ndarray]:
+    """The shard's optional packed arrays (GeneCompass values, species), flattened like the tokens."""
+    out = {}
+    for name, (per, dtype) in OPTIONAL_PACKED.items():
+        if name in table.column_names:
+            col = table.column(name).combine_chunks()
+            arr = col.values.to_numpy(zero_copy_only=False) if per == "token" else col.to_numpy()
+            out[name] = np.asarray(arr, dtype=dtype)
+    return out
+
+
 class ShardedTokenWriter:
     """Writes token shards into ``out_dir`` and keeps the manifest current.
 
@@ -195,7 +210,7 @@ class ShardedTokenWriter:
             np.savez(f, tokens=ids.values.to_numpy(zero_copy_only=False).astype(self.dtype, copy=False),
                      offsets=(offsets - offsets[0]).astype(np.int64),
                      cell_index=table.column("cell_index").to_numpy(),
-                     file_index=table.column("file_index").to_numpy())
+                     file_index=table.column("file_index").to_numpy(), **_optional_columns(table))
         os.replace(part_tmp, self.parts / name.replace(".parquet", ".npz"))
         tmp = self.out / ("." + name + ".tmp")
         # lz4 + dictionary pages: as small as zstd on token lists, and faster to write
@@ -224,6 +239,13 @@ class ShardedTokenWriter:
         outs = {name: _NpyAppender(tmp / f"{name}.npy", dt, n)
                 for name, dt, n in (("tokens", self.dtype, n_tokens), ("offsets", np.int64, n_cells + 1),
                                     ("cell_index", np.int64, n_cells), ("file_index", np.int32, n_cells))}
+        optional = []
+        if shards:
+            with np.load(self.parts / shards[0]["file"].replace(".parquet", ".npz")) as z:
+                optional = [name for name in OPTIONAL_PACKED if name in z.files]
+        for name in optional:
+            per, dt = OPTIONAL_PACKED[name]
+            outs[name] = _NpyAppender(tmp / f"{name}.npy", dt, n_tokens if per == "token" else n_cells)
         ok = False
         try:
             outs["offsets"].write(np.zeros(1, dtype=np.int64))
@@ -239,6 +261,8 @@ class ShardedTokenWriter:
                     outs["offsets"].write(t + lo[1:])
                     outs["cell_index"].write(z["cell_index"])
                     outs["file_index"].write(z["file_index"])
+                    for name in optional:
+                        outs[name].write(z[name])
                 t += vals.size
             ok = True
         finally:
@@ -248,7 +272,8 @@ class ShardedTokenWriter:
         shutil.rmtree(self.out / PACKED_DIR, ignore_errors=True)
         os.replace(tmp, self.out / PACKED_DIR)
         self.manifest.update(status="complete", n_cells=n_cells, n_tokens=n_tokens,
-                             packed={"dir": PACKED_DIR, "dtype": self.dtype.name}, **summary)
+                             packed={"dir": PACKED_DIR, "dtype": self.dtype.name, "optional": optional},
+                             **summary)
         self._save()
         # the parts go only once the manifest says complete, so a crash in between can still resume
         shutil.rmtree(self.parts, ignore_errors=True)

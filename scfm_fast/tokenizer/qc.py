@@ -102,9 +102,34 @@ def file_qc(reader, *, chunk_size: int = 10_000) -> tuple[np.ndarray, QcReport]:
     """GeneCompass's QC over one file: one streaming pass of ``reader`` (a :mod:`scfm_fast.readers`
     reader), returning the per-cell keep mask and the report."""
     counted, mito = qc_gene_flags(list(reader.var_names))
-    parts = [cell_qc_stats(c.indptr, c.indices, c.data, counted=counted, mito=mito)
-             for c in reader.iter_chunks(chunk_size=chunk_size)]
+    return _keep_from_parts([cell_qc_stats(c.indptr, c.indices, c.data, counted=counted, mito=mito)
+                             for c in reader.iter_chunks(chunk_size=chunk_size)])
+
+
+def _keep_from_parts(parts: list[tuple[np.ndarray, np.ndarray, np.ndarray]]) -> tuple[np.ndarray, QcReport]:
+    """:func:`genecompass_keep` over the concatenated per-chunk statistics."""
     if not parts:
         return np.zeros(0, dtype=bool), QcReport(0, 0, 0, 0, 0)
-    total, fraction, n_genes = (np.concatenate(x) for x in zip(*parts))
-    return genecompass_keep(total, fraction, n_genes)
+    return genecompass_keep(*(np.concatenate(x) for x in zip(*parts)))
+
+
+def matrix_qc(X, gene_ids: Sequence[str], *, chunk_size: int = 10_000) -> tuple[np.ndarray, QcReport]:
+    """GeneCompass's QC over an in-memory cells x genes matrix (dense or sparse), in row chunks."""
+    import scipy.sparse as sp
+
+    counted, mito = qc_gene_flags(list(gene_ids))
+    parts = []
+    for start in range(0, X.shape[0], chunk_size):
+        block = X[start:start + chunk_size]
+        block = block.tocsr() if sp.issparse(block) else sp.csr_matrix(block)
+        parts.append(cell_qc_stats(block.indptr, block.indices, block.data, counted=counted, mito=mito))
+    return _keep_from_parts(parts)
+
+
+def check_qc_mode(qc: str | None) -> None:
+    """Refuse an unknown ``--qc`` value (``None``: no QC)."""
+    if qc is not None and qc not in QC_MODES:
+        from .._errors import UsageError
+
+        msg = f"--qc must be one of {list(QC_MODES)}, got {qc!r}"
+        raise UsageError(msg)
