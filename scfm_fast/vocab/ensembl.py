@@ -8,7 +8,7 @@ protein-coding/miRNA and mitochondrial gene sets.
 
 from __future__ import annotations
 
-from functools import lru_cache
+from functools import cache
 
 import pandas as pd
 
@@ -35,7 +35,7 @@ def species_code(species: str) -> int:
         raise ValueError(msg) from None
 
 
-@lru_cache(maxsize=None)
+@cache
 def load_gene_table(species: str) -> pd.DataFrame:
     """The bundled table of ``species``: ``gene_id``, ``gene_name``, ``gene_biotype``, ``mt`` (bool)."""
     species_code(species)
@@ -53,6 +53,11 @@ def ensembl_name_map(*species: str) -> dict[str, str]:
     map does not depend on file order.  Human and mouse symbols differ in case (``ACTB``/``Actb``);
     with both species, a symbol spelled the same in both keeps the first species' id.
     """
+    return dict(_name_map(species))  # a copy: callers may extend their map
+
+
+@cache
+def _name_map(species: tuple[str, ...]) -> dict[str, str]:
     out: dict[str, str] = {}
     for s in species:
         df = load_gene_table(s)
@@ -62,6 +67,7 @@ def ensembl_name_map(*species: str) -> dict[str, str]:
     return out
 
 
+@cache
 def qc_gene_sets(*species: str) -> tuple[frozenset[str], frozenset[str]]:
     """(Ensembl ids of protein-coding/miRNA genes, ids of mitochondrial genes) over ``species``."""
     counted: set[str] = set()
