@@ -104,3 +104,40 @@ def test_species_options_are_checked(inputs):
         tokenize_corpus(hp, tmp / "x", preset="genecompass", species="human", qc="scanpy", **kw)
     with pytest.raises(Exception, match="organism2"):
         tokenize_corpus(hp, tmp / "x", preset="genecompass", species_column="organism2", **kw)
+
+
+def test_tokenize_anndata_equals_corpus_and_resume_keeps_values(inputs, monkeypatch):
+    from scfm_fast import tokenize_anndata
+    from scfm_fast.store import writer as writer_mod
+
+    tmp, _, mp, tok, med = inputs
+    kw = dict(preset="genecompass", token_dictionary=tok, gene_median=med, species="mouse", qc="genecompass",
+              chunk_size=16, progress_bar=False)
+    whole = tmp / "mouse"
+    tokenize_corpus(mp, whole, **kw)
+    corpus = read_table(whole)
+    mem = tokenize_anndata(anndata.read_h5ad(mp), preset="genecompass", token_dictionary=tok, gene_median=med,
+                           species="mouse", qc="genecompass")
+    assert mem.column_names == ["input_ids", "length", "cell_index", "values", "species"]
+    for c in ("input_ids", "values", "species", "cell_index"):
+        assert mem.column(c).to_pylist() == corpus.column(c).to_pylist()
+    # killed while writing the third shard, then resumed: the same values, packed and in the shards
+    real = writer_mod.ShardedTokenWriter.write_shard
+    calls = {"n": 0}
+
+    def flaky(self, *a, **k):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt
+        return real(self, *a, **k)
+
+    monkeypatch.setattr(writer_mod.ShardedTokenWriter, "write_shard", flaky)
+    with pytest.raises(KeyboardInterrupt):
+        tokenize_corpus(mp, tmp / "resumed", **kw)
+    monkeypatch.setattr(writer_mod.ShardedTokenWriter, "write_shard", real)
+    tokenize_corpus(mp, tmp / "resumed", resume=True, **kw)
+    resumed = read_table(tmp / "resumed")
+    for c in ("input_ids", "values", "species", "cell_index"):
+        assert resumed.column(c).to_pylist() == corpus.column(c).to_pylist()
+    np.testing.assert_array_equal(TokenStore(tmp / "resumed").values, TokenStore(whole).values)
+    np.testing.assert_array_equal(TokenStore(tmp / "resumed").species, TokenStore(whole).species)
