@@ -89,7 +89,7 @@ def _optional_columns(table: pa.Table) -> dict[str, np.ndarray]:
     for name, (per, dtype) in OPTIONAL_PACKED.items():
         if name in table.column_names:
             col = table.column(name).combine_chunks()
-            arr = col.values.to_numpy(zero_copy_only=False) if per == "token" else col.to_numpy()
+            arr = col.flatten().to_numpy(zero_copy_only=False) if per == "token" else col.to_numpy()
             out[name] = np.asarray(arr, dtype=dtype)
     return out
 
