@@ -15,11 +15,13 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 
-from .._errors import CountDataError, InputFileError, UsageError
+from .._errors import CountDataError, InputFileError, ScfmError, UsageError
+from .._lock import TOKENS_LOCK, OutputLock
 from .._progress import progress
 from ..store.schema import with_table_config
 from ..vocab import GeneVocab, get_preset, load_gene_name_map, load_ortholog_map, resolve_genes
 from ..vocab.dictionaries import SPECIAL_TOKENS
+from ._inputs import FILTER_COLUMN, filter_mask, resolve_input
 from .qc import check_qc_mode
 from .reference import check_counts_ref, count_problem
 from .species import check_species_options, species_codes
@@ -27,7 +29,6 @@ from .species import check_species_options, species_codes
 log = logging.getLogger("scfm_fast")
 
 TOTAL_COLUMN = "n_counts"
-FILTER_COLUMN = "filter_pass"
 
 
 @dataclass
@@ -234,10 +235,14 @@ def tokenize_chunk(spec: TokenizerSpec, chunk, col_token: np.ndarray, *, path: s
                                                    col_token=col_token, totals=totals)
     except CountDataError:
         raise _bad_count_error(path, chunk, var_names, allow_non_integer=spec.allow_non_integer) from None
+    except ScfmError:
+        raise
+    except (ValueError, TypeError, IndexError) as e:  # the core's structural checks (indptr, indices)
+        msg = (f"{path}: rows {chunk.start}..{chunk.stop - 1} cannot be tokenized ({e}); the file is damaged: "
+               "re-export / re-copy the file")
+        raise InputFileError(msg) from None
     lengths = np.diff(offsets)
-    passed = np.ones(chunk.n_cells, dtype=bool)
-    if FILTER_COLUMN in chunk.obs.columns:
-        passed = pd.to_numeric(chunk.obs[FILTER_COLUMN], errors="coerce").to_numpy() == 1
+    passed = filter_mask(path, chunk)
     n_filtered = int((~passed).sum())
     n_qc_dropped = 0
     if qc_keep is not None:
@@ -295,6 +300,7 @@ def tokenize_corpus(
     resume: bool = False,
     overwrite: bool = False,
     progress_bar: bool | None = True,
+    allow_case_insensitive: bool = False,
     species: str | None = None,
     species_column: str | None = None,
     normalize_total: float | None = None,
@@ -318,7 +324,8 @@ def tokenize_corpus(
         ``"mouse-to-human"`` (bundled one-to-one orthologs) or a table path, for mouse input to a
         human vocabulary.
     gene_id_column
-        var column holding gene ids (default: the var index).
+        var column holding gene ids (``"index"``: the var index). When not given, a run whose default
+        ids match the vocabulary clearly worse than another var column stops and names that column.
     layer, use_raw
         Where the raw counts are (default ``X``).
     obs_columns
@@ -339,6 +346,10 @@ def tokenize_corpus(
         Continue an interrupted run in ``out`` / replace an existing one.
     progress_bar
         Show a progress bar (cells/s).
+    allow_case_insensitive
+        Accept inputs whose genes mostly match human symbols only when case is ignored (without it such
+        mouse-looking input stops unless ``orthologs`` is given); the manifest's ``gene_match`` records
+        ``n_case_insensitive`` either way.
     species, species_column
         ``--preset genecompass`` only (exactly one): every cell's species (``"human"``/``"mouse"``),
         or the obs column holding it (human/mouse or 0/1); written as the int8 ``species`` column.
@@ -370,6 +381,7 @@ def tokenize_corpus(
                                backend=backend, n_threads=n_threads, species=species,
                                species_column=species_column, normalize_total=normalize_total)
     readers = [open_reader(str(p), layer=layer, use_raw=use_raw, gene_id_column=gene_id_column) for p in paths]
+    lock = OutputLock(out, command="tokenize", lock_name=TOKENS_LOCK)
     try:
         want = list(dict.fromkeys(obs_columns))
         clash = [c for c in want if c in BASE_COLUMNS]
@@ -386,15 +398,16 @@ def tokenize_corpus(
             if r.n_obs == 0:
                 msg = f"{p}: has no cells"
                 raise InputFileError(msg)
-            col_token, report = resolve_genes(r.var_names, spec.vocab, gene_name_map=spec.gene_name_map,
-                                              ortholog_map=spec.ortholog_map, min_fraction=min_gene_match,
-                                              source=str(p))
+            col_token, report = resolve_input(str(p), r, spec, gene_id_column=gene_id_column,
+                                               allow_case_insensitive=allow_case_insensitive)
             log.info("%s: %s", p, report.summary())
             resolved.append((col_token, report))
         config = {**spec.config, "inputs": [str(Path(p).resolve()) for p in paths],
                   "input_fingerprints": [_input_fingerprint(Path(p)) for p in paths],
                   "gene_id_column": gene_id_column, "layer": layer, "use_raw": use_raw,
-                  "obs_columns": want, "chunk_size": chunk_size, **({"qc": qc} if qc else {})}
+                  "obs_columns": want, "chunk_size": chunk_size, **({"qc": qc} if qc else {}),
+                  **({"allow_case_insensitive": True} if allow_case_insensitive else {})}
+        lock.acquire()  # one writer per --out, held until the dataset is complete or the run fails
         writer = ShardedTokenWriter(out, config=config, vocab_size=spec.vocab.size, resume=resume,
                                     overwrite=overwrite)
         if writer.complete:
@@ -453,6 +466,7 @@ def tokenize_corpus(
         summ["seconds"] = time.perf_counter() - t0
         return writer.finalize(summary=summ)
     finally:
+        lock.release()
         for r in readers:
             r.close()
 
