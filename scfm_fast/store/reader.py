@@ -109,7 +109,7 @@ class TokenStore:
             raise StoreError(msg)
 
     def _optional(self, d: Path, name: str, n: int) -> np.ndarray | None:
-        if name not in self.manifest.get("packed", {}).get("optional", []):
+        if name not in ((self.manifest.get("packed") or {}).get("optional") or []):
             return None
         try:
             arr = np.load(d / f"{name}.npy", mmap_mode="r")

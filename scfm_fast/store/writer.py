@@ -345,14 +345,15 @@ class ShardedTokenWriter:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
         try:
-            optional = self._assemble(tmp, shards, n_cells, n_tokens)
+            self._assemble(tmp, shards, n_cells, n_tokens)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)  # a failed finalisation leaves no temporary files
             raise
         shutil.rmtree(self.out / PACKED_DIR, ignore_errors=True)
         os.replace(tmp, self.out / PACKED_DIR)
         self.manifest.update(status="complete", n_cells=n_cells, n_tokens=n_tokens,
-                             packed={"dir": PACKED_DIR, "dtype": self.dtype.name, "optional": optional},
+                             packed={"dir": PACKED_DIR, "dtype": self.dtype.name,
+                                     "optional": self._optional_arrays(shards)},
                              **summary)
         self._save()
         # the parts go only once the manifest says complete, so a crash in between can still resume
@@ -360,15 +361,18 @@ class ShardedTokenWriter:
         self.complete = True
         return self.manifest
 
-    def _assemble(self, tmp: Path, shards: list[dict[str, Any]], n_cells: int, n_tokens: int) -> list[str]:
-        """Write the packed store into ``tmp``; returns the optional arrays written (values, species)."""
+    def _optional_arrays(self, shards: list[dict[str, Any]]) -> list[str]:
+        """The optional packed arrays (values, species) the shard parts carry (all parts alike)."""
+        with np.load(self.parts / shards[0]["file"].replace(".parquet", ".npz")) as z:
+            return [name for name in OPTIONAL_PACKED if name in z.files]
+
+    def _assemble(self, tmp: Path, shards: list[dict[str, Any]], n_cells: int, n_tokens: int) -> None:
         # plain appends, not memory maps: dirty mapped pages would count against the process's memory
         # and grow with the corpus
         outs = {name: _NpyAppender(tmp / f"{name}.npy", dt, n)
                 for name, dt, n in (("tokens", self.dtype, n_tokens), ("offsets", np.int64, n_cells + 1),
                                     ("cell_index", np.int64, n_cells), ("file_index", np.int32, n_cells))}
-        with np.load(self.parts / shards[0]["file"].replace(".parquet", ".npz")) as z:
-            optional = [name for name in OPTIONAL_PACKED if name in z.files]
+        optional = self._optional_arrays(shards)
         for name in optional:
             per, dt = OPTIONAL_PACKED[name]
             outs[name] = _NpyAppender(tmp / f"{name}.npy", dt, n_tokens if per == "token" else n_cells)
@@ -396,4 +400,3 @@ class ShardedTokenWriter:
             # a short file is an error only when nothing else failed first (never mask the cause)
             for o in outs.values():
                 o.close(check=ok)
-        return optional
