@@ -71,6 +71,15 @@ def test_two_species_from_obs_column(inputs):
         np.testing.assert_array_equal(store.cell_values(i), np.float32(tab.column("values")[i].as_py()))
         assert store[i].tolist() == tab.column("input_ids")[i].as_py()
     np.testing.assert_array_equal(store.species, tab.column("species").to_numpy())
+    # the shared cell-token source reads them too, from the directory and from tokenize_anndata's table
+    from scfm_fast.store import open_cells
+
+    cells = open_cells(out)
+    idx = np.arange(len(store))
+    assert cells.has_values
+    for got, i in zip(cells.take_values(idx), idx):
+        np.testing.assert_array_equal(got, store.cell_values(i))
+    np.testing.assert_array_equal(cells.species, store.species)
 
 
 def test_cli_species_normalize_total_and_qc(inputs, capsys):
@@ -121,6 +130,10 @@ def test_tokenize_anndata_equals_corpus_and_resume_keeps_values(inputs, monkeypa
     assert mem.column_names == ["input_ids", "length", "cell_index", "values", "species"]
     for c in ("input_ids", "values", "species", "cell_index"):
         assert mem.column(c).to_pylist() == corpus.column(c).to_pylist()
+    from scfm_fast.store import open_cells
+
+    from_table = open_cells(mem).take_values(np.arange(mem.num_rows))
+    assert [v.tolist() for v in from_table] == [np.float32(v).tolist() for v in corpus.column("values").to_pylist()]
     # killed while writing the third shard, then resumed: the same values, packed and in the shards
     real = writer_mod.ShardedTokenWriter.write_shard
     calls = {"n": 0}
