@@ -8,6 +8,7 @@
 #include <string>
 
 #include "rank_tokenize.hpp"
+#include "value_tokenize.hpp"
 
 namespace py = pybind11;
 using scfm::i32;
@@ -153,6 +154,81 @@ py::tuple rank_tokenize(const py::array& indptr, const py::array& indices, const
     throw py::type_error("indptr must have dtype int32 or int64, got " + dtype_name(indptr));
 }
 
+// GeneCompass values of tokens ranked by rank_tokenize on the same chunk (see value_tokenize.hpp).
+py::array_t<float> token_values(const py::array& indptr, const py::array& indices, const py::array& data,
+                                const py::array& col_token, const py::array& token_median,
+                                const py::array& tokens, const py::array& offsets, const py::object& cell_factor,
+                                int n_threads) {
+    require_vector(indices, "indices");
+    require_vector(data, "data");
+    if (indices.shape(0) != data.shape(0)) throw py::value_error("indices and data must have the same length");
+    if (n_threads < 1) throw py::value_error("n_threads must be >= 1, got " + std::to_string(n_threads));
+    scfm::ValueConfig cfg;
+    cfg.col_token = checked_ptr<i32>(col_token, "col_token", "int32");
+    cfg.n_cols = static_cast<i64>(col_token.shape(0));
+    cfg.token_median = checked_ptr<double>(token_median, "token_median", "float64");
+    cfg.n_tokens = static_cast<i64>(token_median.shape(0));
+    if (scfm::find_bad_col_token(cfg.col_token, cfg.n_cols, cfg.n_tokens) >= 0) {
+        throw py::value_error("col_token has ids outside token_median");
+    }
+    const i32* tok = checked_ptr<i32>(tokens, "tokens", "int32");
+    const i64* off = checked_ptr<i64>(offsets, "offsets", "int64");
+    const i64 n_cells = static_cast<i64>(offsets.shape(0)) - 1;
+    if (n_cells < 0 || static_cast<i64>(indptr.shape(0)) != n_cells + 1) {
+        throw py::value_error("offsets and indptr must both have n_cells + 1 elements");
+    }
+    for (i64 i = 0; i <= n_cells; ++i) {
+        if ((i == 0 && off[0] != 0) || (i > 0 && off[i] < off[i - 1])) throw py::value_error("offsets must start at 0 and be non-decreasing");
+    }
+    if (off[n_cells] != static_cast<i64>(tokens.shape(0))) throw py::value_error("offsets[-1] must equal len(tokens)");
+    py::array factor_arr;
+    if (!cell_factor.is_none()) {
+        factor_arr = py::reinterpret_borrow<py::array>(cell_factor);
+        cfg.cell_factor = checked_ptr<double>(factor_arr, "cell_factor", "float64");
+        if (static_cast<i64>(factor_arr.shape(0)) != n_cells) throw py::value_error("cell_factor must have one value per cell");
+    }
+    py::array_t<float> values(static_cast<i64>(tokens.shape(0)));
+    float* out = values.mutable_data();
+    i64 bad = -1;
+    auto run = [&](auto ip, auto ix, auto dt) {
+        using IP = decltype(ip);
+        using IX = decltype(ix);
+        using DT = decltype(dt);
+        scfm::CsrChunk<IP, IX, DT> chunk;
+        chunk.indptr = checked_ptr<IP>(indptr, "indptr", "int32/int64");
+        chunk.n_cells = n_cells;
+        chunk.indices = static_cast<const IX*>(indices.data());
+        chunk.data = static_cast<const DT*>(data.data());
+        for (i64 i = 0; i <= n_cells; ++i) {
+            const i64 v = static_cast<i64>(chunk.indptr[i]);
+            if (v < 0 || v > static_cast<i64>(data.shape(0)) || (i > 0 && v < static_cast<i64>(chunk.indptr[i - 1]))) {
+                throw py::value_error("indptr must be non-decreasing within [0, len(data)]");
+            }
+        }
+        py::gil_scoped_release release;
+        bad = scfm::token_values(chunk, cfg, tok, off, out, n_threads);
+    };
+    auto with_data = [&](auto ip, auto ix) {
+        if (has_dtype<float>(data)) return run(ip, ix, float{});
+        if (has_dtype<double>(data)) return run(ip, ix, double{});
+        throw py::type_error("data must have dtype float32 or float64, got " + dtype_name(data));
+    };
+    auto with_indices = [&](auto ip) {
+        if (has_dtype<i32>(indices)) return with_data(ip, i32{});
+        if (has_dtype<i64>(indices)) return with_data(ip, i64{});
+        throw py::type_error("indices must have dtype int32 or int64, got " + dtype_name(indices));
+    };
+    if (has_dtype<i32>(indptr)) with_indices(i32{});
+    else if (has_dtype<i64>(indptr)) with_indices(i64{});
+    else throw py::type_error("indptr must have dtype int32 or int64, got " + dtype_name(indptr));
+    if (bad >= 0) {
+        throw py::value_error("cell row " + std::to_string(bad) +
+                              ": tokens are not the row's vocabulary genes or a column index is out of range "
+                              "(tokens/offsets must come from rank_tokenize on the same chunk)");
+    }
+    return values;
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_core, m) {
@@ -175,6 +251,14 @@ col_token int32, token_median float64, totals float64 or None.  budget = max_len
 Runs with the GIL released on up to n_threads threads.  Returns (tokens int32, offsets int64,
 totals float64).  Raises CellDataError(kind, row, entry, col) on the first bad count (or, when there
 is none, the first out-of-range column index) in stored order.)doc");
+
+    m.def("token_values", &token_values, py::arg("indptr"), py::arg("indices"), py::arg("data"),
+          py::arg("col_token"), py::arg("token_median"), py::arg("tokens"), py::arg("offsets"),
+          py::arg("cell_factor").none(true), py::arg("n_threads"),
+          R"doc(GeneCompass values of the tokens rank_tokenize returned for the same chunk (budget = max_len,
+no special tokens): float32 log2(1 + sum / median * cell_factor[i]) per token, cell_factor None = 1
+(see scfm_fast.tokenizer.reference.value_tokenize_ref).  GIL released; tokens int32, offsets int64,
+cell_factor float64 or None.)doc");
 
     m.def("build_info", []() {
         py::dict info;

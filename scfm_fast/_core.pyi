@@ -21,3 +21,14 @@ def rank_tokenize(
     n_threads: int,
 ) -> tuple[npt.NDArray[np.int32], npt.NDArray[np.int64], npt.NDArray[np.float64]]: ...
 def build_info() -> dict[str, str | int]: ...
+def token_values(
+    indptr: npt.NDArray[np.int32] | npt.NDArray[np.int64],
+    indices: npt.NDArray[np.int32] | npt.NDArray[np.int64],
+    data: npt.NDArray[np.float32] | npt.NDArray[np.float64],
+    col_token: npt.NDArray[np.int32],
+    token_median: npt.NDArray[np.float64],
+    tokens: npt.NDArray[np.int32],
+    offsets: npt.NDArray[np.int64],
+    cell_factor: npt.NDArray[np.float64] | None,
+    n_threads: int,
+) -> npt.NDArray[np.float32]: ...

@@ -32,7 +32,8 @@ def _add_tokenize(sub) -> None:
                                    "(Parquet shards + packed tokens + manifest).")
     p.add_argument("inputs", nargs="+", metavar="INPUT")
     p.add_argument("--out", required=True, help="output directory")
-    p.add_argument("--preset", default="geneformer-v1", choices=["geneformer-v1", "geneformer-v2"])
+    p.add_argument("--preset", default="geneformer-v1",
+                   choices=["geneformer-v1", "geneformer-v2", "mouse-geneformer", "genecompass"])
     p.add_argument("--token-dictionary", help="token dictionary pickle (default: the preset's bundled one)")
     p.add_argument("--gene-median", help="gene median dictionary pickle (default: the preset's bundled one)")
     p.add_argument("--gene-name-map", default="auto",
@@ -54,6 +55,12 @@ def _add_tokenize(sub) -> None:
     p.add_argument("--allow-non-integer", action="store_true")
     p.add_argument("--resume", action="store_true", help="continue an interrupted run in --out")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    g = p.add_argument_group("GeneCompass (--preset genecompass)")
+    g.add_argument("--species", choices=["human", "mouse"], help="species of every cell (0 human, 1 mouse)")
+    g.add_argument("--species-column", help="obs column holding each cell's species (human/mouse or 0/1)")
+    g.add_argument("--normalize-total", type=float, nargs="?", const=10_000.0, default=None, metavar="TARGET",
+                   help="values with a library-size step: count / total x TARGET (default 10000) / median")
+    p.add_argument("--qc", choices=["genecompass"], help="drop cells by GeneCompass's QC, within each file")
     p.set_defaults(func=_run_tokenize)
 
 
@@ -67,7 +74,9 @@ def _run_tokenize(args) -> int:
                           obs_columns=args.obs_columns, chunk_size=args.chunk_size, max_len=args.max_len,
                           n_threads=args.workers, backend=args.backend, min_gene_match=args.min_gene_match,
                           allow_non_integer=args.allow_non_integer, resume=args.resume,
-                          overwrite=args.overwrite, allow_case_insensitive=args.allow_case_insensitive)
+                          overwrite=args.overwrite, allow_case_insensitive=args.allow_case_insensitive,
+                          species=args.species, species_column=args.species_column,
+                          normalize_total=args.normalize_total, qc=args.qc)
     s = man["summary"]
     if man.get("already_complete"):
         print(f"{args.out}: already complete ({man['n_cells']:,} cells, {man['n_tokens']:,} tokens); nothing to do",
@@ -80,6 +89,8 @@ def _run_tokenize(args) -> int:
           f"({s['n_empty']:,} cells without expressed genes and {s['n_filtered']:,} with filter_pass != 1 "
           f"skipped; {s['fraction_counts_matched']:.1%} of counts matched; "
           f"{s['n_cells_in'] / max(s['seconds'], 1e-9):,.0f} cells/s)", file=sys.stderr)
+    if man.get("qc"):
+        print(f"--qc {man['qc']['mode']}: {s.get('n_qc_dropped', 0):,} cells dropped", file=sys.stderr)
     return 0
 
 

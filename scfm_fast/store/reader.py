@@ -103,6 +103,9 @@ class TokenStore:
                    "intact: rebuild it with the same `scfm tokenize ... --resume`, or read the shards "
                    "with read_table()")
             raise StoreError(msg) from None
+        # GeneCompass datasets: float32 values aligned with tokens, int8 species per cell (else None)
+        self.values = self._optional(d, "values", self.tokens.shape[0])
+        self.species = self._optional(d, "species", self.offsets.shape[0] - 1)
         n_cells, n_tokens = self.manifest.get("n_cells"), self.manifest.get("n_tokens")
         if (n_cells is not None and self.offsets.shape[0] != n_cells + 1) or (
                 n_tokens is not None and (self.tokens.shape[0] != n_tokens or int(self.offsets[-1]) != n_tokens)):
@@ -110,6 +113,30 @@ class TokenStore:
                    f"{self.tokens.shape[0]:,} tokens but the manifest records {n_cells:,} / {n_tokens:,}; "
                    "rebuild it with the same `scfm tokenize ... --resume` after deleting __scfm__/packed")
             raise StoreError(msg)
+
+    def _optional(self, d: Path, name: str, n: int) -> np.ndarray | None:
+        if name not in ((self.manifest.get("packed") or {}).get("optional") or []):
+            return None
+        try:
+            arr = np.load(d / f"{name}.npy", mmap_mode="r")
+        except (OSError, ValueError) as e:
+            msg = (f"{self.path}: packed {name}.npy is missing or damaged ({e}); rebuild it with the same "
+                   "`scfm tokenize ... --resume` after deleting __scfm__/packed")
+            raise StoreError(msg) from None
+        if arr.shape[0] != n:
+            msg = (f"{self.path}: packed {name}.npy has {arr.shape[0]:,} entries, expected {n:,}; rebuild it with "
+                   "the same `scfm tokenize ... --resume` after deleting __scfm__/packed")
+            raise StoreError(msg)
+        return arr
+
+    def cell_values(self, i: int) -> np.ndarray:
+        """float32 GeneCompass values of cell ``i``, aligned with ``self[i]``."""
+        if self.values is None:
+            msg = f"{self.path}: this token dataset has no values (tokenize with --preset genecompass)"
+            raise StoreError(msg)
+        self[i]  # range check
+        i %= len(self)
+        return np.asarray(self.values[self.offsets[i]:self.offsets[i + 1]], dtype=np.float32)
 
     def __len__(self) -> int:
         return int(self.offsets.shape[0] - 1)

@@ -7,6 +7,8 @@ A token dataset directory holds::
     __scfm__/packed/tokens.npy       all tokens, concatenated (uint16 when the vocabulary fits, else int32)
     __scfm__/packed/offsets.npy      int64, n_cells + 1: cell i is tokens[offsets[i]:offsets[i+1]]
     __scfm__/packed/{cell_index,file_index}.npy   source row and input file of each packed cell
+    __scfm__/packed/values.npy    float32, aligned with tokens.npy (GeneCompass datasets only)
+    __scfm__/packed/species.npy   int8 per packed cell, 0 human / 1 mouse (GeneCompass datasets only)
 
 ``pyarrow.dataset.dataset(DIR)`` skips names starting with ``_`` or ``.``, and Hugging Face
 ``datasets.load_dataset("parquet", data_dir=DIR)`` skips ``__*__`` folders and dot-files, so both read
@@ -14,7 +16,8 @@ exactly the shards; a shard in progress is a hidden dot-file until it is renamed
 
 Shard columns: ``input_ids`` (list<int32>), ``length`` (int32), ``cell_index`` (int64 row in the
 source file), ``file_index`` (int32 index into ``manifest["inputs"]``), ``cell_id`` (obs name), then
-the requested obs columns.
+the requested obs columns.  GeneCompass datasets add ``values`` (list<float32>, aligned with
+``input_ids``) and ``species`` (int8: 0 human, 1 mouse).
 """
 
 from __future__ import annotations

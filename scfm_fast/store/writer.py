@@ -107,6 +107,21 @@ class _NpyAppender:
             raise StoreError(msg)
 
 
+#: optional packed arrays, written when the shards carry the column: name -> (per "token"/"cell", dtype)
+OPTIONAL_PACKED = {"values": ("token", np.float32), "species": ("cell", np.int8)}
+
+
+def _optional_columns(table: pa.Table) -> dict[str, np.ndarray]:
+    """The shard's optional packed arrays (GeneCompass values, species), flattened like the tokens."""
+    out = {}
+    for name, (per, dtype) in OPTIONAL_PACKED.items():
+        if name in table.column_names:
+            col = table.column(name).combine_chunks()
+            arr = col.flatten().to_numpy(zero_copy_only=False) if per == "token" else col.to_numpy()
+            out[name] = np.asarray(arr, dtype=dtype)
+    return out
+
+
 class ShardedTokenWriter:
     """Writes token shards into ``out_dir`` and keeps the manifest current.
 
@@ -210,7 +225,8 @@ class ShardedTokenWriter:
             part = self.parts / rec["file"].replace(".parquet", ".npz")
             if not part.is_file():
                 try:
-                    tab = pq.read_table(shard, columns=["input_ids", "cell_index", "file_index"])
+                    extra = [c for c in OPTIONAL_PACKED if c in pq.read_schema(shard).names]
+                    tab = pq.read_table(shard, columns=["input_ids", "cell_index", "file_index", *extra])
                 except (OSError, pa.ArrowException):
                     shard.unlink()  # unreadable (damaged): redone like a missing one
                     continue
@@ -280,7 +296,7 @@ class ShardedTokenWriter:
             np.savez(f, tokens=ids.values.to_numpy(zero_copy_only=False).astype(self.dtype, copy=False),
                      offsets=(offsets - offsets[0]).astype(np.int64),
                      cell_index=table.column("cell_index").to_numpy(),
-                     file_index=table.column("file_index").to_numpy())
+                     file_index=table.column("file_index").to_numpy(), **_optional_columns(table))
         os.replace(part_tmp, part)
 
     def update(self, **fields: Any) -> None:
@@ -336,12 +352,19 @@ class ShardedTokenWriter:
         shutil.rmtree(self.out / PACKED_DIR, ignore_errors=True)
         os.replace(tmp, self.out / PACKED_DIR)
         self.manifest.update(status="complete", n_cells=n_cells, n_tokens=n_tokens,
-                             packed={"dir": PACKED_DIR, "dtype": self.dtype.name}, **summary)
+                             packed={"dir": PACKED_DIR, "dtype": self.dtype.name,
+                                     "optional": self._optional_arrays(shards)},
+                             **summary)
         self._save()
         # the parts go only once the manifest says complete, so a crash in between can still resume
         shutil.rmtree(self.parts, ignore_errors=True)
         self.complete = True
         return self.manifest
+
+    def _optional_arrays(self, shards: list[dict[str, Any]]) -> list[str]:
+        """The optional packed arrays (values, species) the shard parts carry (all parts alike)."""
+        with np.load(self.parts / shards[0]["file"].replace(".parquet", ".npz")) as z:
+            return [name for name in OPTIONAL_PACKED if name in z.files]
 
     def _assemble(self, tmp: Path, shards: list[dict[str, Any]], n_cells: int, n_tokens: int) -> None:
         # plain appends, not memory maps: dirty mapped pages would count against the process's memory
@@ -349,6 +372,10 @@ class ShardedTokenWriter:
         outs = {name: _NpyAppender(tmp / f"{name}.npy", dt, n)
                 for name, dt, n in (("tokens", self.dtype, n_tokens), ("offsets", np.int64, n_cells + 1),
                                     ("cell_index", np.int64, n_cells), ("file_index", np.int32, n_cells))}
+        optional = self._optional_arrays(shards)
+        for name in optional:
+            per, dt = OPTIONAL_PACKED[name]
+            outs[name] = _NpyAppender(tmp / f"{name}.npy", dt, n_tokens if per == "token" else n_cells)
         ok = False
         try:
             outs["offsets"].write(np.zeros(1, dtype=np.int64))
@@ -365,6 +392,8 @@ class ShardedTokenWriter:
                     outs["offsets"].write(t + lo[1:])
                     outs["cell_index"].write(z["cell_index"])
                     outs["file_index"].write(z["file_index"])
+                    for name in optional:
+                        outs[name].write(z[name])
                 t += vals.size
             ok = True
         finally:

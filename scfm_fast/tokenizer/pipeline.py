@@ -22,7 +22,9 @@ from ..store.schema import with_table_config
 from ..vocab import GeneVocab, get_preset, load_gene_name_map, load_ortholog_map, resolve_genes
 from ..vocab.dictionaries import SPECIAL_TOKENS
 from ._inputs import FILTER_COLUMN, filter_mask, resolve_input
+from .qc import check_qc_mode
 from .reference import check_counts_ref, count_problem
+from .species import check_species_options, species_codes
 
 log = logging.getLogger("scfm_fast")
 
@@ -43,20 +45,27 @@ class TokenizerSpec:
     backend: str = "auto"
     n_threads: int | None = None
     config: dict[str, Any] = field(default_factory=dict)
+    values: bool = False  # GeneCompass: values beside the tokens, and a species per cell
+    normalize_total: float | None = None
+    species: str | None = None
+    species_column: str | None = None
 
     @classmethod
     def build(cls, *, preset: str = "geneformer-v1", token_dictionary: str | Path | None = None,
               gene_median: str | Path | None = None, gene_name_map: str | Path | None = "auto",
               orthologs: str | Path | None = None, max_len: int | None = None,
               min_gene_match: float = 0.2, allow_non_integer: bool = False, backend: str = "auto",
-              n_threads: int | None = None) -> TokenizerSpec:
+              n_threads: int | None = None, species: str | None = None, species_column: str | None = None,
+              normalize_total: float | None = None) -> TokenizerSpec:
         pre = get_preset(preset)
         _check_options(max_len=max_len, n_special=pre.n_special, n_threads=n_threads)
+        check_species_options(pre, species=species, species_column=species_column,
+                               normalize_total=normalize_total)
         vocab = GeneVocab.load(token_dictionary=token_dictionary, gene_median=gene_median, preset=preset)
         names = None
         if gene_name_map == "auto":
             # ids that are already in the vocabulary match first, so the symbol table never overrides them
-            names = load_gene_name_map()
+            names = load_gene_name_map(pre.gene_name_map)  # the preset's table (None: Geneformer's)
         elif gene_name_map is not None:
             names = load_gene_name_map(gene_name_map)
         orth = load_ortholog_map(orthologs) if orthologs else None
@@ -66,6 +75,11 @@ class TokenizerSpec:
                        "gene_name_map": str(gene_name_map), "orthologs": _path_or_name(orthologs),
                        "allow_non_integer": allow_non_integer, "tie_order": "token id ascending",
                        "special_tokens": {t: vocab.token_of[t] for t in SPECIAL_TOKENS if t in vocab.token_of}}
+        if pre.values:
+            spec.values, spec.normalize_total = True, normalize_total
+            spec.species, spec.species_column = species, species_column
+            spec.config.update(values=True, normalize_total=normalize_total, species=species,
+                               species_column=species_column)
         # validates that the dictionary holds the preset's special tokens
         spec.cls_id, spec.eos_id = vocab.special_id(pre.cls), vocab.special_id(pre.eos)
         return spec
@@ -78,6 +92,15 @@ class TokenizerSpec:
                              cls_token=self.cls_id, eos_token=self.eos_id, totals=totals,
                              allow_non_integer=self.allow_non_integer, backend=self.backend,
                              n_threads=self.n_threads)
+
+    def tokenize_values_csr(self, indptr, indices, data, *, col_token, totals=None):
+        from .values import tokenize_values
+
+        return tokenize_values(indptr, indices, data, col_token=col_token,
+                               token_median=self.vocab.token_median, max_len=self.max_len,
+                               normalize_total=self.normalize_total, totals=totals,
+                               allow_non_integer=self.allow_non_integer, backend=self.backend,
+                               n_threads=self.n_threads)
 
 
 def _path_or_name(value: Any) -> str:
@@ -195,12 +218,21 @@ def _obs_array(col: pd.Series) -> pa.Array:
 
 
 def tokenize_chunk(spec: TokenizerSpec, chunk, col_token: np.ndarray, *, path: str, var_names,
-                   file_index: int = 0, obs_columns: Sequence[str] = ()) -> tuple[pa.Table, dict[str, Any]]:
-    """Tokenize one :class:`~scfm_fast.readers.base.CellChunk` into a shard table and its counts."""
+                   file_index: int = 0, obs_columns: Sequence[str] = (),
+                   qc_keep: np.ndarray | None = None) -> tuple[pa.Table, dict[str, Any]]:
+    """Tokenize one :class:`~scfm_fast.readers.base.CellChunk` into a shard table and its counts.
+
+    ``qc_keep``: the chunk's cells that passed ``--qc`` (``None``: no QC).
+    """
     totals = _chunk_totals(path, chunk)
+    values = None
     try:
-        tokens, offsets, _ = spec.tokenize_csr(chunk.indptr, chunk.indices, chunk.data,
-                                                         col_token=col_token, totals=totals)
+        if spec.values:
+            tokens, values, offsets, _ = spec.tokenize_values_csr(chunk.indptr, chunk.indices, chunk.data,
+                                                                  col_token=col_token, totals=totals)
+        else:
+            tokens, offsets, _ = spec.tokenize_csr(chunk.indptr, chunk.indices, chunk.data,
+                                                   col_token=col_token, totals=totals)
     except CountDataError:
         raise _bad_count_error(path, chunk, var_names, allow_non_integer=spec.allow_non_integer) from None
     except ScfmError:
@@ -212,6 +244,10 @@ def tokenize_chunk(spec: TokenizerSpec, chunk, col_token: np.ndarray, *, path: s
     lengths = np.diff(offsets)
     passed = filter_mask(path, chunk)
     n_filtered = int((~passed).sum())
+    n_qc_dropped = 0
+    if qc_keep is not None:
+        n_qc_dropped = int((passed & ~qc_keep).sum())
+        passed &= qc_keep
     n_empty = int(((lengths == 0) & passed).sum())
     keep = (lengths > 0) & passed
     counts_total, counts_matched = _count_sums(chunk.indices, chunk.data, col_token)
@@ -225,6 +261,11 @@ def tokenize_chunk(spec: TokenizerSpec, chunk, col_token: np.ndarray, *, path: s
         "cell_id": pa.array(chunk.obs.index.astype(str).to_numpy() if len(chunk.obs.index) == chunk.n_cells
                             else np.arange(chunk.start, chunk.stop).astype(str)),
     }
+    if values is not None:
+        cols["values"] = pa.ListArray.from_arrays(pa.array(offsets.astype(np.int32)),
+                                                  pa.array(values, type=pa.float32()))
+        cols["species"] = pa.array(species_codes(chunk.obs, chunk.start, species=spec.species,
+                                                    column=spec.species_column, path=path), type=pa.int8())
     for c in obs_columns:
         if c not in cols:
             cols[c] = _obs_array(chunk.obs[c])
@@ -233,7 +274,7 @@ def tokenize_chunk(spec: TokenizerSpec, chunk, col_token: np.ndarray, *, path: s
         table = table.take(pa.array(rows))
     stats = {"n_cells_in": chunk.n_cells, "n_empty": n_empty, "n_filtered": n_filtered,
              "n_tokens": int(lengths[keep].sum()), "n_at_max_len": int((lengths[keep] >= spec.max_len).sum()),
-             "counts_total": counts_total, "counts_matched": counts_matched}
+             "counts_total": counts_total, "counts_matched": counts_matched, "n_qc_dropped": n_qc_dropped}
     return table, stats
 
 
@@ -260,6 +301,10 @@ def tokenize_corpus(
     overwrite: bool = False,
     progress_bar: bool | None = True,
     allow_case_insensitive: bool = False,
+    species: str | None = None,
+    species_column: str | None = None,
+    normalize_total: float | None = None,
+    qc: str | None = None,
 ) -> dict[str, Any]:
     """Tokenize one or more files into a token dataset directory (see :mod:`scfm_fast.store.schema`).
 
@@ -305,6 +350,14 @@ def tokenize_corpus(
         Accept inputs whose genes mostly match human symbols only when case is ignored (without it such
         mouse-looking input stops unless ``orthologs`` is given); the manifest's ``gene_match`` records
         ``n_case_insensitive`` either way.
+    species, species_column
+        ``--preset genecompass`` only (exactly one): every cell's species (``"human"``/``"mouse"``),
+        or the obs column holding it (human/mouse or 0/1); written as the int8 ``species`` column.
+    normalize_total
+        ``--preset genecompass`` only: a library-size target (e.g. 10,000) for the values.
+    qc
+        ``"genecompass"``: drop cells by GeneCompass's QC within each file
+        (:mod:`scfm_fast.tokenizer.qc`); the dropped counts go into the manifest's ``qc``.
 
     Returns
     -------
@@ -321,10 +374,12 @@ def tokenize_corpus(
         raise InputFileError(msg)
     _check_distinct(paths)
     _check_options(max_len=None, n_special=0, n_threads=None, chunk_size=chunk_size)
+    check_qc_mode(qc)
     spec = TokenizerSpec.build(preset=preset, token_dictionary=token_dictionary, gene_median=gene_median,
                                gene_name_map=gene_name_map, orthologs=orthologs, max_len=max_len,
                                min_gene_match=min_gene_match, allow_non_integer=allow_non_integer,
-                               backend=backend, n_threads=n_threads)
+                               backend=backend, n_threads=n_threads, species=species,
+                               species_column=species_column, normalize_total=normalize_total)
     readers = [open_reader(str(p), layer=layer, use_raw=use_raw, gene_id_column=gene_id_column) for p in paths]
     lock = OutputLock(out, command="tokenize", lock_name=TOKENS_LOCK)
     try:
@@ -336,7 +391,7 @@ def tokenize_corpus(
             raise UsageError(msg)
         resolved = []
         for p, r in zip(paths, readers):
-            missing = [c for c in want if c not in r.obs_columns]
+            missing = [c for c in want + ([species_column] if species_column else []) if c not in r.obs_columns]
             if missing:
                 msg = (f"{p}: obs column(s) {missing} not found; available: {sorted(r.obs_columns)}")
                 raise InputFileError(msg)
@@ -350,7 +405,7 @@ def tokenize_corpus(
         config = {**spec.config, "inputs": [str(Path(p).resolve()) for p in paths],
                   "input_fingerprints": [_input_fingerprint(Path(p)) for p in paths],
                   "gene_id_column": gene_id_column, "layer": layer, "use_raw": use_raw,
-                  "obs_columns": want, "chunk_size": chunk_size,
+                  "obs_columns": want, "chunk_size": chunk_size, **({"qc": qc} if qc else {}),
                   **({"allow_case_insensitive": True} if allow_case_insensitive else {})}
         lock.acquire()  # one writer per --out, held until the dataset is complete or the run fails
         writer = ShardedTokenWriter(out, config=config, vocab_size=spec.vocab.size, resume=resume,
@@ -359,6 +414,13 @@ def tokenize_corpus(
             log.info("%s: already complete (%d cells); nothing to do", out, writer.manifest.get("n_cells", 0))
             return {**writer.manifest, "already_complete": True}
         writer.update(inputs=[str(p) for p in paths], gene_match=[rep.to_dict() for _, rep in resolved])
+        qc_keep = [None] * len(readers)
+        if qc == "genecompass":
+            from .qc import file_qc
+
+            # the z-scores need the whole file: one streaming pass per file before tokenizing
+            qc_keep, reports = zip(*(file_qc(r, chunk_size=chunk_size) for r in readers))
+            writer.update(qc={"mode": qc, "files": [rep.to_dict() for rep in reports]})
         total = sum(r.n_obs for r in readers)
         t0 = time.perf_counter()
         # three stages on their own threads: read (I/O, decompression) -> tokenize (compiled core)
@@ -368,7 +430,7 @@ def tokenize_corpus(
             pending: cf.Future | None = None
             for fi, (p, r, (col_token, _)) in enumerate(zip(paths, readers, resolved)):
                 read_cols = list(dict.fromkeys(
-                    want + [c for c in (TOTAL_COLUMN, FILTER_COLUMN) if c in r.obs_columns]))
+                    want + [c for c in (TOTAL_COLUMN, FILTER_COLUMN, species_column) if c in r.obs_columns]))
                 # resume: skip the finished prefix without reading it (shards finish in order)
                 first = 0
                 while first < r.n_obs and (rec := writer.done(fi, first)) is not None:
@@ -386,8 +448,9 @@ def tokenize_corpus(
                     if writer.done(fi, chunk.start) is not None:
                         bar.update(chunk.n_cells)
                         continue
-                    table, stats = tokenize_chunk(spec, chunk, col_token, path=str(p),
-                                                  var_names=r.var_names, file_index=fi, obs_columns=want)
+                    keep = None if qc_keep[fi] is None else qc_keep[fi][chunk.start:chunk.stop]
+                    table, stats = tokenize_chunk(spec, chunk, col_token, path=str(p), var_names=r.var_names,
+                                                  file_index=fi, obs_columns=want, qc_keep=keep)
                     if pending is not None:
                         pending.result()  # keep one shard in flight; surfaces write errors
                     pending = write_pool.submit(writer.write_shard, table, file_index=fi, start=chunk.start,
@@ -396,8 +459,9 @@ def tokenize_corpus(
             if pending is not None:
                 pending.result()
         shards = writer.manifest["shards"]
-        summ = {k: sum(s[k] for s in shards) for k in
-                ("n_cells_in", "n_empty", "n_filtered", "n_at_max_len", "counts_total", "counts_matched")}
+        summ = {k: sum(s.get(k, 0) for s in shards) for k in
+                ("n_cells_in", "n_empty", "n_filtered", "n_at_max_len", "counts_total", "counts_matched",
+                 "n_qc_dropped")}
         summ["fraction_counts_matched"] = summ["counts_matched"] / max(summ["counts_total"], 1e-300)
         summ["seconds"] = time.perf_counter() - t0
         return writer.finalize(summary=summ)
@@ -424,6 +488,10 @@ def tokenize_anndata(
     n_threads: int | None = None,
     min_gene_match: float = 0.2,
     allow_non_integer: bool = False,
+    species: str | None = None,
+    species_column: str | None = None,
+    normalize_total: float | None = None,
+    qc: str | None = None,
 ) -> pa.Table:
     """Tokenize an in-memory AnnData (same semantics and backends as :func:`tokenize_corpus`).
 
@@ -444,6 +512,8 @@ def tokenize_anndata(
         Core backend and its threads.
     min_gene_match, allow_non_integer
         Input checks, as in :func:`tokenize_corpus`.
+    species, species_column, normalize_total, qc
+        GeneCompass options, as in :func:`tokenize_corpus` (``qc`` over all cells of ``adata``).
 
     Returns
     -------
@@ -467,10 +537,15 @@ def tokenize_anndata(
     from ..readers.base import CellChunk
 
     _check_options(max_len=None, n_special=0, n_threads=None, chunk_size=chunk_size)
+    check_qc_mode(qc)
     spec = TokenizerSpec.build(preset=preset, token_dictionary=token_dictionary, gene_median=gene_median,
                                gene_name_map=gene_name_map, orthologs=orthologs, max_len=max_len,
                                min_gene_match=min_gene_match, allow_non_integer=allow_non_integer,
-                               backend=backend, n_threads=n_threads)
+                               backend=backend, n_threads=n_threads, species=species,
+                               species_column=species_column, normalize_total=normalize_total)
+    if species_column is not None and species_column not in adata.obs.columns:
+        msg = f"species_column {species_column!r} not in obs (available: {list(adata.obs.columns)})"
+        raise InputFileError(msg)
     if use_raw:
         if adata.raw is None:
             msg = "use_raw=True but adata.raw is None"
@@ -489,7 +564,13 @@ def tokenize_anndata(
     gene_ids = (var[gene_id_column] if gene_id_column else var.index).astype(str).to_numpy()
     col_token, _ = resolve_genes(gene_ids, spec.vocab, gene_name_map=spec.gene_name_map,
                                  ortholog_map=spec.ortholog_map, min_fraction=min_gene_match, source="adata")
-    obs_cols = [c for c in (TOTAL_COLUMN, FILTER_COLUMN) if c in adata.obs.columns]
+    obs_cols = [c for c in dict.fromkeys((TOTAL_COLUMN, FILTER_COLUMN, species_column)) if c in adata.obs.columns]
+    qc_keep = None
+    if qc is not None:
+        from .qc import matrix_qc
+
+        qc_keep, _ = matrix_qc(X, gene_ids, chunk_size=chunk_size)
+    out_cols = ["input_ids", "length", "cell_index"] + (["values", "species"] if spec.values else [])
     tables = []
     for start in range(0, adata.n_obs, chunk_size):
         stop = min(start + chunk_size, adata.n_obs)
@@ -497,8 +578,9 @@ def tokenize_anndata(
         block = sp.csr_matrix(block) if not sp.issparse(block) else block.tocsr()
         chunk = CellChunk(start, block.indptr.astype(np.int64), block.indices.astype(np.int32),
                           block.data, adata.obs.iloc[start:stop][obs_cols])
-        tab, _ = tokenize_chunk(spec, chunk, col_token, path="adata", var_names=gene_ids)
-        tables.append(tab.select(["input_ids", "length", "cell_index"]))
+        tab, _ = tokenize_chunk(spec, chunk, col_token, path="adata", var_names=gene_ids,
+                                qc_keep=None if qc_keep is None else qc_keep[start:stop])
+        tables.append(tab.select(out_cols))
     out = pa.concat_tables(tables) if tables else pa.table(
         {"input_ids": pa.array([], pa.list_(pa.int32())), "length": pa.array([], pa.int32()),
          "cell_index": pa.array([], pa.int64())})

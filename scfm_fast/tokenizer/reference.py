@@ -28,6 +28,8 @@ For each cell (a CSR row over the *source* gene columns):
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 from .._errors import CountDataError
@@ -54,6 +56,20 @@ def _seq_sum(values: np.ndarray) -> float:
     if values.size == 0:
         return 0.0
     return float(np.add.accumulate(values, dtype=np.float64)[-1])
+
+
+def _token_sums(row_cols: np.ndarray, row_vals: np.ndarray, col_token: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Vocabulary tokens of one row (ascending) and their summed nonzero counts (step 3)."""
+    toks = col_token[row_cols]
+    keep = (toks >= 0) & (row_vals != 0)
+    toks, vals = toks[keep].astype(np.int64), row_vals[keep]
+    # sum duplicates: stable sort by token keeps column order inside a group
+    order = np.argsort(toks, kind="stable")
+    toks, vals = toks[order], vals[order]
+    uniq, start = np.unique(toks, return_index=True)
+    sums = np.array([_seq_sum(vals[s:e]) if e - s > 1 else vals[s]
+                     for s, e in zip(start, np.append(start[1:], toks.size))], dtype=np.float64)
+    return uniq, sums
 
 
 def count_problem(value: float) -> str:
@@ -137,17 +153,9 @@ def rank_tokenize_ref(
         cell_totals[i] = total
         if not total > 0:
             continue
-        toks = col_token[row_cols]
-        keep = (toks >= 0) & (row_vals != 0)
-        toks, vals = toks[keep].astype(np.int64), row_vals[keep]
-        if toks.size == 0:
+        uniq, sums = _token_sums(row_cols, row_vals, col_token)
+        if uniq.size == 0:
             continue
-        # sum duplicates: stable sort by token keeps column order inside a group
-        order = np.argsort(toks, kind="stable")
-        toks, vals = toks[order], vals[order]
-        uniq, start = np.unique(toks, return_index=True)
-        sums = np.array([_seq_sum(vals[s:e]) if e - s > 1 else vals[s]
-                         for s, e in zip(start, np.append(start[1:], toks.size))], dtype=np.float64)
         keys = sums / token_median[uniq]
         nz = keys != 0
         uniq, keys = uniq[nz], keys[nz]
@@ -168,3 +176,75 @@ def rank_tokenize_ref(
     np.cumsum(lengths, out=offsets[1:])
     tokens = np.concatenate(out) if out else np.zeros(0, dtype=np.int32)
     return tokens.astype(np.int32, copy=False), offsets, cell_totals
+
+
+def log2_1p(x: np.ndarray) -> np.ndarray:
+    """``log2(1 + x)`` elementwise in float64 through the C library's ``log2`` (``math.log2``).
+
+    NumPy's ``np.log2`` may use its own SIMD approximation (SVML on AVX-512 machines), which can
+    differ from the C library in the last bit; ``math.log2``, the C++ core's ``std::log2`` and
+    Numba's ``math.log2`` all call the platform's ``log2``, so the three backends agree bit for bit.
+    """
+    flat = np.asarray(x, dtype=np.float64).ravel()
+    out = np.fromiter((math.log2(1.0 + v) for v in flat.tolist()),
+                      dtype=np.float64, count=flat.size)
+    return out.reshape(np.shape(x))
+
+
+def value_tokenize_ref(
+    indptr: np.ndarray,
+    indices: np.ndarray,
+    data: np.ndarray,
+    *,
+    col_token: np.ndarray,
+    token_median: np.ndarray,
+    max_len: int,
+    normalize_total: float | None = None,
+    totals: np.ndarray | None = None,
+    allow_non_integer: bool = False,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """GeneCompass value tokenization of a CSR chunk of cells: token ids *and* their values.
+
+    Semantics (GeneCompass, made deterministic)
+    --------------------------------------------
+    Steps 1-3 and 5 are those of :func:`rank_tokenize_ref` (count checks, totals, duplicate genes
+    summed, zero counts dropped), with no special tokens:
+
+    * ``key = count / median`` in float64 orders the genes, highest first, **ties by token id
+      ascending**; the top ``max_len`` are kept.  (GeneCompass sorts by its value with an unstable
+      argsort; the value is a monotone function of the key, so this is its order with ties fixed.)
+    * ``value = log2(1 + key)`` on raw counts (GeneCompass's released corpus), or with
+      ``normalize_total=T``: ``log2(1 + key * (T / total))``, i.e. count / total x T / median.  The
+      per-cell factor is applied to the key (one rounding, monotone), so values never increase
+      along the order; ``log2`` is the C library's (see :func:`log2_1p`).  Values are then rounded
+      to float32.
+    * A cell whose total is not > 0 or with no expressed vocabulary gene gets no tokens.
+
+    Returns
+    -------
+    tokens
+        ``int32`` concatenated token ids of all cells.
+    values
+        ``float32`` value of each token, same order.
+    offsets
+        ``int64``, ``n_cells + 1``; cell ``i`` is ``tokens[offsets[i]:offsets[i+1]]``.
+    cell_totals
+        ``float64`` total of each cell (given or summed).
+    """
+    tokens, offsets, cell_totals = rank_tokenize_ref(
+        indptr, indices, data, col_token=col_token, token_median=token_median, max_len=max_len,
+        totals=totals, allow_non_integer=allow_non_integer,
+    )
+    indptr = np.asarray(indptr, dtype=np.int64)
+    keys = np.zeros(tokens.shape[0], dtype=np.float64)
+    for i in range(indptr.shape[0] - 1):
+        lo, hi = offsets[i], offsets[i + 1]
+        if hi == lo:
+            continue
+        row = slice(indptr[i], indptr[i + 1])
+        uniq, sums = _token_sums(np.asarray(indices[row], dtype=np.int64), data[row].astype(np.float64), col_token)
+        cell_keys = sums[np.searchsorted(uniq, tokens[lo:hi])] / token_median[tokens[lo:hi]]
+        if normalize_total is not None:
+            cell_keys = cell_keys * (float(normalize_total) / cell_totals[i])
+        keys[lo:hi] = cell_keys
+    return tokens, log2_1p(keys).astype(np.float32), offsets, cell_totals

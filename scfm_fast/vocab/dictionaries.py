@@ -30,6 +30,8 @@ class Preset:
     cls: str | None
     eos: str | None
     dictionary_dir: str | None  # bundled dictionary set, or None when the user must supply one
+    gene_name_map: str | None = None  # symbol table used for gene_name_map="auto" (None: Geneformer's)
+    values: bool = False  # GeneCompass: a float32 value travels with each token
 
     @property
     def n_special(self) -> int:
@@ -40,6 +42,11 @@ PRESETS: dict[str, Preset] = {
     "geneformer-v1": Preset("geneformer-v1", 2048, None, None, "geneformer_v1"),
     # V2's gc104M dictionaries are not bundled: pass --token-dictionary/--gene-median.
     "geneformer-v2": Preset("geneformer-v2", 4096, "<cls>", "<eos>", None),
+    # mouse-Geneformer: V1 layout over its own mouse Ensembl vocabulary (not distributed with its code:
+    # pass --token-dictionary/--gene-median, e.g. from `scfm medians`); mouse symbols -> ENSMUSG ids
+    "mouse-geneformer": Preset("mouse-geneformer", 2048, None, None, None, "ensembl-mouse"),
+    # GeneCompass: one joint dictionary (ENSG and ENSMUSG keys), values beside the tokens
+    "genecompass": Preset("genecompass", 2048, None, None, None, "ensembl-human+mouse", values=True),
 }
 
 
@@ -119,7 +126,8 @@ class GeneVocab:
         if token_dictionary is None or gene_median is None:
             if pre.dictionary_dir is None:
                 msg = (f"preset {preset!r} has no bundled dictionaries; pass --token-dictionary and "
-                       "--gene-median (Geneformer's gc104M pickles for V2)")
+                       "--gene-median (Geneformer's gc104M pickles for V2; mouse-Geneformer's or GeneCompass's "
+                       "own dictionaries, or ones built by `scfm medians`)")
                 raise InputFileError(msg)
             base = bundled_dir(pre.dictionary_dir)
             token_dictionary = token_dictionary or base / "token_dictionary.pkl"

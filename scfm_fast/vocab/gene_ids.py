@@ -30,7 +30,15 @@ def strip_version(gene_id: str) -> str:
 
 
 def load_gene_name_map(path: str | Path | None = None) -> dict[str, str]:
-    """Gene symbol -> Ensembl id (default: Geneformer's bundled ``gene_name_id_dict.pkl``)."""
+    """Gene symbol -> Ensembl id (default: Geneformer's bundled ``gene_name_id_dict.pkl``).
+
+    ``path`` may also name a bundled Ensembl table: ``"ensembl-human"``, ``"ensembl-mouse"`` or
+    ``"ensembl-human+mouse"`` (see :mod:`scfm_fast.vocab.ensembl`).
+    """
+    from .ensembl import BUNDLED_NAME_MAPS, ensembl_name_map
+
+    if isinstance(path, str) and path in BUNDLED_NAME_MAPS:
+        return ensembl_name_map(*BUNDLED_NAME_MAPS[path])
     p = Path(path) if path is not None else bundled_dir("geneformer_v1") / "gene_name_id_dict.pkl"
     if p.suffix in (".csv", ".tsv", ".gz", ".txt"):
         return _name_map_from_table(p)
