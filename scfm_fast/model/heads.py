@@ -78,15 +78,20 @@ class MLMHead(nn.Module):
             if k == _DECODER_WEIGHT and self.tied:
                 continue
             out[HF_PREFIX + k] = v
+        if not self.tied:  # transformers >= 5 ties decoder.bias to bias only with tied embeddings
+            out[HF_PREFIX + _DECODER_BIAS] = self.bias.detach()
         return out
 
     def load_hf_state_dict(self, sd: dict[str, torch.Tensor], *, source: str = "checkpoint") -> None:
         """Load ``cls.predictions.*`` tensors (other keys ignored); ``ValueError`` naming what is missing
-        or of the wrong shape. ``decoder.bias`` is HF's alias of ``bias``."""
+        or of the wrong shape.
+
+        ``decoder.bias`` is the bias HF's forward adds: a tied alias of ``bias`` in transformers 4 and in
+        tied models, its own tensor in an untied transformers-5 model (where ``bias`` goes unused). It wins.
+        """
         own = {k.removeprefix(HF_PREFIX): v for k, v in sd.items() if k.startswith(HF_PREFIX)}
-        if "bias" not in own and _DECODER_BIAS in own:
-            own["bias"] = own[_DECODER_BIAS]
-        own.pop(_DECODER_BIAS, None)
+        if _DECODER_BIAS in own:
+            own["bias"] = own.pop(_DECODER_BIAS)
         if self.tied:
             own.pop(_DECODER_WEIGHT, None)  # a copy of the word embeddings (pytorch_model.bin keeps it)
         want = {k: v for k, v in self.state_dict().items() if not (self.tied and k == _DECODER_WEIGHT)}

@@ -68,6 +68,7 @@ class EncoderParams:
         self.n_heads = cfg.num_attention_heads
         self.head_dim = cfg.hidden_size // cfg.num_attention_heads
         self.max_pos = cfg.max_position_embeddings
+        self.pad_id = cfg.pad_token_id
         self.act_name = cfg.hidden_act
         self._activation = get_activation(cfg.hidden_act)
         self.act = self._activation.fn
@@ -117,7 +118,8 @@ class EncoderParams:
             h = bert_embeddings(tok.reshape(-1), pos.reshape(-1), self.word, self.pos, self.tt0, *self.eln)
             h = h.view(*tok.shape, self.hidden)
         else:
-            h = self._ln(self.word[tok] + self.pos[pos] + self.tt0, self.eln)
+            # padding_idx: padded rows give the pad embedding no gradient, as nn.Embedding in HF BERT
+            h = self._ln(F.embedding(tok, self.word, self.pad_id) + self.pos[pos] + self.tt0, self.eln)
         return self._drop(h, self.p_hidden)
 
     def qkv(self, i: int, h: torch.Tensor) -> torch.Tensor:
