@@ -181,7 +181,7 @@ def load_masked_lm(path: str | Path, *, device: str | torch.device | None = None
         msg = f"{path}: no MLM head (cls.predictions.*) in this checkpoint"
         raise InputFileError(msg)
     tied = _DECODER_WEIGHT not in head_sd
-    head = MLMHead(model.config, word_embeddings=model.embeddings.word_embeddings.weight if tied else None)
+    head = MLMHead(model.config, tied_to=model.embeddings.word_embeddings if tied else None)
     try:
         head.load_hf_state_dict(head_sd, source=str(path))
     except ValueError as e:
@@ -217,7 +217,7 @@ def save_encoder(model: BertEncoderModel, path: str | Path, *,
     cfg = model.config
     sd = {f"bert.{k}": v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
     if mlm_head is None:
-        mlm_head = MLMHead(cfg, word_embeddings=model.embeddings.word_embeddings.weight).reset_identity()
+        mlm_head = MLMHead(cfg, tied_to=model.embeddings.word_embeddings).reset_identity()
     if isinstance(mlm_head, MLMHead):
         mlm_head = mlm_head.hf_state_dict()
     for k, v in mlm_head.items():

@@ -21,10 +21,16 @@ _DECODER_WEIGHT, _DECODER_BIAS = "decoder.weight", "decoder.bias"
 
 
 class _Transform(nn.Module):
+    """``LayerNorm(act(dense(h)))`` (HF ``BertPredictionHeadTransform``)."""
+
     def __init__(self, cfg: EncoderConfig) -> None:
         super().__init__()
         self.dense = nn.Linear(cfg.hidden_size, cfg.hidden_size)
         self.LayerNorm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
+        self.act = get_activation(cfg.hidden_act).fn
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return self.LayerNorm(self.act(self.dense(h)))
 
 
 class MLMHead(nn.Module):
@@ -34,25 +40,25 @@ class MLMHead(nn.Module):
     ----------
     cfg
         The encoder's config (``hidden_act`` and ``layer_norm_eps`` as for the encoder, as in HF).
-    word_embeddings
-        Tie the decoder to this ``(vocab, hidden)`` weight (HF's default, ``tie_word_embeddings``);
-        ``None``: an own decoder weight.
+    tied_to
+        Tie the decoder to these word embeddings (an ``nn.Embedding`` or its ``(vocab, hidden)`` weight;
+        HF's default, ``tie_word_embeddings``); ``None``: an own decoder weight.
     """
 
-    def __init__(self, cfg: EncoderConfig, *, word_embeddings: nn.Parameter | None = None) -> None:
+    def __init__(self, cfg: EncoderConfig, *, tied_to: nn.Embedding | nn.Parameter | None = None) -> None:
         super().__init__()
         self.config = cfg
-        self.act = get_activation(cfg.hidden_act).fn
         self.transform = _Transform(cfg)
         self.decoder = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         self.bias = nn.Parameter(torch.zeros(cfg.vocab_size))
-        self.tied = word_embeddings is not None
-        if word_embeddings is not None:
-            if tuple(word_embeddings.shape) != (cfg.vocab_size, cfg.hidden_size):
+        self.tied = tied_to is not None
+        if tied_to is not None:
+            w = tied_to.weight if isinstance(tied_to, nn.Embedding) else tied_to
+            if tuple(w.shape) != (cfg.vocab_size, cfg.hidden_size):
                 msg = (f"cannot tie the MLM decoder ({cfg.vocab_size} x {cfg.hidden_size}) to word embeddings "
-                       f"of shape {tuple(word_embeddings.shape)}")
+                       f"of shape {tuple(w.shape)}")
                 raise ValueError(msg)
-            self.decoder.weight = word_embeddings  # one Parameter shared, as HF ties them
+            self.decoder.weight = w  # one Parameter shared, as HF ties them
 
     @property
     def decoder_weight(self) -> torch.Tensor:
@@ -61,10 +67,7 @@ class MLMHead(nn.Module):
 
     def transform_rows(self, h: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
         """``LayerNorm(act(dense(h)))`` of ``h`` (or of ``h[rows]``): the decoder's input."""
-        if rows is not None:
-            h = h[rows]
-        t = self.transform
-        return t.LayerNorm(self.act(t.dense(h)))
+        return self.transform(h if rows is None else h[rows])
 
     def forward(self, h: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
         """Logits ``(..., vocab)`` of ``h``, or of ``h[rows]`` only (index or boolean mask)."""

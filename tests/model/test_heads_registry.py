@@ -73,7 +73,7 @@ def test_head_refuses_wrong_shapes_and_missing_tensors():
     with pytest.raises(ValueError, match="cls.predictions.bias has shape"):
         MLMHead(cfg).load_hf_state_dict(sd)
     with pytest.raises(ValueError, match="cannot tie"):
-        MLMHead(cfg, word_embeddings=torch.nn.Parameter(torch.zeros(5, 48)))
+        MLMHead(cfg, tied_to=torch.nn.Embedding(5, 48))
 
 
 def test_masked_lm_needs_a_head(tmp_path):

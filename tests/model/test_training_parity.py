@@ -40,7 +40,7 @@ def _models(act, *, tied=True, dropout=0.0):
     cfg.hidden_dropout_prob = cfg.attention_probs_dropout_prob = dropout
     cfg.tie_word_embeddings = tied
     enc = init_like_bert(BertEncoderModel(cfg), std=0.1)
-    head = MLMHead(cfg, word_embeddings=enc.embeddings.word_embeddings.weight if tied else None)
+    head = MLMHead(cfg, tied_to=enc.embeddings.word_embeddings.weight if tied else None)
     init_like_bert(head, std=0.1, seed=1)
     hf_cfg = transformers.BertConfig(**cfg.to_hf_dict(), attn_implementation="eager")
     hf = transformers.BertForMaskedLM(hf_cfg)
