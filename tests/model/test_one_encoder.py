@@ -17,7 +17,6 @@ ENCODER_MATHS = re.compile(r"scaled_dot_product_attention|(?<!log_)softmax\(|lay
 # file imports scfm_fast.model.layers / scfm_fast.kernels.attention instead. An entry whose file is gone
 # or clean is ignored, so the list can only shrink.
 PENDING = {
-    "perturb/_layers.py": "former encoder copy: import EncoderParams/autocast_ctx from model/layers.py, delete",
     "perturb/approx.py": "approx engine's private softmax attention over cached q/k/v",
 }
 
