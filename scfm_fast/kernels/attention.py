@@ -13,12 +13,19 @@ Backends, tried in this order by ``backend="auto"`` (the first that supports the
     PyTorch runs with its varlen flash / memory-efficient kernels (padded length buckets if that fails);
     on the CPU one unmasked call per cell (so its fused kernel is used).
 ``triton``
-    :func:`_varlen_attn_fwd` below, our FlashAttention-style forward kernel (online softmax over
-    key blocks, one program per (query block, sequence, head)); CUDA, or the CPU under
-    ``TRITON_INTERPRET=1``. Forward only (inference / embeddings / perturbation).
+    :mod:`scfm_fast.kernels._attention_triton`, our FlashAttention-style forward kernel; CUDA, or the
+    CPU under ``TRITON_INTERPRET=1``. Forward only and without dropout: ``auto`` skips it while autograd
+    records (an input requires grad) or ``dropout_p > 0``, and asking for it then raises, saying why.
 ``reference``
     :func:`varlen_attention_ref`, plain PyTorch per sequence in float32: the oracle.
 
+Autograd policy: ``flash``, ``sdpa`` and ``reference`` are differentiable (PyTorch / flash-attn
+backward; tested against torch autograd on padded inputs); ``triton`` is not and is never chosen then.
+Attention-probability dropout (BERT's ``attention_probs_dropout_prob``, train mode) is applied by every
+backend but ``triton``.
+
+For cells of one length (no mask) :func:`dense_attention` is SDPA; :func:`padded_attention_ref` is
+Hugging Face BERT's eager attention on padded batches with an additive key-padding bias.
 :func:`backend_report` lists, for a device and dtype, which backends are usable and why the others
 are not (printed by ``scfm info``).
 """
@@ -27,47 +34,69 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 
-try:  # a Linux dependency; without it the other backends are used
-    import triton
-    import triton.language as tl
-except ImportError:  # pragma: no cover
-    triton = tl = None
-
-from ._utils import interpreting, next_pow2, triton_available
+from ._attention_triton import varlen_attention_triton
+from ._utils import interpreting, triton_available
 
 log = logging.getLogger("scfm_fast")
 
 BACKENDS = ("flash", "sdpa", "triton", "reference")
-_LOG2E = 1.4426950408889634
+__all__ = ["BACKENDS", "backend_report", "dense_attention", "key_padding_bias", "padded_attention_ref",
+           "select_backend", "varlen_attention", "varlen_attention_ref", "varlen_attention_triton"]
+
+
+# ----------------------------------------------------------------------------- dense (one length / padded)
+def dense_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, dropout_p: float = 0.0) -> torch.Tensor:
+    """Unmasked attention of ``(..., heads, T, head_dim)`` cells that all have ``T`` rows (SDPA)."""
+    return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p)
+
+
+def key_padding_bias(attention_mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``(B, 1, 1, L)`` additive bias: 0 on real keys, ``finfo(dtype).min`` on padding (as HF BERT)."""
+    bias = torch.zeros(attention_mask.shape[0], 1, 1, attention_mask.shape[-1], dtype=dtype,
+                       device=attention_mask.device)
+    return bias.masked_fill(~attention_mask.bool()[:, None, None, :], torch.finfo(dtype).min)
+
+
+def padded_attention_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor, *,
+                         dropout_p: float = 0.0) -> torch.Tensor:
+    """Hugging Face BERT's eager attention on padded ``(B, heads, L, head_dim)``: softmax(q k^T / sqrt(d)
+    + bias), dropout on the probabilities, times v."""
+    scores = q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1]) + bias
+    p = scores.softmax(-1)
+    if dropout_p > 0:
+        p = F.dropout(p, dropout_p)
+    return p @ v
 
 
 # ----------------------------------------------------------------------------- reference
 def varlen_attention_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor,
-                         max_seqlen: int | None = None, *, scale: float | None = None) -> torch.Tensor:
-    """Softmax(q k^T * scale) v for each sequence separately, in float32 (the oracle)."""
+                         max_seqlen: int | None = None, *, scale: float | None = None,
+                         dropout_p: float = 0.0) -> torch.Tensor:
+    """Softmax(q k^T * scale) v for each sequence separately, in float32 (the oracle; differentiable)."""
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
-    out = torch.empty_like(q)
     cu = cu_seqlens.tolist()
+    outs = [q[:0]]
     for s, e in zip(cu[:-1], cu[1:]):
         if e == s:
             continue
         qs, ks, vs = (t[s:e].float().transpose(0, 1) for t in (q, k, v))  # (H, L, D)
         p = torch.softmax(qs @ ks.transpose(-1, -2) * scale, dim=-1)
-        out[s:e] = (p @ vs).transpose(0, 1).to(q.dtype)
-    return out
+        if dropout_p > 0:
+            p = F.dropout(p, dropout_p)
+        outs.append((p @ vs).transpose(0, 1).to(q.dtype))
+    return torch.cat(outs)
 
 
 # ----------------------------------------------------------------------------- sdpa
 _nested_failed: list[str] = []
 
 
-def _sdpa_nested(q, k, v, cu_seqlens, max_seqlen, *, scale):
+def _sdpa_nested(q, k, v, cu_seqlens, max_seqlen, *, scale, dropout_p=0.0):
     """SDPA over nested (jagged) tensors built on ``cu_seqlens``: on CUDA, PyTorch hands these to its
     own varlen flash / memory-efficient kernels, with no padding and no mask."""
     off = cu_seqlens.to(torch.int64)
@@ -81,13 +110,13 @@ def _sdpa_nested(q, k, v, cu_seqlens, max_seqlen, *, scale):
         from torch.nn.attention import SDPBackend, sdpa_kernel
 
         with sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION]):
-            o = F.scaled_dot_product_attention(nt(q), nt(k), nt(v), scale=scale)
+            o = F.scaled_dot_product_attention(nt(q), nt(k), nt(v), scale=scale, dropout_p=dropout_p)
     else:  # the CPU runs nested tensors through the math path: used by tests only
-        o = F.scaled_dot_product_attention(nt(q), nt(k), nt(v), scale=scale)
+        o = F.scaled_dot_product_attention(nt(q), nt(k), nt(v), scale=scale, dropout_p=dropout_p)
     return o.transpose(1, 2).values().reshape(q.shape)
 
 
-def _sdpa_varlen(q, k, v, cu_seqlens, max_seqlen, *, scale, layout=None):
+def _sdpa_varlen(q, k, v, cu_seqlens, max_seqlen, *, scale, layout=None, dropout_p=0.0):
     """Varlen attention through ``torch.nn.functional.scaled_dot_product_attention``.
 
     ``layout`` (default: ``"per_cell"`` on the CPU, ``"nested"`` on CUDA):
@@ -112,18 +141,19 @@ def _sdpa_varlen(q, k, v, cu_seqlens, max_seqlen, *, scale, layout=None):
     layout = layout or ("per_cell" if q.device.type == "cpu" else "nested")
     if layout == "nested" and not _nested_failed:
         try:
-            return _sdpa_nested(q, k, v, cu_seqlens, max_seqlen, scale=scale)
+            return _sdpa_nested(q, k, v, cu_seqlens, max_seqlen, scale=scale, dropout_p=dropout_p)
         except (RuntimeError, NotImplementedError, TypeError, AttributeError, ValueError) as e:
             _nested_failed.append(f"{type(e).__name__}: {e}")
             log.warning("SDPA on nested tensors failed (%s); using padded buckets", _nested_failed[0][:300])
     if layout == "per_cell":
         cu = cu_seqlens.tolist()
+        outs = [q[:0]]  # concatenated rather than written into ``out``: one clean autograd graph
         for s, e in zip(cu[:-1], cu[1:]):
             if e > s:
                 o = F.scaled_dot_product_attention(q[s:e].transpose(0, 1)[None], k[s:e].transpose(0, 1)[None],
-                                                   v[s:e].transpose(0, 1)[None], scale=scale)
-                out[s:e] = o[0].transpose(0, 1)
-        return out
+                                                   v[s:e].transpose(0, 1)[None], scale=scale, dropout_p=dropout_p)
+                outs.append(o[0].transpose(0, 1))
+        return torch.cat(outs)
     pos = position_ids_from_cu_seqlens(cu_seqlens, total)
     seq = seq_ids_from_cu_seqlens(cu_seqlens, total)
     lens_cpu = lengths.cpu()
@@ -155,99 +185,10 @@ def _sdpa_varlen(q, k, v, cu_seqlens, max_seqlen, *, scale, layout=None):
             mask = torch.zeros(g * lmax, dtype=torch.bool, device=q.device)
             mask[flat] = True
             mask = mask.view(g, 1, 1, lmax)
-        o = F.scaled_dot_product_attention(padded(q), padded(k), padded(v), attn_mask=mask, scale=scale)
+        o = F.scaled_dot_product_attention(padded(q), padded(k), padded(v), attn_mask=mask, scale=scale,
+                                           dropout_p=dropout_p)
         out[rows] = o.transpose(1, 2).reshape(g * lmax, nh, hd)[flat]
         i = j
-    return out
-
-
-# ----------------------------------------------------------------------------- triton
-
-
-if triton is not None:
-
-    @triton.jit
-    def _varlen_attn_fwd(Q, K, V, Out, CU, qk_scale, stride_t, stride_h, H, D,
-                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-                         IEEE: tl.constexpr):
-        # (sequence, head) on axis 0: its limit is 2**31, axis 1 only allows 65,535 programs
-        pid_bh = tl.program_id(0)
-        pid_m = tl.program_id(1)
-        b = pid_bh // H
-        h = pid_bh % H
-        start = tl.load(CU + b).to(tl.int64)  # 64-bit row offsets: token * stride can pass 2**31
-        seqlen = (tl.load(CU + b + 1) - tl.load(CU + b)).to(tl.int32)
-        if pid_m * BLOCK_M < seqlen:
-            offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-            offs_n = tl.arange(0, BLOCK_N)
-            offs_d = tl.arange(0, BLOCK_D)
-            dmask = offs_d[None, :] < D
-            q = tl.load(Q + (start + offs_m)[:, None] * stride_t + h * stride_h + offs_d[None, :],
-                        mask=(offs_m[:, None] < seqlen) & dmask, other=0.0)
-            m_i = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
-            l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
-            acc = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
-            for n0 in range(0, seqlen, BLOCK_N):
-                kn = n0 + offs_n
-                kv_mask = (kn[:, None] < seqlen) & dmask
-                kv_off = (start + kn)[:, None] * stride_t + h * stride_h + offs_d[None, :]
-                k = tl.load(K + kv_off, mask=kv_mask, other=0.0)
-                # float32 inputs: exact fp32 products, as the reference (Triton's default is TF32 on
-                # CUDA, ~3e-4 relative error); half inputs use the tensor cores either way
-                # scores in log2 units (qk_scale = scale * log2(e)): exp2 is the hardware's native exponential
-                if IEEE:
-                    s = tl.dot(q, tl.trans(k), input_precision="ieee") * qk_scale
-                else:
-                    s = tl.dot(q, tl.trans(k)) * qk_scale
-                s = tl.where(kn[None, :] < seqlen, s, float("-inf"))
-                m_new = tl.maximum(m_i, tl.max(s, 1))
-                p = tl.exp2(s - m_new[:, None])
-                alpha = tl.exp2(m_i - m_new)
-                l_i = l_i * alpha + tl.sum(p, 1)
-                v = tl.load(V + kv_off, mask=kv_mask, other=0.0)
-                if IEEE:
-                    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")
-                else:
-                    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
-                m_i = m_new
-            acc = acc / l_i[:, None]
-            tl.store(Out + (start + offs_m)[:, None] * stride_t + h * stride_h + offs_d[None, :],
-                     acc.to(Out.dtype.element_ty), mask=(offs_m[:, None] < seqlen) & dmask)
-
-
-    # CUDA: block shapes, warps and pipelining depth chosen by timing on the first call per (heads, head
-    # dim, precision). Configurations that do not fit the device are skipped by the autotuner.
-    _CUDA_CONFIGS = [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
-                     for bm, bn, w, s in ((128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 3), (64, 64, 4, 3),
-                                          (64, 64, 4, 4), (128, 32, 4, 4), (64, 32, 4, 3))]
-    _varlen_attn_fwd_tuned = triton.autotune(configs=_CUDA_CONFIGS, key=["H", "BLOCK_D", "IEEE"])(_varlen_attn_fwd)
-
-
-def varlen_attention_triton(q, k, v, cu_seqlens, max_seqlen, *, scale=None):
-    """Launch the Triton varlen forward kernel (see module docstring).
-
-    On CUDA the block configuration is autotuned (``SCFM_FAST_TRITON_AUTOTUNE=0``: a fixed 64 x 64);
-    under the CPU interpreter it is 16 x 16.
-    """
-    total, nh, hd = q.shape
-    if not (q.is_contiguous() and k.is_contiguous() and v.is_contiguous()):
-        q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
-    out = torch.empty_like(q)
-    if total == 0:
-        return out
-    scale = 1.0 / math.sqrt(hd) if scale is None else scale
-    block_d = max(16, next_pow2(hd))
-    batch = cu_seqlens.numel() - 1
-    lmax = max(int(max_seqlen), 1)
-    args = (q, k, v, out, cu_seqlens.to(torch.int32), scale * _LOG2E, q.stride(0), q.stride(1), nh, hd)
-    ieee = q.dtype == torch.float32
-    if q.is_cuda and os.environ.get("SCFM_FAST_TRITON_AUTOTUNE", "1") != "0":
-        grid = lambda meta: (batch * nh, triton.cdiv(lmax, meta["BLOCK_M"]))  # noqa: E731
-        _varlen_attn_fwd_tuned[grid](*args, BLOCK_D=block_d, IEEE=ieee)
-        return out
-    block = 16 if interpreting() else (64 if block_d <= 64 else 32)
-    _varlen_attn_fwd[(batch * nh, triton.cdiv(lmax, block))](*args, BLOCK_M=block, BLOCK_N=block, BLOCK_D=block_d,
-                                                             IEEE=ieee)
     return out
 
 
@@ -277,8 +218,13 @@ def _flash_reasons(device: torch.device, dtype: torch.dtype, head_dim: int) -> l
     return r
 
 
-def _triton_reasons(device: torch.device, dtype: torch.dtype, head_dim: int) -> list[str]:
+def _triton_reasons(device: torch.device, dtype: torch.dtype, head_dim: int, *, needs_grad: bool,
+                    dropout_p: float) -> list[str]:
     r = []
+    if needs_grad:
+        r.append("forward only (no backward): not used while autograd records")
+    if dropout_p > 0:
+        r.append(f"no attention dropout (dropout_p={dropout_p:g}, train mode)")
     why = triton_available()
     if why:
         r.append(why)
@@ -291,21 +237,24 @@ def _triton_reasons(device: torch.device, dtype: torch.dtype, head_dim: int) -> 
     return r
 
 
-def not_supported_reasons(backend: str, *, device: torch.device | str, dtype: torch.dtype,
-                          head_dim: int) -> list[str]:
-    """Why ``backend`` cannot run these inputs (empty list: it can)."""
+def not_supported_reasons(backend: str, *, device: torch.device | str, dtype: torch.dtype, head_dim: int,
+                          needs_grad: bool = False, dropout_p: float = 0.0) -> list[str]:
+    """Why ``backend`` cannot run these inputs (empty list: it can).
+
+    ``needs_grad``: autograd records (an input requires grad); ``dropout_p``: attention dropout.
+    """
     device = torch.device(device)
     if backend == "flash":
         return _flash_reasons(device, dtype, head_dim)
     if backend == "triton":
-        return _triton_reasons(device, dtype, head_dim)
+        return _triton_reasons(device, dtype, head_dim, needs_grad=needs_grad, dropout_p=dropout_p)
     if backend in ("sdpa", "reference"):
         return []
     return [f"unknown backend {backend!r}; choose from {BACKENDS}"]
 
 
 def backend_report(device: torch.device | str | None = None, dtype: torch.dtype | None = None,
-                   head_dim: int = 64) -> list[dict]:
+                   head_dim: int = 64, *, needs_grad: bool = False, dropout_p: float = 0.0) -> list[dict]:
     """For each backend: name, whether it is usable for (device, dtype, head_dim), and why not."""
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -314,7 +263,8 @@ def backend_report(device: torch.device | str | None = None, dtype: torch.dtype 
         dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     rows = []
     for b in BACKENDS:
-        reasons = not_supported_reasons(b, device=device, dtype=dtype, head_dim=head_dim)
+        reasons = not_supported_reasons(b, device=device, dtype=dtype, head_dim=head_dim, needs_grad=needs_grad,
+                                        dropout_p=dropout_p)
         rows.append({"name": b, "usable": not reasons, "reasons": reasons, "device": str(device),
                      "dtype": str(dtype).removeprefix("torch."), "head_dim": head_dim})
     return rows
@@ -323,17 +273,20 @@ def backend_report(device: torch.device | str | None = None, dtype: torch.dtype 
 _logged: set = set()
 
 
-def select_backend(q: torch.Tensor, backend: str = "auto") -> str:
+def select_backend(q: torch.Tensor, backend: str = "auto", *, needs_grad: bool = False,
+                   dropout_p: float = 0.0) -> str:
     """The backend ``backend`` resolves to for ``q``; raises listing every reason when none fits."""
     cands = BACKENDS if backend == "auto" else (backend,)
     reasons = {}
     for b in cands:
-        r = not_supported_reasons(b, device=q.device, dtype=q.dtype, head_dim=q.shape[-1])
+        r = not_supported_reasons(b, device=q.device, dtype=q.dtype, head_dim=q.shape[-1], needs_grad=needs_grad,
+                                  dropout_p=dropout_p)
         if not r:
-            key = (b, q.device.type, q.dtype)
+            key = (b, q.device.type, q.dtype, needs_grad)
             if key not in _logged:
                 _logged.add(key)
-                log.info("attention backend: %s (device %s, %s)", b, q.device, q.dtype)
+                log.info("attention backend: %s (device %s, %s%s)", b, q.device, q.dtype,
+                         ", with grad" if needs_grad else "")
             return b
         reasons[b] = r
     msg = "no attention backend fits: " + "; ".join(f"{b}: {', '.join(r)}" for b, r in reasons.items())
@@ -341,7 +294,8 @@ def select_backend(q: torch.Tensor, backend: str = "auto") -> str:
 
 
 def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor,
-                     max_seqlen: int, *, scale: float | None = None, backend: str = "auto") -> torch.Tensor:
+                     max_seqlen: int, *, scale: float | None = None, backend: str = "auto",
+                     dropout_p: float = 0.0) -> torch.Tensor:
     """Bidirectional attention over packed sequences; ``(total, H, D)`` in and out.
 
     Parameters
@@ -356,16 +310,20 @@ def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqle
         Softmax scale (default ``1/sqrt(head_dim)``).
     backend
         ``"auto"`` or one of ``flash``, ``sdpa``, ``triton``, ``reference``.
+    dropout_p
+        Dropout on the attention probabilities (pass 0 in eval mode).
     """
-    b = select_backend(q, backend)
+    needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
+    b = select_backend(q, backend, needs_grad=needs_grad, dropout_p=dropout_p)
     if b == "flash":
         from flash_attn import flash_attn_varlen_func
 
         cu = cu_seqlens.to(torch.int32)
-        return flash_attn_varlen_func(q, k, v, cu, cu, max_seqlen, max_seqlen, softmax_scale=scale)
+        return flash_attn_varlen_func(q, k, v, cu, cu, max_seqlen, max_seqlen, dropout_p=dropout_p,
+                                      softmax_scale=scale)
     if b == "sdpa":
         scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
-        return _sdpa_varlen(q, k, v, cu_seqlens, max_seqlen, scale=scale)
+        return _sdpa_varlen(q, k, v, cu_seqlens, max_seqlen, scale=scale, dropout_p=dropout_p)
     if b == "triton":
         return varlen_attention_triton(q, k, v, cu_seqlens, max_seqlen, scale=scale)
-    return varlen_attention_ref(q, k, v, cu_seqlens, max_seqlen, scale=scale)
+    return varlen_attention_ref(q, k, v, cu_seqlens, max_seqlen, scale=scale, dropout_p=dropout_p)

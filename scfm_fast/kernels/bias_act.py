@@ -8,7 +8,6 @@ computed in PyTorch from the saved pre-activation input.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 try:  # a Linux dependency; without it the PyTorch ops below are used
     import triton
@@ -17,23 +16,15 @@ except ImportError:  # pragma: no cover
     triton = tl = None
 
 from ._utils import row_block, run_kernel, use_triton
+from .activations import ACTIVATIONS, get_activation
 
-ACTS = {"relu": 0, "gelu": 1, "gelu_new": 2, "gelu_pytorch_tanh": 2, "silu": 3, "swish": 3}
+# kernel formula per hidden_act name (from the one activation table)
+ACTS = {name: a.code for name, a in ACTIVATIONS.items()}
 
 
 def bias_act_ref(x: torch.Tensor, bias: torch.Tensor, act: str) -> torch.Tensor:
     """PyTorch reference in float32, cast back to ``x.dtype``."""
-    h = x.float() + bias.float()
-    a = ACTS[act]
-    if a == 0:
-        y = F.relu(h)
-    elif a == 1:
-        y = F.gelu(h)
-    elif a == 2:
-        y = F.gelu(h, approximate="tanh")
-    else:
-        y = F.silu(h)
-    return y.to(x.dtype)
+    return get_activation(act).fn(x.float() + bias.float()).to(x.dtype)
 
 
 if triton is not None:
@@ -63,9 +54,7 @@ def _kernel():
 
 def bias_act_forward(x: torch.Tensor, bias: torch.Tensor, act: str) -> torch.Tensor:
     """Launch the Triton kernel on ``(..., N)`` inputs."""
-    if act not in ACTS:
-        msg = f"activation {act!r} not supported; use one of {sorted(ACTS)}"
-        raise ValueError(msg)
+    get_activation(act)  # a clear error for an unknown name
     n = x.shape[-1]
     if bias.shape != (n,):
         msg = f"bias_act: bias must have shape ({n},), got {tuple(bias.shape)}"
@@ -97,17 +86,10 @@ class BiasActFunction(torch.autograd.Function):
 
 def bias_act(x: torch.Tensor, bias: torch.Tensor, act: str) -> torch.Tensor:
     """``act(x + bias)``: Triton on CUDA (or under the interpreter), PyTorch otherwise."""
-    a = ACTS[act]
+    fn = get_activation(act).fn
 
     def torch_ops() -> torch.Tensor:
-        h = x + bias
-        if a == 0:
-            return F.relu(h)
-        if a == 1:
-            return F.gelu(h)
-        if a == 2:
-            return F.gelu(h, approximate="tanh")
-        return F.silu(h)
+        return fn(x + bias)
 
     if use_triton(x):
         return run_kernel("bias_act", lambda: BiasActFunction.apply(x, bias, act), torch_ops)

@@ -2,8 +2,9 @@
 
 Reference: :func:`layer_norm_ref` (``torch.nn.functional.layer_norm`` on ``x + residual``), which is
 what BERT's ``BertSelfOutput`` / ``BertOutput`` compute. The Triton kernel holds one row per program,
-accumulates in float32 and writes the input dtype. The backward pass recomputes the normalisation in
-PyTorch from the saved inputs (the encoder's hot path is inference).
+accumulates in float32 and writes the dtype of the sum ``x + residual`` (so a half-precision projection
+added to a float32 residual stream stays float32, as eager PyTorch under autocast). The backward pass
+recomputes the normalisation in PyTorch from the saved inputs.
 """
 
 from __future__ import annotations
@@ -22,9 +23,13 @@ from ._utils import row_block, run_kernel, use_triton
 
 def layer_norm_ref(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor, bias: torch.Tensor,
                    eps: float) -> torch.Tensor:
-    """PyTorch reference: ``F.layer_norm(x + residual)`` in float32, cast back to ``x.dtype``."""
+    """PyTorch reference: ``F.layer_norm(x + residual)`` in float32, cast to the dtype of the sum."""
     h = x.float() if residual is None else x.float() + residual.float()
-    return F.layer_norm(h, (x.shape[-1],), weight.float(), bias.float(), eps).to(x.dtype)
+    return F.layer_norm(h, (x.shape[-1],), weight.float(), bias.float(), eps).to(_out_dtype(x, residual))
+
+
+def _out_dtype(x: torch.Tensor, residual: torch.Tensor | None) -> torch.dtype:
+    return x.dtype if residual is None else torch.promote_types(x.dtype, residual.dtype)
 
 
 if triton is not None:
@@ -61,7 +66,7 @@ def layer_norm_forward(x: torch.Tensor, residual: torch.Tensor | None, weight: t
     if weight.shape != (n,) or bias.shape != (n,):
         msg = f"layer_norm: weight/bias must have shape ({n},), got {tuple(weight.shape)}/{tuple(bias.shape)}"
         raise ValueError(msg)
-    y = torch.empty_like(x2)
+    y = torch.empty(x2.shape, dtype=_out_dtype(x, residual), device=x2.device)
     if x2.shape[0]:
         block, warps = row_block(n)
         _kernel()[(x2.shape[0],)](x2, r2, weight.contiguous(), bias.contiguous(), y, x2.stride(0),

@@ -1,32 +1,23 @@
 """BERT encoder with Hugging Face parameter names (so HF checkpoints load by name).
 
-``BertEncoderModel.forward_reference`` is the plain, padded, eager PyTorch path: the oracle that
-the unpadded fast path, the embedding extractor and the perturbation engine are tested against.
+The modules here only hold weights; the maths lives once in :mod:`scfm_fast.model.layers`.
+``BertEncoderModel.forward_reference`` is the plain, padded, eager PyTorch path (HF ``BertModel``'s
+eager attention): the oracle that the unpadded fast path, the embedding extractor and the perturbation
+engine are tested against. ``forward_varlen`` is the packed fast path, differentiable, with dropout in
+train mode (training uses it).
 """
 
 from __future__ import annotations
 
-import math
-
 import torch
-import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
+from ..kernels.activations import activation_fn
 from .config import EncoderConfig
+from .layers import EncoderParams
 
-
-def activation_fn(name: str):
-    """The activation ``hidden_act`` names, as a torch function."""
-    if name == "relu":
-        return F.relu
-    if name == "gelu":
-        return F.gelu
-    if name in ("gelu_new", "gelu_pytorch_tanh"):
-        return lambda x: F.gelu(x, approximate="tanh")
-    if name in ("silu", "swish"):
-        return F.silu
-    msg = f"unsupported activation {name!r}"
-    raise ValueError(msg)
+__all__ = ["BertEncoderModel", "activation_fn"]
 
 
 class BertEmbeddings(nn.Module):
@@ -123,34 +114,25 @@ class BertEncoderModel(nn.Module):
 
         ``attention_mask`` is 1 for real tokens, 0 for padding (default: ``input_ids != pad``).
         """
-        return self._forward_padded(input_ids, attention_mask, layer=layer)
+        return self.forward_padded(input_ids, attention_mask, layer=layer)
 
-    def _forward_padded(
+    def forward_padded(
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, *, layer: int = -1
     ) -> torch.Tensor:
-        cfg = self.config
+        """:meth:`forward_reference` with autograd (and dropout in train mode): padded ``(B, L)`` input."""
         n_run = self.resolve_layer(layer)
         if attention_mask is None:
-            attention_mask = input_ids != cfg.pad_token_id
-        bsz, seqlen = input_ids.shape
-        pos = torch.arange(seqlen, device=input_ids.device)
-        e = self.embeddings
-        h = e.word_embeddings(input_ids) + e.position_embeddings(pos)[None] + e.token_type_embeddings.weight[0]
-        h = e.LayerNorm(h)
-        bias = torch.zeros(bsz, 1, 1, seqlen, dtype=h.dtype, device=h.device)
-        bias = bias.masked_fill(~attention_mask.bool()[:, None, None, :], torch.finfo(h.dtype).min)
-        nh, hd = cfg.num_attention_heads, cfg.head_dim
-        for lyr in self.encoder.layer[:n_run]:
-            sa = lyr.attention.self
-            q = sa.query(h).view(bsz, seqlen, nh, hd).transpose(1, 2)
-            k = sa.key(h).view(bsz, seqlen, nh, hd).transpose(1, 2)
-            v = sa.value(h).view(bsz, seqlen, nh, hd).transpose(1, 2)
-            scores = q @ k.transpose(-1, -2) / math.sqrt(hd) + bias
-            ctx = (scores.softmax(-1) @ v).transpose(1, 2).reshape(bsz, seqlen, -1)
-            h = lyr.attention.output.LayerNorm(lyr.attention.output.dense(ctx) + h)
-            ff = lyr.output.dense(self.act(lyr.intermediate.dense(h)))
-            h = lyr.output.LayerNorm(ff + h)
-        return h
+            attention_mask = input_ids != self.config.pad_token_id
+        pos = torch.arange(input_ids.shape[1], device=input_ids.device).expand_as(input_ids)
+        h = EncoderParams(self).embed(input_ids, pos)
+        return self.encoder_padded(h, attention_mask, n_layers=n_run)
+
+    def encoder_padded(self, h: torch.Tensor, attention_mask: torch.Tensor, *, n_layers: int) -> torch.Tensor:
+        """Run the first ``n_layers`` encoder layers on padded embedding outputs ``(B, L, H)``.
+
+        ``attention_mask`` is ``(B, L)``, 1 for real rows, 0 for padding (which no row attends to).
+        """
+        return EncoderParams(self).run_padded(h, attention_mask, n_layers=n_layers)
 
     # ------------------------------------------------------------------ fast, unpadded path
     def forward_varlen(
@@ -162,6 +144,7 @@ class BertEncoderModel(nn.Module):
         layer: int = -1,
         position_ids: torch.Tensor | None = None,
         attn_backend: str = "auto",
+        grad_checkpointing: bool = False,
     ) -> torch.Tensor:
         """Hidden states ``(total, H)`` of ``layer`` for packed cells (no padding anywhere).
 
@@ -179,42 +162,41 @@ class BertEncoderModel(nn.Module):
             Position of each row inside its cell (default: derived from ``cu_seqlens``).
         attn_backend
             ``"auto"`` (flash-attn -> SDPA -> Triton -> reference) or one backend name.
+        grad_checkpointing
+            Recompute each layer's activations in the backward pass instead of keeping them (training).
+
+        Returns
+        -------
+        torch.Tensor
+            ``(total, H)``; float32 under autocast (the residual stream stays float32).
         """
-        from ..kernels.attention import varlen_attention
-        from ..kernels.bias_act import bias_act
-        from ..kernels.embeddings import bert_embeddings
-        from ..kernels.layer_norm import add_layer_norm
         from ..kernels.padding import position_ids_from_cu_seqlens
 
-        cfg = self.config
         n_run = self.resolve_layer(layer)
         if position_ids is None:
             position_ids = position_ids_from_cu_seqlens(cu_seqlens, input_ids.numel())
-        if max_seqlen > cfg.max_position_embeddings:
-            msg = (f"a cell has {max_seqlen} tokens but the model has {cfg.max_position_embeddings} positions; "
-                   "tokenize with this model's input size")
+        if max_seqlen > self.config.max_position_embeddings:
+            msg = (f"a cell has {max_seqlen} tokens but the model has {self.config.max_position_embeddings} "
+                   "positions; tokenize with this model's input size")
             raise ValueError(msg)
-        e = self.embeddings
-        h = bert_embeddings(input_ids, position_ids, e.word_embeddings.weight, e.position_embeddings.weight,
-                            e.token_type_embeddings.weight[0], e.LayerNorm.weight, e.LayerNorm.bias, e.LayerNorm.eps)
-        dtype = torch.get_autocast_dtype(h.device.type) if torch.is_autocast_enabled(h.device.type) else h.dtype
-        h = h.to(dtype)
-        nh, hd = cfg.num_attention_heads, cfg.head_dim
-        for lyr in self.encoder.layer[:n_run]:
-            sa = lyr.attention.self
-            # one GEMM for q, k and v
-            w_qkv = torch.cat([sa.query.weight, sa.key.weight, sa.value.weight])
-            b_qkv = torch.cat([sa.query.bias, sa.key.bias, sa.value.bias])
-            qkv = F.linear(h, w_qkv, b_qkv).view(-1, 3, nh, hd)
-            ctx = varlen_attention(qkv[:, 0].contiguous(), qkv[:, 1].contiguous(), qkv[:, 2].contiguous(),
-                                   cu_seqlens, max_seqlen, backend=attn_backend)
-            ao = lyr.attention.output
-            a = F.linear(ctx.reshape(-1, cfg.hidden_size), ao.dense.weight, ao.dense.bias)
-            h = add_layer_norm(a, h, ao.LayerNorm.weight, ao.LayerNorm.bias, ao.LayerNorm.eps).to(a.dtype)
-            inter = bias_act(F.linear(h, lyr.intermediate.dense.weight), lyr.intermediate.dense.bias, cfg.hidden_act)
-            o = F.linear(inter, lyr.output.dense.weight, lyr.output.dense.bias)
-            h = add_layer_norm(o, h, lyr.output.LayerNorm.weight, lyr.output.LayerNorm.bias,
-                               lyr.output.LayerNorm.eps).to(o.dtype)
+        h = EncoderParams(self, fused=True).embed(input_ids, position_ids)
+        return self.encoder_varlen(h, cu_seqlens, max_seqlen, n_layers=n_run, attn_backend=attn_backend,
+                                   grad_checkpointing=grad_checkpointing)
+
+    def encoder_varlen(self, h: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int, *, n_layers: int,
+                       attn_backend: str = "auto", grad_checkpointing: bool = False) -> torch.Tensor:
+        """Run the first ``n_layers`` encoder layers on packed embedding outputs ``(total, H)``.
+
+        ``cu_seqlens`` / ``max_seqlen`` delimit the cells as in :meth:`forward_varlen`.
+        """
+        P = EncoderParams(self, fused=True)
+        for i in range(n_layers):
+            if grad_checkpointing and torch.is_grad_enabled():
+                # the RNG state is restored for the recomputation, so dropout masks match
+                h = checkpoint(P.layer_varlen, i, h, cu_seqlens, max_seqlen, attn_backend=attn_backend,
+                               use_reentrant=False)
+            else:
+                h = P.layer_varlen(i, h, cu_seqlens, max_seqlen, attn_backend=attn_backend)
         return h
 
     def forward(self, input_ids: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int, *, layer: int = -1,

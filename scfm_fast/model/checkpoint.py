@@ -3,9 +3,12 @@
 Reads ``config.json`` plus ``model.safetensors`` or ``pytorch_model.bin`` (or their sharded forms,
 ``*.index.json`` + shards) as written by ``BertForMaskedLM`` (keys prefixed ``bert.``; Geneformer V1/V2,
 mouse-Geneformer), ``BertModel`` (bare keys) or a fine-tuned ``BertForSequenceClassification`` /
-``BertForTokenClassification``. The MLM head (``cls.predictions.*``), pooler and classifier are not part
-of the encoder; ``save_encoder`` can write an MLM head back so that
+``BertForTokenClassification``. The MLM head (``cls.predictions.*``, :class:`~scfm_fast.model.heads.MLMHead`),
+pooler and classifier are not part of the encoder; ``save_encoder`` can write an MLM head back so that
 ``transformers.BertForMaskedLM.from_pretrained`` loads the directory.
+
+:func:`load_encoder` picks the loader by the checkpoint's ``config.json`` through
+:mod:`scfm_fast.model.registry` (BERT family here; GeneCompass has its own).
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ import torch
 from .._errors import InputFileError
 from .bert import BertEncoderModel
 from .config import EncoderConfig
+from .heads import MLMHead
 
 # in transformers' order of preference; an *.index.json names the shards of a sharded checkpoint
 _WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
@@ -59,8 +63,8 @@ def _read_sharded(index: Path) -> dict[str, torch.Tensor]:
     return sd
 
 
-def read_checkpoint(path: str | Path) -> tuple[EncoderConfig, dict[str, torch.Tensor], Path]:
-    """Config, raw state dict and weight file of a checkpoint directory."""
+def read_config_dict(path: str | Path) -> dict[str, Any]:
+    """The raw ``config.json`` dict of a checkpoint directory (``InputFileError`` naming what is wrong)."""
     p = Path(path)
     if not p.is_dir():
         msg = f"{p}: not a checkpoint directory (expected config.json + model.safetensors or pytorch_model.bin)"
@@ -69,8 +73,22 @@ def read_checkpoint(path: str | Path) -> tuple[EncoderConfig, dict[str, torch.Te
         msg = f"{p}: no config.json; a checkpoint directory holds config.json + model.safetensors or pytorch_model.bin"
         raise InputFileError(msg)
     try:
-        cfg = EncoderConfig.from_json(p)
-    except (ValueError, TypeError) as e:  # malformed JSON or unsupported settings
+        d = json.loads((p / "config.json").read_text())
+    except ValueError as e:
+        msg = f"{p / 'config.json'}: not valid JSON ({e})"
+        raise InputFileError(msg) from e
+    if not isinstance(d, dict):
+        msg = f"{p / 'config.json'}: expected a JSON object, got {type(d).__name__}"
+        raise InputFileError(msg)
+    return d
+
+
+def read_checkpoint(path: str | Path) -> tuple[EncoderConfig, dict[str, torch.Tensor], Path]:
+    """Config, raw state dict and weight file of a checkpoint directory."""
+    p = Path(path)
+    try:
+        cfg = EncoderConfig.from_dict(read_config_dict(p))
+    except (ValueError, TypeError) as e:  # unsupported settings
         msg = f"{p / 'config.json'}: {e}"
         raise InputFileError(msg) from e
     for name in _WEIGHT_FILES:
@@ -96,6 +114,19 @@ def encoder_state_dict(sd: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Ten
 
 def load_encoder(path: str | Path, *, device: str | torch.device | None = None,
                  dtype: torch.dtype | None = None, return_head: bool = False) -> Any:
+    """Load a checkpoint's encoder (eval mode), by the family its ``config.json`` names.
+
+    BERT-family checkpoints load as :class:`BertEncoderModel` (:func:`load_bert_encoder`); other
+    families through :mod:`scfm_fast.model.registry`. Parameters and returns as :func:`load_bert_encoder`.
+    """
+    from .registry import family_of
+
+    fam = family_of(read_config_dict(path), source=str(Path(path) / "config.json"))
+    return fam.load(path, device=device, dtype=dtype, return_head=return_head)
+
+
+def load_bert_encoder(path: str | Path, *, device: str | torch.device | None = None,
+                      dtype: torch.dtype | None = None, return_head: bool = False) -> Any:
     """Load a Hugging Face BERT checkpoint as a :class:`BertEncoderModel` (eval mode).
 
     Parameters
@@ -137,7 +168,29 @@ def load_encoder(path: str | Path, *, device: str | torch.device | None = None,
     return (model, head) if return_head else model
 
 
-def save_encoder(model: BertEncoderModel, path: str | Path, *, mlm_head: dict[str, torch.Tensor] | None = None) -> Path:
+def load_masked_lm(path: str | Path, *, device: str | torch.device | None = None,
+                   dtype: torch.dtype | None = None) -> tuple[BertEncoderModel, MLMHead]:
+    """A BERT checkpoint as (encoder, :class:`MLMHead`), the head tied to the encoder's word embeddings
+    unless the checkpoint's decoder is untied (eval mode; call ``.train()`` to train).
+
+    A checkpoint without an MLM head (``BertModel``, a fine-tuned classifier) is refused: training from
+    it needs a fresh head, which is the caller's decision.
+    """
+    model, head_sd = load_bert_encoder(path, device=device, dtype=dtype, return_head=True)
+    if not head_sd:
+        msg = f"{path}: no MLM head (cls.predictions.*) in this checkpoint"
+        raise InputFileError(msg)
+    tied = _DECODER_WEIGHT not in head_sd
+    head = MLMHead(model.config, tied_to=model.embeddings.word_embeddings if tied else None)
+    try:
+        head.load_hf_state_dict(head_sd, source=str(path))
+    except ValueError as e:
+        raise InputFileError(str(e)) from e
+    return model, head.to(device=device or "cpu", dtype=dtype).eval()
+
+
+def save_encoder(model: BertEncoderModel, path: str | Path, *,
+                 mlm_head: MLMHead | dict[str, torch.Tensor] | None = None) -> Path:
     """Write ``model`` as a Hugging Face ``BertForMaskedLM`` checkpoint directory (safetensors).
 
     Parameters
@@ -147,10 +200,11 @@ def save_encoder(model: BertEncoderModel, path: str | Path, *, mlm_head: dict[st
     path
         Output directory (created).
     mlm_head
-        ``cls.predictions.*`` weights (from ``load_encoder(..., return_head=True)``); when absent a fresh
-        head is written whose decoder is tied to the word embeddings, so the directory still loads as
-        ``BertForMaskedLM`` (its MLM predictions are then untrained). A head holding
-        ``cls.predictions.decoder.weight`` is written untied (``tie_word_embeddings: false``).
+        An :class:`MLMHead`, or ``cls.predictions.*`` weights (from ``load_encoder(..., return_head=True)``);
+        when absent a placeholder head (:meth:`MLMHead.reset_identity`) is written whose decoder is tied to
+        the word embeddings, so the directory still loads as ``BertForMaskedLM`` (its MLM predictions are
+        then untrained). An untied head (one holding ``cls.predictions.decoder.weight``) is written untied
+        (``tie_word_embeddings: false``).
 
     Returns
     -------
@@ -162,15 +216,10 @@ def save_encoder(model: BertEncoderModel, path: str | Path, *, mlm_head: dict[st
     out.mkdir(parents=True, exist_ok=True)
     cfg = model.config
     sd = {f"bert.{k}": v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
-    h = cfg.hidden_size
     if mlm_head is None:
-        mlm_head = {
-            "cls.predictions.transform.dense.weight": torch.eye(h),
-            "cls.predictions.transform.dense.bias": torch.zeros(h),
-            "cls.predictions.transform.LayerNorm.weight": torch.ones(h),
-            "cls.predictions.transform.LayerNorm.bias": torch.zeros(h),
-            "cls.predictions.bias": torch.zeros(cfg.vocab_size),
-        }
+        mlm_head = MLMHead(cfg, tied_to=model.embeddings.word_embeddings).reset_identity()
+    if isinstance(mlm_head, MLMHead):
+        mlm_head = mlm_head.hf_state_dict()
     for k, v in mlm_head.items():
         # a copy: tensors of a torch.load-ed head may share storage, which safetensors refuses
         sd[k] = v.detach().to("cpu").clone(memory_format=torch.contiguous_format)

@@ -7,7 +7,9 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
-_ACTIVATIONS = ("relu", "gelu", "gelu_new", "gelu_pytorch_tanh", "silu", "swish")
+from ..kernels.activations import ACTIVATIONS
+
+_ACTIVATIONS = tuple(ACTIVATIONS)
 
 
 @dataclass

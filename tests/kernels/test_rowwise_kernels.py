@@ -131,3 +131,16 @@ def test_kernel_that_does_not_build_falls_back_once(monkeypatch, caplog):
     with pytest.raises(ValueError, match="weight/bias"):
         layer_norm.add_layer_norm(x, r, w, b, 1e-12)
     assert _utils.FAILED_KERNELS == {}
+
+
+def test_layer_norm_half_projection_plus_float32_residual_stays_float32():
+    # under autocast the projection is bf16 and the residual stream float32: the sum (and the output)
+    # keep float32, as torch's own x + residual -> layer_norm does
+    x, r = torch.randn(7, 45).bfloat16(), torch.randn(7, 45)
+    w, b = torch.randn(45), torch.randn(45)
+    out = layer_norm_forward(x, r, w, b, 1e-12)
+    assert out.dtype == torch.float32
+    torch.testing.assert_close(out, F.layer_norm(x.float() + r, (45,), w, b, 1e-12), atol=2e-6, rtol=1e-5)
+    xs, rs = x.clone().requires_grad_(), r.clone().requires_grad_()
+    AddLayerNormFunction.apply(xs, rs, w, b, 1e-12).sum().backward()
+    assert xs.grad.dtype == torch.bfloat16 and rs.grad.dtype == torch.float32
