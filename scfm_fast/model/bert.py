@@ -137,10 +137,19 @@ class BertEncoderModel(nn.Module):
         e = self.embeddings
         h = e.word_embeddings(input_ids) + e.position_embeddings(pos)[None] + e.token_type_embeddings.weight[0]
         h = e.LayerNorm(h)
+        return self.encoder_padded(h, attention_mask, n_layers=n_run)
+
+    def encoder_padded(self, h: torch.Tensor, attention_mask: torch.Tensor, *, n_layers: int) -> torch.Tensor:
+        """Run the first ``n_layers`` encoder layers on padded embedding outputs ``(B, L, H)``.
+
+        ``attention_mask`` is ``(B, L)``, 1 for real rows, 0 for padding (which no row attends to).
+        """
+        cfg = self.config
+        bsz, seqlen = h.shape[:2]
         bias = torch.zeros(bsz, 1, 1, seqlen, dtype=h.dtype, device=h.device)
         bias = bias.masked_fill(~attention_mask.bool()[:, None, None, :], torch.finfo(h.dtype).min)
         nh, hd = cfg.num_attention_heads, cfg.head_dim
-        for lyr in self.encoder.layer[:n_run]:
+        for lyr in self.encoder.layer[:n_layers]:
             sa = lyr.attention.self
             q = sa.query(h).view(bsz, seqlen, nh, hd).transpose(1, 2)
             k = sa.key(h).view(bsz, seqlen, nh, hd).transpose(1, 2)
@@ -180,10 +189,7 @@ class BertEncoderModel(nn.Module):
         attn_backend
             ``"auto"`` (flash-attn -> SDPA -> Triton -> reference) or one backend name.
         """
-        from ..kernels.attention import varlen_attention
-        from ..kernels.bias_act import bias_act
         from ..kernels.embeddings import bert_embeddings
-        from ..kernels.layer_norm import add_layer_norm
         from ..kernels.padding import position_ids_from_cu_seqlens
 
         cfg = self.config
@@ -199,8 +205,21 @@ class BertEncoderModel(nn.Module):
                             e.token_type_embeddings.weight[0], e.LayerNorm.weight, e.LayerNorm.bias, e.LayerNorm.eps)
         dtype = torch.get_autocast_dtype(h.device.type) if torch.is_autocast_enabled(h.device.type) else h.dtype
         h = h.to(dtype)
+        return self.encoder_varlen(h, cu_seqlens, max_seqlen, n_layers=n_run, attn_backend=attn_backend)
+
+    def encoder_varlen(self, h: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int, *, n_layers: int,
+                       attn_backend: str = "auto") -> torch.Tensor:
+        """Run the first ``n_layers`` encoder layers on packed embedding outputs ``(total, H)``.
+
+        ``cu_seqlens`` / ``max_seqlen`` delimit the cells as in :meth:`forward_varlen`.
+        """
+        from ..kernels.attention import varlen_attention
+        from ..kernels.bias_act import bias_act
+        from ..kernels.layer_norm import add_layer_norm
+
+        cfg = self.config
         nh, hd = cfg.num_attention_heads, cfg.head_dim
-        for lyr in self.encoder.layer[:n_run]:
+        for lyr in self.encoder.layer[:n_layers]:
             sa = lyr.attention.self
             # one GEMM for q, k and v
             w_qkv = torch.cat([sa.query.weight, sa.key.weight, sa.value.weight])
