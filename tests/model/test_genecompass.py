@@ -121,7 +121,7 @@ def _mixed_batch(model, seed=0, lengths=(7, 1, 30, 12, 64)):
     v, hi = model.config.vocab_size, model.bert.embeddings.homologous_index
     mouse_ids = torch.nonzero(hi != torch.arange(v)).flatten()
     cells, values = [], []
-    for i, n in enumerate(lengths):
+    for n in lengths:
         c = torch.randint(2, v, (n,), generator=g)
         c[: min(n, 3)] = mouse_ids[torch.randint(0, mouse_ids.numel(), (min(n, 3),), generator=g)]
         cells.append(c)
