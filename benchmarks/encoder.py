@@ -302,7 +302,8 @@ def main() -> None:
             print(r)
             rows.append(r)
     if not args.no_write:
-        js, md = _harness.write_results("encoder", rows, meta={"cells": args.cells, "device_arg": args.device})
+        gc_only = all(c in GC_CONFIGS for c in args.configs)  # own file: a V1 run the same day keeps its own
+        js, md = _harness.write_results("encoder_genecompass" if gc_only else "encoder", rows, meta={"cells": args.cells, "device_arg": args.device})
         print(f"wrote {js} and {md}")
 
 

@@ -18,6 +18,7 @@ from scfm_fast.model.genecompass_checkpoint import (
     load_genecompass,
     save_genecompass,
 )
+from tests._helpers import assert_close_to_baseline
 
 TOL = {"atol": 1e-5, "rtol": 1e-6}  # fp32 against GeneCompass's eager outputs (measured max abs ~1e-5 on logits)
 CASES = ["nomask", "mask", "species_none", "species_all0", "species_all1", "trim_c0", "trim_c1", "trim_c2",
@@ -270,3 +271,50 @@ def test_bad_inputs_refused(model):
         model.forward_varlen(torch.full((65,), 2), torch.ones(65), None, torch.tensor([0, 65], dtype=torch.int32), 65)
     with pytest.raises(TypeError, match="needs values and species"):
         model.bert.forward_varlen(ids, cu, 3)
+
+
+@pytest.mark.parametrize("switches", [{"use_cls_token": False}, {"use_values": False, "use_co_exp": False},
+                                      {"use_promoter": False, "use_co_exp": False, "use_gene_family": False,
+                                       "use_peca_grn": False}])
+def test_switches_varlen_equals_padded(switches, tmp_path):
+    from scfm_fast.model.config import EncoderConfig
+    from scfm_fast.model.genecompass import GeneCompassConfig, GeneCompassModel
+
+    enc = EncoderConfig(vocab_size=40, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
+                        intermediate_size=24, hidden_act="gelu", max_position_embeddings=32)
+    model = GeneCompassModel(GeneCompassConfig(encoder=enc, knowledge_dim=12, **switches)).eval()
+    e = model.bert.embeddings
+    for k in model.gcfg.knowledge:
+        getattr(e, f"{k}_knowledge").normal_()
+    e.homologous_index[30:] = torch.arange(2, 12)
+    assert model.cls4value.predictions.decoder.weight.shape == (1, 16)  # saved whatever the switches
+    lengths = torch.tensor([5, 1, 17])
+    cells = [torch.randint(2, 40, (int(n),)) for n in lengths]
+    values = [torch.rand(int(n)) * 5 for n in lengths]
+    species = torch.tensor([1, 0, 1])
+    n = int(lengths.max())
+    ids, vals = torch.zeros(3, n, dtype=torch.long), torch.zeros(3, n)
+    for i, (c, v) in enumerate(zip(cells, values)):
+        ids[i, :c.numel()], vals[i, :c.numel()] = c, v
+    mask = torch.arange(n)[None] < lengths[:, None]
+    ref = model.forward_padded(ids, vals, species, mask)
+    cu = torch.cat([torch.zeros(1, dtype=torch.int32), lengths.cumsum(0).int()])
+    h, rows, cu_new = model.forward_varlen(torch.cat(cells), torch.cat(values), species, cu, n)
+    off = 1 if model.gcfg.use_cls_token else 0
+    assert ref.shape[1] == n + off and h.shape[0] == int(lengths.sum()) + off * 3
+    torch.testing.assert_close(h[rows], unpad(ref[:, off:], mask)[0], atol=1e-4, rtol=0)
+    again = load_genecompass(save_genecompass(model, tmp_path / "m"))
+    assert torch.equal(again.forward_varlen(torch.cat(cells), torch.cat(values), species, cu, n)[0], h)
+
+
+def test_bf16_autocast_error_within_twice_the_reference(model, fixture_dir):
+    t = _case(fixture_dir, "mask")
+    flat, _, cu, n = unpad(t["input_ids"], t["attention_mask"])
+    vals = unpad(t["values"], t["attention_mask"])[0]
+    ref, rows, cu_new = model.forward_varlen(flat, vals, t["species"], cu, n)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        low = model.forward_varlen(flat, vals, t["species"], cu, n)[0]
+        base = model.forward_padded(t["input_ids"], t["values"], t["species"], t["attention_mask"])
+    assert low.dtype == torch.bfloat16
+    assert_close_to_baseline(low[rows], ref[rows], unpad(base[:, 1:], t["attention_mask"])[0])
+    assert_close_to_baseline(low[cu_new[:-1].long()], ref[cu_new[:-1].long()], base[:, 0])
