@@ -5,11 +5,9 @@ adds position and token-type row 0 and a LayerNorm; a species row (``cls_embeddi
 prepended, and the rows run through the ordinary post-LN BERT layers of :class:`BertEncoderModel`
 (``encoder_padded`` / ``encoder_varlen``; no second encoder here). Mouse cells (species 1) read the
 prior knowledge of their genes' human homologs (``homologous_index``); word embeddings keep the
-original ids. Parameter names equal those of GeneCompass's own ``BertForMaskedLM`` so its
-``pytorch_model.bin`` loads by name (see :mod:`.genecompass_checkpoint`).
-
-:meth:`GeneCompassModel.forward_padded` is the plain eager reference; :meth:`GeneCompassModel.forward_varlen`
-is the fast unpadded path (the species row is one more row per cell in ``cu_seqlens``).
+original ids. Parameter names are those of GeneCompass's ``BertForMaskedLM`` (:mod:`.genecompass_checkpoint`).
+:meth:`GeneCompassModel.forward_padded` is the eager reference, :meth:`GeneCompassModel.forward_varlen` the
+fast unpadded path (the species row is one more row per cell in ``cu_seqlens``).
 """
 
 from __future__ import annotations
@@ -193,6 +191,9 @@ class GeneCompassModel(nn.Module):
         self.emb_warmup = _EmbWarmup()
         self.act = activation_fn(gcfg.encoder.hidden_act)
 
+    def num_layers(self) -> int:
+        return self.config.num_hidden_layers
+
     # ------------------------------------------------------------------ inputs
     def _check(self, input_ids: torch.Tensor, values: torch.Tensor, species: torch.Tensor | None,
                n_cells: int) -> torch.Tensor:
@@ -291,6 +292,8 @@ class GeneCompassModel(nn.Module):
             GeneCompass-script mode: each cell is padded with ``(0, 0.0)`` genes to ``pad_to`` (default:
             the model's positions, 2,048 for its released checkpoints: its datasets' padded length) and the
             pads attend like genes. ``gene_rows`` still lists the real genes only.
+        pad_to
+            Padded cell length for ``no_attention_mask`` (only with it).
 
         Returns
         -------
@@ -302,6 +305,14 @@ class GeneCompassModel(nn.Module):
         cu = cu_seqlens.to(device=input_ids.device, dtype=torch.int64)
         n_cells, total = cu.numel() - 1, input_ids.numel()
         species = self._check(input_ids, values, species, n_cells)
+        longest = int((cu[1:] - cu[:-1]).max()) if n_cells else 0
+        if int(cu[-1]) != total or longest > max_seqlen:
+            msg = (f"cu_seqlens (ending at {int(cu[-1])}, longest cell {longest}) does not describe {total} genes "
+                   f"with max_seqlen={max_seqlen}")
+            raise ValueError(msg)
+        if pad_to is not None and not no_attention_mask:
+            msg = "pad_to only applies with no_attention_mask=True (without it nothing is padded)"
+            raise ValueError(msg)
         seq = seq_ids_from_cu_seqlens(cu, total)
         real = torch.arange(total, device=input_ids.device)
         if no_attention_mask:

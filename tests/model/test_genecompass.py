@@ -318,3 +318,16 @@ def test_bf16_autocast_error_within_twice_the_reference(model, fixture_dir):
     assert low.dtype == torch.bfloat16
     assert_close_to_baseline(low[rows], ref[rows], unpad(base[:, 1:], t["attention_mask"])[0])
     assert_close_to_baseline(low[cu_new[:-1].long()], ref[cu_new[:-1].long()], base[:, 0])
+
+
+def test_bad_packing_refused(model):
+    ids, vals = torch.tensor([2, 3, 4]), torch.ones(3)
+    with pytest.raises(ValueError, match="does not describe 3 genes"):
+        model.forward_varlen(ids, vals, None, torch.tensor([0, 2], dtype=torch.int32), 3)
+    with pytest.raises(ValueError, match="longest cell 3"):
+        model.forward_varlen(ids, vals, None, torch.tensor([0, 3], dtype=torch.int32), 2)
+    with pytest.raises(ValueError, match="pad_to only applies"):
+        model.forward_varlen(ids, vals, None, torch.tensor([0, 3], dtype=torch.int32), 3, pad_to=8)
+    with pytest.raises(ValueError, match="more than pad_to=2"):
+        model.forward_varlen(ids, vals, None, torch.tensor([0, 3], dtype=torch.int32), 3, no_attention_mask=True,
+                             pad_to=2)
