@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..kernels.padding import position_ids_from_cu_seqlens, seq_ids_from_cu_seqlens
-from .bert import BertEncoderModel, activation_fn
+from .bert import BertEncoderModel, BertSelfOutput, activation_fn
 from .config import EncoderConfig
 
 KNOWLEDGE = ("promoter", "co_exp", "gene_family", "peca_grn")  # GeneCompass's concat order
@@ -140,17 +140,10 @@ class GeneCompassBert(BertEncoderModel):
     forward_reference = forward_varlen = forward = _refuse
 
 
-class _HeadTransform(nn.Module):
-    def __init__(self, cfg: EncoderConfig) -> None:
-        super().__init__()
-        self.dense = nn.Linear(cfg.hidden_size, cfg.hidden_size)
-        self.LayerNorm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
-
-
 class _Predictions(nn.Module):
     def __init__(self, cfg: EncoderConfig, n_out: int, *, tied: bool) -> None:
         super().__init__()
-        self.transform = _HeadTransform(cfg)
+        self.transform = BertSelfOutput(cfg)  # the head transform's parameters: dense + LayerNorm, same names
         self.bias = nn.Parameter(torch.zeros(n_out))
         if not tied:  # the MLM decoder is the word-embedding matrix; the value decoder has its own row
             self.decoder = nn.Linear(cfg.hidden_size, n_out, bias=False)

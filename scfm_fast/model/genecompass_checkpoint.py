@@ -20,11 +20,9 @@ from typing import Any
 import torch
 
 from .._errors import InputFileError
-from .checkpoint import _read_sharded, _read_state_dict
+from .checkpoint import check_state_dict, read_weights
 from .genecompass import GC_FLAGS, KNOWLEDGE, GeneCompassConfig, GeneCompassModel
 
-_WEIGHT_FILES = ("pytorch_model.bin", "pytorch_model.bin.index.json", "model.safetensors",
-                 "model.safetensors.index.json")
 # copies GeneCompass's save_pretrained writes for tied tensors; rebuilt from their sources on save
 _TIED = {"cls.predictions.decoder.weight": "bert.embeddings.word_embeddings.weight",
          "cls.predictions.decoder.bias": "cls.predictions.bias",
@@ -48,12 +46,7 @@ def _read(path: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor], Path]:
     if not is_genecompass_config(d):
         msg = f"{path / 'config.json'}: no GeneCompass keys ({', '.join(GC_FLAGS)}); is this a Geneformer checkpoint?"
         raise InputFileError(msg)
-    for name in _WEIGHT_FILES:
-        w = path / name
-        if w.exists():
-            return d, _read_sharded(w) if name.endswith(".index.json") else _read_state_dict(w), w
-    msg = f"{path}: no weights found; expected one of {list(_WEIGHT_FILES)}"
-    raise InputFileError(msg)
+    return d, *read_weights(path)
 
 
 def load_genecompass(path: str | Path, *, device: str | torch.device | None = None,
@@ -93,18 +86,9 @@ def load_genecompass(path: str | Path, *, device: str | torch.device | None = No
         msg = f"{p / 'config.json'}: {e}"
         raise InputFileError(msg) from e
     model = GeneCompassModel(gcfg)
-    want = model.state_dict()
     got = {k: v for k, v in sd.items() if k not in _TIED}
-    missing, unexpected = sorted(set(want) - set(got)), sorted(set(got) - set(want))
-    if missing or unexpected:
-        msg = (f"{wfile}: weights do not match the GeneCompass model its config.json describes (missing "
-               f"{missing[:5]}{'...' if len(missing) > 5 else ''}, unexpected {unexpected[:5]}"
-               f"{'...' if len(unexpected) > 5 else ''}); check the use_* switches in config.json")
-        raise InputFileError(msg)
-    for k, v in got.items():
-        if tuple(v.shape) != tuple(want[k].shape):
-            msg = f"{wfile}: {k} has shape {tuple(v.shape)}, config.json implies {tuple(want[k].shape)}"
-            raise InputFileError(msg)
+    check_state_dict(model, got, wfile, what="the GeneCompass model its config.json describes",
+                     hint="check the use_* switches in config.json")
     hi = got.get("bert.embeddings.homologous_index")
     if hi is not None and hi.numel() and (int(hi.min()) < 0 or int(hi.max()) >= gcfg.encoder.vocab_size):
         msg = f"{wfile}: bert.embeddings.homologous_index points outside the vocabulary of {gcfg.encoder.vocab_size}"

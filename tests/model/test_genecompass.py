@@ -43,9 +43,12 @@ def _case(fixture_dir, name):
     return {k: torch.from_numpy(z[k]) for k in z.files}
 
 
-def _species(t):
-    b = t["input_ids"].shape[0]
-    return t["species"].reshape(-1) if "species" in t else torch.zeros(b, dtype=torch.long)
+def _inputs(fixture_dir, name):
+    """(case, ids, values, attention mask or None, species per cell: absent = human)."""
+    t = _case(fixture_dir, name)
+    ids = t["input_ids"]
+    sp = t["species"].reshape(-1) if "species" in t else torch.zeros(ids.shape[0], dtype=torch.long)
+    return t, ids, t["values"], t.get("attention_mask"), sp
 
 
 def test_all_fixture_cases_are_tested(fixture_dir):
@@ -54,10 +57,8 @@ def test_all_fixture_cases_are_tested(fixture_dir):
 
 @pytest.mark.parametrize("name", CASES)
 def test_padded_matches_genecompass(model, fixture_dir, name):
-    t = _case(fixture_dir, name)
-    ids, vals, mask = t["input_ids"], t["values"], t.get("attention_mask")
+    t, ids, vals, mask, sp = _inputs(fixture_dir, name)
     b, n = ids.shape
-    sp = _species(t)
     e = model.bert.embeddings
     cin = e.concat_input(ids, vals, sp[:, None].expand(b, n), model.emb_warmup.alpha)
     torch.testing.assert_close(cin, t["emb_concat_in"], **TOL)
@@ -78,10 +79,8 @@ def test_padded_matches_genecompass(model, fixture_dir, name):
 
 @pytest.mark.parametrize("name", CASES)
 def test_varlen_matches_genecompass(model, fixture_dir, name):
-    t = _case(fixture_dir, name)
-    ids, vals, mask = t["input_ids"], t["values"], t.get("attention_mask")
+    t, ids, vals, mask, sp = _inputs(fixture_dir, name)
     b, n = ids.shape
-    sp = _species(t)
     nomask = mask is None and name.endswith("nomask")
     if mask is None:
         mask = torch.ones_like(ids)
@@ -131,16 +130,22 @@ def _mixed_batch(model, seed=0, lengths=(7, 1, 30, 12, 64)):
     return cells, values, species
 
 
-def test_varlen_equals_padded_human_and_mouse(model):
-    cells, values, species = _mixed_batch(model)
+def _padded_and_packed(cells, values):
+    """Right-padded ``(B, n)`` ids, values and mask of the cells, their ``cu_seqlens`` and ``n``."""
     lengths = torch.tensor([c.numel() for c in cells])
     b, n = len(cells), int(lengths.max())
     ids, vals = torch.zeros(b, n, dtype=torch.long), torch.zeros(b, n)
     for i, (c, v) in enumerate(zip(cells, values)):
         ids[i, :c.numel()], vals[i, :c.numel()] = c, v
     mask = torch.arange(n)[None] < lengths[:, None]
+    return ids, vals, mask, torch.cat([torch.zeros(1, dtype=torch.int32), lengths.cumsum(0).int()]), n
+
+
+def test_varlen_equals_padded_human_and_mouse(model):
+    cells, values, species = _mixed_batch(model)
+    ids, vals, mask, cu, n = _padded_and_packed(cells, values)
+    lengths = mask.sum(1)
     ref = model.forward_padded(ids, vals, species, mask)
-    cu = torch.cat([torch.zeros(1, dtype=torch.int32), lengths.cumsum(0).int()])
     h, rows, cu_new = model.forward_varlen(torch.cat(cells), torch.cat(values), species, cu, n)
     assert cu_new.tolist() == [int(x) + i for i, x in enumerate(cu)]
     torch.testing.assert_close(h[rows], unpad(ref[:, 1:], mask)[0], atol=1e-4, rtol=0)
@@ -157,8 +162,7 @@ def test_varlen_equals_padded_human_and_mouse(model):
 
 
 def test_no_attention_mask_pads_attend(model, fixture_dir):
-    t = _case(fixture_dir, "mask")
-    ids, vals, mask, sp = t["input_ids"], t["values"], t["attention_mask"], _species(t)
+    t, ids, vals, mask, sp = _inputs(fixture_dir, "mask")
     flat_ids, _, cu, max_len = unpad(ids, mask)
     flat_vals = unpad(vals, mask)[0]
     masked, masked_rows, _ = model.forward_varlen(flat_ids, flat_vals, sp, cu, max_len)
@@ -292,13 +296,8 @@ def test_switches_varlen_equals_padded(switches, tmp_path):
     cells = [torch.randint(2, 40, (int(n),)) for n in lengths]
     values = [torch.rand(int(n)) * 5 for n in lengths]
     species = torch.tensor([1, 0, 1])
-    n = int(lengths.max())
-    ids, vals = torch.zeros(3, n, dtype=torch.long), torch.zeros(3, n)
-    for i, (c, v) in enumerate(zip(cells, values)):
-        ids[i, :c.numel()], vals[i, :c.numel()] = c, v
-    mask = torch.arange(n)[None] < lengths[:, None]
+    ids, vals, mask, cu, n = _padded_and_packed(cells, values)
     ref = model.forward_padded(ids, vals, species, mask)
-    cu = torch.cat([torch.zeros(1, dtype=torch.int32), lengths.cumsum(0).int()])
     h, rows, cu_new = model.forward_varlen(torch.cat(cells), torch.cat(values), species, cu, n)
     off = 1 if model.gcfg.use_cls_token else 0
     assert ref.shape[1] == n + off and h.shape[0] == int(lengths.sum()) + off * 3
