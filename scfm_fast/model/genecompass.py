@@ -217,7 +217,6 @@ class GeneCompassModel(nn.Module):
             raise ValueError(msg)
 
     # ------------------------------------------------------------------ reference (padded)
-    @torch.no_grad()
     def forward_padded(self, input_ids: torch.Tensor, values: torch.Tensor, species: torch.Tensor | None = None,
                        attention_mask: torch.Tensor | None = None, *, layer: int = -1,
                        no_attention_mask: bool = False) -> torch.Tensor:
@@ -237,12 +236,9 @@ class GeneCompassModel(nn.Module):
             Reproduce GeneCompass's own embedding / perturbation scripts, which pass no mask: padded
             positions attend and change every other row. Off by default.
 
-        Without ``use_cls_token`` there is no species row and the result is ``(B, L, H)``.
+        Without ``use_cls_token`` there is no species row and the result is ``(B, L, H)``. Differentiable
+        (the reference for training too); wrap inference in ``torch.inference_mode()``.
         """
-        return self._padded(input_ids, values, species, attention_mask, layer=layer,
-                            no_attention_mask=no_attention_mask)
-
-    def _padded(self, input_ids, values, species, attention_mask, *, layer, no_attention_mask):
         n_run = self.bert.resolve_layer(layer)
         bsz, seqlen = input_ids.shape
         species = self._check(input_ids, values, species, bsz)

@@ -330,3 +330,28 @@ def test_bad_packing_refused(model):
     with pytest.raises(ValueError, match="more than pad_to=2"):
         model.forward_varlen(ids, vals, None, torch.tensor([0, 3], dtype=torch.int32), 3, no_attention_mask=True,
                              pad_to=2)
+
+
+def test_varlen_gradients_equal_padded(model, fixture_dir):
+    """The training path: the loss and every parameter's gradient agree between varlen and padded."""
+    t, ids, vals, mask, sp = _inputs(fixture_dir, "mlm_loss")
+    flat, _, cu, n = unpad(ids, mask)
+    lab, lv = unpad(t["labels"], mask)[0], unpad(t["labels_values"], mask)[0]
+    h, rows, _ = model.forward_varlen(flat, unpad(vals, mask)[0], sp, cu, n)
+    g = h[rows]
+    loss = genecompass_loss(model.mlm_logits(g), lab, model.value_prediction(g), lv)[0]
+    model.zero_grad()
+    loss.backward()
+    grads = {k: p.grad.clone() for k, p in model.named_parameters()}
+    model.zero_grad()
+    gp = model.gene_rows_padded(model.forward_padded(ids, vals, sp, mask))
+    loss_p = genecompass_loss(model.mlm_logits(gp), t["labels"], model.value_prediction(gp), t["labels_values"])[0]
+    loss_p.backward()
+    torch.testing.assert_close(loss, t["loss"], **TOL)
+    for k, p in model.named_parameters():
+        torch.testing.assert_close(grads[k], p.grad, atol=1e-4, rtol=1e-4, msg=k)
+    model.zero_grad(set_to_none=True)
+    # the prior-knowledge tables and the homolog index are frozen buffers, not parameters
+    names = dict(model.named_parameters())
+    assert not any(k.endswith(("_knowledge", "homologous_index")) for k in names)
+    assert "bert.cls_embedding.weight" in names and "bert.embeddings.concat_embeddings.cat_fc.weight" in names
