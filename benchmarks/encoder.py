@@ -7,6 +7,7 @@ subprocess so its peak memory is its own; ratios are from the same run.
 
     python benchmarks/encoder.py                 # CPU: a few cells, fp32
     python benchmarks/encoder.py --cells 512     # CUDA: fp16 padded HF vs bf16/fp16 varlen, + attention TFLOP/s
+    python benchmarks/encoder.py --configs GC-base --cells 8   # GeneCompass: its scripts' forward vs varlen
 """
 
 from __future__ import annotations
@@ -35,6 +36,10 @@ _spec = importlib.util.spec_from_file_location("_harness", HERE / "_harness.py")
 _harness = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(_harness)
 CONFIGS = {"V1-6L": "config_6L_30M.json", "V1-12L": "config_12L_30M.json"}
+# GeneCompass shapes (random weights): the released base model, and a small 6-layer x 256 variant
+GC_CONFIGS = {"GC-base": dict(num_hidden_layers=12, hidden_size=768, num_attention_heads=12, intermediate_size=3072),
+              "GC-6L": dict(num_hidden_layers=6, hidden_size=256, num_attention_heads=4, intermediate_size=1024)}
+GC_VOCAB, GC_PAD_TO = 50_558, 2_048
 
 
 def load_cells(tokens: str | None, n: int) -> list[np.ndarray]:
@@ -118,6 +123,58 @@ def child(args) -> None:
     print(json.dumps(out))
 
 
+def child_genecompass(args) -> None:
+    """GeneCompass rows: our varlen path vs the forward its own scripts run (every cell padded to 2,048, no
+    attention mask, so the pads attend). Cell lengths are the real ones; ids are drawn in its vocabulary
+    and values in 0..7 (speed depends on neither)."""
+    import resource
+
+    import torch
+
+    from scfm_fast.kernels.padding import cu_seqlens_from_lengths
+    from scfm_fast.model.config import EncoderConfig
+    from scfm_fast.model.genecompass import GeneCompassConfig, GeneCompassModel
+
+    enc = EncoderConfig(vocab_size=GC_VOCAB, hidden_act="gelu", max_position_embeddings=GC_PAD_TO,
+                        **GC_CONFIGS[args.config])
+    dev = torch.device(args.device)
+    lengths = [len(c) for c in load_cells(args.tokens, args.cells)]
+    g = torch.Generator().manual_seed(0)
+    ids = [torch.randint(2, GC_VOCAB, (n,), generator=g) for n in lengths]
+    vals = [torch.rand(n, generator=g) * 7 for n in lengths]
+    species = torch.arange(len(lengths)) % 2  # human and mouse cells, so the homolog remap runs
+    model = GeneCompassModel(GeneCompassConfig(encoder=enc)).eval().to(dev)
+    lowp = {"float32": None, "bfloat16": torch.bfloat16, "float16": torch.float16}[args.dtype]
+    if dev.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+
+    @torch.inference_mode()
+    def run():
+        for s in range(0, len(lengths), args.batch_size):
+            sl = slice(s, s + args.batch_size)
+            sp = species[sl].to(dev)
+            with torch.autocast(dev.type, dtype=lowp, enabled=lowp is not None):
+                if args.path == "gc-varlen":
+                    cu = cu_seqlens_from_lengths(torch.tensor(lengths[sl])).to(dev)
+                    h, rows, cu_new = model.forward_varlen(torch.cat(ids[sl]).to(dev), torch.cat(vals[sl]).to(dev),
+                                                           sp, cu, max(lengths[sl]))
+                    h[cu_new[:-1].long()].float()
+                else:
+                    b = len(ids[sl])
+                    pid, pval = torch.zeros(b, GC_PAD_TO, dtype=torch.long), torch.zeros(b, GC_PAD_TO)
+                    for i, (c, v) in enumerate(zip(ids[sl], vals[sl])):
+                        pid[i, :len(c)], pval[i, :len(c)] = c, v
+                    h = model.forward_padded(pid.to(dev), pval.to(dev), sp, no_attention_mask=True)
+                    h[:, 0].float()
+
+    t = _harness.time_fn(run, repeat=args.repeat, warmup=1, cuda=dev.type == "cuda")
+    out = {"seconds": t["median_s"], "cells": len(lengths), "tokens": int(sum(lengths)),
+           "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+    if dev.type == "cuda":
+        out["peak_gpu_mb"] = torch.cuda.max_memory_allocated() / 2**20
+    print(json.dumps(out))
+
+
 def _triton_fixed(q, k, v, cu, L):
     os.environ["SCFM_FAST_TRITON_AUTOTUNE"] = "0"
     try:
@@ -186,7 +243,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--cells", type=int, default=None, help="cells per run (default 24 on CPU, 512 on CUDA)")
     ap.add_argument("--tokens", default=None, help="token dataset directory for real lengths (default: bundled PBMC)")
-    ap.add_argument("--configs", nargs="+", default=list(CONFIGS))
+    ap.add_argument("--configs", nargs="+", default=list(CONFIGS),
+                    help=f"any of {list(CONFIGS) + list(GC_CONFIGS)} (GeneCompass rows: GC-*)")
     ap.add_argument("--device", default=None)
     ap.add_argument("--repeat", type=int, default=None)
     ap.add_argument("--no-write", action="store_true")
@@ -204,16 +262,20 @@ def main() -> None:
     args.cells = args.cells or (512 if cuda else 24)
     args.repeat = args.repeat or (5 if cuda else 1)
     if args.child:
-        return child(args)
+        return child_genecompass(args) if args.config in GC_CONFIGS else child(args)
 
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(HERE.parent), os.environ.get("PYTHONPATH", "")]))
     # CPU: fp32 everywhere; CUDA: HF in fp16 (its usual fast setting) vs ours in bf16 and fp16 autocast
     plans = [("hf", "float16" if cuda else "float32"), ("reference", "float32" if not cuda else "bfloat16"),
              ("fast", "float32" if not cuda else "bfloat16")] + ([("fast", "float16")] if cuda else [])
+    # GeneCompass: its scripts' padded-to-2,048 unmasked forward (fp32 / fp16 autocast) vs our varlen path
+    gc_plans = [("gc-padded", "float16" if cuda else "float32"), ("gc-varlen", "bfloat16" if cuda else "float32")]
+    names = {"hf": "HF BertModel (padded)", "reference": "reference (padded)", "fast": "scfm_fast varlen",
+             "gc-padded": "GC scripts (pad 2048)", "gc-varlen": "scfm_fast varlen"}
     rows = []
     for cfg in args.configs:
         base = None
-        for path, dtype in plans:
+        for path, dtype in gc_plans if cfg in GC_CONFIGS else plans:
             cmd = [sys.executable, __file__, "--child", "--config", cfg, "--path", path, "--dtype", dtype,
                    "--cells", str(args.cells), "--device", args.device, "--repeat", str(args.repeat),
                    "--batch-size", "8" if not cuda else "32"] + (["--tokens", args.tokens] if args.tokens else [])
@@ -224,15 +286,15 @@ def main() -> None:
                 continue
             r = json.loads(res.stdout.strip().splitlines()[-1])
             rate = r["cells"] / r["seconds"]
-            base = rate if path == "hf" else base
-            row = {"model": cfg, "path": {"hf": "HF BertModel (padded)", "reference": "reference (padded)",
-                                          "fast": "scfm_fast varlen"}[path], "dtype": dtype, "cells": r["cells"],
+            base = rate if path in ("hf", "gc-padded") else base
+            row = {"model": cfg, "path": names[path], "dtype": dtype, "cells": r["cells"],
                    "mean_len": r["tokens"] / r["cells"], "cells_per_s": rate,
                    "x_hf": rate / base if base else float("nan"), "peak_rss_mb": r["peak_rss_mb"]}
             if "peak_gpu_mb" in r:
                 row["peak_gpu_mb"] = r["peak_gpu_mb"]
             rows.append(row)
-            print(f"{cfg:7} {row['path']:24} {dtype:9} {rate:9.2f} cells/s  x{row['x_hf']:5.2f} vs HF  "
+            print(f"{cfg:7} {row['path']:24} {dtype:9} {rate:9.2f} cells/s  x{row['x_hf']:5.2f} vs "
+                  f"{'GC scripts' if cfg in GC_CONFIGS else 'HF'}  "
                   f"peak RSS {row['peak_rss_mb']:.0f} MiB" + (f"  GPU {row['peak_gpu_mb']:.0f} MiB" if cuda else "")
                   + f"  ({time.time() - t0:.0f}s)")
     if cuda:
@@ -240,7 +302,8 @@ def main() -> None:
             print(r)
             rows.append(r)
     if not args.no_write:
-        js, md = _harness.write_results("encoder", rows, meta={"cells": args.cells, "device_arg": args.device})
+        gc_only = all(c in GC_CONFIGS for c in args.configs)  # own file: a V1 run the same day keeps its own
+        js, md = _harness.write_results("encoder_genecompass" if gc_only else "encoder", rows, meta={"cells": args.cells, "device_arg": args.device})
         print(f"wrote {js} and {md}")
 
 

@@ -91,10 +91,15 @@ def read_checkpoint(path: str | Path) -> tuple[EncoderConfig, dict[str, torch.Te
     except (ValueError, TypeError) as e:  # unsupported settings
         msg = f"{p / 'config.json'}: {e}"
         raise InputFileError(msg) from e
+    return cfg, *read_weights(p)
+
+
+def read_weights(p: Path) -> tuple[dict[str, torch.Tensor], Path]:
+    """Raw state dict and weight file of a checkpoint directory (the first of ``_WEIGHT_FILES`` present)."""
     for name in _WEIGHT_FILES:
         w = p / name
         if w.exists():
-            return cfg, _read_sharded(w) if name.endswith(".index.json") else _read_state_dict(w), w
+            return _read_sharded(w) if name.endswith(".index.json") else _read_state_dict(w), w
     msg = f"{p}: no weights found; expected one of {list(_WEIGHT_FILES)}"
     raise InputFileError(msg)
 
@@ -110,6 +115,22 @@ def encoder_state_dict(sd: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Ten
             continue
         enc[k.removeprefix("bert.")] = v
     return enc, head
+
+
+def check_state_dict(model: torch.nn.Module, sd: dict[str, torch.Tensor], wfile: Path, *, what: str,
+                     hint: str) -> None:
+    """Refuse weights whose names or shapes differ from ``model``'s, naming the file and the keys."""
+    want = model.state_dict()
+    missing, unexpected = sorted(set(want) - set(sd)), sorted(set(sd) - set(want))
+    if missing or unexpected:
+        msg = (f"{wfile}: weights do not match {what} "
+               f"(missing {missing[:5]}{'...' if len(missing) > 5 else ''}, unexpected "
+               f"{unexpected[:5]}{'...' if len(unexpected) > 5 else ''}); {hint}")
+        raise InputFileError(msg)
+    for k, v in sd.items():
+        if tuple(v.shape) != tuple(want[k].shape):
+            msg = f"{wfile}: {k} has shape {tuple(v.shape)}, config.json implies {tuple(want[k].shape)}"
+            raise InputFileError(msg)
 
 
 def load_encoder(path: str | Path, *, device: str | torch.device | None = None,
@@ -149,17 +170,8 @@ def load_bert_encoder(path: str | Path, *, device: str | torch.device | None = N
     cfg, sd, wfile = read_checkpoint(path)
     enc, head = encoder_state_dict(sd)
     model = BertEncoderModel(cfg)
-    want = set(model.state_dict())
-    missing, unexpected = sorted(want - set(enc)), sorted(set(enc) - want)
-    if missing or unexpected:
-        msg = (f"{wfile}: weights do not match a BERT encoder of this config.json "
-               f"(missing {missing[:5]}{'...' if len(missing) > 5 else ''}, unexpected "
-               f"{unexpected[:5]}{'...' if len(unexpected) > 5 else ''}); is this a BERT checkpoint?")
-        raise InputFileError(msg)
-    for k, v in enc.items():
-        if tuple(v.shape) != tuple(model.state_dict()[k].shape):
-            msg = f"{wfile}: {k} has shape {tuple(v.shape)}, config.json implies {tuple(model.state_dict()[k].shape)}"
-            raise InputFileError(msg)
+    check_state_dict(model, enc, wfile, what="a BERT encoder of this config.json",
+                     hint="is this a BERT checkpoint?")
     model.load_state_dict(enc, strict=True)
     model = model.to(device=device or "cpu", dtype=dtype).eval()
     if cfg.tie_word_embeddings:  # copies of tied weights (a pytorch_model.bin holds them); save_encoder re-ties

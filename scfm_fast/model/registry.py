@@ -3,8 +3,7 @@
 A family is a detector (does this ``config.json`` dict belong to it?) and a loader
 (``loader(path, *, device, dtype, return_head)``). Families are tried in order; the first whose detector
 accepts the config loads it. Today: ``genecompass`` (its config is an ordinary BERT config plus the keys
-in :data:`GENECOMPASS_KEYS`; the loader is ``scfm_fast.model.genecompass.load_genecompass`` once that
-module exists) and ``bert`` (Geneformer V1/V2, mouse-Geneformer: any other BERT config).
+in :data:`GENECOMPASS_KEYS`; the loader is ``scfm_fast.model.genecompass_checkpoint.load_genecompass``) and ``bert`` (Geneformer V1/V2, mouse-Geneformer: any other BERT config).
 :func:`register_family` adds or replaces one.
 """
 
@@ -61,7 +60,7 @@ def _lazy(module: str, name: str, family: str) -> Loader:
 
 FAMILIES: dict[str, ModelFamily] = {
     "genecompass": ModelFamily("genecompass", is_genecompass_config,
-                               _lazy("scfm_fast.model.genecompass", "load_genecompass", "GeneCompass")),
+                               _lazy("scfm_fast.model.genecompass_checkpoint", "load_genecompass", "GeneCompass")),
     "bert": ModelFamily("bert", is_bert_config, _lazy("scfm_fast.model.checkpoint", "load_bert_encoder", "BERT")),
 }
 
