@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Sequence
 from pathlib import Path
@@ -25,7 +26,13 @@ def dataset_vocab(paths: Sequence[str | Path], *, token_dictionary: str | None) 
     The size is that of the token dictionary the data were tokenized with: ``token_dictionary`` (checked
     against the manifests' hash) or the preset's bundled dictionary when the hashes match.
     """
-    from ..vocab.dictionaries import bundled_dir, check_token_dictionary, file_sha256, get_preset, load_pickle_dict
+    from ..vocab.dictionaries import (
+        bundled_dir,
+        check_token_dictionary,
+        file_sha256,
+        get_preset,
+        load_pickle_dict,
+    )
 
     if not paths:
         msg = "no TOKENS_DIR given"
@@ -65,8 +72,11 @@ def model_config(opts: PretrainOptions, *, vocab_size: int, specials: dict[str, 
         src = f"--init {opts.init}"
     elif opts.config is not None:
         try:
-            cfg = EncoderConfig.from_json(opts.config)
-        except (ValueError, TypeError) as e:
+            raw = json.loads(Path(opts.config).read_text())
+            # a config without vocab_size / pad_token_id takes the dataset's
+            raw = {"vocab_size": vocab_size, "pad_token_id": specials["<pad>"], **raw}
+            cfg = EncoderConfig.from_dict(raw)
+        except (OSError, ValueError, TypeError) as e:
             msg = f"{opts.config}: {e}"
             raise InputFileError(msg) from e
         src = f"--config {opts.config}"

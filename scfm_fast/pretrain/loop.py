@@ -19,7 +19,15 @@ from .._errors import ScfmError, UsageError
 from .._progress import progress
 from ..loader import token_budget_batches
 from ..store.reader import read_manifest
-from .build import build_model, dataset_vocab, head_state, load_weights, make_optimizer, make_scheduler, model_config
+from .build import (
+    build_model,
+    dataset_vocab,
+    head_state,
+    load_weights,
+    make_optimizer,
+    make_scheduler,
+    model_config,
+)
 from .checkpoints import load_trainer_state, prepare_run_dir, save_checkpoint
 from .data import Corpus, EpochPlan, Prefetcher, make_batch, plan_epoch, split_eval
 from .masking import EVAL_EPOCH, Masker, protected_ids
@@ -68,7 +76,7 @@ def pretrain(tokens: Sequence[str | os.PathLike], *, out: str | os.PathLike, **o
     corpus = Corpus(paths, max_len=cfg.max_position_embeddings, truncate=opts.truncate)
     rank, world, device = _init_distributed()
     if opts.deterministic:
-        torch.use_deterministic_algorithms(True)
+        torch.use_deterministic_algorithms(mode=True)
     torch.manual_seed(opts.seed)
     np.random.seed(opts.seed)
 
@@ -100,6 +108,9 @@ def pretrain(tokens: Sequence[str | os.PathLike], *, out: str | os.PathLike, **o
     model, head = build_model(cfg, init=opts.init)
     model.to(device).train()
     head.to(device).train()
+    if world > 1:  # every rank starts from rank 0's weights (same seed already; this makes it certain)
+        for t in list(model.state_dict().values()) + list(head.state_dict().values()):
+            dist.broadcast(t, src=0)
     optimizer = make_optimizer(model, head, opts, device)
     scheduler = make_scheduler(optimizer, opts, total)
     step, epoch, st = 0, 0, 0
@@ -148,7 +159,7 @@ def pretrain(tokens: Sequence[str | os.PathLike], *, out: str | os.PathLike, **o
                 b.packed = b.packed.to(device)
                 b.label_pos, b.labels = b.label_pos.to(device), b.labels.to(device)
                 with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-                    ls, c = _forward(model, head, b, opts.grad_checkpointing)
+                    ls, c = _forward(model, head, b, grad_checkpointing=opts.grad_checkpointing)
                 (ls / n_sel.clamp(min=1)).backward()
                 loss_sum += ls.detach().double().cpu()
                 correct += int(c)
@@ -175,7 +186,7 @@ def pretrain(tokens: Sequence[str | os.PathLike], *, out: str | os.PathLike, **o
             rec: dict[str, Any] = {}
             if opts.eval_every and eval_cells.size and (step % opts.eval_every == 0 or step == total):
                 last["eval_loss"] = rec["eval_loss"] = _evaluate(model, head, corpus, masker, eval_cells, opts,
-                                                                 device, rank, world, amp)
+                                                                 device, rank, world, amp=amp)
             if step % opts.log_every == 0 or step == total or rec:
                 now = time.perf_counter()
                 rec.update(acc.flush(now - t_last, loader.wait_s - wait_last, peak, world, device),
@@ -200,7 +211,7 @@ def pretrain(tokens: Sequence[str | os.PathLike], *, out: str | os.PathLike, **o
     return {"step": step, "last_checkpoint": str(last_ckpt), **last, "status": "complete"}
 
 
-def _forward(model, head, batch, grad_checkpointing: bool):
+def _forward(model, head, batch, *, grad_checkpointing: bool):
     if not grad_checkpointing:
         return mlm_loss_sum(model, head, batch)
     # recompute the encoder's activations in backward instead of keeping them
@@ -209,7 +220,7 @@ def _forward(model, head, batch, grad_checkpointing: bool):
 
 @torch.no_grad()
 def _evaluate(model, head, corpus: Corpus, masker: Masker, cells: np.ndarray, opts: PretrainOptions,
-              device: torch.device, rank: int, world: int, amp: bool) -> float:
+              device: torch.device, rank: int, world: int, *, amp: bool) -> float:
     """Masked-LM loss on the held-out cells, with fixed masks (the eval epoch key)."""
     model.eval()
     head.eval()

@@ -9,7 +9,6 @@ from scfm_fast._errors import UsageError
 from scfm_fast.pretrain.data import Corpus, Prefetcher, make_batch, plan_epoch, rank_step, split_eval
 from scfm_fast.pretrain.masking import Masker
 from scfm_fast.store.reader import TokenStore
-
 from tests.pretrain._store import random_cells, write_dictionary, write_store
 
 

@@ -6,7 +6,6 @@ import numpy as np
 
 from scfm_fast.pretrain.data import Corpus, make_batch, plan_epoch, rank_step
 from scfm_fast.pretrain.masking import Masker, protected_ids
-
 from tests.pretrain._store import random_cells, write_dictionary, write_store
 
 SPEC = {"<pad>": 0, "<mask>": 1, "<cls>": 2, "<eos>": 3}
