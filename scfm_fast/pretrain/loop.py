@@ -129,8 +129,7 @@ def pretrain(tokens: Sequence[str | os.PathLike], *, out: str | os.PathLike, **o
     masker = Masker(vocab_size=vocab, mask_id=specials["<mask>"], prob=opts.mask_prob, seed=opts.seed,
                     protected=protected_ids(specials, protect_special=opts.protect_special))
 
-    def plans() -> Iterator[tuple[int, EpochPlan]]:
-        e = epoch
+    def plans(e: int = epoch) -> Iterator[tuple[int, EpochPlan]]:
         while True:
             yield e, (plan0 if e == 0 else plan_epoch(corpus, train_mask, weights=weights, seed=opts.seed, epoch=e,
                                                       batch_tokens=opts.batch_tokens, per_step=per_step))
@@ -151,8 +150,7 @@ def pretrain(tokens: Sequence[str | os.PathLike], *, out: str | os.PathLike, **o
         while step < total:
             epoch, st, batches = next(loader)
             n_sel = _all_reduce(torch.tensor(float(sum(b.labels.numel() for b in batches))), world)
-            loss_sum = torch.zeros((), dtype=torch.float64)
-            correct = 0
+            stats = torch.zeros(5, dtype=torch.float64)  # loss sum, correct, tokens, cells, FLOPs of this rank
             for b in batches:
                 if b.n_cells == 0:
                     continue
@@ -161,11 +159,11 @@ def pretrain(tokens: Sequence[str | os.PathLike], *, out: str | os.PathLike, **o
                 with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
                     ls, c = _forward(model, head, b, grad_checkpointing=opts.grad_checkpointing)
                 (ls / n_sel.clamp(min=1)).backward()
-                loss_sum += ls.detach().double().cpu()
-                correct += int(c)
-                acc.add(b, cfg)
+                lens = np.diff(b.packed.cu_seqlens.cpu().numpy())
+                stats += torch.tensor([float(ls.detach()), float(c), float(lens.sum()), float(b.n_cells),
+                                       train_flops(cfg, lens, b.labels.numel())], dtype=torch.float64)
             _sync_grads(params, world)
-            g = _all_reduce(torch.stack([loss_sum, torch.tensor(float(correct), dtype=torch.float64)]), world)
+            g = _all_reduce(stats, world)
             loss = float(g[0] / n_sel.clamp(min=1))
             if not np.isfinite(loss):
                 msg = (f"step {step + 1}: the loss is {loss}; stopped before applying it (last good checkpoint: "
@@ -177,9 +175,7 @@ def pretrain(tokens: Sequence[str | os.PathLike], *, out: str | os.PathLike, **o
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             step += 1
-            acc.loss_sum += float(g[0])
-            acc.sel += float(n_sel)
-            acc.correct += float(g[1])
+            acc.add(g, float(n_sel))
             last["loss"] = loss
             cursor = (epoch, st + 1)
             bar.update(1)
@@ -189,7 +185,7 @@ def pretrain(tokens: Sequence[str | os.PathLike], *, out: str | os.PathLike, **o
                                                                  device, rank, world, amp=amp)
             if step % opts.log_every == 0 or step == total or rec:
                 now = time.perf_counter()
-                rec.update(acc.flush(now - t_last, loader.wait_s - wait_last, peak, world, device),
+                rec.update(acc.flush(now - t_last, loader.wait_s - wait_last, peak, device),
                            step=step, epoch=epoch, lr=lr, grad_norm=gnorm)
                 t_last, wait_last = now, loader.wait_s
                 log.write(rec)
@@ -242,20 +238,19 @@ class _Window:
     """Sums over the steps since the last log record."""
 
     def __init__(self) -> None:
-        self.loss_sum = self.sel = self.correct = self.tokens = self.cells = self.flops = 0.0
+        self.sums = np.zeros(5)  # all ranks: loss sum, correct, tokens, cells, FLOPs
+        self.sel = 0.0
 
-    def add(self, b, cfg) -> None:
-        lens = np.diff(b.packed.cu_seqlens.cpu().numpy())
-        self.tokens += float(lens.sum())
-        self.cells += b.n_cells
-        self.flops += train_flops(cfg, lens, b.labels.numel())
+    def add(self, stats: torch.Tensor, n_sel: float) -> None:
+        self.sums += stats.numpy()
+        self.sel += n_sel
 
-    def flush(self, seconds: float, wait: float, peak: float, world: int, device: torch.device) -> dict[str, Any]:
-        toks = self.tokens * world  # every rank packs about the same number of tokens
-        rec = {"loss": self.loss_sum / max(self.sel, 1.0), "masked_accuracy": self.correct / max(self.sel, 1.0),
-               "tokens_per_s": toks / max(seconds, 1e-9), "cells_per_s": self.cells * world / max(seconds, 1e-9),
-               "data_wait_pct": 100.0 * wait / max(seconds, 1e-9),
-               "mfu": self.flops * world / max(seconds, 1e-9) / peak if peak else None,
+    def flush(self, seconds: float, wait: float, peak: float, device: torch.device) -> dict[str, Any]:
+        loss, correct, toks, cells, flops = self.sums
+        sec = max(seconds, 1e-9)
+        rec = {"loss": loss / max(self.sel, 1.0), "masked_accuracy": correct / max(self.sel, 1.0),
+               "tokens_per_s": toks / sec, "cells_per_s": cells / sec, "data_wait_pct": 100.0 * wait / sec,
+               "mfu": flops / sec / peak if peak else None,
                "peak_memory_gb": (torch.cuda.max_memory_allocated(device) if device.type == "cuda"
                                   else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024) / 1e9}
         self.__init__()

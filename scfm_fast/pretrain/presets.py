@@ -7,16 +7,18 @@ from typing import Any
 
 from .._errors import UsageError
 
+# Geneformer V1's recipe (both sizes); the 12-layer shape is that of the published gf-12L-30M model
+_V1_RECIPE = dict(lr=1e-3, schedule="linear", warmup=10_000, weight_decay=0.001, dropout=0.02, epochs=3,
+                  cells_per_gpu=12)
+
 # shape + optimiser recipe; the vocabulary always comes from the token dataset
 PRESETS: dict[str, dict[str, Any]] = {
-    "geneformer-v1-6l": dict(
-        model=dict(hidden_size=256, num_hidden_layers=6, num_attention_heads=4, intermediate_size=512,
-                   hidden_act="relu", max_position_embeddings=2048),
-        lr=1e-3, schedule="linear", warmup=10_000, weight_decay=0.001, dropout=0.02, epochs=3, cells_per_gpu=12),
-    "geneformer-v1-12l": dict(
-        model=dict(hidden_size=512, num_hidden_layers=12, num_attention_heads=8, intermediate_size=1024,
-                   hidden_act="relu", max_position_embeddings=2048),
-        lr=1e-3, schedule="linear", warmup=10_000, weight_decay=0.001, dropout=0.02, epochs=3, cells_per_gpu=12),
+    "geneformer-v1-6l": dict(model=dict(hidden_size=256, num_hidden_layers=6, num_attention_heads=4,
+                                        intermediate_size=512, hidden_act="relu", max_position_embeddings=2048),
+                             **_V1_RECIPE),
+    "geneformer-v1-12l": dict(model=dict(hidden_size=512, num_hidden_layers=12, num_attention_heads=8,
+                                         intermediate_size=1024, hidden_act="relu", max_position_embeddings=2048),
+                              **_V1_RECIPE),
     "geneformer-v2-104m": dict(
         model=dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072,
                    hidden_act="relu", max_position_embeddings=4096),

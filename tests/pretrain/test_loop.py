@@ -106,6 +106,25 @@ def test_resume_after_sigkill_matches_an_uninterrupted_run(data):
     assert steps == sorted(steps) and steps[-1] == 2 * k
 
 
+def test_sigterm_saves_a_checkpoint_and_stops_cleanly(data):
+    run = data["tmp"] / "term"
+    cmd = [sys.executable, "-m", "scfm_fast", "pretrain", data["tokens"], "--out", str(run), "--config",
+           data["config"], "--token-dictionary", data["dict"], "--batch-tokens", "96", "--dtype", "float32",
+           "--max-steps", "100000", "--save-every", "100000", "--log-every", "1"]
+    env = {**os.environ, "PYTHONPATH": str(REPO), "SCFM_FAST_PROGRESS": "0"}
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    metrics = run / "metrics.jsonl"
+    deadline = time.time() + 240
+    while not (metrics.exists() and metrics.read_text().count("\n") >= 2) and time.time() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=240)
+    assert proc.returncode == 0, err.decode()[-2000:]
+    res = json.loads(err.decode().strip().splitlines()[-1])
+    assert res["status"] == "interrupted" and res["last_checkpoint"].endswith(f"checkpoint-{res['step']}")
+    assert (run / f"checkpoint-{res['step']}" / "trainer_state.pt").exists()
+
+
 def test_refusals_before_the_first_step(data, tmp_path):
     with pytest.raises(UsageError, match=r"vocabulary has 100 tokens but the dataset's token dictionary has 64"):
         cfg = json.loads(Path(data["config"]).read_text())
