@@ -39,6 +39,7 @@ _EXPORTS = {
     "plot_gene_stats": "scfm_fast.perturb",
     "select_cells": "scfm_fast.perturb",
     "state_embedding": "scfm_fast.perturb",
+    "pretrain": "scfm_fast.pretrain",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -130,7 +130,7 @@ def _add_info(sub) -> None:
 
 
 # subcommands owned by other subpackages register themselves through ``register(subparsers)``
-_PLUGINS = ("scfm_fast.embed._cli", "scfm_fast.perturb._cli")
+_PLUGINS = ("scfm_fast.embed._cli", "scfm_fast.perturb._cli", "scfm_fast.pretrain._cli")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -45,3 +45,63 @@ def token_budget_batches(lengths: np.ndarray, *, max_tokens: int, max_cells: int
     if cur:
         batches.append(np.array(cur, dtype=np.int64))
     return batches[rank::world_size]
+
+
+def megabatch_batches(lengths: np.ndarray, *, max_tokens: int, megabatch: int,
+                      max_cells: int | None = None) -> list[np.ndarray]:
+    """Token-budget batches over cells in their given (shuffled) order, length-sorted per megabatch.
+
+    The order is cut into consecutive megabatches of ``megabatch`` cells; each is sorted by length and
+    packed greedily with :func:`token_budget_batches`. Sorting only inside a megabatch keeps the
+    epoch's randomness while cells of similar length share a batch.
+
+    Parameters
+    ----------
+    lengths
+        Tokens per cell, in the order the cells should be drawn.
+    max_tokens, max_cells
+        As in :func:`token_budget_batches`.
+    megabatch
+        Cells per sorting window (>= 1).
+
+    Returns
+    -------
+    list of int arrays (positions into ``lengths``); every position exactly once.
+    """
+    lengths = np.asarray(lengths, dtype=np.int64)
+    out: list[np.ndarray] = []
+    for lo in range(0, lengths.size, max(1, megabatch)):
+        part = lengths[lo:lo + max(1, megabatch)]
+        out.extend(b + lo for b in token_budget_batches(part, max_tokens=max_tokens, max_cells=max_cells))
+    return out
+
+
+def assign_to_ranks(batch_tokens: np.ndarray, *, world_size: int, per_rank: int) -> list[list[int]]:
+    """Deal one step's micro-batches to ranks so that each rank's token total is balanced.
+
+    Longest-processing-time greedy: the batch with most tokens goes to the rank with fewest tokens
+    that still has room (each rank takes at most ``per_rank`` batches).
+
+    Parameters
+    ----------
+    batch_tokens
+        Tokens of each micro-batch of the step (at most ``world_size * per_rank``).
+    world_size, per_rank
+        Ranks and micro-batches (gradient-accumulation steps) per rank.
+
+    Returns
+    -------
+    For each rank, the positions (into ``batch_tokens``) of its micro-batches, in ascending order.
+    """
+    toks = np.asarray(batch_tokens, dtype=np.int64)
+    if toks.size > world_size * per_rank:
+        msg = f"{toks.size} micro-batches do not fit {world_size} ranks x {per_rank}"
+        raise ValueError(msg)
+    load = np.zeros(world_size, dtype=np.int64)
+    out: list[list[int]] = [[] for _ in range(world_size)]
+    for b in np.argsort(-toks, kind="stable"):
+        room = [r for r in range(world_size) if len(out[r]) < per_rank]
+        r = min(room, key=lambda x: (load[x], x))
+        out[r].append(int(b))
+        load[r] += toks[b]
+    return [sorted(x) for x in out]

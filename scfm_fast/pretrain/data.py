@@ -1,0 +1,219 @@
+"""Pretraining data: memory-mapped token stores -> per-step, per-rank masked varlen micro-batches.
+
+An epoch is a seeded shuffle of samples (a sample is one draw of a cell: dataset weights draw a
+dataset's cells ``w`` times per epoch), cut into megabatches that are length-sorted and packed
+greedily under a token budget. Micro-batches are grouped ``world_size * accum`` per optimiser step
+and dealt to ranks with balanced token counts. The plan depends only on the lengths (read from the
+stores' offsets), the seed, the epoch and the per-step micro-batch count, so any rank or a resumed run
+recomputes it without reading tokens.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .._errors import UsageError
+from ..loader import PackedBatch, assign_to_ranks, megabatch_batches, pack_cells
+from ..store.reader import TokenStore
+from .masking import Masker
+
+
+class Corpus:
+    """Several token stores as one memory-mapped corpus with global cell ids (dataset by dataset).
+
+    Parameters
+    ----------
+    paths
+        Complete token dataset directories.
+    max_len
+        The model's positions: longer cells are refused, or cut to ``max_len`` with ``truncate``.
+    truncate
+        Cut over-long cells instead of refusing them.
+    """
+
+    def __init__(self, paths: Sequence[str | Path], *, max_len: int, truncate: bool = False) -> None:
+        self.stores = [TokenStore(p) for p in paths]
+        lens = [np.diff(np.asarray(s.offsets)).astype(np.int64) for s in self.stores]
+        for s, ln in zip(self.stores, lens):
+            if ln.size == 0:
+                msg = f"{s.path}: the token dataset holds no cells; nothing to pretrain on"
+                raise UsageError(msg)
+            long = np.flatnonzero(ln > max_len)
+            if long.size and not truncate:
+                msg = (f"{s.path}: cell {int(long[0])} has {int(ln[long[0]])} tokens but the model has {max_len} "
+                       f"positions ({long.size} such cells); tokenize with --max-len {max_len} or pass --truncate")
+                raise UsageError(msg)
+        self.sizes = np.array([ln.size for ln in lens], dtype=np.int64)
+        self.starts = np.concatenate([[0], np.cumsum(self.sizes)])
+        self.lengths = np.minimum(np.concatenate(lens), max_len)
+        self.max_len = max_len
+
+    def __len__(self) -> int:
+        return int(self.starts[-1])
+
+    def tokens(self, cell: int) -> np.ndarray:
+        d = int(np.searchsorted(self.starts, cell, side="right") - 1)
+        return self.stores[d][int(cell - self.starts[d])][:self.max_len]
+
+
+def split_eval(corpus: Corpus, *, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Seeded hold-out: (training cell mask, evaluation cell ids); at least one training cell is kept."""
+    train = np.ones(len(corpus), dtype=bool)
+    if fraction <= 0:
+        return train, np.zeros(0, dtype=np.int64)
+    n_eval = min(len(corpus) - 1, max(1, round(fraction * len(corpus))))
+    ev = np.sort(np.random.default_rng([seed, 7]).choice(len(corpus), size=n_eval, replace=False))
+    train[ev] = False
+    return train, ev
+
+
+def epoch_samples(corpus: Corpus, train: np.ndarray, *, weights: Sequence[float], seed: int,
+                  epoch: int) -> np.ndarray:
+    """Sample ids of one epoch in shuffled order; sample ``s`` is cell ``s % len(corpus)``.
+
+    A dataset of weight ``w`` contributes each of its training cells ``floor(w)`` times plus a seeded
+    random ``w - floor(w)`` fraction of them (weight 1 everywhere: every cell exactly once).
+    """
+    n = len(corpus)
+    rng = np.random.default_rng([seed, epoch])
+    parts = []
+    for d, w in enumerate(weights):
+        cells = np.flatnonzero(train[corpus.starts[d]:corpus.starts[d + 1]]) + corpus.starts[d]
+        whole, frac = int(w), w - int(w)
+        parts += [cells + k * n for k in range(whole)]
+        if frac > 0:
+            pick = rng.choice(cells.size, size=round(frac * cells.size), replace=False)
+            parts.append(np.sort(cells[pick]) + whole * n)
+    samples = np.concatenate(parts) if parts else np.zeros(0, np.int64)
+    return samples[rng.permutation(samples.size)]
+
+
+@dataclass(frozen=True)
+class EpochPlan:
+    """One epoch's micro-batches (arrays of sample ids), grouped per optimiser step."""
+
+    batches: list[np.ndarray]
+    per_step: int  # micro-batches per optimiser step, all ranks together
+
+    @property
+    def n_steps(self) -> int:
+        return -(-len(self.batches) // self.per_step)
+
+    def step(self, i: int) -> list[np.ndarray]:
+        return self.batches[i * self.per_step:(i + 1) * self.per_step]
+
+
+def plan_epoch(corpus: Corpus, train: np.ndarray, *, weights: Sequence[float], seed: int, epoch: int,
+               batch_tokens: int, per_step: int, megabatch_factor: int = 64) -> EpochPlan:
+    """Shuffle, megabatch-sort and pack one epoch (see the module docstring)."""
+    samples = epoch_samples(corpus, train, weights=weights, seed=seed, epoch=epoch)
+    lens = corpus.lengths[samples % len(corpus)]
+    mean = max(1.0, float(lens.mean())) if lens.size else 1.0
+    mega = max(1, int(megabatch_factor * batch_tokens / mean))
+    batches = [samples[b] for b in megabatch_batches(lens, max_tokens=batch_tokens, megabatch=mega)]
+    # shuffle whole batches so that steps mix long- and short-cell batches across the epoch
+    order = np.random.default_rng([seed, epoch, 1]).permutation(len(batches))
+    return EpochPlan([batches[i] for i in order], per_step)
+
+
+@dataclass
+class MaskedBatch:
+    """A packed, corrupted micro-batch and its MLM targets."""
+
+    packed: PackedBatch
+    label_pos: torch.Tensor  # rows of ``packed.input_ids`` that were selected
+    labels: torch.Tensor  # their original ids
+    n_cells: int
+
+
+def make_batch(corpus: Corpus, masker: Masker, samples: np.ndarray, *, epoch: int) -> MaskedBatch:
+    """Read, corrupt and pack the cells of ``samples`` (an empty array gives an empty batch)."""
+    ids, pos, lab = [], [], []
+    off = 0
+    for s in samples:
+        tok = corpus.tokens(int(s % len(corpus)))
+        if tok.size and int(tok.max()) >= masker.vocab_size:
+            msg = (f"cell {int(s % len(corpus))}: token id {int(tok.max())} is outside the model's vocabulary "
+                   f"of {masker.vocab_size}; was the dataset tokenized with this dictionary?")
+            raise UsageError(msg)
+        x, p, y = masker(tok, epoch=epoch, sample=int(s))
+        ids.append(x)
+        pos.append(p + off)
+        lab.append(y)
+        off += x.size
+    packed = pack_cells(ids) if ids else PackedBatch(torch.zeros(0, dtype=torch.long),
+                                                     torch.zeros(1, dtype=torch.int32), 0,
+                                                     torch.zeros(0, dtype=torch.long), np.zeros(0, np.int64))
+    cat = (lambda a: torch.from_numpy(np.concatenate(a))) if ids else (lambda a: torch.zeros(0, dtype=torch.long))
+    return MaskedBatch(packed, cat(pos), cat(lab), len(samples))
+
+
+def rank_step(corpus: Corpus, plan: EpochPlan, step: int, *, rank: int, world_size: int) -> list[np.ndarray]:
+    """This rank's micro-batches of ``step``: token-balanced over ranks, padded with empty micro-batches
+    where the epoch's last step has fewer than ``plan.per_step``."""
+    group = plan.step(step)
+    per_rank = plan.per_step // world_size
+    toks = np.array([int(corpus.lengths[b % len(corpus)].sum()) for b in group], dtype=np.int64)
+    mine = [group[i] for i in assign_to_ranks(toks, world_size=world_size, per_rank=per_rank)[rank]]
+    return mine + [np.zeros(0, np.int64)] * (per_rank - len(mine))
+
+
+class Prefetcher:
+    """Background thread that builds this rank's masked micro-batches ahead of the training loop.
+
+    Iterating yields ``(epoch, step_in_epoch, [MaskedBatch, ...])``; ``wait_s`` accumulates the time
+    the consumer spent blocked on data.
+    """
+
+    def __init__(self, corpus: Corpus, masker: Masker, plans: Iterator[tuple[int, EpochPlan]], *, start_step: int,
+                 rank: int, world_size: int, depth: int = 4) -> None:
+        self.wait_s = 0.0
+        self._q: queue.Queue = queue.Queue(maxsize=depth)
+        self._stop = threading.Event()
+        self._args = (corpus, masker, plans, start_step, rank, world_size)
+        self._t = threading.Thread(target=self._run, daemon=True, name="scfm-pretrain-data")
+        self._t.start()
+
+    def _run(self) -> None:
+        corpus, masker, plans, start, rank, world = self._args
+        try:
+            for epoch, plan in plans:
+                for st in range(start, plan.n_steps):
+                    mine = rank_step(corpus, plan, st, rank=rank, world_size=world)
+                    item = (epoch, st, [make_batch(corpus, masker, b, epoch=epoch) for b in mine])
+                    while not self._stop.is_set():
+                        try:
+                            self._q.put(item, timeout=0.1)
+                            break
+                        except queue.Full:
+                            continue
+                    if self._stop.is_set():
+                        return
+                start = 0
+            self._q.put(None)
+        except BaseException as e:  # noqa: BLE001 - re-raised in the consumer's thread
+            self._q.put(e)
+
+    def __iter__(self) -> Prefetcher:
+        return self
+
+    def __next__(self):
+        t0 = time.perf_counter()
+        item = self._q.get()
+        self.wait_s += time.perf_counter() - t0
+        if item is None:
+            raise StopIteration
+        if isinstance(item, BaseException):
+            raise item
+        return item
+
+    def close(self) -> None:
+        self._stop.set()

@@ -1,0 +1,83 @@
+"""Masked-LM loss: the MLM head on selected rows only, and a chunked linear + cross-entropy.
+
+:class:`ChunkedLinearCrossEntropy` computes ``sum_i CE(h_i @ W.T + b, y_i)`` and its gradients chunk by
+chunk of rows, so at most ``chunk x V`` logits exist at once (never ``tokens x V``).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+class ChunkedLinearCrossEntropy(torch.autograd.Function):
+    """Summed cross-entropy of ``h @ weight.T + bias`` against ``target``, chunked over rows.
+
+    Logits are formed in ``h``'s dtype (bf16 under autocast) and reduced in (at least) float32. Returns
+    ``(loss_sum, n_correct)``; ``n_correct`` (argmax == target) carries no gradient.
+    """
+
+    @staticmethod
+    def forward(ctx, h: Tensor, weight: Tensor, bias: Tensor, target: Tensor, chunk: int,  # noqa: D102
+                dtype: torch.dtype):
+        with torch.autocast(h.device.type, enabled=False):
+            return ChunkedLinearCrossEntropy._forward(ctx, h, weight, bias, target, chunk, dtype)
+
+    @staticmethod
+    def _forward(ctx, h, weight, bias, target, chunk, dtype):
+        h_in_dtype = h.dtype
+        h, w = h.to(dtype), weight.to(dtype)
+        acc = torch.promote_types(dtype, torch.float32)  # reductions in at least float32
+        loss = torch.zeros((), dtype=acc, device=h.device)
+        correct = torch.zeros((), dtype=torch.long, device=h.device)
+        lse_all = torch.empty(h.shape[0], dtype=acc, device=h.device)
+        for lo in range(0, h.shape[0], chunk):
+            logits = (h[lo:lo + chunk] @ w.T).to(acc) + bias.to(acc)
+            y = target[lo:lo + chunk]
+            lse = torch.logsumexp(logits, dim=-1)
+            lse_all[lo:lo + chunk] = lse
+            loss += (lse - logits.gather(1, y[:, None])[:, 0]).sum()
+            correct += (logits.argmax(-1) == y).sum()
+        ctx.save_for_backward(h, weight, bias, target, lse_all)
+        ctx.chunk, ctx.in_dtype = chunk, h_in_dtype
+        ctx.mark_non_differentiable(correct)
+        return loss, correct
+
+    @staticmethod
+    def backward(ctx, g_loss: Tensor, _g_correct: Tensor):  # noqa: D102
+        h, weight, bias, target, lse_all = ctx.saved_tensors
+        w = weight.to(h.dtype)  # h was saved in the compute dtype
+        gh = torch.empty_like(h)
+        acc = lse_all.dtype
+        gw = torch.zeros(weight.shape, dtype=acc, device=h.device)
+        gb = torch.zeros(bias.shape, dtype=acc, device=h.device)
+        for lo in range(0, h.shape[0], ctx.chunk):
+            hc = h[lo:lo + ctx.chunk]
+            logits = (hc @ w.T).to(acc) + bias.to(acc)
+            p = torch.exp(logits - lse_all[lo:lo + ctx.chunk, None])
+            p[torch.arange(hc.shape[0], device=h.device), target[lo:lo + ctx.chunk]] -= 1.0
+            p *= g_loss
+            gb += p.sum(0)
+            pc = p.to(h.dtype)
+            gh[lo:lo + ctx.chunk] = pc @ w
+            gw += (pc.T @ hc).to(acc)
+        return gh.to(ctx.in_dtype), gw.to(weight.dtype), gb.to(bias.dtype), None, None, None
+
+
+def linear_cross_entropy(h: Tensor, weight: Tensor, bias: Tensor, target: Tensor, *,
+                         chunk: int = 4096) -> tuple[Tensor, Tensor]:
+    """Summed CE and number of correct argmax predictions of ``h @ weight.T + bias`` (see the class)."""
+    if h.shape[0] == 0:
+        z = (h.sum() * 0 + weight.sum() * 0 + bias.sum() * 0).float()
+        return z, torch.zeros((), dtype=torch.long, device=h.device)
+    dev = h.device.type
+    dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else h.dtype
+    return ChunkedLinearCrossEntropy.apply(h, weight, bias, target, chunk, dtype)
+
+
+def mlm_loss_sum(model, head, batch, *, chunk: int = 4096) -> tuple[Tensor, Tensor]:
+    """Encoder over the packed micro-batch, head on the selected rows only: (summed CE, n correct)."""
+    p = batch.packed
+    hidden = model.forward_varlen(p.input_ids, p.cu_seqlens, p.max_seqlen, position_ids=p.position_ids)
+    sel = head.transform(hidden.index_select(0, batch.label_pos))
+    return linear_cross_entropy(sel, head.decoder.weight, head.bias, batch.labels, chunk=chunk)
