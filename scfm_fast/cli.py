@@ -18,8 +18,8 @@ from ._lock import output_lock
 
 #: commands whose --out is locked here for the whole run (tokenize locks inside tokenize_corpus, so
 #: that the Python API is covered too); a command that resumes keeps its finished part after a failure
-_LOCKED = ("medians", "embed", "perturb")
-_RESUMABLE = ("tokenize", "embed", "perturb")
+_LOCKED = ("medians", "embed", "perturb", "pretrain")
+_RESUMABLE = ("tokenize", "embed", "perturb", "pretrain")
 
 
 def _csv(s: str) -> list[str]:

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from .._errors import UsageError
+from .._lock import DEFAULT_LOCK
 from ..model.checkpoint import save_encoder
 
 RUN_FILE = "run.json"
@@ -44,7 +45,8 @@ def prepare_run_dir(out: Path, identity: dict[str, Any], *, resume: bool) -> Pat
             msg = f"{out}: --resume with another config or dataset than the run there; differs: " + "; ".join(diff)
             raise UsageError(msg)
         return latest_checkpoint(out)
-    if out.exists() and any(out.iterdir()):
+    # the output lock `scfm pretrain` holds (scfm_fast._lock) is the one file a new run's --out may hold
+    if out.exists() and any(p.name != DEFAULT_LOCK for p in out.iterdir()):
         msg = f"{out}: exists and is not a pretraining run directory (no {RUN_FILE}); choose an empty or new --out"
         raise UsageError(msg)
     out.mkdir(parents=True, exist_ok=True)
