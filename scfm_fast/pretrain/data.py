@@ -22,7 +22,7 @@ import torch
 
 from .._errors import UsageError
 from ..loader import PackedBatch, assign_to_ranks, megabatch_batches, pack_cells
-from ..store.reader import TokenStore
+from ..store.cells import open_cells
 from .masking import Masker
 
 
@@ -32,7 +32,9 @@ class Corpus:
     Parameters
     ----------
     paths
-        Complete token dataset directories.
+        Complete token dataset directories, each opened through the shared cell-token source
+        (:func:`~scfm_fast.store.cells.open_cells`: memory-mapped, lengths without reading tokens; an
+        unfinished or empty dataset is refused there).
     max_len
         The model's positions: longer cells are refused, or cut to ``max_len`` with ``truncate``.
     truncate
@@ -40,15 +42,12 @@ class Corpus:
     """
 
     def __init__(self, paths: Sequence[str | Path], *, max_len: int, truncate: bool = False) -> None:
-        self.stores = [TokenStore(p) for p in paths]
-        lens = [np.diff(np.asarray(s.offsets)).astype(np.int64) for s in self.stores]
-        for s, ln in zip(self.stores, lens):
-            if ln.size == 0:
-                msg = f"{s.path}: the token dataset holds no cells; nothing to pretrain on"
-                raise UsageError(msg)
+        self.sources = [open_cells(p) for p in paths]
+        lens = [np.asarray(s.lengths, dtype=np.int64) for s in self.sources]
+        for p, ln in zip(paths, lens):
             long = np.flatnonzero(ln > max_len)
             if long.size and not truncate:
-                msg = (f"{s.path}: cell {int(long[0])} has {int(ln[long[0]])} tokens but the model has {max_len} "
+                msg = (f"{p}: cell {int(long[0])} has {int(ln[long[0]])} tokens but the model has {max_len} "
                        f"positions ({long.size} such cells); tokenize with --max-len {max_len} or pass --truncate")
                 raise UsageError(msg)
         self.sizes = np.array([ln.size for ln in lens], dtype=np.int64)
@@ -61,7 +60,7 @@ class Corpus:
 
     def tokens(self, cell: int) -> np.ndarray:
         d = int(np.searchsorted(self.starts, cell, side="right") - 1)
-        return self.stores[d][int(cell - self.starts[d])][:self.max_len]
+        return self.sources[d][int(cell - self.starts[d])][:self.max_len]
 
 
 def split_eval(corpus: Corpus, *, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:

@@ -8,7 +8,8 @@ import pytest
 from scfm_fast._errors import UsageError
 from scfm_fast.pretrain.data import Corpus, Prefetcher, make_batch, plan_epoch, rank_step, split_eval
 from scfm_fast.pretrain.masking import Masker
-from scfm_fast.store.reader import TokenStore
+from scfm_fast._errors import StoreError
+from scfm_fast.store.cells import CellSource
 from tests.pretrain._store import random_cells, write_dictionary, write_store
 
 
@@ -21,15 +22,16 @@ def two_stores(tmp_path):
 
 
 def test_startup_reads_lengths_only(two_stores, monkeypatch):
-    def no_tokens(self, i):
+    def no_tokens(self, *a, **k):
         raise AssertionError("tokens were read while planning")
 
-    monkeypatch.setattr(TokenStore, "__getitem__", no_tokens)
+    for name in ("take", "take_packed", "__getitem__"):
+        monkeypatch.setattr(CellSource, name, no_tokens)
     corpus = Corpus(two_stores, max_len=128)
     train, _ = split_eval(corpus, fraction=0.1, seed=0)
     plan = plan_epoch(corpus, train, weights=[1, 1], seed=0, epoch=0, batch_tokens=256, per_step=2)
     assert plan.n_steps > 0 and len(corpus) == 170
-    np.testing.assert_array_equal(corpus.lengths[:120], np.diff(np.asarray(corpus.stores[0].offsets)))
+    np.testing.assert_array_equal(corpus.lengths[:120], [len(c) for c in random_cells(120, vocab_size=300, seed=1)])
 
 
 @pytest.mark.parametrize("world", [1, 2, 3])
@@ -102,6 +104,7 @@ def test_corpus_refuses_long_cells_unless_truncate_and_empty_stores(tmp_path, tw
     c = Corpus(two_stores, max_len=50, truncate=True)
     assert c.lengths.max() == 50 and c.tokens(int(np.argmax(c.lengths))).size == 50
     d = write_dictionary(tmp_path / "d2.pkl", 300)
-    empty = write_store(tmp_path / "empty", [], dictionary=d)
-    with pytest.raises(UsageError, match="holds no cells"):
-        Corpus([empty], max_len=50)
+    with pytest.raises(StoreError, match="no cell to write"):  # a 0-cell dataset is never marked complete
+        write_store(tmp_path / "empty", [], dictionary=d)
+    with pytest.raises(StoreError, match="unfinished"):  # ... and what it left is refused
+        Corpus([tmp_path / "empty"], max_len=50)
