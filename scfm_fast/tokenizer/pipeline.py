@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import concurrent.futures as cf
+import functools
 import logging
 import time
 from collections.abc import Sequence
@@ -10,7 +11,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numba
 import numpy as np
 import pandas as pd
 import pyarrow as pa
@@ -18,13 +18,17 @@ import pyarrow as pa
 from .._errors import CountDataError, InputFileError, UsageError
 from .._progress import progress
 from ..store.schema import with_table_config
-from ..vocab import GeneVocab, get_preset, load_gene_name_map, load_ortholog_map, resolve_genes
-from ..vocab.dictionaries import SPECIAL_TOKENS
+from ..vocab import GeneVocab, get_preset, load_gene_mapping, load_gene_name_map, load_ortholog_map, resolve_genes
+from ..vocab.dictionaries import SPECIAL_TOKENS, bundled_dir, file_sha256
+from .counts import ranked_counts
+from .inputs import ENSEMBL_ID_COLUMN, gene_ids_of, parse_shard, shard_files
 from .reference import check_counts_ref, count_problem
 
 log = logging.getLogger("scfm_fast")
 
 TOTAL_COLUMN = "n_counts"
+#: ``keep_counts`` output column (Geneformer's name): normalised counts in rank order
+COUNTS_COLUMN = "counts"
 FILTER_COLUMN = "filter_pass"
 
 
@@ -42,32 +46,60 @@ class TokenizerSpec:
     backend: str = "auto"
     n_threads: int | None = None
     config: dict[str, Any] = field(default_factory=dict)
+    gene_mapping: dict[str, str] | None = None
+    keep_counts: bool = False
 
     @classmethod
     def build(cls, *, preset: str = "geneformer-v1", token_dictionary: str | Path | None = None,
               gene_median: str | Path | None = None, gene_name_map: str | Path | None = "auto",
               orthologs: str | Path | None = None, max_len: int | None = None,
               min_gene_match: float = 0.2, allow_non_integer: bool = False, backend: str = "auto",
-              n_threads: int | None = None) -> TokenizerSpec:
+              n_threads: int | None = None, gene_mapping_file: str | Path | None = None,
+              keep_counts: bool = False) -> TokenizerSpec:
         pre = get_preset(preset)
         _check_options(max_len=max_len, n_special=pre.n_special, n_threads=n_threads)
         vocab = GeneVocab.load(token_dictionary=token_dictionary, gene_median=gene_median, preset=preset)
+        mapping = None
+        if gene_mapping_file is not None:
+            # Geneformer's route replaces ours: a symbol or ortholog table would be silently unused
+            if (gene_name_map not in (None, "auto")) or orthologs:
+                msg = ("--gene-mapping-file is the only gene-id route when given (Geneformer's semantics); "
+                       "drop --gene-name-map / --orthologs, or put those ids into the mapping file")
+                raise UsageError(msg)
+            mapping, gene_name_map = load_gene_mapping(gene_mapping_file), None
         names = None
         if gene_name_map == "auto":
-            # ids that are already in the vocabulary match first, so the symbol table never overrides them
-            names = load_gene_name_map()
+            # the bundled symbol table names V1's genes; another dictionary needs its own table
+            # (--gene-name-map), never V1's silently.  Ids already in the vocabulary match first, so
+            # the symbol table never overrides them.
+            if vocab.hashes.get("token_dictionary") == _v1_token_dictionary_hash():
+                names = load_gene_name_map()
+            else:
+                gene_name_map = "auto (off: not Geneformer V1's token dictionary; pass --gene-name-map)"
         elif gene_name_map is not None:
             names = load_gene_name_map(gene_name_map)
         orth = load_ortholog_map(orthologs) if orthologs else None
         spec = cls(preset, vocab, names, orth, pre.max_len if max_len is None else max_len, min_gene_match,
-                   allow_non_integer, backend, n_threads)
+                   allow_non_integer, backend, n_threads, gene_mapping=mapping, keep_counts=keep_counts)
         spec.config = {"preset": preset, "max_len": spec.max_len, "dictionary_hashes": vocab.hashes,
                        "gene_name_map": str(gene_name_map), "orthologs": _path_or_name(orthologs),
                        "allow_non_integer": allow_non_integer, "tie_order": "token id ascending",
                        "special_tokens": {t: vocab.token_of[t] for t in SPECIAL_TOKENS if t in vocab.token_of}}
+        # recorded only when used, so that outputs of earlier versions still resume
+        if mapping is not None:
+            spec.config["gene_mapping_file"] = {"path": _path_or_name(gene_mapping_file),
+                                                "sha256": file_sha256(gene_mapping_file)}
+        if keep_counts:
+            spec.config["keep_counts"] = True
         # validates that the dictionary holds the preset's special tokens
         spec.cls_id, spec.eos_id = vocab.special_id(pre.cls), vocab.special_id(pre.eos)
         return spec
+
+    def resolve(self, gene_ids, *, source: str):
+        """Token id per gene column of one input, and its match report."""
+        return resolve_genes(gene_ids, self.vocab, gene_name_map=self.gene_name_map,
+                             ortholog_map=self.ortholog_map, gene_mapping=self.gene_mapping,
+                             min_fraction=self.min_gene_match, source=source)
 
     def tokenize_csr(self, indptr, indices, data, *, col_token, totals=None):
         from .rank import tokenize_rank
@@ -77,6 +109,11 @@ class TokenizerSpec:
                              cls_token=self.cls_id, eos_token=self.eos_id, totals=totals,
                              allow_non_integer=self.allow_non_integer, backend=self.backend,
                              n_threads=self.n_threads)
+
+
+@functools.cache
+def _v1_token_dictionary_hash() -> str:
+    return file_sha256(bundled_dir("geneformer_v1") / "token_dictionary.pkl")
 
 
 def _path_or_name(value: Any) -> str:
@@ -165,17 +202,28 @@ def _chunk_totals(path: str, chunk) -> np.ndarray | None:
     return tot
 
 
-@numba.njit(cache=True, nogil=True)
 def _count_sums(indices, data, col_token):
     """Total counts and counts on vocabulary genes, in one pass (for the match report)."""
-    tot = 0.0
-    matched = 0.0
-    for k in range(indices.shape[0]):
-        v = float(data[k])
-        tot += v
-        if col_token[indices[k]] >= 0:
-            matched += v
-    return tot, matched
+    return _count_sums_kernel()(indices, data, col_token)
+
+
+@functools.cache
+def _count_sums_kernel():
+    # compiled on first use, so that importing the pipeline (``scfm tokenize`` start-up) skips numba
+    import numba
+
+    @numba.njit(cache=True, nogil=True)
+    def count_sums(indices, data, col_token):
+        tot = 0.0
+        matched = 0.0
+        for k in range(indices.shape[0]):
+            v = float(data[k])
+            tot += v
+            if col_token[indices[k]] >= 0:
+                matched += v
+        return tot, matched
+
+    return count_sums
 
 
 def _list_array(tokens: np.ndarray, offsets: np.ndarray) -> pa.ListArray:
@@ -198,7 +246,7 @@ def tokenize_chunk(spec: TokenizerSpec, chunk, col_token: np.ndarray, *, path: s
     """Tokenize one :class:`~scfm_fast.readers.base.CellChunk` into a shard table and its counts."""
     totals = _chunk_totals(path, chunk)
     try:
-        tokens, offsets, _ = spec.tokenize_csr(chunk.indptr, chunk.indices, chunk.data,
+        tokens, offsets, cell_totals = spec.tokenize_csr(chunk.indptr, chunk.indices, chunk.data,
                                                          col_token=col_token, totals=totals)
     except CountDataError:
         raise _bad_count_error(path, chunk, var_names, allow_non_integer=spec.allow_non_integer) from None
@@ -220,6 +268,10 @@ def tokenize_chunk(spec: TokenizerSpec, chunk, col_token: np.ndarray, *, path: s
         "cell_id": pa.array(chunk.obs.index.astype(str).to_numpy() if len(chunk.obs.index) == chunk.n_cells
                             else np.arange(chunk.start, chunk.stop).astype(str)),
     }
+    if spec.keep_counts:
+        vals = ranked_counts(chunk.indptr, chunk.indices, chunk.data, col_token=col_token, tokens=tokens,
+                             offsets=offsets, totals=cell_totals)
+        cols[COUNTS_COLUMN] = pa.ListArray.from_arrays(pa.array(offsets.astype(np.int32)), pa.array(vals))
     for c in obs_columns:
         if c not in cols:
             cols[c] = _obs_array(chunk.obs[c])
@@ -254,6 +306,9 @@ def tokenize_corpus(
     resume: bool = False,
     overwrite: bool = False,
     progress_bar: bool | None = True,
+    gene_mapping_file: str | Path | None = None,
+    keep_counts: bool = False,
+    shard: str | None = None,
 ) -> dict[str, Any]:
     """Tokenize one or more files into a token dataset directory (see :mod:`scfm_fast.store.schema`).
 
@@ -294,6 +349,15 @@ def tokenize_corpus(
         Continue an interrupted run in ``out`` / replace an existing one.
     progress_bar
         Show a progress bar (cells/s).
+    gene_mapping_file
+        Geneformer's gene mapping pickle (id -> vocabulary Ensembl id): ids upper-cased and mapped,
+        raw counts of ids mapping onto one gene summed, unmapped ids dropped (counted in the report).
+    keep_counts
+        Add a ``counts`` column: each token's ``count / total * 10,000`` in rank order (Geneformer's
+        ``keep_counts``; ``0.0`` at ``<cls>``/``<eos>``).
+    shard
+        ``"K/N"``: tokenize only every N-th input, starting with the K-th (1-based), keeping each file's
+        index in the full input list; join the N outputs with :func:`~scfm_fast.store.merge.merge_token_datasets`.
 
     Returns
     -------
@@ -310,20 +374,30 @@ def tokenize_corpus(
         raise InputFileError(msg)
     _check_distinct(paths)
     _check_options(max_len=None, n_special=0, n_threads=None, chunk_size=chunk_size)
+    shard_kn = parse_shard(shard)
+    # global file indexes: a shard's files keep their index in the full input list, so that merged
+    # shard outputs equal a single run's output
+    file_ids = shard_files(len(paths), shard_kn)
+    if not file_ids:
+        msg = f"--shard {shard}: takes no file of the {len(paths)} inputs; use at most {len(paths)} shards"
+        raise UsageError(msg)
     spec = TokenizerSpec.build(preset=preset, token_dictionary=token_dictionary, gene_median=gene_median,
                                gene_name_map=gene_name_map, orthologs=orthologs, max_len=max_len,
                                min_gene_match=min_gene_match, allow_non_integer=allow_non_integer,
-                               backend=backend, n_threads=n_threads)
+                               backend=backend, n_threads=n_threads, gene_mapping_file=gene_mapping_file,
+                               keep_counts=keep_counts)
+    all_paths, paths = paths, [paths[i] for i in file_ids]
     readers = [open_reader(str(p), layer=layer, use_raw=use_raw, gene_id_column=gene_id_column) for p in paths]
     try:
         want = list(dict.fromkeys(obs_columns))
-        clash = [c for c in want if c in BASE_COLUMNS]
+        clash = [c for c in want if c in BASE_COLUMNS or (keep_counts and c == COUNTS_COLUMN)]
         if clash:
             msg = (f"obs column(s) {clash} share a name with the output's own columns {list(BASE_COLUMNS)}; "
                    "copy them to another name in obs (e.g. obs['orig_length'] = obs['length']) and pass that")
             raise UsageError(msg)
         resolved = []
-        for p, r in zip(paths, readers):
+        gene_ids_by_file: dict[int, np.ndarray] = {}
+        for fi, p, r in zip(file_ids, paths, readers):
             missing = [c for c in want if c not in r.obs_columns]
             if missing:
                 msg = (f"{p}: obs column(s) {missing} not found; available: {sorted(r.obs_columns)}")
@@ -331,21 +405,25 @@ def tokenize_corpus(
             if r.n_obs == 0:
                 msg = f"{p}: has no cells"
                 raise InputFileError(msg)
-            col_token, report = resolve_genes(r.var_names, spec.vocab, gene_name_map=spec.gene_name_map,
-                                              ortholog_map=spec.ortholog_map, min_fraction=min_gene_match,
-                                              source=str(p))
+            gene_ids, id_source = gene_ids_of(r, gene_id_column)
+            col_token, report = spec.resolve(gene_ids, source=str(p))
+            report.id_source = id_source
             log.info("%s: %s", p, report.summary())
             resolved.append((col_token, report))
-        config = {**spec.config, "inputs": [str(Path(p).resolve()) for p in paths],
+            gene_ids_by_file[fi] = gene_ids
+        config = {**spec.config, "inputs": [str(Path(p).resolve()) for p in all_paths],
                   "input_fingerprints": [_input_fingerprint(Path(p)) for p in paths],
                   "gene_id_column": gene_id_column, "layer": layer, "use_raw": use_raw,
                   "obs_columns": want, "chunk_size": chunk_size}
+        if shard_kn is not None:
+            config["shard"] = {"k": shard_kn[0], "n": shard_kn[1], "files": file_ids}
         writer = ShardedTokenWriter(out, config=config, vocab_size=spec.vocab.size, resume=resume,
                                     overwrite=overwrite)
         if writer.complete:
             log.info("%s: already complete (%d cells); nothing to do", out, writer.manifest.get("n_cells", 0))
             return {**writer.manifest, "already_complete": True}
-        writer.update(inputs=[str(p) for p in paths], gene_match=[rep.to_dict() for _, rep in resolved])
+        writer.update(inputs=[str(p) for p in paths], gene_match=[rep.to_dict() for _, rep in resolved],
+                      **({"file_indexes": file_ids} if shard_kn is not None else {}))
         total = sum(r.n_obs for r in readers)
         t0 = time.perf_counter()
         # three stages on their own threads: read (I/O, decompression) -> tokenize (compiled core)
@@ -353,7 +431,7 @@ def tokenize_corpus(
         with progress(total=total, desc="tokenize", enabled=progress_bar) as bar, \
                 cf.ThreadPoolExecutor(1) as read_pool, cf.ThreadPoolExecutor(1) as write_pool:
             pending: cf.Future | None = None
-            for fi, (p, r, (col_token, _)) in enumerate(zip(paths, readers, resolved)):
+            for fi, p, r, (col_token, _) in zip(file_ids, paths, readers, resolved):
                 read_cols = list(dict.fromkeys(
                     want + [c for c in (TOTAL_COLUMN, FILTER_COLUMN) if c in r.obs_columns]))
                 # resume: skip the finished prefix without reading it (shards finish in order)
@@ -374,7 +452,8 @@ def tokenize_corpus(
                         bar.update(chunk.n_cells)
                         continue
                     table, stats = tokenize_chunk(spec, chunk, col_token, path=str(p),
-                                                  var_names=r.var_names, file_index=fi, obs_columns=want)
+                                                  var_names=gene_ids_by_file[fi], file_index=fi,
+                                                  obs_columns=want)
                     if pending is not None:
                         pending.result()  # keep one shard in flight; surfaces write errors
                     pending = write_pool.submit(writer.write_shard, table, file_index=fi, start=chunk.start,
@@ -410,6 +489,8 @@ def tokenize_anndata(
     n_threads: int | None = None,
     min_gene_match: float = 0.2,
     allow_non_integer: bool = False,
+    gene_mapping_file: str | Path | None = None,
+    keep_counts: bool = False,
 ) -> pa.Table:
     """Tokenize an in-memory AnnData (same semantics and backends as :func:`tokenize_corpus`).
 
@@ -430,6 +511,8 @@ def tokenize_anndata(
         Core backend and its threads.
     min_gene_match, allow_non_integer
         Input checks, as in :func:`tokenize_corpus`.
+    gene_mapping_file, keep_counts
+        Geneformer's gene mapping and ``keep_counts``, as in :func:`tokenize_corpus`.
 
     Returns
     -------
@@ -456,7 +539,8 @@ def tokenize_anndata(
     spec = TokenizerSpec.build(preset=preset, token_dictionary=token_dictionary, gene_median=gene_median,
                                gene_name_map=gene_name_map, orthologs=orthologs, max_len=max_len,
                                min_gene_match=min_gene_match, allow_non_integer=allow_non_integer,
-                               backend=backend, n_threads=n_threads)
+                               backend=backend, n_threads=n_threads, gene_mapping_file=gene_mapping_file,
+                               keep_counts=keep_counts)
     if use_raw:
         if adata.raw is None:
             msg = "use_raw=True but adata.raw is None"
@@ -472,9 +556,10 @@ def tokenize_anndata(
     if gene_id_column is not None and gene_id_column not in var.columns:
         msg = f"gene_id_column {gene_id_column!r} not in var (available: {list(var.columns)})"
         raise InputFileError(msg)
+    if gene_id_column is None and ENSEMBL_ID_COLUMN in var.columns:
+        gene_id_column = ENSEMBL_ID_COLUMN  # Geneformer's convention, as in tokenize_corpus
     gene_ids = (var[gene_id_column] if gene_id_column else var.index).astype(str).to_numpy()
-    col_token, _ = resolve_genes(gene_ids, spec.vocab, gene_name_map=spec.gene_name_map,
-                                 ortholog_map=spec.ortholog_map, min_fraction=min_gene_match, source="adata")
+    col_token, _ = spec.resolve(gene_ids, source="adata")
     obs_cols = [c for c in (TOTAL_COLUMN, FILTER_COLUMN) if c in adata.obs.columns]
     tables = []
     for start in range(0, adata.n_obs, chunk_size):
@@ -484,7 +569,7 @@ def tokenize_anndata(
         chunk = CellChunk(start, block.indptr.astype(np.int64), block.indices.astype(np.int32),
                           block.data, adata.obs.iloc[start:stop][obs_cols])
         tab, _ = tokenize_chunk(spec, chunk, col_token, path="adata", var_names=gene_ids)
-        tables.append(tab.select(["input_ids", "length", "cell_index"]))
+        tables.append(tab.select(["input_ids", "length", "cell_index", *([COUNTS_COLUMN] if keep_counts else [])]))
     out = pa.concat_tables(tables) if tables else pa.table(
         {"input_ids": pa.array([], pa.list_(pa.int32())), "length": pa.array([], pa.int32()),
          "cell_index": pa.array([], pa.int64())})
