@@ -83,3 +83,15 @@ def test_shard_option_is_checked(tmp_path, inputs):
             _run(inputs, tmp_path / "o", shard=bad)
     with pytest.raises(UsageError, match="takes no file"):
         _run(inputs[:2], tmp_path / "o", shard="3/3")
+
+
+def test_cli_shard_and_merge(tmp_path, inputs):
+    from scfm_fast.cli import main
+
+    args = [str(p) for p in inputs]
+    for k in (1, 2):
+        assert main(["tokenize", *args, "--out", str(tmp_path / f"s{k}"), "--shard", f"{k}/2"]) == 0
+    assert main(["tokenize", str(tmp_path / "s1"), str(tmp_path / "s2"), "--merge", str(tmp_path / "m")]) == 0
+    assert main(["tokenize", *args, "--out", str(tmp_path / "one")]) == 0
+    assert read_table(tmp_path / "m").equals(read_table(tmp_path / "one"))
+    assert main(["tokenize", str(tmp_path / "s1"), "--merge", str(tmp_path / "m2"), "--out", "x"]) == 2
