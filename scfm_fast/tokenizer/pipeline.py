@@ -204,26 +204,9 @@ def _chunk_totals(path: str, chunk) -> np.ndarray | None:
 
 def _count_sums(indices, data, col_token):
     """Total counts and counts on vocabulary genes, in one pass (for the match report)."""
-    return _count_sums_kernel()(indices, data, col_token)
+    from ._sums import count_sums  # numba: imported on first use, not at start-up
 
-
-@functools.cache
-def _count_sums_kernel():
-    # compiled on first use, so that importing the pipeline (``scfm tokenize`` start-up) skips numba
-    import numba
-
-    @numba.njit(cache=True, nogil=True)
-    def count_sums(indices, data, col_token):
-        tot = 0.0
-        matched = 0.0
-        for k in range(indices.shape[0]):
-            v = float(data[k])
-            tot += v
-            if col_token[indices[k]] >= 0:
-                matched += v
-        return tot, matched
-
-    return count_sums
+    return count_sums(indices, data, col_token)
 
 
 def _list_array(tokens: np.ndarray, offsets: np.ndarray) -> pa.ListArray:
