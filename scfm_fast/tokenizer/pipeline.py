@@ -18,7 +18,14 @@ import pyarrow as pa
 from .._errors import CountDataError, InputFileError, UsageError
 from .._progress import progress
 from ..store.schema import with_table_config
-from ..vocab import GeneVocab, get_preset, load_gene_mapping, load_gene_name_map, load_ortholog_map, resolve_genes
+from ..vocab import (
+    GeneVocab,
+    get_preset,
+    load_gene_mapping,
+    load_gene_name_map,
+    load_ortholog_map,
+    resolve_genes,
+)
 from ..vocab.dictionaries import SPECIAL_TOKENS, bundled_dir, file_sha256
 from .counts import ranked_counts
 from .inputs import ENSEMBL_ID_COLUMN, gene_ids_of, parse_shard, shard_files
