@@ -25,6 +25,7 @@ _EXPORTS = {
     "TokenStore": "scfm_fast.store",
     "read_table": "scfm_fast.store",
     "to_hf_dataset": "scfm_fast.store",
+    "merge_token_datasets": "scfm_fast.store.merge",
     "EncoderConfig": "scfm_fast.model.config",
     "BertEncoderModel": "scfm_fast.model.bert",
     "load_encoder": "scfm_fast.model.checkpoint",
