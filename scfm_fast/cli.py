@@ -3,14 +3,23 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
+import errno
 import importlib
 import json
 import logging
+import os
 import sys
 from collections.abc import Sequence
 
 from . import __version__
 from ._errors import ScfmError
+from ._lock import output_lock
+
+#: commands whose --out is locked here for the whole run (tokenize locks inside tokenize_corpus, so
+#: that the Python API is covered too); a command that resumes keeps its finished part after a failure
+_LOCKED = ("medians", "embed", "perturb")
+_RESUMABLE = ("tokenize", "embed", "perturb")
 
 
 def _csv(s: str) -> list[str]:
@@ -40,8 +49,12 @@ def _add_tokenize(sub) -> None:
                    help="symbol->Ensembl table (.pkl/.csv) matching the token dictionary; 'auto' = the bundled "
                         "V1 table with V1's dictionary (off with any other), 'none' = off")
     p.add_argument("--orthologs", help="'mouse-to-human' (bundled one-to-one orthologs) or a table path")
-    p.add_argument("--gene-id-column", help="var column with gene ids (default: var['ensembl_id'] when present, "
-                                            "else the var index)")
+    p.add_argument("--gene-id-column", help="var column with gene ids ('index': the var index; default: "
+                                            "var['ensembl_id'] when present, else the var index, refused when "
+                                            "another var column matches clearly better)")
+    p.add_argument("--allow-case-insensitive", action="store_true",
+                   help="accept genes that match human symbols only when case is ignored (else mouse-looking "
+                        "input needs --orthologs)")
     p.add_argument("--layer", help="layer holding raw counts (default: X)")
     p.add_argument("--use-raw", action="store_true", help="read raw/X")
     p.add_argument("--obs-columns", type=_csv, default=[], help="cell metadata columns to carry, a,b,c")
@@ -84,8 +97,9 @@ def _run_tokenize(args) -> int:
                           obs_columns=args.obs_columns, chunk_size=args.chunk_size, max_len=args.max_len,
                           n_threads=args.workers, backend=args.backend, min_gene_match=args.min_gene_match,
                           allow_non_integer=args.allow_non_integer, resume=args.resume,
-                          overwrite=args.overwrite, gene_mapping_file=args.gene_mapping_file,
-                          keep_counts=args.keep_counts, shard=args.shard)
+                          overwrite=args.overwrite, allow_case_insensitive=args.allow_case_insensitive,
+                          gene_mapping_file=args.gene_mapping_file, keep_counts=args.keep_counts,
+                          shard=args.shard)
     s = man["summary"]
     if man.get("already_complete"):
         print(f"{args.out}: already complete ({man['n_cells']:,} cells, {man['n_tokens']:,} tokens); nothing to do",
@@ -174,10 +188,41 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
     try:
-        return int(args.func(args) or 0)
+        with _out_lock(args):
+            return int(args.func(args) or 0)
     except ScfmError as e:
         print(f"scfm {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:
+        print(f"scfm {args.command}: error: {os_error_message(e, command=args.command)}", file=sys.stderr)
+        return 2
+
+
+def _out_lock(args: argparse.Namespace) -> contextlib.AbstractContextManager:
+    out = getattr(args, "out", None)
+    # torchrun starts one `scfm perturb` per rank: rank 0 holds the lock for all of them
+    if args.command not in _LOCKED or not out or os.environ.get("RANK", "0") != "0":
+        return contextlib.nullcontext()
+    if os.path.exists(out) and not os.path.isdir(out):
+        return contextlib.nullcontext()  # the command itself reports "--out is a file"
+    return output_lock(out, command=args.command)
+
+
+_FIXES = {errno.ENOSPC: "free disk space", errno.EDQUOT: "free space in your quota",
+          errno.EACCES: "fix the permissions (or choose another --out)",
+          errno.EPERM: "fix the permissions (or choose another --out)",
+          errno.EROFS: "choose a writable --out", errno.ENOENT: "check that the path still exists"}
+
+
+def os_error_message(err: OSError, *, command: str) -> str:
+    """One line for an OS error: what failed, where, and whether ``--resume`` continues the run."""
+    where = err.filename if err.filename is not None else "?"
+    what = err.strerror or str(err)
+    code = errno.errorcode.get(err.errno, "") if err.errno is not None else ""
+    fix = _FIXES.get(err.errno, "fix the cause")
+    again = ("then rerun the same command with --resume: the finished part is kept"
+             if command in _RESUMABLE else "then rerun the command")
+    return f"{what}{f' [{code}]' if code else ''}: {where}; {fix}, {again}"
 
 
 if __name__ == "__main__":

@@ -50,6 +50,51 @@ def check_path(path: str | os.PathLike[str], *, kind: str, fix: str) -> str:
     return str(p)
 
 
+#: ``gene_id_column`` value that selects the var index explicitly
+VAR_INDEX = "index"
+
+_REEXPORT = "the file is damaged (e.g. an interrupted copy or write): re-export / re-copy the file"
+
+
+def structure_error(path: str, err: Exception) -> InputFileError:
+    """The error for a file whose metadata or arrays cannot be read while opening it."""
+    return InputFileError(f"{path}: cannot read the file's structure ({type(err).__name__}: {err}); {_REEXPORT}")
+
+
+def check_block(path: str, blk: CSRBlock) -> None:
+    """Refuse a block whose ``indptr`` decreases or points past its entries, naming the first bad row."""
+    ip = blk.indptr
+    steps = np.diff(ip)
+    if steps.size and steps.min() < 0:
+        i = int(np.flatnonzero(steps < 0)[0])
+        msg = (f"{path}: the matrix's indptr decreases at row {blk.start + i} ({int(ip[i])} -> {int(ip[i + 1])} "
+               f"relative to row {blk.start}); {_REEXPORT}")
+        raise InputFileError(msg)
+    if ip.size and (ip[0] != 0 or int(ip[-1]) != blk.indices.shape[0] or blk.data.shape[0] != blk.indices.shape[0]):
+        msg = (f"{path}: rows {blk.start}..{blk.start + blk.n_rows - 1}: indptr points to {int(ip[-1] - ip[0])} "
+               f"entries but {blk.indices.shape[0]} indices / {blk.data.shape[0]} counts are stored; {_REEXPORT}")
+        raise InputFileError(msg)
+
+
+def _checked_blocks(path: str, blocks: Iterator[CSRBlock], start: int) -> Iterator[CSRBlock]:
+    """The source's blocks, structurally checked; storage and decoding failures (h5py, zarr, codecs)
+    become one :class:`InputFileError` naming the file and the rows being read."""
+    row = start
+    while True:
+        try:
+            blk = next(blocks)
+        except StopIteration:
+            return
+        except InputFileError:
+            raise
+        except Exception as err:  # noqa: BLE001 - h5py / zarr / numcodecs raise many types for damage
+            msg = f"{path}: cannot read the cells from row {row} on ({type(err).__name__}: {err}); {_REEXPORT}"
+            raise InputFileError(msg) from err
+        check_block(path, blk)
+        row = blk.start + blk.n_rows
+        yield blk
+
+
 class ChunkedReader:
     """Base class of the concrete readers; implements the :class:`~.base.Reader` protocol.
 
@@ -91,8 +136,13 @@ class ChunkedReader:
         """Whole per-gene column ``name`` (the gene axis is small, so it is read at once)."""
         return self._var.read_column(name)
 
+    def read_var_index(self) -> np.ndarray:
+        """The var index (gene axis row names) as ``str``."""
+        return np.asarray([str(v) for v in self._var.read_index(0, self._var.length)], dtype=str)
+
     def _gene_ids(self, gene_id_column: str | None) -> np.ndarray:
-        if gene_id_column is None:
+        # "index" names the var index explicitly (unless var has a column of that name)
+        if gene_id_column is None or (gene_id_column == VAR_INDEX and VAR_INDEX not in self._var.columns):
             values = self._var.read_index(0, self._var.length)
         else:
             self._var.check_columns(
@@ -150,7 +200,7 @@ class ChunkedReader:
 
     def _chunks(self, start: int, chunk_size: int, columns: list[str]) -> Iterator[CellChunk]:
         def with_obs() -> Iterator[CSRBlock]:
-            for blk in self._source.iter_blocks(start, chunk_size):
+            for blk in _checked_blocks(self.path, self._source.iter_blocks(start, chunk_size), start):
                 blk.obs = self._obs.read_frame(blk.start, blk.start + blk.n_rows, columns)
                 yield blk
 

@@ -12,7 +12,7 @@ import h5py
 
 from .._errors import InputFileError
 from ._anndata_reader import AnnDataReader
-from ._common import check_path
+from ._common import check_path, structure_error
 from ._sources import DEFAULT_BLOCK_ELEMENTS, DEFAULT_BLOCK_ROWS
 
 _FIX = "Pass an .h5ad written by anndata (adata.write_h5ad)."
@@ -62,6 +62,12 @@ class H5adReader(AnnDataReader):
                 max_block_elements=max_block_elements,
                 max_block_rows=max_block_rows,
             )
+        except InputFileError:
+            self._file.close()
+            raise
+        except Exception as err:  # noqa: BLE001 - damaged HDF5 internals: h5py raises OSError, KeyError...
+            self._file.close()
+            raise structure_error(self.path, err) from err
         except BaseException:
             self._file.close()
             raise

@@ -17,7 +17,7 @@ import numpy as np
 
 from .._errors import InputFileError
 from ._anndata_elems import ColumnValues, Frame
-from ._common import ChunkedReader, check_path
+from ._common import ChunkedReader, check_path, structure_error
 from ._nodes import ReadStats, is_array, node_keys, read_slice, to_str_array
 from ._sources import DEFAULT_BLOCK_ELEMENTS, DEFAULT_BLOCK_ROWS, DenseSource
 
@@ -108,6 +108,12 @@ class LoomReader(ChunkedReader):
                 max_block_elements=max_block_elements,
                 max_block_rows=max_block_rows,
             )
+        except InputFileError:
+            self._file.close()
+            raise
+        except Exception as err:  # noqa: BLE001 - damaged HDF5 internals: h5py raises OSError, KeyError...
+            self._file.close()
+            raise structure_error(self.path, err) from err
         except BaseException:
             self._file.close()
             raise

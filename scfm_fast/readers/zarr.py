@@ -13,8 +13,9 @@ import os
 import zarr
 
 from .._errors import InputFileError
-from ._anndata_reader import AnnDataReader
-from ._common import check_path
+from ._anndata_reader import AnnDataReader, _select_matrix
+from ._common import _REEXPORT, check_path, structure_error
+from ._nodes import is_array
 from ._sources import DEFAULT_BLOCK_ELEMENTS, DEFAULT_BLOCK_ROWS
 
 _FIX = "Pass a directory written by anndata (adata.write_zarr)."
@@ -56,11 +57,42 @@ class ZarrReader(AnnDataReader):
         except Exception as err:  # zarr raises several types for "not a store"
             msg = f"{self.path}: not a Zarr store ({type(err).__name__}: {err}). {_FIX}"
             raise InputFileError(msg) from None
-        self._setup(
-            root,
-            layer=layer,
-            use_raw=use_raw,
-            gene_id_column=gene_id_column,
-            max_block_elements=max_block_elements,
-            max_block_rows=max_block_rows,
-        )
+        try:
+            self._setup(
+                root,
+                layer=layer,
+                use_raw=use_raw,
+                gene_id_column=gene_id_column,
+                max_block_elements=max_block_elements,
+                max_block_rows=max_block_rows,
+            )
+            name, matrix, _ = _select_matrix(root, path=self.path, layer=layer, use_raw=use_raw)
+        except InputFileError:
+            raise
+        except Exception as err:  # noqa: BLE001 - damaged metadata or arrays: zarr/numcodecs raise many types
+            raise structure_error(self.path, err) from err
+        if not is_array(matrix):
+            check_sparse_chunks(self.path, name, matrix)
+
+
+def check_sparse_chunks(path: str, name: str, group: zarr.Group) -> None:
+    """Every stored chunk (or shard) of a sparse group's ``indptr``/``indices``/``data`` must exist.
+
+    zarr reads a missing chunk as its fill value, so a store copied incompletely would hand out zeros:
+    cells would silently lose genes, vanish or merge.  A chunk of a sparse matrix's arrays is in
+    practice never all zeros (zarr skips writing such chunks); the one exception, a run of empty first
+    cells as long as an ``indptr`` chunk, cannot be told apart from damage and is refused too.
+    """
+    for key in ("indptr", "indices", "data"):
+        if key not in group:
+            continue
+        arr = group[key]
+        keys = getattr(arr, "_iter_shard_keys", None)
+        if keys is None:  # another zarr-python: nothing to check against
+            return
+        base = os.path.join(path, *arr.path.split("/"))
+        for i, k in enumerate(keys()):
+            if not os.path.exists(os.path.join(base, *k.split("/"))):
+                msg = (f"{path}: chunk {k!r} (number {i}) of {name}/{key} is missing from the store, so zarr "
+                       f"would read it as zeros; {_REEXPORT}")
+                raise InputFileError(msg)

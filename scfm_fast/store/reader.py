@@ -20,12 +20,30 @@ def read_manifest(path: str | Path, *, require_complete: bool = True) -> dict[st
     if not p.exists():
         msg = f"{path}: no {MANIFEST}: not an scfm_fast token dataset (run `scfm tokenize` first)"
         raise StoreError(msg)
-    man = json.loads(p.read_text())
+    try:
+        man = json.loads(p.read_text())
+    except ValueError:
+        man = None
+    if not isinstance(man, dict):
+        msg = (f"{p}: the manifest is damaged (truncated or not JSON); rerun the same `scfm tokenize` with "
+               "--overwrite to rebuild the dataset")
+        raise StoreError(msg)
     if require_complete and man.get("status") != "complete":
         msg = (f"{path}: token dataset is unfinished (status {man.get('status')!r}); rerun the same "
                "`scfm tokenize ... --resume` to complete it")
         raise StoreError(msg)
     return man
+
+
+def _shard_files(path: str | Path, man: dict[str, Any]) -> list[Path]:
+    """The manifest's shard files in source order; every one must exist."""
+    files = [Path(path) / s["file"] for s in sorted(man["shards"], key=lambda s: (s["file_index"], s["start"]))]
+    gone = [f.name for f in files if not f.is_file()]
+    if gone:
+        msg = (f"{path}: {len(gone)} shard(s) recorded in the manifest are missing ({', '.join(gone[:3])}); "
+               "rerun the same `scfm tokenize ... --resume` to redo them")
+        raise StoreError(msg)
+    return files
 
 
 def read_table(path: str | Path, *, columns: list[str] | None = None) -> pa.Table:
@@ -38,9 +56,14 @@ def read_table(path: str | Path, *, columns: list[str] | None = None) -> pa.Tabl
     columns
         Columns to read (default: all).
     """
-    read_manifest(path)
-    dset = ds.dataset(str(path), format="parquet", exclude_invalid_files=True)
-    tab = dset.to_table(columns=columns)
+    man = read_manifest(path)
+    files = _shard_files(path, man)
+    # the manifest's shards only: a stray Parquet file in the directory is not part of the dataset
+    tab = ds.dataset([str(f) for f in files], format="parquet").to_table(columns=columns)
+    if tab.num_rows != man.get("n_cells", tab.num_rows):
+        msg = (f"{path}: the shards hold {tab.num_rows:,} cells but the manifest records {man['n_cells']:,}; "
+               "the dataset is damaged: re-tokenize with --overwrite")
+        raise StoreError(msg)
     if "file_index" in tab.column_names and "cell_index" in tab.column_names:
         tab = tab.sort_by([("file_index", "ascending"), ("cell_index", "ascending")])
     return tab
@@ -71,11 +94,15 @@ class TokenStore:
             self.file_index = np.load(d / "file_index.npy", mmap_mode="r")
         except (OSError, ValueError) as e:
             msg = (f"{self.path}: the packed token store is missing or damaged ({e}); the Parquet shards are "
-                   "intact: rebuild it with the same `scfm tokenize ... --overwrite`, or read the shards "
+                   "intact: rebuild it with the same `scfm tokenize ... --resume`, or read the shards "
                    "with read_table()")
             raise StoreError(msg) from None
-        if self.offsets.shape[0] != self.manifest.get("n_cells", self.offsets.shape[0] - 1) + 1:
-            msg = f"{self.path}: the packed store does not match the manifest's cell count; re-tokenize"
+        n_cells, n_tokens = self.manifest.get("n_cells"), self.manifest.get("n_tokens")
+        if (n_cells is not None and self.offsets.shape[0] != n_cells + 1) or (
+                n_tokens is not None and (self.tokens.shape[0] != n_tokens or int(self.offsets[-1]) != n_tokens)):
+            msg = (f"{self.path}: the packed store holds {self.offsets.shape[0] - 1:,} cells / "
+                   f"{self.tokens.shape[0]:,} tokens but the manifest records {n_cells:,} / {n_tokens:,}; "
+                   "rebuild it with the same `scfm tokenize ... --resume` after deleting __scfm__/packed")
             raise StoreError(msg)
 
     def __len__(self) -> int:
@@ -104,6 +131,5 @@ def to_hf_dataset(path: str | Path):
     """
     import datasets
 
-    read_manifest(path)
-    files = sorted(str(p) for p in Path(path).glob("part-*.parquet"))
+    files = [str(f) for f in _shard_files(path, read_manifest(path))]
     return datasets.load_dataset("parquet", data_files=files, split="train")

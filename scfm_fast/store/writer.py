@@ -21,16 +21,26 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from .._errors import StoreError
+from .._lock import TOKENS_LOCK
 from .schema import FORMAT, MANIFEST, META_DIR, PACKED_DIR, PARTS_DIR, shard_name
 
 
+def _tmp_name(name: str) -> str:
+    """A hidden temporary name unique to this process (a stray one from another run is never reused)."""
+    return f".{name}.{os.getpid()}.tmp"
+
+
 def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    tmp = path.with_name(_tmp_name(path.name))
+    try:
+        with open(tmp, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)  # e.g. a full disk: the previous manifest stays, no partial file
+        raise
 
 
 def config_hash(config: dict[str, Any]) -> str:
@@ -47,7 +57,25 @@ def _config_diff(old: dict[str, Any], new: dict[str, Any]) -> str:
 
 
 #: names a token run writes at the top of its directory (anything else is not ours to delete)
-_OWN_NAME = re.compile(rf"{re.escape(META_DIR)}|\.?part-\d{{4,}}-\d{{12,}}\.parquet(\.tmp)?")
+_OWN_NAME = re.compile(rf"{re.escape(META_DIR)}|\.?part-\d{{4,}}-\d{{12,}}\.parquet(\.\d+)?(\.tmp)?")
+
+
+def _entries(out: Path) -> list[Path]:
+    """What ``out`` holds, except the lock file of the run that holds it (never ours to delete)."""
+    lock = out / TOKENS_LOCK
+    found = [p for p in out.iterdir() if p != lock.parent]
+    if lock.parent.is_dir():
+        found += [p for p in lock.parent.iterdir() if p != lock]
+    return found
+
+
+def _clear(out: Path) -> None:
+    """Delete a token dataset's contents but keep the held lock file, so no other writer can slip in."""
+    for p in _entries(out):
+        if p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p)
+        else:
+            p.unlink()
 
 
 def _check_replaceable(out: Path) -> None:
@@ -113,14 +141,14 @@ class ShardedTokenWriter:
         if self.out.exists() and not self.out.is_dir():
             msg = f"{self.out}: is a file; --out must be a directory (new, empty, or a token dataset)"
             raise StoreError(msg)
-        if self.out.exists() and any(self.out.iterdir()):
+        if self.out.exists() and _entries(self.out):
             old = self._read_manifest(man_path)
             nothing_written = old is not None and old.get("status") != "complete" and not old.get("shards")
             if overwrite or nothing_written:
                 # a run that stopped before its first shard (e.g. on bad counts) holds nothing to
                 # keep, so a corrected rerun needs neither --resume with the old options nor --overwrite
                 _check_replaceable(self.out)
-                shutil.rmtree(self.out)
+                _clear(self.out)
             elif not man_path.exists():
                 msg = (f"{self.out}: not empty and has no {MANIFEST}, so it is not a token dataset to "
                        "resume; pass a new or empty --out")
@@ -132,13 +160,14 @@ class ShardedTokenWriter:
                 raise StoreError(msg)
         self.parts = self.out / PARTS_DIR
         if resume and man_path.exists():
-            self.manifest = json.loads(man_path.read_text())
+            self.manifest = self._load_manifest(man_path)
             if self.manifest.get("config_hash") != self.hash:
                 msg = (f"{self.out}: cannot resume: the existing run used different inputs or options "
                        f"({_config_diff(self.manifest.get('config', {}), config)}); use --overwrite or "
                        "a new --out")
                 raise StoreError(msg)
-            if self.manifest.get("status") == "complete" and (self.out / PACKED_DIR).is_dir():
+            if (self.manifest.get("status") == "complete" and (self.out / PACKED_DIR).is_dir()
+                    and all((self.out / s["file"]).is_file() for s in self.manifest["shards"])):
                 # nothing left to do; only parts a crash after the final manifest left behind go
                 shutil.rmtree(self.parts, ignore_errors=True)
                 self.complete = True
@@ -146,6 +175,12 @@ class ShardedTokenWriter:
                 return
             self.parts.mkdir(parents=True, exist_ok=True)
             self._clean_strays()
+            self._repair_records()
+            if self.manifest.get("status") == "complete":
+                # only the packed store is gone: rebuilt by finalize() from the shards; the dataset
+                # stays marked complete meanwhile (its shards are), so a crash now demotes nothing
+                self._index = {s["file"]: s for s in self.manifest["shards"]}
+                return
             self.manifest["status"] = "in_progress"
         else:
             self.parts.mkdir(parents=True, exist_ok=True)
@@ -153,6 +188,37 @@ class ShardedTokenWriter:
                              "config": config, "shards": [], "created": time.time()}
         self._index = {s["file"]: s for s in self.manifest["shards"]}
         self._save()
+
+    def _load_manifest(self, path: Path) -> dict[str, Any]:
+        try:
+            man = json.loads(path.read_text())
+        except ValueError:
+            man = None
+        if not isinstance(man, dict) or not isinstance(man.get("shards"), list):
+            msg = (f"{path}: the manifest is damaged (truncated or not JSON), so this run cannot be resumed; "
+                   "start again with --overwrite")
+            raise StoreError(msg)
+        return man
+
+    def _repair_records(self) -> None:
+        """Redo recorded shards whose Parquet file is gone; rebuild missing packed parts from Parquet."""
+        kept = []
+        for rec in self.manifest["shards"]:
+            shard = self.out / rec["file"]
+            if not shard.is_file():
+                continue  # dropped from the manifest: the resumed run tokenizes these cells again
+            part = self.parts / rec["file"].replace(".parquet", ".npz")
+            if not part.is_file():
+                try:
+                    tab = pq.read_table(shard, columns=["input_ids", "cell_index", "file_index"])
+                except (OSError, pa.ArrowException):
+                    shard.unlink()  # unreadable (damaged): redone like a missing one
+                    continue
+                self._write_part(tab, rec["file"])
+            kept.append(rec)
+        if len(kept) != len(self.manifest["shards"]):
+            self.manifest["shards"] = kept
+            self.manifest["status"] = "in_progress"
 
     @staticmethod
     def _read_manifest(path: Path) -> dict[str, Any] | None:
@@ -174,7 +240,8 @@ class ShardedTokenWriter:
             if p.name.endswith(".tmp") or p.name.replace(".npz", ".parquet") not in known:
                 p.unlink()
         shutil.rmtree(self.out / PACKED_DIR, ignore_errors=True)
-        shutil.rmtree(self.out / (PACKED_DIR + ".tmp"), ignore_errors=True)
+        for p in (self.out / META_DIR).glob("*.tmp"):  # a packed store or manifest in progress at the crash
+            shutil.rmtree(p) if p.is_dir() else p.unlink()
 
     def _save(self) -> None:
         self.manifest["updated"] = time.time()
@@ -188,37 +255,95 @@ class ShardedTokenWriter:
                     stats: dict[str, Any]) -> None:
         """Write one shard (Parquet + packed part) atomically, then record it in the manifest."""
         name = shard_name(file_index, start)
-        ids = table.column("input_ids").combine_chunks()
-        offsets = ids.offsets.to_numpy()
-        part_tmp = self.parts / ("." + name.replace(".parquet", ".npz") + ".tmp")
-        with open(part_tmp, "wb") as f:
-            np.savez(f, tokens=ids.values.to_numpy(zero_copy_only=False).astype(self.dtype, copy=False),
-                     offsets=(offsets - offsets[0]).astype(np.int64),
-                     cell_index=table.column("cell_index").to_numpy(),
-                     file_index=table.column("file_index").to_numpy())
-        os.replace(part_tmp, self.parts / name.replace(".parquet", ".npz"))
-        tmp = self.out / ("." + name + ".tmp")
-        # lz4 + dictionary pages: as small as zstd on token lists, and faster to write
-        pq.write_table(table, tmp, compression="lz4", row_group_size=8192)
-        os.replace(tmp, self.out / name)
+        self._write_part(table, name)
+        tmp = self.out / _tmp_name(name)
+        try:
+            # lz4 + dictionary pages: as small as zstd on token lists, and faster to write
+            pq.write_table(table, tmp, compression="lz4", row_group_size=8192)
+            os.replace(tmp, self.out / name)
+        except BaseException:
+            tmp.unlink(missing_ok=True)  # e.g. a full disk: leave no partial file behind
+            raise
         rec = {"file": name, "file_index": file_index, "start": start, "stop": stop,
                "n_cells_written": table.num_rows, **stats}
         self.manifest["shards"].append(rec)
         self._index[name] = rec
         self._save()
 
+    def _write_part(self, table: pa.Table, name: str) -> None:
+        """The shard's packed part (tokens in the packed dtype, offsets, cell/file index), atomically."""
+        ids = table.column("input_ids").combine_chunks()
+        offsets = ids.offsets.to_numpy()
+        part = self.parts / name.replace(".parquet", ".npz")
+        part_tmp = self.parts / _tmp_name(part.name)
+        with open(part_tmp, "wb") as f:
+            np.savez(f, tokens=ids.values.to_numpy(zero_copy_only=False).astype(self.dtype, copy=False),
+                     offsets=(offsets - offsets[0]).astype(np.int64),
+                     cell_index=table.column("cell_index").to_numpy(),
+                     file_index=table.column("file_index").to_numpy())
+        os.replace(part_tmp, part)
+
     def update(self, **fields: Any) -> None:
         self.manifest.update(fields)
         self._save()
 
+    def _verify_shard(self, rec: dict[str, Any], lengths: np.ndarray, cell_index: np.ndarray) -> None:
+        """The Parquet shard holds exactly the cells of its manifest record and of its packed part."""
+        shard = self.out / rec["file"]
+        try:
+            tab = pq.read_table(shard, columns=["length", "cell_index"])
+        except (OSError, pa.ArrowException) as e:
+            msg = (f"{shard}: cannot read this shard ({e}); rerun the same `scfm tokenize ... --resume` to "
+                   "redo it")
+            raise StoreError(msg) from None
+        got = tab.column("length").to_numpy()
+        if (tab.num_rows != rec["n_cells_written"] or int(got.sum()) != rec["n_tokens"]
+                or not np.array_equal(got, lengths)
+                or not np.array_equal(tab.column("cell_index").to_numpy(), cell_index)):
+            msg = (f"{shard}: holds {tab.num_rows} cells / {int(got.sum())} tokens, but its manifest record "
+                   f"and packed part say {rec['n_cells_written']} / {rec['n_tokens']} (was it written by "
+                   "another run?); rerun with --overwrite")
+            raise StoreError(msg)
+
     def finalize(self, **summary: Any) -> dict[str, Any]:
-        """Assemble the packed store from the shard parts (streaming, bounded memory); mark complete."""
+        """Verify every shard, assemble the packed store from the shard parts (streaming, bounded memory)
+        and mark the dataset complete.
+
+        Raises
+        ------
+        StoreError
+            No cell was written (every cell filtered out or without a vocabulary gene), or a shard does
+            not match its manifest record and packed part. Nothing is marked complete then, and the
+            temporary packed store is removed.
+        """
         shards = sorted(self.manifest["shards"], key=lambda s: (s["file_index"], s["start"]))
         n_cells = sum(s["n_cells_written"] for s in shards)
         n_tokens = sum(s["n_tokens"] for s in shards)
-        tmp = self.out / (PACKED_DIR + ".tmp")
+        if n_cells == 0:
+            why = {k: sum(s.get(k, 0) for s in shards) for k in ("n_cells_in", "n_filtered", "n_empty")}
+            msg = (f"{self.out}: no cell to write: of {why['n_cells_in']:,} cells read, {why['n_filtered']:,} "
+                   f"have filter_pass != 1 and {why['n_empty']:,} express no vocabulary gene; check the "
+                   "filter_pass column, --gene-id-column and --layer")
+            raise StoreError(msg)
+        tmp = self.out / META_DIR / _tmp_name("packed")
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
+        try:
+            self._assemble(tmp, shards, n_cells, n_tokens)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)  # a failed finalisation leaves no temporary files
+            raise
+        shutil.rmtree(self.out / PACKED_DIR, ignore_errors=True)
+        os.replace(tmp, self.out / PACKED_DIR)
+        self.manifest.update(status="complete", n_cells=n_cells, n_tokens=n_tokens,
+                             packed={"dir": PACKED_DIR, "dtype": self.dtype.name}, **summary)
+        self._save()
+        # the parts go only once the manifest says complete, so a crash in between can still resume
+        shutil.rmtree(self.parts, ignore_errors=True)
+        self.complete = True
+        return self.manifest
+
+    def _assemble(self, tmp: Path, shards: list[dict[str, Any]], n_cells: int, n_tokens: int) -> None:
         # plain appends, not memory maps: dirty mapped pages would count against the process's memory
         # and grow with the corpus
         outs = {name: _NpyAppender(tmp / f"{name}.npy", dt, n)
@@ -235,6 +360,7 @@ class ShardedTokenWriter:
                     if vals.size != s["n_tokens"] or lo.size - 1 != s["n_cells_written"]:
                         msg = f"{part}: shard part does not match the manifest; rerun with --overwrite"
                         raise StoreError(msg)
+                    self._verify_shard(s, np.diff(lo), z["cell_index"])
                     outs["tokens"].write(vals)
                     outs["offsets"].write(t + lo[1:])
                     outs["cell_index"].write(z["cell_index"])
@@ -245,12 +371,3 @@ class ShardedTokenWriter:
             # a short file is an error only when nothing else failed first (never mask the cause)
             for o in outs.values():
                 o.close(check=ok)
-        shutil.rmtree(self.out / PACKED_DIR, ignore_errors=True)
-        os.replace(tmp, self.out / PACKED_DIR)
-        self.manifest.update(status="complete", n_cells=n_cells, n_tokens=n_tokens,
-                             packed={"dir": PACKED_DIR, "dtype": self.dtype.name}, **summary)
-        self._save()
-        # the parts go only once the manifest says complete, so a crash in between can still resume
-        shutil.rmtree(self.parts, ignore_errors=True)
-        self.complete = True
-        return self.manifest

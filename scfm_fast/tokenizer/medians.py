@@ -16,6 +16,7 @@ the default 64), and in practice far less (measured in the tests against the exa
 
 from __future__ import annotations
 
+import os
 import pickle
 from collections.abc import Sequence
 from pathlib import Path
@@ -23,12 +24,11 @@ from typing import Any
 
 import numba
 import numpy as np
-import pandas as pd
 
 from .._errors import CountDataError, UsageError
 from .._progress import progress
 from ..vocab.gene_ids import strip_version
-from .inputs import gene_ids_of
+from ._inputs import filter_mask, gene_ids_of
 from .pipeline import (
     FILTER_COLUMN,
     TOTAL_COLUMN,
@@ -166,7 +166,7 @@ def _checked_chunk(path: str, chunk, var_names, *,
         totals = np.bincount(rows, weights=data, minlength=chunk.n_cells)
     indptr, indices = np.asarray(chunk.indptr, np.int64), np.asarray(chunk.indices)
     if FILTER_COLUMN in chunk.obs.columns:
-        keep = pd.to_numeric(chunk.obs[FILTER_COLUMN], errors="coerce").to_numpy() == 1
+        keep = filter_mask(path, chunk)
         if not keep.all():
             lengths = np.diff(indptr)
             entries = np.repeat(keep, lengths)
@@ -274,8 +274,12 @@ def write_gene_dictionaries(medians: dict[str, float], out_dir: str | Path, *,
     tok.update({g: i + len(special_tokens) for i, g in enumerate(genes)})
     paths = {"gene_median": out / "gene_median_dictionary.pkl", "token_dictionary": out / "token_dictionary.pkl"}
     for key, obj in (("gene_median", {g: medians[g] for g in genes}), ("token_dictionary", tok)):
-        tmp = paths[key].with_suffix(".pkl.tmp")
-        with open(tmp, "wb") as f:
-            pickle.dump(obj, f)
-        tmp.replace(paths[key])
+        tmp = paths[key].with_name(f".{paths[key].name}.{os.getpid()}.tmp")  # unique per process
+        try:
+            with open(tmp, "wb") as f:
+                pickle.dump(obj, f)
+            tmp.replace(paths[key])
+        except BaseException:
+            tmp.unlink(missing_ok=True)  # e.g. a full disk: no partial file is left behind
+            raise
     return paths

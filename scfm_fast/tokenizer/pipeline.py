@@ -15,7 +15,8 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 
-from .._errors import CountDataError, InputFileError, UsageError
+from .._errors import CountDataError, InputFileError, ScfmError, UsageError
+from .._lock import TOKENS_LOCK, OutputLock
 from .._progress import progress
 from ..store.schema import with_table_config
 from ..vocab import (
@@ -27,8 +28,8 @@ from ..vocab import (
     resolve_genes,
 )
 from ..vocab.dictionaries import SPECIAL_TOKENS, bundled_dir, file_sha256
+from ._inputs import ENSEMBL_ID_COLUMN, FILTER_COLUMN, filter_mask, parse_shard, resolve_input, shard_files
 from .counts import ranked_counts
-from .inputs import ENSEMBL_ID_COLUMN, gene_ids_of, parse_shard, shard_files
 from .reference import check_counts_ref, count_problem
 
 log = logging.getLogger("scfm_fast")
@@ -36,7 +37,6 @@ log = logging.getLogger("scfm_fast")
 TOTAL_COLUMN = "n_counts"
 #: ``keep_counts`` output column (Geneformer's name): normalised counts in rank order
 COUNTS_COLUMN = "counts"
-FILTER_COLUMN = "filter_pass"
 
 
 @dataclass
@@ -240,10 +240,14 @@ def tokenize_chunk(spec: TokenizerSpec, chunk, col_token: np.ndarray, *, path: s
                                                          col_token=col_token, totals=totals)
     except CountDataError:
         raise _bad_count_error(path, chunk, var_names, allow_non_integer=spec.allow_non_integer) from None
+    except ScfmError:
+        raise
+    except (ValueError, TypeError, IndexError) as e:  # the core's structural checks (indptr, indices)
+        msg = (f"{path}: rows {chunk.start}..{chunk.stop - 1} cannot be tokenized ({e}); the file is damaged: "
+               "re-export / re-copy the file")
+        raise InputFileError(msg) from None
     lengths = np.diff(offsets)
-    passed = np.ones(chunk.n_cells, dtype=bool)
-    if FILTER_COLUMN in chunk.obs.columns:
-        passed = pd.to_numeric(chunk.obs[FILTER_COLUMN], errors="coerce").to_numpy() == 1
+    passed = filter_mask(path, chunk)
     n_filtered = int((~passed).sum())
     n_empty = int(((lengths == 0) & passed).sum())
     keep = (lengths > 0) & passed
@@ -296,6 +300,7 @@ def tokenize_corpus(
     resume: bool = False,
     overwrite: bool = False,
     progress_bar: bool | None = True,
+    allow_case_insensitive: bool = False,
     gene_mapping_file: str | Path | None = None,
     keep_counts: bool = False,
     shard: str | None = None,
@@ -318,7 +323,8 @@ def tokenize_corpus(
         ``"mouse-to-human"`` (bundled one-to-one orthologs) or a table path, for mouse input to a
         human vocabulary.
     gene_id_column
-        var column holding gene ids (default: the var index).
+        var column holding gene ids (``"index"``: the var index). When not given, a run whose default
+        ids match the vocabulary clearly worse than another var column stops and names that column.
     layer, use_raw
         Where the raw counts are (default ``X``).
     obs_columns
@@ -339,6 +345,10 @@ def tokenize_corpus(
         Continue an interrupted run in ``out`` / replace an existing one.
     progress_bar
         Show a progress bar (cells/s).
+    allow_case_insensitive
+        Accept inputs whose genes mostly match human symbols only when case is ignored (without it such
+        mouse-looking input stops unless ``orthologs`` is given); the manifest's ``gene_match`` records
+        ``n_case_insensitive`` either way.
     gene_mapping_file
         Geneformer's gene mapping pickle (id -> vocabulary Ensembl id): ids upper-cased and mapped,
         raw counts of ids mapping onto one gene summed, unmapped ids dropped (counted in the report).
@@ -378,6 +388,7 @@ def tokenize_corpus(
                                keep_counts=keep_counts)
     all_paths, paths = paths, [paths[i] for i in file_ids]
     readers = [open_reader(str(p), layer=layer, use_raw=use_raw, gene_id_column=gene_id_column) for p in paths]
+    lock = OutputLock(out, command="tokenize", lock_name=TOKENS_LOCK)
     try:
         want = list(dict.fromkeys(obs_columns))
         clash = [c for c in want if c in BASE_COLUMNS or (keep_counts and c == COUNTS_COLUMN)]
@@ -395,18 +406,19 @@ def tokenize_corpus(
             if r.n_obs == 0:
                 msg = f"{p}: has no cells"
                 raise InputFileError(msg)
-            gene_ids, id_source = gene_ids_of(r, gene_id_column)
-            col_token, report = spec.resolve(gene_ids, source=str(p))
-            report.id_source = id_source
+            col_token, report, gene_ids = resolve_input(str(p), r, spec, gene_id_column=gene_id_column,
+                                                         allow_case_insensitive=allow_case_insensitive)
             log.info("%s: %s", p, report.summary())
             resolved.append((col_token, report))
             gene_ids_by_file[fi] = gene_ids
         config = {**spec.config, "inputs": [str(Path(p).resolve()) for p in all_paths],
                   "input_fingerprints": [_input_fingerprint(Path(p)) for p in paths],
                   "gene_id_column": gene_id_column, "layer": layer, "use_raw": use_raw,
-                  "obs_columns": want, "chunk_size": chunk_size}
+                  "obs_columns": want, "chunk_size": chunk_size,
+                  **({"allow_case_insensitive": True} if allow_case_insensitive else {})}
         if shard_kn is not None:
             config["shard"] = {"k": shard_kn[0], "n": shard_kn[1], "files": file_ids}
+        lock.acquire()  # one writer per --out, held until the dataset is complete or the run fails
         writer = ShardedTokenWriter(out, config=config, vocab_size=spec.vocab.size, resume=resume,
                                     overwrite=overwrite)
         if writer.complete:
@@ -458,6 +470,7 @@ def tokenize_corpus(
         summ["seconds"] = time.perf_counter() - t0
         return writer.finalize(summary=summ)
     finally:
+        lock.release()
         for r in readers:
             r.close()
 

@@ -89,6 +89,8 @@ class GeneMatchReport:
     n_by_ortholog: int
     n_duplicate_columns: int
     unmatched_examples: list[str]
+    #: symbols matched only by ignoring case ("Actb" -> ACTB): mouse genes, if most matches are of this kind
+    n_case_insensitive: int = 0
     n_by_mapping: int = 0
     #: where the ids came from (``var['ensembl_id']``, ``var index``, ...), set by the caller
     id_source: str = ""
@@ -123,6 +125,7 @@ def resolve_genes(
     gene_mapping: Mapping[str, str] | None = None,
     min_fraction: float = 0.2,
     source: str = "input",
+    allow_case_insensitive: bool | None = None,
 ) -> tuple[np.ndarray, GeneMatchReport]:
     """Token id for every source gene column.
 
@@ -139,11 +142,15 @@ def resolve_genes(
     gene_mapping
         Geneformer's gene mapping dictionary (:func:`load_gene_mapping`). When given it is the only
         route (Geneformer's semantics): ids are upper-cased and mapped, unmapped ids are dropped;
-        ``gene_name_map`` and ``ortholog_map`` must then be ``None``.
+        ``gene_name_map`` and ``ortholog_map`` are then not used.
     min_fraction
         Refuse (raise :class:`GeneMatchError`) when fewer than this fraction of genes match.
     source
         Name of the input, for messages.
+    allow_case_insensitive
+        When most matches are symbols matched only case-insensitively (mouse-looking genes without
+        an ortholog table): ``False`` refuses (:class:`GeneMatchError`), ``True`` accepts, ``None``
+        accepts with a warning.
 
     Returns
     -------
@@ -202,8 +209,15 @@ def resolve_genes(
             unmatched.append(g)
     matched = col_token[col_token >= 0]
     n_dup = int(matched.size - np.unique(matched).size)
-    report = GeneMatchReport(len(gene_ids), int(matched.size), n_ens, n_ver, n_sym, n_orth, n_dup, unmatched)
-    if n_case > report.n_matched_genes / 2:
+    report = GeneMatchReport(len(gene_ids), int(matched.size), n_ens, n_ver, n_sym, n_orth, n_dup, unmatched,
+                             n_case)
+    if n_case > report.n_matched_genes / 2 and allow_case_insensitive is False:
+        msg = (f"{source}: {n_case:,} of {report.n_matched_genes:,} matched genes match a human symbol only "
+               f"when case is ignored (e.g. {case_example!r}): this looks like mouse data. Pass --orthologs "
+               "mouse-to-human to map mouse genes through one-to-one orthologs, or --allow-case-insensitive "
+               "if the symbols are human")
+        raise GeneMatchError(msg)
+    if n_case > report.n_matched_genes / 2 and allow_case_insensitive is None:
         # "Actb"-style symbols: most likely mouse genes that only match human symbols by case
         log.warning("%s: %d of %d matched genes match a symbol only case-insensitively (e.g. %r); if this "
                     "is mouse data, pass --orthologs mouse-to-human", source, n_case,
@@ -243,3 +257,52 @@ def _check_fraction(report: GeneMatchReport, gene_ids: Sequence[str] | np.ndarra
                f"(lower min_gene_match to override).")
         raise GeneMatchError(msg)
     return report
+
+
+def check_gene_id_choice(
+    current: GeneMatchReport,
+    candidates: Mapping[str, Sequence[str] | np.ndarray],
+    vocab: GeneVocab,
+    *,
+    gene_name_map: Mapping[str, str] | None = None,
+    ortholog_map: Mapping[str, str] | None = None,
+    current_name: str = "the var index",
+    source: str = "input",
+) -> None:
+    """Refuse a default gene-id source when another var column matches the vocabulary clearly better.
+
+    E.g. ``scanpy.read_10x_h5(...).write_h5ad(...)`` puts symbols in the var index and Ensembl ids in
+    ``var["gene_ids"]``; the symbols match fewer genes, and the cells would silently lose counts.
+
+    Parameters
+    ----------
+    current
+        Match report of the gene ids in use.
+    candidates
+        Other var columns (name -> values) to compare with.
+    vocab, gene_name_map, ortholog_map
+        As in :func:`resolve_genes`.
+    current_name
+        How the ids in use are named in the message.
+    source
+        Name of the input, for messages.
+
+    Raises
+    ------
+    GeneMatchError
+        A candidate matches at least 10% (and 10 genes) more genes; the message gives both numbers
+        and the ``--gene-id-column`` to pass.
+    """
+    best, best_name = None, None
+    for name, values in candidates.items():
+        _, rep = resolve_genes(values, vocab, gene_name_map=gene_name_map, ortholog_map=ortholog_map,
+                               min_fraction=0.0, source=source, allow_case_insensitive=True)
+        if best is None or rep.n_matched_genes > best.n_matched_genes:
+            best, best_name = rep, name
+    if best is None or best.n_matched_genes < max(1.1 * current.n_matched_genes, current.n_matched_genes + 10):
+        return
+    msg = (f"{source}: var column {best_name!r} matches {best.n_matched_genes:,} of {best.n_input_genes:,} genes "
+           f"({best.fraction:.1%}) of the vocabulary, {current_name} only {current.n_matched_genes:,} "
+           f"({current.fraction:.1%}); pass --gene-id-column {best_name} (or --gene-id-column with the column "
+           "you mean, 'index' for the var index, to keep your choice)")
+    raise GeneMatchError(msg)

@@ -304,12 +304,12 @@ def test_empty_token_dataset(tmp_path, pbmc_path, pbmc_tokens_ckpt):
 
     _, ckpt = pbmc_tokens_ckpt
     adata = ad.read_h5ad(pbmc_path)[:3].copy()
-    adata.X = adata.X * 0  # every cell is skipped: a complete dataset of 0 cells
+    adata.X = adata.X * 0  # every cell is skipped
     adata.write_h5ad(tmp_path / "zeros.h5ad")
-    assert main(["tokenize", str(tmp_path / "zeros.h5ad"), "--out", str(tmp_path / "tok")]) == 0
+    # issue 13: a run that writes 0 cells is an error, not a complete empty dataset ...
+    assert main(["tokenize", str(tmp_path / "zeros.h5ad"), "--out", str(tmp_path / "tok")]) == 2
     with warnings.catch_warnings():
-        warnings.simplefilter("error")  # no mean-of-empty warnings from the plot
-        assert _embed(tmp_path / "tok", ckpt, tmp_path / "e", "--genes", "--plot", "length") == 0
-    assert np.load(tmp_path / "e/cell_embeddings.npy").shape == (0, 32)
-    genes = pq.read_table(tmp_path / "e/gene_embeddings.parquet")
-    assert genes.num_rows == 0 and genes.schema.field("ensembl_id").type == pa.string()
+        warnings.simplefilter("error")
+        # ... and embed refuses what it left (unfinished), writing nothing
+        assert _embed(tmp_path / "tok", ckpt, tmp_path / "e", "--genes", "--plot", "length") == 2
+    assert not (tmp_path / "e" / "cell_embeddings.npy").exists()
