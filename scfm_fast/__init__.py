@@ -13,7 +13,7 @@ __version__ = "0.1.0"
 
 _EXPORTS = {
     "tokenize_corpus": "scfm_fast.tokenizer.pipeline",
-    "tokenize_anndata": "scfm_fast.tokenizer.pipeline",
+    "tokenize_anndata": "scfm_fast.tokenizer.in_memory",
     "compute_gene_medians": "scfm_fast.tokenizer.medians",
     "write_gene_dictionaries": "scfm_fast.tokenizer.medians",
     "tokenize_rank": "scfm_fast.tokenizer.rank",

@@ -3,11 +3,9 @@
 from __future__ import annotations
 
 import concurrent.futures as cf
-import functools
 import logging
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -18,132 +16,16 @@ import pyarrow as pa
 from .._errors import CountDataError, InputFileError, ScfmError, UsageError
 from .._lock import TOKENS_LOCK, OutputLock
 from .._progress import progress
-from ..store.schema import with_table_config
-from ..vocab import (
-    GeneVocab,
-    get_preset,
-    load_gene_mapping,
-    load_gene_name_map,
-    load_ortholog_map,
-    resolve_genes,
-)
-from ..vocab.dictionaries import SPECIAL_TOKENS, bundled_dir, file_sha256
-from ._inputs import ENSEMBL_ID_COLUMN, FILTER_COLUMN, filter_mask, parse_shard, resolve_input, shard_files
+from ._inputs import FILTER_COLUMN, filter_mask, parse_shard, resolve_input, shard_files
 from .counts import ranked_counts
 from .reference import check_counts_ref, count_problem
+from .spec import TokenizerSpec, _check_options
 
 log = logging.getLogger("scfm_fast")
 
 TOTAL_COLUMN = "n_counts"
 #: ``keep_counts`` output column (Geneformer's name): normalised counts in rank order
 COUNTS_COLUMN = "counts"
-
-
-@dataclass
-class TokenizerSpec:
-    """Everything that maps source genes to tokens (the same for every input file)."""
-
-    preset: str = "geneformer-v1"
-    vocab: GeneVocab | None = None
-    gene_name_map: dict[str, str] | None = None
-    ortholog_map: dict[str, str] | None = None
-    max_len: int | None = None
-    min_gene_match: float = 0.2
-    allow_non_integer: bool = False
-    backend: str = "auto"
-    n_threads: int | None = None
-    config: dict[str, Any] = field(default_factory=dict)
-    gene_mapping: dict[str, str] | None = None
-    keep_counts: bool = False
-
-    @classmethod
-    def build(cls, *, preset: str = "geneformer-v1", token_dictionary: str | Path | None = None,
-              gene_median: str | Path | None = None, gene_name_map: str | Path | None = "auto",
-              orthologs: str | Path | None = None, max_len: int | None = None,
-              min_gene_match: float = 0.2, allow_non_integer: bool = False, backend: str = "auto",
-              n_threads: int | None = None, gene_mapping_file: str | Path | None = None,
-              keep_counts: bool = False) -> TokenizerSpec:
-        pre = get_preset(preset)
-        _check_options(max_len=max_len, n_special=pre.n_special, n_threads=n_threads)
-        vocab = GeneVocab.load(token_dictionary=token_dictionary, gene_median=gene_median, preset=preset)
-        mapping = None
-        if gene_mapping_file is not None:
-            # Geneformer's route replaces ours: a symbol or ortholog table would be silently unused
-            if (gene_name_map not in (None, "auto")) or orthologs:
-                msg = ("--gene-mapping-file is the only gene-id route when given (Geneformer's semantics); "
-                       "drop --gene-name-map / --orthologs, or put those ids into the mapping file")
-                raise UsageError(msg)
-            mapping, gene_name_map = load_gene_mapping(gene_mapping_file), None
-        names = None
-        if gene_name_map == "auto":
-            # the bundled symbol table names V1's genes; another dictionary needs its own table
-            # (--gene-name-map), never V1's silently.  Ids already in the vocabulary match first, so
-            # the symbol table never overrides them.
-            if vocab.hashes.get("token_dictionary") == _v1_token_dictionary_hash():
-                names = load_gene_name_map()
-            else:
-                gene_name_map = "auto (off: not Geneformer V1's token dictionary; pass --gene-name-map)"
-        elif gene_name_map is not None:
-            names = load_gene_name_map(gene_name_map)
-        orth = load_ortholog_map(orthologs) if orthologs else None
-        spec = cls(preset, vocab, names, orth, pre.max_len if max_len is None else max_len, min_gene_match,
-                   allow_non_integer, backend, n_threads, gene_mapping=mapping, keep_counts=keep_counts)
-        spec.config = {"preset": preset, "max_len": spec.max_len, "dictionary_hashes": vocab.hashes,
-                       "gene_name_map": str(gene_name_map), "orthologs": _path_or_name(orthologs),
-                       "allow_non_integer": allow_non_integer, "tie_order": "token id ascending",
-                       "special_tokens": {t: vocab.token_of[t] for t in SPECIAL_TOKENS if t in vocab.token_of}}
-        # recorded only when used, so that outputs of earlier versions still resume
-        if mapping is not None:
-            spec.config["gene_mapping_file"] = {"path": _path_or_name(gene_mapping_file),
-                                                "sha256": file_sha256(gene_mapping_file)}
-        if keep_counts:
-            spec.config["keep_counts"] = True
-        # validates that the dictionary holds the preset's special tokens
-        spec.cls_id, spec.eos_id = vocab.special_id(pre.cls), vocab.special_id(pre.eos)
-        return spec
-
-    def resolve(self, gene_ids, *, source: str):
-        """Token id per gene column of one input, and its match report."""
-        return resolve_genes(gene_ids, self.vocab, gene_name_map=self.gene_name_map,
-                             ortholog_map=self.ortholog_map, gene_mapping=self.gene_mapping,
-                             min_fraction=self.min_gene_match, source=source)
-
-    def tokenize_csr(self, indptr, indices, data, *, col_token, totals=None):
-        from .rank import tokenize_rank
-
-        return tokenize_rank(indptr, indices, data, col_token=col_token,
-                             token_median=self.vocab.token_median, max_len=self.max_len,
-                             cls_token=self.cls_id, eos_token=self.eos_id, totals=totals,
-                             allow_non_integer=self.allow_non_integer, backend=self.backend,
-                             n_threads=self.n_threads)
-
-
-@functools.cache
-def _v1_token_dictionary_hash() -> str:
-    return file_sha256(bundled_dir("geneformer_v1") / "token_dictionary.pkl")
-
-
-def _path_or_name(value: Any) -> str:
-    """A table option as recorded in the manifest: a bundled name as is, a file as an absolute path (so
-    that later commands run from another directory find it)."""
-    if value is None or not Path(str(value)).exists():
-        return str(value)
-    return str(Path(str(value)).resolve())
-
-
-def _check_options(*, max_len: int | None, n_special: int, n_threads: int | None,
-                   chunk_size: int = 1) -> None:
-    """Refuse option values that would be ignored or fail deep inside the run."""
-    if max_len is not None and max_len < n_special + 1:
-        msg = (f"--max-len {max_len} leaves no room for genes after {n_special} special tokens; pass at "
-               f"least {n_special + 1}")
-        raise UsageError(msg)
-    if n_threads is not None and n_threads < 1:
-        msg = f"--workers must be at least 1 (or left out for all cores), got {n_threads}"
-        raise UsageError(msg)
-    if chunk_size < 1:
-        msg = f"--chunk-size must be at least 1, got {chunk_size}"
-        raise UsageError(msg)
 
 
 def _input_fingerprint(p: Path) -> dict[str, Any]:
@@ -475,106 +357,11 @@ def tokenize_corpus(
             r.close()
 
 
-def tokenize_anndata(
-    adata,
-    *,
-    preset: str = "geneformer-v1",
-    token_dictionary: str | Path | None = None,
-    gene_median: str | Path | None = None,
-    gene_name_map: str | Path | None = "auto",
-    orthologs: str | Path | None = None,
-    gene_id_column: str | None = None,
-    layer: str | None = None,
-    use_raw: bool = False,
-    max_len: int | None = None,
-    chunk_size: int = 10_000,
-    backend: str = "auto",
-    n_threads: int | None = None,
-    min_gene_match: float = 0.2,
-    allow_non_integer: bool = False,
-    gene_mapping_file: str | Path | None = None,
-    keep_counts: bool = False,
-) -> pa.Table:
-    """Tokenize an in-memory AnnData (same semantics and backends as :func:`tokenize_corpus`).
+def __getattr__(name: str) -> Any:
+    # ``tokenize_anndata`` lives in .in_memory (which imports this module); still importable from here
+    if name == "tokenize_anndata":
+        from .in_memory import tokenize_anndata
 
-    Parameters
-    ----------
-    adata
-        Cells x genes with raw counts; ``obs["n_counts"]`` is used as the cell total when present,
-        and cells with ``obs["filter_pass"] != 1`` are left out.
-    preset, token_dictionary, gene_median, gene_name_map, orthologs
-        Vocabulary and model layout, as in :func:`tokenize_corpus`.
-    gene_id_column, layer, use_raw
-        Where gene ids and raw counts are.
-    max_len
-        Override the preset's model input size.
-    chunk_size
-        Cells per call of the core (bounds the temporary CSR copy of dense input).
-    backend, n_threads
-        Core backend and its threads.
-    min_gene_match, allow_non_integer
-        Input checks, as in :func:`tokenize_corpus`.
-    gene_mapping_file, keep_counts
-        Geneformer's gene mapping and ``keep_counts``, as in :func:`tokenize_corpus`.
-
-    Returns
-    -------
-    pyarrow.Table
-        ``input_ids`` (list<int32>), ``length``, ``cell_index`` (row in ``adata``); cells without any
-        expressed vocabulary gene are absent. The schema metadata records the tokenizer config (special
-        tokens, dictionary hashes, orthologs), which :func:`~scfm_fast.embed_tokens` and
-        :func:`~scfm_fast.perturb_cells` use as they use a token dataset's manifest.
-
-    Examples
-    --------
-    >>> import anndata as ad, scfm_fast
-    >>> from importlib.resources import files
-    >>> adata = ad.read_h5ad(files("scfm_fast") / "data/demo/pbmc_200cells.h5ad")
-    >>> tab = scfm_fast.tokenize_anndata(adata)
-    >>> tab.num_rows, tab.column("length").to_numpy().max()
-    (200, np.int32(2048))
-    """
-    import scipy.sparse as sp
-
-    from ..readers.base import CellChunk
-
-    _check_options(max_len=None, n_special=0, n_threads=None, chunk_size=chunk_size)
-    spec = TokenizerSpec.build(preset=preset, token_dictionary=token_dictionary, gene_median=gene_median,
-                               gene_name_map=gene_name_map, orthologs=orthologs, max_len=max_len,
-                               min_gene_match=min_gene_match, allow_non_integer=allow_non_integer,
-                               backend=backend, n_threads=n_threads, gene_mapping_file=gene_mapping_file,
-                               keep_counts=keep_counts)
-    if use_raw:
-        if adata.raw is None:
-            msg = "use_raw=True but adata.raw is None"
-            raise InputFileError(msg)
-        X, var = adata.raw.X, adata.raw.var
-    elif layer is not None:
-        if layer not in adata.layers:
-            msg = f"layer {layer!r} not in adata.layers (available: {list(adata.layers)})"
-            raise InputFileError(msg)
-        X, var = adata.layers[layer], adata.var
-    else:
-        X, var = adata.X, adata.var
-    if gene_id_column is not None and gene_id_column not in var.columns:
-        msg = f"gene_id_column {gene_id_column!r} not in var (available: {list(var.columns)})"
-        raise InputFileError(msg)
-    if gene_id_column is None and ENSEMBL_ID_COLUMN in var.columns:
-        gene_id_column = ENSEMBL_ID_COLUMN  # Geneformer's convention, as in tokenize_corpus
-    gene_ids = (var[gene_id_column] if gene_id_column else var.index).astype(str).to_numpy()
-    col_token, _ = spec.resolve(gene_ids, source="adata")
-    obs_cols = [c for c in (TOTAL_COLUMN, FILTER_COLUMN) if c in adata.obs.columns]
-    tables = []
-    for start in range(0, adata.n_obs, chunk_size):
-        stop = min(start + chunk_size, adata.n_obs)
-        block = X[start:stop]
-        block = sp.csr_matrix(block) if not sp.issparse(block) else block.tocsr()
-        chunk = CellChunk(start, block.indptr.astype(np.int64), block.indices.astype(np.int32),
-                          block.data, adata.obs.iloc[start:stop][obs_cols])
-        tab, _ = tokenize_chunk(spec, chunk, col_token, path="adata", var_names=gene_ids)
-        tables.append(tab.select(["input_ids", "length", "cell_index", *([COUNTS_COLUMN] if keep_counts else [])]))
-    out = pa.concat_tables(tables) if tables else pa.table(
-        {"input_ids": pa.array([], pa.list_(pa.int32())), "length": pa.array([], pa.int32()),
-         "cell_index": pa.array([], pa.int64())})
-    # embed / perturb read the special tokens, dictionary and orthologs from here, as from a manifest
-    return with_table_config(out, spec.config)
+        return tokenize_anndata
+    msg = f"module {__name__!r} has no attribute {name!r}"
+    raise AttributeError(msg)

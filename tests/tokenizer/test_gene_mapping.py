@@ -111,7 +111,7 @@ def test_bundled_symbol_table_only_with_the_v1_dictionary(tmp_path, vocab):
     v1 = tokenize_corpus(tmp_path / "sym.h5ad", tmp_path / "v1", progress_bar=False)
     assert v1["gene_match"][0]["n_by_symbol"] == n_sym > 10
     assert v1["config"]["gene_name_map"] == "auto"
-    # the same genes under another dictionary file (another hash): V1's symbol table is not used
+    # a dictionary of other genes (one more here): V1's symbol table is not used
     other = dict(vocab.token_of)
     other["ENSG00000999998"] = max(other.values()) + 1
     (tmp_path / "tok.pkl").write_bytes(pickle.dumps(other))
@@ -124,6 +124,13 @@ def test_bundled_symbol_table_only_with_the_v1_dictionary(tmp_path, vocab):
     table = vocab.token_dictionary_path.replace("token_dictionary", "gene_name_id_dict")
     on = tokenize_corpus(tmp_path / "sym.h5ad", tmp_path / "on", gene_name_map=table, **kw)
     assert on["gene_match"][0]["n_by_symbol"] == n_sym
+    # V1's genes under other token ids: the symbol table still names the same genes
+    swapped = {k: v for k, v in vocab.token_of.items() if k != "ENSG00000999998"}
+    a_, b_ = sorted(swapped, key=swapped.get)[2:4]
+    swapped[a_], swapped[b_] = swapped[b_], swapped[a_]
+    (tmp_path / "swapped.pkl").write_bytes(pickle.dumps(swapped))
+    kw["token_dictionary"] = tmp_path / "swapped.pkl"
+    assert tokenize_corpus(tmp_path / "sym.h5ad", tmp_path / "sw", **kw)["gene_match"][0]["n_by_symbol"] == n_sym
 
 
 def test_keep_counts_are_normalised_counts_in_rank_order(tmp_path, vocab):
