@@ -10,13 +10,14 @@ Output directory layout::
     OUT/gene_embeddings.parquet         token, ensembl_id, n, embedding (with --genes)
     OUT/cell_embeddings_pca.png         PC1/PC2 coloured by --plot COLUMN (with --plot)
 
-Memory is bounded by ``--cells-per-part``; every file is written under a temporary name and renamed
-into place, so a part exists only when complete and ``--resume`` continues an interrupted run.
+Cells come from :func:`~scfm_fast.store.cells.open_cells` (an unfinished or empty dataset is refused) and
+the parts follow :class:`~scfm_fast._runs.PartitionedRun`: memory is bounded by ``--cells-per-part``, every
+file is written under a temporary name and renamed into place, so a part exists only when complete and
+``--resume`` continues an interrupted run; under torchrun each rank writes its share of the parts.
 """
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import sys
@@ -56,143 +57,108 @@ def register(subparsers: Any) -> None:
     p.set_defaults(func=run)
 
 
-def _atomic(path: Path, write) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    write(tmp)
-    os.replace(tmp, path)
-
-
-def _write_json(path: Path, obj: Any) -> None:
-    _atomic(path, lambda t: t.write_text(json.dumps(obj, indent=1, default=str)))
-
-
-def _metadata(tokens: str, store: Any):
-    """The dataset's per-cell columns other than the tokens, in the store's cell order."""
-    import numpy as np
-    import pyarrow.dataset as ds
-
-    from ..store import read_table
-
-    names = [c for c in ds.dataset(str(tokens), format="parquet", exclude_invalid_files=True).schema.names
-             if c != "input_ids"]  # never the tokens: a corpus's token column can be tens of GB
-    meta = read_table(tokens, columns=names)
-    if "cell_index" in meta.column_names and "file_index" in meta.column_names:
-        same = (np.array_equal(meta.column("cell_index").to_numpy(), np.asarray(store.cell_index))
-                and np.array_equal(meta.column("file_index").to_numpy(), np.asarray(store.file_index)))
-        if not same:
-            msg = f"{tokens}: the Parquet shards and the packed store list cells in different orders; re-tokenize"
-            raise StoreError(msg)
-        meta = meta.drop_columns(["cell_index", "file_index"])
-    return meta
-
-
 def _check_options(args: Any) -> None:
     """Option values argparse cannot check, before anything is read or written."""
     for flag, value in (("--cells-per-part", args.cells_per_part), ("--batch-tokens", args.batch_tokens)):
         if value is not None and value < 1:
             msg = f"{flag} {value}: must be at least 1"
             raise UsageError(msg)
+    if not Path(args.tokens).is_dir():  # a run's resume check needs the dataset's manifest
+        msg = (f"{args.tokens}: not a token dataset directory; pass the --out of `scfm tokenize` (a table from "
+               "tokenize_anndata embeds with scfm_fast.embed_tokens)")
+        raise InputFileError(msg)
     tokens, out = Path(args.tokens).resolve(), Path(args.out).resolve()
     if out == tokens or tokens in out.parents:  # our Parquet files would then be read as token shards
         msg = f"--out {args.out} is inside TOKENS_DIR {args.tokens}; write the embeddings somewhere else"
         raise UsageError(msg)
 
 
-def _device(name: str | None) -> Any:
-    """``--device`` as a torch device (default: cuda if available)."""
+def _device(name: str | None, rank: int | None = None) -> Any:
+    """``--device`` as a torch device (default: cuda if available; under torchrun this rank's local GPU)."""
     import torch
 
     from .._devices import parse_device
 
     if name is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        if not torch.cuda.is_available():
+            return torch.device("cpu")
+        return torch.device("cuda" if rank is None else f"cuda:{int(os.environ.get('LOCAL_RANK', rank))}")
     return parse_device(name, flag="--device")
 
 
 def run(args: Any) -> int:
     import numpy as np
     import pyarrow as pa
-    import pyarrow.parquet as pq
 
     from .._progress import progress
+    from .._runs import PartitionedRun, rank_world
     from ..model.checkpoint import load_encoder
-    from ..store import TokenStore
-    from .cells import TokenSource, check_inputs, embed_tokens
+    from ..store.cells import open_cells
+    from .cells import check_inputs, embed_tokens
 
     _check_options(args)
-    store = TokenStore(args.tokens)
-    _check_dictionary(args.token_dictionary, store.manifest.get("config", {}), args.tokens)
-    n = len(store)
+    src = open_cells(args.tokens)  # refuses a missing, unfinished, damaged or empty dataset
+    dictionary = _check_dictionary(args.token_dictionary, src)
+    n = len(src)
     cpp = int(args.cells_per_part)
     n_parts = max(1, math.ceil(n / cpp))
-    meta = _metadata(args.tokens, store)
+    # every metadata column but the tokens (a corpus's token column can be tens of GB) and the identity
+    meta = src.columns([c for c in src.column_names if c not in ("cell_index", "file_index")])
     if args.plot and args.plot not in meta.column_names:
         msg = (f"{args.tokens}: no metadata column {args.plot!r} to plot (have {meta.column_names}); tokenize with "
                f"--obs-columns {args.plot}")
         raise InputFileError(msg)
-    device = _device(args.device)
-    # the model and its fit to the tokens are checked before --out is touched
+    rank, world = rank_world()
+    device = _device(args.device, rank if world > 1 else None)
+    # the model and its fit to the tokens (positions, vocabulary, <cls>) are checked before --out is touched
     model = load_encoder(args.model, device=device)
     hidden = model.config.hidden_size
-    lengths = store.lengths
-    check_inputs(TokenSource(store.__getitem__, lengths, np.asarray(store.cell_index), _specials(store), args.tokens),
-                 model, layer=args.layer, pooling=args.pool)
-    out = Path(args.out)
-    parts = out / "parts"
+    check_inputs(src, model, layer=args.layer, pooling=args.pool)
     cfg = {k: getattr(args, k) for k in _CONFIG_KEYS}
     cfg.update(tokens=str(Path(args.tokens).resolve()), model=str(Path(args.model).resolve()), n_cells=n,
-               tokens_config=store.manifest.get("config_hash"))  # re-tokenized in place: parts don't mix
-    info_path = out / "embed_info.json"
-    names = [parts / f"part-{p:06d}.parquet" for p in range(n_parts)]
-    results = [*parts.glob("part-*"), *(out / f for f in _MERGED)]
-    if args.overwrite:  # embed_info.json first, so an interrupted --overwrite never reads "complete"
-        for f in (info_path, *results):
-            f.unlink(missing_ok=True)
-    elif info_path.exists():
-        old = json.loads(info_path.read_text()).get("config", {})
-        if old != cfg and any(f.exists() for f in results):  # a run that wrote nothing holds nothing to lose
-            diff = {k: (old.get(k), v) for k, v in cfg.items() if old.get(k) != v}
-            msg = f"{out}: holds embeddings made with other settings {diff}; use another --out or --overwrite"
-            raise StoreError(msg)
-        if not args.resume and any(p.exists() for p in names):
-            msg = f"{out}: holds (part of) an earlier run; pass --resume to continue it or --overwrite"
-            raise StoreError(msg)
-    parts.mkdir(parents=True, exist_ok=True)
-    _write_json(info_path, {"config": cfg, "status": "running"})
-
-    todo = [p for p in range(n_parts) if not names[p].exists()]
+               tokens_config=src.manifest.get("config_hash"))  # re-tokenized in place: parts don't mix
+    out = Path(args.out)
+    job = PartitionedRun(out, config=cfg, n_parts=n_parts, info_name="embed_info.json", outputs=_MERGED,
+                         resume=args.resume, overwrite=args.overwrite, rank=rank, world=world, command="scfm embed")
+    job.begin()
+    todo = job.todo()
     if todo:
         bar = progress(total=sum(min(cpp, n - p * cpp) for p in todo), desc="embed", unit="cells", enabled=True)
         for p in todo:
             s, e = p * cpp, min(n, (p + 1) * cpp)
-            src = TokenSource(lambda i, s=s: store[s + i], lengths[s:e], np.asarray(store.cell_index[s:e]),
-                              _specials(store))
-            emb, gene = embed_tokens(src, model, layer=args.layer, pooling=args.pool, genes=args.genes,
+            part = src.subset(np.arange(s, e))
+            emb, gene = embed_tokens(part, model, layer=args.layer, pooling=args.pool, genes=args.genes,
                                      batch_tokens=args.batch_tokens, device=device, dtype=args.dtype,
                                      progress_bar=False)
-            cols = {"cell_index": np.asarray(store.cell_index[s:e]), "file_index": np.asarray(store.file_index[s:e])}
+            cols = {"cell_index": part.cell_index, "file_index": part.file_index}
             cols.update({c: meta.column(c).slice(s, e - s) for c in meta.column_names})
             cols["embedding"] = pa.FixedSizeListArray.from_arrays(pa.array(emb.ravel()), hidden)
+            side = None
             if gene is not None:  # sums, so parts add up to means over every occurrence
-                _atomic(names[p].with_suffix(".genes.npz"), lambda t, g=gene: _save_npz(
-                    t, token=g["token"], n=g["n"], sum=g["embedding"].astype(np.float64) * g["n"][:, None]))
-            _atomic(names[p], lambda t, c=cols: pq.write_table(pa.table(c), t))
+                side = {".genes.npz": lambda t, g=gene: _save_npz(
+                    t, token=g["token"], n=g["n"], sum=g["embedding"].astype(np.float64) * g["n"][:, None])}
+            job.write_part(p, lambda t, c=cols: _write_parquet(pa.table(c), t), side=side)
             bar.update(e - s)
         bar.close()
-    n_empty = _merge(out, names, args, n, hidden)
-    summary = {"n_cells": n, "n_cells_without_genes": n_empty, "n_parts": n_parts}
-    _write_json(info_path, {"config": cfg, "status": "complete", "device": str(device), **summary,
-                            # the keys of earlier versions, kept for scripts that read them
-                            "tokens": cfg["tokens"], "model": cfg["model"], "layer": args.layer,
-                            "pooling": args.pool, "dtype": args.dtype})
+    with job.merging() as mine:
+        if not mine:  # another rank merges, or parts of other ranks are still being written
+            print(f"{out}: rank {rank} wrote its parts; the last rank to finish merges", file=sys.stderr)
+            return 0
+        job.check_merge_ready()
+        n_empty = _merge(out, job.part_paths(), args, n, hidden, src)
+        job.complete(n_cells=n, n_cells_without_genes=n_empty, n_parts=n_parts, device=str(device),
+                     token_dictionary=dictionary,
+                     # the keys of earlier versions, kept for scripts that read them
+                     tokens=cfg["tokens"], model=cfg["model"], layer=args.layer, pooling=args.pool, dtype=args.dtype)
     print(f"wrote {n:,} cell embeddings to {out}" + (f" ({n_empty:,} cells without genes are NaN)" if n_empty else ""),
           file=sys.stderr)
     return 0
 
 
-def _specials(store: Any) -> tuple[int, ...] | None:
-    spec = store.manifest.get("config", {}).get("special_tokens")
-    return tuple(int(v) for v in spec.values()) if spec else None
+def _write_parquet(table: Any, path: Path) -> None:
+    import pyarrow.parquet as pq
+
+    pq.write_table(table, path)
 
 
 def _save_npz(path: Path, **arrays: Any) -> None:
@@ -202,38 +168,41 @@ def _save_npz(path: Path, **arrays: Any) -> None:
         np.savez(f, **arrays)
 
 
-def _merge(out: Path, names: list[Path], args: Any, n: int, hidden: int | None) -> int:
+def _merge(out: Path, names: list[Path], args: Any, n: int, hidden: int, src: Any) -> int:
     """Parts -> cell_embeddings.parquet / .npy (streamed), gene_embeddings.parquet, the plot."""
     import numpy as np
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    missing = [p.name for p in names if not p.exists()]
-    if missing:
-        msg = f"{out}: parts {missing[:5]} are missing; rerun with --resume"
-        raise StoreError(msg)
+    from .._runs import atomic_write
+
     schema = pq.read_schema(names[0])
-    hidden = hidden or schema.field("embedding").type.list_size
     npy = out / "cell_embeddings.npy"
-    tmp_npy = out / ".cell_embeddings.npy.tmp"
-    mm = np.lib.format.open_memmap(tmp_npy, mode="w+", dtype=np.float32, shape=(n, hidden))
-    tmp_pq = out / ".cell_embeddings.parquet.tmp"
-    row = 0
-    with pq.ParquetWriter(tmp_pq, schema) as w:
-        for p in names:
-            t = pq.read_table(p)
-            w.write_table(t)
-            emb = t.column("embedding").combine_chunks().values.to_numpy(zero_copy_only=False).reshape(-1, hidden)
-            mm[row:row + len(emb)] = emb
-            row += len(emb)
-    mm.flush()
-    del mm
-    os.replace(tmp_pq, out / "cell_embeddings.parquet")
-    os.replace(tmp_npy, npy)
+    tmp_npy, tmp_pq = (out / f".{f}.{os.getpid()}.tmp" for f in ("cell_embeddings.npy", "cell_embeddings.parquet"))
+    try:
+        mm = np.lib.format.open_memmap(tmp_npy, mode="w+", dtype=np.float32, shape=(n, hidden))
+        row = 0
+        with pq.ParquetWriter(tmp_pq, schema) as w:
+            for p in names:
+                t = pq.read_table(p)
+                w.write_table(t)
+                emb = t.column("embedding").combine_chunks().values.to_numpy(zero_copy_only=False).reshape(-1, hidden)
+                mm[row:row + len(emb)] = emb
+                row += len(emb)
+        if row != n:
+            msg = f"{out}: the parts hold {row:,} cells, the token dataset {n:,}; rerun with --overwrite"
+            raise StoreError(msg)
+        mm.flush()
+        del mm
+        os.replace(tmp_pq, out / "cell_embeddings.parquet")
+        os.replace(tmp_npy, npy)
+    finally:  # a failed merge leaves no temporaries behind
+        tmp_npy.unlink(missing_ok=True)
+        tmp_pq.unlink(missing_ok=True)
     emb = np.load(npy, mmap_mode="r")
     n_empty = int((~np.isfinite(emb).all(axis=1)).sum())
     if args.genes:
-        _merge_genes(out, names, args.tokens, hidden, args.token_dictionary)
+        _merge_genes(out, names, src, hidden, args.token_dictionary)
     if args.plot:
         from .plot import plot_embedding_pca
 
@@ -241,17 +210,17 @@ def _merge(out: Path, names: list[Path], args: Any, n: int, hidden: int | None) 
         color = col.to_numpy(zero_copy_only=False)
         if pa.types.is_dictionary(col.type) or pa.types.is_string(col.type) or pa.types.is_large_string(col.type):
             color = np.asarray(col.cast(pa.string()).to_pylist(), dtype=object)
-        _atomic(out / "cell_embeddings_pca.png", lambda t: plot_embedding_pca(
+        atomic_write(out / "cell_embeddings_pca.png", lambda t: plot_embedding_pca(
             np.asarray(emb), color, t, label=args.plot, title=f"Cell embeddings, layer {args.layer}, {args.pool} pooling"))
     return n_empty
 
 
-def _merge_genes(out: Path, names: list[Path], tokens: str, hidden: int, token_dictionary: str | None) -> None:
+def _merge_genes(out: Path, names: list[Path], src: Any, hidden: int, token_dictionary: str | None) -> None:
     import numpy as np
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from ..store import read_manifest
+    from .._runs import atomic_write
 
     sums: dict[int, np.ndarray] = {}
     counts: dict[int, int] = {}
@@ -264,42 +233,60 @@ def _merge_genes(out: Path, names: list[Path], tokens: str, hidden: int, token_d
     cnt = np.array([counts[t] for t in tok], dtype=np.int64)
     mean = (np.stack([sums[t] for t in tok]) / cnt[:, None]).astype(np.float32) if tok.size else \
         np.zeros((0, hidden), np.float32)
-    gene_of = _gene_names(read_manifest(tokens)["config"], tokens, token_dictionary)
+    gene_of = _gene_names(src, token_dictionary)
     names_col = pa.array([gene_of.get(int(t), "") for t in tok], pa.string())  # typed even when empty
     table = pa.table({"token": tok, "ensembl_id": names_col, "n": cnt,
                       "embedding": pa.FixedSizeListArray.from_arrays(pa.array(mean.ravel()), hidden)})
-    _atomic(out / "gene_embeddings.parquet", lambda t: pq.write_table(table, t))
+    atomic_write(out / "gene_embeddings.parquet", lambda t: pq.write_table(table, t))
 
 
-def _check_dictionary(path: str | None, config: dict, tokens: str) -> None:
-    """``--token-dictionary`` must be the dictionary the tokens were made with (else wrong gene names)."""
-    if path is None:
-        return
+def _bundled_vocab(src: Any) -> Any:
+    """The preset's bundled vocabulary when the tokens were made with it, else ``None``."""
+    from ..vocab import GeneVocab
+
+    try:
+        vocab = GeneVocab.load(preset=src.preset or "geneformer-v1")
+    except Exception:  # noqa: BLE001 - no bundled set for this preset (V2): not bundled
+        return None
+    return vocab if vocab.hashes["token_dictionary"] == src.dictionary_hash else None
+
+
+def _check_dictionary(path: str | None, src: Any) -> str:
+    """Which token dictionary the tokens use, as recorded in embed_info.json.
+
+    ``--token-dictionary`` must be the one the tokens were made with (else wrong gene names); without it,
+    tokens from a dictionary scfm_fast does not bundle get a warning: the model must have been trained
+    with that dictionary, which nothing here can check.
+    """
     from ..vocab.dictionaries import check_token_dictionary
 
-    if not Path(path).is_file():
-        msg = f"{path}: --token-dictionary not found"
-        raise InputFileError(msg)
-    check_token_dictionary(path, config.get("dictionary_hashes", {}).get("token_dictionary"), dataset=tokens)
+    if path is not None:
+        if not Path(path).is_file():
+            msg = f"{path}: --token-dictionary not found"
+            raise InputFileError(msg)
+        check_token_dictionary(path, src.dictionary_hash, dataset=src.name)
+        return str(Path(path).resolve())
+    if _bundled_vocab(src) is not None:
+        return f"bundled ({src.preset or 'geneformer-v1'})"
+    recorded = src.dictionary_hash
+    print(f"warning: {src.name}: tokens made with a token dictionary scfm_fast does not bundle "
+          f"(sha256 {str(recorded)[:12]}…); the model must have been trained with that same dictionary. Pass "
+          "--token-dictionary PKL (checked against the dataset) to confirm it and to name genes", file=sys.stderr)
+    return f"not bundled (sha256 {recorded})"
 
 
-def _gene_names(config: dict, tokens: str, token_dictionary: str | None = None) -> dict[int, str]:
+def _gene_names(src: Any, token_dictionary: str | None = None) -> dict[int, str]:
     """Token id -> gene id from ``token_dictionary`` (checked against the manifest before the run), else from
     the preset's bundled dictionary if the tokens were made with it."""
-    from ..vocab import GeneVocab
     from ..vocab.dictionaries import load_pickle_dict
 
     if token_dictionary is not None:
         d = load_pickle_dict(token_dictionary, what="token dictionary")
         return {int(v): str(k) for k, v in d.items() if not str(k).startswith("<")}
-    try:
-        vocab = GeneVocab.load(preset=config.get("preset", "geneformer-v1"))
-    except Exception:  # noqa: BLE001 - names are a convenience; tokens are the key
-        vocab = None
-    if vocab is None or vocab.hashes["token_dictionary"] != config.get("dictionary_hashes", {}).get("token_dictionary"):
+    vocab = _bundled_vocab(src)
+    if vocab is None:
         # a custom --token-dictionary: the bundled one would put wrong names on its token ids
-        print(f"{tokens}: tokens made with a token dictionary scfm_fast does not bundle; gene_embeddings.parquet "
-              "has empty ensembl_id: pass --token-dictionary PKL (the one used by scfm tokenize) to name genes",
-              file=sys.stderr)
+        print(f"{src.name}: gene_embeddings.parquet has empty ensembl_id: pass --token-dictionary PKL (the one "
+              "used by scfm tokenize) to name genes", file=sys.stderr)
         return {}
     return vocab.gene_of_token

@@ -9,8 +9,6 @@ not depend on the batch size or the order of cells (attention never crosses cell
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -19,70 +17,27 @@ import torch
 from .._dtypes import resolve_dtype
 from .._errors import InputFileError, UsageError
 from .._progress import progress
+from ..store.cells import CellSource, open_cells
 
 DEFAULT_SPECIAL_IDS = (0, 1)  # <pad>, <mask> in Geneformer's dictionaries
 
 
-@dataclass
-class TokenSource:
-    """Random access to cells' token arrays plus their labels."""
-
-    get: Any
-    lengths: np.ndarray
-    cell_index: np.ndarray
-    special_ids: tuple[int, ...] | None = None
-    name: str = "tokens"
-
-    def __len__(self) -> int:
-        return int(self.lengths.size)
-
-
-def as_token_source(tokens: Any) -> TokenSource:
-    """A token dataset directory, a pyarrow Table with ``input_ids``, or a list of int arrays."""
-    if isinstance(tokens, TokenSource):
-        return tokens
-    if isinstance(tokens, (str, Path)):
-        from ..store import TokenStore
-
-        store = TokenStore(tokens)
-        spec = store.manifest.get("config", {}).get("special_tokens")
-        specials = tuple(int(v) for v in spec.values()) if spec else None
-        return TokenSource(store.__getitem__, np.asarray(store.lengths), np.asarray(store.cell_index), specials,
-                           str(tokens))
-    try:
-        import pyarrow as pa
-
-        if isinstance(tokens, pa.Table):
-            ids = tokens.column("input_ids").combine_chunks()
-            offs = ids.offsets.to_numpy()
-            vals = ids.values.to_numpy(zero_copy_only=False)
-            cidx = (tokens.column("cell_index").to_numpy() if "cell_index" in tokens.column_names
-                    else np.arange(len(ids)))
-            from ..store.schema import table_config
-
-            spec = table_config(tokens).get("special_tokens")  # recorded by tokenize_anndata
-            specials = tuple(int(v) for v in spec.values()) if spec else None
-            return TokenSource(lambda i: vals[offs[i]:offs[i + 1]], np.diff(offs), cidx, specials, "the token table")
-    except ImportError:  # pragma: no cover
-        pass
-    cells = [np.asarray(c, dtype=np.int64) for c in tokens]
-    return TokenSource(cells.__getitem__, np.array([c.size for c in cells], dtype=np.int64), np.arange(len(cells)))
-
-
-def check_inputs(src: TokenSource, model: Any, *, layer: int, pooling: str,
+def check_inputs(src: CellSource, model: Any, *, layer: int, pooling: str,
                  special_token_ids: Sequence[int] | None = None) -> None:
     """Fail before any work when ``model`` cannot embed ``src`` as asked.
 
-    Checks the pooling name, that ``layer`` exists, that every cell fits the model's positions and,
-    for ``pooling="cls"``, that the first cell starts with a special token (V1 tokens have no
-    ``<cls>``; :func:`iter_embeddings` checks every cell as it goes).
+    Checks the pooling name, that ``layer`` exists, that every cell fits the model's positions, that
+    every token id is inside the model's vocabulary and, for ``pooling="cls"``, that the first cell
+    starts with a special token (V1 tokens have no ``<cls>``; :func:`iter_embeddings` checks every
+    cell as it goes).
 
     Raises
     ------
     UsageError
         Bad ``pooling`` or ``layer``, or ``"cls"`` pooling of tokens without ``<cls>``.
     InputFileError
-        A cell longer than the model's ``max_position_embeddings``.
+        A cell longer than the model's ``max_position_embeddings`` or with a token id outside its
+        vocabulary (names the cell).
     """
     if pooling not in ("mean", "cls"):
         msg = f"pooling={pooling!r}; use 'mean' or 'cls'"
@@ -98,19 +53,22 @@ def check_inputs(src: TokenSource, model: Any, *, layer: int, pooling: str,
         msg = (f"{src.name}: cell {src.cell_index[long[0]]} has {src.lengths[long[0]]} tokens ({long.size} cells "
                f"longer than {n_pos}) but the model has {n_pos} positions; tokenize with --max-len {n_pos}")
         raise InputFileError(msg)
+    bad = src.first_token_outside(model.config.vocab_size)
+    if bad is not None:
+        _vocab_error(src, bad[0], bad[1], model.config.vocab_size)
     specials = _known_specials(src, special_token_ids)
     first = np.flatnonzero(src.lengths > 0)[:1]
     if pooling == "cls" and specials is not None and first.size:
-        _check_cls(src, first, np.asarray(src.get(int(first[0])))[:1], specials)
+        _check_cls(src, first, src.take(first)[0][:1], specials)
 
 
-def _known_specials(src: TokenSource, special_token_ids: Sequence[int] | None) -> tuple[int, ...] | None:
+def _known_specials(src: CellSource, special_token_ids: Sequence[int] | None) -> tuple[int, ...] | None:
     """Special token ids when given or recorded in the token dataset, else ``None`` (unknown)."""
-    known = special_token_ids if special_token_ids is not None else src.special_ids
+    known = special_token_ids if special_token_ids is not None else src.special_token_ids
     return None if known is None else tuple(sorted({int(t) for t in known}))
 
 
-def _check_cls(src: TokenSource, pos: np.ndarray, first_tokens: np.ndarray, specials: tuple[int, ...]) -> None:
+def _check_cls(src: CellSource, pos: np.ndarray, first_tokens: np.ndarray, specials: tuple[int, ...]) -> None:
     bad = np.flatnonzero(~np.isin(first_tokens, specials))
     if bad.size:  # a gene in first place: "cls" pooling would silently return that gene's embedding
         msg = (f"{src.name}: pooling 'cls' reads each cell's first token, but cell {src.cell_index[pos[bad[0]]]} "
@@ -119,14 +77,11 @@ def _check_cls(src: TokenSource, pos: np.ndarray, first_tokens: np.ndarray, spec
         raise UsageError(msg)
 
 
-def _check_vocab(src: TokenSource, pos: np.ndarray, ids: np.ndarray, cu: np.ndarray, vocab: int) -> None:
-    bad = np.flatnonzero((ids < 0) | (ids >= vocab))
-    if bad.size:  # else an opaque IndexError (CPU) or a device-side assert (CUDA) in the embedding gather
-        row = int(bad[0])
-        cell = pos[np.searchsorted(cu, row, side="right") - 1]
-        msg = (f"{src.name}: cell {src.cell_index[cell]} has token id {int(ids[row])}, outside the model's "
-               f"vocabulary of {vocab} tokens; tokenize with this model's token dictionary")
-        raise InputFileError(msg)
+def _vocab_error(src: CellSource, pos: int, token: int, vocab: int) -> None:
+    # else an opaque IndexError (CPU) or a device-side assert (CUDA) in the embedding gather
+    msg = (f"{src.name}: cell {src.cell_index[pos]} has token id {token}, outside the model's vocabulary of "
+           f"{vocab} tokens; tokenize with this model's token dictionary")
+    raise InputFileError(msg)
 
 
 def iter_embeddings(
@@ -146,7 +101,7 @@ def iter_embeddings(
     from ..kernels.pooling import first_token, segment_mean
     from ..loader import pack_cells, token_budget_batches
 
-    src = tokens if isinstance(tokens, TokenSource) else as_token_source(tokens)
+    src = open_cells(tokens)
     check_inputs(src, model, layer=layer, pooling=pooling, special_token_ids=special_token_ids)
     known = _known_specials(src, special_token_ids)
     dev = torch.device(device) if device is not None else next(model.parameters()).device
@@ -159,9 +114,8 @@ def iter_embeddings(
     with progress(total=int(nonempty.size), desc="embed", enabled=progress_bar) as bar, torch.inference_mode():
         for b in batches:
             pos = nonempty[b]
-            batch = pack_cells([src.get(int(i)) for i in pos], index=pos)
+            batch = pack_cells(src.take(pos), index=pos)
             host_ids, cu = batch.input_ids.numpy(), batch.cu_seqlens.numpy()
-            _check_vocab(src, pos, host_ids, cu, model.config.vocab_size)
             if pooling == "cls" and known is not None:
                 _check_cls(src, pos, host_ids[cu[:-1]], known)
             batch = batch.to(dev)
@@ -196,8 +150,9 @@ def embed_tokens(
     Parameters
     ----------
     tokens
-        Token dataset directory (``scfm tokenize`` output), pyarrow Table with ``input_ids``, or a
-        list of token arrays.
+        Token dataset directory (``scfm tokenize`` output; refused when unfinished or empty), Parquet
+        file or pyarrow Table with ``input_ids``, list of token arrays, or a
+        :class:`~scfm_fast.store.cells.CellSource` (any view of one).
     model
         :class:`~scfm_fast.model.bert.BertEncoderModel` (see :func:`~scfm_fast.model.checkpoint.load_encoder`).
     layer
@@ -234,7 +189,7 @@ def embed_tokens(
     InputFileError
         A cell longer than the model's positions or with a token id outside its vocabulary (names the cell).
     """
-    src = as_token_source(tokens)
+    src = open_cells(tokens)
     hidden = model.config.hidden_size
     out = np.full((len(src), hidden), np.nan, dtype=np.float32)
     sums = counts = None

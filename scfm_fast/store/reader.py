@@ -36,7 +36,13 @@ def read_manifest(path: str | Path, *, require_complete: bool = True) -> dict[st
 
 
 def _shard_files(path: str | Path, man: dict[str, Any]) -> list[Path]:
-    """The manifest's shard files in source order; every one must exist."""
+    """The manifest's shard files in source order; every one must exist.
+
+    A manifest with no shard records at all (a dataset assembled by hand, not by ``scfm tokenize``) means
+    every ``part-*.parquet`` file of the directory.
+    """
+    if "shards" not in man:
+        return sorted(Path(path).glob("part-*.parquet"))
     files = [Path(path) / s["file"] for s in sorted(man["shards"], key=lambda s: (s["file_index"], s["start"]))]
     gone = [f.name for f in files if not f.is_file()]
     if gone:

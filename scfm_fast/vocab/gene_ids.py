@@ -77,6 +77,45 @@ def _name_map_from_table(p: Path) -> dict[str, str]:
     return dict(zip(names[ok], ids[ok]))
 
 
+def case_insensitive_map(gene_name_map: Mapping[str, str] | None, ortholog_map: Mapping[str, str] | None) -> dict | None:
+    """Upper-cased symbol table for case-insensitive matches: only within one species (no ortholog table)."""
+    if gene_name_map is None or ortholog_map is not None:
+        return None
+    return {k.upper(): v for k, v in gene_name_map.items()}
+
+
+def match_gene_id(g: str, vocab: GeneVocab, *, gene_name_map: Mapping[str, str] | None = None,
+                  ortholog_map: Mapping[str, str] | None = None,
+                  upper_map: Mapping[str, str] | None = None) -> tuple[int, str]:
+    """The one rule set that turns a gene identifier into a token id (cells' genes and screen targets alike).
+
+    In order: the id itself, the id without its Ensembl version suffix, the symbol table, then either
+    the ortholog table or (without one) the symbol table case-insensitively (``upper_map``) — with
+    orthologs, "Actb" must go through the ortholog, never by case to human "ACTB". Only genes with a
+    token *and* a median are tokenized (:meth:`GeneVocab.tokenizable`).
+
+    Returns
+    -------
+    ``(token id, route)`` with route one of ``"ensembl"``, ``"version"``, ``"symbol"``, ``"ortholog"``,
+    ``"case"``; ``(-1, "")`` when the gene is not tokenized.
+    """
+    t = vocab.tokenizable(g)
+    if t >= 0:
+        return t, "ensembl"
+    g2 = strip_version(g)
+    if g2 != g and (t := vocab.tokenizable(g2)) >= 0:
+        return t, "version"
+    if gene_name_map is not None and (e := gene_name_map.get(g)) is not None and (t := vocab.tokenizable(e)) >= 0:
+        return t, "symbol"
+    if ortholog_map is not None:
+        e = ortholog_map.get(g2) or ortholog_map.get(g)
+        if e is not None and (t := vocab.tokenizable(e)) >= 0:
+            return t, "ortholog"
+    elif upper_map is not None and (e := upper_map.get(g.upper())) is not None and (t := vocab.tokenizable(e)) >= 0:
+        return t, "case"
+    return -1, ""
+
+
 @dataclass
 class GeneMatchReport:
     """How the source's genes matched the vocabulary."""
@@ -163,50 +202,21 @@ def resolve_genes(
         col_token, report = _resolve_mapped(gene_ids, vocab, gene_mapping)
         return col_token, _check_fraction(report, gene_ids, vocab, min_fraction=min_fraction, source=source)
     col_token = np.full(len(gene_ids), -1, dtype=np.int32)
-    n_ens = n_ver = n_sym = n_orth = n_case = 0
+    counts = dict.fromkeys(("ensembl", "version", "symbol", "ortholog", "case"), 0)
     case_example = ""
     unmatched: list[str] = []
-    upper_map = None
+    upper = case_insensitive_map(gene_name_map, ortholog_map)
     for j, raw in enumerate(gene_ids):
         g = str(raw).strip()
-        t = vocab.tokenizable(g)
+        t, how = match_gene_id(g, vocab, gene_name_map=gene_name_map, ortholog_map=ortholog_map, upper_map=upper)
         if t >= 0:
             col_token[j] = t
-            n_ens += 1
-            continue
-        g2 = strip_version(g)
-        if g2 != g:
-            t = vocab.tokenizable(g2)
-            if t >= 0:
-                col_token[j] = t
-                n_ver += 1
-                continue
-        if gene_name_map is not None:
-            e = gene_name_map.get(g)
-            if e is not None and (t := vocab.tokenizable(e)) >= 0:
-                col_token[j] = t
-                n_sym += 1
-                continue
-        if ortholog_map is not None:
-            e = ortholog_map.get(g2) or ortholog_map.get(g)
-            if e is not None and (t := vocab.tokenizable(e)) >= 0:
-                col_token[j] = t
-                n_orth += 1
-                continue
-        elif gene_name_map is not None:
-            # case-insensitive symbols only within one species: with an ortholog table, "Actb" must
-            # go through the ortholog, not through the human symbol "ACTB"
-            if upper_map is None:
-                upper_map = {k.upper(): v for k, v in gene_name_map.items()}
-            e = upper_map.get(g.upper())
-            if e is not None and (t := vocab.tokenizable(e)) >= 0:
-                col_token[j] = t
-                n_sym += 1
-                n_case += 1
-                case_example = case_example or g
-                continue
-        if len(unmatched) < 10:
+            counts[how] += 1
+            case_example = case_example or (g if how == "case" else "")
+        elif len(unmatched) < 10:
             unmatched.append(g)
+    n_ens, n_ver, n_orth, n_case = counts["ensembl"], counts["version"], counts["ortholog"], counts["case"]
+    n_sym = counts["symbol"] + n_case
     matched = col_token[col_token >= 0]
     n_dup = int(matched.size - np.unique(matched).size)
     report = GeneMatchReport(len(gene_ids), int(matched.size), n_ens, n_ver, n_sym, n_orth, n_dup, unmatched,

@@ -296,20 +296,80 @@ def test_resume_refuses_tokens_retokenized_in_place(tmp_path, pbmc_path, pbmc_to
     assert _embed(tok, ckpt, tmp_path / "e", "--cells-per-part", "100", "--resume") == 2
 
 
-def test_empty_token_dataset(tmp_path, pbmc_path, pbmc_tokens_ckpt):
-    import warnings
+def test_empty_or_unfinished_token_dataset_is_refused(tmp_path, pbmc_path, pbmc_tokens_ckpt, capsys):
+    import shutil
 
     ad = pytest.importorskip("anndata")
     from scfm_fast.cli import main
 
-    _, ckpt = pbmc_tokens_ckpt
+    tok, ckpt = pbmc_tokens_ckpt
     adata = ad.read_h5ad(pbmc_path)[:3].copy()
-    adata.X = adata.X * 0  # every cell is skipped
+    adata.X = adata.X * 0  # every cell is skipped: a dataset of 0 cells (or a tokenize that refused)
     adata.write_h5ad(tmp_path / "zeros.h5ad")
-    # issue 13: a run that writes 0 cells is an error, not a complete empty dataset ...
+    # issue 13: a run that writes 0 cells is an error, not a complete empty dataset
     assert main(["tokenize", str(tmp_path / "zeros.h5ad"), "--out", str(tmp_path / "tok")]) == 2
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        # ... and embed refuses what it left (unfinished), writing nothing
-        assert _embed(tmp_path / "tok", ckpt, tmp_path / "e", "--genes", "--plot", "length") == 2
-    assert not (tmp_path / "e" / "cell_embeddings.npy").exists()
+    capsys.readouterr()
+    assert _embed(tmp_path / "tok", ckpt, tmp_path / "e", "--genes") == 2
+    err = capsys.readouterr().err
+    assert ("no cells" in err or "unfinished" in err or "not found" in err) and not (tmp_path / "e").exists()
+    # an unfinished dataset (a tokenize still running or killed) is refused naming what to do
+    shutil.copytree(tok, tmp_path / "half")
+    man = tmp_path / "half/__scfm__/manifest.json"
+    man.write_text(man.read_text().replace('"complete"', '"in_progress"'))
+    assert _embed(tmp_path / "half", ckpt, tmp_path / "e2") == 2
+    assert "--resume" in capsys.readouterr().err and not (tmp_path / "e2").exists()
+    assert _embed(tmp_path / "missing", ckpt, tmp_path / "e3") == 2
+    assert "not a token dataset directory" in capsys.readouterr().err and not (tmp_path / "e3").exists()
+
+
+def test_embed_cli_checks_the_model_vocabulary_before_the_first_part(tmp_path, pbmc_tokens_ckpt, capsys):
+    from scfm_fast.model.checkpoint import save_encoder
+    from scfm_fast.model.config import EncoderConfig
+    from scfm_fast.store.cells import open_cells
+
+    tok, _ = pbmc_tokens_ckpt
+    src = open_cells(tok)
+    big = int(src.take_packed(np.arange(len(src)))[0].max())
+    pos, _ = src.first_token_outside(big)
+    cfg = EncoderConfig(vocab_size=big, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                        intermediate_size=20, max_position_embeddings=128)
+    save_encoder(init_like_bert(BertEncoderModel(cfg)), tmp_path / "small")
+    assert _embed(tok, tmp_path / "small", tmp_path / "e") == 2
+    err = capsys.readouterr().err
+    assert f"cell {src.cell_index[pos]} has token id {big}" in err and "vocabulary of" in err
+    assert not (tmp_path / "e").exists()
+
+
+def test_embed_cli_warns_about_an_unbundled_dictionary(tmp_path, pbmc_tokens_ckpt, capsys):
+    import shutil
+
+    tok, ckpt = pbmc_tokens_ckpt
+    assert _embed(tok, ckpt, tmp_path / "a", "--cells-per-part", "150") == 0
+    assert "does not bundle" not in capsys.readouterr().err
+    assert json.loads((tmp_path / "a/embed_info.json").read_text())["token_dictionary"] == "bundled (geneformer-v1)"
+    other = tmp_path / "tok"
+    shutil.copytree(tok, other)
+    man = other / "__scfm__/manifest.json"
+    m = json.loads(man.read_text())
+    m["config"]["dictionary_hashes"]["token_dictionary"] = "f" * 64
+    man.write_text(json.dumps(m))
+    assert _embed(other, ckpt, tmp_path / "b", "--cells-per-part", "150") == 0
+    assert "does not bundle (sha256 ffffffffffff" in capsys.readouterr().err
+    assert json.loads((tmp_path / "b/embed_info.json").read_text())["token_dictionary"].startswith("not bundled")
+
+
+def test_embed_cli_ranks_split_the_parts(tmp_path, pbmc_tokens_ckpt, monkeypatch):
+    # torchrun-style ranks (RANK / WORLD_SIZE): each writes its parts, the last one to finish merges
+    tok, ckpt = pbmc_tokens_ckpt
+    assert _embed(tok, ckpt, tmp_path / "one", "--cells-per-part", "64", "--genes") == 0
+    out = tmp_path / "two"
+    for rank in (0, 1):
+        monkeypatch.setenv("RANK", str(rank))
+        monkeypatch.setenv("WORLD_SIZE", "2")
+        assert _embed(tok, ckpt, out, "--cells-per-part", "64", "--genes") == 0
+        done = sorted(p.name for p in (out / "parts").glob("*.parquet"))
+        assert done == (["part-000000.parquet", "part-000002.parquet"] if rank == 0 else
+                        [f"part-{i:06d}.parquet" for i in range(4)])
+        assert json.loads((out / "embed_info.json").read_text())["status"] == ("running" if rank == 0 else "complete")
+    assert pq.read_table(out / "cell_embeddings.parquet").equals(pq.read_table(tmp_path / "one/cell_embeddings.parquet"))
+    assert pq.read_table(out / "gene_embeddings.parquet").equals(pq.read_table(tmp_path / "one/gene_embeddings.parquet"))

@@ -1,0 +1,188 @@
+"""Screen targets (``--genes``) -> token ids, by the rules the tokenizer used for the cells' genes.
+
+A target is a token id, an Ensembl id (versioned or not), a symbol, or — for cells tokenized with
+``--orthologs`` — a mouse id or symbol. Each goes through :func:`~scfm_fast.vocab.gene_ids.match_gene_id`,
+the tokenizer's own rule set, so "Gsta3" is the token the tokenizer gave mouse Gsta3 (its human ortholog),
+a gene without a median is never a target (it never appears in cells), and the version suffix rule is
+the tokenizer's. Special tokens are never targets.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping, Sequence
+from functools import cached_property
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .._errors import GeneMatchError, UsageError
+from .dictionaries import SPECIAL_TOKENS, GeneVocab, bundled_dir, load_pickle_dict
+from .gene_ids import case_insensitive_map, load_gene_name_map, match_gene_id
+
+log = logging.getLogger("scfm_fast")
+
+Source = str | Path | Mapping[str, Any] | None
+
+
+def _as_dict(source: Source, *, default: Path, what: str) -> dict:
+    if isinstance(source, Mapping):
+        return dict(source)
+    return load_pickle_dict(default if source is None else source, what=what)
+
+
+class TargetResolver:
+    """Resolve screen targets to token ids, and token ids back to Ensembl ids.
+
+    Parameters
+    ----------
+    token_dictionary
+        Ensembl id -> token id (dict or pickle path); default: the bundled Geneformer V1 dictionary.
+    gene_name_map
+        Symbol -> Ensembl id (dict, pickle or CSV/TSV path); default: the bundled symbol table.
+    orthologs
+        ``"mouse-to-human"``, an ortholog table path or a dict (mouse id/symbol -> human Ensembl id): the
+        ``--orthologs`` the cells were tokenized with (see :meth:`for_cells`).
+    gene_median
+        Ensembl id -> median (dict or pickle path). Only genes in both dictionaries are tokenized, so
+        only they resolve. Default: the bundled medians with the bundled token dictionary; with another
+        token dictionary and no medians, every gene of that dictionary counts.
+
+    Examples
+    --------
+    >>> r = TargetResolver()                                    # doctest: +SKIP
+    >>> r.resolve_one("CD24"), r.resolve(["CD24", ("TP53", "MYC")], combine=False)  # doctest: +SKIP
+    """
+
+    def __init__(self, token_dictionary: Source = None, gene_name_map: Source = None, orthologs: Source = None, *,
+                 gene_median: Source = None) -> None:
+        self._tok_src, self._name_src, self._orth_src, self._med_src = (token_dictionary, gene_name_map,
+                                                                        orthologs, gene_median)
+
+    @classmethod
+    def for_cells(cls, cells: Any, *, token_dictionary: Source = None, gene_name_map: Source = None,
+                  gene_median: Source = None) -> TargetResolver:
+        """A resolver for ``cells`` (anything :func:`~scfm_fast.store.cells.open_cells` opens): their
+        ``--orthologs``, and ``token_dictionary`` checked against the one they were tokenized with."""
+        from ..store.cells import open_cells
+        from .dictionaries import check_token_dictionary
+
+        src = open_cells(cells)
+        if not isinstance(token_dictionary, Mapping):  # a dict given directly cannot be compared: trusted
+            path = Path(token_dictionary) if token_dictionary is not None else _bundled("token_dictionary.pkl")
+            check_token_dictionary(path, src.dictionary_hash, dataset=src.name)
+        return cls(token_dictionary, gene_name_map, src.orthologs, gene_median=gene_median)
+
+    # ---- dictionaries (loaded on first use) -----------------------------------------------------
+    @cached_property
+    def token_dict(self) -> dict[str, int]:
+        d = _as_dict(self._tok_src, default=_bundled("token_dictionary.pkl"), what="token dictionary")
+        return {str(k): int(v) for k, v in d.items()}
+
+    @cached_property
+    def name_map(self) -> dict[str, str]:
+        if isinstance(self._name_src, Mapping):
+            return {str(k): str(v) for k, v in self._name_src.items()}
+        return load_gene_name_map(self._name_src)
+
+    @cached_property
+    def ortholog_map(self) -> dict[str, str] | None:
+        if self._orth_src is None or isinstance(self._orth_src, Mapping):
+            return None if self._orth_src is None else dict(self._orth_src)
+        from .orthologs import load_ortholog_map
+
+        return load_ortholog_map(str(self._orth_src))
+
+    @cached_property
+    def vocab(self) -> GeneVocab:
+        genes = {g: t for g, t in self.token_dict.items() if g not in SPECIAL_TOKENS}
+        if self._med_src is None and self._tok_src is not None:
+            medians = dict.fromkeys(genes, 1.0)  # no medians known: every dictionary gene counts
+        else:
+            medians = _as_dict(self._med_src, default=_bundled("gene_median_dictionary.pkl"), what="gene median dictionary")
+        return GeneVocab(genes, {str(k): float(v) for k, v in medians.items()})
+
+    @cached_property
+    def _upper(self) -> dict | None:
+        return case_insensitive_map(self.name_map, self.ortholog_map)
+
+    def special_token_ids(self) -> list[int]:
+        """Token ids of ``<pad>``, ``<mask>``, ``<cls>``, ``<eos>`` present in the dictionary."""
+        return [self.token_dict[s] for s in SPECIAL_TOKENS if s in self.token_dict]
+
+    def ensembl_of(self) -> dict[int, str]:
+        """Token id -> Ensembl id (special tokens included, under their names)."""
+        return {t: g for g, t in self.token_dict.items()}
+
+    # ---- resolution -------------------------------------------------------------------------------
+    def resolve_one(self, gene: int | str) -> int | None:
+        """Token id of one target, or ``None`` when it is not a tokenized gene.
+
+        Raises
+        ------
+        UsageError
+            ``gene`` names or is a special token (``<cls>``, its id, ...): those are never perturbed.
+        """
+        specials = self.special_token_ids()
+        if isinstance(gene, (int, np.integer)) or str(gene).strip().lstrip("-").isdigit():
+            t = int(gene)
+            if t in specials:
+                msg = f"target {gene!r} is the special token {self.ensembl_of()[t]}; special tokens are never targets"
+                raise UsageError(msg)
+            # an id names a target only if it is a tokenized gene: others never occur in cells
+            g = self.ensembl_of().get(t)
+            return t if g is not None and self.vocab.tokenizable(g) == t else None
+        g = str(gene).strip()
+        if g in SPECIAL_TOKENS:
+            msg = f"target {g!r} is a special token; special tokens are never targets"
+            raise UsageError(msg)
+        t, _ = match_gene_id(g, self.vocab, gene_name_map=self.name_map, ortholog_map=self.ortholog_map,
+                             upper_map=self._upper)
+        return t if t >= 0 else None
+
+    def resolve(self, genes: Any, *, combine: bool = False,
+                strict: bool = False) -> tuple[list[tuple[int, ...]] | None, list[str]]:
+        """Turn a ``genes=`` argument into token groups: ``(groups, unresolved)``.
+
+        ``"all"`` -> ``(None, [])``; a gene -> ``[(tok,)]``; a list -> one group per item, an item that is a
+        tuple/list being a group perturbed together, members in the order given; ``combine=True`` -> the
+        whole list as one group, in list order without repeats. ``strict=True`` refuses any unresolved
+        target instead of skipping it with a warning.
+
+        Raises
+        ------
+        GeneMatchError
+            No target resolves, or (``strict``) one does not.
+        UsageError
+            A special token among the targets.
+        """
+        if isinstance(genes, str) and genes == "all":
+            return None, []
+        items: Sequence = [genes] if isinstance(genes, (str, int, np.integer)) else list(genes)
+        groups: list[tuple[int, ...]] = []
+        unknown: list[str] = []
+        for item in items:
+            members = [item] if isinstance(item, (str, int, np.integer)) else list(item)
+            toks = [self.resolve_one(m) for m in members]
+            bad = [str(m) for m, t in zip(members, toks) if t is None]
+            if bad:
+                unknown.extend(bad)
+                continue
+            groups.append(tuple(int(t) for t in toks))
+        if unknown and strict:
+            msg = (f"targets {unknown[:10]} are not genes of the token dictionary (or have no median, so no cell "
+                   "holds them); check the names, or the --orthologs the cells were tokenized with")
+            raise GeneMatchError(msg)
+        if combine and groups:
+            groups = [tuple(dict.fromkeys(t for g in groups for t in g))]
+        if not groups:
+            msg = f"none of the requested genes {list(items)[:10]} could be resolved to token ids"
+            raise GeneMatchError(msg)
+        if unknown:
+            log.warning("skipping %d genes not in the token dictionary: %s", len(unknown), unknown[:20])
+        return groups, unknown
+
+
+def _bundled(name: str) -> Path:
+    return bundled_dir("geneformer_v1") / name
