@@ -22,18 +22,29 @@ import json
 import logging
 import math
 import os
-import sys
 import time
 from pathlib import Path
 from typing import Any
 
 from .._errors import InputFileError, StoreError, UsageError
+from ._output import (
+    _by_position,
+    _columns,
+    _from_positions,
+    _merge,
+    _state_columns,
+    _state_targets,
+    _write_json,
+    _write_shard,
+)
+from ._workers import _die_with_parent, _rank_world, _spawn_workers  # noqa: F401 (_die_with_parent: tests)
 
 log = logging.getLogger(__name__)
 
-_CONFIG_KEYS = ("tokens", "model", "perturb", "genes", "anchor", "combine", "rank_shift", "layer", "pooling",
-                "mode", "dtype", "cells_per_shard", "max_cells", "gene_shifts", "target_embedding",
-                "special_tokens", "filter", "target_state", "token_dictionary", "gene_name_map",
+_CONFIG_KEYS = ("tokens", "model", "perturb", "genes", "anchor", "combine", "rank_shift", "rank_shift_quartiles", "skip_absent",
+                "layer", "pooling", "cell_readout", "state_shift", "mode", "dtype", "cells_per_shard", "max_cells", "gene_shifts", "target_embedding",
+                "special_tokens", "filter", "target_state", "cell_states", "state_aggregate", "max_state_cells",
+                "state_seed", "null_run", "token_dictionary", "gene_name_map",
                 "orthologs")
 
 
@@ -58,9 +69,23 @@ def register(subparsers: Any) -> None:
                         "perturbed together), or a file with one gene (or A+B) per line")
     p.add_argument("--anchor", help="perturb this gene together with each target (pairs)")
     p.add_argument("--combine", action="store_true", help="perturb the whole --genes list together")
-    p.add_argument("--rank-shift", type=float, default=0.25, help="quantile for inhibit/activate")
+    p.add_argument("--skip-absent", action="store_true",
+                   help="overexpress: skip genes a cell lacks instead of inserting them at the front")
+    p.add_argument("--rank-shift", type=float, default=0.25,
+                   help="bin width (fraction of the cell's genes) for inhibit/activate; the gene moves one bin")
+    p.add_argument("--rank-shift-quartiles", type=int, choices=[1, 2, 3],
+                   help="Geneformer's perturb_rank_shift: move inhibit/activate genes by 1, 2 or 3 quartiles")
     p.add_argument("--layer", type=int, default=-2, help="readout layer (default -2: second-to-last)")
-    p.add_argument("--pooling", default="mean", choices=["mean", "cls"])
+    p.add_argument("--emb-layer", type=int, choices=[0, -1],
+                   help="Geneformer's numbering instead of --layer: 0 = last layer, -1 = second-to-last")
+    p.add_argument("--pooling", choices=["mean", "cls"],
+                   help="cell readout rows (default: cls for a V2 dataset whose manifest records <cls>, else mean)")
+    p.add_argument("--cell-readout", default="genes", choices=["genes", "pooled"],
+                   help="with mean pooling, cos_sim = mean of the genes' own cosines (genes, Geneformer's) or the "
+                        "cosine of the mean-pooled embeddings (pooled)")
+    p.add_argument("--state-shift", default="all", choices=["all", "aligned"],
+                   help="target/state shifts compare each cell's mean over all its genes (all, Geneformer today) "
+                        "or over the genes present in both cells (aligned, Geneformer 2023)")
     p.add_argument("--mode", default="exact", choices=MODES, help="'approx' = KV-reuse approximation")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--batch-tokens", type=int, help="tokens per batched forward")
@@ -73,6 +98,14 @@ def register(subparsers: Any) -> None:
                    help="target state = mean embedding of the cells of TOKENS_DIR with this metadata (e.g. "
                         "disease=nf), same model/layer/pooling; saved as OUT/target_embedding.npy; adds "
                         "target_shift")
+    p.add_argument("--cell-states", metavar="JSON|FILE",
+                   help='Geneformer\'s cell_states_to_model, inline JSON or a .json file: {"state_key": "disease", '
+                        '"start_state": "dcm", "goal_state": "nf", "alt_states": ["hcm"]}; perturbs the start-state '
+                        "cells and adds one shift_<state> column per goal/alt state")
+    p.add_argument("--state-aggregate", default="mean", choices=["mean", "median"],
+                   help="state embedding = mean (default) or median of its cells' embeddings")
+    p.add_argument("--max-state-cells", type=int, default=1000, help="cells per state embedding (seeded sample)")
+    p.add_argument("--state-seed", type=int, default=0, help="seed of the state cells' sample")
     p.add_argument("--filter", metavar="COLUMN=VALUE[,VALUE]",
                    help="perturb only the cells with this metadata (e.g. disease=dcm; several joined by ';'); "
                         "cell_index keeps their positions in TOKENS_DIR")
@@ -85,6 +118,9 @@ def register(subparsers: Any) -> None:
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--resume", action="store_true", help="skip finished shards of an interrupted run")
     p.add_argument("--overwrite", action="store_true", help="replace the results in --out")
+    p.add_argument("--null-run", metavar="DIR",
+                   help="test each gene against a separate null screen's results (an `scfm perturb` --out of "
+                        "random genes) instead of against the rest of this screen")
     p.add_argument("--no-stats", action="store_true", help="skip gene_stats.parquet / the plot")
     p.add_argument("--merge-timeout", type=float, default=7 * 24 * 3600.0,
                    help="seconds rank 0 waits for other ranks' shards")
@@ -96,6 +132,9 @@ def parse_genes(spec: str) -> Any:
     if spec == "all":
         return "all"
     p = Path(spec)
+    if not p.is_file() and ("/" in spec or p.suffix.lower() in (".txt", ".csv", ".tsv", ".list")):
+        msg = f"{spec}: --genes file not found (give 'all', a comma-separated list or a file with one gene per line)"
+        raise InputFileError(msg)
     items = [ln.strip() for ln in p.read_text().splitlines()] if p.is_file() else _csv(spec)
     items = [i for i in items if i and not i.startswith("#")]
     return [tuple(i.split("+")) if "+" in i else i for i in items]
@@ -122,55 +161,11 @@ def _config(args: argparse.Namespace, n_cells: int) -> dict:
     return cfg
 
 
-def _write_json(path: Path, obj: Any) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(obj, indent=1, default=str))
-    os.replace(tmp, path)
-
-
 def load_model(path: str, device: Any) -> Any:
     """The encoder of a Hugging Face BERT checkpoint directory."""
     from ..model.checkpoint import load_encoder
 
     return load_encoder(path, device=device)
-
-
-def _arrow_schema(df_columns: list[str]):
-    import pyarrow as pa
-
-    types = {"cell_index": pa.int64(), "file_index": pa.int32(), "perturbation": pa.string(), "gene_token": pa.int64(),
-             "gene_tokens": pa.list_(pa.int64()), "ensembl_id": pa.string(), "n_genes": pa.int64(),
-             "orig_rank": pa.int64(), "new_rank": pa.int64(), "cos_sim": pa.float64(), "shift": pa.float64(),
-             "target_shift": pa.float64(), "gene_shift_tokens": pa.list_(pa.int32()),
-             "gene_shift_cos": pa.list_(pa.float32())}
-    return pa.schema([pa.field(c, types[c]) for c in df_columns])
-
-
-def _columns(args: argparse.Namespace, *, file_index: bool = False) -> list[str]:
-    cols = ["cell_index", *(["file_index"] if file_index else []), "perturbation", "gene_token", "gene_tokens",
-            "ensembl_id", "n_genes", "orig_rank", "new_rank", "cos_sim", "shift"]
-    if args.target_embedding or args.target_state:
-        cols.append("target_shift")
-    if args.gene_shifts:
-        cols += ["gene_shift_tokens", "gene_shift_cos"]
-    return cols
-
-
-def _write_shard(df: Any, path: Path, cols: list[str]) -> None:
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    df = df.copy()
-    df.attrs = {}
-    table = pa.Table.from_pandas(df[cols], schema=_arrow_schema(cols), preserve_index=False)
-    tmp = path.with_name(f".{path.name}.tmp")
-    pq.write_table(table, tmp)
-    os.replace(tmp, path)
-
-
-def _rank_world() -> tuple[int, int, int]:
-    return (int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)),
-            int(os.environ.get("LOCAL_RANK", os.environ.get("RANK", 0))))
 
 
 def run(args: argparse.Namespace) -> int:
@@ -179,41 +174,6 @@ def run(args: argparse.Namespace) -> int:
     if world == 1 and len(args.devices) > 1:
         return _spawn_workers(args)
     return _work(args)
-
-
-def _spawn_workers(args: argparse.Namespace) -> int:
-    import multiprocessing as mp
-
-    _check_options(args)
-    ctx = mp.get_context("spawn")
-    n = len(args.devices)
-    opts = {k: v for k, v in vars(args).items() if k != "func"}
-    procs = [ctx.Process(target=_worker_entry, args=(opts, r, n)) for r in range(n)]
-    for pr in procs:
-        pr.start()
-    for pr in procs:
-        pr.join()
-    bad = [r for r, pr in enumerate(procs) if pr.exitcode != 0]
-    if bad:
-        msg = f"perturbation workers {bad} failed (see above); rerun with --resume to finish the missing shards"
-        raise StoreError(msg)
-    # the parent merges once every worker is done: a rank-0 worker waiting for the shards of a failed
-    # rank would otherwise wait --merge-timeout (a week) before anyone could report the failure
-    table, out, names, cfg, n_shards = _layout(args)
-    _merge(out, names, _columns(args, file_index="file_index" in table.column_names), args, cfg, n_shards, n)
-    return 0
-
-
-def _worker_entry(opts: dict, rank: int, world: int) -> None:
-    from .._errors import ScfmError
-
-    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    try:
-        sys.exit(_work(argparse.Namespace(**opts), merge=False))
-    except ScfmError as e:  # the same one-line report as the main process, not a traceback
-        sys.stderr.write(f"scfm perturb (worker {rank}, {opts['devices'][rank]}): error: {e}\n")
-        sys.exit(2)
 
 
 def _layout(args: argparse.Namespace) -> tuple[Any, Path, dict[int, Path], dict, int]:
@@ -227,11 +187,19 @@ def _layout(args: argparse.Namespace) -> tuple[Any, Path, dict[int, Path], dict,
     if not src.exists():
         msg = f"{src}: token dataset directory not found"
         raise InputFileError(msg)
+    from ..store.schema import MANIFEST
+
+    if src.is_dir() and (src / MANIFEST).is_file():
+        from ..store.reader import read_manifest
+
+        read_manifest(src)  # an unfinished dataset is refused: its result would look complete with cells missing
     dset = ds.dataset(str(src), format="parquet")
     if "input_ids" not in dset.schema.names:
         msg = f"{src}: token shards lack an 'input_ids' column (have {dset.schema.names})"
         raise InputFileError(msg)
-    if args.filter:
+    if args.cell_states:
+        table = select_cells(src, {args.cell_states["state_key"]: [args.cell_states["start_state"]]})
+    elif args.filter:
         table = select_cells(src, parse_where(args.filter))
     else:
         cols = [c for c in ("input_ids", "cell_index", "file_index") if c in dset.schema.names]
@@ -246,6 +214,9 @@ def _layout(args: argparse.Namespace) -> tuple[Any, Path, dict[int, Path], dict,
     if args.max_cells is not None:
         table = table.slice(0, args.max_cells)
     n_cells = table.num_rows
+    if n_cells == 0 and args.max_cells != 0:
+        msg = f"{src}: the token dataset has no cells{' matching --filter' if args.filter else ''}: nothing to perturb"
+        raise InputFileError(msg)
     n_shards = max(1, math.ceil(n_cells / args.cells_per_shard))
     out = Path(args.out)
     names = {s: out / "shards" / f"part-{s:06d}.parquet" for s in range(n_shards)}
@@ -261,6 +232,19 @@ def _check_options(args: argparse.Namespace) -> None:
     if args.target_embedding and args.target_state:
         msg = "give either --target-embedding or --target-state, not both"
         raise UsageError(msg)
+    if args.cell_states:
+        from .states import parse_cell_states
+
+        given = [f for f, v in (("--filter", args.filter), ("--target-state", args.target_state),
+                                ("--target-embedding", args.target_embedding)) if v]
+        if given:
+            msg = f"--cell-states chooses the cells and the states itself: drop {', '.join(given)}"
+            raise UsageError(msg)
+        if args.max_state_cells < 1:
+            msg = f"--max-state-cells {args.max_state_cells}: must be at least 1"
+            raise UsageError(msg)
+        if isinstance(args.cell_states, str):  # parsed once: the manifest records the states, not a file name
+            args.cell_states = parse_cell_states(args.cell_states)
     from .._devices import parse_device
 
     for d in args.devices:
@@ -268,16 +252,40 @@ def _check_options(args: argparse.Namespace) -> None:
     if args.target_embedding and not Path(args.target_embedding).is_file():
         msg = f"{args.target_embedding}: --target-embedding file not found (a .npy of one embedding)"
         raise InputFileError(msg)
+    if args.null_run and not (Path(args.null_run) / "perturbations.parquet").is_file():
+        msg = f"{args.null_run}: --null-run has no perturbations.parquet (give a finished `scfm perturb` --out)"
+        raise InputFileError(msg)
+    if args.emb_layer is not None:
+        if args.layer != -2:
+            msg = "give either --layer or --emb-layer (Geneformer's numbering), not both"
+            raise UsageError(msg)
+        from .api import layer_of
+
+        args.layer, args.emb_layer = layer_of(args.layer, args.emb_layer), None
+    if args.pooling is None:  # resolved once, so the manifest records what ran
+        from ._inputs import dataset_special_ids
+        from .api import default_pooling
+
+        special = [int(x) for x in _csv(args.special_tokens)] if args.special_tokens else dataset_special_ids(args.tokens)
+        args.pooling = default_pooling(args.tokens, special or [])
 
 
 def _check_lengths(table: Any, model: Any, src: Path) -> None:
-    """Refuse cells longer than the model's positions before any shard runs (not at the first bad shard)."""
+    """Refuse cells longer than the model's positions, or holding token ids outside its vocabulary, before
+    any shard runs (not at the first bad shard)."""
     import numpy as np
     import pyarrow.compute as pc
 
     # chunk by chunk: one combined list array overflows int32 offsets past ~1M cells, and costs memory
     parts = []
+    vocab = model.config.vocab_size
     for chunk in table.column("input_ids").chunks:
+        mm = pc.min_max(chunk.flatten()).as_py()
+        if mm["max"] is not None and (mm["max"] >= vocab or mm["min"] < 0):
+            msg = (f"{src}: token ids up to {mm['max']} (from {mm['min']}) lie outside the model's vocabulary of "
+                   f"{vocab}: the tokens come from another dictionary than this model's; re-tokenize with the model's "
+                   "--token-dictionary or pass the matching --model")
+            raise InputFileError(msg)
         lens = pc.list_value_length(chunk).to_numpy(zero_copy_only=False).astype(np.int64)
         pads = chunk.flatten().to_numpy(zero_copy_only=False) == model.config.pad_token_id
         if pads.any():  # the engines drop padding, so it does not count
@@ -317,6 +325,8 @@ def _work(args: argparse.Namespace, *, merge: bool = True) -> int:
     man_path = out / "manifest.json"
     if man_path.exists() and not args.overwrite:
         old = json.loads(man_path.read_text())
+        if old.get("status") != "complete" and not any(shard_dir.glob("part-*.parquet")):
+            old = {"config": cfg}  # a run that failed before its first shard holds nothing to protect
         if old.get("config") != cfg:
             diff = {k: (old.get("config", {}).get(k), v) for k, v in cfg.items()
                     if old.get("config", {}).get(k) != v}
@@ -333,7 +343,8 @@ def _work(args: argparse.Namespace, *, merge: bool = True) -> int:
             names[s].with_suffix(".json").unlink(missing_ok=True)
         done = []
         if rank == 0:
-            for f in ("perturbations.parquet", "gene_stats.parquet", "gene_stats.png", "target_embedding.npy"):
+            for f in ("perturbations.parquet", "gene_stats.parquet", "gene_stats.png", "target_embedding.npy",
+                      "state_embeddings.npz", *(f"gene_stats_{c}.parquet" for c in _state_columns(args))):
                 (out / f).unlink(missing_ok=True)
             # shards of an older layout (another --cells-per-shard) are never written by this run
             current = {p.name for p in names.values()} | {p.with_suffix(".json").name for p in names.values()}
@@ -373,6 +384,9 @@ def _work(args: argparse.Namespace, *, merge: bool = True) -> int:
                     np.save(f, target)
                 os.replace(tmp, out / "target_embedding.npy")
                 log.info("target state %s: mean embedding of %d cells", args.target_state, n_state)
+        state_names = None
+        if args.cell_states:
+            target, state_names = _state_targets(args, src, model, special, device, out, rank)
         genes = parse_genes(args.genes)
         bar = progress(total=sum(min(cps, n_cells - s * cps) for s in todo), desc=f"perturb rank {rank}",
                        unit="cells", enabled=True)
@@ -380,12 +394,15 @@ def _work(args: argparse.Namespace, *, merge: bool = True) -> int:
             t0 = time.perf_counter()
             part = table.slice(s * cps, cps)
             df = perturb_cells(_by_position(part), model, perturbation=args.perturb, genes=genes, anchor=args.anchor,
-                               combine=args.combine, rank_shift=args.rank_shift, layer=args.layer,
-                               pooling=args.pooling, mode=args.mode, batch_tokens=args.batch_tokens,
+                               combine=args.combine, rank_shift=args.rank_shift,
+                               rank_shift_quartiles=args.rank_shift_quartiles, layer=args.layer,
+                               pooling=args.pooling, cell_readout=args.cell_readout, state_shift=args.state_shift,
+                               skip_absent=args.skip_absent, mode=args.mode, batch_tokens=args.batch_tokens,
                                device=device, dtype=args.dtype, special_token_ids=special,
                                token_dictionary=args.token_dictionary, gene_name_map=args.gene_name_map,
                                orthologs=orthologs,
-                               gene_shifts=args.gene_shifts, target_embedding=target, progress_bar=False)
+                               gene_shifts=args.gene_shifts, target_embedding=target, target_names=state_names,
+                               progress_bar=False)
             skipped = _from_positions(df, part)
             meta = {"shard": s, "n_cells": part.num_rows, "n_rows": len(df), "seconds": time.perf_counter() - t0,
                     "skipped": skipped, "approx_error": df.attrs.get("approx_error")}
@@ -399,36 +416,6 @@ def _work(args: argparse.Namespace, *, merge: bool = True) -> int:
     return 0
 
 
-def _by_position(part: Any) -> Any:
-    """The shard's cells keyed by their position in it (``cell_index`` need not be unique across files)."""
-    import numpy as np
-    import pyarrow as pa
-
-    return pa.table({"input_ids": part.column("input_ids"), "cell_index": np.arange(part.num_rows, dtype=np.int64)})
-
-
-def _from_positions(df: Any, part: Any) -> list[dict]:
-    """Map the results (and skips) of :func:`_by_position` cells back to ``cell_index`` / ``file_index``."""
-    import numpy as np
-
-    cell = part.column("cell_index").to_numpy()
-    pos = df["cell_index"].to_numpy()
-    df["cell_index"] = cell[pos]
-    files = part.column("file_index").to_numpy() if "file_index" in part.column_names else None
-    if files is not None:
-        df.insert(1, "file_index", files[pos].astype(np.int32))
-    skipped = []
-    for rec in df.attrs.get("skipped", []):
-        i = int(rec.get("cell_index", -1))
-        rec = dict(rec)
-        if i >= 0:  # -1: not about one cell (e.g. a gene outside the vocabulary)
-            rec["cell_index"] = int(cell[i])
-            if files is not None:
-                rec["file_index"] = int(files[i])
-        skipped.append(rec)
-    return skipped
-
-
 def _load_target(path: str) -> Any:
     import numpy as np
 
@@ -439,60 +426,3 @@ def _load_target(path: str) -> Any:
         raise InputFileError(msg) from None
 
 
-def _merge(out: Path, names: dict[int, Path], cols: list[str], args: argparse.Namespace, cfg: dict,
-           n_shards: int, world: int) -> None:
-    import numpy as np
-    import pyarrow.parquet as pq
-
-    from .stats import gene_stats, plot_gene_stats, summarize
-
-    deadline = time.monotonic() + args.merge_timeout
-    while True:
-        missing = [s for s, p in names.items() if not p.exists()]
-        if not missing:
-            break
-        if time.monotonic() > deadline:
-            msg = f"{out}: shards {missing[:10]} never appeared; rerun with --resume"
-            raise StoreError(msg)
-        time.sleep(2.0)
-    merged = out / "perturbations.parquet"
-    tmp = out / ".perturbations.parquet.tmp"
-    n_rows = 0
-    with pq.ParquetWriter(tmp, _arrow_schema(cols)) as w:
-        for s in range(n_shards):
-            t = pq.read_table(names[s])
-            n_rows += t.num_rows
-            w.write_table(t)
-    os.replace(tmp, merged)
-    metas = [json.loads(p.with_suffix(".json").read_text()) for _, p in sorted(names.items())
-             if p.with_suffix(".json").exists()]
-    summary: dict[str, Any] = {"n_rows": n_rows, "n_skipped": sum(len(m["skipped"]) for m in metas),
-                               "seconds": sum(m["seconds"] for m in metas)}
-    errs = [m["approx_error"] for m in metas if m.get("approx_error") and m["approx_error"]["n_variants"]]
-    if errs:
-        rhos = [e["spearman_min"] for e in errs if np.isfinite(e["spearman_min"])]
-        summary["approx_error"] = {"max_abs_dcos": max(e["max_abs_dcos"] for e in errs),
-                                   "spearman_min": min(rhos) if rhos else None,
-                                   "n_variants_checked": sum(e["n_variants"] for e in errs)}
-    if not args.no_stats and n_rows:
-        df = pq.read_table(merged, columns=[c for c in ("gene_token", "ensembl_id", "shift", "target_shift")
-                                            if c in cols]).to_pandas()
-        if (df["gene_token"] < 0).any():  # groups are keyed by their members (only then: a list per row)
-            df["gene_tokens"] = pq.read_table(merged, columns=["gene_tokens"]).column(0).to_pylist()
-        st = gene_stats(df)
-        st.to_parquet(out / "gene_stats.parquet", index=False)
-        plot_gene_stats(st, out / "gene_stats.png")
-        summary["stats"] = summarize(st)
-    _write_json(out / "manifest.json", {"format": "scfm_fast.perturb/1", "config": cfg, "n_shards": n_shards,
-                                        "world_size": world, "status": "complete", "summary": summary})
-    msg = f"wrote {n_rows:,} perturbations of {cfg['n_cells']:,} cells to {merged}"
-    if "stats" in summary:
-        msg += (f"; {summary['stats']['n_significant']:,}/{summary['stats']['n_genes']:,} genes at FDR < 0.05 "
-                f"in {out / 'gene_stats.parquet'}")
-    if "approx_error" in summary:
-        msg += f"; approx mode: max |dcos| vs exact = {summary['approx_error']['max_abs_dcos']:.2e}"
-    if summary["n_skipped"]:
-        # e.g. genes absent from every cell: an empty table must not pass silently as a finished screen
-        msg += (f"; {summary['n_skipped']:,} (cell, target) skips (gene not in vocabulary / not expressed; listed "
-                f"in {out / 'shards'}/part-*.json)")
-    sys.stderr.write(msg + "\n")

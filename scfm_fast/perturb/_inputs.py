@@ -86,6 +86,16 @@ class GeneResolver:
     def ensembl_of(self) -> dict[int, str]:
         return {int(v): k for k, v in self.token_dict.items()}
 
+    def symbol_of(self) -> dict[int, str]:
+        """Token id -> gene symbol (the first symbol of the name map that names its Ensembl ID)."""
+        td = self.token_dict
+        out: dict[int, str] = {}
+        for sym, ens in self.name_map.items():
+            t = td.get(ens)
+            if t is not None:
+                out.setdefault(int(t), str(sym))
+        return out
+
     def resolve_one(self, gene: int | str) -> int | None:
         """Token id of one target, or ``None`` when it is not in the vocabulary."""
         if isinstance(gene, (int, np.integer)):
@@ -148,6 +158,12 @@ def iter_cells(tokens: Any) -> Iterator[tuple[int, np.ndarray]]:
         if not p.exists():
             msg = f"{p}: token dataset directory not found"
             raise InputFileError(msg)
+        from ..store.schema import MANIFEST
+
+        if p.is_dir() and (p / MANIFEST).is_file():
+            from ..store.reader import read_manifest
+
+            read_manifest(p)  # an unfinished dataset is refused (its missing cells would pass unnoticed)
         dset = ds.dataset(str(p), format="parquet")
         tokens = dset.to_table(columns=[c for c in ("input_ids", "cell_index") if c in dset.schema.names])
     if isinstance(tokens, pa.Table):

@@ -11,7 +11,7 @@ import pandas as pd
 import torch
 
 from .._dtypes import resolve_dtype
-from .._errors import InputFileError, UsageError
+from .._errors import GeneMatchError, InputFileError, UsageError
 from .._progress import progress as _progress
 from ._inputs import GeneResolver, check_dictionary, dataset_orthologs, iter_cells, unique_special
 from ._results import ResultBuilder
@@ -20,6 +20,28 @@ from .plan import PERTURBATIONS, CellPlan, plan_cell
 log = logging.getLogger(__name__)
 
 MODES = ("exact", "approx")
+CELL_READOUTS = ("genes", "pooled")
+STATE_SHIFTS = ("all", "aligned")
+
+
+def layer_of(layer: int, emb_layer: int | None) -> int:
+    """Our readout layer from Geneformer's ``emb_layer`` (0 = last layer, -1 = second-to-last)."""
+    if emb_layer is None:
+        return layer
+    if emb_layer not in (0, -1):
+        msg = f"emb_layer={emb_layer} (--emb-layer): Geneformer's numbering is 0 (last layer) or -1 (second-to-last)"
+        raise UsageError(msg)
+    return emb_layer - 1
+
+
+def default_pooling(tokens: Any, special: Iterable[int]) -> str:
+    """``"cls"`` for a V2 token dataset (its config records a ``<cls>`` token among the specials), else
+    ``"mean"``."""
+    from ._inputs import dataset_config
+
+    spec = dataset_config(tokens).get("special_tokens") or {}
+    cls = spec.get("<cls>") if isinstance(spec, dict) else None
+    return "cls" if cls is not None and int(cls) in {int(t) for t in special} else "mean"
 
 
 def default_batch_tokens(device: torch.device) -> int:
@@ -37,8 +59,11 @@ def run_engine(
     anchor: int | str | None = None,
     combine: bool = False,
     rank_shift: float = 0.25,
+    rank_shift_quartiles: int | None = None,
     layer: int = -2,
-    pooling: str = "mean",
+    emb_layer: int | None = None,
+    pooling: str | None = None,
+    cell_readout: str = "genes",
     batch_tokens: int | None = None,
     device: str | torch.device | None = None,
     dtype: Any = None,
@@ -48,6 +73,9 @@ def run_engine(
     orthologs: Any = None,
     gene_shifts: bool = False,
     target_embedding: Any = None,
+    target_names: Iterable[str] | None = None,
+    state_shift: str = "all",
+    skip_absent: bool = False,
     progress_bar: bool = True,
     forward_layer: int | None = None,
     approx_check_cells: int = 1,
@@ -57,12 +85,25 @@ def run_engine(
     if perturbation not in PERTURBATIONS:
         msg = f"perturbation={perturbation!r}; choose one of {PERTURBATIONS}"
         raise UsageError(msg)
-    if pooling not in ("mean", "cls"):
+    if pooling not in (None, "mean", "cls"):
         msg = f"pooling={pooling!r}; use 'mean' or 'cls' (V2 models)"
         raise UsageError(msg)
+    if cell_readout not in CELL_READOUTS:
+        msg = f"cell_readout={cell_readout!r} (--cell-readout); choose one of {CELL_READOUTS}"
+        raise UsageError(msg)
+    if state_shift not in STATE_SHIFTS:
+        msg = f"state_shift={state_shift!r} (--state-shift); choose one of {STATE_SHIFTS}"
+        raise UsageError(msg)
+    steps = 1
+    if rank_shift_quartiles is not None:
+        if rank_shift_quartiles not in (1, 2, 3):
+            msg = f"rank_shift_quartiles={rank_shift_quartiles} (--rank-shift-quartiles): use 1, 2 or 3"
+            raise UsageError(msg)
+        rank_shift, steps = 0.25, int(rank_shift_quartiles)
     if perturbation in ("inhibit", "activate") and not 0 < rank_shift <= 1:
         msg = f"rank_shift={rank_shift} (--rank-shift): use a fraction of the cell's length in (0, 1], e.g. 0.25"
         raise UsageError(msg)
+    layer = layer_of(layer, emb_layer)
     dev = torch.device(device) if device is not None else next(model.parameters()).device
     model = model.to(dev).eval()
     try:
@@ -84,6 +125,10 @@ def run_engine(
         outside = [g for g in groups if any(not 0 <= t < vocab for t in g)]
         unknown += [f"token id {'+'.join(map(str, g))} (the model has {vocab} tokens)" for g in outside]
         groups = [g for g in groups if g not in outside]
+    if unknown:  # a typo must not run as a screen of the other genes with exit 0
+        msg = (f"genes not in the token dictionary / model vocabulary: {unknown[:20]}"
+               f"{' ...' if len(unknown) > 20 else ''}; give symbols, Ensembl IDs or token ids it holds")
+        raise GeneMatchError(msg)
     anchor_tok = resolver.resolve_one(anchor) if anchor is not None else None
     if anchor_tok is not None and not 0 <= anchor_tok < vocab:
         anchor_tok = None
@@ -93,25 +138,38 @@ def run_engine(
     if anchor_tok is not None and groups is not None:
         groups = [tuple(dict.fromkeys((anchor_tok, *g))) for g in groups]
     special = unique_special(special_token_ids, resolver, tokens)
+    if pooling is None:
+        pooling = default_pooling(tokens, special)
     try:
-        ens = resolver.ensembl_of()
-    except Exception:  # a missing dictionary only costs the ensembl_id column
-        ens = None
-    target = None
+        ens, sym = resolver.ensembl_of(), resolver.symbol_of()
+    except Exception:  # a missing dictionary only costs the ensembl_id / gene_name columns
+        ens = sym = None
+    target, names = None, ()
     if target_embedding is not None:
-        target = torch.as_tensor(np.asarray(target_embedding), dtype=torch.float32, device=dev).reshape(-1)
-        if target.numel() != model.config.hidden_size:
-            msg = (f"target_embedding has {target.numel()} values but the model's hidden size is "
-                   f"{model.config.hidden_size}: compute it with the same model (state_embedding)")
+        H = model.config.hidden_size
+        target = torch.as_tensor(np.asarray(target_embedding), dtype=torch.float32, device=dev)
+        if target.numel() % H or (target.dim() > 1 and target.shape[-1] != H):
+            msg = (f"target_embedding has shape {tuple(target.shape)} but the model's hidden size is {H}: "
+                   "compute it with the same model (state_embedding)")
             raise UsageError(msg)
-    builder = ResultBuilder(perturbation, anchor_tok, ens, with_target=target is not None,
-                            with_gene_shifts=gene_shifts)
-    builder.skipped.extend({"cell_index": -1, "gene_tokens": [], "reason": f"not in vocabulary: {g}"}
-                           for g in unknown)
+        target = target.reshape(-1, H)
+        names = tuple(target_names) if target_names is not None else ("target_shift",)
+        if len(names) != target.shape[0]:
+            msg = f"{target.shape[0]} target embeddings but {len(names)} target_names"
+            raise UsageError(msg)
+    builder = ResultBuilder(perturbation, anchor_tok, ens, target_columns=names, with_gene_shifts=gene_shifts,
+                            symbol_of=sym)
     # token ids only: plans (V x L index arrays) are built one cell at a time. Padding is dropped (the
     # engines run unpadded; the reference would mask it), so padded 2-D inputs give the same results.
     pad = model.config.pad_token_id
     cells = [(ci, ids[ids != pad]) for ci, ids in iter_cells(tokens)]
+    oov = [ci for ci, ids in cells if len(ids) and (ids.min() < 0 or ids.max() >= vocab)]
+    if oov:  # would be an IndexError deep in the embedding
+        top = max(int(ids.max()) for ci, ids in cells if ci in set(oov[:10]))
+        msg = (f"cells {oov[:10]} ({len(oov)} in all) hold token ids up to {top}, outside the model's vocabulary of "
+               f"{vocab}: these tokens come from another dictionary than this model's; re-tokenize with the "
+               "model's --token-dictionary or pass the matching --model")
+        raise InputFileError(msg)
     max_pos = model.config.max_position_embeddings
     too_long = [ci for ci, ids in cells if len(ids) > max_pos]
     if too_long:
@@ -126,16 +184,19 @@ def run_engine(
                    f"{bad[:10]} do not: use pooling='mean' for V1 token layouts")
             raise UsageError(msg)
     total = None
-    if groups is None and anchor_tok is None:  # one variant per gene: known without planning
+    if groups is None and anchor_tok is None and perturbation == "delete":  # one variant per gene: known without planning
         n_genes = [int((~np.isin(ids, spec_arr)).sum()) for _, ids in cells]
         total = sum(n for n in n_genes if n > 1)  # a one-gene cell is skipped (see plan_cell)
 
     def plans():
         for ci, ids in cells:
             yield plan_cell(ids, ci, perturbation=perturbation, groups=groups, special_token_ids=special,
-                            anchor=anchor_tok, rank_shift=rank_shift)
+                            anchor=anchor_tok, rank_shift=rank_shift, steps=steps,
+                            insert_absent=not skip_absent, max_len=max_pos)
 
-    opts = dict(pooling=pooling, gene_shifts=gene_shifts, target=target)
+    opts = dict(pooling=pooling, gene_shifts=gene_shifts, target=target, cell_readout=cell_readout,
+                state_shift=state_shift)
+    attrs = dict(layer=layer, pooling=pooling, cell_readout=cell_readout, state_shift=state_shift)
     if engine == "reference":
         from .reference import reference_block
 
@@ -152,7 +213,7 @@ def run_engine(
                 builder.add(plan, block, res)
                 bar.update(block.n_variants)
         bar.close()
-        return builder.frame(mode="reference", layer=layer)
+        return builder.frame(mode="reference", **attrs)
     if engine == "exact":
         from .exact import ExactEngine
 
@@ -177,7 +238,7 @@ def run_engine(
         for block in plan.blocks:
             builder.add(plan, block, eng.run_block(plan, block, h0, on_batch=bar.update, **opts))
     bar.close()
-    df = builder.frame(mode=engine, layer=layer)
+    df = builder.frame(mode=engine, **attrs)
     if check:
         from .approx import approx_error_of
 
@@ -199,8 +260,11 @@ def perturb_cells(
     anchor: int | str | None = None,
     combine: bool = False,
     rank_shift: float = 0.25,
+    rank_shift_quartiles: int | None = None,
     layer: int = -2,
-    pooling: str = "mean",
+    emb_layer: int | None = None,
+    pooling: str | None = None,
+    cell_readout: str = "genes",
     mode: str = "exact",
     batch_tokens: int | None = None,
     device: str | torch.device | None = None,
@@ -211,6 +275,9 @@ def perturb_cells(
     orthologs: Any = None,
     gene_shifts: bool = False,
     target_embedding: Any = None,
+    target_names: Iterable[str] | None = None,
+    state_shift: str = "all",
+    skip_absent: bool = False,
     approx_check_cells: int = 1,
     progress_bar: bool = True,
 ) -> pd.DataFrame:
@@ -235,12 +302,24 @@ def perturb_cells(
     combine
         Perturb the whole ``genes`` list together, as one variant per cell.
     rank_shift
-        Quantile of the cell's length for ``activate`` / ``inhibit`` (0.25 = one quartile).
+        Bin width (fraction of the cell's length) for ``activate`` / ``inhibit`` (0.25 = quartiles); the
+        gene moves one bin.
+    rank_shift_quartiles
+        Geneformer's ``perturb_rank_shift``: move ``activate`` / ``inhibit`` genes by 1, 2 or 3 quartiles
+        (overrides ``rank_shift``).
     layer
         Readout layer: ``-2`` (default, second-to-last), ``-1`` last, ``0`` embedding output, ``k`` the
         output of encoder layer ``k``.
+    emb_layer
+        Geneformer's numbering instead of ``layer``: ``0`` = last layer (``layer=-1``), ``-1`` =
+        second-to-last (``layer=-2``).
     pooling
-        ``"mean"`` over aligned genes (perturbed genes and special tokens excluded) or ``"cls"`` (V2).
+        ``"mean"`` over genes (special tokens excluded) or ``"cls"`` (the ``<cls>`` row); default ``"cls"``
+        for a token dataset whose config records a ``<cls>`` token (V2), else ``"mean"``.
+    cell_readout
+        With mean pooling, what ``cos_sim`` is: ``"genes"`` (default, Geneformer's) = the mean of each
+        aligned gene's own cosine (perturbed vs original row; perturbed genes excluded), ``"pooled"`` =
+        the cosine of the two mean-pooled embeddings of the aligned genes.
     mode
         ``"exact"`` (equals the reference within fp32 tolerance) or ``"approx"`` (KV-cache reuse,
         cheaper, approximate; see :mod:`scfm_fast.perturb.approx`; its measured error is reported in
@@ -265,7 +344,17 @@ def perturb_cells(
     gene_shifts
         Also report each remaining gene's cosine similarity (``gene_shift_tokens`` / ``gene_shift_cos``).
     target_embedding
-        A target cell-state embedding (e.g. the mean embedding of healthy cells): adds ``target_shift``.
+        A target cell-state embedding ``(H,)`` (e.g. the mean embedding of healthy cells): adds
+        ``target_shift``; or ``(S, H)`` with ``target_names`` (one column per state).
+    target_names
+        Column names of the ``S`` state shifts (default ``["target_shift"]``).
+    state_shift
+        Cell embedding compared with the states under mean pooling: ``"all"`` (default, Geneformer today)
+        = the mean over all of each cell's genes, ``"aligned"`` (Geneformer's 2023 code) = the mean over
+        the genes present in both cells.
+    skip_absent
+        ``overexpress``: skip genes a cell lacks instead of inserting them at the front (Geneformer's;
+        the cell is cut to the model's input size from its end, keeping ``<eos>``).
     approx_check_cells
         With ``mode="approx"``: rerun this many cells exactly to measure the approximation error.
     progress_bar
@@ -277,9 +366,10 @@ def perturb_cells(
         One row per (cell, variant); columns documented in :mod:`scfm_fast.perturb._results`.
     """
     return run_engine(tokens, model, engine=mode, perturbation=perturbation, genes=genes, anchor=anchor,
-                      combine=combine, rank_shift=rank_shift, layer=layer, pooling=pooling,
+                      combine=combine, rank_shift=rank_shift, rank_shift_quartiles=rank_shift_quartiles,
+                      layer=layer, emb_layer=emb_layer, pooling=pooling, cell_readout=cell_readout,
                       batch_tokens=batch_tokens, device=device, dtype=dtype,
                       special_token_ids=special_token_ids, token_dictionary=token_dictionary,
                       gene_name_map=gene_name_map, orthologs=orthologs, gene_shifts=gene_shifts,
-                      target_embedding=target_embedding, progress_bar=progress_bar,
-                      approx_check_cells=approx_check_cells)
+                      target_embedding=target_embedding, target_names=target_names, state_shift=state_shift,
+                      skip_absent=skip_absent, progress_bar=progress_bar, approx_check_cells=approx_check_cells)

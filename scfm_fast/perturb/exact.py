@@ -61,40 +61,66 @@ def embedding_index(src: np.ndarray, L: int, *, min_share: int | None = None):
 
 
 def readout(h0: torch.Tensor, hv: torch.Tensor, plan: CellPlan, block: VariantBlock, rows: slice, *,
-            pooling: str, gene_shifts: bool, target: torch.Tensor | None) -> BlockResult:
-    """Batched readouts of variants ``rows`` of ``block`` (``hv``: their readout-layer states, fp32)."""
+            pooling: str, gene_shifts: bool, target: torch.Tensor | None, cell_readout: str = "genes",
+            state_shift: str = "all") -> BlockResult:
+    """Batched readouts of variants ``rows`` of ``block`` (``hv``: their readout-layer states, fp32).
+
+    ``cos_sim``: with ``pooling="cls"`` the cosine of the ``<cls>`` rows; with mean pooling and
+    ``cell_readout="genes"`` (Geneformer's) the mean of the aligned genes' own cosines, with
+    ``"pooled"`` the cosine of the two mean-pooled embeddings of the aligned genes. ``target`` ``(S, H)``:
+    ``cos(perturbed, state) - cos(original, state)`` per state, the cells pooled over all their genes
+    (``state_shift="all"``, Geneformer today) or over the aligned genes (``"aligned"``, its 2023 code).
+    """
     dev = hv.device
     B, Lp, H = hv.shape
-    L = h0.shape[0]
+    L, k = h0.shape[0], len(block.inserted)
+    Le = L + k  # source positions: the original cell, then the block's inserted genes
     src = torch.as_tensor(block.src[rows], device=dev)
     pert = torch.as_tensor(block.perturbed[rows], device=dev)
     special = torch.as_tensor(plan.special, device=dev)
-    pm = torch.zeros(B, L, dtype=torch.bool, device=dev).scatter_(1, pert, value=True)
-    valid_o = ~special[None] & ~pm          # aligned genes, indexed by original position
+    spec_e = torch.cat([special, torch.zeros(k, dtype=torch.bool, device=dev)])
+    orig_e = torch.arange(Le, device=dev) < L
+    pm = torch.zeros(B, Le, dtype=torch.bool, device=dev).scatter_(1, pert, value=True)
+    inv = torch.zeros(B, Le, dtype=torch.bool, device=dev).scatter_(1, src, value=True)
+    orig_all = (~spec_e & orig_e)[None] & (inv | pm)  # the original's genes, less any cut by an insertion
+    valid_o = orig_all & inv & ~pm          # aligned genes, indexed by (extended) source position
     valid_v = valid_o.gather(1, src)        # the same genes, indexed by variant position
-    if pooling == "cls":
-        pv, po = hv[:, 0], h0[0].expand(B, H)
-    else:
-        wv = valid_v.to(hv.dtype)
-        pv = torch.bmm(wv[:, None, :], hv)[:, 0] / wv.sum(1, keepdim=True)
-        wo = valid_o.to(h0.dtype)
-        po = (wo @ h0) / wo.sum(1, keepdim=True)
-    pv64, po64 = pv.double(), po.double()
+    if k:
+        h0 = torch.cat([h0, h0.new_zeros(k, H)])
 
     def cos(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         return (a * b).sum(-1) / (a.norm(dim=-1) * b.norm(dim=-1)).clamp_min(1e-300)
 
-    res = BlockResult(cos(pv64, po64).cpu().numpy())
+    def mean_rows(h: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        w = w.to(h.dtype)
+        return (w[:, None, :] @ h)[:, 0] / w.sum(1, keepdim=True)
+
+    h64, h064 = hv.double(), h0.double()
+    h0b = h064.expand(B, Le, H)
+    g = cos(h64, h064[src]) if gene_shifts or (pooling == "mean" and cell_readout == "genes") else None
+    if pooling == "cls":
+        cs = cos(h64[:, 0], h064[0].expand(B, H))
+    elif cell_readout == "genes":
+        w = valid_v.double()
+        cs = (g * w).sum(1) / w.sum(1)
+    else:
+        cs = cos(mean_rows(h64, valid_v), mean_rows(h0b, valid_o))
+    res = BlockResult(cs.cpu().numpy())
     if target is not None:
-        t = target.double().expand_as(pv64)
-        res.target_shift = (cos(pv64, t) - cos(po64, t)).cpu().numpy()
+        if pooling == "cls":
+            pv, po = h64[:, 0], h064[0].expand(B, H)
+        elif state_shift == "all":  # every gene of each cell, the moved/perturbed/inserted ones included
+            pv, po = mean_rows(h64, ~spec_e[src]), mean_rows(h0b, orig_all)
+        else:
+            pv, po = mean_rows(h64, valid_v), mean_rows(h0b, valid_o)
+        t = target.double().reshape(-1, H)
+        res.target_shift = (cos(pv[:, None], t[None]) - cos(po[:, None], t[None])).cpu().numpy()
     if gene_shifts:
-        g = cos(hv.double(), h0.double()[src])
-        ids = torch.as_tensor(plan.input_ids, device=dev)[src]
+        ids = torch.as_tensor(np.concatenate([plan.input_ids, block.inserted]), device=dev)[src]
         vv = valid_v.cpu().numpy()
-        g, ids = g.cpu().numpy(), ids.cpu().numpy()
+        gn, ids = g.cpu().numpy(), ids.cpu().numpy()
         res.gene_tokens = [ids[b][vv[b]].astype(np.int32) for b in range(B)]
-        res.gene_cos = [g[b][vv[b]].astype(np.float32) for b in range(B)]
+        res.gene_cos = [gn[b][vv[b]].astype(np.float32) for b in range(B)]
     return res
 
 
@@ -141,11 +167,12 @@ class ExactEngine:
 
     @torch.no_grad()
     def run_block(self, plan: CellPlan, block: VariantBlock, h0: torch.Tensor, *, pooling: str,
-                  gene_shifts: bool, target: torch.Tensor | None,
-                  on_batch: Callable[[int], None] | None = None) -> BlockResult:
+                  gene_shifts: bool, target: torch.Tensor | None, cell_readout: str = "genes",
+                  state_shift: str = "all", on_batch: Callable[[int], None] | None = None) -> BlockResult:
         P, dev = self.P, self.device
-        L = len(plan.input_ids)
-        ids = torch.as_tensor(plan.input_ids, device=dev)
+        # inserted genes are extra source positions L.. (see plan.build_insertion)
+        ids = torch.as_tensor(np.concatenate([plan.input_ids, block.inserted]), device=dev)
+        L = len(ids)
         flat, offs, xs, xo = embedding_index(block.src, L)
         with autocast_ctx(dev, self.dtype):
             ar = torch.arange(L, device=dev)
@@ -172,7 +199,8 @@ class ExactEngine:
                     else:
                         h = P.layer(i, h, pre)
             parts.append(readout(h0, h.float(), plan, block, slice(b0, b1), pooling=pooling,
-                                 gene_shifts=gene_shifts, target=target))
+                                 gene_shifts=gene_shifts, target=target, cell_readout=cell_readout,
+                                 state_shift=state_shift))
             if on_batch is not None:
                 on_batch(b1 - b0)
         return concat_results(parts)

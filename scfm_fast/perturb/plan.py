@@ -14,22 +14,30 @@ perturbed and keep their slots: ``<cls>`` stays first, ``<eos>`` stays last).
     The gene's token is removed; later tokens move up one position (the sequence gets shorter).
 ``overexpress``
     The gene moves to rank 1 (position 0, or position 1 after ``<cls>``); genes ranked above it move down
-    one. Several genes perturbed together go to the front in their original order (as Geneformer's
-    ``overexpress_indices``).
+    one. Several genes perturbed together go to the front in the order they were listed (an anchor
+    first), as Geneformer's ``overexpress_indices``.
 ``activate`` / ``inhibit``
-    Geneformer documents (but has not released) these as quantile moves: with ``rank_shift = q`` the
+    Geneformer documents (but has not released) these as quantile moves: with bin width ``q`` the
     ranking of ``n`` genes is cut into ``ceil(1/q)`` bins of width ``q*n``; a gene in bin ``b`` (0 = top)
-    moves to the middle of bin ``b-1`` (activate) or ``b+1`` (inhibit), i.e. to gene rank
-    ``floor((b'+0.5)*q*n)`` clipped to ``[0, n-1]``; from the top bin ``activate`` moves it to rank 0,
-    from the bottom bin ``inhibit`` moves it to rank ``n-1``. The default ``q = 0.25`` is one quartile,
-    Geneformer's ``perturb_rank_shift=1``. Several genes moved together are placed at their target ranks
-    in order of target rank (ties: original order); all other genes keep their relative order.
+    moves ``steps`` bins up (activate, to bin ``b-steps``) or down (inhibit, ``b+steps``), to the middle
+    of that bin, i.e. to gene rank ``floor((b'+0.5)*q*n)`` clipped to ``[0, n-1]``; past the top bin
+    ``activate`` moves it to rank 0, past the bottom bin ``inhibit`` moves it to rank ``n-1``. The default
+    ``q = 0.25, steps = 1`` is one quartile, Geneformer's ``perturb_rank_shift=1``; its ``2`` and ``3``
+    are ``steps=2, 3``. Several genes moved together are placed at their target ranks in order of
+    target rank (ties: the order they were listed); all other genes keep their relative order.
 
-Groups (pairs, or a whole list perturbed together) are applied only to cells that express every member;
-other cells are skipped and reported, as are perturbations of every gene of a cell (nothing is left to
-compare: a delete would empty the cell, a move would be a no-op). Genes absent from a cell are skipped
-and reported, never an error. Inserting a gene the cell does not express (Geneformer's overexpression
-of absent genes) is not planned.
+A move that leaves the cell unchanged (overexpressing the top gene, activating the gene at rank 0,
+inhibiting the last one) is not a perturbation: it is skipped and reported. Perturbations of every gene
+of a cell are skipped and reported too (nothing is left to compare: a delete would empty the cell, a
+move would be a no-op).
+
+Absent genes: a single gene the cell lacks, or a group (pair, or a whole list perturbed together) with
+a member it lacks, is skipped and reported, never an error, except for ``overexpress`` with
+``insert_absent=True`` (Geneformer's): the genes the cell lacks are *inserted* at the front (after
+``<cls>``, in the listed order with the group's present members) and the cell is cut to the model's
+``max_len`` from its end, keeping ``<eos>``. Inserted genes have source positions ``L + j`` (``j``:
+index into the block's ``inserted`` tokens); original genes cut by the overflow are absent from
+``src``, so the readouts leave them out of the original cell too.
 """
 
 from __future__ import annotations
@@ -58,12 +66,15 @@ class VariantBlock:
         ``(V, m)`` int64: their positions in the variant (``-1`` when deleted).
     tokens
         ``(V, m)`` int64: their token ids.
+    inserted
+        ``(k,)`` int64: tokens of genes inserted by these variants (source positions ``L..L+k-1``).
     """
 
     src: np.ndarray
     perturbed: np.ndarray
     new_pos: np.ndarray
     tokens: np.ndarray
+    inserted: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
 
     @property
     def n_variants(self) -> int:
@@ -74,7 +85,8 @@ class VariantBlock:
         return int(self.src.shape[1])
 
     def take(self, rows: slice | np.ndarray) -> VariantBlock:
-        return VariantBlock(self.src[rows], self.perturbed[rows], self.new_pos[rows], self.tokens[rows])
+        return VariantBlock(self.src[rows], self.perturbed[rows], self.new_pos[rows], self.tokens[rows],
+                            self.inserted)
 
 
 @dataclass
@@ -96,7 +108,7 @@ class CellPlan:
         return np.flatnonzero(~self.special)
 
 
-def target_rank(rank: int, n_genes: int, perturbation: str, rank_shift: float) -> int:
+def target_rank(rank: int, n_genes: int, perturbation: str, rank_shift: float, steps: int = 1) -> int:
     """Gene rank (0-based, specials excluded) a gene at ``rank`` moves to; see the module docstring."""
     if perturbation == "overexpress":
         return 0
@@ -110,7 +122,10 @@ def target_rank(rank: int, n_genes: int, perturbation: str, rank_shift: float) -
     q = Fraction(float(rank_shift)).limit_denominator(1_000_000)  # float(): numpy scalars too
     n_bins = math.ceil(1 / q)
     b = min(math.floor(rank / (q * n_genes)), n_bins - 1)
-    t = b - 1 if perturbation == "activate" else b + 1
+    if steps < 1:
+        msg = f"steps={steps}: move by at least one bin"
+        raise ValueError(msg)
+    t = b - steps if perturbation == "activate" else b + steps
     if t < 0:
         return 0
     if t >= n_bins:
@@ -121,7 +136,7 @@ def target_rank(rank: int, n_genes: int, perturbation: str, rank_shift: float) -
 def _move_order(n_genes: int, ranks: Sequence[int], targets: Sequence[int]) -> np.ndarray:
     """New gene order (as original gene ranks) after moving ``ranks`` to ``targets``."""
     rest = list(np.delete(np.arange(n_genes), list(ranks)))
-    order = sorted(range(len(ranks)), key=lambda i: (targets[i], ranks[i]))
+    order = sorted(range(len(ranks)), key=lambda i: (targets[i], i))  # ties: listed order
     prev = -1
     for i in order:
         at = min(max(targets[i], prev + 1), len(rest))
@@ -131,7 +146,8 @@ def _move_order(n_genes: int, ranks: Sequence[int], targets: Sequence[int]) -> n
 
 
 def build_variant(
-    special: np.ndarray, positions: Sequence[int], perturbation: str, *, rank_shift: float = 0.25
+    special: np.ndarray, positions: Sequence[int], perturbation: str, *, rank_shift: float = 0.25,
+    steps: int = 1,
 ) -> tuple[np.ndarray, np.ndarray]:
     """``src`` and the new positions of the perturbed genes for one variant.
 
@@ -144,7 +160,9 @@ def build_variant(
     perturbation
         One of :data:`PERTURBATIONS`.
     rank_shift
-        Quantile of the cell's gene count for ``activate`` / ``inhibit``.
+        Bin width (fraction of the cell's gene count) for ``activate`` / ``inhibit``.
+    steps
+        Bins to move by for ``activate`` / ``inhibit``.
     """
     L = special.shape[0]
     pos = np.asarray(positions, dtype=np.int64)
@@ -154,7 +172,7 @@ def build_variant(
     slots = np.flatnonzero(~special)
     n = len(slots)
     ranks = np.searchsorted(slots, pos)
-    targets = [target_rank(int(r), n, perturbation, rank_shift) for r in ranks]
+    targets = [target_rank(int(r), n, perturbation, rank_shift, steps) for r in ranks]
     order = _move_order(n, [int(r) for r in ranks], targets)
     src = np.arange(L, dtype=np.int64)
     src[slots] = slots[order]
@@ -163,9 +181,29 @@ def build_variant(
     return src, inv[pos]
 
 
+def build_insertion(special: np.ndarray, members: Sequence[int], max_len: int) -> tuple[np.ndarray, np.ndarray]:
+    """``src`` and new positions for overexpressing ``members`` (source positions; ``>= L``: inserted).
+
+    All members go to the front (after a leading special token) in the listed order; the other genes
+    follow in their order; the sequence is cut to ``max_len`` by dropping genes from the end, before
+    any trailing special token.
+    """
+    L = special.shape[0]
+    mem = [int(m) for m in members]
+    spec = np.flatnonzero(special)
+    head = [0] if L and special[0] else []
+    tail = [int(p) for p in spec if p not in head]
+    body = mem + [int(p) for p in np.flatnonzero(~special) if p not in set(mem)]
+    over = len(head) + len(body) + len(tail) - max_len
+    if over > 0:
+        body = body[:len(body) - over]
+    src = np.asarray(head + body + tail, dtype=np.int64)
+    return src, np.asarray([len(head) + i for i in range(len(mem))], dtype=np.int64)
+
+
 def _block(special: np.ndarray, ids: np.ndarray, groups: list[tuple[int, ...]], perturbation: str,
-           rank_shift: float) -> VariantBlock:
-    if perturbation == "delete" and all(len(g) == 1 for g in groups):
+           variants: list[tuple[np.ndarray, np.ndarray]] | None) -> VariantBlock:
+    if variants is None:
         # vectorised fast path for single-gene delete screens (2,048 variants of 2,047 tokens per cell)
         L = special.shape[0]
         p = np.asarray([g[0] for g in groups], dtype=np.int64)
@@ -174,13 +212,8 @@ def _block(special: np.ndarray, ids: np.ndarray, groups: list[tuple[int, ...]], 
         src = np.nonzero(keep)[1].reshape(len(p), L - 1)
         pert = p[:, None]
         return VariantBlock(src, pert, np.full_like(pert, -1), ids[pert])
-    srcs, news = [], []
-    for g in groups:
-        s, n = build_variant(special, g, perturbation, rank_shift=rank_shift)
-        srcs.append(s)
-        news.append(n)
     pert = np.asarray(groups, dtype=np.int64)
-    return VariantBlock(np.stack(srcs), pert, np.stack(news), ids[pert])
+    return VariantBlock(np.stack([v[0] for v in variants]), pert, np.stack([v[1] for v in variants]), ids[pert])
 
 
 GeneSpec = str | int | Sequence[int | str]
@@ -195,6 +228,9 @@ def plan_cell(
     special_token_ids: Iterable[int],
     anchor: int | None = None,
     rank_shift: float = 0.25,
+    steps: int = 1,
+    insert_absent: bool = False,
+    max_len: int | None = None,
 ) -> CellPlan:
     """Plan the variants of one cell.
 
@@ -213,9 +249,14 @@ def plan_cell(
         Token ids that are never perturbed nor pooled.
     anchor
         With ``groups=None``: perturb this token together with each other gene of the cell (pairs).
-    rank_shift
-        Quantile for ``activate`` / ``inhibit``.
+    rank_shift, steps
+        Bin width and number of bins moved for ``activate`` / ``inhibit`` (see the module docstring).
+    insert_absent, max_len
+        ``overexpress``: insert genes the cell lacks at the front, cutting the cell to ``max_len`` tokens
+        (the model's input size); otherwise such targets are skipped.
     """
+    if insert_absent and perturbation != "overexpress":
+        insert_absent = False
     if perturbation not in PERTURBATIONS:
         msg = f"perturbation={perturbation!r}; choose one of {PERTURBATIONS}"
         raise ValueError(msg)
@@ -236,9 +277,10 @@ def plan_cell(
             pos_groups = []
         else:
             a = first[anchor]
-            pos_groups = [tuple(sorted((a, int(p)))) for p in gene_pos if p != a]
+            pos_groups = [(a, int(p)) for p in gene_pos if p != a]  # anchor first (overexpress order)
     else:
         pos_groups = []
+        inserts: list[tuple[int, ...]] = []
         special_set = {int(t) for t in ids[special]} | {int(t) for t in special_token_ids}
         for g in groups:
             if any(int(t) in special_set for t in g):
@@ -246,6 +288,9 @@ def plan_cell(
                                      "reason": "special tokens are never perturbed"})
                 continue
             missing = [t for t in g if t not in first]
+            if missing and insert_absent:
+                inserts.append(tuple(int(t) for t in g))
+                continue
             if missing:
                 plan.skipped.append({"cell_index": plan.cell_index, "gene_tokens": [int(t) for t in g],
                                      "reason": "gene not expressed in cell" if len(g) == 1
@@ -263,5 +308,42 @@ def plan_cell(
             plan.skipped.extend({"cell_index": plan.cell_index, "gene_tokens": [int(ids[p]) for p in g],
                                  "reason": reason} for g in gs)
             continue
-        plan.blocks.append(_block(special, ids, gs, perturbation, rank_shift))
+        if perturbation == "delete":
+            if all(len(g) == 1 for g in gs):
+                plan.blocks.append(_block(special, ids, gs, perturbation, None))
+                continue
+            variants = [build_variant(special, g, perturbation) for g in gs]
+        else:
+            variants, moved = [], []
+            for g in gs:
+                src, new = build_variant(special, g, perturbation, rank_shift=rank_shift, steps=steps)
+                if np.array_equal(src, np.arange(len(src))):
+                    # e.g. overexpressing the top gene: not a perturbation (a zero shift would enter the stats)
+                    plan.skipped.append({"cell_index": plan.cell_index, "gene_tokens": [int(ids[p]) for p in g],
+                                         "reason": "no-op: already at its destination"})
+                    continue
+                variants.append((src, new))
+                moved.append(g)
+            gs = moved
+            if not gs:
+                continue
+        plan.blocks.append(_block(special, ids, gs, perturbation, variants))
+    if groups is not None and inserts:
+        _plan_insertions(plan, inserts, first, max_len if max_len is not None else len(ids) + max(map(len, inserts)))
     return plan
+
+
+def _plan_insertions(plan: CellPlan, groups: list[tuple[int, ...]], first: dict[int, int], max_len: int) -> None:
+    """Blocks (one per group size and length) of overexpressions that insert absent genes."""
+    L = len(plan.input_ids)
+    inserted: dict[int, int] = {}
+    by_shape: dict[tuple[int, int], list] = {}
+    for g in groups:
+        members = [first[t] if t in first else L + inserted.setdefault(t, len(inserted)) for t in g]
+        src, new = build_insertion(plan.special, members, max_len)
+        by_shape.setdefault((len(g), len(src)), []).append((src, new, members, g))
+    ins = np.asarray(list(inserted), dtype=np.int64)
+    for _, vs in sorted(by_shape.items()):
+        plan.blocks.append(VariantBlock(np.stack([v[0] for v in vs]), np.asarray([v[2] for v in vs], dtype=np.int64),
+                                        np.stack([v[1] for v in vs]), np.asarray([v[3] for v in vs], dtype=np.int64),
+                                        ins))

@@ -115,8 +115,9 @@ def select_cells(tokens: Any, where: Mapping[str, str | Sequence[str]]):
 def state_embedding(tokens: Any, model: Any, *, where: Mapping[str, str | Sequence[str]] | None = None,
                     layer: int = -2, pooling: str = "mean", special_token_ids: Iterable[int] | None = None,
                     token_dictionary: Any = None, batch_tokens: int | None = None, device: Any = None,
-                    dtype: Any = None, progress_bar: bool = True) -> tuple[np.ndarray, int]:
-    """Mean cell embedding of a cell state, read out as a perturbation screen reads out its cells.
+                    dtype: Any = None, progress_bar: bool = True, max_cells: int | None = None, seed: int = 0,
+                    aggregate: str = "mean") -> tuple[np.ndarray, int]:
+    """Mean (or median) cell embedding of a cell state, read out as a perturbation screen reads its cells.
 
     Parameters
     ----------
@@ -132,18 +133,30 @@ def state_embedding(tokens: Any, model: Any, *, where: Mapping[str, str | Sequen
         perturbed cells are embedded alike.
     batch_tokens, device, dtype, progress_bar
         As for :func:`~scfm_fast.embed.embed_tokens`.
+    max_cells, seed
+        Use at most this many of the state's cells, drawn without replacement with this seed
+        (Geneformer's ``max_ncells`` per state, 1,000); ``None``: all of them.
+    aggregate
+        ``"mean"`` (Geneformer's default) or ``"median"`` (element-wise) over the cells.
 
     Returns
     -------
     embedding
-        ``float64 (hidden,)``, the mean over the state's cells (cells without genes are left out).
+        ``float64 (hidden,)``, the mean / median over the state's cells (cells without genes are left out).
     n_cells
         How many cells it averages.
     """
     from ..embed import embed_tokens
     from ._inputs import GeneResolver, unique_special
 
+    if aggregate not in ("mean", "median"):
+        msg = f"aggregate={aggregate!r}; use 'mean' or 'median'"
+        raise UsageError(msg)
     cells = select_cells(tokens, where) if where else tokens
+    n_all = cells.num_rows if hasattr(cells, "num_rows") else len(cells)
+    if max_cells is not None and n_all > max_cells:
+        rows = np.sort(np.random.default_rng(seed).choice(n_all, size=max_cells, replace=False))
+        cells = cells.take(rows) if hasattr(cells, "take") else [cells[i] for i in rows]
     specials = unique_special(special_token_ids, GeneResolver(token_dictionary), tokens)
     emb, _ = embed_tokens(cells, model, layer=layer, pooling=pooling, batch_tokens=batch_tokens, device=device,
                           dtype=dtype, special_token_ids=specials, progress_bar=progress_bar)
@@ -151,4 +164,43 @@ def state_embedding(tokens: Any, model: Any, *, where: Mapping[str, str | Sequen
     if not ok.any():
         msg = f"cell state {dict(where) if where else 'of all cells'}: no cell has any gene token to embed"
         raise InputFileError(msg)
-    return emb[ok].astype(np.float64).mean(axis=0), int(ok.sum())
+    emb = emb[ok].astype(np.float64)
+    return (np.median(emb, axis=0) if aggregate == "median" else emb.mean(axis=0)), int(ok.sum())
+
+
+def parse_cell_states(spec: str) -> dict[str, Any]:
+    """``--cell-states``: inline JSON or a JSON file -> Geneformer's ``cell_states_to_model`` dict.
+
+    Keys ``state_key`` (metadata column), ``start_state`` (cells to perturb), ``goal_state`` and optional
+    ``alt_states`` (list); returns them with ``alt_states`` always a list.
+    """
+    import json
+
+    text = spec
+    if not spec.lstrip().startswith("{"):
+        p = Path(spec)
+        if not p.is_file():
+            msg = f"{spec}: --cell-states file not found (give inline JSON or a .json file)"
+            raise InputFileError(msg)
+        text = p.read_text()
+    try:
+        d = json.loads(text)
+    except json.JSONDecodeError as e:
+        msg = f"--cell-states: not valid JSON ({e}); e.g. '{{\"state_key\": \"disease\", \"start_state\": \"dcm\", \"goal_state\": \"nf\", \"alt_states\": [\"hcm\"]}}'"
+        raise UsageError(msg) from None
+    missing = [k for k in ("state_key", "start_state", "goal_state") if not isinstance(d, dict) or k not in d]
+    if missing:
+        msg = f"--cell-states: missing {missing} (keys: state_key, start_state, goal_state, alt_states)"
+        raise UsageError(msg)
+    alts = d.get("alt_states") or []
+    alts = [alts] if isinstance(alts, str) else [str(a) for a in alts]
+    extra = set(d) - {"state_key", "start_state", "goal_state", "alt_states"}
+    if extra:
+        msg = f"--cell-states: unknown keys {sorted(extra)}"
+        raise UsageError(msg)
+    states = [str(d["goal_state"]), *alts]
+    if len(set(states)) != len(states):
+        msg = f"--cell-states: goal and alt states must differ (got {states})"
+        raise UsageError(msg)
+    return {"state_key": str(d["state_key"]), "start_state": str(d["start_state"]),
+            "goal_state": str(d["goal_state"]), "alt_states": alts}

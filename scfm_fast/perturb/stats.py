@@ -103,6 +103,7 @@ def gene_stats(
     n_null: int = 2_000,
     method: str = "ranksum",
     seed: int = 0,
+    null: np.ndarray | None = None,
 ) -> pd.DataFrame:
     """Rank perturbed genes by their mean effect against a random-gene null.
 
@@ -124,11 +125,15 @@ def gene_stats(
         module docstring).
     seed
         Seed of the null sampling.
+    null
+        Values of a separate null screen (e.g. ``--null-run DIR``'s perturbations of random genes): each
+        target is then tested against them (rank-sum, tie-corrected, as ``scipy.stats.mannwhitneyu``'s
+        asymptotic test) instead of against the rest of this screen.
 
     Returns
     -------
     pandas.DataFrame
-        ``gene_token, target, ensembl_id, n_cells, mean_<value>, median_<value>, std_<value>, z, pvalue,
+        ``gene_token, target, ensembl_id, gene_name (symbols, when the results have them), n_cells, mean_<value>, median_<value>, std_<value>, z, pvalue,
         fdr, rank`` sorted by ``rank`` (1 = strongest). ``target`` is the token id, or ``"12+40"`` for a
         group perturbed together (``gene_token`` -1); each group size is tested against its own null
         (pairs against random pairs of the screen), then one FDR covers all. ``z`` is the test statistic
@@ -150,9 +155,15 @@ def gene_stats(
     # a NaN value (a cell with nothing left to read out) would make every p-value NaN
     df = results[np.isfinite(results[value].to_numpy(np.float64))]
     target, size = _targets(df)
+    if null is not None:
+        null = np.asarray(null, dtype=np.float64)
+        null = null[np.isfinite(null)]
+        if not len(null):
+            msg = "the null run holds no finite values to compare against"
+            raise ValueError(msg)
     parts = [_stats_of_kind(df[size == k], target[size == k], value=value, alt=alt, method=method,
-                            min_cells=min_cells, n_null=n_null, seed=seed) for k in np.unique(size)]
-    cols = ["gene_token", "target", "ensembl_id", "n_cells", f"mean_{value}", f"median_{value}", f"std_{value}",
+                            min_cells=min_cells, n_null=n_null, seed=seed, null=null) for k in np.unique(size)]
+    cols = ["gene_token", "target", "ensembl_id", "gene_name", "n_cells", f"mean_{value}", f"median_{value}", f"std_{value}",
             "z", "pvalue", "fdr", "rank"]
     parts = [p for p in parts if len(p)]
     if not parts:
@@ -187,8 +198,30 @@ def _targets(df: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:
     return target, size
 
 
+def _vs_null_z(codes: np.ndarray, values: np.ndarray, null: np.ndarray, *, alt: str) -> np.ndarray:
+    """Rank-sum z of each group's values against a separate null sample (two-sample Mann-Whitney, tie
+    corrected over the group and the null together, continuity as in :func:`_ranksum_z`)."""
+    from scipy.stats import rankdata
+
+    z = np.full(codes.max() + 1 if len(codes) else 0, np.nan)
+    m = len(null)
+    for c in range(len(z)):
+        x = values[codes == c]
+        n = len(x)
+        both = np.concatenate([x, null])
+        big_n = n + m
+        _, ties = np.unique(both, return_counts=True)
+        tie_term = float((ties.astype(np.float64) ** 3 - ties).sum()) / (big_n * (big_n - 1)) if big_n > 1 else 0.0
+        u = rankdata(both)[:n].sum() - n * (n + 1) / 2
+        var = n * m / 12 * ((big_n + 1) - tie_term)
+        d = u - n * m / 2
+        d = d - 0.5 if alt == "greater" else np.sign(d) * max(abs(d) - 0.5, 0.0)
+        z[c] = d / np.sqrt(var) if var > 0 else np.nan
+    return z
+
+
 def _stats_of_kind(df: pd.DataFrame, target: np.ndarray, *, value: str, alt: str, method: str, min_cells: int,
-                   n_null: int, seed: int) -> pd.DataFrame:
+                   n_null: int, seed: int, null: np.ndarray | None = None) -> pd.DataFrame:
     """Statistics of targets of one kind (single genes, or groups of one size) against their own null:
     a pair is compared with random pairs of the screen, a gene with random genes."""
     pool = df[value].to_numpy(np.float64)
@@ -204,13 +237,18 @@ def _stats_of_kind(df: pd.DataFrame, target: np.ndarray, *, value: str, alt: str
     })
     if "ensembl_id" in df.columns:
         out.insert(2, "ensembl_id", g["ensembl_id"].first().to_numpy())
-    if method == "ranksum":  # ranked against every other value, before targets are dropped by min_cells
+    if "gene_name" in df.columns:
+        out.insert(3 if "ensembl_id" in df.columns else 2, "gene_name", g["gene_name"].first().to_numpy())
+    if null is not None:
+        out["z"] = _vs_null_z(codes, pool, null, alt=alt)
+        pool = null  # effects are measured from the null run's mean
+    elif method == "ranksum":  # ranked against every other value, before targets are dropped by min_cells
         out["z"] = _ranksum_z(codes, pool, alt=alt)
     out = out[out["n_cells"] >= min_cells].reset_index(drop=True)
     n = out["n_cells"].to_numpy()
     mean = out[f"mean_{value}"].to_numpy()
     mu, sd = float(pool.mean()), float(pool.std(ddof=1)) if len(pool) > 1 else 0.0
-    if method == "ranksum":
+    if method == "ranksum" or null is not None:
         z = out["z"].to_numpy()
         pv = _normal_sf(z) if alt == "greater" else np.minimum(2 * _normal_sf(np.abs(z)), 1.0)
     else:
@@ -257,7 +295,8 @@ def plot_gene_stats(stats: pd.DataFrame, path: str | Path, *, value: str = "shif
     a1.set_ylabel(col)
     a1.set_xscale("log" if len(by_eff) > 50 else "linear")
     a1.legend(frameon=False)
-    names = stats["ensembl_id"] if "ensembl_id" in stats else stats["target"]
+    # label by symbol where one is known (gene_name falls back to the Ensembl ID, then the token id)
+    names = next((stats[c] for c in ("gene_name", "ensembl_id") if c in stats), stats["target"])
     lp = -np.log10(np.maximum(stats["pvalue"].to_numpy(), 1e-300))
     s2 = stats["fdr"].to_numpy() < fdr
     a2.scatter(stats.loc[~s2, col], lp[~s2], s=6, c="0.6")

@@ -311,3 +311,114 @@ def test_length_check_works_chunk_by_chunk_and_ignores_padding(tmp_path):
     both = pa.table({"input_ids": pa.chunked_array(chunks), "cell_index": [5, 6, 7]})
     with pytest.raises(Exception, match=r"cell_index \[7\]"):
         _check_lengths(both, model, tmp_path)
+
+
+def _manifest_dir(tmp_path, cells, status):
+    """A token dataset directory with an scfm manifest of the given status."""
+    from scfm_fast.store.schema import MANIFEST
+
+    d = tmp_path / f"tokens_{status}"
+    d.mkdir()
+    pq.write_table(pa.table({"input_ids": pa.array([c.tolist() for c in cells], pa.list_(pa.int32()))}),
+                   d / "part-0.parquet")
+    (d / MANIFEST).parent.mkdir(parents=True)
+    (d / MANIFEST).write_text(json.dumps({"status": status, "config": {}}))
+    return d
+
+
+def test_unfinished_or_empty_token_datasets_are_refused(ckpt, tmp_path, cells, capsys):
+    assert _run(_manifest_dir(tmp_path, cells[:2], "running"), ckpt, tmp_path / "a") == 2
+    assert "unfinished" in capsys.readouterr().err
+    assert not (tmp_path / "a" / "perturbations.parquet").exists()
+    assert _run(_manifest_dir(tmp_path, cells[:2], "complete"), ckpt, tmp_path / "b") == 0
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    pq.write_table(pa.table({"input_ids": pa.array([], pa.list_(pa.int32()))}), empty / "part-0.parquet")
+    assert _run(empty, ckpt, tmp_path / "c") == 2
+    assert "no cells" in capsys.readouterr().err
+
+
+def test_bad_genes_and_token_ids_are_errors(token_dir, ckpt, tmp_path, capsys):
+    assert _run(token_dir, ckpt, tmp_path / "a", "--genes", "genes/missing.txt") == 2
+    assert "file not found" in capsys.readouterr().err
+    assert _run(token_dir, ckpt, tmp_path / "b", "--genes", "5,NOT_A_GENE_XYZ") == 2
+    assert "NOT_A_GENE_XYZ" in capsys.readouterr().err
+    big = tmp_path / "big"
+    big.mkdir()
+    # the bad cell sits in the last shard: refused before the first shard is written
+    rows = [[5, 6, 7]] * 7 + [[8, 900]]
+    pq.write_table(pa.table({"input_ids": pa.array(rows, pa.list_(pa.int32()))}), big / "p.parquet")
+    assert _run(big, ckpt, tmp_path / "c") == 2
+    err = capsys.readouterr().err
+    assert "outside the model's vocabulary of 200" in err and "Traceback" not in err
+    assert not list((tmp_path / "c" / "shards").glob("*.parquet"))
+
+
+def test_a_run_that_failed_before_any_shard_does_not_block_the_rerun(token_dir, ckpt, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert _run(token_dir, ckpt, out, "--genes", "5,NOT_A_GENE_XYZ") == 2  # fails after writing its manifest
+    capsys.readouterr()
+    assert _run(token_dir, ckpt, out, "--genes", "all") == 0
+    assert json.loads((out / "manifest.json").read_text())["status"] == "complete"
+
+
+def test_workers_exit_when_their_parent_dies(tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    pid_file = tmp_path / "child.pid"
+    code = f"""
+import multiprocessing as mp, time
+from scfm_fast.perturb._cli import _die_with_parent
+
+def child():
+    _die_with_parent()
+    open({str(pid_file)!r}, "w").write(str(__import__("os").getpid()))
+    time.sleep(120)
+
+if __name__ == "__main__":
+    mp.get_context("spawn").Process(target=child).start()
+    time.sleep(120)
+"""
+    script = tmp_path / "parent.py"  # spawn re-imports __main__ from a file
+    script.write_text(code)
+    parent = subprocess.Popen([sys.executable, str(script)], env={**os.environ, "PYTHONPATH": os.getcwd()})
+    try:
+        for _ in range(600):
+            if pid_file.exists() and pid_file.read_text():
+                break
+            time.sleep(0.1)
+        child = int(pid_file.read_text())
+        parent.send_signal(signal.SIGKILL)
+        parent.wait()
+        for _ in range(100):
+            try:
+                os.kill(child, 0)
+            except ProcessLookupError:
+                break
+            time.sleep(0.1)
+        else:
+            os.kill(child, signal.SIGKILL)
+            pytest.fail("the worker outlived its killed parent")
+    finally:
+        if parent.poll() is None:
+            parent.kill()
+
+
+def test_null_run_statistics(token_dir, ckpt, tmp_path, cells, capsys):
+    from scfm_fast.perturb import gene_stats
+
+    null_out, out = tmp_path / "null", tmp_path / "screen"
+    random = ",".join(str(int(c[1])) for c in cells[:4])
+    assert _run(token_dir, ckpt, null_out, "--genes", random) == 0
+    assert _run(token_dir, ckpt, out, "--null-run", str(null_out)) == 0
+    got = pd.read_parquet(out / "gene_stats.parquet")
+    df = pd.read_parquet(out / "perturbations.parquet")
+    want = gene_stats(df, null=pd.read_parquet(null_out / "perturbations.parquet")["shift"].to_numpy())
+    np.testing.assert_allclose(got["pvalue"], want["pvalue"], rtol=1e-12)
+    assert not np.allclose(got["pvalue"], gene_stats(df)["pvalue"])  # not the in-screen null
+    assert _run(token_dir, ckpt, tmp_path / "x", "--null-run", str(tmp_path / "nothing")) == 2
+    assert "no perturbations.parquet" in capsys.readouterr().err

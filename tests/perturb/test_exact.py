@@ -12,7 +12,7 @@ from scfm_fast.perturb.exact import embedding_index
 
 from .conftest import SPECIAL, make_cells, tiny_model
 
-COS_ATOL = 2e-6
+COS_ATOL = 1e-6
 
 
 def _both(cells, model, **kw):
@@ -30,8 +30,10 @@ def _assert_same(ex: pd.DataFrame, ref: pd.DataFrame, *, atol: float = COS_ATOL)
     assert ex["gene_tokens"].map(list).tolist() == ref["gene_tokens"].map(list).tolist()
     np.testing.assert_allclose(ex["cos_sim"], ref["cos_sim"], rtol=0, atol=atol)
     np.testing.assert_allclose(ex["shift"], 1 - ex["cos_sim"], rtol=0, atol=0)
-    if "target_shift" in ref:
-        np.testing.assert_allclose(ex["target_shift"], ref["target_shift"], rtol=0, atol=atol)
+    states = [c for c in ref.columns if c == "target_shift" or c.startswith("shift_")]
+    assert states == [c for c in ex.columns if c == "target_shift" or c.startswith("shift_")]
+    for c in states:
+        np.testing.assert_allclose(ex[c], ref[c], rtol=0, atol=atol, err_msg=c)
     if "gene_shift_cos" in ref:
         for a, b, ta, tb in zip(ex["gene_shift_cos"], ref["gene_shift_cos"], ex["gene_shift_tokens"],
                                 ref["gene_shift_tokens"]):
@@ -78,12 +80,40 @@ def test_gene_lists_pairs_and_absent_genes(model):
     absent = int(next(t for t in range(4, 200) if all(t not in c for c in cells)))
     genes = [present[0], (present[1], present[2]), absent, int(cells[0][2])]
     for perturbation in ("delete", "overexpress", "activate"):
-        ex, ref = _both(cells, model, perturbation=perturbation, genes=genes, gene_shifts=True)
+        ex, ref = _both(cells, model, perturbation=perturbation, genes=genes, gene_shifts=True, skip_absent=True)
         _assert_same(ex, ref)
         assert (ex["gene_token"] == -1).sum() == 1  # the pair
         reasons = {tuple(s["gene_tokens"]): s["reason"] for s in ex.attrs["skipped"]}
         assert (absent,) in reasons
         assert int(ex["cell_index"].nunique()) <= 3
+
+
+@pytest.mark.parametrize("v2", [False, True], ids=["v1", "v2"])
+@pytest.mark.parametrize("cell_readout", ["genes", "pooled"])
+def test_overexpress_inserts_absent_genes(model, v2, cell_readout):
+    # a cell at the model's 64 positions (the insertion cuts its last genes) and shorter ones
+    cells = make_cells([62 if v2 else 64, 10, 5], v2=v2, seed=4)
+    absent = [t for t in range(4, 200) if all(t not in c for c in cells)][:3]
+    present = int(cells[1][3 if v2 else 2])
+    genes = [absent[0], (absent[1], absent[2]), (present, absent[0]), present]
+    ex, ref = _both(cells, model, perturbation="overexpress", genes=genes, gene_shifts=True, pooling="mean",
+                    cell_readout=cell_readout, target_embedding=np.linspace(-1, 1, 48), batch_tokens=80)
+    _assert_same(ex, ref)
+    assert len(ex) == 4 * 3 and not ex.attrs["skipped"]  # every group in every cell (absent -> inserted)
+    first = ex[ex["cell_index"] == 0]
+    # the full cell keeps its length: as many of its last genes cut as were inserted (never <eos>), so
+    # (moved members + inserted-and-cut) = len(group) of its genes leave the comparison
+    n_full = len(cells[0]) - (2 if v2 else 0)
+    assert (first["gene_shift_tokens"].map(len) == n_full - first["gene_tokens"].map(len)).all()
+    cut = set(int(t) for t in cells[0][-(3 if v2 else 2):][:2])  # its last two genes
+    two = first["gene_tokens"].map(lambda g: [int(t) for t in g] == absent[1:3])
+    (kept,) = first["gene_shift_tokens"][two]
+    assert cut.isdisjoint(int(t) for t in kept)
+    for mode in ("approx",):  # inserted genes have no cached K/V: those variants run exactly
+        ap = perturb_cells(cells, model, perturbation="overexpress", genes=genes, special_token_ids=SPECIAL,
+                           pooling="mean", cell_readout=cell_readout, mode=mode, approx_check_cells=0)
+        ins = ap["gene_tokens"].map(lambda g: any(int(t) in absent for t in g)).to_numpy()
+        np.testing.assert_allclose(ap["cos_sim"][ins], ex["cos_sim"][ins], rtol=0, atol=1e-5)
 
 
 def test_anchor_pairs_and_combined_list(model):
@@ -97,7 +127,11 @@ def test_anchor_pairs_and_combined_list(model):
     both = [int(cells[1][0]), int(cells[1][5])]
     ex, ref = _both(cells, model, perturbation="overexpress", genes=both, combine=True)
     _assert_same(ex, ref)
-    assert len(ex) == 1 and ex["gene_tokens"].iloc[0] == both
+    # cell 1 expresses both; cell 0 gets them inserted (orig_rank -1 unless it has the first one)
+    assert len(ex) == 2 and all(g == both for g in ex["gene_tokens"])
+    ex = perturb_cells(cells, model, perturbation="overexpress", genes=both, combine=True, skip_absent=True,
+                       special_token_ids=SPECIAL)
+    assert ex["cell_index"].tolist() == [1]
 
 
 @pytest.mark.parametrize("perturbation", ["delete", "overexpress", "inhibit"])
@@ -142,8 +176,12 @@ def test_token_sources_agree(model, tmp_path):
 def test_ensembl_ids_from_the_bundled_dictionary(model):
     df = perturb_cells(make_cells([5]), model, special_token_ids=SPECIAL)
     assert df["ensembl_id"].str.startswith("ENSG").all()
-    assert list(df.columns[:10]) == ["cell_index", "perturbation", "gene_token", "gene_tokens", "ensembl_id",
-                                     "n_genes", "orig_rank", "new_rank", "cos_sim", "shift"]
+    assert list(df.columns[:11]) == ["cell_index", "perturbation", "gene_token", "gene_tokens", "ensembl_id",
+                                     "gene_name", "n_genes", "orig_rank", "new_rank", "cos_sim", "shift"]
+    from scfm_fast.perturb._inputs import GeneResolver
+
+    sym = GeneResolver().symbol_of()
+    assert df["gene_name"].tolist() == [sym.get(int(t), e) for t, e in zip(df["gene_token"], df["ensembl_id"])]
 
 
 def test_symbol_targets_resolve(model):
@@ -154,10 +192,12 @@ def test_symbol_targets_resolve(model):
     sym, tok = next((s, int(r.token_dict[e])) for s, e in r.name_map.items()
                     if e in r.token_dict and 4 <= int(r.token_dict[e]) < 200)
     cell = np.array([tok] + [t for t in range(4, 12) if t != tok])
-    ex, ref = _both([cell], model, perturbation="delete", genes=[sym, "NOT_A_GENE_XYZ"])
+    ex, ref = _both([cell], model, perturbation="delete", genes=[sym])
     _assert_same(ex, ref)
-    assert ex["gene_token"].tolist() == [tok]
-    assert any("NOT_A_GENE_XYZ" in s["reason"] for s in ex.attrs["skipped"])
+    assert ex["gene_token"].tolist() == [tok] and ex["gene_name"].tolist() == [sym]
+    # a name outside the dictionary is an error, not a screen of the other genes with exit 0
+    with pytest.raises(ValueError, match="NOT_A_GENE_XYZ"):
+        perturb_cells([cell], model, special_token_ids=SPECIAL, genes=[sym, "NOT_A_GENE_XYZ"])
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, "float16"])
@@ -237,12 +277,51 @@ def test_padding_is_dropped_and_overlong_cells_are_refused(model):
         perturb_cells([np.arange(4, 70)], model, special_token_ids=SPECIAL)
 
 
-def test_token_ids_outside_the_model_are_reported_as_such(model):
+def test_token_ids_outside_the_model_are_errors(model):
     cell = np.arange(4, 12)
     vocab = model.config.vocab_size
-    df = perturb_cells([cell], model, special_token_ids=SPECIAL, genes=[5, vocab + 7, (6, vocab)],
-                       progress_bar=False)
-    assert df["gene_token"].tolist() == [5]
-    reasons = [s["reason"] for s in df.attrs["skipped"]]
-    assert any(f"token id {vocab + 7}" in r and f"{vocab} tokens" in r for r in reasons)
-    assert any(f"token id 6+{vocab}" in r for r in reasons)
+    for genes in ([5, vocab + 7], [5, (6, vocab)]):
+        with pytest.raises(ValueError, match=f"token id .*the model has {vocab} tokens"):
+            perturb_cells([cell], model, special_token_ids=SPECIAL, genes=genes, progress_bar=False)
+    # cells holding ids past the model's vocabulary: a clear error before any forward (was an IndexError)
+    with pytest.raises(ValueError, match=f"outside the model's vocabulary of {vocab}"):
+        perturb_cells([cell, np.array([5, vocab + 3])], model, special_token_ids=SPECIAL, progress_bar=False)
+
+
+@pytest.mark.parametrize("v2", [False, True], ids=["v1", "v2"])
+@pytest.mark.parametrize("perturbation", ["delete", "overexpress", "inhibit"])
+@pytest.mark.parametrize(("cell_readout", "state_shift"), [("genes", "aligned"), ("pooled", "all"),
+                                                           ("pooled", "aligned")])
+def test_readout_options(model, perturbation, v2, cell_readout, state_shift):
+    cells = make_cells([7, 30], v2=v2)
+    states = np.random.default_rng(1).normal(size=(2, 48))
+    _assert_same(*_both(cells, model, perturbation=perturbation, cell_readout=cell_readout, pooling="mean",
+                        state_shift=state_shift, target_embedding=states, target_names=["shift_a", "shift_b"],
+                        batch_tokens=64))
+
+
+def test_genes_readout_is_the_mean_of_the_gene_cosines(model):
+    cells = make_cells([12, 20], v2=True)
+    df = perturb_cells(cells, model, special_token_ids=SPECIAL, pooling="mean", gene_shifts=True)
+    pooled = perturb_cells(cells, model, special_token_ids=SPECIAL, pooling="mean", cell_readout="pooled")
+    np.testing.assert_allclose(df["cos_sim"], [np.mean(c.astype(np.float64)) for c in df["gene_shift_cos"]],
+                               rtol=0, atol=1e-6)
+    assert np.abs(df["cos_sim"] - pooled["cos_sim"]).max() > 1e-3  # two different quantities
+
+
+def test_v2_datasets_pool_cls_by_default(model):
+    import pyarrow as pa
+
+    from scfm_fast.store.schema import with_table_config
+
+    cells = make_cells([8, 12], v2=True)
+    t = pa.table({"input_ids": pa.array([c.tolist() for c in cells], pa.list_(pa.int32()))})
+    v2 = with_table_config(t, {"special_tokens": {"<pad>": 0, "<mask>": 1, "<cls>": 2, "<eos>": 3}})
+    v1 = with_table_config(t, {"special_tokens": {"<pad>": 0, "<mask>": 1}})
+    df = perturb_cells(v2, model, special_token_ids=SPECIAL)
+    assert df.attrs["pooling"] == "cls"
+    np.testing.assert_array_equal(df["cos_sim"], perturb_cells(cells, model, special_token_ids=SPECIAL,
+                                                               pooling="cls")["cos_sim"])
+    mean = perturb_cells(v2, model, special_token_ids=SPECIAL, pooling="mean")  # still possible, recorded
+    assert mean.attrs["pooling"] == "mean" and not np.allclose(mean["cos_sim"], df["cos_sim"])
+    assert perturb_cells(v1, model, special_token_ids=[0, 1]).attrs["pooling"] == "mean"

@@ -103,3 +103,19 @@ def test_a_saved_token_table_keeps_its_config(tmp_path):
     pq.write_table(t, tmp_path / "cells.parquet")
     assert dataset_config(tmp_path / "cells.parquet")["orthologs"] == "mouse-to-human"
     assert dataset_special_ids(str(tmp_path / "cells.parquet")) == [0, 9]
+
+
+def test_unfinished_token_dataset_is_refused_by_the_api(tmp_path):
+    import pytest
+
+    from scfm_fast._errors import StoreError
+    from scfm_fast.perturb._inputs import iter_cells
+    from scfm_fast.store.schema import MANIFEST
+
+    pq.write_table(pa.table({"input_ids": pa.array([[5, 6]], pa.list_(pa.int32()))}), tmp_path / "p.parquet")
+    (tmp_path / MANIFEST).parent.mkdir(parents=True)
+    (tmp_path / MANIFEST).write_text(json.dumps({"status": "running"}))
+    with pytest.raises(StoreError, match="unfinished"):
+        list(iter_cells(tmp_path))
+    (tmp_path / MANIFEST).write_text(json.dumps({"status": "complete"}))
+    assert [c.tolist() for _, c in iter_cells(tmp_path)] == [[5, 6]]

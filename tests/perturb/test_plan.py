@@ -27,8 +27,9 @@ def test_delete_shifts_later_genes_up():
 def test_overexpress_moves_to_rank_one_after_cls():
     assert _apply([10, 11, 12, 13], SPECIAL, [2], "overexpress") == ([12, 10, 11, 13], [0])
     assert _apply([CLS, 10, 11, 12, EOS], SPECIAL, [3], "overexpress") == ([CLS, 12, 10, 11, EOS], [1])
-    # two genes together: to the front in their original order
-    assert _apply([10, 11, 12, 13], SPECIAL, [3, 1], "overexpress") == ([11, 13, 10, 12], [1, 0])
+    # two genes together: to the front in the order they were listed (Geneformer's overexpress_indices)
+    assert _apply([10, 11, 12, 13], SPECIAL, [3, 1], "overexpress") == ([13, 11, 10, 12], [0, 1])
+    assert _apply([10, 11, 12, 13], SPECIAL, [1, 3], "overexpress") == ([11, 13, 10, 12], [0, 1])
 
 
 @pytest.mark.parametrize(("rank", "n", "kind", "q", "expected"), [
@@ -93,7 +94,44 @@ def test_single_gene_cell_is_skipped_for_every_perturbation():
         p = plan_cell(np.array([CLS, 10, EOS]), 0, perturbation=kind, groups=None, special_token_ids=SPECIAL)
         assert p.n_variants == 0 and p.skipped[0]["reason"] == "no other gene in cell"
         p = plan_cell(np.array([10, 11]), 0, perturbation=kind, groups=[(10, 11), (11,)], special_token_ids=SPECIAL)
-        assert p.n_variants == 1 and p.skipped[0]["gene_tokens"] == [10, 11]
+        assert [10, 11] in [s["gene_tokens"] for s in p.skipped]
+        # inhibiting the bottom gene leaves the cell as it was: a no-op, skipped
+        assert p.n_variants == (0 if kind == "inhibit" else 1)
+
+
+@pytest.mark.parametrize(("kind", "genes", "noop"), [
+    ("overexpress", [(10,), (12,)], [10]), ("activate", [(10,), (11,), (17,)], [10]),
+    ("inhibit", [(17,), (16,), (10,)], [17]), ("overexpress", [(10, 11), (11, 10)], [10, 11]),
+])
+def test_noop_moves_are_skipped_and_counted(kind, genes, noop):
+    ids = np.arange(10, 18)
+    p = plan_cell(ids, 5, perturbation=kind, groups=genes, special_token_ids=SPECIAL)
+    reasons = [s for s in p.skipped if s["reason"].startswith("no-op")]
+    assert [s["gene_tokens"] for s in reasons] == [[t] for t in noop] if len(genes[0]) == 1 else [[10, 11]]
+    assert p.n_variants == len(genes) - len(reasons)
+    for b in p.blocks:  # no remaining variant is the identity
+        assert not (b.src == np.arange(b.length)).all(axis=1).any()
+
+
+def test_quartile_steps():
+    # 8 genes, quartile bins {0,1} {2,3} {4,5} {6,7}: two steps from bin 0 lands in the middle of bin 2
+    assert target_rank(0, 8, "inhibit", 0.25, 2) == 5 and target_rank(0, 8, "inhibit", 0.25, 3) == 7
+    assert target_rank(4, 8, "inhibit", 0.25, 2) == 7  # past the bottom bin: the last rank
+    assert target_rank(7, 8, "activate", 0.25, 2) == 3 and target_rank(7, 8, "activate", 0.25, 3) == 1
+    assert target_rank(5, 8, "activate", 0.25, 3) == 0  # past the top bin: the front
+    ids = np.arange(10, 18)
+    p = plan_cell(ids, 0, perturbation="inhibit", groups=[(10,)], special_token_ids=SPECIAL, steps=2)
+    assert ids[p.blocks[0].src[0]].tolist() == [11, 12, 13, 14, 15, 10, 16, 17]
+    with pytest.raises(ValueError, match="steps"):
+        target_rank(0, 8, "inhibit", 0.25, 0)
+
+
+def test_anchor_pairs_put_the_anchor_first():
+    ids = np.arange(10, 16)
+    p = plan_cell(ids, 0, perturbation="overexpress", groups=None, anchor=14, special_token_ids=SPECIAL)
+    for b in p.blocks:
+        for src, toks in zip(b.src, b.tokens):
+            assert toks[0] == 14 and ids[src[0]] == 14 and ids[src[1]] == toks[1]
 
 
 def test_moves_on_tiny_cells_give_no_nan_rows(model):
@@ -102,8 +140,9 @@ def test_moves_on_tiny_cells_give_no_nan_rows(model):
     cells = [np.array([10]), np.array([11, 12]), np.array([CLS, 13, EOS])]
     for kind in ("overexpress", "inhibit", "activate"):
         df = perturb_cells(cells, model, perturbation=kind, special_token_ids=SPECIAL, progress_bar=False)
-        assert df["cell_index"].tolist() == [1, 1] and np.isfinite(df["cos_sim"]).all()
-        assert {s["cell_index"] for s in df.attrs["skipped"]} == {0, 2}
+        # two genes in quartile bins of width 0.5: only overexpress/activate of the second gene moves it
+        assert df["cell_index"].tolist() == ([] if kind == "inhibit" else [1]) and np.isfinite(df["cos_sim"]).all()
+        assert {s["cell_index"] for s in df.attrs["skipped"]} == {0, 1, 2}
 
 
 @pytest.mark.parametrize("q", [0.1, 0.2, 0.3, 0.05])

@@ -101,6 +101,8 @@ def test_target_state_shift_matches_definition(cells):
                                 progress_bar=False)
     df = perturb_cells([cells[0]], model, genes="all", special_token_ids=SPECIAL, target_embedding=target,
                        progress_bar=False)
+    old = perturb_cells([cells[0]], model, genes="all", special_token_ids=SPECIAL, target_embedding=target,
+                        state_shift="aligned", progress_bar=False)
 
     def pooled(ids, drop):
         with torch.no_grad():
@@ -112,11 +114,15 @@ def test_target_state_shift_matches_definition(cells):
         return float(a @ b / np.linalg.norm(a) / np.linalg.norm(b))
 
     assert sorted(df["gene_token"]) == sorted({int(t) for t in cells[0]} - set(SPECIAL))
-    for _, row in df.iterrows():
+    for (_, row), aligned in zip(df.iterrows(), old["target_shift"]):
         g = int(row["gene_token"])
-        pert = pooled(np.array([t for t in cells[0] if t != g]), {g})
-        orig = pooled(cells[0], {g})
+        # default (Geneformer today): each cell is the mean over all its genes
+        pert = pooled(np.array([t for t in cells[0] if t != g]), set(SPECIAL))
+        orig = pooled(cells[0], set(SPECIAL))
         assert row["target_shift"] == pytest.approx(cos(pert, target) - cos(orig, target), abs=2e-6)
+        # state_shift="aligned" (its 2023 code): the perturbed gene left out of the original too
+        orig = pooled(cells[0], {g, *SPECIAL})
+        assert aligned == pytest.approx(cos(pert, target) - cos(orig, target), abs=2e-6)
 
 
 @pytest.fixture(scope="module")
@@ -160,3 +166,60 @@ def test_cli_refuses_bad_state_options(state_dir, ckpt, tmp_path, capsys):
     assert "not both" in capsys.readouterr().err
     assert _run(state_dir, ckpt, tmp_path / "b", "--filter", "tissue=heart") == 2
     assert "--obs-columns tissue" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("aggregate", ["mean", "median"])
+def test_cli_cell_states_goal_and_alt(state_dir, ckpt, tmp_path, cells, aggregate):
+    spec = tmp_path / "states.json"
+    spec.write_text(json.dumps({"state_key": "disease", "start_state": "dcm", "goal_state": "nf",
+                                "alt_states": ["hcm"]}))
+    out = tmp_path / "out"
+    assert _run(state_dir, ckpt, out, "--cell-states", str(spec), "--state-aggregate", aggregate,
+                "--max-state-cells", "2") == 0
+    df = pd.read_parquet(out / "perturbations.parquet")
+    dcm = [i for i, d in enumerate(DISEASE) if d == "dcm"]
+    assert sorted(df["cell_index"].unique()) == dcm  # only the start state is perturbed
+    saved = np.load(out / "state_embeddings.npz")
+    assert saved["states"].tolist() == ["nf", "hcm"] and saved["n_cells"].tolist() == [2, 1]  # 3 nf cells, 2 drawn
+    model = tiny_model()
+    for k, st in enumerate(("nf", "hcm")):
+        want, n = state_embedding(state_dir, model, where={"disease": st}, special_token_ids=SPECIAL, max_cells=2,
+                                  aggregate=aggregate, progress_bar=False)
+        np.testing.assert_allclose(saved["embeddings"][k], want, rtol=0, atol=1e-6)
+    api = perturb_cells([cells[i] for i in dcm], model, special_token_ids=SPECIAL, target_embedding=saved["embeddings"],
+                        target_names=["shift_nf", "shift_hcm"], progress_bar=False)
+    for c in ("shift_nf", "shift_hcm"):
+        np.testing.assert_allclose(df[c], api[c], rtol=0, atol=1e-6)
+    assert (out / "gene_stats.parquet").is_file() and (out / "gene_stats_shift_hcm.parquet").is_file()
+    st = pd.read_parquet(out / "gene_stats.parquet")
+    assert "mean_shift_nf" in st.columns and st["fdr"].between(0, 1).all()
+    man = json.loads((out / "manifest.json").read_text())
+    assert man["config"]["cell_states"]["alt_states"] == ["hcm"]
+    assert set(man["summary"]["state_stats"]) == {"shift_nf", "shift_hcm"}
+
+
+def test_state_embedding_sample_is_seeded_and_median_is_elementwise(state_dir):
+    model = tiny_model()
+    all_nf, n = state_embedding(state_dir, model, where={"disease": "nf"}, special_token_ids=SPECIAL,
+                                aggregate="median", progress_bar=False)
+    assert n == 3
+    from scfm_fast.embed import embed_tokens
+
+    rows = select_cells(state_dir, {"disease": "nf"})
+    emb, _ = embed_tokens(rows, model, layer=-2, pooling="mean", special_token_ids=SPECIAL, progress_bar=False)
+    np.testing.assert_allclose(all_nf, np.median(emb.astype(np.float64), axis=0), rtol=0, atol=1e-6)
+    a, _ = state_embedding(state_dir, model, where={"disease": "nf"}, special_token_ids=SPECIAL, max_cells=2,
+                           seed=3, progress_bar=False)
+    b, _ = state_embedding(state_dir, model, where={"disease": "nf"}, special_token_ids=SPECIAL, max_cells=2,
+                           seed=3, progress_bar=False)
+    np.testing.assert_array_equal(a, b)
+
+
+def test_cli_refuses_bad_cell_states(state_dir, ckpt, tmp_path, capsys):
+    assert _run(state_dir, ckpt, tmp_path / "a", "--cell-states", '{"state_key": "disease"}') == 2
+    assert "missing" in capsys.readouterr().err
+    assert _run(state_dir, ckpt, tmp_path / "b", "--cell-states", "nope.json") == 2
+    assert "file not found" in capsys.readouterr().err
+    ok = '{"state_key": "disease", "start_state": "dcm", "goal_state": "nf"}'
+    assert _run(state_dir, ckpt, tmp_path / "c", "--cell-states", ok, "--filter", "disease=dcm") == 2
+    assert "drop --filter" in capsys.readouterr().err

@@ -155,3 +155,34 @@ def test_untestable_groups_get_no_p_value_and_rows_need_their_members():
     assert summarize(st)["n_untestable"] == 1
     with pytest.raises(ValueError, match="gene_tokens"):
         gene_stats(pd.concat([df, pair], ignore_index=True).drop(columns="gene_tokens"))
+
+
+def test_gene_names_travel_into_the_stats_and_plot_labels(tmp_path, monkeypatch):
+    df = _screen()
+    df["gene_name"] = "G" + df["gene_token"].astype(str)
+    st = gene_stats(df)
+    assert "gene_name" in st.columns
+    assert (st["gene_name"] == "G" + st["gene_token"].astype(str)).all()
+    import matplotlib.axes
+
+    labels = []
+    orig = matplotlib.axes.Axes.annotate
+    monkeypatch.setattr(matplotlib.axes.Axes, "annotate",
+                        lambda self, text, *a, **k: labels.append(str(text)) or orig(self, text, *a, **k))
+    plot_gene_stats(st, tmp_path / "s.png")
+    assert labels and all(lbl.startswith("G") for lbl in labels)
+
+
+@pytest.mark.parametrize("alternative", ["greater", "two-sided"])
+def test_null_run_is_a_two_sample_mann_whitney(alternative):
+    from scipy.stats import mannwhitneyu
+
+    df = _screen()
+    null = np.random.default_rng(7).normal(df["shift"].mean(), df["shift"].std(), size=300).round(3)  # ties
+    st = gene_stats(df, null=null, alternative=alternative)
+    for _, row in st.iterrows():
+        x = df.loc[df["gene_token"] == row["gene_token"], "shift"]
+        want = mannwhitneyu(x, null, alternative=alternative, method="asymptotic").pvalue
+        assert row["pvalue"] == pytest.approx(want, rel=1e-9, abs=1e-300)
+    with pytest.raises(ValueError, match="null run"):
+        gene_stats(df, null=np.array([np.nan]))
