@@ -22,11 +22,19 @@ import numpy as np
 from .._errors import StoreError, UsageError
 from .reader import read_manifest
 from .schema import MANIFEST, META_DIR, PACKED_DIR
-from .writer import _atomic_write_text, _check_replaceable, _config_diff, _NpyAppender, config_hash
+from .writer import (
+    OPTIONAL_PACKED,
+    _atomic_write_text,
+    _check_replaceable,
+    _config_diff,
+    _NpyAppender,
+    config_hash,
+)
 
 #: config entries that differ between the shard runs of one corpus (everything else must be equal)
 _PER_SHARD = ("shard", "input_fingerprints")
-_SUMMED = ("n_cells_in", "n_empty", "n_filtered", "n_at_max_len", "counts_total", "counts_matched")
+_SUMMED = ("n_cells_in", "n_empty", "n_filtered", "n_at_max_len", "counts_total", "counts_matched",
+           "n_qc_dropped")
 
 
 def _common_config(dirs: Sequence[Path], mans: Sequence[dict[str, Any]]) -> dict[str, Any]:
@@ -77,22 +85,41 @@ def _link(src: Path, dst: Path) -> None:
         shutil.copy2(src, dst)
 
 
+def _load_packed(d: Path, name: str) -> np.ndarray:
+    try:
+        return np.load(d / PACKED_DIR / f"{name}.npy", mmap_mode="r")
+    except (OSError, ValueError) as e:
+        msg = (f"{d / PACKED_DIR / name}.npy: missing or damaged ({e}); rebuild that shard output with the same "
+               "`scfm tokenize ... --shard K/N --resume` after deleting its __scfm__/packed")
+        raise StoreError(msg) from None
+
+
 def _concat_packed(dirs: Sequence[Path], mans: Sequence[dict[str, Any]], out: Path, *,
-                   n_inputs: int) -> tuple[int, int, str]:
-    """Concatenate the packed stores in file order (streaming, bounded by one file's cells)."""
+                   n_inputs: int) -> tuple[int, int, str, list[str]]:
+    """Concatenate the packed stores in file order (streaming, bounded by one file's cells), with the
+    optional arrays (GeneCompass values, species) they carry."""
     dtypes = {m["packed"]["dtype"] for m in mans}
     if len(dtypes) != 1:
         msg = f"the outputs' packed stores have different token dtypes {sorted(dtypes)}; re-tokenize them alike"
         raise StoreError(msg)
     dtype = np.dtype(dtypes.pop())
-    stores = [{k: np.load(d / PACKED_DIR / f"{k}.npy", mmap_mode="r")
-               for k in ("tokens", "offsets", "cell_index", "file_index")} for d in dirs]
+    optionals = {tuple(m["packed"].get("optional") or []) for m in mans}
+    if len(optionals) != 1:
+        msg = (f"the outputs' packed stores carry different optional arrays {sorted(optionals)}; "
+               "re-tokenize them alike")
+        raise StoreError(msg)
+    optional = [name for name in optionals.pop() if name in OPTIONAL_PACKED]
+    stores = [{k: _load_packed(d, k) for k in ("tokens", "offsets", "cell_index", "file_index", *optional)}
+              for d in dirs]
     owner = {fi: j for j, m in enumerate(mans) for fi in m["config"]["shard"]["files"]}
     n_cells = sum(int(s["offsets"].shape[0]) - 1 for s in stores)
     n_tokens = sum(int(s["tokens"].shape[0]) for s in stores)
     outs = {name: _NpyAppender(out / f"{name}.npy", dt, n)
             for name, dt, n in (("tokens", dtype, n_tokens), ("offsets", np.int64, n_cells + 1),
                                 ("cell_index", np.int64, n_cells), ("file_index", np.int32, n_cells))}
+    for name in optional:
+        per, dt = OPTIONAL_PACKED[name]
+        outs[name] = _NpyAppender(out / f"{name}.npy", dt, n_tokens if per == "token" else n_cells)
     ok = False
     try:
         outs["offsets"].write(np.zeros(1, dtype=np.int64))
@@ -106,12 +133,15 @@ def _concat_packed(dirs: Sequence[Path], mans: Sequence[dict[str, Any]], out: Pa
             outs["offsets"].write(t + (np.asarray(s["offsets"][a + 1:b + 1]) - lo))
             outs["cell_index"].write(np.asarray(s["cell_index"][a:b]))
             outs["file_index"].write(np.asarray(s["file_index"][a:b]))
+            for name in optional:
+                lo_, hi_ = (lo, hi) if OPTIONAL_PACKED[name][0] == "token" else (a, b)
+                outs[name].write(np.asarray(s[name][lo_:hi_]))
             t += hi - lo
         ok = True
     finally:
         for o in outs.values():
             o.close(check=ok)
-    return n_cells, n_tokens, dtype.name
+    return n_cells, n_tokens, dtype.name, optional
 
 
 def merge_token_datasets(parts: Sequence[str | Path], out: str | Path, *, overwrite: bool = False) -> dict[str, Any]:
@@ -162,12 +192,15 @@ def merge_token_datasets(parts: Sequence[str | Path], out: str | Path, *, overwr
         fingerprints: list[Any] = [None] * n_inputs
         inputs: list[Any] = [None] * n_inputs
         gene_match: list[Any] = [None] * n_inputs
+        qc_files: list[Any] = [None] * n_inputs
         shards: list[dict[str, Any]] = []
         for d, m in zip(dirs, mans):
             files = m["config"]["shard"]["files"]
             for j, fi in enumerate(files):
                 fingerprints[fi] = m["config"]["input_fingerprints"][j]
                 inputs[fi], gene_match[fi] = m["inputs"][j], m["gene_match"][j]
+                if m.get("qc"):
+                    qc_files[fi] = m["qc"]["files"][j]
             for rec in m["shards"]:
                 src = d / rec["file"]
                 if not src.is_file():
@@ -175,9 +208,9 @@ def merge_token_datasets(parts: Sequence[str | Path], out: str | Path, *, overwr
                     raise StoreError(msg)
                 _link(src, tmp / rec["file"])
                 shards.append(rec)
-        n_cells, n_tokens, dtype = _concat_packed(dirs, mans, tmp / PACKED_DIR, n_inputs=n_inputs)
+        n_cells, n_tokens, dtype, optional = _concat_packed(dirs, mans, tmp / PACKED_DIR, n_inputs=n_inputs)
         shards.sort(key=lambda s: (s["file_index"], s["start"]))
-        summary = {k: sum(s[k] for s in shards) for k in _SUMMED}
+        summary = {k: sum(s.get(k, 0) for s in shards) for k in _SUMMED}
         summary["fraction_counts_matched"] = summary["counts_matched"] / max(summary["counts_total"], 1e-300)
         summary["seconds"] = sum(m.get("summary", {}).get("seconds", 0.0) for m in mans)
         config = {**config, "input_fingerprints": fingerprints}
@@ -185,8 +218,10 @@ def merge_token_datasets(parts: Sequence[str | Path], out: str | Path, *, overwr
         manifest = {**{k: v for k, v in mans[0].items() if k not in ("file_indexes",)},
                     "status": "complete", "config_hash": config_hash(config), "config": config,
                     "shards": shards, "inputs": inputs, "gene_match": gene_match, "n_cells": n_cells,
-                    "n_tokens": n_tokens, "packed": {"dir": PACKED_DIR, "dtype": dtype}, "summary": summary,
-                    "created": now, "merged_from": [str(d.resolve()) for d in dirs]}
+                    "n_tokens": n_tokens, "packed": {"dir": PACKED_DIR, "dtype": dtype, "optional": optional},
+                    "summary": summary, "created": now, "merged_from": [str(d.resolve()) for d in dirs]}
+        if mans[0].get("qc"):  # per-file QC reports, by global file index like the inputs
+            manifest["qc"] = {**mans[0]["qc"], "files": qc_files}
         if n_cells != sum(s["n_cells_written"] for s in shards) or n_tokens != sum(s["n_tokens"] for s in shards):
             msg = f"the packed stores of {', '.join(map(str, dirs))} do not match their manifests; re-tokenize"
             raise StoreError(msg)
