@@ -27,8 +27,8 @@ from .writer import (
     _atomic_write_text,
     _check_replaceable,
     _config_diff,
-    _NpyAppender,
     config_hash,
+    packed_appenders,
 )
 
 #: config entries that differ between the shard runs of one corpus (everything else must be equal)
@@ -114,12 +114,7 @@ def _concat_packed(dirs: Sequence[Path], mans: Sequence[dict[str, Any]], out: Pa
     owner = {fi: j for j, m in enumerate(mans) for fi in m["config"]["shard"]["files"]}
     n_cells = sum(int(s["offsets"].shape[0]) - 1 for s in stores)
     n_tokens = sum(int(s["tokens"].shape[0]) for s in stores)
-    outs = {name: _NpyAppender(out / f"{name}.npy", dt, n)
-            for name, dt, n in (("tokens", dtype, n_tokens), ("offsets", np.int64, n_cells + 1),
-                                ("cell_index", np.int64, n_cells), ("file_index", np.int32, n_cells))}
-    for name in optional:
-        per, dt = OPTIONAL_PACKED[name]
-        outs[name] = _NpyAppender(out / f"{name}.npy", dt, n_tokens if per == "token" else n_cells)
+    outs = packed_appenders(out, dtype, n_cells=n_cells, n_tokens=n_tokens, optional=optional)
     ok = False
     try:
         outs["offsets"].write(np.zeros(1, dtype=np.int64))
