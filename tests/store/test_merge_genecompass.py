@@ -66,3 +66,19 @@ def test_merge_refuses_a_part_without_its_optional_arrays(gc_inputs):
     with pytest.raises(StoreError, match="values.npy: missing"):
         merge_token_datasets(parts, tmp / "m")
     assert not (tmp / "m").exists()
+
+
+def test_cli_genecompass_shards_with_keep_counts_and_merge(gc_inputs):
+    from scfm_fast.cli import main
+
+    tmp, paths, tok, med = gc_inputs
+    common = [*map(str, paths), "--preset", "genecompass", "--token-dictionary", str(tok), "--gene-median", str(med),
+              "--species-column", "organism", "--qc", "genecompass", "--keep-counts", "--chunk-size", "50"]
+    for k in (1, 2):
+        assert main(["tokenize", *common, "--out", str(tmp / f"c{k}"), "--shard", f"{k}/2"]) == 0
+    assert main(["tokenize", str(tmp / "c1"), str(tmp / "c2"), "--merge", str(tmp / "cm")]) == 0
+    assert main(["tokenize", *common, "--out", str(tmp / "cone")]) == 0
+    got, want = read_table(tmp / "cm"), read_table(tmp / "cone")
+    assert {"values", "species", "counts"} <= set(want.column_names) and got.equals(want)
+    man = read_manifest(tmp / "cone")
+    assert man["config"]["keep_counts"] and man["config"]["values"] and man["config"]["qc"] == "genecompass"
