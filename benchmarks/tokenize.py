@@ -1,10 +1,18 @@
-"""Tokenizer throughput and memory: compiled core vs Numba vs NumPy reference, and the streaming pipeline.
+"""Tokenizer throughput and memory: compiled core vs Numba vs NumPy reference, and file -> token dataset.
 
 Input: real PBMC cells (the bundled 200-cell 10x v3 file) resampled with replacement to N cells and
-written as an AnnData-Zarr store (CSR X, written in streaming blocks), plus a 10x larger one to show
-that the pipeline's peak memory does not grow with the number of cells.
+written, in streaming blocks, as AnnData-Zarr v2 (blosc lz4), AnnData-Zarr v3 (zstd), h5ad
+(uncompressed and gzip, CSR) and loom (dense genes x cells, gzip); plus ``--scale``x larger stores to
+show that peak memory does not grow with the number of cells (loom only at N: its dense matrix is
+33k genes x N cells).
 
-Run:  python benchmarks/tokenize.py [--cells 20000] [--scale 10] [--threads 1 2]
+End to end (``scfm tokenize`` on all cores) is reported as cells/s and peak RSS against the NumPy
+reference pipeline (``--backend reference``, on the Zarr v2 store). Per-stage rows give user+system CPU
+seconds per 20,000 cells for read (decode to CSR), rank (core, one thread, plus the chunk's table) and
+write (Parquet + packed part), measured one stage at a time: less sensitive to other load on the
+machine than wall-clock rates.
+
+Run:  python benchmarks/tokenize.py [--cells 20000] [--scale 10] [--threads 1 2] [--formats ...]
 Each measurement runs in a fresh subprocess so peak RSS is its own.
 """
 
@@ -21,6 +29,7 @@ sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != _HERE]
 import argparse
 import importlib.util
 import json
+import shutil
 import subprocess
 import tempfile
 import time
@@ -36,19 +45,15 @@ write_results = _harness.write_results
 DEMO = Path(__file__).resolve().parents[1] / "scfm_fast" / "data" / "demo" / "pbmc_200cells.h5ad"
 
 
-def make_zarr(path: Path, n_cells: int, *, seed: int = 0, block: int = 5000) -> None:
-    """Resample real cells into an AnnData-Zarr store with a CSR X, block by block (bounded memory)."""
-    import anndata as ad
-    import scipy.sparse as sp
+def make_zarr(path: Path, n_cells: int, *, seed: int = 0, block: int = 5000, zarr_format: int = 2) -> None:
+    """Resample real cells into an AnnData-Zarr store with a CSR X, block by block (bounded memory);
+    v2 with zarr's default blosc lz4, v3 with its default zstd."""
     import zarr
     from anndata.io import write_elem
 
-    src = ad.read_h5ad(DEMO)
-    m = sp.csr_matrix(np.asarray(src.X, dtype=np.float32))
-    rng = np.random.default_rng(seed)
-    root = zarr.open_group(str(path), mode="w", zarr_format=2)
+    src, m, rows = _resampled(n_cells, seed)
+    root = zarr.open_group(str(path), mode="w", zarr_format=zarr_format)
     write_elem(root, "var", src.var[[]])
-    rows = rng.integers(0, m.shape[0], n_cells)
     nnz_per = np.diff(m.indptr)[rows]
     total = int(nnz_per.sum())
     X = root.create_group("X")
@@ -69,6 +74,111 @@ def make_zarr(path: Path, n_cells: int, *, seed: int = 0, block: int = 5000) -> 
                        index=[f"c{i}" for i in range(n_cells)])
     write_elem(root, "obs", obs)
     root.attrs.update({"encoding-type": "anndata", "encoding-version": "0.1.0"})
+
+
+FORMATS = ("zarr2", "zarr3", "h5ad", "h5ad-gzip", "loom")
+_SUFFIX = {"zarr2": ".zarr", "zarr3": ".zarr", "h5ad": ".h5ad", "h5ad-gzip": ".h5ad", "loom": ".loom"}
+
+
+def _resampled(n_cells: int, seed: int):
+    import anndata as ad
+    import scipy.sparse as sp
+
+    src = ad.read_h5ad(DEMO)
+    m = sp.csr_matrix(np.asarray(src.X, dtype=np.float32))
+    rows = np.random.default_rng(seed).integers(0, m.shape[0], n_cells)
+    return src, m, rows
+
+
+def make_h5ad(path: Path, n_cells: int, *, seed: int = 0, gzip: bool = False, block: int = 5000) -> None:
+    """The same resampled cells as :func:`make_zarr`, as an h5ad with a CSR X (optionally gzip)."""
+    import h5py
+    import pandas as pd
+    from anndata.io import write_elem
+
+    src, m, rows = _resampled(n_cells, seed)
+    nnz_per = np.diff(m.indptr)[rows]
+    indptr = np.zeros(n_cells + 1, dtype=np.int64)
+    np.cumsum(nnz_per, out=indptr[1:])
+    kw = {"compression": "gzip", "compression_opts": 4, "chunks": (1 << 18,)} if gzip else {}
+    with h5py.File(path, "w") as f:
+        write_elem(f, "var", src.var[[]])
+        obs = pd.DataFrame({"n_counts": np.asarray(src.obs["n_counts"])[rows]}, index=[f"c{i}" for i in range(n_cells)])
+        write_elem(f, "obs", obs)
+        X = f.create_group("X")
+        X.attrs.update({"encoding-type": "csr_matrix", "encoding-version": "0.1.0", "shape": [n_cells, m.shape[1]]})
+        data = X.create_dataset("data", shape=(int(indptr[-1]),), dtype=np.float32, **kw)
+        indices = X.create_dataset("indices", shape=(int(indptr[-1]),), dtype=np.int32, **kw)
+        X.create_dataset("indptr", data=indptr)
+        for s in range(0, n_cells, block):
+            b = m[rows[s:s + block]]
+            data[indptr[s]:indptr[min(s + block, n_cells)]] = b.data
+            indices[indptr[s]:indptr[min(s + block, n_cells)]] = b.indices
+        f.attrs.update({"encoding-type": "anndata", "encoding-version": "0.1.0"})
+
+
+def make_loom(path: Path, n_cells: int, *, seed: int = 0, block: int = 512) -> None:
+    """The same cells as a loom file: dense genes x cells ``/matrix`` (64 x 64 gzip chunks, as loompy)."""
+    import h5py
+
+    src, m, rows = _resampled(n_cells, seed)
+    with h5py.File(path, "w") as f:
+        mat = f.create_dataset("matrix", shape=(m.shape[1], n_cells), dtype=np.float32, chunks=(64, 64),
+                               compression="gzip", compression_opts=2)
+        for s in range(0, n_cells, block):
+            mat[:, s:s + block] = np.asarray(m[rows[s:s + block]].todense()).T
+        f.create_group("layers")
+        ra, ca = f.create_group("row_attrs"), f.create_group("col_attrs")
+        ra.create_dataset("ensembl_id", data=np.asarray(src.var_names, dtype="S"))
+        ca.create_dataset("CellID", data=np.asarray([f"c{i}" for i in range(n_cells)], dtype="S"))
+        ca.create_dataset("n_counts", data=np.asarray(src.obs["n_counts"], dtype=np.float64)[rows])
+        f.attrs["LOOM_SPEC_VERSION"] = "3.0.0"
+
+
+def make_store(fmt: str, path: Path, n_cells: int, *, seed: int = 0) -> None:
+    if fmt in ("zarr2", "zarr3"):
+        make_zarr(path, n_cells, seed=seed, zarr_format=int(fmt[-1]))
+    elif fmt == "loom":
+        make_loom(path, n_cells, seed=seed)
+    else:
+        make_h5ad(path, n_cells, seed=seed, gzip=fmt == "h5ad-gzip")
+
+
+def _stages(path: str, chunk_size: int) -> dict:
+    """CPU seconds of each stage run alone over the whole store (one thread for the core)."""
+    import resource
+    import shutil
+
+    from scfm_fast.readers import open_reader
+    from scfm_fast.store.writer import ShardedTokenWriter
+    from scfm_fast.tokenizer.pipeline import TokenizerSpec, tokenize_chunk
+
+    def cpu() -> float:
+        r = resource.getrusage(resource.RUSAGE_SELF)
+        return r.ru_utime + r.ru_stime
+
+    spec = TokenizerSpec.build(n_threads=1)
+    t = {"read": 0.0, "rank": 0.0, "write": 0.0}
+    n = 0
+    with open_reader(path) as r, tempfile.TemporaryDirectory() as d:
+        col, _ = spec.resolve(r.var_names, source=path)
+        w = ShardedTokenWriter(Path(d) / "o", config={})
+        it = r.iter_chunks(start=0, chunk_size=chunk_size, obs_columns=["n_counts"])
+        while True:
+            c = cpu()
+            ch = next(it, None)
+            t["read"] += cpu() - c
+            if ch is None:
+                break
+            c = cpu()
+            tab, stats = tokenize_chunk(spec, ch, col, path=path, var_names=r.var_names)
+            t["rank"] += cpu() - c
+            c = cpu()
+            w.write_shard(tab, file_index=0, start=ch.start, stop=ch.stop, stats=stats)
+            t["write"] += cpu() - c
+            n += ch.n_cells
+        shutil.rmtree(Path(d) / "o")
+    return {"cells": n, **{k: v * 20_000 / n for k, v in t.items()}}
 
 
 def _child(args: argparse.Namespace) -> None:
@@ -96,15 +206,20 @@ def _child(args: argparse.Namespace) -> None:
         tokenize_rank(chunk.indptr, chunk.indices, chunk.data, **kw, backend=args.backend, n_threads=args.threads)
         dt = time.perf_counter() - t0
         out = {"cells": args.n, "seconds": dt}
+    elif args.child == "stages":
+        out = _stages(args.zarr, args.chunk_size)
     else:
         from scfm_fast.tokenizer.pipeline import tokenize_corpus
 
         with tempfile.TemporaryDirectory() as d:
             t0 = time.perf_counter()
+            c0 = resource.getrusage(resource.RUSAGE_SELF)
             man = tokenize_corpus(args.zarr, Path(d) / "out", backend=args.backend, n_threads=args.threads,
                                   chunk_size=args.chunk_size, progress_bar=False)
             dt = time.perf_counter() - t0
-        out = {"cells": man["summary"]["n_cells_in"], "seconds": dt}
+            c1 = resource.getrusage(resource.RUSAGE_SELF)
+        out = {"cells": man["summary"]["n_cells_in"], "seconds": dt,
+               "cpu_s": c1.ru_utime + c1.ru_stime - c0.ru_utime - c0.ru_stime}
     out["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print(json.dumps(out))
 
@@ -131,8 +246,13 @@ def main() -> None:
     ap.add_argument("--chunk-size", type=int, default=10_000)
     ap.add_argument("--workdir", default=None)
     ap.add_argument("--no-write", action="store_true")
+    ap.add_argument("--formats", nargs="+", default=list(FORMATS), choices=FORMATS)
+    ap.add_argument("--scale-formats", nargs="+", default=[f for f in FORMATS if f != "loom"], choices=FORMATS,
+                    help="formats also measured at --scale x the cells (loom's dense matrix is too large)")
+    ap.add_argument("--no-ref-pipeline", dest="ref_pipeline", action="store_false",
+                    help="skip the (slow) NumPy reference pipeline")
     # child-process arguments
-    ap.add_argument("--child", choices=["core", "pipeline"], help=argparse.SUPPRESS)
+    ap.add_argument("--child", choices=["core", "pipeline", "stages"], help=argparse.SUPPRESS)
     ap.add_argument("--backend", default="auto", help=argparse.SUPPRESS)
     ap.add_argument("--n", type=int, default=0, help=argparse.SUPPRESS)
     ap.add_argument("--zarr", default="", help=argparse.SUPPRESS)
@@ -155,31 +275,48 @@ def main() -> None:
             rows.append({"stage": "core (in-memory CSR)", "backend": backend, "threads": t, "cells": r["cells"],
                          "cells_per_s": rate, "x_reference": rate / ref_rate, "peak_rss_mb": r["peak_rss_mb"]})
     with tempfile.TemporaryDirectory(dir=args.workdir) as d:
-        small, big = Path(d) / "small.zarr", Path(d) / "big.zarr"
-        make_zarr(small, args.cells)
-        p_ref = run_child(child="pipeline", backend="reference", zarr=small, threads=1,
-                          chunk_size=args.chunk_size) if args.cells <= 20_000 else None
+        stores = {}
+        for fmt in args.formats:
+            stores[fmt] = Path(d) / f"small_{fmt}{_SUFFIX[fmt]}"
+            make_store(fmt, stores[fmt], args.cells)
+        # the reference pipeline is ~100x slower: it runs on --ref-cells of the same cells (a rate)
+        ref_store = Path(d) / "ref_zarr2.zarr"
+        if args.ref_pipeline:
+            make_store("zarr2", ref_store, args.ref_cells)
+        p_ref = run_child(child="pipeline", backend="reference", zarr=ref_store, threads=1,
+                          chunk_size=args.chunk_size) if args.ref_pipeline else None
         pref_rate = p_ref["cells"] / p_ref["seconds"] if p_ref else float("nan")
         if p_ref:
-            rows.append({"stage": "pipeline zarr->parquet", "backend": "reference (numpy)", "threads": 1,
+            rows.append({"stage": "end to end zarr2", "backend": "reference (numpy)", "threads": 1,
                          "cells": p_ref["cells"], "cells_per_s": pref_rate, "x_reference": 1.0,
                          "peak_rss_mb": p_ref["peak_rss_mb"]})
-        for t in args.threads:
-            r = run_child(child="pipeline", backend="cpp", zarr=small, threads=t, chunk_size=args.chunk_size)
+        t = max(args.threads)
+        for fmt, path in stores.items():
+            r = run_child(child="pipeline", backend="cpp", zarr=path, threads=t, chunk_size=args.chunk_size)
             rate = r["cells"] / r["seconds"]
-            rows.append({"stage": "pipeline zarr->parquet", "backend": "cpp", "threads": t, "cells": r["cells"],
-                         "cells_per_s": rate, "x_reference": rate / pref_rate, "peak_rss_mb": r["peak_rss_mb"]})
-        if args.scale > 1:
-            make_zarr(big, args.cells * args.scale, seed=1)
-            t = max(args.threads)
-            r = run_child(child="pipeline", backend="cpp", zarr=big, threads=t, chunk_size=args.chunk_size)
-            rows.append({"stage": f"pipeline zarr->parquet ({args.scale}x cells)", "backend": "cpp", "threads": t,
-                         "cells": r["cells"], "cells_per_s": r["cells"] / r["seconds"],
-                         "x_reference": float("nan"), "peak_rss_mb": r["peak_rss_mb"]})
+            rows.append({"stage": f"end to end {fmt}", "backend": "cpp", "threads": t, "cells": r["cells"],
+                         "cells_per_s": rate, "x_reference": rate / pref_rate, "peak_rss_mb": r["peak_rss_mb"],
+                         "cpu_s_per_20k": r["cpu_s"] * 20_000 / r["cells"]})
+            st = run_child(child="stages", zarr=path, chunk_size=args.chunk_size)
+            rows.append({"stage": f"stages {fmt} (CPU s / 20k cells)", "backend": "cpp", "threads": 1,
+                         "cells": st["cells"], "cells_per_s": float("nan"), "x_reference": float("nan"),
+                         "peak_rss_mb": st["peak_rss_mb"],
+                         **{f"{k}_cpu_s_per_20k": st[k] for k in ("read", "rank", "write")}})
+            path_big = Path(d) / f"big_{fmt}{_SUFFIX[fmt]}"
+            if args.scale > 1 and fmt in args.scale_formats:
+                make_store(fmt, path_big, args.cells * args.scale, seed=1)
+                r = run_child(child="pipeline", backend="cpp", zarr=path_big, threads=t, chunk_size=args.chunk_size)
+                rows.append({"stage": f"end to end {fmt} ({args.scale}x cells)", "backend": "cpp", "threads": t,
+                             "cells": r["cells"], "cells_per_s": r["cells"] / r["seconds"],
+                             "x_reference": r["cells"] / r["seconds"] / pref_rate, "peak_rss_mb": r["peak_rss_mb"],
+                             "cpu_s_per_20k": r["cpu_s"] * 20_000 / r["cells"]})
+                shutil.rmtree(path_big) if path_big.is_dir() else path_big.unlink()
     for r in rows:
-        print(f"{r['stage']:<38} {r['backend']:<18} threads={r['threads']}  {r['cells']:>8,} cells  "
+        extra = "  ".join(f"{k.replace('_cpu_s_per_20k', '')} {v:.2f}" for k, v in r.items()
+                          if k.endswith("cpu_s_per_20k"))
+        print(f"{r['stage']:<40} {r['backend']:<18} threads={r['threads']}  {r['cells']:>8,} cells  "
               f"{r['cells_per_s']:>10,.0f} cells/s  x{r['x_reference']:>6.1f} vs reference  "
-              f"peak RSS {r['peak_rss_mb']:,.0f} MiB")
+              f"peak RSS {r['peak_rss_mb']:,.0f} MiB  {('CPU s/20k: ' + extra) if extra else ''}")
     if not args.no_write:
         js, md = write_results("tokenize", rows, meta={"cells": args.cells, "scale": args.scale,
                                                        "chunk_size": args.chunk_size})

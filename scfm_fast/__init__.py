@@ -13,7 +13,7 @@ __version__ = "0.1.0"
 
 _EXPORTS = {
     "tokenize_corpus": "scfm_fast.tokenizer.pipeline",
-    "tokenize_anndata": "scfm_fast.tokenizer.pipeline",
+    "tokenize_anndata": "scfm_fast.tokenizer.in_memory",
     "compute_gene_medians": "scfm_fast.tokenizer.medians",
     "write_gene_dictionaries": "scfm_fast.tokenizer.medians",
     "tokenize_rank": "scfm_fast.tokenizer.rank",
@@ -25,6 +25,7 @@ _EXPORTS = {
     "TokenStore": "scfm_fast.store",
     "read_table": "scfm_fast.store",
     "to_hf_dataset": "scfm_fast.store",
+    "merge_token_datasets": "scfm_fast.store.merge",
     "EncoderConfig": "scfm_fast.model.config",
     "BertEncoderModel": "scfm_fast.model.bert",
     "load_encoder": "scfm_fast.model.checkpoint",

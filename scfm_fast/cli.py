@@ -30,17 +30,30 @@ def _add_tokenize(sub) -> None:
     p = sub.add_parser("tokenize", help="rank-value tokenize .h5ad / AnnData-Zarr / .loom files",
                        description="Stream cells from INPUT files into a token dataset directory "
                                    "(Parquet shards + packed tokens + manifest).")
-    p.add_argument("inputs", nargs="+", metavar="INPUT")
-    p.add_argument("--out", required=True, help="output directory")
+    p.add_argument("inputs", nargs="+", metavar="INPUT",
+                   help="input files; with --merge, the shard output directories to join")
+    p.add_argument("--out", help="output directory")
+    p.add_argument("--shard", metavar="K/N", help="take only every N-th input, starting with the K-th (1-based); "
+                                                  "one of N jobs whose outputs --merge joins")
+    p.add_argument("--merge", metavar="OUT", help="join the shard outputs given as INPUT into one dataset OUT "
+                                                  "(Parquet shards linked, not rewritten)")
+    p.add_argument("--gene-mapping-file", metavar="PKL",
+                   help="Geneformer gene mapping pickle (id -> vocabulary Ensembl id): ids upper-cased and "
+                        "mapped, counts of ids mapping onto one gene summed, unmapped ids dropped")
+    p.add_argument("--keep-counts", action="store_true",
+                   help="add a 'counts' column: normalised counts in rank order (Geneformer's keep_counts)")
     p.add_argument("--preset", default="geneformer-v1",
                    choices=["geneformer-v1", "geneformer-v2", "mouse-geneformer", "genecompass"])
     p.add_argument("--token-dictionary", help="token dictionary pickle (default: the preset's bundled one)")
     p.add_argument("--gene-median", help="gene median dictionary pickle (default: the preset's bundled one)")
     p.add_argument("--gene-name-map", default="auto",
-                   help="symbol->Ensembl table (.pkl/.csv); 'auto' = bundled Geneformer table, 'none' = off")
+                   help="symbol->Ensembl table (.pkl/.csv) matching the token dictionary; 'auto' = the preset's "
+                        "own table (mouse-geneformer, genecompass), else the bundled V1 table with V1's "
+                        "dictionary (off with any other), 'none' = off")
     p.add_argument("--orthologs", help="'mouse-to-human' (bundled one-to-one orthologs) or a table path")
-    p.add_argument("--gene-id-column", help="var column with gene ids ('index': the var index; default: var "
-                                            "index, refused when another var column matches clearly better)")
+    p.add_argument("--gene-id-column", help="var column with gene ids ('index': the var index; default: "
+                                            "var['ensembl_id'] when present, else the var index, refused when "
+                                            "another var column matches clearly better)")
     p.add_argument("--allow-case-insensitive", action="store_true",
                    help="accept genes that match human symbols only when case is ignored (else mouse-looking "
                         "input needs --orthologs)")
@@ -64,9 +77,27 @@ def _add_tokenize(sub) -> None:
     p.set_defaults(func=_run_tokenize)
 
 
+def _run_merge(args) -> int:
+    from .store.merge import merge_token_datasets
+
+    man = merge_token_datasets(args.inputs, args.merge, overwrite=args.overwrite)
+    print(f"merged {len(args.inputs)} shard outputs into {args.merge}: {man['n_cells']:,} cells, "
+          f"{man['n_tokens']:,} tokens from {len(man['inputs']):,} input files", file=sys.stderr)
+    return 0
+
+
 def _run_tokenize(args) -> int:
+    from ._errors import UsageError
     from .tokenizer.pipeline import tokenize_corpus
 
+    if args.merge is not None:
+        if args.out is not None or args.shard is not None:
+            msg = "--merge OUT joins shard outputs; it takes no --out or --shard (INPUT are the shard outputs)"
+            raise UsageError(msg)
+        return _run_merge(args)
+    if args.out is None:
+        msg = "--out is required (or --merge OUT to join shard outputs)"
+        raise UsageError(msg)
     gmap = None if args.gene_name_map in ("none", "") else args.gene_name_map
     man = tokenize_corpus(args.inputs, args.out, preset=args.preset, token_dictionary=args.token_dictionary,
                           gene_median=args.gene_median, gene_name_map=gmap, orthologs=args.orthologs,
@@ -75,7 +106,8 @@ def _run_tokenize(args) -> int:
                           n_threads=args.workers, backend=args.backend, min_gene_match=args.min_gene_match,
                           allow_non_integer=args.allow_non_integer, resume=args.resume,
                           overwrite=args.overwrite, allow_case_insensitive=args.allow_case_insensitive,
-                          species=args.species, species_column=args.species_column,
+                          gene_mapping_file=args.gene_mapping_file, keep_counts=args.keep_counts,
+                          shard=args.shard, species=args.species, species_column=args.species_column,
                           normalize_total=args.normalize_total, qc=args.qc)
     s = man["summary"]
     if man.get("already_complete"):
@@ -83,8 +115,10 @@ def _run_tokenize(args) -> int:
               file=sys.stderr)
         return 0
     for p, gm in zip(man["inputs"], man["gene_match"]):
-        print(f"{p}: {gm['n_matched_genes']:,}/{gm['n_input_genes']:,} genes matched "
-              f"({gm['fraction_matched']:.1%})", file=sys.stderr)
+        src = f" (ids from {gm['id_source']})" if gm.get("id_source") else ""
+        print(f"{p}: {gm['n_matched_genes']:,}/{gm['n_input_genes']:,} genes matched{src} "
+              f"({gm['fraction_matched']:.1%}; {gm['n_input_genes'] - gm['n_matched_genes']:,} dropped)",
+              file=sys.stderr)
     print(f"wrote {man['n_cells']:,} cells, {man['n_tokens']:,} tokens to {args.out} "
           f"({s['n_empty']:,} cells without expressed genes and {s['n_filtered']:,} with filter_pass != 1 "
           f"skipped; {s['fraction_counts_matched']:.1%} of counts matched; "
@@ -131,16 +165,25 @@ def _add_info(sub) -> None:
 
 # subcommands owned by other subpackages register themselves through ``register(subparsers)``
 _PLUGINS = ("scfm_fast.embed._cli", "scfm_fast.perturb._cli", "scfm_fast.pretrain._cli")
+#: subcommands defined here; running one of them skips importing the plugins (which import torch)
+_LIGHT = ("tokenize", "medians", "info")
 
 
-def build_parser() -> argparse.ArgumentParser:
+def _command_of(argv: Sequence[str]) -> str | None:
+    """The subcommand named on the command line (first word that is not an option), if any."""
+    return next((a for a in argv if not a.startswith("-")), None)
+
+
+def build_parser(*, command: str | None = None) -> argparse.ArgumentParser:
+    """The ``scfm`` argument parser; with ``command`` one of the light subcommands, without the plugins
+    (so that ``scfm tokenize`` starts without importing torch)."""
     parser = argparse.ArgumentParser(prog="scfm", description="scfm_fast: fast single-cell foundation models")
     parser.add_argument("--version", action="version", version=f"scfm_fast {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress details")
     sub = parser.add_subparsers(dest="command", required=True)
     _add_tokenize(sub)
     _add_medians(sub)
-    for mod in _PLUGINS:
+    for mod in () if command in _LIGHT else _PLUGINS:
         try:
             importlib.import_module(mod).register(sub)
         except ModuleNotFoundError as e:
@@ -151,7 +194,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = build_parser(command=_command_of(argv)).parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
     try:

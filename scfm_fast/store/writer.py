@@ -13,6 +13,7 @@ import os
 import re
 import shutil
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -120,6 +121,16 @@ def _optional_columns(table: pa.Table) -> dict[str, np.ndarray]:
             arr = col.flatten().to_numpy(zero_copy_only=False) if per == "token" else col.to_numpy()
             out[name] = np.asarray(arr, dtype=dtype)
     return out
+
+
+def packed_appenders(d: Path, dtype: np.dtype, *, n_cells: int, n_tokens: int,
+                     optional: Sequence[str] = ()) -> dict[str, _NpyAppender]:
+    """One appender per packed array (tokens, offsets, cell_index, file_index and ``optional`` ones)."""
+    sizes = [("tokens", dtype, n_tokens), ("offsets", np.int64, n_cells + 1), ("cell_index", np.int64, n_cells),
+             ("file_index", np.int32, n_cells)]
+    sizes += [(name, OPTIONAL_PACKED[name][1], n_tokens if OPTIONAL_PACKED[name][0] == "token" else n_cells)
+              for name in optional]
+    return {name: _NpyAppender(d / f"{name}.npy", dt, n) for name, dt, n in sizes}
 
 
 class ShardedTokenWriter:
@@ -369,13 +380,8 @@ class ShardedTokenWriter:
     def _assemble(self, tmp: Path, shards: list[dict[str, Any]], n_cells: int, n_tokens: int) -> None:
         # plain appends, not memory maps: dirty mapped pages would count against the process's memory
         # and grow with the corpus
-        outs = {name: _NpyAppender(tmp / f"{name}.npy", dt, n)
-                for name, dt, n in (("tokens", self.dtype, n_tokens), ("offsets", np.int64, n_cells + 1),
-                                    ("cell_index", np.int64, n_cells), ("file_index", np.int32, n_cells))}
         optional = self._optional_arrays(shards)
-        for name in optional:
-            per, dt = OPTIONAL_PACKED[name]
-            outs[name] = _NpyAppender(tmp / f"{name}.npy", dt, n_tokens if per == "token" else n_cells)
+        outs = packed_appenders(tmp, self.dtype, n_cells=n_cells, n_tokens=n_tokens, optional=optional)
         ok = False
         try:
             outs["offsets"].write(np.zeros(1, dtype=np.int64))

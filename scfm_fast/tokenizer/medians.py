@@ -28,7 +28,7 @@ import numpy as np
 from .._errors import CountDataError, UsageError
 from .._progress import progress
 from ..vocab.gene_ids import strip_version
-from ._inputs import filter_mask
+from ._inputs import filter_mask, gene_ids_of
 from .pipeline import (
     FILTER_COLUMN,
     TOTAL_COLUMN,
@@ -221,14 +221,16 @@ def compute_gene_medians(
         raise UsageError(msg)
     readers = [open_reader(str(p), layer=layer, use_raw=use_raw, gene_id_column=gene_id_column) for p in paths]
     try:
-        genes = list(dict.fromkeys(strip_version(str(g)) for r in readers for g in r.var_names))
+        # the same gene ids tokenize reads (var['ensembl_id'] when present, else the index)
+        ids = [gene_ids_of(r, gene_id_column)[0] for r in readers]
+        genes = list(dict.fromkeys(strip_version(str(g)) for v in ids for g in v))
         acc = MedianAccumulator(genes, bins_per_octave=bins_per_octave)
         with progress(total=sum(r.n_obs for r in readers), desc="medians", enabled=progress_bar) as bar:
-            for p, r in zip(paths, readers):
-                col_gene = acc.col_gene(r.var_names)
+            for p, r, var_ids in zip(paths, readers, ids):
+                col_gene = acc.col_gene(var_ids)
                 cols = [c for c in (TOTAL_COLUMN, FILTER_COLUMN) if c in r.obs_columns]
                 for chunk in r.iter_chunks(chunk_size=chunk_size, obs_columns=cols):
-                    indptr, indices, data, totals = _checked_chunk(str(p), chunk, r.var_names,
+                    indptr, indices, data, totals = _checked_chunk(str(p), chunk, var_ids,
                                                                    allow_non_integer=allow_non_integer)
                     acc.add(indptr, indices, data, totals, col_gene)
                     bar.update(chunk.n_cells)

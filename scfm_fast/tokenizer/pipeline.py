@@ -6,11 +6,9 @@ import concurrent.futures as cf
 import logging
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numba
 import numpy as np
 import pandas as pd
 import pyarrow as pa
@@ -18,112 +16,18 @@ import pyarrow as pa
 from .._errors import CountDataError, InputFileError, ScfmError, UsageError
 from .._lock import TOKENS_LOCK, OutputLock
 from .._progress import progress
-from ..store.schema import with_table_config
-from ..vocab import GeneVocab, get_preset, load_gene_name_map, load_ortholog_map, resolve_genes
-from ..vocab.dictionaries import SPECIAL_TOKENS
-from ._inputs import FILTER_COLUMN, filter_mask, resolve_input
+from ._inputs import FILTER_COLUMN, filter_mask, parse_shard, resolve_input, shard_files
+from .counts import ranked_counts
 from .qc import check_qc_mode
 from .reference import check_counts_ref, count_problem
-from .species import check_species_options, species_codes
+from .spec import TokenizerSpec, _check_options
+from .species import species_codes
 
 log = logging.getLogger("scfm_fast")
 
 TOTAL_COLUMN = "n_counts"
-
-
-@dataclass
-class TokenizerSpec:
-    """Everything that maps source genes to tokens (the same for every input file)."""
-
-    preset: str = "geneformer-v1"
-    vocab: GeneVocab | None = None
-    gene_name_map: dict[str, str] | None = None
-    ortholog_map: dict[str, str] | None = None
-    max_len: int | None = None
-    min_gene_match: float = 0.2
-    allow_non_integer: bool = False
-    backend: str = "auto"
-    n_threads: int | None = None
-    config: dict[str, Any] = field(default_factory=dict)
-    values: bool = False  # GeneCompass: values beside the tokens, and a species per cell
-    normalize_total: float | None = None
-    species: str | None = None
-    species_column: str | None = None
-
-    @classmethod
-    def build(cls, *, preset: str = "geneformer-v1", token_dictionary: str | Path | None = None,
-              gene_median: str | Path | None = None, gene_name_map: str | Path | None = "auto",
-              orthologs: str | Path | None = None, max_len: int | None = None,
-              min_gene_match: float = 0.2, allow_non_integer: bool = False, backend: str = "auto",
-              n_threads: int | None = None, species: str | None = None, species_column: str | None = None,
-              normalize_total: float | None = None) -> TokenizerSpec:
-        pre = get_preset(preset)
-        _check_options(max_len=max_len, n_special=pre.n_special, n_threads=n_threads)
-        check_species_options(pre, species=species, species_column=species_column,
-                               normalize_total=normalize_total)
-        vocab = GeneVocab.load(token_dictionary=token_dictionary, gene_median=gene_median, preset=preset)
-        names = None
-        if gene_name_map == "auto":
-            # ids that are already in the vocabulary match first, so the symbol table never overrides them
-            names = load_gene_name_map(pre.gene_name_map)  # the preset's table (None: Geneformer's)
-        elif gene_name_map is not None:
-            names = load_gene_name_map(gene_name_map)
-        orth = load_ortholog_map(orthologs) if orthologs else None
-        spec = cls(preset, vocab, names, orth, pre.max_len if max_len is None else max_len, min_gene_match,
-                   allow_non_integer, backend, n_threads)
-        spec.config = {"preset": preset, "max_len": spec.max_len, "dictionary_hashes": vocab.hashes,
-                       "gene_name_map": str(gene_name_map), "orthologs": _path_or_name(orthologs),
-                       "allow_non_integer": allow_non_integer, "tie_order": "token id ascending",
-                       "special_tokens": {t: vocab.token_of[t] for t in SPECIAL_TOKENS if t in vocab.token_of}}
-        if pre.values:
-            spec.values, spec.normalize_total = True, normalize_total
-            spec.species, spec.species_column = species, species_column
-            spec.config.update(values=True, normalize_total=normalize_total, species=species,
-                               species_column=species_column)
-        # validates that the dictionary holds the preset's special tokens
-        spec.cls_id, spec.eos_id = vocab.special_id(pre.cls), vocab.special_id(pre.eos)
-        return spec
-
-    def tokenize_csr(self, indptr, indices, data, *, col_token, totals=None):
-        from .rank import tokenize_rank
-
-        return tokenize_rank(indptr, indices, data, col_token=col_token,
-                             token_median=self.vocab.token_median, max_len=self.max_len,
-                             cls_token=self.cls_id, eos_token=self.eos_id, totals=totals,
-                             allow_non_integer=self.allow_non_integer, backend=self.backend,
-                             n_threads=self.n_threads)
-
-    def tokenize_values_csr(self, indptr, indices, data, *, col_token, totals=None):
-        from .values import tokenize_values
-
-        return tokenize_values(indptr, indices, data, col_token=col_token,
-                               token_median=self.vocab.token_median, max_len=self.max_len,
-                               normalize_total=self.normalize_total, totals=totals,
-                               allow_non_integer=self.allow_non_integer, backend=self.backend,
-                               n_threads=self.n_threads)
-
-
-def _path_or_name(value: Any) -> str:
-    """A table option as recorded in the manifest: a bundled name as is, a file as an absolute path (so
-    that later commands run from another directory find it)."""
-    if value is None or not Path(str(value)).exists():
-        return str(value)
-    return str(Path(str(value)).resolve())
-
-
-def _check_options(*, max_len: int | None, n_special: int, n_threads: int | None,
-                   chunk_size: int = 1) -> None:
-    """Refuse option values that would be ignored or fail deep inside the run."""
-    if max_len is not None and max_len < n_special + 1:
-        msg = (f"--max-len {max_len} leaves no room for genes after {n_special} special tokens; pass at "
-               f"least {n_special + 1}")
-        raise UsageError(msg)
-    if n_threads is not None and n_threads < 1:
-        msg = f"--workers must be at least 1 (or left out for all cores), got {n_threads}"
-        raise UsageError(msg)
-    if chunk_size < 1:
-        msg = f"--chunk-size must be at least 1, got {chunk_size}"
-        raise UsageError(msg)
+#: ``keep_counts`` output column (Geneformer's name): normalised counts in rank order
+COUNTS_COLUMN = "counts"
 
 
 def _input_fingerprint(p: Path) -> dict[str, Any]:
@@ -189,17 +93,11 @@ def _chunk_totals(path: str, chunk) -> np.ndarray | None:
     return tot
 
 
-@numba.njit(cache=True, nogil=True)
 def _count_sums(indices, data, col_token):
     """Total counts and counts on vocabulary genes, in one pass (for the match report)."""
-    tot = 0.0
-    matched = 0.0
-    for k in range(indices.shape[0]):
-        v = float(data[k])
-        tot += v
-        if col_token[indices[k]] >= 0:
-            matched += v
-    return tot, matched
+    from ._sums import count_sums  # numba: imported on first use, not at start-up
+
+    return count_sums(indices, data, col_token)
 
 
 def _list_array(tokens: np.ndarray, offsets: np.ndarray) -> pa.ListArray:
@@ -228,11 +126,11 @@ def tokenize_chunk(spec: TokenizerSpec, chunk, col_token: np.ndarray, *, path: s
     values = None
     try:
         if spec.values:
-            tokens, values, offsets, _ = spec.tokenize_values_csr(chunk.indptr, chunk.indices, chunk.data,
-                                                                  col_token=col_token, totals=totals)
+            tokens, values, offsets, cell_totals = spec.tokenize_values_csr(
+                chunk.indptr, chunk.indices, chunk.data, col_token=col_token, totals=totals)
         else:
-            tokens, offsets, _ = spec.tokenize_csr(chunk.indptr, chunk.indices, chunk.data,
-                                                   col_token=col_token, totals=totals)
+            tokens, offsets, cell_totals = spec.tokenize_csr(chunk.indptr, chunk.indices, chunk.data,
+                                                             col_token=col_token, totals=totals)
     except CountDataError:
         raise _bad_count_error(path, chunk, var_names, allow_non_integer=spec.allow_non_integer) from None
     except ScfmError:
@@ -266,6 +164,10 @@ def tokenize_chunk(spec: TokenizerSpec, chunk, col_token: np.ndarray, *, path: s
                                                   pa.array(values, type=pa.float32()))
         cols["species"] = pa.array(species_codes(chunk.obs, chunk.start, species=spec.species,
                                                     column=spec.species_column, path=path), type=pa.int8())
+    if spec.keep_counts:
+        vals = ranked_counts(chunk.indptr, chunk.indices, chunk.data, col_token=col_token, tokens=tokens,
+                             offsets=offsets, totals=cell_totals)
+        cols[COUNTS_COLUMN] = pa.ListArray.from_arrays(pa.array(offsets.astype(np.int32)), pa.array(vals))
     for c in obs_columns:
         if c not in cols:
             cols[c] = _obs_array(chunk.obs[c])
@@ -305,6 +207,9 @@ def tokenize_corpus(
     species_column: str | None = None,
     normalize_total: float | None = None,
     qc: str | None = None,
+    gene_mapping_file: str | Path | None = None,
+    keep_counts: bool = False,
+    shard: str | None = None,
 ) -> dict[str, Any]:
     """Tokenize one or more files into a token dataset directory (see :mod:`scfm_fast.store.schema`).
 
@@ -358,6 +263,15 @@ def tokenize_corpus(
     qc
         ``"genecompass"``: drop cells by GeneCompass's QC within each file
         (:mod:`scfm_fast.tokenizer.qc`); the dropped counts go into the manifest's ``qc``.
+    gene_mapping_file
+        Geneformer's gene mapping pickle (id -> vocabulary Ensembl id): ids upper-cased and mapped,
+        raw counts of ids mapping onto one gene summed, unmapped ids dropped (counted in the report).
+    keep_counts
+        Add a ``counts`` column: each token's ``count / total * 10,000`` in rank order (Geneformer's
+        ``keep_counts``; ``0.0`` at ``<cls>``/``<eos>``).
+    shard
+        ``"K/N"``: tokenize only every N-th input, starting with the K-th (1-based), keeping each file's
+        index in the full input list; join the N outputs with :func:`~scfm_fast.store.merge.merge_token_datasets`.
 
     Returns
     -------
@@ -375,22 +289,32 @@ def tokenize_corpus(
     _check_distinct(paths)
     _check_options(max_len=None, n_special=0, n_threads=None, chunk_size=chunk_size)
     check_qc_mode(qc)
+    shard_kn = parse_shard(shard)
+    # global file indexes: a shard's files keep their index in the full input list, so that merged
+    # shard outputs equal a single run's output
+    file_ids = shard_files(len(paths), shard_kn)
+    if not file_ids:
+        msg = f"--shard {shard}: takes no file of the {len(paths)} inputs; use at most {len(paths)} shards"
+        raise UsageError(msg)
     spec = TokenizerSpec.build(preset=preset, token_dictionary=token_dictionary, gene_median=gene_median,
                                gene_name_map=gene_name_map, orthologs=orthologs, max_len=max_len,
                                min_gene_match=min_gene_match, allow_non_integer=allow_non_integer,
-                               backend=backend, n_threads=n_threads, species=species,
-                               species_column=species_column, normalize_total=normalize_total)
+                               backend=backend, n_threads=n_threads, gene_mapping_file=gene_mapping_file,
+                               keep_counts=keep_counts, species=species, species_column=species_column,
+                               normalize_total=normalize_total)
+    all_paths, paths = paths, [paths[i] for i in file_ids]
     readers = [open_reader(str(p), layer=layer, use_raw=use_raw, gene_id_column=gene_id_column) for p in paths]
     lock = OutputLock(out, command="tokenize", lock_name=TOKENS_LOCK)
     try:
         want = list(dict.fromkeys(obs_columns))
-        clash = [c for c in want if c in BASE_COLUMNS]
+        clash = [c for c in want if c in BASE_COLUMNS or (keep_counts and c == COUNTS_COLUMN)]
         if clash:
             msg = (f"obs column(s) {clash} share a name with the output's own columns {list(BASE_COLUMNS)}; "
                    "copy them to another name in obs (e.g. obs['orig_length'] = obs['length']) and pass that")
             raise UsageError(msg)
         resolved = []
-        for p, r in zip(paths, readers):
+        gene_ids_by_file: dict[int, np.ndarray] = {}
+        for fi, p, r in zip(file_ids, paths, readers):
             missing = [c for c in want + ([species_column] if species_column else []) if c not in r.obs_columns]
             if missing:
                 msg = (f"{p}: obs column(s) {missing} not found; available: {sorted(r.obs_columns)}")
@@ -398,29 +322,34 @@ def tokenize_corpus(
             if r.n_obs == 0:
                 msg = f"{p}: has no cells"
                 raise InputFileError(msg)
-            col_token, report = resolve_input(str(p), r, spec, gene_id_column=gene_id_column,
-                                               allow_case_insensitive=allow_case_insensitive)
+            col_token, report, gene_ids = resolve_input(str(p), r, spec, gene_id_column=gene_id_column,
+                                                         allow_case_insensitive=allow_case_insensitive)
             log.info("%s: %s", p, report.summary())
             resolved.append((col_token, report))
-        config = {**spec.config, "inputs": [str(Path(p).resolve()) for p in paths],
+            gene_ids_by_file[fi] = gene_ids
+        config = {**spec.config, "inputs": [str(Path(p).resolve()) for p in all_paths],
                   "input_fingerprints": [_input_fingerprint(Path(p)) for p in paths],
                   "gene_id_column": gene_id_column, "layer": layer, "use_raw": use_raw,
                   "obs_columns": want, "chunk_size": chunk_size, **({"qc": qc} if qc else {}),
                   **({"allow_case_insensitive": True} if allow_case_insensitive else {})}
+        if shard_kn is not None:
+            config["shard"] = {"k": shard_kn[0], "n": shard_kn[1], "files": file_ids}
         lock.acquire()  # one writer per --out, held until the dataset is complete or the run fails
         writer = ShardedTokenWriter(out, config=config, vocab_size=spec.vocab.size, resume=resume,
                                     overwrite=overwrite)
         if writer.complete:
             log.info("%s: already complete (%d cells); nothing to do", out, writer.manifest.get("n_cells", 0))
             return {**writer.manifest, "already_complete": True}
-        writer.update(inputs=[str(p) for p in paths], gene_match=[rep.to_dict() for _, rep in resolved])
-        qc_keep = [None] * len(readers)
+        writer.update(inputs=[str(p) for p in paths], gene_match=[rep.to_dict() for _, rep in resolved],
+                      **({"file_indexes": file_ids} if shard_kn is not None else {}))
+        qc_keep: dict[int, np.ndarray | None] = dict.fromkeys(file_ids)
         if qc == "genecompass":
             from .qc import file_qc
 
             # the z-scores need the whole file: one streaming pass per file before tokenizing
-            qc_keep, reports = zip(*(file_qc(r, chunk_size=chunk_size) for r in readers))
-            writer.update(qc={"mode": qc, "files": [rep.to_dict() for rep in reports]})
+            results = [file_qc(r, chunk_size=chunk_size) for r in readers]
+            qc_keep = {fi: keep for fi, (keep, _) in zip(file_ids, results)}
+            writer.update(qc={"mode": qc, "files": [rep.to_dict() for _, rep in results]})
         total = sum(r.n_obs for r in readers)
         t0 = time.perf_counter()
         # three stages on their own threads: read (I/O, decompression) -> tokenize (compiled core)
@@ -428,7 +357,7 @@ def tokenize_corpus(
         with progress(total=total, desc="tokenize", enabled=progress_bar) as bar, \
                 cf.ThreadPoolExecutor(1) as read_pool, cf.ThreadPoolExecutor(1) as write_pool:
             pending: cf.Future | None = None
-            for fi, (p, r, (col_token, _)) in enumerate(zip(paths, readers, resolved)):
+            for fi, p, r, (col_token, _) in zip(file_ids, paths, readers, resolved):
                 read_cols = list(dict.fromkeys(
                     want + [c for c in (TOTAL_COLUMN, FILTER_COLUMN, species_column) if c in r.obs_columns]))
                 # resume: skip the finished prefix without reading it (shards finish in order)
@@ -449,8 +378,9 @@ def tokenize_corpus(
                         bar.update(chunk.n_cells)
                         continue
                     keep = None if qc_keep[fi] is None else qc_keep[fi][chunk.start:chunk.stop]
-                    table, stats = tokenize_chunk(spec, chunk, col_token, path=str(p), var_names=r.var_names,
-                                                  file_index=fi, obs_columns=want, qc_keep=keep)
+                    table, stats = tokenize_chunk(spec, chunk, col_token, path=str(p),
+                                                  var_names=gene_ids_by_file[fi], file_index=fi,
+                                                  obs_columns=want, qc_keep=keep)
                     if pending is not None:
                         pending.result()  # keep one shard in flight; surfaces write errors
                     pending = write_pool.submit(writer.write_shard, table, file_index=fi, start=chunk.start,
@@ -471,118 +401,11 @@ def tokenize_corpus(
             r.close()
 
 
-def tokenize_anndata(
-    adata,
-    *,
-    preset: str = "geneformer-v1",
-    token_dictionary: str | Path | None = None,
-    gene_median: str | Path | None = None,
-    gene_name_map: str | Path | None = "auto",
-    orthologs: str | Path | None = None,
-    gene_id_column: str | None = None,
-    layer: str | None = None,
-    use_raw: bool = False,
-    max_len: int | None = None,
-    chunk_size: int = 10_000,
-    backend: str = "auto",
-    n_threads: int | None = None,
-    min_gene_match: float = 0.2,
-    allow_non_integer: bool = False,
-    species: str | None = None,
-    species_column: str | None = None,
-    normalize_total: float | None = None,
-    qc: str | None = None,
-) -> pa.Table:
-    """Tokenize an in-memory AnnData (same semantics and backends as :func:`tokenize_corpus`).
+def __getattr__(name: str) -> Any:
+    # ``tokenize_anndata`` lives in .in_memory (which imports this module); still importable from here
+    if name == "tokenize_anndata":
+        from .in_memory import tokenize_anndata
 
-    Parameters
-    ----------
-    adata
-        Cells x genes with raw counts; ``obs["n_counts"]`` is used as the cell total when present,
-        and cells with ``obs["filter_pass"] != 1`` are left out.
-    preset, token_dictionary, gene_median, gene_name_map, orthologs
-        Vocabulary and model layout, as in :func:`tokenize_corpus`.
-    gene_id_column, layer, use_raw
-        Where gene ids and raw counts are.
-    max_len
-        Override the preset's model input size.
-    chunk_size
-        Cells per call of the core (bounds the temporary CSR copy of dense input).
-    backend, n_threads
-        Core backend and its threads.
-    min_gene_match, allow_non_integer
-        Input checks, as in :func:`tokenize_corpus`.
-    species, species_column, normalize_total, qc
-        GeneCompass options, as in :func:`tokenize_corpus` (``qc`` over all cells of ``adata``).
-
-    Returns
-    -------
-    pyarrow.Table
-        ``input_ids`` (list<int32>), ``length``, ``cell_index`` (row in ``adata``); cells without any
-        expressed vocabulary gene are absent. The schema metadata records the tokenizer config (special
-        tokens, dictionary hashes, orthologs), which :func:`~scfm_fast.embed_tokens` and
-        :func:`~scfm_fast.perturb_cells` use as they use a token dataset's manifest.
-
-    Examples
-    --------
-    >>> import anndata as ad, scfm_fast
-    >>> from importlib.resources import files
-    >>> adata = ad.read_h5ad(files("scfm_fast") / "data/demo/pbmc_200cells.h5ad")
-    >>> tab = scfm_fast.tokenize_anndata(adata)
-    >>> tab.num_rows, tab.column("length").to_numpy().max()
-    (200, np.int32(2048))
-    """
-    import scipy.sparse as sp
-
-    from ..readers.base import CellChunk
-
-    _check_options(max_len=None, n_special=0, n_threads=None, chunk_size=chunk_size)
-    check_qc_mode(qc)
-    spec = TokenizerSpec.build(preset=preset, token_dictionary=token_dictionary, gene_median=gene_median,
-                               gene_name_map=gene_name_map, orthologs=orthologs, max_len=max_len,
-                               min_gene_match=min_gene_match, allow_non_integer=allow_non_integer,
-                               backend=backend, n_threads=n_threads, species=species,
-                               species_column=species_column, normalize_total=normalize_total)
-    if species_column is not None and species_column not in adata.obs.columns:
-        msg = f"species_column {species_column!r} not in obs (available: {list(adata.obs.columns)})"
-        raise InputFileError(msg)
-    if use_raw:
-        if adata.raw is None:
-            msg = "use_raw=True but adata.raw is None"
-            raise InputFileError(msg)
-        X, var = adata.raw.X, adata.raw.var
-    elif layer is not None:
-        if layer not in adata.layers:
-            msg = f"layer {layer!r} not in adata.layers (available: {list(adata.layers)})"
-            raise InputFileError(msg)
-        X, var = adata.layers[layer], adata.var
-    else:
-        X, var = adata.X, adata.var
-    if gene_id_column is not None and gene_id_column not in var.columns:
-        msg = f"gene_id_column {gene_id_column!r} not in var (available: {list(var.columns)})"
-        raise InputFileError(msg)
-    gene_ids = (var[gene_id_column] if gene_id_column else var.index).astype(str).to_numpy()
-    col_token, _ = resolve_genes(gene_ids, spec.vocab, gene_name_map=spec.gene_name_map,
-                                 ortholog_map=spec.ortholog_map, min_fraction=min_gene_match, source="adata")
-    obs_cols = [c for c in dict.fromkeys((TOTAL_COLUMN, FILTER_COLUMN, species_column)) if c in adata.obs.columns]
-    qc_keep = None
-    if qc is not None:
-        from .qc import matrix_qc
-
-        qc_keep, _ = matrix_qc(X, gene_ids, chunk_size=chunk_size)
-    out_cols = ["input_ids", "length", "cell_index"] + (["values", "species"] if spec.values else [])
-    tables = []
-    for start in range(0, adata.n_obs, chunk_size):
-        stop = min(start + chunk_size, adata.n_obs)
-        block = X[start:stop]
-        block = sp.csr_matrix(block) if not sp.issparse(block) else block.tocsr()
-        chunk = CellChunk(start, block.indptr.astype(np.int64), block.indices.astype(np.int32),
-                          block.data, adata.obs.iloc[start:stop][obs_cols])
-        tab, _ = tokenize_chunk(spec, chunk, col_token, path="adata", var_names=gene_ids,
-                                qc_keep=None if qc_keep is None else qc_keep[start:stop])
-        tables.append(tab.select(out_cols))
-    out = pa.concat_tables(tables) if tables else pa.table(
-        {"input_ids": pa.array([], pa.list_(pa.int32())), "length": pa.array([], pa.int32()),
-         "cell_index": pa.array([], pa.int64())})
-    # embed / perturb read the special tokens, dictionary and orthologs from here, as from a manifest
-    return with_table_config(out, spec.config)
+        return tokenize_anndata
+    msg = f"module {__name__!r} has no attribute {name!r}"
+    raise AttributeError(msg)

@@ -45,6 +45,17 @@ def load_gene_name_map(path: str | Path | None = None) -> dict[str, str]:
     return {str(k): str(v) for k, v in load_pickle_dict(p, what="gene name dictionary").items()}
 
 
+def load_gene_mapping(path: str | Path) -> dict[str, str]:
+    """Geneformer's gene mapping dictionary (``gene_mapping_file``): source id -> vocabulary Ensembl id.
+
+    Used as Geneformer's ``collapse_gene_ids`` does: each source id is upper-cased and looked up; ids
+    that are absent, or map outside the vocabulary, are dropped; several ids mapping onto one gene
+    have their raw counts summed (the core sums columns that share a token).
+    """
+    d = load_pickle_dict(path, what="gene mapping dictionary")
+    return {str(k): str(v) for k, v in d.items() if v is not None}
+
+
 #: header names of the symbol and the Ensembl id column in gene tables with more than two columns
 _SYMBOL_HEADERS = ("gene_name", "symbol", "gene_symbol", "name", "gene name")
 _ID_HEADERS = ("gene_id", "ensembl_id", "ensembl_gene_id", "gene stable id")
@@ -127,6 +138,9 @@ class GeneMatchReport:
     unmatched_examples: list[str]
     #: symbols matched only by ignoring case ("Actb" -> ACTB): mouse genes, if most matches are of this kind
     n_case_insensitive: int = 0
+    n_by_mapping: int = 0
+    #: where the ids came from (``var['ensembl_id']``, ``var index``, ...), set by the caller
+    id_source: str = ""
 
     @property
     def fraction(self) -> float:
@@ -138,10 +152,15 @@ class GeneMatchReport:
         return d
 
     def summary(self) -> str:
-        return (f"{self.n_matched_genes:,}/{self.n_input_genes:,} genes matched the vocabulary "
-                f"({self.fraction:.1%}: {self.n_by_ensembl:,} Ensembl, {self.n_by_version_strip:,} "
-                f"versioned, {self.n_by_symbol:,} symbol, {self.n_by_ortholog:,} ortholog; "
-                f"{self.n_duplicate_columns:,} duplicate columns summed)")
+        src = f" (ids from {self.id_source})" if self.id_source else ""
+        if self.n_by_mapping:
+            how = f"{self.n_by_mapping:,} through the gene mapping file"
+        else:
+            how = (f"{self.n_by_ensembl:,} Ensembl, {self.n_by_version_strip:,} versioned, {self.n_by_symbol:,} "
+                   f"symbol, {self.n_by_ortholog:,} ortholog")
+        return (f"{self.n_matched_genes:,}/{self.n_input_genes:,} genes matched the vocabulary{src} "
+                f"({self.fraction:.1%}: {how}; {self.n_input_genes - self.n_matched_genes:,} unmatched "
+                f"dropped; {self.n_duplicate_columns:,} duplicate columns summed)")
 
 
 def resolve_genes(
@@ -150,6 +169,7 @@ def resolve_genes(
     *,
     gene_name_map: Mapping[str, str] | None = None,
     ortholog_map: Mapping[str, str] | None = None,
+    gene_mapping: Mapping[str, str] | None = None,
     min_fraction: float = 0.2,
     source: str = "input",
     allow_case_insensitive: bool | None = None,
@@ -166,6 +186,10 @@ def resolve_genes(
         Symbol -> Ensembl id, used for identifiers that are not Ensembl ids.
     ortholog_map
         Source-species id or symbol -> vocabulary-species Ensembl id, tried after the direct matches.
+    gene_mapping
+        Geneformer's gene mapping dictionary (:func:`load_gene_mapping`). When given it is the only
+        route (Geneformer's semantics): ids are upper-cased and mapped, unmapped ids are dropped;
+        ``gene_name_map`` and ``ortholog_map`` are then not used.
     min_fraction
         Refuse (raise :class:`GeneMatchError`) when fewer than this fraction of genes match.
     source
@@ -182,6 +206,9 @@ def resolve_genes(
     report
         :class:`GeneMatchReport`.
     """
+    if gene_mapping is not None:
+        col_token, report = _resolve_mapped(gene_ids, vocab, gene_mapping)
+        return col_token, _check_fraction(report, gene_ids, vocab, min_fraction=min_fraction, source=source)
     col_token = np.full(len(gene_ids), -1, dtype=np.int32)
     counts = dict.fromkeys(("ensembl", "version", "symbol", "ortholog", "case"), 0)
     case_example = ""
@@ -213,6 +240,30 @@ def resolve_genes(
         log.warning("%s: %d of %d matched genes match a symbol only case-insensitively (e.g. %r); if this "
                     "is mouse data, pass --orthologs mouse-to-human", source, n_case,
                     report.n_matched_genes, case_example)
+    return col_token, _check_fraction(report, gene_ids, vocab, min_fraction=min_fraction, source=source)
+
+
+def _resolve_mapped(gene_ids: Sequence[str] | np.ndarray, vocab: GeneVocab,
+                    gene_mapping: Mapping[str, str]) -> tuple[np.ndarray, GeneMatchReport]:
+    """Geneformer's ``collapse_gene_ids`` route: upper-case, map, keep what lands in the vocabulary."""
+    col_token = np.full(len(gene_ids), -1, dtype=np.int32)
+    unmatched: list[str] = []
+    for j, raw in enumerate(gene_ids):
+        g = str(raw).strip()
+        e = gene_mapping.get(g.upper())
+        t = vocab.tokenizable(e) if e is not None else -1
+        if t >= 0:
+            col_token[j] = t
+        elif len(unmatched) < 10:
+            unmatched.append(g)
+    matched = col_token[col_token >= 0]
+    n_dup = int(matched.size - np.unique(matched).size)
+    return col_token, GeneMatchReport(len(gene_ids), int(matched.size), 0, 0, 0, 0, n_dup, unmatched,
+                                      n_by_mapping=int(matched.size))
+
+
+def _check_fraction(report: GeneMatchReport, gene_ids: Sequence[str] | np.ndarray, vocab: GeneVocab, *,
+                    min_fraction: float, source: str) -> GeneMatchReport:
     if report.fraction < min_fraction:
         first = [str(g) for g in list(gene_ids)[:5]]
         hint = ("if these are gene symbols pass a symbol table (--gene-name-map); if they are mouse genes "
@@ -223,7 +274,7 @@ def resolve_genes(
                f"first gene ids: {first}; {hint}. Refusing to write near-empty cells "
                f"(lower min_gene_match to override).")
         raise GeneMatchError(msg)
-    return col_token, report
+    return report
 
 
 def check_gene_id_choice(

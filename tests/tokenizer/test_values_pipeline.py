@@ -154,3 +154,30 @@ def test_tokenize_anndata_equals_corpus_and_resume_keeps_values(inputs, monkeypa
         assert resumed.column(c).to_pylist() == corpus.column(c).to_pylist()
     np.testing.assert_array_equal(TokenStore(tmp / "resumed").values, TokenStore(whole).values)
     np.testing.assert_array_equal(TokenStore(tmp / "resumed").species, TokenStore(whole).species)
+
+
+def test_values_and_keep_counts_together(inputs):
+    from scfm_fast import tokenize_anndata
+
+    tmp, hp, _, tok, med = inputs
+    out = tmp / "counts"
+    tokenize_corpus(hp, out, preset="genecompass", token_dictionary=tok, gene_median=med, species="human",
+                    keep_counts=True, progress_bar=False, chunk_size=64)
+    X, adata, oracle = _oracle(hp, tok, med)
+    kept = np.flatnonzero(np.diff(oracle[2]) > 0).tolist()
+    tab = _check_against_oracle(out, 0, oracle, kept)  # the values are untouched by keep_counts
+    # counts by definition: each token's gene count (duplicate columns summed) / cell total x 10,000
+    vocab = GeneVocab.load(token_dictionary=tok, gene_median=med, preset="genecompass")
+    col_token, _ = resolve_genes(list(adata.var_names), vocab,
+                                 gene_name_map=load_gene_name_map("ensembl-human+mouse"))
+    dense = X.toarray().astype(np.float64)
+    totals = adata.obs["n_counts"].to_numpy(np.float64) if "n_counts" in adata.obs else dense.sum(axis=1)
+    for row, ids, got in zip(kept, tab.column("input_ids").to_pylist(), tab.column("counts").to_pylist()):
+        want = [dense[row, col_token == t].sum() / totals[row] * 10_000 for t in ids]
+        np.testing.assert_allclose(got, want, rtol=1e-12)
+        assert all(c > 0 for c in got)
+    mem = tokenize_anndata(adata, preset="genecompass", token_dictionary=tok, gene_median=med, species="human",
+                           keep_counts=True)
+    assert mem.column_names == ["input_ids", "length", "cell_index", "values", "species", "counts"]
+    for c in ("input_ids", "values", "counts"):
+        assert mem.column(c).to_pylist() == tab.column(c).to_pylist()
