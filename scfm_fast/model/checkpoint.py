@@ -137,8 +137,24 @@ def load_encoder(path: str | Path, *, device: str | torch.device | None = None,
                  dtype: torch.dtype | None = None, return_head: bool = False) -> Any:
     """Load a checkpoint's encoder (eval mode), by the family its ``config.json`` names.
 
-    BERT-family checkpoints load as :class:`BertEncoderModel` (:func:`load_bert_encoder`); other
-    families through :mod:`scfm_fast.model.registry`. Parameters and returns as :func:`load_bert_encoder`.
+    BERT-family checkpoints load as :class:`BertEncoderModel` (:func:`load_bert_encoder`); GeneCompass
+    checkpoints as :class:`~scfm_fast.model.genecompass.GeneCompassModel`, through
+    :mod:`scfm_fast.model.registry`.
+
+    Parameters
+    ----------
+    path
+        Checkpoint directory (``config.json`` + weights).
+    device
+        Where to put the model (default: CPU).
+    dtype
+        Parameter dtype (default: as stored).
+    return_head
+        Also return the MLM head's tensors: ``(model, head_state_dict)``.
+
+    Returns
+    -------
+    The model of the checkpoint's family (eval mode), or ``(model, head_state_dict)``.
     """
     from .registry import family_of
 
