@@ -40,7 +40,7 @@ _EXPORTS = {
     "plot_gene_stats": "scfm_fast.perturb",
     "select_cells": "scfm_fast.perturb",
     "state_embedding": "scfm_fast.perturb",
-    "pretrain": "scfm_fast.pretrain",
+    "pretrain_model": "scfm_fast.pretrain",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -1,4 +1,4 @@
-"""``scfm pretrain``: argument parsing over :func:`scfm_fast.pretrain.pretrain`."""
+"""``scfm pretrain``: argument parsing over :func:`scfm_fast.pretrain.pretrain_model`."""
 
 from __future__ import annotations
 
@@ -56,9 +56,9 @@ def register(sub) -> None:
 
 
 def _run(args) -> int:
-    from .loop import pretrain
+    from .loop import pretrain_model
 
     opts = {k: v for k, v in vars(args).items() if k not in ("tokens", "out", "func", "command", "verbose")}
-    res = pretrain(args.tokens, out=args.out, **opts)
+    res = pretrain_model(args.tokens, out=args.out, **opts)
     print(json.dumps(res), file=sys.stderr)
     return 0

@@ -40,7 +40,7 @@ class NonFiniteLossError(ScfmError, RuntimeError):
     """The loss became NaN or infinite; the run stopped before applying that step."""
 
 
-def pretrain(tokens: Sequence[str | os.PathLike], *, out: str | os.PathLike, **options: Any) -> dict[str, Any]:
+def pretrain_model(tokens: Sequence[str | os.PathLike], *, out: str | os.PathLike, **options: Any) -> dict[str, Any]:
     """Masked-LM pretraining of a BERT encoder from token datasets (``scfm pretrain``).
 
     Parameters

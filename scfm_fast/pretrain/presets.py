@@ -32,7 +32,7 @@ PRESETS: dict[str, dict[str, Any]] = {
 
 @dataclass
 class PretrainOptions:
-    """Every option of ``scfm pretrain`` (see :func:`scfm_fast.pretrain.pretrain`)."""
+    """Every option of ``scfm pretrain`` (see :func:`scfm_fast.pretrain.pretrain_model`)."""
 
     out: str
     preset: str | None = None

@@ -17,7 +17,7 @@ import torch
 import scfm_fast
 from scfm_fast._errors import InputFileError, UsageError
 from scfm_fast.cli import main as cli_main
-from scfm_fast.pretrain import NonFiniteLossError, pretrain
+from scfm_fast.pretrain import NonFiniteLossError, pretrain_model as pretrain
 from tests.pretrain._store import random_cells, write_dictionary, write_store
 
 V = 64
@@ -50,7 +50,7 @@ def _weights(ckpt: Path) -> dict[str, torch.Tensor]:
 def test_run_writes_checkpoints_that_hf_loads_and_metrics(data):
     transformers = pytest.importorskip("transformers")
     out = data["tmp"] / "run"
-    res = scfm_fast.pretrain([data["tokens"]], out=out, **_opts(data, max_steps=4, save_every=2,
+    res = scfm_fast.pretrain_model([data["tokens"]], out=out, **_opts(data, max_steps=4, save_every=2,
                                                                    eval_fraction=0.1, eval_every=2))
     assert res["status"] == "complete" and res["step"] == 4 and np.isfinite(res["eval_loss"])
     assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-4"]

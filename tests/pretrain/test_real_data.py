@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from scfm_fast.cli import main as cli_main
-from scfm_fast.pretrain import pretrain
+from scfm_fast.pretrain import pretrain_model as pretrain
 
 
 def test_pretrain_on_real_mouse_cells_then_embed(shared_dir, tmp_path):
