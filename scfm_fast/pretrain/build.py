@@ -113,14 +113,8 @@ def load_weights(model: BertEncoderModel, head: MLMHead, path: str | Path) -> No
 
     enc, head_sd = load_encoder(path, return_head=True)
     model.load_state_dict(enc.state_dict())
-    sd = {k.removeprefix(_HEAD): v for k, v in head_sd.items() if k.removeprefix(_HEAD) in head.state_dict()}
-    sd.pop("decoder.weight", None)  # tied to the word embeddings
-    head.load_state_dict(sd, strict=False)
-
-
-def head_state(head: MLMHead) -> dict[str, torch.Tensor]:
-    """``cls.predictions.*`` weights for ``save_encoder`` (the decoder is tied, so it is left out)."""
-    return {_HEAD + k: v for k, v in head.state_dict().items() if k != "decoder.weight"}
+    if head_sd:  # an encoder saved without a head keeps the fresh one
+        head.load_hf_state_dict(head_sd, source=str(path))
 
 
 @torch.no_grad()

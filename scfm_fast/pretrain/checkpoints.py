@@ -62,12 +62,12 @@ def latest_checkpoint(out: Path) -> Path | None:
     return max(found)[1] if found else None
 
 
-def save_checkpoint(out: Path, step: int, *, model, head_sd: dict[str, torch.Tensor], trainer: dict[str, Any]) -> Path:
+def save_checkpoint(out: Path, step: int, *, model, head, trainer: dict[str, Any]) -> Path:
     """Write ``out/checkpoint-STEP`` atomically (temporary directory, then one rename)."""
     final = out / f"checkpoint-{step}"
     tmp = out / f".checkpoint-{step}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
-    save_encoder(model, tmp, mlm_head=head_sd)
+    save_encoder(model, tmp, mlm_head=head)
     state = dict(trainer, rng={"torch": torch.get_rng_state(), "numpy": np.random.get_state(),
                                "python": random.getstate(),
                                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []})

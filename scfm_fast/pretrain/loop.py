@@ -22,7 +22,6 @@ from ..store.reader import read_manifest
 from .build import (
     build_model,
     dataset_vocab,
-    head_state,
     load_weights,
     make_optimizer,
     make_scheduler,
@@ -193,7 +192,7 @@ def pretrain_model(tokens: Sequence[str | os.PathLike], *, out: str | os.PathLik
             stopping = _all_reduce(torch.tensor(float(stop.hit)), world).item() > 0
             if (opts.save_every and step % opts.save_every == 0) or step == total or stopping:
                 if rank == 0:
-                    last_ckpt = save_checkpoint(run_dir, step, model=model, head_sd=head_state(head), trainer={
+                    last_ckpt = save_checkpoint(run_dir, step, model=model, head=head, trainer={
                         "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                         "step": step, "cursor": cursor, "identity": identity})
                     plot_loss(run_dir)
