@@ -7,6 +7,7 @@ import resource
 import signal
 import time
 from collections.abc import Iterator, Sequence
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +20,7 @@ from .._errors import ScfmError, UsageError
 from .._progress import progress
 from ..loader import token_budget_batches
 from ..store.reader import read_manifest
+from . import distributed as fsdp
 from .build import (
     build_model,
     dataset_vocab,
@@ -62,9 +64,6 @@ def pretrain_model(tokens: Sequence[str | os.PathLike], *, out: str | os.PathLik
     (``"complete"`` or ``"interrupted"``).
     """
     opts = PretrainOptions(out=str(out), **options).resolved()
-    if opts.shard == "fsdp":
-        msg = "--shard fsdp is not implemented yet; plain data parallelism (torchrun, the default) fits every model here"
-        raise UsageError(msg)
     paths = [str(p) for p in tokens]
     weights = opts.dataset_weights or [1.0] * len(paths)
     if len(weights) != len(paths) or any(not w > 0 for w in weights):
@@ -90,8 +89,11 @@ def pretrain_model(tokens: Sequence[str | os.PathLike], *, out: str | os.PathLik
     total = opts.max_steps or max(1, int(epochs * plan0.n_steps))
 
     run_dir = Path(opts.out)
+    if opts.shard == "fsdp" and world < 2:
+        msg = "--shard fsdp shards over processes: start it with torchrun --nproc_per_node N (N >= 2)"
+        raise UsageError(msg)
     identity = {"options": opts.fingerprint(), "model": cfg.to_hf_dict(), "world_size": world,
-                "micro_batches_per_step": per_step,
+                "micro_batches_per_step": per_step, **({"shard": opts.shard} if opts.shard == "fsdp" else {}),
                 "datasets": [{"path": p, "config_hash": read_manifest(p).get("config_hash"),
                               "n_cells": int(s), "token_dictionary": dict_hash} for p, s in zip(paths, corpus.sizes)]}
     resume_from, err = None, None
@@ -110,14 +112,20 @@ def pretrain_model(tokens: Sequence[str | os.PathLike], *, out: str | os.PathLik
     if world > 1:  # every rank starts from rank 0's weights (same seed already; this makes it certain)
         for t in list(model.state_dict().values()) + list(head.state_dict().values()):
             dist.broadcast(t, src=0)
+    if resume_from is not None:  # before sharding: every rank loads the full weights, FSDP keeps its shard
+        load_weights(model, head, resume_from)
+    amp = opts.dtype == "bfloat16"
+    pair = fsdp.shard(model, head, bf16=amp) if opts.shard == "fsdp" else None
     optimizer = make_optimizer(model, head, opts, device)
     scheduler = make_scheduler(optimizer, opts, total)
     step, epoch, st = 0, 0, 0
     log = MetricsLog(run_dir, enabled=rank == 0)
     if resume_from is not None:
-        load_weights(model, head, resume_from)
         state = load_trainer_state(resume_from)
-        optimizer.load_state_dict(state["optimizer"])
+        if pair is not None:
+            fsdp.load_optimizer(pair, optimizer, state["optimizer"])
+        else:
+            optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         step, (epoch, st) = state["step"], state["cursor"]
         log.truncate_after(step)
@@ -136,7 +144,6 @@ def pretrain_model(tokens: Sequence[str | os.PathLike], *, out: str | os.PathLik
 
     loader = Prefetcher(corpus, masker, plans(), start_step=st, rank=rank, world_size=world)
     stop = _StopFlag()
-    amp = opts.dtype == "bfloat16"
     params = list({id(p): p for p in list(model.parameters()) + list(head.parameters())}.values())
     peak = peak_flops(device, torch.bfloat16 if amp else torch.float32) * world
     bar = progress(total=total, desc="pretrain", unit="step", enabled=opts.progress if rank == 0 else False)
@@ -150,25 +157,29 @@ def pretrain_model(tokens: Sequence[str | os.PathLike], *, out: str | os.PathLik
             epoch, st, batches = next(loader)
             n_sel = _all_reduce(torch.tensor(float(sum(b.labels.numel() for b in batches))), world)
             stats = torch.zeros(5, dtype=torch.float64)  # loss sum, correct, tokens, cells, FLOPs of this rank
-            for b in batches:
-                if b.n_cells == 0:
+            for i, b in enumerate(batches):
+                if b.n_cells == 0 and pair is None:  # under FSDP every rank runs every micro-batch
                     continue
+                if pair is not None:  # accumulate locally, reduce-scatter once per step (DDP's summation order)
+                    pair.set_requires_gradient_sync(i == len(batches) - 1)
                 b.packed = b.packed.to(device)
                 b.label_pos, b.labels = b.label_pos.to(device), b.labels.to(device)
                 with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-                    ls, c = _forward(model, head, b, grad_checkpointing=opts.grad_checkpointing)
+                    ls, c = (pair(b, grad_checkpointing=opts.grad_checkpointing) if pair is not None
+                             else _forward(model, head, b, grad_checkpointing=opts.grad_checkpointing))
                 (ls / n_sel.clamp(min=1)).backward()
                 lens = np.diff(b.packed.cu_seqlens.cpu().numpy())
                 stats += torch.tensor([float(ls.detach()), float(c), float(lens.sum()), float(b.n_cells),
                                        train_flops(cfg, lens, b.labels.numel())], dtype=torch.float64)
-            _sync_grads(params, world)
+            if pair is None:
+                _sync_grads(params, world)
             g = _all_reduce(stats, world)
             loss = float(g[0] / n_sel.clamp(min=1))
             if not np.isfinite(loss):
                 msg = (f"step {step + 1}: the loss is {loss}; stopped before applying it (last good checkpoint: "
                        f"{last_ckpt}); lower --lr, raise --warmup or use --dtype float32")
                 raise NonFiniteLossError(msg)
-            gnorm = float(torch.nn.utils.clip_grad_norm_(params, opts.grad_clip))
+            gnorm = fsdp.clip_grad_norm(params, opts.grad_clip)
             optimizer.step()
             lr = scheduler.get_last_lr()[0]
             scheduler.step()
@@ -180,8 +191,9 @@ def pretrain_model(tokens: Sequence[str | os.PathLike], *, out: str | os.PathLik
             bar.update(1)
             rec: dict[str, Any] = {}
             if opts.eval_every and eval_cells.size and (step % opts.eval_every == 0 or step == total):
-                last["eval_loss"] = rec["eval_loss"] = _evaluate(model, head, corpus, masker, eval_cells, opts,
-                                                                 device, rank, world, amp=amp)
+                with fsdp.unsharded(pair) if pair is not None else nullcontext():
+                    last["eval_loss"] = rec["eval_loss"] = _evaluate(model, head, corpus, masker, eval_cells, opts,
+                                                                     device, rank, world, amp=amp)
             if step % opts.log_every == 0 or step == total or rec:
                 now = time.perf_counter()
                 rec.update(acc.flush(now - t_last, loader.wait_s - wait_last, peak, device),
@@ -191,9 +203,11 @@ def pretrain_model(tokens: Sequence[str | os.PathLike], *, out: str | os.PathLik
                 bar.set_postfix(loss=f"{rec['loss']:.3f}", tok_s=f"{rec['tokens_per_s']:,.0f}", lr=f"{lr:.2e}")
             stopping = _all_reduce(torch.tensor(float(stop.hit)), world).item() > 0
             if (opts.save_every and step % opts.save_every == 0) or step == total or stopping:
+                m_full, h_full, o_full = (fsdp.gather_for_save(pair, optimizer, cfg=cfg) if pair is not None
+                                          else (model, head, optimizer.state_dict() if rank == 0 else None))
                 if rank == 0:
-                    last_ckpt = save_checkpoint(run_dir, step, model=model, head=head, trainer={
-                        "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                    last_ckpt = save_checkpoint(run_dir, step, model=m_full, head=h_full, trainer={
+                        "optimizer": o_full, "scheduler": scheduler.state_dict(),
                         "step": step, "cursor": cursor, "identity": identity})
                     plot_loss(run_dir)
                 _barrier(world)
