@@ -132,7 +132,7 @@ def test_refusals_before_the_first_step(data, tmp_path):
         pretrain([data["tokens"]], out=tmp_path / "r0", **_opts(data, config=str(tmp_path / "big.json"), max_steps=1))
     with pytest.raises(InputFileError, match="does not bundle.*--token-dictionary"):
         pretrain([data["tokens"]], out=tmp_path / "r1", **_opts(data, token_dictionary=None, max_steps=1))
-    with pytest.raises(UsageError, match="--shard fsdp is not implemented"):
+    with pytest.raises(UsageError, match="--shard fsdp shards over processes: start it with torchrun"):
         pretrain([data["tokens"]], out=tmp_path / "r2", **_opts(data, shard="fsdp", max_steps=1))
     with pytest.raises(UsageError, match=r"cell \d+ has \d+ tokens but the model has 4 positions"):
         cfg = json.loads(Path(data["config"]).read_text())
