@@ -173,3 +173,14 @@ def test_perturb_by_mouse_ensembl_id_equals_transformers(run):
                           "absent from a mouse dictionary. Fixed once perturb/ uses vocab.TargetResolver.for_cells")
 def test_perturb_by_mouse_symbol(run):
     _check_deletion(run, _perturb(run, "pert_symbols", list(TARGETS)), list(TARGETS))
+
+
+def test_bundled_cells_are_the_shared_files(shared_dir):
+    """Provenance of the test file: the shared file's first 24 cells, over the genes they express."""
+    path = shared_dir / "data" / "mouse" / "scvelo_dentategyrus_100obs.h5ad"
+    if not path.exists():
+        pytest.skip(f"{path} not found")
+    full, small = anndata.read_h5ad(path), anndata.read_h5ad(DATA)
+    part = full[: small.n_obs, small.var_names]
+    assert (part.X != small.X).nnz == 0 and list(part.obs_names) == list(small.obs_names)
+    assert small.X.sum() == full[: small.n_obs].X.sum()  # no expressed gene of those cells left out
