@@ -28,9 +28,7 @@ from typing import Any
 
 from .._errors import InputFileError, StoreError, UsageError
 from ._output import (
-    _by_position,
     _columns,
-    _from_positions,
     _merge,
     _state_columns,
     _state_targets,
@@ -140,7 +138,7 @@ def parse_genes(spec: str) -> Any:
     return [tuple(i.split("+")) if "+" in i else i for i in items]
 
 
-def _config(args: argparse.Namespace, n_cells: int) -> dict:
+def _config(args: argparse.Namespace, cells: Any) -> dict:
     cfg = {k: getattr(args, k, None) for k in _CONFIG_KEYS}
     cfg["tokens"] = str(Path(args.tokens).resolve())
     cfg["model"] = str(Path(args.model).resolve())
@@ -150,14 +148,11 @@ def _config(args: argparse.Namespace, n_cells: int) -> dict:
     if args.genes != "all" and Path(args.genes).is_file():
         # the file's entries, not only its name: an edited gene file must not be resumed into the old run
         cfg["gene_list"] = json.loads(json.dumps(parse_genes(args.genes)))
-    from ..store.schema import MANIFEST
-
-    man = Path(args.tokens) / MANIFEST
-    if man.is_file():
+    tm = cells.manifest
+    if tm is not None:
         # a token dataset re-tokenized in place (same path, other cells or options) must not be resumed into
-        tm = json.loads(man.read_text())
         cfg["tokens_config"] = {"config_hash": tm.get("config_hash"), "n_cells": tm.get("n_cells")}
-    cfg["n_cells"] = n_cells
+    cfg["n_cells"] = len(cells)
     return cfg
 
 
@@ -176,51 +171,39 @@ def run(args: argparse.Namespace) -> int:
     return _work(args)
 
 
-def _layout(args: argparse.Namespace) -> tuple[Any, Path, dict[int, Path], dict, int]:
-    """The cells of the run and its shard layout: ``(table, out, shard paths, config, n_shards)``."""
+def _cells_of(args: argparse.Namespace) -> Any:
+    """The run's cells: a :class:`~scfm_fast.store.cells.CellSource` view (tokens not read yet)."""
     import numpy as np
-    import pyarrow.dataset as ds
 
-    from .states import parse_where, select_cells
+    from ..store.cells import open_cells
+    from .states import parse_where
 
-    src = Path(args.tokens)
-    if not src.exists():
-        msg = f"{src}: token dataset directory not found"
-        raise InputFileError(msg)
-    from ..store.schema import MANIFEST
-
-    if src.is_dir() and (src / MANIFEST).is_file():
-        from ..store.reader import read_manifest
-
-        read_manifest(src)  # an unfinished dataset is refused: its result would look complete with cells missing
-    dset = ds.dataset(str(src), format="parquet")
-    if "input_ids" not in dset.schema.names:
-        msg = f"{src}: token shards lack an 'input_ids' column (have {dset.schema.names})"
-        raise InputFileError(msg)
+    src = open_cells(args.tokens)  # an unfinished dataset is refused: its result would look complete
     if args.cell_states:
-        table = select_cells(src, {args.cell_states["state_key"]: [args.cell_states["start_state"]]})
+        cells = _select(src, {args.cell_states["state_key"]: [args.cell_states["start_state"]]})
     elif args.filter:
-        table = select_cells(src, parse_where(args.filter))
+        cells = _select(src, parse_where(args.filter))
     else:
-        cols = [c for c in ("input_ids", "cell_index", "file_index") if c in dset.schema.names]
-        # --max-cells: read only those cells' tokens (a screen of a few cells from a large corpus)
-        table = dset.to_table(columns=cols) if args.max_cells is None else dset.head(args.max_cells, columns=cols)
-    if "cell_index" not in table.column_names:
-        import pyarrow as pa
+        cells = src
+    if args.max_cells is not None:  # only the first N cells (a screen of a few cells from a large corpus)
+        cells = cells.subset(np.arange(min(len(cells), args.max_cells)))
+    return cells
 
-        table = table.append_column("cell_index", pa.array(np.arange(table.num_rows, dtype=np.int64)))
-    # several input files: cell_index (a row of its file) repeats, so file_index travels with the results
-    table = table.select(["input_ids", "cell_index", *(["file_index"] if "file_index" in table.column_names else [])])
-    if args.max_cells is not None:
-        table = table.slice(0, args.max_cells)
-    n_cells = table.num_rows
-    if n_cells == 0 and args.max_cells != 0:
-        msg = f"{src}: the token dataset has no cells{' matching --filter' if args.filter else ''}: nothing to perturb"
-        raise InputFileError(msg)
+
+def _select(src: Any, where: dict) -> Any:
+    from .states import select_source
+
+    return select_source(src, where)
+
+
+def _layout(args: argparse.Namespace) -> tuple[Any, Path, dict[int, Path], dict, int]:
+    """The cells of the run and its shard layout: ``(cells, out, shard paths, config, n_shards)``."""
+    cells = _cells_of(args)
+    n_cells = len(cells)
     n_shards = max(1, math.ceil(n_cells / args.cells_per_shard))
     out = Path(args.out)
     names = {s: out / "shards" / f"part-{s:06d}.parquet" for s in range(n_shards)}
-    return table, out, names, _config(args, n_cells), n_shards
+    return cells, out, names, _config(args, cells), n_shards
 
 
 def _check_options(args: argparse.Namespace) -> None:
@@ -263,45 +246,12 @@ def _check_options(args: argparse.Namespace) -> None:
 
         args.layer, args.emb_layer = layer_of(args.layer, args.emb_layer), None
     if args.pooling is None:  # resolved once, so the manifest records what ran
-        from ._inputs import dataset_special_ids
-        from .api import default_pooling
+        from ..store.cells import open_cells
+        from ._inputs import default_pooling
 
-        special = [int(x) for x in _csv(args.special_tokens)] if args.special_tokens else dataset_special_ids(args.tokens)
-        args.pooling = default_pooling(args.tokens, special or [])
-
-
-def _check_lengths(table: Any, model: Any, src: Path) -> None:
-    """Refuse cells longer than the model's positions, or holding token ids outside its vocabulary, before
-    any shard runs (not at the first bad shard)."""
-    import numpy as np
-    import pyarrow.compute as pc
-
-    # chunk by chunk: one combined list array overflows int32 offsets past ~1M cells, and costs memory
-    parts = []
-    vocab = model.config.vocab_size
-    for chunk in table.column("input_ids").chunks:
-        mm = pc.min_max(chunk.flatten()).as_py()
-        if mm["max"] is not None and (mm["max"] >= vocab or mm["min"] < 0):
-            msg = (f"{src}: token ids up to {mm['max']} (from {mm['min']}) lie outside the model's vocabulary of "
-                   f"{vocab}: the tokens come from another dictionary than this model's; re-tokenize with the model's "
-                   "--token-dictionary or pass the matching --model")
-            raise InputFileError(msg)
-        lens = pc.list_value_length(chunk).to_numpy(zero_copy_only=False).astype(np.int64)
-        pads = chunk.flatten().to_numpy(zero_copy_only=False) == model.config.pad_token_id
-        if pads.any():  # the engines drop padding, so it does not count
-            cum = np.concatenate([[0], np.cumsum(pads)])
-            starts = np.concatenate([[0], np.cumsum(lens)])
-            lens = lens - (cum[starts[1:]] - cum[starts[:-1]])
-        parts.append(lens)
-    lengths = np.concatenate(parts) if parts else np.zeros(0, np.int64)
-    max_pos = model.config.max_position_embeddings
-    bad = np.flatnonzero(lengths > max_pos)
-    if len(bad):
-        cells = table.column("cell_index").to_numpy()[bad[:10]].tolist()
-        msg = (f"{src}: {len(bad):,} cells (cell_index {cells}...) have up to {int(lengths.max()):,} tokens, more than "
-               f"the model's {max_pos} positions: re-tokenize with `scfm tokenize ... --max-len {max_pos}` or use a "
-               "model with more positions")
-        raise InputFileError(msg)
+        src = open_cells(args.tokens)
+        special = [int(x) for x in _csv(args.special_tokens)] if args.special_tokens else src.special_token_ids
+        args.pooling = default_pooling(src, special or [])
 
 
 def _work(args: argparse.Namespace, *, merge: bool = True) -> int:
@@ -309,16 +259,19 @@ def _work(args: argparse.Namespace, *, merge: bool = True) -> int:
     import torch
 
     from .._progress import progress
-    from ._inputs import check_dictionary, dataset_orthologs, dataset_special_ids
-    from .api import perturb_cells
+    from ..vocab.targets import TargetResolver
+    from ._inputs import check_cells
+    from .api import run_engine
     from .states import parse_where, state_embedding
 
     rank, world, local = _rank_world()
     _check_options(args)
-    src = Path(args.tokens)
-    check_dictionary(src, args.token_dictionary)
-    table, out, names, cfg, n_shards = _layout(args)
-    n_cells = table.num_rows
+    cells, out, names, cfg, n_shards = _layout(args)
+    TargetResolver.for_cells(cells, token_dictionary=args.token_dictionary)  # refuse another dictionary first
+    n_cells = len(cells)
+    if n_cells == 0 and args.max_cells != 0:
+        msg = f"{args.tokens}: no cells{' matching --filter' if args.filter else ''}: nothing to perturb"
+        raise InputFileError(msg)
     cps = int(args.cells_per_shard)
     shard_dir = out / "shards"
     shard_dir.mkdir(parents=True, exist_ok=True)
@@ -363,17 +316,17 @@ def _work(args: argparse.Namespace, *, merge: bool = True) -> int:
         # ranks on one machine share its cores; each using all of them oversubscribes (~3x slower)
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", world))))
     todo = [s for s in mine if s not in done]
-    cols = _columns(args, file_index="file_index" in table.column_names)
+    cols = _columns(args, file_index="file_index" in cells.column_names)
     if todo:
         model = load_model(args.model, device)
-        _check_lengths(table, model, src)
+        special = [int(x) for x in _csv(args.special_tokens)] if args.special_tokens else cells.special_token_ids
+        # before any shard runs (not at the first bad shard); tokens read part by part
+        check_cells(cells, model, pooling=args.pooling, special=special or [], count_genes=False)
         target = _load_target(args.target_embedding) if args.target_embedding else None
-        # the cells reach perturb_cells as a Table, so the dataset's own specials (V2: <cls>/<eos>) come from here
-        special = [int(x) for x in _csv(args.special_tokens)] if args.special_tokens else dataset_special_ids(src)
-        orthologs = args.orthologs or dataset_orthologs(src)
+        orthologs = args.orthologs or cells.orthologs
         if args.target_state:
             # every rank computes it (deterministic, and cheap next to the screen); rank 0 keeps a copy
-            target, n_state = state_embedding(src, model, where=parse_where(args.target_state), layer=args.layer,
+            target, n_state = state_embedding(args.tokens, model, where=parse_where(args.target_state), layer=args.layer,
                                               pooling=args.pooling, special_token_ids=special,
                                               token_dictionary=args.token_dictionary,
                                               batch_tokens=args.batch_tokens, device=device, dtype=args.dtype,
@@ -386,29 +339,28 @@ def _work(args: argparse.Namespace, *, merge: bool = True) -> int:
                 log.info("target state %s: mean embedding of %d cells", args.target_state, n_state)
         state_names = None
         if args.cell_states:
-            target, state_names = _state_targets(args, src, model, special, device, out, rank)
+            target, state_names = _state_targets(args, args.tokens, model, special, device, out, rank)
         genes = parse_genes(args.genes)
         bar = progress(total=sum(min(cps, n_cells - s * cps) for s in todo), desc=f"perturb rank {rank}",
                        unit="cells", enabled=True)
         for s in todo:
             t0 = time.perf_counter()
-            part = table.slice(s * cps, cps)
-            df = perturb_cells(_by_position(part), model, perturbation=args.perturb, genes=genes, anchor=args.anchor,
-                               combine=args.combine, rank_shift=args.rank_shift,
-                               rank_shift_quartiles=args.rank_shift_quartiles, layer=args.layer,
-                               pooling=args.pooling, cell_readout=args.cell_readout, state_shift=args.state_shift,
-                               skip_absent=args.skip_absent, mode=args.mode, batch_tokens=args.batch_tokens,
-                               device=device, dtype=args.dtype, special_token_ids=special,
-                               token_dictionary=args.token_dictionary, gene_name_map=args.gene_name_map,
-                               orthologs=orthologs,
-                               gene_shifts=args.gene_shifts, target_embedding=target, target_names=state_names,
-                               progress_bar=False)
-            skipped = _from_positions(df, part)
-            meta = {"shard": s, "n_cells": part.num_rows, "n_rows": len(df), "seconds": time.perf_counter() - t0,
+            part = cells.subset(np.arange(s * cps, min(n_cells, (s + 1) * cps)))
+            df = run_engine(part, model, engine=args.mode, with_file_index="file_index" in cols,
+                            perturbation=args.perturb, genes=genes, anchor=args.anchor, combine=args.combine,
+                            rank_shift=args.rank_shift, rank_shift_quartiles=args.rank_shift_quartiles,
+                            layer=args.layer, pooling=args.pooling, cell_readout=args.cell_readout,
+                            state_shift=args.state_shift, skip_absent=args.skip_absent,
+                            batch_tokens=args.batch_tokens, device=device, dtype=args.dtype,
+                            special_token_ids=special, token_dictionary=args.token_dictionary,
+                            gene_name_map=args.gene_name_map, orthologs=orthologs, gene_shifts=args.gene_shifts,
+                            target_embedding=target, target_names=state_names, progress_bar=False)
+            skipped = df.attrs["skipped"]
+            meta = {"shard": s, "n_cells": len(part), "n_rows": len(df), "seconds": time.perf_counter() - t0,
                     "skipped": skipped, "approx_error": df.attrs.get("approx_error")}
             _write_json(names[s].with_suffix(".json"), meta)
             _write_shard(df, names[s], cols)
-            bar.update(part.num_rows)
+            bar.update(len(part))
         bar.close()
     if rank != 0 or not merge:
         return 0

@@ -72,36 +72,6 @@ def _write_shard(df: Any, path: Path, cols: list[str]) -> None:
     os.replace(tmp, path)
 
 
-def _by_position(part: Any) -> Any:
-    """The shard's cells keyed by their position in it (``cell_index`` need not be unique across files)."""
-    import numpy as np
-    import pyarrow as pa
-
-    return pa.table({"input_ids": part.column("input_ids"), "cell_index": np.arange(part.num_rows, dtype=np.int64)})
-
-
-def _from_positions(df: Any, part: Any) -> list[dict]:
-    """Map the results (and skips) of :func:`_by_position` cells back to ``cell_index`` / ``file_index``."""
-    import numpy as np
-
-    cell = part.column("cell_index").to_numpy()
-    pos = df["cell_index"].to_numpy()
-    df["cell_index"] = cell[pos]
-    files = part.column("file_index").to_numpy() if "file_index" in part.column_names else None
-    if files is not None:
-        df.insert(1, "file_index", files[pos].astype(np.int32))
-    skipped = []
-    for rec in df.attrs.get("skipped", []):
-        i = int(rec.get("cell_index", -1))
-        rec = dict(rec)
-        if i >= 0:  # -1: not about one cell (e.g. a gene outside the vocabulary)
-            rec["cell_index"] = int(cell[i])
-            if files is not None:
-                rec["file_index"] = int(files[i])
-        skipped.append(rec)
-    return skipped
-
-
 def _merge(out: Path, names: dict[int, Path], cols: list[str], args: argparse.Namespace, cfg: dict,
            n_shards: int, world: int) -> None:
     import numpy as np

@@ -76,6 +76,6 @@ def _spawn_workers(args: argparse.Namespace) -> int:
         raise StoreError(msg)
     # the parent merges once every worker is done: a rank-0 worker waiting for the shards of a failed
     # rank would otherwise wait --merge-timeout (a week) before anyone could report the failure
-    table, out, names, cfg, n_shards = _layout(args)
-    _merge(out, names, _columns(args, file_index="file_index" in table.column_names), args, cfg, n_shards, n)
+    cells, out, names, cfg, n_shards = _layout(args)
+    _merge(out, names, _columns(args, file_index="file_index" in cells.column_names), args, cfg, n_shards, n)
     return 0

@@ -13,7 +13,9 @@ import torch
 from .._dtypes import resolve_dtype
 from .._errors import GeneMatchError, InputFileError, UsageError
 from .._progress import progress as _progress
-from ._inputs import GeneResolver, check_dictionary, dataset_orthologs, iter_cells, unique_special
+from ..store.cells import open_cells
+from ..vocab.targets import TargetResolver
+from ._inputs import check_cells, default_pooling, iter_positions, special_ids, to_cell_index
 from ._results import ResultBuilder
 from .plan import PERTURBATIONS, CellPlan, plan_cell
 
@@ -32,16 +34,6 @@ def layer_of(layer: int, emb_layer: int | None) -> int:
         msg = f"emb_layer={emb_layer} (--emb-layer): Geneformer's numbering is 0 (last layer) or -1 (second-to-last)"
         raise UsageError(msg)
     return emb_layer - 1
-
-
-def default_pooling(tokens: Any, special: Iterable[int]) -> str:
-    """``"cls"`` for a V2 token dataset (its config records a ``<cls>`` token among the specials), else
-    ``"mean"``."""
-    from ._inputs import dataset_config
-
-    spec = dataset_config(tokens).get("special_tokens") or {}
-    cls = spec.get("<cls>") if isinstance(spec, dict) else None
-    return "cls" if cls is not None and int(cls) in {int(t) for t in special} else "mean"
 
 
 def default_batch_tokens(device: torch.device) -> int:
@@ -79,6 +71,7 @@ def run_engine(
     progress_bar: bool = True,
     forward_layer: int | None = None,
     approx_check_cells: int = 1,
+    with_file_index: bool = False,
 ) -> pd.DataFrame:
     """Shared driver: plan each cell, run one engine, collect the result table (see ``perturb_cells``)."""
     # option errors are UsageError / InputFileError (ValueError subclasses): the CLI reports them cleanly
@@ -116,9 +109,10 @@ def run_engine(
     if lowp is None and wdt != torch.float32:
         lowp = wdt  # a bf16/fp16 checkpoint computes under autocast in its own dtype
     budget = int(batch_tokens or default_batch_tokens(dev))
-    check_dictionary(tokens, token_dictionary)
-    resolver = GeneResolver(token_dictionary, gene_name_map,
-                            orthologs if orthologs is not None else dataset_orthologs(tokens))
+    src = open_cells(tokens)
+    resolver = TargetResolver.for_cells(src, token_dictionary=token_dictionary, gene_name_map=gene_name_map)
+    if orthologs is not None:
+        resolver = TargetResolver(token_dictionary, gene_name_map, orthologs)
     groups, unknown = resolver.resolve(genes, combine=combine)
     vocab = model.config.vocab_size
     if groups is not None:  # token ids given as numbers must exist in the model (not "not expressed")
@@ -137,9 +131,9 @@ def run_engine(
         raise UsageError(msg)
     if anchor_tok is not None and groups is not None:
         groups = [tuple(dict.fromkeys((anchor_tok, *g))) for g in groups]
-    special = unique_special(special_token_ids, resolver, tokens)
+    special = special_ids(special_token_ids, src, resolver)
     if pooling is None:
-        pooling = default_pooling(tokens, special)
+        pooling = default_pooling(src, special)
     try:
         ens, sym = resolver.ensembl_of(), resolver.symbol_of()
     except Exception:  # a missing dictionary only costs the ensembl_id / gene_name columns
@@ -159,38 +153,15 @@ def run_engine(
             raise UsageError(msg)
     builder = ResultBuilder(perturbation, anchor_tok, ens, target_columns=names, with_gene_shifts=gene_shifts,
                             symbol_of=sym)
-    # token ids only: plans (V x L index arrays) are built one cell at a time. Padding is dropped (the
-    # engines run unpadded; the reference would mask it), so padded 2-D inputs give the same results.
-    pad = model.config.pad_token_id
-    cells = [(ci, ids[ids != pad]) for ci, ids in iter_cells(tokens)]
-    oov = [ci for ci, ids in cells if len(ids) and (ids.min() < 0 or ids.max() >= vocab)]
-    if oov:  # would be an IndexError deep in the embedding
-        top = max(int(ids.max()) for ci, ids in cells if ci in set(oov[:10]))
-        msg = (f"cells {oov[:10]} ({len(oov)} in all) hold token ids up to {top}, outside the model's vocabulary of "
-               f"{vocab}: these tokens come from another dictionary than this model's; re-tokenize with the "
-               "model's --token-dictionary or pass the matching --model")
-        raise InputFileError(msg)
+    # plans (V x L index arrays) are built one cell at a time from tokens read part by part. Padding is
+    # dropped (the engines run unpadded; the reference would mask it), so padded inputs give the same results.
+    delete_all = groups is None and anchor_tok is None and perturbation == "delete"
+    total = check_cells(src, model, pooling=pooling, special=special, count_genes=delete_all)
     max_pos = model.config.max_position_embeddings
-    too_long = [ci for ci, ids in cells if len(ids) > max_pos]
-    if too_long:
-        msg = (f"cells {too_long[:10]} ({len(too_long)} in all) are longer than the model's {max_pos} positions: "
-               f"re-tokenize with `scfm tokenize ... --max-len {max_pos}` or use a model with more positions")
-        raise InputFileError(msg)
-    spec_arr = np.asarray(special, dtype=np.int64)
-    if pooling == "cls":
-        bad = [ci for ci, ids in cells if len(ids) == 0 or ids[0] not in spec_arr]
-        if bad:
-            msg = (f"pooling='cls' needs cells that start with a <cls> token (a special token id); cells "
-                   f"{bad[:10]} do not: use pooling='mean' for V1 token layouts")
-            raise UsageError(msg)
-    total = None
-    if groups is None and anchor_tok is None and perturbation == "delete":  # one variant per gene: known without planning
-        n_genes = [int((~np.isin(ids, spec_arr)).sum()) for _, ids in cells]
-        total = sum(n for n in n_genes if n > 1)  # a one-gene cell is skipped (see plan_cell)
 
     def plans():
-        for ci, ids in cells:
-            yield plan_cell(ids, ci, perturbation=perturbation, groups=groups, special_token_ids=special,
+        for pos, ids in iter_positions(src, pad=model.config.pad_token_id):
+            yield plan_cell(ids, pos, perturbation=perturbation, groups=groups, special_token_ids=special,
                             anchor=anchor_tok, rank_shift=rank_shift, steps=steps,
                             insert_absent=not skip_absent, max_len=max_pos)
 
@@ -213,7 +184,9 @@ def run_engine(
                 builder.add(plan, block, res)
                 bar.update(block.n_variants)
         bar.close()
-        return builder.frame(mode="reference", **attrs)
+        df = builder.frame(mode="reference", **attrs)
+        to_cell_index(df, src, with_file_index=with_file_index)
+        return df
     if engine == "exact":
         from .exact import ExactEngine
 
@@ -239,6 +212,7 @@ def run_engine(
             builder.add(plan, block, eng.run_block(plan, block, h0, on_batch=bar.update, **opts))
     bar.close()
     df = builder.frame(mode=engine, **attrs)
+    to_cell_index(df, src, with_file_index=with_file_index)
     if check:
         from .approx import approx_error_of
 

@@ -115,6 +115,15 @@ class TargetResolver:
         """Token id -> Ensembl id (special tokens included, under their names)."""
         return {t: g for g, t in self.token_dict.items()}
 
+    def symbol_of(self) -> dict[int, str]:
+        """Token id -> gene symbol (the first symbol of the name map naming its Ensembl id): result labels."""
+        out: dict[int, str] = {}
+        for sym, ens in self.name_map.items():
+            t = self.token_dict.get(ens)
+            if t is not None:
+                out.setdefault(int(t), str(sym))
+        return out
+
     # ---- resolution -------------------------------------------------------------------------------
     def resolve_one(self, gene: int | str) -> int | None:
         """Token id of one target, or ``None`` when it is not a tokenized gene.
