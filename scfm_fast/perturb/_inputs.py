@@ -37,10 +37,11 @@ def default_pooling(src: CellSource, special: Iterable[int]) -> str:
 
 
 def iter_positions(src: CellSource, *, pad: int | None,
-                   part_cells: int = PART_CELLS) -> Iterator[tuple[int, np.ndarray]]:
-    """``(position in src, input_ids without padding)``, tokens read ``part_cells`` cells at a time."""
+                   part_cells: int | None = None) -> Iterator[tuple[int, np.ndarray]]:
+    """``(position in src, input_ids without padding)``, tokens read ``part_cells`` (default
+    :data:`PART_CELLS`) cells at a time."""
     start = 0
-    for part in src.parts(part_cells):
+    for part in src.parts(part_cells or PART_CELLS):
         for k, ids in enumerate(part.take(np.arange(len(part)))):
             yield start + k, (ids if pad is None else ids[ids != pad])
         start += len(part)

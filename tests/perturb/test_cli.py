@@ -91,17 +91,23 @@ def test_resume_refuses_other_settings(token_dir, ckpt, tmp_path):
     assert json.loads((out / "manifest.json").read_text())["config"]["layer"] == -1
 
 
-def test_ranks_take_disjoint_shards_and_rank0_merges(token_dir, ckpt, tmp_path, monkeypatch, cells):
+def test_ranks_take_disjoint_shards_and_rank0_merges(token_dir, ckpt, tmp_path, monkeypatch, capsys, cells):
+    # torchrun ranks, run one after the other: rank 0 prepares OUT (rank 1 waits for it) and merges once
+    # every shard exists; here it gives up waiting at once, then merges on --resume
     out = tmp_path / "out"
     monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    assert _run(token_dir, ckpt, out, "--devices", "cpu", "--no-stats", "--merge-timeout", "0") == 2
+    assert "never appeared" in capsys.readouterr().err
+    assert sorted(p.name for p in (out / "shards").glob("*.parquet")) == ["part-000000.parquet", "part-000002.parquet"]
     monkeypatch.setenv("RANK", "1")
     monkeypatch.setenv("LOCAL_RANK", "1")
     assert _run(token_dir, ckpt, out, "--devices", "cpu", "--no-stats") == 0
-    assert [p.name for p in (out / "shards").glob("*.parquet")] == ["part-000001.parquet"]
-    assert not (out / "perturbations.parquet").exists()
+    assert (out / "shards" / "part-000001.parquet").exists() and not (out / "perturbations.parquet").exists()
     monkeypatch.setenv("RANK", "0")
     monkeypatch.setenv("LOCAL_RANK", "0")
-    assert _run(token_dir, ckpt, out, "--devices", "cpu", "--no-stats") == 0
+    assert _run(token_dir, ckpt, out, "--devices", "cpu", "--no-stats", "--resume") == 0
     df = pd.read_parquet(out / "perturbations.parquet")
     assert not df.duplicated(["cell_index", "gene_token"]).any()
     _assert_equals_one_process(df, cells)

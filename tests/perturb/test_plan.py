@@ -5,9 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from scfm_fast.perturb.plan import build_variant, plan_cell, target_rank
 from scfm_fast.store.cells import open_cells
 from scfm_fast.vocab.targets import TargetResolver
-from scfm_fast.perturb.plan import build_variant, plan_cell, target_rank
 
 from .conftest import CLS, EOS, SPECIAL
 

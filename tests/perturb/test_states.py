@@ -214,3 +214,26 @@ def test_cli_refuses_bad_cell_states(state_dir, ckpt, tmp_path, capsys):
     ok = '{"state_key": "disease", "start_state": "dcm", "goal_state": "nf"}'
     assert _run(state_dir, ckpt, tmp_path / "c", "--cell-states", ok, "--filter", "disease=dcm") == 2
     assert "drop --filter" in capsys.readouterr().err
+
+
+def test_screen_reads_tokens_part_by_part(monkeypatch):
+    # a screen without --filter holds at most one part of the cells' tokens at a time, never the corpus
+    from scfm_fast.perturb import _inputs
+    from scfm_fast.store.cells import CellSource
+
+    cells = make_cells([6 + i % 5 for i in range(23)], seed=3)
+    sizes: list[int] = []
+    real = CellSource._gather
+
+    def spy(self, flat, indices, dtype):
+        sizes.append(len(np.asarray(indices).reshape(-1)))
+        return real(self, flat, indices, dtype)
+
+    monkeypatch.setattr(CellSource, "_gather", spy)
+    monkeypatch.setattr(_inputs, "PART_CELLS", 4)
+    whole = perturb_cells(cells, tiny_model(), special_token_ids=SPECIAL, progress_bar=False)
+    assert sizes and max(sizes) == 4 and sum(sizes) % len(cells) == 0
+    monkeypatch.setattr(CellSource, "_gather", real)
+    monkeypatch.setattr(_inputs, "PART_CELLS", 1024)
+    one = perturb_cells(cells, tiny_model(), special_token_ids=SPECIAL, progress_bar=False)
+    pd.testing.assert_frame_equal(whole, one)  # parts change what is held, never the results
