@@ -195,29 +195,3 @@ def approx_error_of(df: Any, plans: list[CellPlan], model: Any, *, n_layers: int
     if not e_all:
         return compare_results(np.zeros(0), np.zeros(0), np.zeros(0))
     return compare_results(1 - np.concatenate(e_all), 1 - np.concatenate(a_all), np.concatenate(cells))
-
-
-def measure_approx_error(tokens: Any, model: Any, **kwargs: Any) -> dict[str, float]:
-    """Run the exact and approximate engines on the same cells and compare them.
-
-    Parameters
-    ----------
-    tokens
-        As for :func:`~scfm_fast.perturb.perturb_cells`.
-    model
-        A ``BertEncoderModel``.
-    **kwargs
-        Options of :func:`~scfm_fast.perturb.perturb_cells` (``mode`` is set by this function).
-
-    Returns
-    -------
-    dict
-        ``max_abs_dcos``, ``mean_abs_dcos`` (cosine similarity, approx vs exact), ``spearman_mean`` /
-        ``spearman_min`` (per-cell Spearman correlation of the shift rankings), ``n_cells``, ``n_variants``.
-    """
-    from .api import perturb_cells
-
-    kwargs = {k: v for k, v in kwargs.items() if k not in ("mode", "approx_check_cells")}
-    de = perturb_cells(tokens, model, mode="exact", **kwargs)
-    da = perturb_cells(tokens, model, mode="approx", approx_check_cells=0, **kwargs)
-    return compare_results(de["shift"].to_numpy(), da["shift"].to_numpy(), de["cell_index"].to_numpy())

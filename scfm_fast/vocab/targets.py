@@ -129,12 +129,12 @@ class TargetResolver:
         return {t: g for g, t in self.token_dict.items()}
 
     def symbol_of(self) -> dict[int, str]:
-        """Token id -> gene symbol: the first symbol of the name map naming the token's Ensembl id."""
+        """Token id -> gene symbol (the first symbol of the name map naming its Ensembl id): result labels."""
         out: dict[int, str] = {}
         for sym, ens in self.name_map.items():
             t = self.token_dict.get(ens)
             if t is not None:
-                out.setdefault(t, sym)
+                out.setdefault(int(t), str(sym))
         return out
 
     # ---- resolution -------------------------------------------------------------------------------
