@@ -177,11 +177,6 @@ def test_perturb_by_mouse_symbol_with_the_mouse_table_given(run):
     assert set(df["gene_name"]) <= set(TARGETS)  # named by the mouse table too
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError,
-                   reason="scfm perturb resolves --genes with perturb/_inputs.GeneResolver, whose default symbol "
-                          "table is Geneformer V1's human one: mouse 'Actb' goes by case to human ACTB (ENSG), "
-                          "absent from a mouse dictionary. Fixed once perturb/ uses vocab.TargetResolver.for_cells "
-                          "(until then: --gene-name-map with a mouse symbol pickle, the test above)")
 def test_perturb_by_mouse_symbol(run):
     _check_deletion(run, _perturb(run, "pert_symbols", list(TARGETS)), list(TARGETS))
 
