@@ -87,7 +87,7 @@ def test_loss_equals_genecompass_and_plain_pytorch(fixture_dir):
     for got, key in ((loss, "loss"), (ce / n, "id_loss"), (se / n, "value_loss")):
         np.testing.assert_allclose(float(got.detach()), float(z[key]), rtol=1e-5, atol=1e-6)
     ref, ref_ce, ref_mse = _plain(model, z)
-    np.testing.assert_allclose(float(loss), float(ref), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(float(loss.detach()), float(ref.detach()), rtol=1e-5, atol=1e-6)
     # gradients of every trainable parameter equal those of the plain implementation
     params = [p for p in model.parameters() if p.requires_grad]
     g_fast = torch.autograd.grad(loss, params, allow_unused=True)
@@ -104,3 +104,98 @@ def test_loss_equals_genecompass_and_plain_pytorch(fixture_dir):
     assert int(c) == int(correct)
     logged = obj.flush()
     np.testing.assert_allclose([logged["id_loss"], logged["value_loss"]], [float(ref_ce), float(ref_mse)], rtol=1e-5)
+
+
+@pytest.fixture(scope="module")
+def gc_run_inputs(tmp_path_factory, pbmc_path):
+    """Real PBMC cells + synthetic mouse cells tokenized with --preset genecompass, a joint dictionary, four
+    knowledge pickles (gene id -> 8-d vector) and a small GeneCompass config."""
+    import json
+    import pickle
+
+    from scfm_fast.tokenizer.pipeline import tokenize_corpus
+    from tests._genecompass import human_mouse_inputs, joint_dictionaries
+
+    tmp = tmp_path_factory.mktemp("gcpre")
+    hp, mp, human_ids, mouse_ids = human_mouse_inputs(tmp, pbmc_path, n_mouse=40)
+    tok, med = joint_dictionaries(tmp, human_ids, mouse_ids)
+    data = tmp / "tokens"
+    tokenize_corpus([hp, mp], data, preset="genecompass", token_dictionary=tok, gene_median=med,
+                    species_column="organism", max_len=64, progress_bar=False)
+    rng = np.random.default_rng(0)
+    genes = sorted(set(human_ids) | set(mouse_ids))
+    knowledge = {}
+    for name in ("promoter", "co_exp", "gene_family", "peca_grn"):
+        knowledge[name] = str(tmp / f"{name}.pkl")
+        with open(knowledge[name], "wb") as f:
+            pickle.dump({g: rng.normal(size=8).astype(np.float32) for g in genes}, f)
+    cfg = tmp / "gc_config.json"
+    cfg.write_text(json.dumps({"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4,
+                               "intermediate_size": 64, "hidden_act": "gelu", "max_position_embeddings": 64,
+                               "use_values": True, "use_promoter": True, "use_co_exp": True,
+                               "use_gene_family": True, "use_peca_grn": True, "use_cls_token": True}))
+    return data, tok, knowledge, cfg
+
+
+def test_short_run_lowers_both_terms_and_saves_genecompass_layout(gc_run_inputs, tmp_path, fixture_dir):
+    import json
+
+    from scfm_fast.pretrain import pretrain_model
+
+    data, tok, knowledge, cfg = gc_run_inputs
+    kn = ",".join(f"{k}={v}" for k, v in knowledge.items())
+    res = pretrain_model([data], out=tmp_path / "run", config=str(cfg), token_dictionary=str(tok), knowledge=kn,
+                         max_steps=40, batch_tokens=2048, lr=2e-3, warmup=0, dtype="float32", log_every=1,
+                         save_every=20, progress=False)
+    assert res["status"] == "complete" and res["step"] == 40
+    recs = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    recs = [r for r in recs if "id_loss" in r]
+    assert len(recs) == 40
+    for key in ("id_loss", "value_loss"):
+        first, last = np.mean([r[key] for r in recs[:5]]), np.mean([r[key] for r in recs[-5:]])
+        assert last < 0.9 * first, (key, first, last)
+    for r in recs:  # the logged loss is GeneCompass's weighting of the two terms
+        np.testing.assert_allclose(r["loss"], 0.2 * r["id_loss"] + 0.8 * r["value_loss"], rtol=1e-6)
+    ckpt = tmp_path / "run" / "checkpoint-40"
+    # GeneCompass's layout: the same state-dict keys (and config switches) as a checkpoint its code saved
+    sd = torch.load(ckpt / "pytorch_model.bin", weights_only=True)
+    ref = torch.load(fixture_dir / "model" / "pytorch_model.bin", weights_only=True)
+    assert set(sd) == set(ref)
+    conf = json.loads((ckpt / "config.json").read_text())
+    assert all(conf[k] is True for k in ("use_values", "use_promoter", "use_cls_token"))
+    model = load_genecompass(ckpt)
+    with open(knowledge["promoter"], "rb") as f:
+        prom = pickle_load(f)
+    with open(tok, "rb") as f:
+        token_of = pickle_load(f)
+    g = next(iter(prom))
+    np.testing.assert_array_equal(model.bert.embeddings.promoter_knowledge[token_of[g]].numpy(), prom[g])
+    # continue from it with --init (knowledge tables come with the checkpoint)
+    res2 = pretrain_model([data], out=tmp_path / "run2", init=str(ckpt), token_dictionary=str(tok), max_steps=2,
+                          batch_tokens=2048, dtype="float32", progress=False)
+    assert res2["status"] == "complete"
+    again = load_genecompass(tmp_path / "run2" / "checkpoint-2")
+    torch.testing.assert_close(again.bert.embeddings.promoter_knowledge, model.bert.embeddings.promoter_knowledge)
+
+
+def pickle_load(f):
+    import pickle
+
+    return pickle.load(f)  # noqa: S301 - test files written above
+
+
+def test_family_and_knowledge_refusals(gc_run_inputs, tmp_path):
+    from scfm_fast._errors import UsageError
+    from scfm_fast.pretrain import pretrain_model
+
+    data, tok, knowledge, cfg = gc_run_inputs
+    with pytest.raises(UsageError, match="GeneCompass tokens.*geneformer-v1-6l is a Geneformer"):
+        pretrain_model([data], out=tmp_path / "a", preset="geneformer-v1-6l", token_dictionary=str(tok), max_steps=1,
+                       progress=False)
+    three = ",".join(f"{k}={v}" for k, v in list(knowledge.items())[:3])
+    with pytest.raises(UsageError, match="missing \\['peca_grn'\\]"):
+        pretrain_model([data], out=tmp_path / "b", config=str(cfg), token_dictionary=str(tok), knowledge=three,
+                       max_steps=1, progress=False)
+    with pytest.raises(UsageError, match="NAME=PKL"):
+        pretrain_model([data], out=tmp_path / "c", config=str(cfg), token_dictionary=str(tok), knowledge="x=y",
+                       max_steps=1, progress=False)
