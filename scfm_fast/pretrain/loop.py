@@ -29,9 +29,9 @@ from .build import (
 )
 from .checkpoints import load_trainer_state, prepare_run_dir, save_checkpoint
 from .data import Corpus, EpochPlan, Prefetcher, make_batch, plan_epoch, split_eval
+from .genecompass import build_genecompass, is_genecompass_run
 from .masking import EVAL_EPOCH, Masker, protected_ids
 from .metrics import MetricsLog, peak_flops, plot_loss, train_flops
-from .genecompass import build_genecompass, is_genecompass_run
 from .objectives import GeneCompassObjective, mlm_loss_sum
 from .presets import PRESETS, PretrainOptions
 
