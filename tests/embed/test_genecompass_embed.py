@@ -16,7 +16,7 @@ from scfm_fast.cli import main
 from scfm_fast.embed.cells import embed_tokens
 from scfm_fast.model.genecompass_checkpoint import load_genecompass, save_genecompass
 from scfm_fast.store import open_cells
-from tests._genecompass import human_mouse_inputs, joint_dictionaries
+from tests._genecompass import fixture_path, human_mouse_inputs, joint_dictionaries
 
 anndata = pytest.importorskip("anndata")
 MAX_LEN = 64
@@ -24,10 +24,7 @@ MAX_LEN = 64
 
 @pytest.fixture(scope="module")
 def fixture_dir(shared_dir):
-    p = shared_dir / "genecompass_fixture"
-    if not p.is_dir():
-        pytest.skip(f"GeneCompass fixture not found in {p}")
-    return p
+    return fixture_path(shared_dir)
 
 
 def _case_table(fixture_dir, name="mask"):

@@ -15,14 +15,12 @@ from scfm_fast.model.genecompass_checkpoint import load_genecompass
 from scfm_fast.pretrain.data import MaskedBatch
 from scfm_fast.pretrain.masking import Masker
 from scfm_fast.pretrain.objectives import GeneCompassObjective, genecompass_loss, genecompass_loss_sums
+from tests._genecompass import fixture_path
 
 
 @pytest.fixture(scope="module")
 def fixture_dir(shared_dir):
-    p = shared_dir / "genecompass_fixture"
-    if not p.is_dir():
-        pytest.skip(f"GeneCompass fixture not found in {p}")
-    return p
+    return fixture_path(shared_dir)
 
 
 def test_masking_with_values():
@@ -199,3 +197,14 @@ def test_family_and_knowledge_refusals(gc_run_inputs, tmp_path):
     with pytest.raises(UsageError, match="NAME=PKL"):
         pretrain_model([data], out=tmp_path / "c", config=str(cfg), token_dictionary=str(tok), knowledge="x=y",
                        max_steps=1, progress=False)
+
+
+def test_genecompass_base_preset():
+    from scfm_fast.pretrain.build import model_config
+    from scfm_fast.pretrain.presets import PretrainOptions
+
+    o = PretrainOptions(out="-", preset="genecompass-base").resolved()
+    cfg = model_config(o, vocab_size=50558, specials={"<pad>": 0, "<mask>": 1})
+    assert (cfg.num_hidden_layers, cfg.hidden_size, cfg.num_attention_heads, cfg.intermediate_size) == (12, 768, 12, 3072)
+    assert cfg.hidden_act == "gelu" and cfg.max_position_embeddings == 2048 and cfg.vocab_size == 50558
+    assert (o.lr, o.schedule, o.warmup, o.weight_decay) == (5e-5, "linear", 10_000, 0.01)
