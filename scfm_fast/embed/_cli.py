@@ -33,7 +33,8 @@ _MERGED = ("cell_embeddings.parquet", "cell_embeddings.npy", "gene_embeddings.pa
 def register(subparsers: Any) -> None:
     """Add the ``embed`` subcommand to an argparse ``subparsers`` object."""
     p = subparsers.add_parser("embed", help="cell / gene embeddings of a token dataset",
-                              description="Embed every cell of TOKENS_DIR with a Hugging Face BERT checkpoint; "
+                              description="Embed every cell of TOKENS_DIR with a Geneformer (Hugging Face BERT) or GeneCompass "
+                                          "checkpoint (GeneCompass tokens: --preset genecompass); "
                                           "writes OUT/cell_embeddings.parquet (with the dataset's metadata "
                                           "columns) and .npy, and gene_embeddings.parquet with --genes.")
     p.add_argument("tokens", metavar="TOKENS_DIR")

@@ -163,6 +163,7 @@ def make_batch(corpus: Corpus, masker: Masker, samples: np.ndarray, *, epoch: in
     """Read, corrupt and pack the cells of ``samples`` (an empty array gives an empty batch)."""
     ids, pos, lab = [], [], []
     vin, vlab, species = [], [], []
+    gc = getattr(corpus, "has_values", False)  # GeneCompass cells (a stand-in corpus may lack the attribute)
     off = 0
     for s in samples:
         tok = corpus.tokens(int(s % len(corpus)))
@@ -170,7 +171,7 @@ def make_batch(corpus: Corpus, masker: Masker, samples: np.ndarray, *, epoch: in
             msg = (f"cell {int(s % len(corpus))}: token id {int(tok.max())} is outside the model's vocabulary "
                    f"of {masker.vocab_size}; was the dataset tokenized with this dictionary?")
             raise UsageError(msg)
-        if corpus.has_values:
+        if gc:
             vals, sp = corpus.values(int(s % len(corpus)))
             x, v, p, y, yv = masker.with_values(tok, vals, epoch=epoch, sample=int(s))
             vin.append(v)
@@ -187,7 +188,7 @@ def make_batch(corpus: Corpus, masker: Masker, samples: np.ndarray, *, epoch: in
                                                      torch.zeros(0, dtype=torch.long), np.zeros(0, np.int64))
     cat = (lambda a: torch.from_numpy(np.concatenate(a))) if ids else (lambda a: torch.zeros(0, dtype=torch.long))
     batch = MaskedBatch(packed, cat(pos), cat(lab), len(samples))
-    if corpus.has_values:
+    if gc:
         fcat = (lambda a: torch.from_numpy(np.concatenate(a))) if ids else (lambda a: torch.zeros(0))
         batch.values, batch.label_values = fcat(vin), fcat(vlab)
         batch.species = torch.tensor(species, dtype=torch.long)

@@ -98,7 +98,7 @@ def test_loss_equals_genecompass_and_plain_pytorch(fixture_dir):
     # the trainer's calling convention: (0.2 CE + 0.8 SE) summed; id/value means logged
     obj = GeneCompassObjective()
     ls, c = obj(model, None, batch)
-    np.testing.assert_allclose(float(ls) / n, float(ref), rtol=1e-5)
+    np.testing.assert_allclose(float(ls.detach()) / n, float(ref.detach()), rtol=1e-5)
     assert int(c) == int(correct)
     logged = obj.flush()
     np.testing.assert_allclose([logged["id_loss"], logged["value_loss"]], [float(ref_ce), float(ref_mse)], rtol=1e-5)
@@ -143,18 +143,18 @@ def test_short_run_lowers_both_terms_and_saves_genecompass_layout(gc_run_inputs,
     data, tok, knowledge, cfg = gc_run_inputs
     kn = ",".join(f"{k}={v}" for k, v in knowledge.items())
     res = pretrain_model([data], out=tmp_path / "run", config=str(cfg), token_dictionary=str(tok), knowledge=kn,
-                         max_steps=40, batch_tokens=2048, lr=2e-3, warmup=0, dtype="float32", log_every=1,
-                         save_every=20, progress=False)
-    assert res["status"] == "complete" and res["step"] == 40
+                         max_steps=24, batch_tokens=1024, lr=3e-3, warmup=0, dtype="float32", log_every=1,
+                         save_every=12, eval_fraction=0.1, eval_every=12, progress=False)
+    assert res["status"] == "complete" and res["step"] == 24 and np.isfinite(res["eval_loss"])
     recs = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     recs = [r for r in recs if "id_loss" in r]
-    assert len(recs) == 40
-    for key in ("id_loss", "value_loss"):
-        first, last = np.mean([r[key] for r in recs[:5]]), np.mean([r[key] for r in recs[-5:]])
-        assert last < 0.9 * first, (key, first, last)
+    assert len(recs) == 24
+    for key in ("id_loss", "value_loss"):  # measured: -12% and -23% (first vs last 6 steps)
+        first, last = np.mean([r[key] for r in recs[:6]]), np.mean([r[key] for r in recs[-6:]])
+        assert last < 0.95 * first, (key, first, last)
     for r in recs:  # the logged loss is GeneCompass's weighting of the two terms
         np.testing.assert_allclose(r["loss"], 0.2 * r["id_loss"] + 0.8 * r["value_loss"], rtol=1e-6)
-    ckpt = tmp_path / "run" / "checkpoint-40"
+    ckpt = tmp_path / "run" / "checkpoint-24"
     # GeneCompass's layout: the same state-dict keys (and config switches) as a checkpoint its code saved
     sd = torch.load(ckpt / "pytorch_model.bin", weights_only=True)
     ref = torch.load(fixture_dir / "model" / "pytorch_model.bin", weights_only=True)
@@ -168,9 +168,10 @@ def test_short_run_lowers_both_terms_and_saves_genecompass_layout(gc_run_inputs,
         token_of = pickle_load(f)
     g = next(iter(prom))
     np.testing.assert_array_equal(model.bert.embeddings.promoter_knowledge[token_of[g]].numpy(), prom[g])
-    # continue from it with --init (knowledge tables come with the checkpoint)
+    # continue from it with --init (knowledge tables come with the checkpoint), in bf16 autocast this time
     res2 = pretrain_model([data], out=tmp_path / "run2", init=str(ckpt), token_dictionary=str(tok), max_steps=2,
-                          batch_tokens=2048, dtype="float32", progress=False)
+                          batch_tokens=2048, dtype="bfloat16", progress=False)
+    assert np.isfinite(res2["loss"])
     assert res2["status"] == "complete"
     again = load_genecompass(tmp_path / "run2" / "checkpoint-2")
     torch.testing.assert_close(again.bert.embeddings.promoter_knowledge, model.bert.embeddings.promoter_knowledge)
