@@ -101,7 +101,7 @@ def test_loss_equals_genecompass_and_plain_pytorch(fixture_dir):
     np.testing.assert_allclose(float(ls.detach()) / n, float(ref.detach()), rtol=1e-5)
     assert int(c) == int(correct)
     logged = obj.flush()
-    np.testing.assert_allclose([logged["id_loss"], logged["value_loss"]], [float(ref_ce), float(ref_mse)], rtol=1e-5)
+    np.testing.assert_allclose([logged["id_loss"], logged["value_loss"]], [float(ref_ce.detach()), float(ref_mse.detach())], rtol=1e-5)
 
 
 @pytest.fixture(scope="module")
