@@ -121,6 +121,13 @@ def run_engine(
     if perturbation in ("inhibit", "activate") and not 0 < rank_shift <= 1:
         msg = f"rank_shift={rank_shift} (--rank-shift): use a fraction of the cell's length in (0, 1], e.g. 0.25"
         raise UsageError(msg)
+    from ..model.genecompass import GeneCompassModel
+
+    if isinstance(model, GeneCompassModel):
+        # its cells carry a value per gene and a species row: the engines here perturb token sequences only
+        msg = ("a GeneCompass model: in-silico perturbation of GeneCompass (genes with their values) is not "
+               "implemented yet; `scfm embed` runs GeneCompass checkpoints")
+        raise UsageError(msg)
     layer = layer_of(layer, emb_layer)
     dev = torch.device(device) if device is not None else next(model.parameters()).device
     model = model.to(dev).eval()
