@@ -49,3 +49,13 @@ def human_mouse_inputs(tmp: Path, pbmc_path: Path, *, n_mouse: int = 60, seed: i
     human.write_h5ad(hp)
     mouse.write_h5ad(mp)
     return hp, mp, human_ids, list(picked["gene_id"])
+
+
+def fixture_path(shared_dir: Path) -> Path:
+    """``shared/genecompass_fixture`` (a checkpoint + outputs of GeneCompass's own code); skips when absent."""
+    import pytest
+
+    p = shared_dir / "genecompass_fixture"
+    if not p.is_dir():
+        pytest.skip(f"GeneCompass fixture not found in {p}")
+    return p

@@ -26,21 +26,27 @@ from typing import Any
 
 from .._errors import InputFileError, StoreError, UsageError
 
-_CONFIG_KEYS = ("model", "layer", "pool", "genes", "dtype", "cells_per_part")
+_CONFIG_KEYS = ("model", "layer", "pool", "genes", "dtype", "cells_per_part", "no_attention_mask")
 _MERGED = ("cell_embeddings.parquet", "cell_embeddings.npy", "gene_embeddings.parquet", "cell_embeddings_pca.png")
 
 
 def register(subparsers: Any) -> None:
     """Add the ``embed`` subcommand to an argparse ``subparsers`` object."""
     p = subparsers.add_parser("embed", help="cell / gene embeddings of a token dataset",
-                              description="Embed every cell of TOKENS_DIR with a Hugging Face BERT checkpoint; "
+                              description="Embed every cell of TOKENS_DIR with a Geneformer (Hugging Face BERT) or GeneCompass "
+                                          "checkpoint (GeneCompass tokens: --preset genecompass); "
                                           "writes OUT/cell_embeddings.parquet (with the dataset's metadata "
                                           "columns) and .npy, and gene_embeddings.parquet with --genes.")
     p.add_argument("tokens", metavar="TOKENS_DIR")
-    p.add_argument("--model", required=True, help="checkpoint directory (config.json + weights)")
+    p.add_argument("--model", required=True,
+                   help="checkpoint directory (config.json + weights): Geneformer (BERT) or GeneCompass")
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--layer", type=int, default=-1, help="hidden layer (-1 last, -2 second to last, 0 embeddings)")
-    p.add_argument("--pool", default="mean", choices=["mean", "cls"])
+    p.add_argument("--pool", default="mean", choices=["mean", "cls"],
+                   help="mean over genes, or the first row: <cls> (Geneformer V2) / the species row (GeneCompass)")
+    p.add_argument("--no-attention-mask", action="store_true",
+                   help="GeneCompass only: pad each cell to the model's positions (2,048) and let the pads attend, "
+                        "as GeneCompass's own scripts do, to reproduce their numbers (off: pads never attend)")
     p.add_argument("--genes", action="store_true", help="also write per-gene embeddings")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
     p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"])
@@ -95,6 +101,7 @@ def run(args: Any) -> int:
     from ..model.checkpoint import load_encoder
     from ..store.cells import open_cells
     from .cells import check_inputs, embed_tokens
+    from .genecompass import is_genecompass
 
     _check_options(args)
     src = open_cells(args.tokens)  # refuses a missing, unfinished, damaged or empty dataset
@@ -113,7 +120,11 @@ def run(args: Any) -> int:
     # the model and its fit to the tokens (positions, vocabulary, <cls>) are checked before --out is touched
     model = load_encoder(args.model, device=device)
     hidden = model.config.hidden_size
-    check_inputs(src, model, layer=args.layer, pooling=args.pool)
+    check_inputs(src, model, layer=args.layer, pooling=args.pool, no_attention_mask=args.no_attention_mask)
+    if args.token_dictionary is not None and is_genecompass(model):  # ids of another dictionary version name other genes
+        from ..model.genecompass_checkpoint import check_token_dictionary
+
+        check_token_dictionary(model, dictionary)
     cfg = {k: getattr(args, k) for k in _CONFIG_KEYS}
     cfg.update(tokens=str(Path(args.tokens).resolve()), model=str(Path(args.model).resolve()), n_cells=n,
                tokens_config=src.manifest.get("config_hash"))  # re-tokenized in place: parts don't mix
@@ -129,7 +140,7 @@ def run(args: Any) -> int:
             part = src.subset(np.arange(s, e))
             emb, gene = embed_tokens(part, model, layer=args.layer, pooling=args.pool, genes=args.genes,
                                      batch_tokens=args.batch_tokens, device=device, dtype=args.dtype,
-                                     progress_bar=False)
+                                     progress_bar=False, no_attention_mask=args.no_attention_mask)
             cols = {"cell_index": part.cell_index, "file_index": part.file_index}
             cols.update({c: meta.column(c).slice(s, e - s) for c in meta.column_names})
             cols["embedding"] = pa.FixedSizeListArray.from_arrays(pa.array(emb.ravel()), hidden)

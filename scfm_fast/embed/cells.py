@@ -1,7 +1,8 @@
-"""Cell (and gene) embeddings from a Geneformer-style encoder, on the unpadded fast path.
+"""Cell (and gene) embeddings from a Geneformer-style or GeneCompass encoder, on the unpadded fast path.
 
 Cells are sorted by length and packed into token-budget batches; each batch runs
-:meth:`~scfm_fast.model.bert.BertEncoderModel.forward_varlen` up to the requested layer only, then
+:meth:`~scfm_fast.model.bert.BertEncoderModel.forward_varlen` (GeneCompass: its own ``forward_varlen``
+with values and species, see :mod:`.genecompass`) up to the requested layer only, then
 pools per cell with pads and special tokens excluded. Results come back in the input order and do
 not depend on the batch size or the order of cells (attention never crosses cells).
 """
@@ -18,23 +19,27 @@ from .._dtypes import resolve_dtype
 from .._errors import InputFileError, UsageError
 from .._progress import progress
 from ..store.cells import CellSource, open_cells
+from .genecompass import batch_lengths, check_family, embed_batch, is_genecompass
 
 DEFAULT_SPECIAL_IDS = (0, 1)  # <pad>, <mask> in Geneformer's dictionaries
 
 
 def check_inputs(src: CellSource, model: Any, *, layer: int, pooling: str,
-                 special_token_ids: Sequence[int] | None = None) -> None:
+                 special_token_ids: Sequence[int] | None = None, no_attention_mask: bool = False,
+                 pad_to: int | None = None) -> None:
     """Fail before any work when ``model`` cannot embed ``src`` as asked.
 
     Checks the pooling name, that ``layer`` exists, that every cell fits the model's positions, that
     every token id is inside the model's vocabulary and, for ``pooling="cls"``, that the first cell
     starts with a special token (V1 tokens have no ``<cls>``; :func:`iter_embeddings` checks every
-    cell as it goes).
+    cell as it goes). GeneCompass models and tokens are checked by :func:`.genecompass.check_family`
+    (each family refuses the other's tokens).
 
     Raises
     ------
     UsageError
-        Bad ``pooling`` or ``layer``, or ``"cls"`` pooling of tokens without ``<cls>``.
+        Bad ``pooling`` or ``layer``, ``"cls"`` pooling of tokens without ``<cls>``, or tokens of the
+        other model family.
     InputFileError
         A cell longer than the model's ``max_position_embeddings`` or with a token id outside its
         vocabulary (names the cell).
@@ -43,10 +48,11 @@ def check_inputs(src: CellSource, model: Any, *, layer: int, pooling: str,
         msg = f"pooling={pooling!r}; use 'mean' or 'cls'"
         raise UsageError(msg)
     try:
-        model.resolve_layer(layer)
+        (model.bert if is_genecompass(model) else model).resolve_layer(layer)
     except ValueError as e:
         msg = f"{e}; pick another --layer"
         raise UsageError(msg) from None
+    check_family(src, model, pooling=pooling, no_attention_mask=no_attention_mask, pad_to=pad_to)
     n_pos = model.config.max_position_embeddings
     long = np.flatnonzero(src.lengths > n_pos)
     if long.size:
@@ -58,7 +64,7 @@ def check_inputs(src: CellSource, model: Any, *, layer: int, pooling: str,
         _vocab_error(src, bad[0], bad[1], model.config.vocab_size)
     specials = _known_specials(src, special_token_ids)
     first = np.flatnonzero(src.lengths > 0)[:1]
-    if pooling == "cls" and specials is not None and first.size:
+    if pooling == "cls" and specials is not None and first.size and not is_genecompass(model):
         _check_cls(src, first, src.take(first)[0][:1], specials)
 
 
@@ -96,13 +102,17 @@ def iter_embeddings(
     dtype: Any = None,
     special_token_ids: Sequence[int] | None = None,
     progress_bar: bool | None = True,
+    no_attention_mask: bool = False,
+    pad_to: int | None = None,
 ) -> Iterator[tuple[np.ndarray, np.ndarray, dict | None]]:
     """Yield ``(positions, cell_embeddings, gene_sums)`` batch by batch (see :func:`embed_tokens`)."""
     from ..kernels.pooling import first_token, segment_mean
     from ..loader import pack_cells, token_budget_batches
 
     src = open_cells(tokens)
-    check_inputs(src, model, layer=layer, pooling=pooling, special_token_ids=special_token_ids)
+    check_inputs(src, model, layer=layer, pooling=pooling, special_token_ids=special_token_ids,
+                 no_attention_mask=no_attention_mask, pad_to=pad_to)
+    gc = is_genecompass(model)
     known = _known_specials(src, special_token_ids)
     dev = torch.device(device) if device is not None else next(model.parameters()).device
     model = model.to(dev).eval()
@@ -110,10 +120,17 @@ def iter_embeddings(
     specials = torch.tensor(DEFAULT_SPECIAL_IDS if known is None else known, dtype=torch.int64, device=dev)
     budget = batch_tokens or (65_536 if dev.type == "cuda" else 8_192)
     nonempty = np.flatnonzero(src.lengths > 0)
-    batches = token_budget_batches(src.lengths[nonempty], max_tokens=budget)
+    cost = batch_lengths(src, model, no_attention_mask=no_attention_mask, pad_to=pad_to) if gc else src.lengths
+    batches = token_budget_batches(cost[nonempty], max_tokens=budget)
     with progress(total=int(nonempty.size), desc="embed", enabled=progress_bar) as bar, torch.inference_mode():
         for b in batches:
             pos = nonempty[b]
+            if gc:
+                emb_np, gene = embed_batch(model, src, pos, layer=layer, pooling=pooling, genes=genes, device=dev,
+                                           lowp=lowp, no_attention_mask=no_attention_mask, pad_to=pad_to)
+                yield pos, emb_np, gene
+                bar.update(len(pos))
+                continue
             batch = pack_cells(src.take(pos), index=pos)
             host_ids, cu = batch.input_ids.numpy(), batch.cu_seqlens.numpy()
             if pooling == "cls" and known is not None:
@@ -144,6 +161,8 @@ def embed_tokens(
     dtype: Any = None,
     special_token_ids: Sequence[int] | None = None,
     progress_bar: bool | None = True,
+    no_attention_mask: bool = False,
+    pad_to: int | None = None,
 ) -> tuple[np.ndarray, dict[str, np.ndarray] | None]:
     """Embed every cell of a token source.
 
@@ -151,15 +170,18 @@ def embed_tokens(
     ----------
     tokens
         Token dataset directory (``scfm tokenize`` output; refused when unfinished or empty), Parquet
-        file or pyarrow Table with ``input_ids``, list of token arrays, or a
-        :class:`~scfm_fast.store.cells.CellSource` (any view of one).
+        file or pyarrow Table with ``input_ids`` (GeneCompass: and ``values``, ``species``), list of token
+        arrays, or a :class:`~scfm_fast.store.cells.CellSource` (any view of one).
     model
-        :class:`~scfm_fast.model.bert.BertEncoderModel` (see :func:`~scfm_fast.model.checkpoint.load_encoder`).
+        :class:`~scfm_fast.model.bert.BertEncoderModel` or
+        :class:`~scfm_fast.model.genecompass.GeneCompassModel` (see
+        :func:`~scfm_fast.model.checkpoint.load_encoder`); each refuses the other family's tokens.
     layer
         Hidden layer to read (``-1`` last, ``-2`` second to last as Geneformer's default for
         perturbation, ``0`` embeddings); later layers are not computed.
     pooling
-        ``"mean"`` over the cell's genes (pads and special tokens excluded) or ``"cls"`` (first token, V2).
+        ``"mean"`` over the cell's genes (pads and special tokens excluded) or ``"cls"`` (first token, V2;
+        GeneCompass: the species row).
     genes
         Also return per-gene embeddings: the mean of each gene's contextual embedding over the cells
         where it occurs.
@@ -174,6 +196,13 @@ def embed_tokens(
         ``<pad>``/``<mask>`` = 0/1).
     progress_bar
         Show a progress bar.
+    no_attention_mask
+        GeneCompass only: pad each cell with ``(0, 0.0)`` genes to ``pad_to`` and let the pads attend, as
+        GeneCompass's own embedding scripts do (they pass no mask); reproduces their numbers, which
+        depend on the padded length. Off by default.
+    pad_to
+        Padded length for ``no_attention_mask`` (default: the model's positions, 2,048 for the released
+        checkpoints, the length GeneCompass's datasets are padded to).
 
     Returns
     -------
@@ -198,7 +227,8 @@ def embed_tokens(
         counts = np.zeros(model.config.vocab_size, dtype=np.int64)
     for pos, emb, gene in iter_embeddings(src, model, layer=layer, pooling=pooling, genes=genes,
                                           batch_tokens=batch_tokens, device=device, dtype=dtype,
-                                          special_token_ids=special_token_ids, progress_bar=progress_bar):
+                                          special_token_ids=special_token_ids, progress_bar=progress_bar,
+                                          no_attention_mask=no_attention_mask, pad_to=pad_to):
         out[pos] = emb
         if gene is not None:
             np.add.at(sums, gene["ids"], gene["h"])

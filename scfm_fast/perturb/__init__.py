@@ -32,8 +32,8 @@ from typing import Any
 
 _EXPORTS = {
     "perturb_cells": "scfm_fast.perturb.api",
-    "perturb_cells_reference": "scfm_fast.perturb.reference",
-    "measure_approx_error": "scfm_fast.perturb.approx",
+    "perturb_cells_reference": "scfm_fast.perturb.api",
+    "measure_approx_error": "scfm_fast.perturb.api",
     "gene_stats": "scfm_fast.perturb.stats",
     "plot_gene_stats": "scfm_fast.perturb.stats",
     "plan_cell": "scfm_fast.perturb.plan",

@@ -11,7 +11,6 @@ import json
 import logging
 import os
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -61,77 +60,45 @@ def _state_columns(args: argparse.Namespace) -> list[str]:
 
 
 def _write_shard(df: Any, path: Path, cols: list[str]) -> None:
+    """The shard's columns ``cols`` of ``df`` at ``path`` (the caller makes it atomic)."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     df = df.copy()
     df.attrs = {}
-    table = pa.Table.from_pandas(df[cols], schema=_arrow_schema(cols), preserve_index=False)
-    tmp = path.with_name(f".{path.name}.tmp")
-    pq.write_table(table, tmp)
-    os.replace(tmp, path)
+    pq.write_table(pa.Table.from_pandas(df[cols], schema=_arrow_schema(cols), preserve_index=False), path)
 
 
-def _by_position(part: Any) -> Any:
-    """The shard's cells keyed by their position in it (``cell_index`` need not be unique across files)."""
-    import numpy as np
-    import pyarrow as pa
-
-    return pa.table({"input_ids": part.column("input_ids"), "cell_index": np.arange(part.num_rows, dtype=np.int64)})
-
-
-def _from_positions(df: Any, part: Any) -> list[dict]:
-    """Map the results (and skips) of :func:`_by_position` cells back to ``cell_index`` / ``file_index``."""
-    import numpy as np
-
-    cell = part.column("cell_index").to_numpy()
-    pos = df["cell_index"].to_numpy()
-    df["cell_index"] = cell[pos]
-    files = part.column("file_index").to_numpy() if "file_index" in part.column_names else None
-    if files is not None:
-        df.insert(1, "file_index", files[pos].astype(np.int32))
-    skipped = []
-    for rec in df.attrs.get("skipped", []):
-        i = int(rec.get("cell_index", -1))
-        rec = dict(rec)
-        if i >= 0:  # -1: not about one cell (e.g. a gene outside the vocabulary)
-            rec["cell_index"] = int(cell[i])
-            if files is not None:
-                rec["file_index"] = int(files[i])
-        skipped.append(rec)
-    return skipped
-
-
-def _merge(out: Path, names: dict[int, Path], cols: list[str], args: argparse.Namespace, cfg: dict,
-           n_shards: int, world: int) -> None:
+def _merge(out: Path, parts: list[Path], cols: list[str], args: argparse.Namespace, cfg: dict) -> dict[str, Any]:
+    """Merge the shard files ``parts`` into ``perturbations.parquet``, write the gene statistics; returns the
+    run's summary (the caller records it in ``manifest.json``)."""
     import numpy as np
     import pyarrow.parquet as pq
 
+    from .._runs import atomic_write
     from .stats import gene_stats, plot_gene_stats, summarize
 
-    deadline = time.monotonic() + args.merge_timeout
-    while True:
-        missing = [s for s, p in names.items() if not p.exists()]
-        if not missing:
-            break
-        if time.monotonic() > deadline:
-            msg = f"{out}: shards {missing[:10]} never appeared; rerun with --resume"
-            raise StoreError(msg)
-        time.sleep(2.0)
     merged = out / "perturbations.parquet"
-    tmp = out / ".perturbations.parquet.tmp"
     n_rows = 0
-    with pq.ParquetWriter(tmp, _arrow_schema(cols)) as w:
-        for s in range(n_shards):
-            t = pq.read_table(names[s])
-            n_rows += t.num_rows
-            w.write_table(t)
-    os.replace(tmp, merged)
-    metas = [json.loads(p.with_suffix(".json").read_text()) for _, p in sorted(names.items())
-             if p.with_suffix(".json").exists()]
-    summary: dict[str, Any] = {"n_rows": n_rows, "n_skipped": sum(len(m["skipped"]) for m in metas),
-                               "seconds": sum(m["seconds"] for m in metas)}
-    errs = [m["approx_error"] for m in metas if m.get("approx_error") and m["approx_error"]["n_variants"]]
+
+    def write(tmp: Path) -> None:
+        nonlocal n_rows
+        with pq.ParquetWriter(tmp, _arrow_schema(cols)) as w:
+            for p in parts:
+                t = pq.read_table(p)
+                n_rows += t.num_rows
+                w.write_table(t)
+
+    atomic_write(merged, write)
+    summary: dict[str, Any] = {"n_rows": n_rows, "n_skipped": 0, "seconds": 0.0}
+    errs = []
+    for p in parts:  # one shard's record at a time: the skip lists grow with the corpus
+        if p.with_suffix(".json").exists():
+            m = json.loads(p.with_suffix(".json").read_text())
+            summary["n_skipped"] += len(m["skipped"])
+            summary["seconds"] += m["seconds"]
+            if m.get("approx_error") and m["approx_error"]["n_variants"]:
+                errs.append(m["approx_error"])
     if errs:
         rhos = [e["spearman_min"] for e in errs if np.isfinite(e["spearman_min"])]
         summary["approx_error"] = {"max_abs_dcos": max(e["max_abs_dcos"] for e in errs),
@@ -167,8 +134,6 @@ def _merge(out: Path, names: dict[int, Path], cols: list[str], args: argparse.Na
             plot_gene_stats(st, out / "gene_stats.png")
             st.to_parquet(out / "gene_stats.parquet", index=False)
         summary["stats"] = summarize(st)
-    _write_json(out / "manifest.json", {"format": "scfm_fast.perturb/1", "config": cfg, "n_shards": n_shards,
-                                        "world_size": world, "status": "complete", "summary": summary})
     msg = f"wrote {n_rows:,} perturbations of {cfg['n_cells']:,} cells to {merged}"
     if "stats" in summary:
         msg += (f"; {summary['stats']['n_significant']:,}/{summary['stats']['n_genes']:,} genes at FDR < 0.05 "
@@ -180,6 +145,7 @@ def _merge(out: Path, names: dict[int, Path], cols: list[str], args: argparse.Na
         msg += (f"; {summary['n_skipped']:,} (cell, target) skips (gene not in vocabulary / not expressed; listed "
                 f"in {out / 'shards'}/part-*.json)")
     sys.stderr.write(msg + "\n")
+    return summary
 
 
 def _state_targets(args: argparse.Namespace, src: Path, model: Any, special: Any, device: Any, out: Path,

@@ -11,11 +11,6 @@ import time
 from .._errors import StoreError
 
 
-def _rank_world() -> tuple[int, int, int]:
-    return (int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)),
-            int(os.environ.get("LOCAL_RANK", os.environ.get("RANK", 0))))
-
-
 def _die_with_parent() -> None:
     """Make this worker exit when the parent dies (a killed parent must not leave workers writing shards)."""
     parent = os.getppid()
@@ -46,24 +41,28 @@ def _worker_entry(opts: dict, rank: int, world: int) -> None:
     _die_with_parent()
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    from ._cli import _work
+    from ._screen_run import work
 
     try:
-        sys.exit(_work(argparse.Namespace(**opts), merge=False))
+        sys.exit(work(argparse.Namespace(**opts), merge=False, prepared=True))
     except ScfmError as e:  # the same one-line report as the main process, not a traceback
         sys.stderr.write(f"scfm perturb (worker {rank}, {opts['devices'][rank]}): error: {e}\n")
         sys.exit(2)
 
 
 def _spawn_workers(args: argparse.Namespace) -> int:
+    """One worker process per ``--devices`` entry (ranks 0..n-1); this parent prepares OUT as rank 0 and merges."""
     import multiprocessing as mp
 
-    from ._cli import _check_options, _layout
-    from ._output import _columns, _merge
+    from ._output import _columns
+    from ._screen_run import _check_options, _job, _layout, finish
 
     _check_options(args)
-    ctx = mp.get_context("spawn")
     n = len(args.devices)
+    cells, out, _, cfg, n_shards = _layout(args)
+    job = _job(args, out, cfg, n_shards, 0, n)
+    job.begin()
+    ctx = mp.get_context("spawn")
     opts = {k: v for k, v in vars(args).items() if k != "func"}
     procs = [ctx.Process(target=_worker_entry, args=(opts, r, n)) for r in range(n)]
     for pr in procs:
@@ -76,6 +75,5 @@ def _spawn_workers(args: argparse.Namespace) -> int:
         raise StoreError(msg)
     # the parent merges once every worker is done: a rank-0 worker waiting for the shards of a failed
     # rank would otherwise wait --merge-timeout (a week) before anyone could report the failure
-    table, out, names, cfg, n_shards = _layout(args)
-    _merge(out, names, _columns(args, file_index="file_index" in table.column_names), args, cfg, n_shards, n)
+    finish(job, args, _columns(args, file_index="file_index" in cells.column_names), cfg)
     return 0

@@ -1,254 +1,18 @@
-"""Public entry point: :func:`perturb_cells` (reference, exact and approximate engines share it)."""
+"""Public entry points: :func:`perturb_cells`, :func:`perturb_cells_reference` and :func:`measure_approx_error`
+(all run :func:`~scfm_fast.perturb.screen.run_engine`)."""
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Iterable
 from typing import Any
 
-import numpy as np
 import pandas as pd
 import torch
 
-from .._dtypes import resolve_dtype
-from .._errors import GeneMatchError, InputFileError, UsageError
-from .._progress import progress as _progress
-from ._inputs import GeneResolver, check_dictionary, dataset_orthologs, iter_cells, unique_special
-from ._results import ResultBuilder
-from .plan import PERTURBATIONS, CellPlan, plan_cell
+from .screen import CELL_READOUTS, MODES, STATE_SHIFTS, layer_of, run_engine
 
-log = logging.getLogger(__name__)
-
-MODES = ("exact", "approx")
-CELL_READOUTS = ("genes", "pooled")
-STATE_SHIFTS = ("all", "aligned")
-
-
-def layer_of(layer: int, emb_layer: int | None) -> int:
-    """Our readout layer from Geneformer's ``emb_layer`` (0 = last layer, -1 = second-to-last)."""
-    if emb_layer is None:
-        return layer
-    if emb_layer not in (0, -1):
-        msg = f"emb_layer={emb_layer} (--emb-layer): Geneformer's numbering is 0 (last layer) or -1 (second-to-last)"
-        raise UsageError(msg)
-    return emb_layer - 1
-
-
-def default_pooling(tokens: Any, special: Iterable[int]) -> str:
-    """``"cls"`` for a V2 token dataset (its config records a ``<cls>`` token among the specials), else
-    ``"mean"``."""
-    from ._inputs import dataset_config
-
-    spec = dataset_config(tokens).get("special_tokens") or {}
-    cls = spec.get("<cls>") if isinstance(spec, dict) else None
-    return "cls" if cls is not None and int(cls) in {int(t) for t in special} else "mean"
-
-
-def default_batch_tokens(device: torch.device) -> int:
-    """Token budget per batched forward: large on GPUs, cache-friendly on CPUs (measured: 2-4k best)."""
-    return 131_072 if device.type == "cuda" else 4_096
-
-
-def run_engine(
-    tokens: Any,
-    model: Any,
-    *,
-    engine: str,
-    perturbation: str = "delete",
-    genes: Any = "all",
-    anchor: int | str | None = None,
-    combine: bool = False,
-    rank_shift: float = 0.25,
-    rank_shift_quartiles: int | None = None,
-    layer: int = -2,
-    emb_layer: int | None = None,
-    pooling: str | None = None,
-    cell_readout: str = "genes",
-    batch_tokens: int | None = None,
-    device: str | torch.device | None = None,
-    dtype: Any = None,
-    special_token_ids: Iterable[int] | None = None,
-    token_dictionary: Any = None,
-    gene_name_map: Any = None,
-    orthologs: Any = None,
-    gene_shifts: bool = False,
-    target_embedding: Any = None,
-    target_names: Iterable[str] | None = None,
-    state_shift: str = "all",
-    skip_absent: bool = False,
-    progress_bar: bool = True,
-    forward_layer: int | None = None,
-    approx_check_cells: int = 1,
-) -> pd.DataFrame:
-    """Shared driver: plan each cell, run one engine, collect the result table (see ``perturb_cells``)."""
-    # option errors are UsageError / InputFileError (ValueError subclasses): the CLI reports them cleanly
-    if perturbation not in PERTURBATIONS:
-        msg = f"perturbation={perturbation!r}; choose one of {PERTURBATIONS}"
-        raise UsageError(msg)
-    if pooling not in (None, "mean", "cls"):
-        msg = f"pooling={pooling!r}; use 'mean' or 'cls' (V2 models)"
-        raise UsageError(msg)
-    if cell_readout not in CELL_READOUTS:
-        msg = f"cell_readout={cell_readout!r} (--cell-readout); choose one of {CELL_READOUTS}"
-        raise UsageError(msg)
-    if state_shift not in STATE_SHIFTS:
-        msg = f"state_shift={state_shift!r} (--state-shift); choose one of {STATE_SHIFTS}"
-        raise UsageError(msg)
-    steps = 1
-    if rank_shift_quartiles is not None:
-        if rank_shift_quartiles not in (1, 2, 3):
-            msg = f"rank_shift_quartiles={rank_shift_quartiles} (--rank-shift-quartiles): use 1, 2 or 3"
-            raise UsageError(msg)
-        rank_shift, steps = 0.25, int(rank_shift_quartiles)
-    if perturbation in ("inhibit", "activate") and not 0 < rank_shift <= 1:
-        msg = f"rank_shift={rank_shift} (--rank-shift): use a fraction of the cell's length in (0, 1], e.g. 0.25"
-        raise UsageError(msg)
-    layer = layer_of(layer, emb_layer)
-    dev = torch.device(device) if device is not None else next(model.parameters()).device
-    model = model.to(dev).eval()
-    try:
-        n_layers = model.resolve_layer(layer)
-    except ValueError as e:
-        msg = f"{e} (--layer)"
-        raise UsageError(msg) from None
-    lowp = resolve_dtype(dtype)
-    wdt = next(model.parameters()).dtype
-    if lowp is None and wdt != torch.float32:
-        lowp = wdt  # a bf16/fp16 checkpoint computes under autocast in its own dtype
-    budget = int(batch_tokens or default_batch_tokens(dev))
-    check_dictionary(tokens, token_dictionary)
-    resolver = GeneResolver(token_dictionary, gene_name_map,
-                            orthologs if orthologs is not None else dataset_orthologs(tokens))
-    groups, unknown = resolver.resolve(genes, combine=combine)
-    vocab = model.config.vocab_size
-    if groups is not None:  # token ids given as numbers must exist in the model (not "not expressed")
-        outside = [g for g in groups if any(not 0 <= t < vocab for t in g)]
-        unknown += [f"token id {'+'.join(map(str, g))} (the model has {vocab} tokens)" for g in outside]
-        groups = [g for g in groups if g not in outside]
-    if unknown:  # a typo must not run as a screen of the other genes with exit 0
-        msg = (f"genes not in the token dictionary / model vocabulary: {unknown[:20]}"
-               f"{' ...' if len(unknown) > 20 else ''}; give symbols, Ensembl IDs or token ids it holds")
-        raise GeneMatchError(msg)
-    anchor_tok = resolver.resolve_one(anchor) if anchor is not None else None
-    if anchor_tok is not None and not 0 <= anchor_tok < vocab:
-        anchor_tok = None
-    if anchor is not None and anchor_tok is None:
-        msg = f"anchor gene {anchor!r} (--anchor) is not in the token dictionary: give a symbol, Ensembl ID or token id"
-        raise UsageError(msg)
-    if anchor_tok is not None and groups is not None:
-        groups = [tuple(dict.fromkeys((anchor_tok, *g))) for g in groups]
-    special = unique_special(special_token_ids, resolver, tokens)
-    if pooling is None:
-        pooling = default_pooling(tokens, special)
-    try:
-        ens, sym = resolver.ensembl_of(), resolver.symbol_of()
-    except Exception:  # a missing dictionary only costs the ensembl_id / gene_name columns
-        ens = sym = None
-    target, names = None, ()
-    if target_embedding is not None:
-        H = model.config.hidden_size
-        target = torch.as_tensor(np.asarray(target_embedding), dtype=torch.float32, device=dev)
-        if target.numel() % H or (target.dim() > 1 and target.shape[-1] != H):
-            msg = (f"target_embedding has shape {tuple(target.shape)} but the model's hidden size is {H}: "
-                   "compute it with the same model (state_embedding)")
-            raise UsageError(msg)
-        target = target.reshape(-1, H)
-        names = tuple(target_names) if target_names is not None else ("target_shift",)
-        if len(names) != target.shape[0]:
-            msg = f"{target.shape[0]} target embeddings but {len(names)} target_names"
-            raise UsageError(msg)
-    builder = ResultBuilder(perturbation, anchor_tok, ens, target_columns=names, with_gene_shifts=gene_shifts,
-                            symbol_of=sym)
-    # token ids only: plans (V x L index arrays) are built one cell at a time. Padding is dropped (the
-    # engines run unpadded; the reference would mask it), so padded 2-D inputs give the same results.
-    pad = model.config.pad_token_id
-    cells = [(ci, ids[ids != pad]) for ci, ids in iter_cells(tokens)]
-    oov = [ci for ci, ids in cells if len(ids) and (ids.min() < 0 or ids.max() >= vocab)]
-    if oov:  # would be an IndexError deep in the embedding
-        top = max(int(ids.max()) for ci, ids in cells if ci in set(oov[:10]))
-        msg = (f"cells {oov[:10]} ({len(oov)} in all) hold token ids up to {top}, outside the model's vocabulary of "
-               f"{vocab}: these tokens come from another dictionary than this model's; re-tokenize with the "
-               "model's --token-dictionary or pass the matching --model")
-        raise InputFileError(msg)
-    max_pos = model.config.max_position_embeddings
-    too_long = [ci for ci, ids in cells if len(ids) > max_pos]
-    if too_long:
-        msg = (f"cells {too_long[:10]} ({len(too_long)} in all) are longer than the model's {max_pos} positions: "
-               f"re-tokenize with `scfm tokenize ... --max-len {max_pos}` or use a model with more positions")
-        raise InputFileError(msg)
-    spec_arr = np.asarray(special, dtype=np.int64)
-    if pooling == "cls":
-        bad = [ci for ci, ids in cells if len(ids) == 0 or ids[0] not in spec_arr]
-        if bad:
-            msg = (f"pooling='cls' needs cells that start with a <cls> token (a special token id); cells "
-                   f"{bad[:10]} do not: use pooling='mean' for V1 token layouts")
-            raise UsageError(msg)
-    total = None
-    if groups is None and anchor_tok is None and perturbation == "delete":  # one variant per gene: known without planning
-        n_genes = [int((~np.isin(ids, spec_arr)).sum()) for _, ids in cells]
-        total = sum(n for n in n_genes if n > 1)  # a one-gene cell is skipped (see plan_cell)
-
-    def plans():
-        for ci, ids in cells:
-            yield plan_cell(ids, ci, perturbation=perturbation, groups=groups, special_token_ids=special,
-                            anchor=anchor_tok, rank_shift=rank_shift, steps=steps,
-                            insert_absent=not skip_absent, max_len=max_pos)
-
-    opts = dict(pooling=pooling, gene_shifts=gene_shifts, target=target, cell_readout=cell_readout,
-                state_shift=state_shift)
-    attrs = dict(layer=layer, pooling=pooling, cell_readout=cell_readout, state_shift=state_shift)
-    if engine == "reference":
-        from .reference import reference_block
-
-        bar = _progress(total=total, desc="perturb (reference)", unit="perturbations", enabled=progress_bar)
-        for plan in plans():
-            builder.skipped.extend(plan.skipped)
-            if not plan.blocks:
-                continue
-            ids = torch.as_tensor(plan.input_ids, device=dev)
-            h0 = model.forward_reference(ids[None], layer=layer if forward_layer is None else forward_layer)
-            h0 = h0[0].float()
-            for block in plan.blocks:
-                res = reference_block(model, plan, block, h0, layer=layer, forward_layer=forward_layer, **opts)
-                builder.add(plan, block, res)
-                bar.update(block.n_variants)
-        bar.close()
-        return builder.frame(mode="reference", **attrs)
-    if engine == "exact":
-        from .exact import ExactEngine
-
-        eng: Any = ExactEngine(model, n_layers=n_layers, device=dev, dtype=lowp, batch_tokens=budget)
-    elif engine == "approx":
-        from .approx import ApproxEngine
-
-        eng = ApproxEngine(model, n_layers=n_layers, device=dev, dtype=lowp, batch_tokens=budget)
-    else:
-        msg = f"mode={engine!r}; choose one of {MODES}"
-        raise UsageError(msg)
-    bar = _progress(total=total, desc=f"perturb ({engine})", unit="perturbations", enabled=progress_bar)
-    check: list[CellPlan] = []  # the first cells, rerun exactly to measure the approximation
-    for plan in plans():
-        builder.skipped.extend(plan.skipped)
-        if not plan.blocks:
-            continue
-        if engine == "approx" and len(check) < approx_check_cells:
-            check.append(plan)
-        ids = torch.as_tensor(plan.input_ids, device=dev)
-        h0 = eng.unperturbed(ids)
-        for block in plan.blocks:
-            builder.add(plan, block, eng.run_block(plan, block, h0, on_batch=bar.update, **opts))
-    bar.close()
-    df = builder.frame(mode=engine, **attrs)
-    if check:
-        from .approx import approx_error_of
-
-        err = approx_error_of(df, check, model, n_layers=n_layers, device=dev, dtype=lowp,
-                              batch_tokens=budget, **opts)
-        df.attrs["approx_error"] = err
-        log.info("mode='approx' is APPROXIMATE: on %d cells rerun exactly, max |dcos| = %.2e, Spearman of "
-                 "effect rankings = %.3f (mean), %.3f (min)", err["n_cells"], err["max_abs_dcos"],
-                 err["spearman_mean"], err["spearman_min"])
-    return df
+__all__ = ["CELL_READOUTS", "MODES", "STATE_SHIFTS", "layer_of", "measure_approx_error", "perturb_cells",
+           "perturb_cells_reference"]
 
 
 def perturb_cells(
@@ -373,3 +137,82 @@ def perturb_cells(
                       gene_name_map=gene_name_map, orthologs=orthologs, gene_shifts=gene_shifts,
                       target_embedding=target_embedding, target_names=target_names, state_shift=state_shift,
                       skip_absent=skip_absent, progress_bar=progress_bar, approx_check_cells=approx_check_cells)
+
+
+def perturb_cells_reference(
+    tokens: Any,
+    model: Any,
+    *,
+    perturbation: str = "delete",
+    genes: Any = "all",
+    anchor: int | str | None = None,
+    combine: bool = False,
+    rank_shift: float = 0.25,
+    rank_shift_quartiles: int | None = None,
+    layer: int = -2,
+    emb_layer: int | None = None,
+    pooling: str | None = None,
+    cell_readout: str = "genes",
+    device: str | torch.device | None = None,
+    special_token_ids: Iterable[int] | None = None,
+    token_dictionary: Any = None,
+    gene_name_map: Any = None,
+    orthologs: Any = None,
+    gene_shifts: bool = False,
+    target_embedding: Any = None,
+    target_names: Any = None,
+    state_shift: str = "all",
+    skip_absent: bool = False,
+    forward_layer: int | None = None,
+    progress_bar: bool = True,
+) -> pd.DataFrame:
+    """Reference in-silico perturbation: one plain fp32 forward pass per variant (batch of one).
+
+    Parameters
+    ----------
+    tokens, model, perturbation, genes, anchor, combine, rank_shift, rank_shift_quartiles, layer, \
+emb_layer, pooling, cell_readout, device, special_token_ids, token_dictionary, gene_name_map, orthologs, \
+gene_shifts, target_embedding, target_names, state_shift, skip_absent, progress_bar
+        As for :func:`scfm_fast.perturb.perturb_cells`.
+    forward_layer
+        Run the model up to this layer and read out there instead of ``layer`` (benchmarks use ``-1`` to
+        time Geneformer's whole-model forward).
+
+    Returns
+    -------
+    pandas.DataFrame
+        The same table as :func:`scfm_fast.perturb.perturb_cells` (``attrs["mode"] == "reference"``).
+    """
+    return run_engine(tokens, model, engine="reference", perturbation=perturbation, genes=genes, anchor=anchor,
+                      combine=combine, rank_shift=rank_shift, rank_shift_quartiles=rank_shift_quartiles,
+                      layer=layer, emb_layer=emb_layer, pooling=pooling, cell_readout=cell_readout,
+                      device=device, special_token_ids=special_token_ids, token_dictionary=token_dictionary,
+                      gene_name_map=gene_name_map, orthologs=orthologs, gene_shifts=gene_shifts,
+                      target_embedding=target_embedding, target_names=target_names, state_shift=state_shift,
+                      skip_absent=skip_absent, forward_layer=forward_layer, progress_bar=progress_bar)
+
+
+def measure_approx_error(tokens: Any, model: Any, **kwargs: Any) -> dict[str, float]:
+    """Run the exact and approximate engines on the same cells and compare them.
+
+    Parameters
+    ----------
+    tokens
+        As for :func:`~scfm_fast.perturb.perturb_cells`.
+    model
+        A ``BertEncoderModel``.
+    **kwargs
+        Options of :func:`~scfm_fast.perturb.perturb_cells` (``mode`` is set by this function).
+
+    Returns
+    -------
+    dict
+        ``max_abs_dcos``, ``mean_abs_dcos`` (cosine similarity, approx vs exact), ``spearman_mean`` /
+        ``spearman_min`` (per-cell Spearman correlation of the shift rankings), ``n_cells``, ``n_variants``.
+    """
+    from .approx import compare_results
+
+    kwargs = {k: v for k, v in kwargs.items() if k not in ("mode", "approx_check_cells")}
+    de = perturb_cells(tokens, model, mode="exact", **kwargs)
+    da = perturb_cells(tokens, model, mode="approx", approx_check_cells=0, **kwargs)
+    return compare_results(de["shift"].to_numpy(), da["shift"].to_numpy(), de["cell_index"].to_numpy())

@@ -38,7 +38,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from ._layers import EncoderParams, autocast_ctx
+from ..model.cached_attention import attention_over_two_sets, attention_with_lse, update_attention
+from ..model.layers import EncoderParams, autocast_ctx
 from ._results import BlockResult
 from .exact import ExactEngine, concat_results, embedding_index, readout
 from .plan import CellPlan, VariantBlock
@@ -75,9 +76,7 @@ class ApproxEngine:
             with autocast_ctx(self.device, self.dtype):
                 qkv = P.qkv(i, h)
             q, k, v = (P.split_heads(t.float())[0] for t in qkv.chunk(3, dim=-1))  # (nh, L, hd)
-            s = (q.double() @ k.double().transpose(-1, -2)) * scale
-            lse = torch.logsumexp(s, -1)
-            o = torch.softmax(s, -1) @ v.double()
+            o, lse = attention_with_lse(q, k, v, scale=scale)
             self.cache.append({n: t.transpose(0, 1).contiguous()
                                for n, t in (("q", q), ("k", k), ("v", v), ("o", o))})
             self.cache[-1]["lse"] = lse.transpose(0, 1).contiguous()
@@ -91,42 +90,24 @@ class ApproxEngine:
         P, c = self.P, self.cache[i]
         scale = 1.0 / math.sqrt(P.head_dim)
         B, Lp, _ = h.shape
-        # the softmax bookkeeping runs in float64 (see unperturbed); the result returns to float32
-        q = c["q"][src].transpose(1, 2).double()        # (B, nh, L', hd): cached queries
+        # the softmax bookkeeping runs in float64 (model.cached_attention); the result returns to float32
+        q = c["q"][src].transpose(1, 2)        # (B, nh, L', hd): cached queries
         o = c["o"][src].transpose(1, 2)
-        lse = c["lse"][src].transpose(1, 2)[..., None]  # (B, nh, L', 1)
-        k_rm = c["k"][rm].transpose(1, 2).double()      # (B, nh, m, hd)
-        v_rm = c["v"][rm].transpose(1, 2).double()
-        s_old = (q @ k_rm.transpose(-1, -2)) * scale
+        lse = c["lse"][src].transpose(1, 2)    # (B, nh, L')
+        k_rm, v_rm = c["k"][rm].transpose(1, 2), c["v"][rm].transpose(1, 2)  # (B, nh, m, hd)
         if new_pos is None:
-            m = lse
-            base = torch.ones_like(lse)
-            num = o - torch.exp(s_old - m) @ v_rm
-            den = base - torch.exp(s_old - m).sum(-1, keepdim=True)
-        else:
-            bi = torch.arange(B, device=h.device)[:, None]
-            with autocast_ctx(self.device, self.dtype):
-                qkv_m = P.qkv(i, h[bi, new_pos])
-            qn, kn, vn = (P.split_heads(t.double()) for t in qkv_m.chunk(3, dim=-1))  # (B, nh, m, hd)
-            s_new = (q @ kn.transpose(-1, -2)) * scale
-            m = torch.maximum(lse, s_new.amax(-1, keepdim=True))
-            base = torch.exp(lse - m)
-            a_old, w_new = torch.exp(s_old - m), torch.exp(s_new - m)
-            num = base * o - a_old @ v_rm + w_new @ vn
-            den = base - a_old.sum(-1, keepdim=True) + w_new.sum(-1, keepdim=True)
-        ctx = num / torch.maximum(den, 1e-6 * base)
-        if new_pos is not None:
-            # the moved genes' own rows: fresh query over cached keys (their old key removed) + new keys
-            s1 = (qn @ c["k"].permute(1, 2, 0)[None].double()) * scale  # (B, nh, m, L)
-            gone = torch.zeros(B, 1, 1, s1.shape[-1], dtype=torch.bool, device=h.device)
-            gone.scatter_(-1, rm[:, None, None, :].expand(B, 1, 1, -1), value=True)
-            s1 = s1.masked_fill(gone, float("-inf"))
-            s2 = (qn @ kn.transpose(-1, -2)) * scale
-            a = torch.softmax(torch.cat([s1, s2], -1), -1)
-            L = s1.shape[-1]
-            ctx_m = a[..., :L] @ c["v"].transpose(0, 1)[None].double() + a[..., L:] @ vn  # (B, nh, m, hd)
-            ctx = ctx.clone()
-            ctx[bi, :, new_pos] = ctx_m.transpose(1, 2)
+            return P.merge_heads(update_attention(q, o, lse, k_rm, v_rm, scale=scale).float())
+        bi = torch.arange(B, device=h.device)[:, None]
+        with autocast_ctx(self.device, self.dtype):
+            qkv_m = P.qkv(i, h[bi, new_pos])
+        qn, kn, vn = (P.split_heads(t.double()) for t in qkv_m.chunk(3, dim=-1))  # (B, nh, m, hd)
+        ctx = update_attention(q, o, lse, k_rm, v_rm, scale=scale, k_new=kn, v_new=vn)
+        # the moved genes' own rows: fresh query over cached keys (their old key removed) + new keys
+        gone = torch.zeros(B, 1, 1, c["k"].shape[0], dtype=torch.bool, device=h.device)
+        gone.scatter_(-1, rm[:, None, None, :].expand(B, 1, 1, -1), value=True)
+        ctx_m = attention_over_two_sets(qn, c["k"].transpose(0, 1)[None], c["v"].transpose(0, 1)[None], gone,
+                                        kn, vn, scale=scale)  # (B, nh, m, hd)
+        ctx[bi, :, new_pos] = ctx_m.transpose(1, 2)
         return P.merge_heads(ctx.float())
 
     @torch.no_grad()
@@ -214,29 +195,3 @@ def approx_error_of(df: Any, plans: list[CellPlan], model: Any, *, n_layers: int
     if not e_all:
         return compare_results(np.zeros(0), np.zeros(0), np.zeros(0))
     return compare_results(1 - np.concatenate(e_all), 1 - np.concatenate(a_all), np.concatenate(cells))
-
-
-def measure_approx_error(tokens: Any, model: Any, **kwargs: Any) -> dict[str, float]:
-    """Run the exact and approximate engines on the same cells and compare them.
-
-    Parameters
-    ----------
-    tokens
-        As for :func:`~scfm_fast.perturb.perturb_cells`.
-    model
-        A ``BertEncoderModel``.
-    **kwargs
-        Options of :func:`~scfm_fast.perturb.perturb_cells` (``mode`` is set by this function).
-
-    Returns
-    -------
-    dict
-        ``max_abs_dcos``, ``mean_abs_dcos`` (cosine similarity, approx vs exact), ``spearman_mean`` /
-        ``spearman_min`` (per-cell Spearman correlation of the shift rankings), ``n_cells``, ``n_variants``.
-    """
-    from .api import perturb_cells
-
-    kwargs = {k: v for k, v in kwargs.items() if k not in ("mode", "approx_check_cells")}
-    de = perturb_cells(tokens, model, mode="exact", **kwargs)
-    da = perturb_cells(tokens, model, mode="approx", approx_check_cells=0, **kwargs)
-    return compare_results(de["shift"].to_numpy(), da["shift"].to_numpy(), de["cell_index"].to_numpy())

@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ._layers import EncoderParams, autocast_ctx
+from ..model.layers import EncoderParams, autocast_ctx
 from ._results import BlockResult
 from .plan import CellPlan, VariantBlock
 

@@ -3,16 +3,15 @@
 Every variant (and the unperturbed cell) runs alone (batch of one) through
 :meth:`~scfm_fast.model.bert.BertEncoderModel.forward_reference`, as Geneformer's perturber does one
 forward per variant. The exact engine (:mod:`scfm_fast.perturb.exact`) must match it within fp32
-tolerance; tests and ``benchmarks/perturb.py`` import it from here.
+tolerance. :func:`~scfm_fast.perturb.perturb_cells_reference` runs it over a screen.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
-import pandas as pd
 import torch
 
 from ._results import BlockResult
@@ -66,56 +65,25 @@ def reference_block(model: Any, plan: CellPlan, block: VariantBlock, h0: torch.T
                        gtoks if gene_shifts else None, gcos if gene_shifts else None)
 
 
-def perturb_cells_reference(
-    tokens: Any,
-    model: Any,
-    *,
-    perturbation: str = "delete",
-    genes: Any = "all",
-    anchor: int | str | None = None,
-    combine: bool = False,
-    rank_shift: float = 0.25,
-    rank_shift_quartiles: int | None = None,
-    layer: int = -2,
-    emb_layer: int | None = None,
-    pooling: str | None = None,
-    cell_readout: str = "genes",
-    device: str | torch.device | None = None,
-    special_token_ids: Iterable[int] | None = None,
-    token_dictionary: Any = None,
-    gene_name_map: Any = None,
-    orthologs: Any = None,
-    gene_shifts: bool = False,
-    target_embedding: Any = None,
-    target_names: Any = None,
-    state_shift: str = "all",
-    skip_absent: bool = False,
-    forward_layer: int | None = None,
-    progress_bar: bool = True,
-) -> pd.DataFrame:
-    """Reference in-silico perturbation: one plain fp32 forward pass per variant (batch of one).
+class ReferenceEngine:
+    """The oracle behind the engines' interface: ``unperturbed(ids)`` and ``run_block(plan, block, h0, ...)``.
 
-    Parameters
-    ----------
-    tokens, model, perturbation, genes, anchor, combine, rank_shift, rank_shift_quartiles, layer, \
-emb_layer, pooling, cell_readout, device, special_token_ids, token_dictionary, gene_name_map, orthologs, \
-gene_shifts, target_embedding, target_names, state_shift, skip_absent, progress_bar
-        As for :func:`scfm_fast.perturb.perturb_cells`.
-    forward_layer
-        Run the model up to this layer and read out there instead of ``layer`` (benchmarks use ``-1`` to
-        time Geneformer's whole-model forward).
-
-    Returns
-    -------
-    pandas.DataFrame
-        The same table as :func:`scfm_fast.perturb.perturb_cells` (``attrs["mode"] == "reference"``).
+    ``forward_layer`` (default ``layer``) runs more layers than the readout needs, as Geneformer does.
     """
-    from .api import run_engine
 
-    return run_engine(tokens, model, engine="reference", perturbation=perturbation, genes=genes, anchor=anchor,
-                      combine=combine, rank_shift=rank_shift, rank_shift_quartiles=rank_shift_quartiles,
-                      layer=layer, emb_layer=emb_layer, pooling=pooling, cell_readout=cell_readout,
-                      device=device, special_token_ids=special_token_ids, token_dictionary=token_dictionary,
-                      gene_name_map=gene_name_map, orthologs=orthologs, gene_shifts=gene_shifts,
-                      target_embedding=target_embedding, target_names=target_names, state_shift=state_shift,
-                      skip_absent=skip_absent, forward_layer=forward_layer, progress_bar=progress_bar)
+    def __init__(self, model: Any, *, layer: int, forward_layer: int | None = None,
+                 device: torch.device | None = None) -> None:
+        self.model, self.layer, self.forward_layer, self.device = model, layer, forward_layer, device
+
+    def unperturbed(self, ids: torch.Tensor) -> torch.Tensor:
+        """Readout-layer states ``(L, H)`` (fp32) of the unperturbed cell."""
+        fl = self.layer if self.forward_layer is None else self.forward_layer
+        return self.model.forward_reference(ids[None], layer=fl)[0].float()
+
+    def run_block(self, plan: CellPlan, block: VariantBlock, h0: torch.Tensor, *,
+                  on_batch: Callable[[int], None] | None = None, **readout: Any) -> BlockResult:
+        res = reference_block(self.model, plan, block, h0, layer=self.layer, forward_layer=self.forward_layer,
+                              **readout)
+        if on_batch is not None:
+            on_batch(block.n_variants)
+        return res

@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 
 from .._errors import InputFileError, UsageError
+from ..store.cells import CellSource, open_cells
 
 
 def parse_where(spec: str) -> dict[str, list[str]]:
@@ -37,41 +38,25 @@ def parse_where(spec: str) -> dict[str, list[str]]:
     return out
 
 
-def _read_metadata(tokens: Any, columns: Iterable[str]):
-    """``(metadata table, name, take_ids)``: the cells' metadata columns without their tokens, and a
-    function giving ``input_ids`` of chosen rows, so a selection from a large corpus reads only the
-    tokens of the cells it keeps."""
-    import pyarrow as pa
-    import pyarrow.dataset as ds
-
-    want = ["cell_index", "file_index", *columns]
-    if isinstance(tokens, pa.Table):
-        if "input_ids" not in tokens.column_names:
-            msg = f"the token table: no 'input_ids' column (have {tokens.column_names})"
-            raise InputFileError(msg)
-        meta = tokens.select([c for c in dict.fromkeys(want) if c in tokens.column_names])
-        return meta, "the token table", lambda rows: tokens.column("input_ids").take(pa.array(rows))
-    src = Path(tokens)
-    if not src.exists():
-        msg = f"{src}: token dataset directory not found"
-        raise InputFileError(msg)
-    dset = ds.dataset(str(src), format="parquet")
-    if "input_ids" not in dset.schema.names:
-        msg = f"{src}: no 'input_ids' column (have {dset.schema.names})"
-        raise InputFileError(msg)
-    meta = dset.to_table(columns=[c for c in dict.fromkeys(want) if c in dset.schema.names])
-    return meta, str(src), lambda rows: dset.take(pa.array(rows), columns=["input_ids"]).column("input_ids")
+def select_source(src: CellSource, where: Mapping[str, str | Sequence[str]]) -> CellSource:
+    """The view of ``src`` whose metadata match ``where`` (:meth:`CellSource.select`); a value no cell has
+    is an input problem (:class:`InputFileError`) naming the values present."""
+    try:
+        return src.select(where=dict(where))
+    except UsageError as e:
+        raise InputFileError(str(e)) from None
 
 
 def select_cells(tokens: Any, where: Mapping[str, str | Sequence[str]]):
-    """The cells of a token table whose metadata match ``where`` (every column, any of its values).
+    """The cells of a token source whose metadata match ``where`` (every column, any of its values).
 
     Only the matching cells' tokens are read, so selecting a cell type from a whole corpus is cheap.
 
     Parameters
     ----------
     tokens
-        A token dataset directory or a ``pyarrow.Table`` with ``input_ids`` and metadata columns.
+        Anything :func:`~scfm_fast.store.cells.open_cells` opens (a token dataset directory, a token
+        table, ...) with metadata columns.
     where
         ``{column: value or values}``; values are compared as strings, so ``{"batch": "3"}`` matches an
         integer column too.
@@ -79,37 +64,18 @@ def select_cells(tokens: Any, where: Mapping[str, str | Sequence[str]]):
     Returns
     -------
     pyarrow.Table
-        ``input_ids``, ``cell_index`` (the cells' positions in the dataset, added when absent),
-        ``file_index`` (when the dataset has it) and the ``where`` columns of the matching cells, in
+        ``input_ids``, ``cell_index``, ``file_index`` and the ``where`` columns of the matching cells, in
         dataset order.
     """
     import pyarrow as pa
-    import pyarrow.compute as pc
 
-    table, name, take_ids = _read_metadata(tokens, where)
-    if "cell_index" not in table.column_names:
-        table = table.append_column("cell_index", pa.array(np.arange(table.num_rows, dtype=np.int64)))
-    keep = pa.array(np.ones(table.num_rows, dtype=bool))
-    for col, vals in where.items():
-        vals = [vals] if isinstance(vals, str) else [str(v) for v in vals]
-        if col not in table.column_names:
-            meta = [c for c in table.column_names if c not in ("input_ids", "cell_index", "length")]
-            msg = (f"{name}: no metadata column {col!r} (have {meta or 'none'}); tokenize with "
-                   f"`scfm tokenize ... --obs-columns {col}` to carry it")
-            raise InputFileError(msg)
-        as_str = pc.cast(table.column(col), pa.string())
-        hit = pc.fill_null(pc.is_in(as_str, value_set=pa.array(vals, pa.string())), fill_value=False)
-        if not pc.any(hit).as_py():
-            present = pc.unique(as_str).to_pylist()
-            shown = ", ".join(map(str, present[:20])) + (" ..." if len(present) > 20 else "")
-            msg = f"{name}: no cell has {col} in {vals} (values present: {shown})"
-            raise InputFileError(msg)
-        keep = pc.and_(keep, hit)
-    rows = np.flatnonzero(keep.to_numpy(zero_copy_only=False))
-    picked = table.take(pa.array(rows))
-    cols = ["cell_index", *(["file_index"] if "file_index" in picked.column_names else []),
-            *[c for c in where if c not in ("input_ids", "cell_index")]]
-    return picked.select(list(dict.fromkeys(cols))).add_column(0, "input_ids", take_ids(rows))
+    picked = select_source(open_cells(tokens), where)
+    ids, cu = picked.take_packed(np.arange(len(picked)))
+    cols = {"input_ids": pa.ListArray.from_arrays(pa.array(cu), pa.array(ids)),
+            "cell_index": pa.array(np.asarray(picked.cell_index, dtype=np.int64)),
+            "file_index": pa.array(np.asarray(picked.file_index, dtype=np.int32))}
+    meta = picked.columns([c for c in where if c not in cols])
+    return pa.table({**cols, **{c: meta.column(c) for c in meta.column_names}})
 
 
 def state_embedding(tokens: Any, model: Any, *, where: Mapping[str, str | Sequence[str]] | None = None,
@@ -147,17 +113,19 @@ def state_embedding(tokens: Any, model: Any, *, where: Mapping[str, str | Sequen
         How many cells it averages.
     """
     from ..embed import embed_tokens
-    from ._inputs import GeneResolver, unique_special
+    from ..vocab.targets import TargetResolver
+    from ._inputs import special_ids
 
     if aggregate not in ("mean", "median"):
         msg = f"aggregate={aggregate!r}; use 'mean' or 'median'"
         raise UsageError(msg)
-    cells = select_cells(tokens, where) if where else tokens
-    n_all = cells.num_rows if hasattr(cells, "num_rows") else len(cells)
+    src = open_cells(tokens)
+    cells = select_source(src, where) if where else src
+    n_all = len(cells)
     if max_cells is not None and n_all > max_cells:
         rows = np.sort(np.random.default_rng(seed).choice(n_all, size=max_cells, replace=False))
-        cells = cells.take(rows) if hasattr(cells, "take") else [cells[i] for i in rows]
-    specials = unique_special(special_token_ids, GeneResolver(token_dictionary), tokens)
+        cells = cells.subset(rows)
+    specials = special_ids(special_token_ids, src, TargetResolver(token_dictionary))
     emb, _ = embed_tokens(cells, model, layer=layer, pooling=pooling, batch_tokens=batch_tokens, device=device,
                           dtype=dtype, special_token_ids=specials, progress_bar=progress_bar)
     ok = np.isfinite(emb).all(axis=1)

@@ -25,6 +25,9 @@ def register(sub) -> None:
     p.add_argument("--init", metavar="CKPT", help="continue pretraining from a Hugging Face checkpoint")
     p.add_argument("--token-dictionary", metavar="PKL",
                    help="the token dictionary the data were tokenized with (default: the bundled one, if it is)")
+    p.add_argument("--knowledge", metavar="NAME=PKL,...",
+                   help="GeneCompass from scratch: the four prior-knowledge tables promoter=, co_exp=, gene_family=, "
+                        "peca_grn= (pickles of gene id -> vector, keyed like --token-dictionary)")
     s = p.add_mutually_exclusive_group()
     s.add_argument("--max-steps", type=int)
     s.add_argument("--epochs", type=float)

@@ -108,8 +108,15 @@ def build_model(cfg: EncoderConfig, *, init: str | None) -> tuple[BertEncoderMod
 
 
 def load_weights(model: BertEncoderModel, head: MLMHead, path: str | Path) -> None:
-    """Load encoder (and, when present, MLM head) weights of a Hugging Face checkpoint in place."""
+    """Load encoder (and, when present, MLM head) weights of a Hugging Face checkpoint in place
+    (a GeneCompass model: its own checkpoint layout, heads included)."""
     from ..model.checkpoint import load_encoder
+
+    if hasattr(model, "gcfg"):
+        from ..model.genecompass_checkpoint import load_genecompass
+
+        model.load_state_dict(load_genecompass(path).state_dict())
+        return
 
     enc, head_sd = load_encoder(path, return_head=True)
     model.load_state_dict(enc.state_dict())

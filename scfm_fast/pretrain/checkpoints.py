@@ -67,7 +67,12 @@ def save_checkpoint(out: Path, step: int, *, model, head, trainer: dict[str, Any
     final = out / f"checkpoint-{step}"
     tmp = out / f".checkpoint-{step}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
-    save_encoder(model, tmp, mlm_head=head)
+    if hasattr(model, "gcfg"):  # GeneCompass: its own layout (config.json + pytorch_model.bin, heads inside)
+        from ..model.genecompass_checkpoint import save_genecompass
+
+        save_genecompass(model, tmp)
+    else:
+        save_encoder(model, tmp, mlm_head=head)
     state = dict(trainer, rng={"torch": torch.get_rng_state(), "numpy": np.random.get_state(),
                                "python": random.getstate(),
                                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []})

@@ -54,6 +54,13 @@ class Corpus:
         self.starts = np.concatenate([[0], np.cumsum(self.sizes)])
         self.lengths = np.minimum(np.concatenate(lens), max_len)
         self.max_len = max_len
+        # GeneCompass corpora: every dataset carries values (and species); mixing families is refused
+        has = {s.has_values for s in self.sources}
+        if len(has) > 1:
+            msg = (f"{list(map(str, paths))}: some datasets carry GeneCompass values and some do not; pretrain on "
+                   "datasets of one model family")
+            raise UsageError(msg)
+        self.has_values = has.pop()
 
     def __len__(self) -> int:
         return int(self.starts[-1])
@@ -61,6 +68,13 @@ class Corpus:
     def tokens(self, cell: int) -> np.ndarray:
         d = int(np.searchsorted(self.starts, cell, side="right") - 1)
         return self.sources[d][int(cell - self.starts[d])][:self.max_len]
+
+    def values(self, cell: int) -> tuple[np.ndarray, int]:
+        """A GeneCompass cell's per-token values (cut like its tokens) and its species (0 when not recorded)."""
+        d = int(np.searchsorted(self.starts, cell, side="right") - 1)
+        src, i = self.sources[d], int(cell - self.starts[d])
+        sp = src.species
+        return src.take_values([i])[0][:self.max_len], 0 if sp is None else int(sp[i])
 
 
 def split_eval(corpus: Corpus, *, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -131,11 +145,25 @@ class MaskedBatch:
     label_pos: torch.Tensor  # rows of ``packed.input_ids`` that were selected
     labels: torch.Tensor  # their original ids
     n_cells: int
+    values: torch.Tensor | None = None  # GeneCompass: input values (-1 where masked or randomised)
+    species: torch.Tensor | None = None  # GeneCompass: per cell, 0 human / 1 mouse
+    label_values: torch.Tensor | None = None  # GeneCompass: original values at label_pos
+
+    def to(self, device: torch.device) -> MaskedBatch:
+        """Move every tensor to ``device`` (in place; returns self)."""
+        self.packed = self.packed.to(device)
+        for name in ("label_pos", "labels", "values", "species", "label_values"):
+            t = getattr(self, name)
+            if t is not None:
+                setattr(self, name, t.to(device))
+        return self
 
 
 def make_batch(corpus: Corpus, masker: Masker, samples: np.ndarray, *, epoch: int) -> MaskedBatch:
     """Read, corrupt and pack the cells of ``samples`` (an empty array gives an empty batch)."""
     ids, pos, lab = [], [], []
+    vin, vlab, species = [], [], []
+    gc = getattr(corpus, "has_values", False)  # GeneCompass cells (a stand-in corpus may lack the attribute)
     off = 0
     for s in samples:
         tok = corpus.tokens(int(s % len(corpus)))
@@ -143,7 +171,14 @@ def make_batch(corpus: Corpus, masker: Masker, samples: np.ndarray, *, epoch: in
             msg = (f"cell {int(s % len(corpus))}: token id {int(tok.max())} is outside the model's vocabulary "
                    f"of {masker.vocab_size}; was the dataset tokenized with this dictionary?")
             raise UsageError(msg)
-        x, p, y = masker(tok, epoch=epoch, sample=int(s))
+        if gc:
+            vals, sp = corpus.values(int(s % len(corpus)))
+            x, v, p, y, yv = masker.with_values(tok, vals, epoch=epoch, sample=int(s))
+            vin.append(v)
+            vlab.append(yv)
+            species.append(sp)
+        else:
+            x, p, y = masker(tok, epoch=epoch, sample=int(s))
         ids.append(x)
         pos.append(p + off)
         lab.append(y)
@@ -152,7 +187,12 @@ def make_batch(corpus: Corpus, masker: Masker, samples: np.ndarray, *, epoch: in
                                                      torch.zeros(1, dtype=torch.int32), 0,
                                                      torch.zeros(0, dtype=torch.long), np.zeros(0, np.int64))
     cat = (lambda a: torch.from_numpy(np.concatenate(a))) if ids else (lambda a: torch.zeros(0, dtype=torch.long))
-    return MaskedBatch(packed, cat(pos), cat(lab), len(samples))
+    batch = MaskedBatch(packed, cat(pos), cat(lab), len(samples))
+    if gc:
+        fcat = (lambda a: torch.from_numpy(np.concatenate(a))) if ids else (lambda a: torch.zeros(0))
+        batch.values, batch.label_values = fcat(vin), fcat(vlab)
+        batch.species = torch.tensor(species, dtype=torch.long)
+    return batch
 
 
 def rank_step(corpus: Corpus, plan: EpochPlan, step: int, *, rank: int, world_size: int) -> list[np.ndarray]:

@@ -31,9 +31,10 @@ from .build import (
 )
 from .checkpoints import load_trainer_state, prepare_run_dir, save_checkpoint
 from .data import Corpus, EpochPlan, Prefetcher, make_batch, plan_epoch, split_eval
+from .genecompass import build_genecompass, is_genecompass_run
 from .masking import EVAL_EPOCH, Masker, protected_ids
 from .metrics import MetricsLog, peak_flops, plot_loss, train_flops
-from .objectives import mlm_loss_sum
+from .objectives import GeneCompassObjective, mlm_loss_sum
 from .presets import PRESETS, PretrainOptions
 
 
@@ -70,6 +71,7 @@ def pretrain_model(tokens: Sequence[str | os.PathLike], *, out: str | os.PathLik
         msg = f"--dataset-weights needs {len(paths)} positive numbers (one per TOKENS_DIR), got {weights}"
         raise UsageError(msg)
     vocab, specials, dict_hash = dataset_vocab(paths, token_dictionary=opts.token_dictionary)
+    gc = is_genecompass_run(paths, opts)  # GeneCompass tokens train a GeneCompassModel (its objective, layout)
     cfg = model_config(opts, vocab_size=vocab, specials=specials)
     corpus = Corpus(paths, max_len=cfg.max_position_embeddings, truncate=opts.truncate)
     rank, world, device = _init_distributed()
@@ -89,6 +91,9 @@ def pretrain_model(tokens: Sequence[str | os.PathLike], *, out: str | os.PathLik
     total = opts.max_steps or max(1, int(epochs * plan0.n_steps))
 
     run_dir = Path(opts.out)
+    if opts.shard == "fsdp" and gc:
+        msg = "--shard fsdp is implemented and tested for the Geneformer-family BERT only, not GeneCompass models"
+        raise UsageError(msg)
     if opts.shard == "fsdp" and world < 2:
         msg = "--shard fsdp shards over processes: start it with torchrun --nproc_per_node N (N >= 2)"
         raise UsageError(msg)
@@ -106,7 +111,8 @@ def pretrain_model(tokens: Sequence[str | os.PathLike], *, out: str | os.PathLik
     if err is not None:
         raise UsageError(err)
 
-    model, head = build_model(cfg, init=opts.init)
+    model, head = (build_genecompass(cfg, opts), torch.nn.Module()) if gc else build_model(cfg, init=opts.init)
+    objective = GeneCompassObjective() if gc else mlm_loss_sum
     model.to(device).train()
     head.to(device).train()
     if world > 1:  # every rank starts from rank 0's weights (same seed already; this makes it certain)
@@ -162,11 +168,10 @@ def pretrain_model(tokens: Sequence[str | os.PathLike], *, out: str | os.PathLik
                     continue
                 if pair is not None:  # accumulate locally, reduce-scatter once per step (DDP's summation order)
                     pair.set_requires_gradient_sync(i == len(batches) - 1)
-                b.packed = b.packed.to(device)
-                b.label_pos, b.labels = b.label_pos.to(device), b.labels.to(device)
+                b.to(device)
                 with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-                    ls, c = (pair(b, grad_checkpointing=opts.grad_checkpointing) if pair is not None
-                             else _forward(model, head, b, grad_checkpointing=opts.grad_checkpointing))
+                    ls, c = (pair(b, grad_checkpointing=opts.grad_checkpointing) if pair is not None else
+                             _forward(model, head, b, grad_checkpointing=opts.grad_checkpointing, loss_fn=objective))
                 (ls / n_sel.clamp(min=1)).backward()
                 lens = np.diff(b.packed.cu_seqlens.cpu().numpy())
                 stats += torch.tensor([float(ls.detach()), float(c), float(lens.sum()), float(b.n_cells),
@@ -192,13 +197,16 @@ def pretrain_model(tokens: Sequence[str | os.PathLike], *, out: str | os.PathLik
             rec: dict[str, Any] = {}
             if opts.eval_every and eval_cells.size and (step % opts.eval_every == 0 or step == total):
                 with fsdp.unsharded(pair) if pair is not None else nullcontext():
-                    last["eval_loss"] = rec["eval_loss"] = _evaluate(model, head, corpus, masker, eval_cells, opts,
-                                                                     device, rank, world, amp=amp)
+                    last["eval_loss"] = rec["eval_loss"] = _evaluate(
+                        model, head, corpus, masker, eval_cells, opts, device, rank, world, amp=amp,
+                        loss_fn=GeneCompassObjective() if gc else mlm_loss_sum)
             if step % opts.log_every == 0 or step == total or rec:
                 now = time.perf_counter()
                 rec.update(acc.flush(now - t_last, loader.wait_s - wait_last, peak, device),
                            step=step, epoch=epoch, lr=lr, grad_norm=gnorm)
                 t_last, wait_last = now, loader.wait_s
+                if gc:  # this process's id and value terms of the GeneCompass loss
+                    rec.update(objective.flush())
                 log.write(rec)
                 bar.set_postfix(loss=f"{rec['loss']:.3f}", tok_s=f"{rec['tokens_per_s']:,.0f}", lr=f"{lr:.2e}")
             stopping = _all_reduce(torch.tensor(float(stop.hit)), world).item() > 0
@@ -220,26 +228,25 @@ def pretrain_model(tokens: Sequence[str | os.PathLike], *, out: str | os.PathLik
     return {"step": step, "last_checkpoint": str(last_ckpt), **last, "status": "complete"}
 
 
-def _forward(model, head, batch, *, grad_checkpointing: bool):
+def _forward(model, head, batch, *, grad_checkpointing: bool, loss_fn=mlm_loss_sum):
     if not grad_checkpointing:
-        return mlm_loss_sum(model, head, batch)
+        return loss_fn(model, head, batch)
     # recompute the encoder's activations in backward instead of keeping them
-    return checkpoint(mlm_loss_sum, model, head, batch, use_reentrant=False)
+    return checkpoint(loss_fn, model, head, batch, use_reentrant=False)
 
 
 @torch.no_grad()
 def _evaluate(model, head, corpus: Corpus, masker: Masker, cells: np.ndarray, opts: PretrainOptions,
-              device: torch.device, rank: int, world: int, *, amp: bool) -> float:
+              device: torch.device, rank: int, world: int, *, amp: bool, loss_fn=mlm_loss_sum) -> float:
     """Masked-LM loss on the held-out cells, with fixed masks (the eval epoch key)."""
     model.eval()
     head.eval()
     tot = torch.zeros(2, dtype=torch.float64)
     for idx in token_budget_batches(corpus.lengths[cells], max_tokens=opts.batch_tokens, rank=rank, world_size=world):
         b = make_batch(corpus, masker, cells[idx], epoch=EVAL_EPOCH)
-        b.packed = b.packed.to(device)
-        b.label_pos, b.labels = b.label_pos.to(device), b.labels.to(device)
+        b.to(device)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-            ls, _ = mlm_loss_sum(model, head, b)
+            ls, _ = loss_fn(model, head, b)
         tot += torch.tensor([float(ls), b.labels.numel()], dtype=torch.float64)
     model.train()
     head.train()

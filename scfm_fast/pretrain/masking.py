@@ -4,6 +4,10 @@ Each eligible token is selected with probability ``p`` (Bernoulli); of the selec
 ``<mask>``, 10% a random id uniform over the whole vocabulary and 10% stay. The random numbers of a
 cell come from a counter-based generator (Philox) keyed by ``(seed, epoch, sample)`` alone, so a
 cell's mask does not depend on batching, token budget, world size or resume.
+
+GeneCompass cells also carry a value per token: :meth:`Masker.with_values` draws the same mask and sets the
+value of masked and randomised positions to ``-1`` (kept positions keep theirs); the labels keep the
+original ids and values.
 """
 
 from __future__ import annotations
@@ -53,6 +57,30 @@ class Masker:
         -------
         (input ids int64, selected positions int64, original ids at those positions int64)
         """
+        out, pos, _, orig = self._corrupt(tokens, epoch=epoch, sample=sample)
+        return out, pos, orig
+
+    def with_values(self, tokens: np.ndarray, values: np.ndarray, *, epoch: int,
+                    sample: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """Corrupt one GeneCompass cell: the same ids and selection as :meth:`__call__`, plus values.
+
+        Returns
+        -------
+        (input ids int64, input values float32 (-1 at masked and randomised positions), selected positions
+        int64, original ids there int64, original values there float32)
+        """
+        vals = np.asarray(values, dtype=np.float32)
+        out, pos, changed, orig = self._corrupt(tokens, epoch=epoch, sample=sample)
+        if vals.shape != out.shape:
+            msg = f"cell of sample {sample}: {vals.size} values for {out.size} tokens"
+            raise ValueError(msg)
+        vin = vals.copy()
+        vin[pos[changed]] = -1.0
+        return out, vin, pos, orig, vals[pos]
+
+    def _corrupt(self, tokens: np.ndarray, *, epoch: int,
+                 sample: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """(corrupted ids, selected positions, which of them were masked or randomised, original ids there)."""
         tok = np.asarray(tokens, dtype=np.int64)
         rng = np.random.Generator(np.random.Philox(np.random.SeedSequence([self.seed, epoch, sample])))
         n = tok.size
@@ -65,7 +93,7 @@ class Masker:
         out[pos[kind < 0.8]] = self.mask_id
         rnd = pos[(kind >= 0.8) & (kind < 0.9)]
         out[rnd] = rand_ids[rnd]
-        return out, pos, tok[pos]
+        return out, pos, kind < 0.9, tok[pos]
 
 
 def protected_ids(special_tokens: dict[str, int], *, protect_special: bool) -> tuple[int, ...]:

@@ -2,6 +2,9 @@
 
 :class:`ChunkedLinearCrossEntropy` computes ``sum_i CE(h_i @ W.T + b, y_i)`` and its gradients chunk by
 chunk of rows, so at most ``chunk x V`` logits exist at once (never ``tokens x V``).
+:func:`genecompass_loss_sums` is GeneCompass's objective on the same pieces: the chunked CE of its tied MLM
+head plus the squared error of its value head, both on the selected rows only; :func:`genecompass_loss`
+weighs their means 0.2 / 0.8 as GeneCompass does.
 """
 
 from __future__ import annotations
@@ -81,3 +84,58 @@ def mlm_loss_sum(model, head, batch, *, chunk: int = 4096) -> tuple[Tensor, Tens
     hidden = model.forward_varlen(p.input_ids, p.cu_seqlens, p.max_seqlen, position_ids=p.position_ids)
     sel = head.transform(hidden.index_select(0, batch.label_pos))
     return linear_cross_entropy(sel, head.decoder.weight, head.bias, batch.labels, chunk=chunk)
+
+
+def genecompass_loss_sums(model, batch, *, chunk: int = 4096) -> tuple[Tensor, Tensor | None, Tensor]:
+    """GeneCompass over the packed micro-batch, heads on the selected rows only.
+
+    Returns ``(summed CE of ids, summed squared error of values, n correct)``; the squared error is
+    ``None`` for a model without a value head (``use_values`` false).
+    """
+    p = batch.packed
+    h, rows, _ = model.forward_varlen(p.input_ids, batch.values, batch.species, p.cu_seqlens, p.max_seqlen)
+    sel = h.index_select(0, rows.index_select(0, batch.label_pos))  # gene rows (species rows skipped)
+    pred = model.cls.predictions
+    t = pred.transform.LayerNorm(model.act(pred.transform.dense(sel)))
+    ce, correct = linear_cross_entropy(t, model.bert.embeddings.word_embeddings.weight, pred.bias, batch.labels,
+                                       chunk=chunk)
+    if not model.gcfg.use_values:
+        return ce, None, correct
+    se = (model.value_prediction(sel).float() - batch.label_values.float()).square().sum()
+    return ce, se, correct
+
+
+def genecompass_loss(ce_sum: Tensor, se_sum: Tensor | None, n_selected: Tensor | float) -> Tensor:
+    """GeneCompass's loss from the sums: ``0.2 * mean CE(ids) + 0.8 * mean squared error(values)``
+    (the mean CE alone without a value head, as its model does)."""
+    from ..model.genecompass import ID_LOSS_WEIGHT, VALUE_LOSS_WEIGHT
+
+    if se_sum is None:
+        return ce_sum / n_selected
+    return (ID_LOSS_WEIGHT * ce_sum + VALUE_LOSS_WEIGHT * se_sum) / n_selected
+
+
+class GeneCompassObjective:
+    """GeneCompass's objective in the trainer's calling convention, ``(loss sum, n correct)``.
+
+    The loss sum is ``0.2 * CE sum + 0.8 * squared-error sum`` (divided by the selected count by the
+    loop, this is :func:`genecompass_loss`); the id and value sums are kept for :meth:`flush`, the
+    log's ``id_loss`` / ``value_loss`` (this process's batches).
+    """
+
+    def __init__(self) -> None:
+        self.sums = [0.0, 0.0, 0]  # CE, squared error, selected positions
+
+    def __call__(self, model, head, batch, *, chunk: int = 4096) -> tuple[Tensor, Tensor]:  # noqa: ARG002
+        ce, se, correct = genecompass_loss_sums(model, batch, chunk=chunk)
+        n = batch.labels.numel()
+        self.sums[0] += float(ce.detach())
+        self.sums[1] += 0.0 if se is None else float(se.detach())
+        self.sums[2] += n
+        return genecompass_loss(ce, se, 1.0), correct
+
+    def flush(self) -> dict[str, float]:
+        """Mean id and value losses since the last call."""
+        ce, se, n = self.sums
+        self.sums = [0.0, 0.0, 0]
+        return {"id_loss": ce / max(n, 1), "value_loss": se / max(n, 1)}

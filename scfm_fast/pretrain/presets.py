@@ -27,6 +27,12 @@ PRESETS: dict[str, dict[str, Any]] = {
         model=dict(hidden_size=256, num_hidden_layers=6, num_attention_heads=4, intermediate_size=512,
                    hidden_act="silu", max_position_embeddings=2048),
         lr=1e-3, schedule="cosine", warmup=10_000, weight_decay=0.001, dropout=0.02, epochs=10, cells_per_gpu=12),
+    # GeneCompass (../shared/GENECOMPASS.md, Training): trains a GeneCompassModel on GeneCompass tokens
+    "genecompass-base": dict(
+        family="genecompass",
+        model=dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072,
+                   hidden_act="gelu", max_position_embeddings=2048),
+        lr=5e-5, schedule="linear", warmup=10_000, weight_decay=0.01, dropout=0.02, cells_per_gpu=10),
 }
 
 
@@ -39,6 +45,7 @@ class PretrainOptions:
     config: str | None = None
     init: str | None = None
     token_dictionary: str | None = None
+    knowledge: dict[str, str] | None = None  # GeneCompass from scratch: table name -> pickle (gene id -> vector)
     max_steps: int | None = None
     epochs: float | None = None
     batch_tokens: int = 16_384
@@ -76,7 +83,9 @@ class PretrainOptions:
         if (self.preset is None) == (self.config is None) and self.init is None:
             msg = "pass exactly one of --preset NAME or --config CONFIG.json (or --init CKPT)"
             raise UsageError(msg)
-        o = replace(self, lr=_pick(self.lr, rec.get("lr"), 1e-3),
+        from .genecompass import parse_knowledge
+
+        o = replace(self, knowledge=parse_knowledge(self.knowledge), lr=_pick(self.lr, rec.get("lr"), 1e-3),
                     warmup=_pick(self.warmup, rec.get("warmup"), 0),
                     schedule=_pick(self.schedule, rec.get("schedule"), "linear"),
                     weight_decay=_pick(self.weight_decay, rec.get("weight_decay"), 0.0),
@@ -106,7 +115,7 @@ class PretrainOptions:
 
     def fingerprint(self) -> dict[str, Any]:
         """The options a resumed run must share (everything that changes the data order or the model)."""
-        keep = ("preset", "config", "init", "batch_tokens", "global_batch_cells", "global_batch_tokens", "lr",
+        keep = ("preset", "config", "init", "knowledge", "batch_tokens", "global_batch_cells", "global_batch_tokens", "lr",
                 "warmup", "schedule", "weight_decay", "mask_prob", "protect_special", "dropout", "dtype", "seed",
                 "eval_fraction", "dataset_weights", "truncate", "max_steps", "epochs", "grad_clip")
         return {k: v for k, v in asdict(self).items() if k in keep}

@@ -111,6 +111,8 @@ def tokenize_values(
         values = _ext.core.token_values(indptr, indices, data, col_token, token_median, tokens, offsets,
                                         factor, threads)
     else:
-        values = rank._numba_module.token_values_numba(indptr.astype(np.int64, copy=False), indices, data,
-                                                       col_token, token_median, tokens, offsets, factor, threads)
+        from ._numba_values import token_values_numba
+
+        values = token_values_numba(indptr.astype(np.int64, copy=False), indices, data, col_token, token_median,
+                                    tokens, offsets, factor, threads)
     return tokens, values, offsets, cell_totals

@@ -1,7 +1,9 @@
 """Screen targets (``--genes``) -> token ids, by the rules the tokenizer used for the cells' genes.
 
 A target is a token id, an Ensembl id (versioned or not), a symbol, or — for cells tokenized with
-``--orthologs`` — a mouse id or symbol. Each goes through :func:`~scfm_fast.vocab.gene_ids.match_gene_id`,
+``--orthologs`` — a mouse id or symbol. Symbols go through the table the cells' tokenizer used
+(:mod:`~scfm_fast.vocab.symbols`): mouse symbols stay in mouse space for a mouse-Geneformer dataset or any
+dictionary of ENSMUSG ids. Each goes through :func:`~scfm_fast.vocab.gene_ids.match_gene_id`,
 the tokenizer's own rule set, so "Gsta3" is the token the tokenizer gave mouse Gsta3 (its human ortholog),
 a gene without a median is never a target (it never appears in cells), and the version suffix rule is
 the tokenizer's. Special tokens are never targets.
@@ -40,7 +42,10 @@ class TargetResolver:
     token_dictionary
         Ensembl id -> token id (dict or pickle path); default: the bundled Geneformer V1 dictionary.
     gene_name_map
-        Symbol -> Ensembl id (dict, pickle or CSV/TSV path); default: the bundled symbol table.
+        Symbol -> Ensembl id (dict, pickle or CSV/TSV path, or a bundled table name such as
+        ``"ensembl-mouse"``); default: by the species of the token dictionary's ids — the bundled mouse
+        Ensembl table for ENSMUSG ids, both Ensembl tables for a joint human + mouse dictionary, else
+        Geneformer V1's table (:func:`~scfm_fast.vocab.symbols.default_name_map`).
     orthologs
         ``"mouse-to-human"``, an ortholog table path or a dict (mouse id/symbol -> human Ensembl id): the
         ``--orthologs`` the cells were tokenized with (see :meth:`for_cells`).
@@ -64,15 +69,19 @@ class TargetResolver:
     def for_cells(cls, cells: Any, *, token_dictionary: Source = None, gene_name_map: Source = None,
                   gene_median: Source = None) -> TargetResolver:
         """A resolver for ``cells`` (anything :func:`~scfm_fast.store.cells.open_cells` opens): their
-        ``--orthologs``, and ``token_dictionary`` checked against the one they were tokenized with."""
+        ``--orthologs``, the symbol table their tokenizer used (its preset's, e.g. ``ensembl-mouse`` for
+        ``mouse-geneformer``; ``gene_name_map`` overrides it), and ``token_dictionary`` checked against
+        the one they were tokenized with."""
         from ..store.cells import open_cells
         from .dictionaries import check_token_dictionary
+        from .symbols import recorded_name_map
 
         src = open_cells(cells)
         if not isinstance(token_dictionary, Mapping):  # a dict given directly cannot be compared: trusted
             path = Path(token_dictionary) if token_dictionary is not None else _bundled("token_dictionary.pkl")
             check_token_dictionary(path, src.dictionary_hash, dataset=src.name)
-        return cls(token_dictionary, gene_name_map, src.orthologs, gene_median=gene_median)
+        names = gene_name_map if gene_name_map is not None else recorded_name_map(src.config)
+        return cls(token_dictionary, names, src.orthologs, gene_median=gene_median)
 
     # ---- dictionaries (loaded on first use) -----------------------------------------------------
     @cached_property
@@ -84,6 +93,10 @@ class TargetResolver:
     def name_map(self) -> dict[str, str]:
         if isinstance(self._name_src, Mapping):
             return {str(k): str(v) for k, v in self._name_src.items()}
+        if self._name_src is None:
+            from .symbols import default_name_map
+
+            return load_gene_name_map(default_name_map(self.token_dict))
         return load_gene_name_map(self._name_src)
 
     @cached_property
@@ -114,6 +127,15 @@ class TargetResolver:
     def ensembl_of(self) -> dict[int, str]:
         """Token id -> Ensembl id (special tokens included, under their names)."""
         return {t: g for g, t in self.token_dict.items()}
+
+    def symbol_of(self) -> dict[int, str]:
+        """Token id -> gene symbol (the first symbol of the name map naming its Ensembl id): result labels."""
+        out: dict[int, str] = {}
+        for sym, ens in self.name_map.items():
+            t = self.token_dict.get(ens)
+            if t is not None:
+                out.setdefault(int(t), str(sym))
+        return out
 
     # ---- resolution -------------------------------------------------------------------------------
     def resolve_one(self, gene: int | str) -> int | None:

@@ -13,12 +13,8 @@ ALLOWED = ("model", "kernels")
 # what an encoder copy needs: attention (SDPA, a softmax over scores, flash-attn) or the LayerNorm
 # (log_softmax, as in a cross-entropy, is not attention)
 ENCODER_MATHS = re.compile(r"scaled_dot_product_attention|(?<!log_)softmax\(|layer_norm\(|flash_attn_\w+\(")
-# Known copies awaiting the integration of the shared layers (issue 9 §1); remove each entry when its
-# file imports scfm_fast.model.layers / scfm_fast.kernels.attention instead. An entry whose file is gone
-# or clean is ignored, so the list can only shrink.
-PENDING = {
-    "perturb/approx.py": "approx engine's private softmax attention over cached q/k/v",
-}
+# Known copies awaiting a move into scfm_fast/model or scfm_fast/kernels (none left: the list can only shrink)
+PENDING: dict[str, str] = {}
 
 
 def _offences() -> dict[str, list[str]]:

@@ -74,3 +74,12 @@ def run_cli(token_dir, ckpt, out, *extra, cells_per_shard: int = 3) -> int:
     return main(["perturb", str(token_dir), "--model", str(ckpt), "--out", str(out), "--cells-per-shard",
                  str(cells_per_shard), "--special-tokens", ",".join(map(str, SPECIAL)), "--batch-tokens", "64",
                  *extra])
+
+
+def finish_token_dir(d, config: dict | None = None):
+    """Mark a folder of token Parquet files a finished token dataset (the manifest ``open_cells`` reads)."""
+    import json
+
+    (d / "__scfm__").mkdir(exist_ok=True)
+    (d / "__scfm__" / "manifest.json").write_text(json.dumps({"status": "complete", "config": config or {}}))
+    return d

@@ -13,7 +13,7 @@ import pytest
 from scfm_fast.perturb import perturb_cells
 from scfm_fast.perturb._cli import parse_genes
 
-from .conftest import CLS, EOS, SPECIAL, make_cells, run_cli, tiny_model
+from .conftest import CLS, EOS, SPECIAL, finish_token_dir, make_cells, run_cli, tiny_model
 
 
 @pytest.fixture(scope="module")
@@ -29,7 +29,7 @@ def token_dir(tmp_path_factory, cells):
                       "length": pa.array([len(cells[i]) for i in rows], pa.int32()),
                       "cell_index": pa.array([10 + i for i in rows], pa.int64())})
         pq.write_table(t, d / f"part-{f:04d}-000000000000.parquet")
-    return d
+    return finish_token_dir(d)
 
 
 def _run(token_dir, ckpt, out, *extra):
@@ -91,17 +91,23 @@ def test_resume_refuses_other_settings(token_dir, ckpt, tmp_path):
     assert json.loads((out / "manifest.json").read_text())["config"]["layer"] == -1
 
 
-def test_ranks_take_disjoint_shards_and_rank0_merges(token_dir, ckpt, tmp_path, monkeypatch, cells):
+def test_ranks_take_disjoint_shards_and_rank0_merges(token_dir, ckpt, tmp_path, monkeypatch, capsys, cells):
+    # torchrun ranks, run one after the other: rank 0 prepares OUT (rank 1 waits for it) and merges once
+    # every shard exists; here it gives up waiting at once, then merges on --resume
     out = tmp_path / "out"
     monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    assert _run(token_dir, ckpt, out, "--devices", "cpu", "--no-stats", "--merge-timeout", "0") == 2
+    assert "never appeared" in capsys.readouterr().err
+    assert sorted(p.name for p in (out / "shards").glob("*.parquet")) == ["part-000000.parquet", "part-000002.parquet"]
     monkeypatch.setenv("RANK", "1")
     monkeypatch.setenv("LOCAL_RANK", "1")
     assert _run(token_dir, ckpt, out, "--devices", "cpu", "--no-stats") == 0
-    assert [p.name for p in (out / "shards").glob("*.parquet")] == ["part-000001.parquet"]
-    assert not (out / "perturbations.parquet").exists()
+    assert (out / "shards" / "part-000001.parquet").exists() and not (out / "perturbations.parquet").exists()
     monkeypatch.setenv("RANK", "0")
     monkeypatch.setenv("LOCAL_RANK", "0")
-    assert _run(token_dir, ckpt, out, "--devices", "cpu", "--no-stats") == 0
+    assert _run(token_dir, ckpt, out, "--devices", "cpu", "--no-stats", "--resume") == 0
     df = pd.read_parquet(out / "perturbations.parquet")
     assert not df.duplicated(["cell_index", "gene_token"]).any()
     _assert_equals_one_process(df, cells)
@@ -171,7 +177,7 @@ def test_resume_refuses_tokens_retokenized_in_place(token_dir, ckpt, tmp_path, c
 
     tokens = tmp_path / "tokens"
     shutil.copytree(token_dir, tokens)
-    (tokens / "__scfm__").mkdir()
+    (tokens / "__scfm__").mkdir(exist_ok=True)
     man = tokens / "__scfm__" / "manifest.json"
     man.write_text(json.dumps({"config_hash": "aaaa", "n_cells": 7, "status": "complete"}))
     out = tmp_path / "out"
@@ -212,6 +218,7 @@ def test_cells_longer_than_model_fail_before_any_shard(ckpt, tmp_path, capsys):
     lens = [5, 5, 5, 70]  # the tiny model has 64 positions; the long cell is in the last shard
     pq.write_table(pa.table({"input_ids": pa.array([list(range(4, 4 + n)) for n in lens], pa.list_(pa.int32()))}),
                    d / "part-0000-000000000000.parquet")
+    finish_token_dir(d)
     assert run_cli(d, ckpt, tmp_path / "out", cells_per_shard=1) == 2
     err = capsys.readouterr().err
     assert "cell_index [3]" in err and "--max-len 64" in err
@@ -227,6 +234,7 @@ def test_failed_worker_is_reported_without_waiting_for_its_shards(ckpt, tmp_path
     rows = [*make_cells([5, 6], v2=True), *make_cells([5], seed=1)]
     pq.write_table(pa.table({"input_ids": pa.array([r.tolist() for r in rows], pa.list_(pa.int32()))}),
                    d / "part-0000-000000000000.parquet")
+    finish_token_dir(d)
     t0 = time.monotonic()
     rc = run_cli(d, ckpt, tmp_path / "out", "--devices", "cpu,cpu", "--pooling", "cls", "--merge-timeout", "120",
                  cells_per_shard=2)
@@ -300,17 +308,18 @@ def test_several_input_files_keep_file_index_with_the_results(tmp_path, pbmc_pat
 
 
 def test_length_check_works_chunk_by_chunk_and_ignores_padding(tmp_path):
-    from scfm_fast.perturb._cli import _check_lengths
+    from scfm_fast.perturb._inputs import check_cells
+    from scfm_fast.store.cells import open_cells
 
     model = tiny_model()  # 64 positions, pad id 0
     ok = [list(range(4, 40)), list(range(4, 64)) + [0] * 10]  # 70 ids, 60 after dropping padding
     bad = [list(range(4, 70))]
     chunks = [pa.array(ok, pa.list_(pa.int32())), pa.array(bad, pa.list_(pa.int32()))]
     table = pa.table({"input_ids": pa.chunked_array(chunks[:1]), "cell_index": [5, 6]})
-    _check_lengths(table, model, tmp_path)  # padding does not count
+    check_cells(open_cells(table), model, pooling="mean", special=SPECIAL, count_genes=False)  # padding does not count
     both = pa.table({"input_ids": pa.chunked_array(chunks), "cell_index": [5, 6, 7]})
     with pytest.raises(Exception, match=r"cell_index \[7\]"):
-        _check_lengths(both, model, tmp_path)
+        check_cells(open_cells(both), model, pooling="mean", special=SPECIAL, count_genes=False)
 
 
 def _manifest_dir(tmp_path, cells, status):
@@ -334,6 +343,7 @@ def test_unfinished_or_empty_token_datasets_are_refused(ckpt, tmp_path, cells, c
     empty = tmp_path / "empty"
     empty.mkdir()
     pq.write_table(pa.table({"input_ids": pa.array([], pa.list_(pa.int32()))}), empty / "part-0.parquet")
+    finish_token_dir(empty)
     assert _run(empty, ckpt, tmp_path / "c") == 2
     assert "no cells" in capsys.readouterr().err
 
@@ -347,7 +357,8 @@ def test_bad_genes_and_token_ids_are_errors(token_dir, ckpt, tmp_path, capsys):
     big.mkdir()
     # the bad cell sits in the last shard: refused before the first shard is written
     rows = [[5, 6, 7]] * 7 + [[8, 900]]
-    pq.write_table(pa.table({"input_ids": pa.array(rows, pa.list_(pa.int32()))}), big / "p.parquet")
+    pq.write_table(pa.table({"input_ids": pa.array(rows, pa.list_(pa.int32()))}), big / "part-0000-000000000000.parquet")
+    finish_token_dir(big)
     assert _run(big, ckpt, tmp_path / "c") == 2
     err = capsys.readouterr().err
     assert "outside the model's vocabulary of 200" in err and "Traceback" not in err

@@ -165,7 +165,7 @@ def test_token_sources_agree(model, tmp_path):
                   "cell_index": pa.array([100, 101], pa.int64())})
     pq.write_table(t, tmp_path / "part-0.parquet")
     a = perturb_cells(cells, model, special_token_ids=SPECIAL)
-    b = perturb_cells(tmp_path, model, special_token_ids=SPECIAL)
+    b = perturb_cells(tmp_path / "part-0.parquet", model, special_token_ids=SPECIAL)
     c = perturb_cells(t, model, special_token_ids=SPECIAL)
     np.testing.assert_array_equal(a["cos_sim"], b["cos_sim"])
     np.testing.assert_array_equal(b["cos_sim"], c["cos_sim"])
@@ -178,17 +178,17 @@ def test_ensembl_ids_from_the_bundled_dictionary(model):
     assert df["ensembl_id"].str.startswith("ENSG").all()
     assert list(df.columns[:11]) == ["cell_index", "perturbation", "gene_token", "gene_tokens", "ensembl_id",
                                      "gene_name", "n_genes", "orig_rank", "new_rank", "cos_sim", "shift"]
-    from scfm_fast.perturb._inputs import GeneResolver
+    from scfm_fast.vocab.targets import TargetResolver
 
-    sym = GeneResolver().symbol_of()
+    sym = TargetResolver().symbol_of()
     assert df["gene_name"].tolist() == [sym.get(int(t), e) for t, e in zip(df["gene_token"], df["ensembl_id"])]
 
 
 def test_symbol_targets_resolve(model):
     # the bundled Geneformer V1 dictionaries map a symbol to its token; put that token into a cell
-    from scfm_fast.perturb._inputs import GeneResolver
+    from scfm_fast.vocab.targets import TargetResolver
 
-    r = GeneResolver()
+    r = TargetResolver()
     sym, tok = next((s, int(r.token_dict[e])) for s, e in r.name_map.items()
                     if e in r.token_dict and 4 <= int(r.token_dict[e]) < 200)
     cell = np.array([tok] + [t for t in range(4, 12) if t != tok])

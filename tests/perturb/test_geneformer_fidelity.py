@@ -12,6 +12,7 @@ import pandas as pd
 import pytest
 
 from . import geneformer_oracle as gf
+from .conftest import finish_token_dir
 
 N_CELLS, N_GENES = 4, 24
 ATOL = 1e-5
@@ -100,6 +101,7 @@ def test_delete_all_cli_equals_transformers(hf_model, ckpt, cells, tmp_path):
     tok.mkdir()
     pq.write_table(pa.table({"input_ids": pa.array(cells, pa.list_(pa.int32())),
                              "cell_index": pa.array(np.arange(len(cells)), pa.int64())}), tok / "part-0.parquet")
+    finish_token_dir(tok)
     rc = main(["perturb", str(tok), "--model", str(ckpt), "--perturb", "delete", "--genes", "all", "--layer", "-2",
                "--dtype", "float32", "--gene-shifts", "--no-stats", "--out", str(tmp_path / "out")])
     assert rc == 0

@@ -8,7 +8,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from scfm_fast.perturb import perturb_cells
-from scfm_fast.perturb._inputs import GeneResolver
+from scfm_fast.vocab.targets import TargetResolver
 
 from .conftest import make_cells, tiny_model
 
@@ -18,9 +18,9 @@ TOKENS = {"<pad>": 0, "<mask>": 1, CD24: 5, GSTA5: 6, GSTA3: 7}
 
 
 def test_mouse_symbols_and_ids_resolve_through_orthologs():
-    r = GeneResolver(TOKENS, orthologs="mouse-to-human")
+    r = TargetResolver(TOKENS, orthologs="mouse-to-human")
     assert [r.resolve_one(g) for g in ("Cd24a", "Gsta3", "ENSMUSG00000025934", GSTA3)] == [5, 6, 6, 7]
-    assert GeneResolver(TOKENS).resolve_one("Gsta3") == 7  # human data: case-insensitive symbols stay
+    assert TargetResolver(TOKENS).resolve_one("Gsta3") == 7  # human data: case-insensitive symbols stay
 
 
 def test_screen_of_mouse_tokens_uses_the_datasets_orthologs(tmp_path):
@@ -95,27 +95,25 @@ def test_tables_from_tokenize_anndata_carry_their_specials_and_dictionary(tmp_pa
 
 
 def test_a_saved_token_table_keeps_its_config(tmp_path):
-    from scfm_fast.perturb._inputs import dataset_config, dataset_special_ids
+    from scfm_fast.store.cells import open_cells
     from scfm_fast.store.schema import with_table_config
 
     t = with_table_config(pa.table({"input_ids": pa.array([[5, 6]], pa.list_(pa.int32()))}),
                           {"special_tokens": {"<pad>": 0, "<cls>": 9}, "orthologs": "mouse-to-human"})
     pq.write_table(t, tmp_path / "cells.parquet")
-    assert dataset_config(tmp_path / "cells.parquet")["orthologs"] == "mouse-to-human"
-    assert dataset_special_ids(str(tmp_path / "cells.parquet")) == [0, 9]
+    src = open_cells(tmp_path / "cells.parquet")
+    assert src.orthologs == "mouse-to-human"
+    assert src.special_token_ids == (0, 9)
 
 
 def test_unfinished_token_dataset_is_refused_by_the_api(tmp_path):
     import pytest
 
     from scfm_fast._errors import StoreError
-    from scfm_fast.perturb._inputs import iter_cells
     from scfm_fast.store.schema import MANIFEST
 
     pq.write_table(pa.table({"input_ids": pa.array([[5, 6]], pa.list_(pa.int32()))}), tmp_path / "p.parquet")
     (tmp_path / MANIFEST).parent.mkdir(parents=True)
     (tmp_path / MANIFEST).write_text(json.dumps({"status": "running"}))
     with pytest.raises(StoreError, match="unfinished"):
-        list(iter_cells(tmp_path))
-    (tmp_path / MANIFEST).write_text(json.dumps({"status": "complete"}))
-    assert [c.tolist() for _, c in iter_cells(tmp_path)] == [[5, 6]]
+        perturb_cells(str(tmp_path), tiny_model(), progress_bar=False)

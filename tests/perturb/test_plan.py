@@ -5,8 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from scfm_fast.perturb._inputs import GeneResolver, iter_cells
 from scfm_fast.perturb.plan import build_variant, plan_cell, target_rank
+from scfm_fast.store.cells import open_cells
+from scfm_fast.vocab.targets import TargetResolver
 
 from .conftest import CLS, EOS, SPECIAL
 
@@ -161,7 +162,7 @@ def test_quantile_bins_are_exact_for_decimal_rank_shifts(q):
 
 
 def test_resolver_symbols_and_ensembl(geneformer_v1_dir):
-    r = GeneResolver(geneformer_v1_dir / "token_dictionary.pkl", geneformer_v1_dir / "gene_name_id_dict.pkl")
+    r = TargetResolver(geneformer_v1_dir / "token_dictionary.pkl", geneformer_v1_dir / "gene_name_id_dict.pkl")
     sym, eid = next((s, e) for s, e in r.name_map.items() if e in r.token_dict)
     tok = int(r.token_dict[eid])
     assert r.resolve_one(sym) == tok
@@ -176,12 +177,12 @@ def test_resolver_symbols_and_ensembl(geneformer_v1_dir):
 
 
 def test_bundled_dictionaries_are_the_default():
-    r = GeneResolver()
+    r = TargetResolver()
     assert r.resolve("all") == (None, [])
     assert r.ensembl_of()[2].startswith("ENSG")
 
 
-def test_iter_cells_sources(tmp_path):
+def test_cells_come_from_open_cells(tmp_path):
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -189,8 +190,8 @@ def test_iter_cells_sources(tmp_path):
     t = pa.table({"input_ids": pa.array([c.tolist() for c in cells], pa.list_(pa.int32())),
                   "length": pa.array([3, 1], pa.int32()), "cell_index": pa.array([40, 41], pa.int64())})
     pq.write_table(t, tmp_path / "part-0.parquet")
-    for src in (tmp_path, t):
-        got = list(iter_cells(src))
+    for src in (tmp_path / "part-0.parquet", t):
+        got = list(open_cells(src).iter_cells())
         assert [g[0] for g in got] == [40, 41]
         assert [g[1].tolist() for g in got] == [c.tolist() for c in cells]
-    assert [i for i, _ in iter_cells(cells)] == [0, 1]
+    assert [i for i, _ in open_cells(cells).iter_cells()] == [0, 1]

@@ -15,7 +15,7 @@ from scfm_fast._errors import InputFileError, UsageError
 from scfm_fast.perturb import perturb_cells, select_cells, state_embedding
 from scfm_fast.perturb.states import parse_where
 
-from .conftest import SPECIAL, make_cells, run_cli, tiny_model
+from .conftest import SPECIAL, finish_token_dir, make_cells, run_cli, tiny_model
 
 DISEASE = ["dcm", "nf", "dcm", "hcm", "nf", "dcm", "nf"]
 BATCH = [1, 1, 2, 2, 3, 3, 3]
@@ -46,29 +46,20 @@ def test_select_cells_by_string_and_integer_columns(cells):
 
 
 def test_select_cells_from_a_directory_reads_only_the_kept_cells_tokens(state_dir, cells, monkeypatch):
-    import pyarrow.dataset as ds
+    from scfm_fast.store.cells import CellSource
 
     asked: list = []
-    real = ds.dataset
+    real = CellSource._gather
 
-    class Spy:  # records what is read from the dataset
-        def __init__(self, d):
-            self.d = d
-            self.schema = d.schema
+    def spy(self, flat, indices, dtype):  # every token read goes through _gather
+        asked.append(len(np.asarray(indices).reshape(-1)))
+        return real(self, flat, indices, dtype)
 
-        def to_table(self, *a, **k):
-            asked.append(("scan", k.get("columns")))
-            return self.d.to_table(*a, **k)
-
-        def take(self, rows, **k):
-            asked.append(("take", len(rows)))
-            return self.d.take(rows, **k)
-
-    monkeypatch.setattr(ds, "dataset", lambda *a, **k: Spy(real(*a, **k)))
+    monkeypatch.setattr(CellSource, "_gather", spy)
     t = select_cells(str(state_dir), {"disease": ["dcm", "hcm"], "batch": "2"})
     assert t.column("input_ids").to_pylist() == [cells[2].tolist(), cells[3].tolist()]
     assert t.column("cell_index").to_pylist() == [2, 3]
-    assert all("input_ids" not in (cols or []) for kind, cols in asked if kind == "scan") and ("take", 2) in asked
+    assert asked == [2]
 
 
 def test_select_cells_explains_what_is_missing(cells):
@@ -131,7 +122,7 @@ def state_dir(tmp_path_factory, cells):
     t = _table(cells)
     pq.write_table(t.slice(0, 4), d / "part-0000-000000000000.parquet")
     pq.write_table(t.slice(4), d / "part-0001-000000000000.parquet")
-    return d
+    return finish_token_dir(d)
 
 
 def _run(token_dir, ckpt, out, *extra):
@@ -223,3 +214,26 @@ def test_cli_refuses_bad_cell_states(state_dir, ckpt, tmp_path, capsys):
     ok = '{"state_key": "disease", "start_state": "dcm", "goal_state": "nf"}'
     assert _run(state_dir, ckpt, tmp_path / "c", "--cell-states", ok, "--filter", "disease=dcm") == 2
     assert "drop --filter" in capsys.readouterr().err
+
+
+def test_screen_reads_tokens_part_by_part(monkeypatch):
+    # a screen without --filter holds at most one part of the cells' tokens at a time, never the corpus
+    from scfm_fast.perturb import _inputs
+    from scfm_fast.store.cells import CellSource
+
+    cells = make_cells([6 + i % 5 for i in range(23)], seed=3)
+    sizes: list[int] = []
+    real = CellSource._gather
+
+    def spy(self, flat, indices, dtype):
+        sizes.append(len(np.asarray(indices).reshape(-1)))
+        return real(self, flat, indices, dtype)
+
+    monkeypatch.setattr(CellSource, "_gather", spy)
+    monkeypatch.setattr(_inputs, "PART_CELLS", 4)
+    whole = perturb_cells(cells, tiny_model(), special_token_ids=SPECIAL, progress_bar=False)
+    assert sizes and max(sizes) == 4 and sum(sizes) % len(cells) == 0
+    monkeypatch.setattr(CellSource, "_gather", real)
+    monkeypatch.setattr(_inputs, "PART_CELLS", 1024)
+    one = perturb_cells(cells, tiny_model(), special_token_ids=SPECIAL, progress_bar=False)
+    pd.testing.assert_frame_equal(whole, one)  # parts change what is held, never the results

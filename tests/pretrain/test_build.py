@@ -18,7 +18,7 @@ def test_presets_take_the_dataset_vocabulary_and_published_recipe(name):
     cfg = model_config(o, vocab_size=1234, specials={"<pad>": 0, "<mask>": 1})
     assert cfg.vocab_size == 1234 and o.lr == PRESETS[name]["lr"] and o.schedule == PRESETS[name]["schedule"]
     assert cfg.hidden_dropout_prob == PRESETS[name]["dropout"]
-    assert cfg.hidden_act == ("silu" if name == "mouse-geneformer" else "relu")
+    assert cfg.hidden_act == {"mouse-geneformer": "silu", "genecompass-base": "gelu"}.get(name, "relu")
 
 
 def test_option_conflicts_are_refused():

@@ -105,3 +105,74 @@ def test_for_cells_uses_the_datasets_orthologs_and_dictionary(tmp_path):
     with pytest.raises(UsageError, match="another token dictionary"):
         TargetResolver.for_cells(str(d))  # the bundled V1 dictionary's ids would name other genes
     assert isinstance(np.int64(5), np.integer) and r.resolve_one(np.int64(5)) == 5
+
+
+# ---- the symbol table: the one the cells' tokenizer used (mouse-Geneformer: mouse space, no orthologs) ----
+def _mouse_tokens():
+    from scfm_fast.vocab.ensembl import ensembl_name_map
+
+    mouse = ensembl_name_map("mouse")
+    genes = [mouse[s] for s in ("Actb", "Gapdh", "Gsta3", "Cd24a")]
+    return mouse, {"<pad>": 0, "<mask>": 1, **{g: i + 2 for i, g in enumerate(genes)}}
+
+
+def test_mouse_dictionary_resolves_mouse_symbols_in_mouse_space(vocab):
+    mouse, tokens = _mouse_tokens()
+    r = TargetResolver(tokens)  # no symbol table given: the dictionary's ENSMUSG ids pick the mouse one
+    names = ["Actb", "ACTB", "Gsta3", "Cd24a", mouse["Gapdh"], mouse["Gapdh"] + ".3", "GSTA5", "NOT_A_GENE"]
+    got = [r.resolve_one(g) for g in names]
+    # the tokenizer's own rules over the same table give the same ids, gene by gene
+    col, _ = resolve_genes(names, GeneVocab(tokens, dict.fromkeys(tokens, 1.0)),
+                           gene_name_map=load_gene_name_map("ensembl-mouse"), min_fraction=0.0)
+    assert got == [None if t < 0 else int(t) for t in col]
+    assert got[:6] == [2, 2, 4, 5, 3, 3] and got[6:] == [None, None]  # Gsta3 is mouse Gsta3, not human GSTA5
+    assert r.symbol_of()[2] == "Actb"
+    # the V1 human table would have sent "Actb" by case to human ACTB, which this dictionary lacks
+    assert TargetResolver(tokens, "ensembl-human").resolve_one("Actb") is None
+
+
+def test_symbol_table_choice():
+    from scfm_fast.vocab.symbols import default_name_map, dictionary_species, recorded_name_map
+
+    mouse, tokens = _mouse_tokens()
+    human = {"<pad>": 0, CD24: 1, GSTA5: 2}
+    assert dictionary_species(tokens) == ("mouse",) and default_name_map(tokens) == "ensembl-mouse"
+    assert default_name_map({**tokens, **human}) == "ensembl-human+mouse"
+    assert default_name_map(human).name == "gene_name_id_dict.pkl" and dictionary_species({"<pad>": 0}) == ()
+    assert recorded_name_map({"preset": "mouse-geneformer", "gene_name_map": "auto"}) == "ensembl-mouse"
+    assert recorded_name_map({"preset": "genecompass", "gene_name_map": "auto"}) == "ensembl-human+mouse"
+    assert recorded_name_map({"preset": "geneformer-v1", "gene_name_map": "auto"}).name == "gene_name_id_dict.pkl"
+    assert recorded_name_map({"preset": "geneformer-v1", "gene_name_map": "ensembl-mouse"}) == "ensembl-mouse"
+    for unknown in ({}, {"gene_name_map": "None"}, {"gene_name_map": "auto (off: ...)"}, {"gene_name_map": "auto"}):
+        assert recorded_name_map(unknown) is None
+
+
+def test_recorded_table_that_is_gone_warns(tmp_path, caplog):
+    from scfm_fast.vocab.symbols import recorded_name_map
+
+    assert recorded_name_map({"gene_name_map": str(tmp_path / "gone.pkl")}) is None
+    assert "no longer exists" in caplog.text
+
+
+def test_for_cells_uses_the_presets_symbol_table(tmp_path):
+    import pickle
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from scfm_fast.vocab.dictionaries import file_sha256
+
+    mouse, tokens = _mouse_tokens()
+    (tmp_path / "tok.pkl").write_bytes(pickle.dumps(tokens))
+    d = tmp_path / "tokens"
+    (d / "__scfm__").mkdir(parents=True)
+    pq.write_table(pa.table({"input_ids": pa.array([[2, 3]], pa.list_(pa.int32()))}), d / "part-0000-000000000000.parquet")
+    config = {"preset": "mouse-geneformer", "gene_name_map": "auto", "orthologs": "None",
+              "dictionary_hashes": {"token_dictionary": file_sha256(tmp_path / "tok.pkl")}}
+    (d / "__scfm__/manifest.json").write_text(json.dumps({"status": "complete", "config": config}))
+    r = TargetResolver.for_cells(str(d), token_dictionary=tmp_path / "tok.pkl")
+    assert r._name_src == "ensembl-mouse"
+    assert [r.resolve_one(g) for g in ("Actb", "Gapdh", "Gsta3")] == [2, 3, 4]
+    # an explicit table wins over the record
+    assert TargetResolver.for_cells(str(d), token_dictionary=tmp_path / "tok.pkl",
+                                    gene_name_map={"Foo": mouse["Actb"]}).resolve_one("Foo") == 2
