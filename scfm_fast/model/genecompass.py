@@ -20,8 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..kernels.padding import position_ids_from_cu_seqlens, seq_ids_from_cu_seqlens
 from ..kernels.activations import activation_fn
+from ..kernels.padding import position_ids_from_cu_seqlens, seq_ids_from_cu_seqlens
 from .bert import BertEncoderModel, BertSelfOutput
 from .config import EncoderConfig
 

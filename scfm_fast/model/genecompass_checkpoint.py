@@ -21,8 +21,8 @@ import torch
 
 from .._errors import InputFileError
 from .checkpoint import check_state_dict, read_weights
-from .registry import is_genecompass_config  # the registry's detector, re-exported
 from .genecompass import GC_FLAGS, KNOWLEDGE, GeneCompassConfig, GeneCompassModel
+from .registry import is_genecompass_config  # the registry's detector, re-exported
 
 # copies GeneCompass's save_pretrained writes for tied tensors; rebuilt from their sources on save
 _TIED = {"cls.predictions.decoder.weight": "bert.embeddings.word_embeddings.weight",

@@ -5,10 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from scfm_fast._errors import UsageError
+from scfm_fast._errors import StoreError, UsageError
 from scfm_fast.pretrain.data import Corpus, Prefetcher, make_batch, plan_epoch, rank_step, split_eval
 from scfm_fast.pretrain.masking import Masker
-from scfm_fast._errors import StoreError
 from scfm_fast.store.cells import CellSource
 from tests.pretrain._store import random_cells, write_dictionary, write_store
 

@@ -17,7 +17,8 @@ import torch
 import scfm_fast
 from scfm_fast._errors import InputFileError, UsageError
 from scfm_fast.cli import main as cli_main
-from scfm_fast.pretrain import NonFiniteLossError, pretrain_model as pretrain
+from scfm_fast.pretrain import NonFiniteLossError
+from scfm_fast.pretrain import pretrain_model as pretrain
 from tests.pretrain._store import random_cells, write_dictionary, write_store
 
 V = 64
