@@ -240,9 +240,10 @@ def tokenize_corpus(
     max_len
         Override the preset's model input size.
     n_threads
-        ``--workers``: processes that each read, rank and write whole chunks (default: all cores); an
-        input under 40,000 cells, or ``1``, runs in this process (three overlapping threads, the core
-        on ``n_threads`` threads). The output is the same either way.
+        ``--workers``: ``N > 1`` runs N processes that each read, rank and write whole chunks (for
+        inputs of at least 40,000 cells); otherwise one process with reading, ranking and writing on
+        three overlapping threads and the core on ``n_threads`` threads (default: all cores). The
+        output is the same either way.
     backend
         ``"auto"``, ``"cpp"``, ``"numba"`` or ``"reference"``.
     min_gene_match

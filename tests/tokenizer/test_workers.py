@@ -12,7 +12,7 @@ import scipy.sparse as sp
 
 from scfm_fast._errors import CountDataError
 from scfm_fast.store import writer as writer_mod
-from scfm_fast.tokenizer import _run
+from scfm_fast.tokenizer import _run, pipeline
 from scfm_fast.tokenizer.pipeline import tokenize_corpus
 from scfm_fast.tokenizer.reference import rank_tokenize_ref
 from scfm_fast.tokenizer.spec import TokenizerSpec
@@ -109,3 +109,15 @@ def test_bad_count_in_a_worker_names_cell_and_gene(tmp_path, inputs):
     b.write_h5ad(tmp_path / "bad.h5ad")
     with pytest.raises(CountDataError, match=r"bad.h5ad: cell '.+' \(row 100\), gene '.+': a non-integer count"):
         _run_tok(tmp_path / "bad.h5ad", tmp_path / "o", 2)
+
+
+def test_workers_are_opt_in(tmp_path, inputs, monkeypatch):
+    """Without --workers one process runs (the core on all cores), whatever the input's size."""
+    srcs, _ = inputs
+
+    def refuse(*a, **k):
+        raise AssertionError("worker processes started without --workers")
+
+    monkeypatch.setattr(pipeline, "run_workers", refuse)
+    man = tokenize_corpus(srcs, tmp_path / "o", chunk_size=CHUNK, progress_bar=False)
+    assert man["status"] == "complete"
