@@ -59,10 +59,11 @@ def _same_dataset(a: Path, b: Path) -> None:
     assert recs(ma) == recs(mb) and ma["n_tokens"] == mb["n_tokens"]
 
 
-def test_workers_equal_in_process_and_reference(tmp_path, inputs):
+@pytest.mark.parametrize("kw", [{}, {"keep_counts": True, "qc": "genecompass"}])
+def test_workers_equal_in_process_and_reference(tmp_path, inputs, kw):
     srcs, a = inputs
-    _run_tok(srcs, tmp_path / "one", 1)
-    man = _run_tok(srcs, tmp_path / "two", 2)
+    _run_tok(srcs, tmp_path / "one", 1, **kw)
+    man = _run_tok(srcs, tmp_path / "two", 2, **kw)
     _same_dataset(tmp_path / "one", tmp_path / "two")
     # and both equal the NumPy reference on the h5ad's cells (file 0), cell for cell
     spec = TokenizerSpec.build()  # the symbols resolve through Geneformer's bundled symbol table
@@ -72,6 +73,7 @@ def test_workers_equal_in_process_and_reference(tmp_path, inputs):
     toks, offs, _ = rank_tokenize_ref(m.indptr, m.indices, m.data, col_token=col, token_median=vocab.token_median,
                                       max_len=2048, totals=np.asarray(a.obs["n_counts"], dtype=np.float64))
     got = pq.read_table(tmp_path / "two", filters=[("file_index", "=", 0)]).sort_by("cell_index")
+    assert got.num_rows == a.n_obs - sum(f["n_dropped"] for f in man.get("qc", {}).get("files", [])[:1])
     for i, ids in zip(got.column("cell_index").to_pylist(), got.column("input_ids").to_pylist()):
         assert ids == toks[offs[i]:offs[i + 1]].tolist()
     assert man["summary"]["n_cells_in"] == 2 * a.n_obs
