@@ -6,8 +6,9 @@ written, in streaming blocks, as AnnData-Zarr v2 (blosc lz4), AnnData-Zarr v3 (z
 show that peak memory does not grow with the number of cells (loom only at N: its dense matrix is
 33k genes x N cells).
 
-End to end (``scfm tokenize`` on all cores) is reported as cells/s and peak RSS against the NumPy
-reference pipeline (``--backend reference``, on the Zarr v2 store). Per-stage rows give user+system CPU
+End to end (``scfm tokenize`` on all cores: ``--workers`` processes once the input has enough cells,
+each reading, ranking and writing whole chunks) is reported as cells/s, CPU seconds of the parent and
+its workers, and peak RSS of the parent and of the largest worker, against the NumPy reference pipeline (``--backend reference``, on the Zarr v2 store). Per-stage rows give user+system CPU
 seconds per 20,000 cells for read (decode to CSR), rank (core, one thread, plus the chunk's table) and
 write (Parquet + packed part), measured one stage at a time: less sensitive to other load on the
 machine than wall-clock rates.
@@ -218,8 +219,10 @@ def _child(args: argparse.Namespace) -> None:
                                   chunk_size=args.chunk_size, progress_bar=False)
             dt = time.perf_counter() - t0
             c1 = resource.getrusage(resource.RUSAGE_SELF)
+            ch = resource.getrusage(resource.RUSAGE_CHILDREN)  # the worker processes, once joined
         out = {"cells": man["summary"]["n_cells_in"], "seconds": dt,
-               "cpu_s": c1.ru_utime + c1.ru_stime - c0.ru_utime - c0.ru_stime}
+               "cpu_s": c1.ru_utime + c1.ru_stime - c0.ru_utime - c0.ru_stime + ch.ru_utime + ch.ru_stime,
+               "worker_peak_rss_mb": ch.ru_maxrss / 1024}
     out["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print(json.dumps(out))
 
@@ -291,12 +294,18 @@ def main() -> None:
                          "cells": p_ref["cells"], "cells_per_s": pref_rate, "x_reference": 1.0,
                          "peak_rss_mb": p_ref["peak_rss_mb"]})
         t = max(args.threads)
-        for fmt, path in stores.items():
-            r = run_child(child="pipeline", backend="cpp", zarr=path, threads=t, chunk_size=args.chunk_size)
+
+        def e2e(stage: str, path: Path, threads: int) -> dict:
+            """``threads`` is ``--workers``: worker processes when > 1 and the input is large enough."""
+            r = run_child(child="pipeline", backend="cpp", zarr=path, threads=threads, chunk_size=args.chunk_size)
             rate = r["cells"] / r["seconds"]
-            rows.append({"stage": f"end to end {fmt}", "backend": "cpp", "threads": t, "cells": r["cells"],
-                         "cells_per_s": rate, "x_reference": rate / pref_rate, "peak_rss_mb": r["peak_rss_mb"],
-                         "cpu_s_per_20k": r["cpu_s"] * 20_000 / r["cells"]})
+            return {"stage": stage, "backend": "cpp", "threads": threads, "cells": r["cells"], "cells_per_s": rate,
+                    "x_reference": rate / pref_rate, "peak_rss_mb": r["peak_rss_mb"],
+                    "worker_peak_rss_mb": r["worker_peak_rss_mb"] or float("nan"),
+                    "cpu_s_per_20k": r["cpu_s"] * 20_000 / r["cells"]}
+
+        for fmt, path in stores.items():
+            rows.append(e2e(f"end to end {fmt}", path, t))
             st = run_child(child="stages", zarr=path, chunk_size=args.chunk_size)
             rows.append({"stage": f"stages {fmt} (CPU s / 20k cells)", "backend": "cpp", "threads": 1,
                          "cells": st["cells"], "cells_per_s": float("nan"), "x_reference": float("nan"),
@@ -305,18 +314,15 @@ def main() -> None:
             path_big = Path(d) / f"big_{fmt}{_SUFFIX[fmt]}"
             if args.scale > 1 and fmt in args.scale_formats:
                 make_store(fmt, path_big, args.cells * args.scale, seed=1)
-                r = run_child(child="pipeline", backend="cpp", zarr=path_big, threads=t, chunk_size=args.chunk_size)
-                rows.append({"stage": f"end to end {fmt} ({args.scale}x cells)", "backend": "cpp", "threads": t,
-                             "cells": r["cells"], "cells_per_s": r["cells"] / r["seconds"],
-                             "x_reference": r["cells"] / r["seconds"] / pref_rate, "peak_rss_mb": r["peak_rss_mb"],
-                             "cpu_s_per_20k": r["cpu_s"] * 20_000 / r["cells"]})
+                for tt in sorted({1, t}):  # in-process loop (1) against worker processes (t)
+                    rows.append(e2e(f"end to end {fmt} ({args.scale}x cells)", path_big, tt))
                 shutil.rmtree(path_big) if path_big.is_dir() else path_big.unlink()
     for r in rows:
         extra = "  ".join(f"{k.replace('_cpu_s_per_20k', '')} {v:.2f}" for k, v in r.items()
                           if k.endswith("cpu_s_per_20k"))
         print(f"{r['stage']:<40} {r['backend']:<18} threads={r['threads']}  {r['cells']:>8,} cells  "
               f"{r['cells_per_s']:>10,.0f} cells/s  x{r['x_reference']:>6.1f} vs reference  "
-              f"peak RSS {r['peak_rss_mb']:,.0f} MiB  {('CPU s/20k: ' + extra) if extra else ''}")
+              f"peak RSS {r['peak_rss_mb']:,.0f} MiB (worker {r.get('worker_peak_rss_mb', float('nan')):,.0f})  {('CPU s/20k: ' + extra) if extra else ''}")
     if not args.no_write:
         js, md = write_results("tokenize", rows, meta={"cells": args.cells, "scale": args.scale,
                                                        "chunk_size": args.chunk_size})

@@ -41,6 +41,7 @@ def open_reader(
     layer: str | None = None,
     use_raw: bool = False,
     gene_id_column: str | None = None,
+    max_block_rows: int | None = None,
 ) -> ChunkedReader:
     """Open a cell x gene source for streaming, choosing the reader from the path.
 
@@ -56,6 +57,9 @@ def open_reader(
     gene_id_column
         var column (loom: ``/row_attrs`` attribute) holding the gene ids, e.g. ``"gene_ids"``;
         default: the var index (loom: ``ensembl_id``, else ``Accession``, else ``Gene``).
+    max_block_rows
+        Cap on the cells of one storage read (default: an element budget); a reader that serves one
+        chunk at a time (a tokenize worker) passes its chunk size, so that it reads no further.
 
     Returns
     -------
@@ -78,6 +82,8 @@ def open_reader(
     if fmt is None:
         check_path(p, kind="file or directory", fix="Give an .h5ad file, a .zarr directory or a .loom file.")
     kw = {"layer": layer, "use_raw": use_raw, "gene_id_column": gene_id_column}
+    if max_block_rows is not None:
+        kw["max_block_rows"] = max_block_rows
     if fmt == "h5ad":
         from .h5ad import H5adReader
 

@@ -14,6 +14,7 @@ import re
 import shutil
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -133,6 +134,42 @@ def packed_appenders(d: Path, dtype: np.dtype, *, n_cells: int, n_tokens: int,
     return {name: _NpyAppender(d / f"{name}.npy", dt, n) for name, dt, n in sizes}
 
 
+@dataclass(frozen=True)
+class ShardFiles:
+    """Writes one shard's files (Parquet + packed part), each atomically; picklable, so that worker
+    processes write their own shards while only the run's :class:`ShardedTokenWriter` records them."""
+
+    out: Path
+    dtype: np.dtype
+
+    def write(self, table: pa.Table, name: str) -> None:
+        """The Parquet shard ``name`` and its packed part; a file not recorded in the manifest is a
+        stray that a resumed run deletes."""
+        self.write_part(table, name)
+        tmp = self.out / _tmp_name(name)
+        try:
+            # lz4 + dictionary pages: as small as zstd on token lists, and faster to write
+            pq.write_table(table, tmp, compression="lz4", row_group_size=8192)
+            os.replace(tmp, self.out / name)
+        except BaseException:
+            tmp.unlink(missing_ok=True)  # e.g. a full disk: leave no partial file behind
+            raise
+
+    def write_part(self, table: pa.Table, name: str) -> None:
+        """The shard's packed part (tokens in the packed dtype, offsets, cell/file index), atomically."""
+        ids = table.column("input_ids").combine_chunks()
+        offsets = ids.offsets.to_numpy()
+        parts = self.out / PARTS_DIR
+        part = parts / name.replace(".parquet", ".npz")
+        part_tmp = parts / _tmp_name(part.name)
+        with open(part_tmp, "wb") as f:
+            np.savez(f, tokens=ids.values.to_numpy(zero_copy_only=False).astype(self.dtype, copy=False),
+                     offsets=(offsets - offsets[0]).astype(np.int64),
+                     cell_index=table.column("cell_index").to_numpy(),
+                     file_index=table.column("file_index").to_numpy(), **_optional_columns(table))
+        os.replace(part_tmp, part)
+
+
 class ShardedTokenWriter:
     """Writes token shards into ``out_dir`` and keeps the manifest current.
 
@@ -185,6 +222,7 @@ class ShardedTokenWriter:
                        "or --overwrite to replace it")
                 raise StoreError(msg)
         self.parts = self.out / PARTS_DIR
+        self.files = ShardFiles(self.out, self.dtype)
         if resume and man_path.exists():
             self.manifest = self._load_manifest(man_path)
             if self.manifest.get("config_hash") != self.hash:
@@ -241,7 +279,7 @@ class ShardedTokenWriter:
                 except (OSError, pa.ArrowException):
                     shard.unlink()  # unreadable (damaged): redone like a missing one
                     continue
-                self._write_part(tab, rec["file"])
+                self.files.write_part(tab, rec["file"])
             kept.append(rec)
         if len(kept) != len(self.manifest["shards"]):
             self.manifest["shards"] = kept
@@ -282,33 +320,18 @@ class ShardedTokenWriter:
                     stats: dict[str, Any]) -> None:
         """Write one shard (Parquet + packed part) atomically, then record it in the manifest."""
         name = shard_name(file_index, start)
-        self._write_part(table, name)
-        tmp = self.out / _tmp_name(name)
-        try:
-            # lz4 + dictionary pages: as small as zstd on token lists, and faster to write
-            pq.write_table(table, tmp, compression="lz4", row_group_size=8192)
-            os.replace(tmp, self.out / name)
-        except BaseException:
-            tmp.unlink(missing_ok=True)  # e.g. a full disk: leave no partial file behind
-            raise
+        self.files.write(table, name)
+        self.record(name, file_index=file_index, start=start, stop=stop, n_cells_written=table.num_rows,
+                    stats=stats)
+
+    def record(self, name: str, *, file_index: int, start: int, stop: int, n_cells_written: int,
+               stats: dict[str, Any]) -> None:
+        """Record a shard that :attr:`files` wrote (possibly in a worker process) in the manifest."""
         rec = {"file": name, "file_index": file_index, "start": start, "stop": stop,
-               "n_cells_written": table.num_rows, **stats}
+               "n_cells_written": n_cells_written, **stats}
         self.manifest["shards"].append(rec)
         self._index[name] = rec
         self._save()
-
-    def _write_part(self, table: pa.Table, name: str) -> None:
-        """The shard's packed part (tokens in the packed dtype, offsets, cell/file index), atomically."""
-        ids = table.column("input_ids").combine_chunks()
-        offsets = ids.offsets.to_numpy()
-        part = self.parts / name.replace(".parquet", ".npz")
-        part_tmp = self.parts / _tmp_name(part.name)
-        with open(part_tmp, "wb") as f:
-            np.savez(f, tokens=ids.values.to_numpy(zero_copy_only=False).astype(self.dtype, copy=False),
-                     offsets=(offsets - offsets[0]).astype(np.int64),
-                     cell_index=table.column("cell_index").to_numpy(),
-                     file_index=table.column("file_index").to_numpy(), **_optional_columns(table))
-        os.replace(part_tmp, part)
 
     def update(self, **fields: Any) -> None:
         self.manifest.update(fields)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import concurrent.futures as cf
 import logging
 import time
 from collections.abc import Sequence
@@ -17,6 +16,7 @@ from .._errors import CountDataError, InputFileError, ScfmError, UsageError
 from .._lock import TOKENS_LOCK, OutputLock
 from .._progress import progress
 from ._inputs import FILTER_COLUMN, filter_mask, parse_shard, resolve_input, shard_files
+from ._run import FilePlan, n_workers, pending_chunks, run_in_process, run_workers, use_workers
 from .counts import ranked_counts
 from .qc import check_qc_mode
 from .reference import check_counts_ref, count_problem
@@ -240,7 +240,10 @@ def tokenize_corpus(
     max_len
         Override the preset's model input size.
     n_threads
-        Threads of the compiled core (default: all cores).
+        ``--workers``: ``N > 1`` runs N processes that each read, rank and write whole chunks (for
+        inputs of at least 40,000 cells); otherwise one process with reading, ranking and writing on
+        three overlapping threads and the core on ``n_threads`` threads (default: all cores). The
+        output is the same either way.
     backend
         ``"auto"``, ``"cpp"``, ``"numba"`` or ``"reference"``.
     min_gene_match
@@ -350,44 +353,20 @@ def tokenize_corpus(
             results = [file_qc(r, chunk_size=chunk_size) for r in readers]
             qc_keep = {fi: keep for fi, (keep, _) in zip(file_ids, results)}
             writer.update(qc={"mode": qc, "files": [rep.to_dict() for _, rep in results]})
-        total = sum(r.n_obs for r in readers)
+        plans = [FilePlan(fi, str(p), r, col_token, gene_ids_by_file[fi], list(dict.fromkeys(
+                      want + [c for c in (TOTAL_COLUMN, FILTER_COLUMN, species_column) if c in r.obs_columns])),
+                      qc_keep[fi]) for fi, p, r, (col_token, _) in zip(file_ids, paths, readers, resolved)]
+        todo, n_done = pending_chunks(plans, writer, chunk_size)
+        workers = n_workers(n_threads)
         t0 = time.perf_counter()
-        # three stages on their own threads: read (I/O, decompression) -> tokenize (compiled core)
-        # -> write (Parquet encoding); all release the GIL for their heavy parts
-        with progress(total=total, desc="tokenize", enabled=progress_bar) as bar, \
-                cf.ThreadPoolExecutor(1) as read_pool, cf.ThreadPoolExecutor(1) as write_pool:
-            pending: cf.Future | None = None
-            for fi, p, r, (col_token, _) in zip(file_ids, paths, readers, resolved):
-                read_cols = list(dict.fromkeys(
-                    want + [c for c in (TOTAL_COLUMN, FILTER_COLUMN, species_column) if c in r.obs_columns]))
-                # resume: skip the finished prefix without reading it (shards finish in order)
-                first = 0
-                while first < r.n_obs and (rec := writer.done(fi, first)) is not None:
-                    first = rec["stop"]
-                bar.update(first)
-                if first >= r.n_obs:
-                    continue
-                it = r.iter_chunks(start=first, chunk_size=chunk_size, obs_columns=read_cols)
-                fut = read_pool.submit(next, it, None)
-                while True:
-                    chunk = fut.result()
-                    if chunk is None:
-                        break
-                    fut = read_pool.submit(next, it, None)
-                    if writer.done(fi, chunk.start) is not None:
-                        bar.update(chunk.n_cells)
-                        continue
-                    keep = None if qc_keep[fi] is None else qc_keep[fi][chunk.start:chunk.stop]
-                    table, stats = tokenize_chunk(spec, chunk, col_token, path=str(p),
-                                                  var_names=gene_ids_by_file[fi], file_index=fi,
-                                                  obs_columns=want, qc_keep=keep)
-                    if pending is not None:
-                        pending.result()  # keep one shard in flight; surfaces write errors
-                    pending = write_pool.submit(writer.write_shard, table, file_index=fi, start=chunk.start,
-                                                stop=chunk.stop, stats=stats)
-                    pending.add_done_callback(lambda _f, n=chunk.n_cells: bar.update(n))
-            if pending is not None:
-                pending.result()
+        with progress(total=sum(r.n_obs for r in readers), desc="tokenize", enabled=progress_bar) as bar:
+            bar.update(n_done)
+            if use_workers(workers, todo, chunk_size):
+                run_workers(plans, writer, todo, spec=spec, workers=workers, chunk_size=chunk_size,
+                            obs_columns=want, bar=bar,
+                            reader_kw={"layer": layer, "use_raw": use_raw, "gene_id_column": gene_id_column})
+            else:
+                run_in_process(plans, writer, spec=spec, chunk_size=chunk_size, obs_columns=want, bar=bar)
         shards = writer.manifest["shards"]
         summ = {k: sum(s.get(k, 0) for s in shards) for k in
                 ("n_cells_in", "n_empty", "n_filtered", "n_at_max_len", "counts_total", "counts_matched",

@@ -1,0 +1,125 @@
+"""Worker processes (``--workers N``): the same dataset as the in-process loop, resume and errors intact."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import scipy.sparse as sp
+
+from scfm_fast._errors import CountDataError
+from scfm_fast.store import writer as writer_mod
+from scfm_fast.tokenizer import _run, pipeline
+from scfm_fast.tokenizer.pipeline import tokenize_corpus
+from scfm_fast.tokenizer.reference import rank_tokenize_ref
+from scfm_fast.tokenizer.spec import TokenizerSpec
+
+ad = pytest.importorskip("anndata")
+DEMO = Path(__file__).resolve().parents[2] / "scfm_fast" / "data" / "demo" / "pbmc_200cells.h5ad"
+CHUNK = 30
+
+
+@pytest.fixture(autouse=True)
+def _workers_on_small_inputs(monkeypatch):
+    monkeypatch.setattr(_run, "MIN_WORKER_CELLS", 0)
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory):
+    """The real PBMC cells as h5ad and Zarr (two files: one run spans both)."""
+    d = tmp_path_factory.mktemp("workers_src")
+    a = ad.read_h5ad(DEMO)
+    a.obs["group"] = np.where(np.arange(a.n_obs) % 3 == 0, "x", "y")
+    a.write_h5ad(d / "a.h5ad")
+    a[::-1].copy().write_zarr(d / "b.zarr")
+    return [d / "a.h5ad", d / "b.zarr"], a
+
+
+def _run_tok(src, out, n, **kw):
+    return tokenize_corpus(src, out, chunk_size=CHUNK, n_threads=n, progress_bar=False, obs_columns=["group"],
+                           **kw)
+
+
+def _same_dataset(a: Path, b: Path) -> None:
+    names = sorted(p.name for p in a.glob("*.parquet"))
+    assert names == sorted(p.name for p in b.glob("*.parquet")) and names
+    for n in names:
+        assert pq.read_table(a / n).equals(pq.read_table(b / n)), n
+    for arr in ("tokens", "offsets", "cell_index", "file_index"):
+        assert np.array_equal(np.load(a / f"__scfm__/packed/{arr}.npy"), np.load(b / f"__scfm__/packed/{arr}.npy"))
+    ma, mb = (json.loads((x / "__scfm__/manifest.json").read_text()) for x in (a, b))
+    assert ma["status"] == mb["status"] == "complete"
+    # a resumed run records the redone shards last: compare the records, not their order
+    def recs(m):
+        return sorted(m["shards"], key=lambda r: r["file"])
+
+    assert recs(ma) == recs(mb) and ma["n_tokens"] == mb["n_tokens"]
+
+
+@pytest.mark.parametrize("kw", [{}, {"keep_counts": True, "qc": "genecompass"}])
+def test_workers_equal_in_process_and_reference(tmp_path, inputs, kw):
+    srcs, a = inputs
+    _run_tok(srcs, tmp_path / "one", 1, **kw)
+    man = _run_tok(srcs, tmp_path / "two", 2, **kw)
+    _same_dataset(tmp_path / "one", tmp_path / "two")
+    # and both equal the NumPy reference on the h5ad's cells (file 0), cell for cell
+    spec = TokenizerSpec.build()  # the symbols resolve through Geneformer's bundled symbol table
+    col, _ = spec.resolve(a.var_names, source="pbmc")
+    vocab = spec.vocab
+    m = sp.csr_matrix(a.X)
+    toks, offs, _ = rank_tokenize_ref(m.indptr, m.indices, m.data, col_token=col, token_median=vocab.token_median,
+                                      max_len=2048, totals=np.asarray(a.obs["n_counts"], dtype=np.float64))
+    got = pq.read_table(tmp_path / "two", filters=[("file_index", "=", 0)]).sort_by("cell_index")
+    assert got.num_rows == a.n_obs - sum(f["n_dropped"] for f in man.get("qc", {}).get("files", [])[:1])
+    for i, ids in zip(got.column("cell_index").to_pylist(), got.column("input_ids").to_pylist()):
+        assert ids == toks[offs[i]:offs[i + 1]].tolist()
+    assert man["summary"]["n_cells_in"] == 2 * a.n_obs
+
+
+def test_worker_failure_resumes_to_the_same_dataset(tmp_path, inputs, monkeypatch):
+    srcs, _ = inputs
+    _run_tok(srcs, tmp_path / "ref", 1)
+    real = writer_mod.ShardFiles.write
+
+    def fail_once(self, table, name):
+        if name == writer_mod.shard_name(1, 2 * CHUNK):
+            raise OSError(28, "No space left on device")
+        return real(self, table, name)
+
+    monkeypatch.setattr(writer_mod.ShardFiles, "write", fail_once)  # inherited by the forked workers
+    out = tmp_path / "o"
+    with pytest.raises(OSError, match="No space left"):
+        _run_tok(srcs, out, 2)
+    man = json.loads((out / "__scfm__/manifest.json").read_text())
+    assert man["status"] == "in_progress"
+    # every shard file a worker finished is recorded: a failed run leaves no unrecorded shard behind
+    assert sorted(p.name for p in out.glob("*.parquet")) == sorted(s["file"] for s in man["shards"])
+    monkeypatch.setattr(writer_mod.ShardFiles, "write", real)
+    _run_tok(srcs, out, 2, resume=True)
+    _same_dataset(tmp_path / "ref", out)
+
+
+def test_bad_count_in_a_worker_names_cell_and_gene(tmp_path, inputs):
+    _, a = inputs
+    b = a.copy()
+    x = sp.csr_matrix(b.X).astype(np.float32)
+    x.data[x.indptr[100] + 2] = 2.5  # row 100, in the fourth chunk
+    b.X = x
+    b.write_h5ad(tmp_path / "bad.h5ad")
+    with pytest.raises(CountDataError, match=r"bad.h5ad: cell '.+' \(row 100\), gene '.+': a non-integer count"):
+        _run_tok(tmp_path / "bad.h5ad", tmp_path / "o", 2)
+
+
+def test_workers_are_opt_in(tmp_path, inputs, monkeypatch):
+    """Without --workers one process runs (the core on all cores), whatever the input's size."""
+    srcs, _ = inputs
+
+    def refuse(*a, **k):
+        raise AssertionError("worker processes started without --workers")
+
+    monkeypatch.setattr(pipeline, "run_workers", refuse)
+    man = tokenize_corpus(srcs, tmp_path / "o", chunk_size=CHUNK, progress_bar=False)
+    assert man["status"] == "complete"
