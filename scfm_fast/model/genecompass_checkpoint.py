@@ -20,7 +20,7 @@ from typing import Any
 import torch
 
 from .._errors import InputFileError
-from .checkpoint import check_state_dict, read_weights
+from .checkpoint import check_state_dict, read_config_dict, read_weights
 from .genecompass import GC_FLAGS, KNOWLEDGE, GeneCompassConfig, GeneCompassModel
 from .registry import is_genecompass_config  # the registry's detector, re-exported
 
@@ -31,14 +31,7 @@ _TIED = {"cls.predictions.decoder.weight": "bert.embeddings.word_embeddings.weig
 
 
 def _read(path: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor], Path]:
-    if not (path / "config.json").is_file():
-        msg = f"{path}: no config.json; a GeneCompass checkpoint directory holds config.json + pytorch_model.bin"
-        raise InputFileError(msg)
-    try:
-        d = json.loads((path / "config.json").read_text())
-    except ValueError as e:
-        msg = f"{path / 'config.json'}: not valid JSON ({e})"
-        raise InputFileError(msg) from e
+    d = read_config_dict(path)
     if not is_genecompass_config(d):
         msg = f"{path / 'config.json'}: no GeneCompass keys ({', '.join(GC_FLAGS)}); is this a Geneformer checkpoint?"
         raise InputFileError(msg)
