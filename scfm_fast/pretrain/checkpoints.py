@@ -73,7 +73,8 @@ def save_checkpoint(out: Path, step: int, *, model, head, trainer: dict[str, Any
         save_genecompass(model, tmp)
     else:
         save_encoder(model, tmp, mlm_head=head)
-    state = dict(trainer, rng={"torch": torch.get_rng_state(), "numpy": np.random.get_state(),
+    # the CPU's intra-op thread count fixes its reduction order: a --deterministic resume restores it
+    state = dict(trainer, cpu_threads=torch.get_num_threads(), rng={"torch": torch.get_rng_state(), "numpy": np.random.get_state(),
                                "python": random.getstate(),
                                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []})
     torch.save(state, tmp / "trainer_state.pt")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import resource
 import signal
@@ -134,6 +135,12 @@ def pretrain_model(tokens: Sequence[str | os.PathLike], *, out: str | os.PathLik
             optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         step, (epoch, st) = state["step"], state["cursor"]
+        threads = state.get("cpu_threads")
+        if opts.deterministic and threads and threads != torch.get_num_threads():
+            # CPU sums are split across intra-op threads: the same split keeps the resumed run bit-exact
+            log_msg = f"--deterministic resume: {threads} CPU threads, as the run had (was {torch.get_num_threads()})"
+            logging.getLogger("scfm_fast").info(log_msg)
+            torch.set_num_threads(int(threads))
         log.truncate_after(step)
     if step >= total:
         return {"step": step, "last_checkpoint": str(resume_from), "loss": None, "eval_loss": None,

@@ -89,7 +89,10 @@ def test_resume_after_sigkill_matches_an_uninterrupted_run(data):
            data["config"], "--token-dictionary", data["dict"], "--batch-tokens", "96", "--dtype", "float32",
            "--lr", "3e-3", "--warmup", "0", "--seed", "1", "--deterministic", "--max-steps", str(2 * k),
            "--save-every", str(k), "--log-every", "1"]
-    env = {**os.environ, "PYTHONPATH": str(REPO), "SCFM_FAST_PROGRESS": "0"}
+    # CPU sums depend on the intra-op thread count: the killed run uses this process's (another test may
+    # have changed it), as a --deterministic resume restores the count a run was started with
+    env = {**os.environ, "PYTHONPATH": str(REPO), "SCFM_FAST_PROGRESS": "0",
+           "OMP_NUM_THREADS": str(torch.get_num_threads())}
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     deadline = time.time() + 240
     while not (run / f"checkpoint-{k}").exists() and proc.poll() is None and time.time() < deadline:
