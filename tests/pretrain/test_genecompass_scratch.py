@@ -183,3 +183,15 @@ def test_missing_genes_get_zero_rows(fx, tmp_path):
     assert set(zero) >= {0, 1} and len(zero) == 3  # <pad>, <mask> and the gene whose symbol was dropped
     keep = np.setdiff1d(np.arange(len(tok)), zero)
     np.testing.assert_array_equal(got[keep], want[keep])
+
+
+def test_homologs_and_knowledge_refused_for_geneformer_tokens(tmp_path):
+    from scfm_fast.pretrain import pretrain_model
+    from tests.pretrain._store import random_cells, write_dictionary, write_store
+
+    d = write_dictionary(tmp_path / "dict.pkl", 40)
+    store = write_store(tmp_path / "tokens", random_cells(10, vocab_size=40, lo=4, hi=10), dictionary=d)
+    (tmp_path / "h.tsv").write_text("ENSG1\tENSMUSG1\n")
+    with pytest.raises(UsageError, match="--homologs only apply to GeneCompass pretraining"):
+        pretrain_model([store], out=tmp_path / "run", preset="geneformer-v1-6l", token_dictionary=str(d),
+                       homologs=str(tmp_path / "h.tsv"), max_steps=1, progress=False)
