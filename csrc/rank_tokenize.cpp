@@ -331,18 +331,10 @@ RankResult rank_tokenize(const CsrChunk<IP, IX, DT>& chunk, const RankConfig& cf
     return result;
 }
 
-// The 8 supported layouts: indptr, indices in {int32, int64}; data in {float32, float64}.
 #define SCFM_INSTANTIATE(IP, IX, DT)                                                              \
     template RankResult rank_tokenize<IP, IX, DT>(const CsrChunk<IP, IX, DT>&, const RankConfig&, \
                                                   int, i64*, double*);
-SCFM_INSTANTIATE(i32, i32, float)
-SCFM_INSTANTIATE(i32, i32, double)
-SCFM_INSTANTIATE(i32, i64, float)
-SCFM_INSTANTIATE(i32, i64, double)
-SCFM_INSTANTIATE(i64, i32, float)
-SCFM_INSTANTIATE(i64, i32, double)
-SCFM_INSTANTIATE(i64, i64, float)
-SCFM_INSTANTIATE(i64, i64, double)
+SCFM_CSR_LAYOUTS(SCFM_INSTANTIATE)
 #undef SCFM_INSTANTIATE
 
 }  // namespace scfm
