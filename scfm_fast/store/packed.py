@@ -8,7 +8,9 @@ run's :class:`~scfm_fast.store.writer.ShardedTokenWriter` and by :mod:`~scfm_fas
 
 from __future__ import annotations
 
+import errno
 import os
+import shutil
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,19 +24,70 @@ from .._errors import StoreError
 from ._atomic import _tmp_name
 from .schema import PARTS_DIR
 
+#: copy_file_range errors that mean "not here" (other file systems, old kernels): fall back to read/write
+_NO_COPY_RANGE = {errno.EXDEV, errno.ENOSYS, errno.EOPNOTSUPP, errno.EINVAL, errno.EBADF, errno.EPERM}
+
+
+def part_dir(parts: Path, shard: str) -> Path:
+    """The packed part of Parquet shard ``shard`` (a directory of ``.npy`` arrays) under ``parts``."""
+    return parts / shard.replace(".parquet", ".part")
+
+
+def npy_extent(path: Path) -> tuple[np.dtype, int, int]:
+    """``(dtype, length, data offset)`` of a 1-D ``.npy`` file, from its header alone."""
+    with open(path, "rb") as f:
+        version = np.lib.format.read_magic(f)
+        read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+        shape, _, dtype = read(f)
+        if len(shape) != 1 or dtype.hasobject:
+            msg = f"{path}: not a 1-D numeric array (shape {shape}); rerun with --overwrite"
+            raise StoreError(msg)
+        return dtype, int(shape[0]), f.tell()
+
 
 class _NpyAppender:
     """Write a 1-D ``.npy`` of known length by appending blocks (bounded memory, no memory map)."""
 
     def __init__(self, path: Path, dtype: Any, n: int) -> None:
         self.dtype, self.n, self.written = np.dtype(dtype), n, 0
-        self.f = open(path, "wb")  # noqa: SIM115 - closed in close()
+        # unbuffered: copy_from() moves bytes with the file descriptor's own position
+        self.f = open(path, "wb", buffering=0)  # noqa: SIM115 - closed in close()
         np.lib.format.write_array_header_2_0(
             self.f, {"descr": np.lib.format.dtype_to_descr(self.dtype), "fortran_order": False, "shape": (n,)})
 
     def write(self, block: np.ndarray) -> None:
         self.f.write(np.ascontiguousarray(block, dtype=self.dtype).tobytes())
         self.written += block.size
+
+    def copy_from(self, path: Path) -> int:
+        """Append the data of 1-D ``.npy`` file ``path`` (same dtype) without reading it into Python:
+        ``os.copy_file_range`` copies inside the kernel (a plain read/write loop where unsupported).
+        Returns the number of elements appended."""
+        dtype, n, start = npy_extent(path)
+        if dtype != self.dtype:
+            msg = f"{path}: holds {dtype}, expected {self.dtype}; rerun with --overwrite"
+            raise StoreError(msg)
+        left = n * dtype.itemsize
+        with open(path, "rb") as src:
+            pos = start
+            try:
+                while left > 0:
+                    done = os.copy_file_range(src.fileno(), self.f.fileno(), left, pos)
+                    if done == 0:
+                        break
+                    pos, left = pos + done, left - done
+            except (AttributeError, OSError) as e:
+                if isinstance(e, OSError) and e.errno not in _NO_COPY_RANGE:
+                    raise
+                src.seek(pos)
+                while left > 0 and (buf := src.read(min(left, 1 << 24))):
+                    self.f.write(buf)
+                    left -= len(buf)
+        if left:
+            msg = f"{path}: shorter than its header says; rerun with --overwrite"
+            raise StoreError(msg)
+        self.written += n
+        return n
 
     def close(self, *, check: bool = True) -> None:
         self.f.close()
@@ -100,15 +153,25 @@ class ShardFiles:
             raise
 
     def write_part(self, table: pa.Table, name: str) -> None:
-        """The shard's packed part (tokens in the packed dtype, offsets, cell/file index), atomically."""
+        """The shard's packed part: a directory of plain ``.npy`` arrays (tokens in the packed dtype,
+        offsets, cell/file index, optional arrays), renamed into place once complete."""
         ids = table.column("input_ids").combine_chunks()
         offsets = ids.offsets.to_numpy()
-        parts = self.out / PARTS_DIR
-        part = parts / name.replace(".parquet", ".npz")
-        part_tmp = parts / _tmp_name(part.name)
-        with open(part_tmp, "wb") as f:
-            np.savez(f, tokens=ids.values.to_numpy(zero_copy_only=False).astype(self.dtype, copy=False),
-                     offsets=(offsets - offsets[0]).astype(np.int64),
-                     cell_index=table.column("cell_index").to_numpy(),
-                     file_index=table.column("file_index").to_numpy(), **_optional_columns(table))
-        os.replace(part_tmp, part)
+        lo, hi = int(offsets[0]), int(offsets[-1])
+        arrays = {"tokens": ids.values.slice(lo, hi - lo).to_numpy(zero_copy_only=False).astype(self.dtype, copy=False),
+                  "offsets": (offsets - lo).astype(np.int64),
+                  "cell_index": table.column("cell_index").to_numpy(),
+                  "file_index": table.column("file_index").to_numpy(), **_optional_columns(table)}
+        final = part_dir(self.out / PARTS_DIR, name)
+        tmp = final.with_name(_tmp_name(final.name))
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+        try:
+            for key, arr in arrays.items():
+                with open(tmp / f"{key}.npy", "wb") as f:
+                    np.save(f, arr)  # raw bytes after a header: no zip, no CRC; copied by finalize
+            shutil.rmtree(final, ignore_errors=True)  # a stray of a crashed run (never recorded)
+            os.replace(tmp, final)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise

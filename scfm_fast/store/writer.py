@@ -23,7 +23,14 @@ import pyarrow.parquet as pq
 from .._errors import StoreError
 from .._lock import TOKENS_LOCK
 from ._atomic import _atomic_write_text, _tmp_name
-from .packed import OPTIONAL_PACKED, ShardFiles, _NpyAppender, packed_appenders  # noqa: F401 - re-exported
+from .packed import (  # noqa: F401 - OPTIONAL_PACKED, _NpyAppender re-exported
+    OPTIONAL_PACKED,
+    ShardFiles,
+    _NpyAppender,
+    npy_extent,
+    packed_appenders,
+    part_dir,
+)
 from .schema import FORMAT, MANIFEST, META_DIR, PACKED_DIR, PARTS_DIR, shard_name
 
 
@@ -75,8 +82,9 @@ class ShardedTokenWriter:
     """Writes token shards into ``out_dir`` and keeps the manifest current.
 
     Each shard is written twice: as Parquet (the dataset users read) and as a small uncompressed
-    ``.npz`` part (tokens in the packed dtype, offsets, cell/file index), from which
-    :meth:`finalize` assembles the packed store by plain copies instead of re-decoding Parquet.
+    packed part (a directory of ``.npy`` arrays: tokens in the packed dtype, offsets, cell/file
+    index), from which :meth:`finalize` assembles the packed store by file-to-file copies instead of
+    re-decoding Parquet.
 
     Parameters
     ----------
@@ -172,8 +180,7 @@ class ShardedTokenWriter:
             shard = self.out / rec["file"]
             if not shard.is_file():
                 continue  # dropped from the manifest: the resumed run tokenizes these cells again
-            part = self.parts / rec["file"].replace(".parquet", ".npz")
-            if not part.is_file():
+            if not part_dir(self.parts, rec["file"]).is_dir():
                 try:
                     extra = [c for c in OPTIONAL_PACKED if c in pq.read_schema(shard).names]
                     tab = pq.read_table(shard, columns=["input_ids", "cell_index", "file_index", *extra])
@@ -203,8 +210,9 @@ class ShardedTokenWriter:
                 # a shard in progress at the crash, or one written but never recorded
                 p.unlink()
         for p in self.parts.iterdir():
-            if p.name.endswith(".tmp") or p.name.replace(".npz", ".parquet") not in known:
-                p.unlink()
+            # also an older run's .npz parts: _repair_records rebuilds them from the Parquet shards
+            if p.name.endswith(".tmp") or not p.is_dir() or p.name.replace(".part", ".parquet") not in known:
+                shutil.rmtree(p) if p.is_dir() else p.unlink()
         shutil.rmtree(self.out / PACKED_DIR, ignore_errors=True)
         for p in (self.out / META_DIR).glob("*.tmp"):  # a packed store or manifest in progress at the crash
             shutil.rmtree(p) if p.is_dir() else p.unlink()
@@ -298,12 +306,13 @@ class ShardedTokenWriter:
 
     def _optional_arrays(self, shards: list[dict[str, Any]]) -> list[str]:
         """The optional packed arrays (values, species) the shard parts carry (all parts alike)."""
-        with np.load(self.parts / shards[0]["file"].replace(".parquet", ".npz")) as z:
-            return [name for name in OPTIONAL_PACKED if name in z.files]
+        first = part_dir(self.parts, shards[0]["file"])
+        return [name for name in OPTIONAL_PACKED if (first / f"{name}.npy").is_file()]
 
     def _assemble(self, tmp: Path, shards: list[dict[str, Any]], n_cells: int, n_tokens: int) -> None:
         # plain appends, not memory maps: dirty mapped pages would count against the process's memory
-        # and grow with the corpus
+        # and grow with the corpus; the per-token arrays are copied file to file (copy_file_range),
+        # never decoded
         optional = self._optional_arrays(shards)
         outs = packed_appenders(tmp, self.dtype, n_cells=n_cells, n_tokens=n_tokens, optional=optional)
         ok = False
@@ -311,20 +320,20 @@ class ShardedTokenWriter:
             outs["offsets"].write(np.zeros(1, dtype=np.int64))
             t = 0
             for s in shards:
-                part = self.parts / s["file"].replace(".parquet", ".npz")
-                with np.load(part) as z:
-                    vals, lo = z["tokens"], z["offsets"]
-                    if vals.size != s["n_tokens"] or lo.size - 1 != s["n_cells_written"]:
-                        msg = f"{part}: shard part does not match the manifest; rerun with --overwrite"
-                        raise StoreError(msg)
-                    self._verify_shard(s, np.diff(lo), z["cell_index"])
-                    outs["tokens"].write(vals)
-                    outs["offsets"].write(t + lo[1:])
-                    outs["cell_index"].write(z["cell_index"])
-                    outs["file_index"].write(z["file_index"])
-                    for name in optional:
-                        outs[name].write(z[name])
-                t += vals.size
+                part = part_dir(self.parts, s["file"])
+                lo, cell_index = np.load(part / "offsets.npy"), np.load(part / "cell_index.npy")
+                n_tok = npy_extent(part / "tokens.npy")[1]
+                if n_tok != s["n_tokens"] or lo.size - 1 != s["n_cells_written"] or int(lo[-1]) != n_tok:
+                    msg = f"{part}: shard part does not match the manifest; rerun with --overwrite"
+                    raise StoreError(msg)
+                self._verify_shard(s, np.diff(lo), cell_index)
+                outs["tokens"].copy_from(part / "tokens.npy")
+                outs["offsets"].write(t + lo[1:])
+                outs["cell_index"].write(cell_index)
+                outs["file_index"].copy_from(part / "file_index.npy")
+                for name in optional:
+                    outs[name].copy_from(part / f"{name}.npy")
+                t += n_tok
             ok = True
         finally:
             # a short file is an error only when nothing else failed first (never mask the cause)
