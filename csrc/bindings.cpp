@@ -44,6 +44,20 @@ const T* checked_ptr(const py::array& a, const char* name, const char* want) {
     return static_cast<const T*>(a.data());
 }
 
+// Calls f(IX{}, DT{}) with the C++ types of the indices' and data's dtypes (int32/int64 x
+// float32/float64), or raises a TypeError naming the argument.
+template <class F>
+void with_indices_data(const py::array& indices, const py::array& data, F&& f) {
+    auto with_data = [&](auto ix) {
+        if (has_dtype<float>(data)) return f(ix, float{});
+        if (has_dtype<double>(data)) return f(ix, double{});
+        throw py::type_error("data must have dtype float32 or float64, got " + dtype_name(data));
+    };
+    if (has_dtype<i32>(indices)) return with_data(i32{});
+    if (has_dtype<i64>(indices)) return with_data(i64{});
+    throw py::type_error("indices must have dtype int32 or int64, got " + dtype_name(indices));
+}
+
 [[noreturn]] void raise_cell_error(const scfm::CellError& e) {
     const char* kind = e.kind == scfm::ErrorKind::bad_count ? "count" : "index";
     py::tuple args = py::make_tuple(kind, e.row, e.entry, e.col);
@@ -209,16 +223,7 @@ py::array_t<float> token_values(const py::array& indptr, const py::array& indice
         py::gil_scoped_release release;
         bad = scfm::token_values(chunk, cfg, tok, off, out, n_threads);
     };
-    auto with_data = [&](auto ip, auto ix) {
-        if (has_dtype<float>(data)) return run(ip, ix, float{});
-        if (has_dtype<double>(data)) return run(ip, ix, double{});
-        throw py::type_error("data must have dtype float32 or float64, got " + dtype_name(data));
-    };
-    auto with_indices = [&](auto ip) {
-        if (has_dtype<i32>(indices)) return with_data(ip, i32{});
-        if (has_dtype<i64>(indices)) return with_data(ip, i64{});
-        throw py::type_error("indices must have dtype int32 or int64, got " + dtype_name(indices));
-    };
+    auto with_indices = [&](auto ip) { with_indices_data(indices, data, [&](auto ix, auto dt) { run(ip, ix, dt); }); };
     if (has_dtype<i32>(indptr)) with_indices(i32{});
     else if (has_dtype<i64>(indptr)) with_indices(i64{});
     else throw py::type_error("indptr must have dtype int32 or int64, got " + dtype_name(indptr));
@@ -247,14 +252,7 @@ py::tuple count_sums(const py::array& indices, const py::array& data, const py::
         py::gil_scoped_release release;
         s = scfm::count_sums(ip, dp, n, ct, n_cols);
     };
-    auto with_data = [&](auto ix) {
-        if (has_dtype<float>(data)) return run(ix, float{});
-        if (has_dtype<double>(data)) return run(ix, double{});
-        throw py::type_error("data must have dtype float32 or float64, got " + dtype_name(data));
-    };
-    if (has_dtype<i32>(indices)) with_data(i32{});
-    else if (has_dtype<i64>(indices)) with_data(i64{});
-    else throw py::type_error("indices must have dtype int32 or int64, got " + dtype_name(indices));
+    with_indices_data(indices, data, run);
     if (s.bad_entry >= 0) {
         throw py::value_error("stored entry " + std::to_string(s.bad_entry) + " has a gene column index outside col_token (length " +
                               std::to_string(n_cols) + ")");
