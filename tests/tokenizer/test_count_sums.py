@@ -62,3 +62,21 @@ def test_empty_and_fallback_dtypes():
     # integer data takes the Numba path; same answer
     got = count_sums(np.array([0, 1, 1], np.int32), np.array([2, 3, 4], np.int32), np.array([5, -1], np.int32))
     assert got == (9.0, 2.0)
+
+
+@needs_core
+def test_tokenize_does_not_import_numba_with_the_core(tmp_path):
+    # numba costs ~0.4 s of CPU per process to import; with the core built, a whole tokenize run
+    # (match report included) must not need it
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import scfm_fast
+
+    demo = Path(scfm_fast.__file__).parent / "data" / "demo" / "pbmc_200cells.h5ad"
+    code = ("import sys; from scfm_fast.tokenizer.pipeline import tokenize_corpus; "
+            f"tokenize_corpus({str(demo)!r}, {str(tmp_path / 'o')!r}, progress_bar=False); "
+            "print('numba' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip().splitlines()[-1] == "False"
