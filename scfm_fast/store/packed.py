@@ -50,8 +50,7 @@ class _NpyAppender:
 
     def __init__(self, path: Path, dtype: Any, n: int) -> None:
         self.dtype, self.n, self.written = np.dtype(dtype), n, 0
-        # unbuffered: copy_from() moves bytes with the file descriptor's own position
-        self.f = open(path, "wb", buffering=0)  # noqa: SIM115 - closed in close()
+        self.f = open(path, "wb")  # noqa: SIM115 - closed in close()
         np.lib.format.write_array_header_2_0(
             self.f, {"descr": np.lib.format.dtype_to_descr(self.dtype), "fortran_order": False, "shape": (n,)})
 
@@ -68,21 +67,27 @@ class _NpyAppender:
             msg = f"{path}: holds {dtype}, expected {self.dtype}; rerun with --overwrite"
             raise StoreError(msg)
         left = n * dtype.itemsize
+        self.f.flush()
+        dst = self.f.tell()
         with open(path, "rb") as src:
             pos = start
             try:
+                # explicit offsets on both sides: neither descriptor's position moves under Python
                 while left > 0:
-                    done = os.copy_file_range(src.fileno(), self.f.fileno(), left, pos)
+                    done = os.copy_file_range(src.fileno(), self.f.fileno(), left, pos, dst)
                     if done == 0:
                         break
-                    pos, left = pos + done, left - done
+                    pos, dst, left = pos + done, dst + done, left - done
             except (AttributeError, OSError) as e:
                 if isinstance(e, OSError) and e.errno not in _NO_COPY_RANGE:
                     raise
                 src.seek(pos)
+                self.f.seek(dst)
                 while left > 0 and (buf := src.read(min(left, 1 << 24))):
-                    self.f.write(buf)
+                    self.f.write(buf)  # buffered: written in full
                     left -= len(buf)
+                dst = self.f.tell()
+            self.f.seek(dst)
         if left:
             msg = f"{path}: shorter than its header says; rerun with --overwrite"
             raise StoreError(msg)
