@@ -13,6 +13,7 @@ def _tmp_name(name: str) -> str:
 
 
 def _atomic_write_text(path: Path, text: str) -> None:
+    """Replace ``path`` with ``text`` (written to a temporary name and fsynced first)."""
     tmp = path.with_name(_tmp_name(path.name))
     try:
         with open(tmp, "w") as f:
