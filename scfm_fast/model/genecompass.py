@@ -24,7 +24,9 @@ from ..kernels.activations import activation_fn
 from ..kernels.padding import position_ids_from_cu_seqlens, seq_ids_from_cu_seqlens
 from .bert import BertEncoderModel, BertSelfOutput
 from .config import EncoderConfig
+from .first_rows import layer_varlen_first_rows
 from .genecompass_embeddings import GeneCompassEmbeddings
+from .layers import EncoderParams
 
 KNOWLEDGE = ("promoter", "co_exp", "gene_family", "peca_grn")  # GeneCompass's concat order
 GC_FLAGS = ("use_values", *(f"use_{k}" for k in KNOWLEDGE), "use_cls_token")
@@ -234,6 +236,36 @@ class GeneCompassModel(nn.Module):
             ``cu_seqlens_new`` ``int32 (B+1,)`` the cell boundaries in ``h`` (species row first).
         """
         n_run = self.bert.resolve_layer(layer)
+        h, rows, cu, max_seqlen = self._embed_packed(input_ids, values, species, cu_seqlens, max_seqlen,
+                                                     no_attention_mask=no_attention_mask, pad_to=pad_to)
+        h = self.bert.encoder_varlen(h, cu, max_seqlen, n_layers=n_run, attn_backend=attn_backend)
+        return h, rows, cu
+
+    def forward_species_rows(self, input_ids: torch.Tensor, values: torch.Tensor, species: torch.Tensor | None,
+                             cu_seqlens: torch.Tensor, max_seqlen: int, *, layer: int = -1,
+                             attn_backend: str = "auto", no_attention_mask: bool = False,
+                             pad_to: int | None = None) -> torch.Tensor:
+        """The species rows of :meth:`forward_varlen` ``(B, H)`` (``pool="cls"``), in less time (inference).
+
+        Same arguments. The layers before ``layer`` run on every row; ``layer`` itself only for the
+        species rows (keys and values of every row), which skips most of that layer's work.
+        """
+        if not self.gcfg.use_cls_token:
+            msg = "this GeneCompass checkpoint has no species row (use_cls_token false); pool the genes instead"
+            raise ValueError(msg)
+        n_run = self.bert.resolve_layer(layer)
+        h, _, cu, max_seqlen = self._embed_packed(input_ids, values, species, cu_seqlens, max_seqlen,
+                                                  no_attention_mask=no_attention_mask, pad_to=pad_to)
+        if n_run == 0:
+            return h[cu[:-1].long()]
+        params = EncoderParams(self.bert, fused=True)
+        h = params.run_varlen(h, cu, max_seqlen, n_layers=n_run - 1, attn_backend=attn_backend)
+        return layer_varlen_first_rows(params, n_run - 1, h, cu)
+
+    def _embed_packed(self, input_ids: torch.Tensor, values: torch.Tensor, species: torch.Tensor | None,
+                      cu_seqlens: torch.Tensor, max_seqlen: int, *, no_attention_mask: bool,
+                      pad_to: int | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
+        """Checked, packed embedding rows with the species rows: ``(h, gene_rows, cu int32, max_seqlen)``."""
         cu = cu_seqlens.to(device=input_ids.device, dtype=torch.int64)
         n_cells, total = cu.numel() - 1, input_ids.numel()
         species = self._check(input_ids, values, species, n_cells)
@@ -271,9 +303,8 @@ class GeneCompassModel(nn.Module):
             packed[rows] = h
             packed[cu[:-1]] = self.bert.cls_embedding(species).to(h.dtype)
             h, max_seqlen = packed, max_seqlen + 1
-        cu = cu.to(torch.int32)
-        h = self.bert.encoder_varlen(h, cu, max_seqlen, n_layers=n_run, attn_backend=attn_backend)
-        return h, rows[real], cu
+        return h, rows[real], cu.to(torch.int32), max_seqlen
+
 
     # ------------------------------------------------------------------ heads, pooling, loss
     def mlm_logits(self, h: torch.Tensor) -> torch.Tensor:
