@@ -7,10 +7,9 @@ import pytest
 import torch
 
 from scfm_fast.kernels.padding import unpad
-from scfm_fast.model.config import EncoderConfig
-from scfm_fast.model.genecompass import GeneCompassConfig, GeneCompassModel
+from scfm_fast.model.genecompass import GeneCompassModel
 from scfm_fast.model.genecompass_checkpoint import load_genecompass
-from tests._genecompass import fixture_path
+from tests._genecompass import fixture_path, small_genecompass
 
 TOL = {"atol": 1e-5, "rtol": 1e-6}
 CASES = ["mask", "nomask", "species_all1", "long_mask"]
@@ -152,13 +151,8 @@ def test_training_and_grad_mode_never_use_the_table(model):
 @pytest.mark.parametrize("switches", [{"use_values": False}, {"use_promoter": False, "use_co_exp": False,
                                                               "use_gene_family": False, "use_peca_grn": False}])
 def test_switches_cached_equals_plain(switches):
-    enc = EncoderConfig(vocab_size=40, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
-                        intermediate_size=24, hidden_act="gelu", max_position_embeddings=32)
-    m = GeneCompassModel(GeneCompassConfig(encoder=enc, knowledge_dim=12, **switches)).eval()
+    m = small_genecompass(n_layers=1, **switches)
     e = m.bert.embeddings
-    for k in m.gcfg.knowledge:
-        getattr(e, f"{k}_knowledge").normal_()
-    e.homologous_index[30:] = torch.arange(2, 12)
     ids = torch.randint(0, 40, (50,))
     vals, sp, pos = torch.rand(50) * 5, torch.arange(50) % 2, torch.randint(0, 32, (50,))
     with torch.inference_mode():

@@ -8,10 +8,8 @@ import pytest
 import torch
 
 from scfm_fast.kernels.padding import unpad
-from scfm_fast.model.config import EncoderConfig
-from scfm_fast.model.genecompass import GeneCompassConfig, GeneCompassModel
 from scfm_fast.model.genecompass_checkpoint import load_genecompass
-from tests._genecompass import fixture_path
+from tests._genecompass import fixture_path, small_genecompass
 
 TOL = {"atol": 1e-5, "rtol": 1e-6}
 
@@ -66,8 +64,6 @@ def test_refused_in_training_and_without_species_row(model):
             model.forward_species_rows(ids, vals, None, cu, 3)
     finally:
         model.eval()
-    enc = EncoderConfig(vocab_size=10, hidden_size=8, num_hidden_layers=1, num_attention_heads=2,
-                        intermediate_size=8, hidden_act="gelu", max_position_embeddings=8)
-    no_cls = GeneCompassModel(GeneCompassConfig(encoder=enc, knowledge_dim=4, use_cls_token=False)).eval()
+    no_cls = small_genecompass(n_layers=1, use_cls_token=False)
     with pytest.raises(ValueError, match="no species row"):
         no_cls.forward_species_rows(ids, vals, None, cu, 3)
