@@ -2,7 +2,8 @@
 
 A GeneCompass model reads a value beside each token and a species per cell, so its batches come from
 the cell source's ``take_values`` / ``species`` and run :meth:`GeneCompassModel.forward_varlen`
-(the species row is one more row per cell). ``pooling="cls"`` is that species row's output,
+(the species row is one more row per cell). ``pooling="cls"`` is that species row's output (without
+``genes``, :meth:`GeneCompassModel.forward_species_rows`: the last layer runs for those rows only),
 ``"mean"`` the mean over the cell's genes. ``no_attention_mask`` pads each cell with ``(0, 0.0)``
 genes that attend, as GeneCompass's own embedding scripts do (they pass no attention mask).
 """
