@@ -7,7 +7,6 @@ from __future__ import annotations
 import pickle
 from pathlib import Path
 
-import numpy as np
 import torch
 
 MOUSE = Path(__file__).resolve().parents[1] / "data" / "mouse_dentategyrus_24cells.h5ad"
