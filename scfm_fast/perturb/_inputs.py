@@ -59,7 +59,7 @@ def check_cells(src: CellSource, model: Any, *, pooling: str, special: Iterable[
     UsageError
         ``pooling="cls"`` with cells that do not start with a special token.
     """
-    from .genecompass import is_genecompass
+    from ..embed.genecompass import is_genecompass
 
     species_row = is_genecompass(model)  # GeneCompass's cls readout: its species row, not a <cls> token
     vocab = model.config.vocab_size

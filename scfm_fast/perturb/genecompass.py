@@ -35,6 +35,7 @@ import numpy as np
 import torch
 
 from .._errors import UsageError
+from ..embed.genecompass import is_genecompass
 from ..store.cells import CellSource
 from ._results import BlockResult
 from .exact import ExactEngine
@@ -47,20 +48,10 @@ SPECIES_ROW = -1
 OVEREXPRESS_FACTOR = 1e4
 
 
-def is_genecompass(model: Any) -> bool:
-    """Whether ``model`` is a :class:`~scfm_fast.model.genecompass.GeneCompassModel`."""
-    from ..model.genecompass import GeneCompassModel
-
-    return isinstance(model, GeneCompassModel)
-
-
-def check_options(model: Any, *, perturbation: str, engine: str, no_attention_mask: bool,
-                  pad_to: int | None = None) -> None:
-    """Refuse what a GeneCompass screen cannot do (or a GeneCompass option on a Geneformer model)."""
+def check_options(model: Any, *, perturbation: str, engine: str) -> None:
+    """Refuse what a GeneCompass screen cannot do (the tokens and ``no_attention_mask`` are checked by
+    :func:`scfm_fast.embed.genecompass.check_family`, as for ``scfm embed``)."""
     if not is_genecompass(model):
-        if no_attention_mask or pad_to is not None:
-            msg = "no_attention_mask / pad_to (--no-attention-mask) apply to GeneCompass checkpoints only"
-            raise UsageError(msg)
         return
     if perturbation not in ("delete", "overexpress"):
         msg = (f"perturbation={perturbation!r}: GeneCompass defines delete and overexpress (value x 1e4, "
@@ -72,10 +63,6 @@ def check_options(model: Any, *, perturbation: str, engine: str, no_attention_ma
         raise UsageError(msg)
     if not model.gcfg.use_cls_token:
         msg = "this GeneCompass checkpoint has no species row (use_cls_token false); perturbation needs it"
-        raise UsageError(msg)
-    n_pos = model.config.max_position_embeddings
-    if pad_to is not None and not (no_attention_mask and 1 <= pad_to <= n_pos):
-        msg = f"pad_to={pad_to}: only with no_attention_mask, and within 1..{n_pos} (the model's positions)"
         raise UsageError(msg)
 
 

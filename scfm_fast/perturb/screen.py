@@ -19,6 +19,7 @@ import torch
 from .._dtypes import resolve_dtype
 from .._errors import GeneMatchError, UsageError
 from .._progress import progress as _progress
+from ..embed.genecompass import check_family
 from ..store.cells import open_cells
 from ..vocab.targets import TargetResolver
 from ._inputs import check_cells, default_pooling, iter_positions, special_ids, to_cell_index
@@ -126,8 +127,7 @@ def run_engine(
     from . import genecompass as gcp
 
     gc = gcp.is_genecompass(model)  # its genes carry values and a species row leads each cell
-    gcp.check_options(model, perturbation=perturbation, engine=engine, no_attention_mask=no_attention_mask,
-                      pad_to=pad_to)
+    gcp.check_options(model, perturbation=perturbation, engine=engine)
     layer = layer_of(layer, emb_layer)
     dev = torch.device(device) if device is not None else next(model.parameters()).device
     model = model.to(dev).eval()
@@ -188,10 +188,8 @@ def run_engine(
     # plans (V x L index arrays) are built one cell at a time from tokens read part by part. Padding is
     # dropped (the engines run unpadded; the reference would mask it), so padded inputs give the same results.
     delete_all = groups is None and anchor_tok is None and perturbation == "delete"
-    if gc:
-        from ..embed.genecompass import check_family
-
-        check_family(src, model, pooling=pooling, no_attention_mask=no_attention_mask, pad_to=pad_to)
+    # either family's tokens with the other's model, species, --no-attention-mask: the checks of `scfm embed`
+    check_family(src, model, pooling=pooling, no_attention_mask=no_attention_mask, pad_to=pad_to)
     total = check_cells(src, model, pooling=pooling, special=special, count_genes=delete_all)
     max_pos = model.config.max_position_embeddings
 
