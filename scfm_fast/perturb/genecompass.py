@@ -66,14 +66,17 @@ def check_options(model: Any, *, perturbation: str, engine: str) -> None:
         raise UsageError(msg)
 
 
-def iter_cells(src: CellSource, *, part_cells: int = 1024) -> Iterator[tuple[int, np.ndarray, np.ndarray, int]]:
-    """``(position in src, ids, values, species)`` of each cell, read ``part_cells`` cells at a time."""
+def iter_cells(src: CellSource, *, pad: int | None,
+               part_cells: int = 1024) -> Iterator[tuple[int, np.ndarray, np.ndarray, int]]:
+    """``(position in src, ids, values, species)`` of each cell without ``pad`` genes (GeneCompass's own
+    padded layout), read ``part_cells`` cells at a time."""
     start = 0
     for part in src.parts(part_cells):
         rows = np.arange(len(part))
         species = part.species
         for k, (ids, vals) in enumerate(zip(part.take(rows), part.take_values(rows))):
-            yield start + k, ids, vals, 0 if species is None else int(species[k])
+            keep = ids != pad if pad is not None else slice(None)
+            yield start + k, ids[keep], vals[keep], 0 if species is None else int(species[k])
         start += len(part)
 
 

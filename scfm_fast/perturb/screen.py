@@ -195,7 +195,7 @@ def run_engine(
 
     def plans():
         if gc:
-            for pos, ids, vals, sp in gcp.iter_cells(src):
+            for pos, ids, vals, sp in gcp.iter_cells(src, pad=model.config.pad_token_id):
                 yield gcp.plan_genecompass_cell(ids, vals, pos, species=sp, perturbation=perturbation,
                                                 groups=groups, special_token_ids=special, anchor=anchor_tok)
             return

@@ -180,3 +180,19 @@ def test_refusals(gc):
         perturb_cells(make_cells([6]), model, **kw)
     with pytest.raises(UsageError, match="GeneCompass checkpoints only"):
         perturb_cells(make_cells([6]), tiny_model(), no_attention_mask=True, progress_bar=False)
+
+
+def test_padded_cells_equal_unpadded(gc):
+    """Cells padded with (0, 0.0) genes (GeneCompass's own dataset layout) give the unpadded cells' results."""
+    tokens, tok, model, _ = gc
+    src = open_cells(tokens)
+    ids, vals = src.take([0])[0], src.take_values([0])[0]
+    padded = pa.table({"input_ids": pa.array([np.concatenate([ids, np.zeros(5, np.int64)]).tolist()]),
+                       "values": pa.array([np.concatenate([vals, np.zeros(5, np.float32)]).tolist()],
+                                          pa.list_(pa.float32())),
+                       "species": pa.array(np.zeros(1, np.int8))})
+    kw = dict(perturbation="overexpress", genes=_genes(tokens), special_token_ids=[0, 1], token_dictionary=tok,
+              progress_bar=False)
+    a, b = perturb_cells(padded, model, **kw), perturb_cells(_table(tokens, [0]), model, **kw)
+    assert len(a) == 2 and a["gene_token"].tolist() == b["gene_token"].tolist()
+    np.testing.assert_array_equal(a["cos_sim"], b["cos_sim"])
