@@ -240,7 +240,7 @@ def main() -> None:
         if r[0] != "ready":
             raise RuntimeError(f"{k} worker: {r}")
     load0 = os.getloadavg()
-    for kind, (_, c) in workers.items():  # untimed warm-up: each trainer's first batch
+    for _, c in workers.values():  # untimed warm-up: each trainer's first batch
         c.send(("step", 0))
         c.recv()
     secs = {"ours": [], "hf": []}

@@ -27,7 +27,7 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, h: Tensor, weight: Tensor, bias: Tensor, target: Tensor, chunk: int,  # noqa: D102
-                dtype: torch.dtype, need_grad: bool = True):
+                dtype: torch.dtype, need_grad: bool):  # noqa: FBT001 - Function.apply passes positionally
         with torch.autocast(h.device.type, enabled=False):
             loss, correct, grads = _chunked_ce(h, weight, bias, target, chunk=chunk, dtype=dtype,
                                                need_grad=need_grad)

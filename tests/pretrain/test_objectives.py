@@ -33,6 +33,9 @@ def test_chunked_linear_ce_matches_cross_entropy():
     assert int(correct) == int((logits.argmax(-1) == y).sum())
     for got, t in zip(grads, (h, w, b)):
         torch.testing.assert_close(got, t.grad, rtol=1e-10, atol=1e-12)
+    with torch.no_grad():  # evaluation: no gradients computed in the forward pass, the same sums
+        loss_ng, correct_ng = linear_cross_entropy(h, w, b, y, chunk=5)
+    assert float(loss_ng) == float(loss) and int(correct_ng) == int(correct)
 
 
 class _Cells:
