@@ -146,13 +146,15 @@ def _sdpa_varlen(q, k, v, cu_seqlens, max_seqlen, *, scale, layout=None, dropout
             _nested_failed.append(f"{type(e).__name__}: {e}")
             log.warning("SDPA on nested tensors failed (%s); using padded buckets", _nested_failed[0][:300])
     if layout == "per_cell":
-        cu = cu_seqlens.tolist()
+        # split (not slices): under autograd each slice's backward would fill and add a zero tensor of the
+        # whole batch per cell, O(cells x total) traffic; split's backward is one concatenation
+        sizes = lengths.tolist()
         outs = [q[:0]]  # concatenated rather than written into ``out``: one clean autograd graph
-        for s, e in zip(cu[:-1], cu[1:]):
-            if e > s:
-                o = F.scaled_dot_product_attention(q[s:e].transpose(0, 1)[None], k[s:e].transpose(0, 1)[None],
-                                                   v[s:e].transpose(0, 1)[None], scale=scale, dropout_p=dropout_p)
-                outs.append(o[0].transpose(0, 1))
+        for qs, ks, vs in zip(q.split(sizes), k.split(sizes), v.split(sizes)):
+            if qs.shape[0]:
+                o = F.scaled_dot_product_attention(qs.transpose(0, 1).unsqueeze(0), ks.transpose(0, 1).unsqueeze(0),
+                                                   vs.transpose(0, 1).unsqueeze(0), scale=scale, dropout_p=dropout_p)
+                outs.append(o.squeeze(0).transpose(0, 1))
         return torch.cat(outs)
     pos = position_ids_from_cu_seqlens(cu_seqlens, total)
     seq = seq_ids_from_cu_seqlens(cu_seqlens, total)

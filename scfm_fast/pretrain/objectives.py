@@ -18,53 +18,63 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
 
     Logits are formed in ``h``'s dtype (bf16 under autocast) and reduced in (at least) float32. Returns
     ``(loss_sum, n_correct)``; ``n_correct`` (argmax == target) carries no gradient.
+
+    The loss is a sum of per-row terms, so its gradients are known up to the incoming scalar while the
+    chunk's logits are at hand: the forward pass computes them (``softmax - onehot`` in place of the
+    logits) and the backward pass only scales them. That saves recomputing the logits (a quarter of the
+    head's matrix products) and every elementwise pass over ``chunk x V`` values a second time.
     """
 
     @staticmethod
     def forward(ctx, h: Tensor, weight: Tensor, bias: Tensor, target: Tensor, chunk: int,  # noqa: D102
-                dtype: torch.dtype):
+                dtype: torch.dtype, need_grad: bool):  # noqa: FBT001 - Function.apply passes positionally
         with torch.autocast(h.device.type, enabled=False):
-            return ChunkedLinearCrossEntropy._forward(ctx, h, weight, bias, target, chunk, dtype)
-
-    @staticmethod
-    def _forward(ctx, h, weight, bias, target, chunk, dtype):
-        h_in_dtype = h.dtype
-        h, w = h.to(dtype), weight.to(dtype)
-        acc = torch.promote_types(dtype, torch.float32)  # reductions in at least float32
-        loss = torch.zeros((), dtype=acc, device=h.device)
-        correct = torch.zeros((), dtype=torch.long, device=h.device)
-        lse_all = torch.empty(h.shape[0], dtype=acc, device=h.device)
-        for lo in range(0, h.shape[0], chunk):
-            logits = (h[lo:lo + chunk] @ w.T).to(acc) + bias.to(acc)
-            y = target[lo:lo + chunk]
-            lse = torch.logsumexp(logits, dim=-1)
-            lse_all[lo:lo + chunk] = lse
-            loss += (lse - logits.gather(1, y[:, None])[:, 0]).sum()
-            correct += (logits.argmax(-1) == y).sum()
-        ctx.save_for_backward(h, weight, bias, target, lse_all)
-        ctx.chunk, ctx.in_dtype = chunk, h_in_dtype
+            loss, correct, grads = _chunked_ce(h, weight, bias, target, chunk=chunk, dtype=dtype,
+                                               need_grad=need_grad)
+        ctx.dtypes = (h.dtype, weight.dtype, bias.dtype)
+        if grads is not None:
+            ctx.save_for_backward(*grads)
         ctx.mark_non_differentiable(correct)
         return loss, correct
 
     @staticmethod
     def backward(ctx, g_loss: Tensor, _g_correct: Tensor):  # noqa: D102
-        h, weight, bias, target, lse_all = ctx.saved_tensors
-        w = weight.to(h.dtype)  # h was saved in the compute dtype
-        gh = torch.empty_like(h)
-        acc = lse_all.dtype
+        gh, gw, gb = ctx.saved_tensors
+        return (*(g.to(g_loss.dtype).mul_(g_loss).to(dt) for g, dt in zip((gh, gw, gb), ctx.dtypes)),
+                None, None, None, None)
+
+
+def _chunked_ce(h: Tensor, weight: Tensor, bias: Tensor, target: Tensor, *, chunk: int, dtype: torch.dtype,
+                need_grad: bool) -> tuple[Tensor, Tensor, tuple[Tensor, Tensor, Tensor] | None]:
+    """(summed CE, n correct, gradients of the summed CE w.r.t. ``h``, ``weight``, ``bias`` or None)."""
+    hc_all, w = h.to(dtype), weight.to(dtype)
+    acc = torch.promote_types(dtype, torch.float32)  # reductions in at least float32
+    b = bias.to(acc)
+    loss = torch.zeros((), dtype=acc, device=h.device)
+    correct = torch.zeros((), dtype=torch.long, device=h.device)
+    if need_grad:
+        gh = torch.empty_like(hc_all)
         gw = torch.zeros(weight.shape, dtype=acc, device=h.device)
         gb = torch.zeros(bias.shape, dtype=acc, device=h.device)
-        for lo in range(0, h.shape[0], ctx.chunk):
-            hc = h[lo:lo + ctx.chunk]
-            logits = (hc @ w.T).to(acc) + bias.to(acc)
-            p = torch.exp(logits - lse_all[lo:lo + ctx.chunk, None])
-            p[torch.arange(hc.shape[0], device=h.device), target[lo:lo + ctx.chunk]] -= 1.0
-            p *= g_loss
-            gb += p.sum(0)
-            pc = p.to(h.dtype)
-            gh[lo:lo + ctx.chunk] = pc @ w
+    for lo in range(0, h.shape[0], chunk):
+        hc, y = hc_all[lo:lo + chunk], target[lo:lo + chunk]
+        z = (hc @ w.T).to(acc)  # a fresh tensor: updated in place below (each pass over chunk x V costs)
+        z += b
+        zy = z.gather(1, y[:, None])[:, 0]
+        m, arg = z.max(-1)  # the first maximum, as argmax
+        correct += (arg == y).sum()
+        z -= m[:, None]
+        z.exp_()
+        s = z.sum(-1)
+        loss += (m + s.log() - zy).sum()
+        if need_grad:
+            z /= s[:, None]  # softmax
+            z[torch.arange(hc.shape[0], device=h.device), y] -= 1.0
+            gb += z.sum(0)
+            pc = z.to(dtype)
+            gh[lo:lo + chunk] = pc @ w
             gw += (pc.T @ hc).to(acc)
-        return gh.to(ctx.in_dtype), gw.to(weight.dtype), gb.to(bias.dtype), None, None, None
+    return loss, correct, (gh, gw, gb) if need_grad else None
 
 
 def linear_cross_entropy(h: Tensor, weight: Tensor, bias: Tensor, target: Tensor, *,
@@ -75,7 +85,8 @@ def linear_cross_entropy(h: Tensor, weight: Tensor, bias: Tensor, target: Tensor
         return z, torch.zeros((), dtype=torch.long, device=h.device)
     dev = h.device.type
     dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else h.dtype
-    return ChunkedLinearCrossEntropy.apply(h, weight, bias, target, chunk, dtype)
+    need_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (h, weight, bias))
+    return ChunkedLinearCrossEntropy.apply(h, weight, bias, target, chunk, dtype, need_grad)
 
 
 def mlm_loss_sum(model, head, batch, *, chunk: int = 4096) -> tuple[Tensor, Tensor]:

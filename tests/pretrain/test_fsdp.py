@@ -131,8 +131,14 @@ def test_fsdp_bf16_mixed_precision_tracks_float32(runs, tmp_path):
     a, b = _weights(out / "checkpoint-3"), _weights(tmp / "fsdp" / "checkpoint-3")
     assert all(v.dtype == torch.float32 for v in a.values())  # master weights stay float32
     init_scale = 0.02  # BERT's initializer range: weights moved by ~lr per step, bf16 noise is far smaller
-    worst = max(float((a[k] - b[k]).abs().max()) for k in a if not k.endswith("key.bias"))
+    # Adam normalises each weight's step: where the gradient is ~0 (key biases analytically; rows of the
+    # positions only a cell or two reach) bf16 noise decides its sign, so single entries there can move up to
+    # lr per step apart whatever the head's float order; those tensors are held to an RMS bound instead
+    noisy = ("key.bias", "position_embeddings.weight")
+    worst = max(float((a[k] - b[k]).abs().max()) for k in a if not k.endswith(noisy))
     assert 0 < worst < 0.1 * init_scale  # 0 would mean the bf16 compute never happened (same run as fp32)
+    rms = max(float((a[k] - b[k]).square().mean().sqrt()) for k in a if k.endswith(noisy))
+    assert rms < 0.05 * init_scale
     losses = [json.loads(x)["loss"] for x in (out / "metrics.jsonl").read_text().splitlines()]
     ref = [json.loads(x)["loss"] for x in (tmp / "fsdp" / "metrics.jsonl").read_text().splitlines()]
     assert losses[0] == pytest.approx(ref[0], rel=1e-2)
