@@ -14,11 +14,13 @@ def count_sums(indptr: np.ndarray, indices: np.ndarray, data: np.ndarray, *, col
                integer_counts: bool) -> tuple[float, float]:
     """Total counts and counts on vocabulary genes of a CSR chunk (the match report's sums).
 
-    One sparse matrix-vector product per sum (scipy's C++ kernel, which releases the GIL) instead of
-    a Numba kernel: importing numba and loading its cached kernel cost ~2 CPU seconds per run, more
-    than the sums themselves over a 20,000-cell input. Per-cell sums run in the data's own dtype; for
-    float32 data they are exact when the counts are integers (``integer_counts``: the core has checked
-    them) and every cell's total stays below 2**24, otherwise they are redone in float64.
+    NumPy's sum for the total and one sparse matrix-vector product (scipy's C++ kernel, which releases
+    the GIL) for the matched counts, instead of a Numba kernel: importing numba and loading its cached
+    kernel cost ~2 CPU seconds per run, more than the sums themselves over a 20,000-cell input. The
+    per-cell matched sums run in float32 for float32 data: exact when the counts are integers
+    (``integer_counts``: the core has checked them) and every cell's sum stays below 2**24 (partial
+    sums of non-negative counts never exceed the final one), otherwise they are redone in float64.
+    Integer counts give exactly the sequential float64 sums; fractional ones may differ in the last bit.
 
     Parameters
     ----------
@@ -37,23 +39,22 @@ def count_sums(indptr: np.ndarray, indices: np.ndarray, data: np.ndarray, *, col
     from scipy.sparse import _sparsetools  # imported by the readers already
 
     indptr = np.asarray(indptr, dtype=np.int64)
-    n_rows, n_cols = indptr.size - 1, col_token.size
-    dtype = np.dtype(np.float64 if data.dtype != np.float32 else np.float32)
-    data = np.asarray(data, dtype=dtype)
     indices = np.asarray(indices, dtype=np.int32)
+    n_rows, n_cols = indptr.size - 1, col_token.size
+    in_vocab = col_token >= 0
 
-    def row_sums(weights: np.ndarray, vals: np.ndarray) -> np.ndarray:
+    def matched_rows(vals: np.ndarray) -> np.ndarray:
         out = np.zeros(n_rows, dtype=vals.dtype)
-        _sparsetools.csr_matvec(n_rows, n_cols, indptr, indices, vals, weights.astype(vals.dtype), out)
+        _sparsetools.csr_matvec(n_rows, n_cols, indptr, indices, vals, in_vocab.astype(vals.dtype), out)
         return out
 
-    ones, in_vocab = np.ones(n_cols), (col_token >= 0).astype(np.float64)
-    total = row_sums(ones, data)
-    if dtype == np.float32 and not (integer_counts and total.max(initial=0.0) < _F32_EXACT):
-        data = data.astype(np.float64)
-        total = row_sums(ones, data)
-    matched = row_sums(in_vocab, data)
-    return float(total.sum(dtype=np.float64)), float(matched.sum(dtype=np.float64))
+    data = np.asarray(data)
+    if data.dtype != np.float32:
+        data = data.astype(np.float64, copy=False)
+    matched = matched_rows(data)
+    if data.dtype == np.float32 and not (integer_counts and matched.max(initial=0.0) < _F32_EXACT):
+        matched = matched_rows(data.astype(np.float64))
+    return float(data.sum(dtype=np.float64)), float(matched.sum(dtype=np.float64))
 
 
 def ranked_counts(indptr: np.ndarray, indices: np.ndarray, data: np.ndarray, *, col_token: np.ndarray,
