@@ -1,5 +1,8 @@
 """The chunk loop of ``scfm tokenize``: in this process (three overlapping threads) or in worker processes.
 
+In this process (the default) each chunk is read and ranked in pieces (:mod:`._pieces`) on a reading
+thread and the calling thread, and its shard written on a writing thread while the next chunk is ranked.
+
 Worker processes each read, rank and write whole chunks (their Parquet shard and packed part, under
 the shard's final name), so reading, decoding, ranking and Parquet encoding of different chunks run
 on all cores without sharing a GIL; the parent only records finished shards in the manifest, in input
@@ -80,8 +83,9 @@ def bound_heap() -> bool:
     glibc raises its mmap threshold adaptively up to 32 MiB, and keeps freed blocks below it in
     per-thread arenas: the pieces' arrays (~20 MiB) were then recycled across the reading, ranking
     and writing threads with growing fragmentation, and resident memory crept up with the number of
-    chunks (measured on zarr2: 200k cells +23% over 20k; with this setting +13%). A fixed threshold
-    returns such buffers to the OS on free; the cost is a page-fault pass per buffer, ~1 ms per 20 MiB.
+    chunks (measured on Zarr v2 input in pieces: 200k cells +23% over 20k; with this setting +9%). A
+    fixed threshold returns such buffers to the OS on free; the cost, page faults on fresh maps, was
+    measured at under 1 ms per 20 MiB buffer (no more than with the adaptive threshold).
     It applies to the whole process: worker processes inherit it. Returns whether it was set.
     """
     import ctypes
