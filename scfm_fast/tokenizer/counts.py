@@ -6,55 +6,6 @@ import numpy as np
 
 #: Geneformer's normalisation target (counts per 10,000)
 TARGET_SUM = 10_000.0
-#: float32 sums of non-negative integers are exact while every partial sum stays below 2**24
-_F32_EXACT = float(1 << 24)
-
-
-def count_sums(indptr: np.ndarray, indices: np.ndarray, data: np.ndarray, *, col_token: np.ndarray,
-               integer_counts: bool) -> tuple[float, float]:
-    """Total counts and counts on vocabulary genes of a CSR chunk (the match report's sums).
-
-    NumPy's sum for the total and one sparse matrix-vector product (scipy's C++ kernel, which releases
-    the GIL) for the matched counts, instead of a Numba kernel: importing numba and loading its cached
-    kernel cost ~2 CPU seconds per run, more than the sums themselves over a 20,000-cell input. The
-    per-cell matched sums run in float32 for float32 data: exact when the counts are integers
-    (``integer_counts``: the core has checked them) and every cell's sum stays below 2**24 (partial
-    sums of non-negative counts never exceed the final one), otherwise they are redone in float64.
-    Integer counts give exactly the sequential float64 sums; fractional ones may differ in the last bit.
-
-    Parameters
-    ----------
-    indptr, indices, data
-        The chunk's CSR arrays (non-negative counts, as the core accepted them).
-    col_token
-        Token id per source column, negative outside the vocabulary.
-    integer_counts
-        Whether every count is known to be an integer.
-
-    Returns
-    -------
-    tuple of float
-        ``(total, matched)``.
-    """
-    from scipy.sparse import _sparsetools  # imported by the readers already
-
-    indptr = np.asarray(indptr, dtype=np.int64)
-    indices = np.asarray(indices, dtype=np.int32)
-    n_rows, n_cols = indptr.size - 1, col_token.size
-    in_vocab = col_token >= 0
-
-    def matched_rows(vals: np.ndarray) -> np.ndarray:
-        out = np.zeros(n_rows, dtype=vals.dtype)
-        _sparsetools.csr_matvec(n_rows, n_cols, indptr, indices, vals, in_vocab.astype(vals.dtype), out)
-        return out
-
-    data = np.asarray(data)
-    if data.dtype != np.float32:
-        data = data.astype(np.float64, copy=False)
-    matched = matched_rows(data)
-    if data.dtype == np.float32 and not (integer_counts and matched.max(initial=0.0) < _F32_EXACT):
-        matched = matched_rows(data.astype(np.float64))
-    return float(data.sum(dtype=np.float64)), float(matched.sum(dtype=np.float64))
 
 
 def ranked_counts(indptr: np.ndarray, indices: np.ndarray, data: np.ndarray, *, col_token: np.ndarray,

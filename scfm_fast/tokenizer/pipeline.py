@@ -18,7 +18,7 @@ from .._progress import progress
 from ._inputs import FILTER_COLUMN, filter_mask, parse_shard, resolve_input, shard_files
 from ._pieces import piece_size
 from ._run import FilePlan, n_workers, pending_chunks, run_in_process, run_workers, use_workers
-from .counts import count_sums, ranked_counts
+from .counts import ranked_counts
 from .qc import check_qc_mode
 from .reference import check_counts_ref, count_problem
 from .spec import TokenizerSpec, _check_options
@@ -94,6 +94,13 @@ def _chunk_totals(path: str, chunk) -> np.ndarray | None:
     return tot
 
 
+def _count_sums(indices, data, col_token):
+    """Total counts and counts on vocabulary genes, in one pass (for the match report)."""
+    from ._sums import count_sums  # numba: imported on first use, not at start-up
+
+    return count_sums(indices, data, col_token)
+
+
 def _list_array(tokens: np.ndarray, offsets: np.ndarray) -> pa.ListArray:
     return pa.ListArray.from_arrays(pa.array(offsets.astype(np.int32)), pa.array(tokens, type=pa.int32()))
 
@@ -142,8 +149,7 @@ def tokenize_chunk(spec: TokenizerSpec, chunk, col_token: np.ndarray, *, path: s
         passed &= qc_keep
     n_empty = int(((lengths == 0) & passed).sum())
     keep = (lengths > 0) & passed
-    counts_total, counts_matched = count_sums(chunk.indptr, chunk.indices, chunk.data, col_token=col_token,
-                                              integer_counts=not spec.allow_non_integer)
+    counts_total, counts_matched = _count_sums(chunk.indices, chunk.data, col_token)
     ids = _list_array(tokens, offsets)
     rows = np.flatnonzero(keep)
     cols: dict[str, Any] = {
