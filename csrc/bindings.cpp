@@ -7,6 +7,7 @@
 #include <cstdlib>
 #include <string>
 
+#include "count_sums.hpp"
 #include "rank_tokenize.hpp"
 #include "value_tokenize.hpp"
 
@@ -41,6 +42,20 @@ const T* checked_ptr(const py::array& a, const char* name, const char* want) {
         throw py::type_error(std::string(name) + " must have dtype " + want + ", got " + dtype_name(a));
     }
     return static_cast<const T*>(a.data());
+}
+
+// Calls f(IX{}, DT{}) with the C++ types of the indices' and data's dtypes (int32/int64 x
+// float32/float64), or raises a TypeError naming the argument.
+template <class F>
+void with_indices_data(const py::array& indices, const py::array& data, F&& f) {
+    auto with_data = [&](auto ix) {
+        if (has_dtype<float>(data)) return f(ix, float{});
+        if (has_dtype<double>(data)) return f(ix, double{});
+        throw py::type_error("data must have dtype float32 or float64, got " + dtype_name(data));
+    };
+    if (has_dtype<i32>(indices)) return with_data(i32{});
+    if (has_dtype<i64>(indices)) return with_data(i64{});
+    throw py::type_error("indices must have dtype int32 or int64, got " + dtype_name(indices));
 }
 
 [[noreturn]] void raise_cell_error(const scfm::CellError& e) {
@@ -208,16 +223,7 @@ py::array_t<float> token_values(const py::array& indptr, const py::array& indice
         py::gil_scoped_release release;
         bad = scfm::token_values(chunk, cfg, tok, off, out, n_threads);
     };
-    auto with_data = [&](auto ip, auto ix) {
-        if (has_dtype<float>(data)) return run(ip, ix, float{});
-        if (has_dtype<double>(data)) return run(ip, ix, double{});
-        throw py::type_error("data must have dtype float32 or float64, got " + dtype_name(data));
-    };
-    auto with_indices = [&](auto ip) {
-        if (has_dtype<i32>(indices)) return with_data(ip, i32{});
-        if (has_dtype<i64>(indices)) return with_data(ip, i64{});
-        throw py::type_error("indices must have dtype int32 or int64, got " + dtype_name(indices));
-    };
+    auto with_indices = [&](auto ip) { with_indices_data(indices, data, [&](auto ix, auto dt) { run(ip, ix, dt); }); };
     if (has_dtype<i32>(indptr)) with_indices(i32{});
     else if (has_dtype<i64>(indptr)) with_indices(i64{});
     else throw py::type_error("indptr must have dtype int32 or int64, got " + dtype_name(indptr));
@@ -227,6 +233,31 @@ py::array_t<float> token_values(const py::array& indptr, const py::array& indice
                               "(tokens/offsets must come from rank_tokenize on the same chunk)");
     }
     return values;
+}
+
+// Match-report sums of a chunk (see count_sums.hpp); GIL released.
+py::tuple count_sums(const py::array& indices, const py::array& data, const py::array& col_token) {
+    require_vector(indices, "indices");
+    require_vector(data, "data");
+    if (indices.shape(0) != data.shape(0)) throw py::value_error("indices and data must have the same length");
+    const i32* ct = checked_ptr<i32>(col_token, "col_token", "int32");
+    const i64 n = static_cast<i64>(data.shape(0));
+    const i64 n_cols = static_cast<i64>(col_token.shape(0));
+    scfm::CountSums s;
+    auto run = [&](auto ix, auto dt) {
+        using IX = decltype(ix);
+        using DT = decltype(dt);
+        const auto* ip = static_cast<const IX*>(indices.data());
+        const auto* dp = static_cast<const DT*>(data.data());
+        py::gil_scoped_release release;
+        s = scfm::count_sums(ip, dp, n, ct, n_cols);
+    };
+    with_indices_data(indices, data, run);
+    if (s.bad_entry >= 0) {
+        throw py::value_error("stored entry " + std::to_string(s.bad_entry) + " has a gene column index outside col_token (length " +
+                              std::to_string(n_cols) + ")");
+    }
+    return py::make_tuple(s.total, s.matched);
 }
 
 }  // namespace
@@ -259,6 +290,11 @@ is none, the first out-of-range column index) in stored order.)doc");
 no special tokens): float32 log2(1 + sum / median * cell_factor[i]) per token, cell_factor None = 1
 (see scfm_fast.tokenizer.reference.value_tokenize_ref).  GIL released; tokens int32, offsets int64,
 cell_factor float64 or None.)doc");
+
+    m.def("count_sums", &count_sums, py::arg("indices"), py::arg("data"), py::arg("col_token"),
+          R"doc(Match-report sums of a chunk: (total of all stored counts, total of those whose column has a
+token, col_token >= 0), each a sequential float64 sum in stored order.  indices int32/int64, data
+float32/float64, col_token int32.  Raises ValueError on a column index outside col_token.)doc");
 
     m.def("build_info", []() {
         py::dict info;

@@ -17,6 +17,19 @@ using u64 = std::uint64_t;
 
 // A chunk of cells in CSR layout over the *source* gene columns.  Entry indices reported in errors
 // are absolute positions in `data` (the same numbering NumPy uses), not offsets from indptr[0].
+// The 8 supported CSR layouts (indptr, indices in {int32, int64}; data in {float32, float64}), as an
+// X-macro: each .cpp instantiates its templates with SCFM_CSR_LAYOUTS(ITS_MACRO), so the list lives
+// in one place.
+#define SCFM_CSR_LAYOUTS(X) \
+    X(::scfm::i32, ::scfm::i32, float)  \
+    X(::scfm::i32, ::scfm::i32, double) \
+    X(::scfm::i32, ::scfm::i64, float)  \
+    X(::scfm::i32, ::scfm::i64, double) \
+    X(::scfm::i64, ::scfm::i32, float)  \
+    X(::scfm::i64, ::scfm::i32, double) \
+    X(::scfm::i64, ::scfm::i64, float)  \
+    X(::scfm::i64, ::scfm::i64, double)
+
 template <class IP, class IX, class DT>
 struct CsrChunk {
     const IP* indptr = nullptr;  // n_cells + 1 entries, non-decreasing

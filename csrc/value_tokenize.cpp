@@ -63,14 +63,7 @@ i64 token_values(const CsrChunk<IP, IX, DT>& chunk, const ValueConfig& cfg, cons
 #define SCFM_INSTANTIATE(IP, IX, DT)                                                             \
     template i64 token_values<IP, IX, DT>(const CsrChunk<IP, IX, DT>&, const ValueConfig&, const i32*, \
                                           const i64*, float*, int);
-SCFM_INSTANTIATE(i32, i32, float)
-SCFM_INSTANTIATE(i32, i32, double)
-SCFM_INSTANTIATE(i32, i64, float)
-SCFM_INSTANTIATE(i32, i64, double)
-SCFM_INSTANTIATE(i64, i32, float)
-SCFM_INSTANTIATE(i64, i32, double)
-SCFM_INSTANTIATE(i64, i64, float)
-SCFM_INSTANTIATE(i64, i64, double)
+SCFM_CSR_LAYOUTS(SCFM_INSTANTIATE)
 #undef SCFM_INSTANTIATE
 
 }  // namespace scfm

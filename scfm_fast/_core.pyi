@@ -20,6 +20,11 @@ def rank_tokenize(
     allow_non_integer: bool,
     n_threads: int,
 ) -> tuple[npt.NDArray[np.int32], npt.NDArray[np.int64], npt.NDArray[np.float64]]: ...
+def count_sums(
+    indices: npt.NDArray[np.int32] | npt.NDArray[np.int64],
+    data: npt.NDArray[np.float32] | npt.NDArray[np.float64],
+    col_token: npt.NDArray[np.int32],
+) -> tuple[float, float]: ...
 def build_info() -> dict[str, str | int]: ...
 def token_values(
     indptr: npt.NDArray[np.int32] | npt.NDArray[np.int64],

@@ -160,7 +160,15 @@ def _run_medians(args) -> int:
 
 def _add_info(sub) -> None:
     p = sub.add_parser("info", help="versions and which fast paths are available here")
-    p.set_defaults(func=lambda args: (print(importlib.import_module("scfm_fast.info").info_text()), 0)[1])
+    p.add_argument("--part", choices=["tokenizer", "model"],
+                   help="only the tokenizer part (never imports torch) or the model part (torch, attention)")
+    p.set_defaults(func=_run_info)
+
+
+def _run_info(args) -> int:
+    info = importlib.import_module("scfm_fast.info")  # the model part imports torch only when it runs
+    print(info.info_text(parts=(args.part,) if args.part else info.PARTS))
+    return 0
 
 
 # subcommands owned by other subpackages register themselves through ``register(subparsers)``

@@ -18,13 +18,18 @@ def _version(mod: str, dist: str | None = None) -> str:
         return "installed"
 
 
-def info_dict() -> dict:
-    """Versions, tokenizer backends and attention backends, as a dict."""
+#: the two parts of the report: the tokenizer part never imports torch (``scfm info --part tokenizer``
+#: starts in well under a second); the model part imports it when it runs
+PARTS = ("tokenizer", "model")
+
+
+def tokenizer_info() -> dict:
+    """Versions, the compiled core and the tokenizer backends (imports no torch)."""
     from . import __version__
 
     d: dict = {"scfm_fast": __version__, "python": platform.python_version(), "platform": platform.platform()}
-    for mod in ("numpy", "numba", "torch", "triton", "flash_attn", "pyarrow", "anndata", "zarr", "h5py"):
-        d[mod] = _version(mod, "flash-attn" if mod == "flash_attn" else None)
+    for mod in ("numpy", "numba", "pyarrow", "anndata", "zarr", "h5py"):
+        d[mod] = _version(mod)
     try:
         from . import _ext
 
@@ -37,6 +42,14 @@ def info_dict() -> dict:
         d["tokenizer_backends"] = available_backends()
     except Exception as e:  # noqa: BLE001
         d["tokenizer_backends"] = {"error": str(e)}
+    return d
+
+
+def model_info() -> dict:
+    """torch, Triton, flash-attn, CUDA and the attention backends (imports torch)."""
+    d: dict = {}
+    for mod in ("torch", "triton", "flash_attn"):
+        d[mod] = _version(mod, "flash-attn" if mod == "flash_attn" else None)
     try:
         import torch
 
@@ -52,18 +65,39 @@ def info_dict() -> dict:
     return d
 
 
-def info_text() -> str:
-    d = info_dict()
+def info_dict(*, parts: tuple[str, ...] = PARTS) -> dict:
+    """Versions, tokenizer backends and attention backends, as a dict (only the ``parts`` asked for)."""
+    _check_parts(parts)
+    d: dict = {}
+    if "tokenizer" in parts:
+        d.update(tokenizer_info())
+    if "model" in parts:
+        d.update(model_info())
+    return d
+
+
+def info_text(*, parts: tuple[str, ...] = PARTS) -> str:
+    """The report :func:`info_dict` gives, as text."""
+    _check_parts(parts)
     lines = ["scfm_fast environment", "====================="]
-    for k, v in d.items():
-        if k in ("tokenizer_backends", "attention_backends"):
-            continue
-        lines.append(f"{k:>12}: {v}")
-    lines.append("tokenizer backends (rank-value core):")
-    for name, why in d["tokenizer_backends"].items():
-        lines.append(f"  {name:<10} {'usable' if why is None else 'unavailable: ' + str(why)}")
-    lines.extend(_attention_lines(d["attention_backends"]))
+    if "tokenizer" in parts:
+        d = tokenizer_info()
+        lines += [f"{k:>12}: {v}" for k, v in d.items() if k != "tokenizer_backends"]
+        lines.append("tokenizer backends (rank-value core):")
+        for name, why in d["tokenizer_backends"].items():
+            lines.append(f"  {name:<10} {'usable' if why is None else 'unavailable: ' + str(why)}")
+    if "model" in parts:
+        d = model_info()
+        lines += [f"{k:>12}: {v}" for k, v in d.items() if k != "attention_backends"]
+        lines.extend(_attention_lines(d["attention_backends"]))
     return "\n".join(lines)
+
+
+def _check_parts(parts: tuple[str, ...]) -> None:
+    bad = [p for p in parts if p not in PARTS]
+    if bad or not parts:
+        msg = f"info parts {list(parts)}: use one or both of {list(PARTS)}"
+        raise ValueError(msg)
 
 
 def _attention_lines(rows: list[dict]) -> list[str]:

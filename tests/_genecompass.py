@@ -59,3 +59,21 @@ def fixture_path(shared_dir: Path) -> Path:
     if not p.is_dir():
         pytest.skip(f"GeneCompass fixture not found in {p}")
     return p
+
+
+def small_genecompass(*, n_layers: int = 2, **switches):
+    """A tiny random GeneCompass model (vocabulary 40, hidden 16, knowledge 12) in eval mode, its knowledge
+    tables random and ids 30..39 remapped to homologs 2..11 for mouse rows."""
+    import torch
+
+    from scfm_fast.model.config import EncoderConfig
+    from scfm_fast.model.genecompass import GeneCompassConfig, GeneCompassModel
+
+    enc = EncoderConfig(vocab_size=40, hidden_size=16, num_hidden_layers=n_layers, num_attention_heads=2,
+                        intermediate_size=24, hidden_act="gelu", max_position_embeddings=32)
+    model = GeneCompassModel(GeneCompassConfig(encoder=enc, knowledge_dim=12, **switches)).eval()
+    e = model.bert.embeddings
+    for k in model.gcfg.knowledge:
+        getattr(e, f"{k}_knowledge").normal_()
+    e.homologous_index[30:] = torch.arange(2, 12)
+    return model

@@ -1,5 +1,8 @@
 """Cell (and gene) embeddings from a Geneformer-style or GeneCompass encoder, on the unpadded fast path.
 
+``embed_tokens`` takes a token source; ``embed_cells`` tokenizes an AnnData first (GeneCompass models
+with ``preset="genecompass"``: values and species come with the tokens).
+
 Cells are sorted by length and packed into token-budget batches; each batch runs
 :meth:`~scfm_fast.model.bert.BertEncoderModel.forward_varlen` (GeneCompass: its own ``forward_varlen``
 with values and species, see :mod:`.genecompass`) up to the requested layer only, then
@@ -247,13 +250,15 @@ def embed_cells(
     *,
     layer: int = -1,
     pooling: str = "mean",
-    key_added: str = "X_geneformer",
+    key_added: str | None = None,
     genes: bool = False,
     batch_tokens: int | None = None,
     device: str | torch.device | None = None,
     dtype: Any = None,
     copy: bool = False,
     tokenize_kwargs: dict | None = None,
+    no_attention_mask: bool = False,
+    pad_to: int | None = None,
 ) -> Any:
     """Tokenize an AnnData and write cell embeddings to ``adata.obsm[key_added]``.
 
@@ -262,12 +267,17 @@ def embed_cells(
     adata
         Cells x genes with raw counts (see :func:`~scfm_fast.tokenizer.pipeline.tokenize_anndata`).
     model
-        :class:`~scfm_fast.model.bert.BertEncoderModel`.
-    layer, pooling, batch_tokens, device, dtype
+        :class:`~scfm_fast.model.bert.BertEncoderModel` or
+        :class:`~scfm_fast.model.genecompass.GeneCompassModel`. A GeneCompass model tokenizes with
+        ``preset="genecompass"`` unless ``tokenize_kwargs`` names a preset; give its ``token_dictionary``
+        and ``gene_median`` there, and exactly one of ``species`` (``"human"``/``"mouse"``) or
+        ``species_column``. The values and species travel with the tokens to the model, as in ``scfm embed``.
+    layer, pooling, batch_tokens, device, dtype, no_attention_mask, pad_to
         As in :func:`embed_tokens`.
     key_added
-        ``obsm`` key for cell embeddings; with ``genes=True`` gene embeddings go to
-        ``adata.varm[key_added]`` (NaN for genes outside the vocabulary or never expressed).
+        ``obsm`` key for cell embeddings (default ``"X_geneformer"``, ``"X_genecompass"`` for a GeneCompass
+        model); with ``genes=True`` gene embeddings go to ``adata.varm[key_added]`` (NaN for genes
+        outside the vocabulary or never expressed).
     genes
         Also compute gene embeddings.
     copy
@@ -278,20 +288,33 @@ def embed_cells(
     Returns
     -------
     ``AnnData`` when ``copy``, else ``None``. Cells with no expressed vocabulary gene get NaN rows.
+
+    Raises
+    ------
+    InputFileError
+        A GeneCompass model with a token dictionary of another size than its vocabulary.
     """
     from ..tokenizer.pipeline import TokenizerSpec, tokenize_anndata
     from ..vocab import resolve_genes
 
-    adata = adata.copy() if copy else adata
+    gc = is_genecompass(model)
+    key_added = key_added or ("X_genecompass" if gc else "X_geneformer")
     kw = dict(tokenize_kwargs or {})
-    table = tokenize_anndata(adata, **kw)
-    preset = kw.get("preset", "geneformer-v1")
+    preset = kw.setdefault("preset", "genecompass" if gc else "geneformer-v1")
     spec = TokenizerSpec.build(**{k: v for k, v in kw.items() if k in (
-        "preset", "token_dictionary", "gene_median", "gene_name_map", "orthologs", "min_gene_match")})
+        "preset", "token_dictionary", "gene_median", "gene_name_map", "orthologs", "min_gene_match", "species",
+        "species_column", "normalize_total")})
+    if gc and spec.values:  # another dictionary version: every id would name another gene, silently
+        from ..model.genecompass_checkpoint import check_token_dictionary
+
+        check_token_dictionary(model, spec.vocab.token_of)
+    adata = adata.copy() if copy else adata
+    table = tokenize_anndata(adata, **kw)
     specials = [t for name in ("<pad>", "<mask>", "<cls>", "<eos>")
                 if (t := spec.vocab.token_of.get(name)) is not None]
     emb, gene = embed_tokens(table, model, layer=layer, pooling=pooling, genes=genes, batch_tokens=batch_tokens,
-                             device=device, dtype=dtype, special_token_ids=specials, progress_bar=None)
+                             device=device, dtype=dtype, special_token_ids=specials, progress_bar=None,
+                             no_attention_mask=no_attention_mask, pad_to=pad_to)
     full = np.full((adata.n_obs, emb.shape[1]), np.nan, dtype=np.float32)
     full[table.column("cell_index").to_numpy()] = emb
     adata.obsm[key_added] = full
@@ -306,5 +329,6 @@ def embed_cells(
         varm = np.full((len(gene_ids), emb.shape[1]), np.nan, dtype=np.float32)
         varm[col >= 0] = lookup[col[col >= 0]]
         adata.varm[key_added] = varm
-    adata.uns[key_added] = {"layer": layer, "pooling": pooling, "preset": preset}
+    adata.uns[key_added] = {"layer": layer, "pooling": pooling, "preset": preset,
+                            **({"no_attention_mask": no_attention_mask} if gc else {})}
     return adata if copy else None

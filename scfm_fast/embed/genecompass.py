@@ -2,7 +2,8 @@
 
 A GeneCompass model reads a value beside each token and a species per cell, so its batches come from
 the cell source's ``take_values`` / ``species`` and run :meth:`GeneCompassModel.forward_varlen`
-(the species row is one more row per cell). ``pooling="cls"`` is that species row's output,
+(the species row is one more row per cell). ``pooling="cls"`` is that species row's output (without
+``genes``, :meth:`GeneCompassModel.forward_species_rows`: the last layer runs for those rows only),
 ``"mean"`` the mean over the cell's genes. ``no_attention_mask`` pads each cell with ``(0, 0.0)``
 genes that attend, as GeneCompass's own embedding scripts do (they pass no attention mask).
 """
@@ -91,12 +92,13 @@ def embed_batch(model: Any, src: CellSource, pos: np.ndarray, *, layer: int, poo
     vals = np.concatenate(src.take_values(pos)) if ids.size else np.zeros(0, np.float32)
     species = src.species
     sp = np.zeros(len(pos), np.int64) if species is None else np.asarray(species[pos], np.int64)
-    ids_t = torch.from_numpy(ids).to(device)
+    args = (torch.from_numpy(ids).to(device), torch.from_numpy(vals).to(device), torch.from_numpy(sp).to(device),
+            torch.from_numpy(cu).to(device), int(np.diff(cu).max()))
+    kw = {"layer": layer, "no_attention_mask": no_attention_mask, "pad_to": pad_to}
     with torch.autocast(device.type, dtype=lowp, enabled=lowp is not None and lowp != torch.float32):
-        h, rows, cu_new = model.forward_varlen(
-            ids_t, torch.from_numpy(vals).to(device), torch.from_numpy(sp).to(device),
-            torch.from_numpy(cu).to(device), int(np.diff(cu).max()), layer=layer,
-            no_attention_mask=no_attention_mask, pad_to=pad_to)
+        if pooling == "cls" and not genes:  # only the species rows are read: the last layer runs for them only
+            return model.forward_species_rows(*args, **kw).float().cpu().numpy(), None
+        h, rows, cu_new = model.forward_varlen(*args, **kw)
     emb = pool_cells(h, cu_new, rows, pool=pooling)
     gene = {"ids": ids, "h": h[rows].float().cpu().numpy()} if genes else None
     return emb.float().cpu().numpy(), gene

@@ -5,14 +5,14 @@ adds position and token-type row 0 and a LayerNorm; a species row (``cls_embeddi
 prepended, and the rows run through the ordinary post-LN BERT layers of :class:`BertEncoderModel`
 (``encoder_padded`` / ``encoder_varlen``; no second encoder here). Mouse cells (species 1) read the
 prior knowledge of their genes' human homologs (``homologous_index``); word embeddings keep the
-original ids. Parameter names are those of GeneCompass's ``BertForMaskedLM`` (:mod:`.genecompass_checkpoint`).
+original ids (:mod:`.genecompass_embeddings`, which also caches the gene-only part in inference).
+Parameter names are those of GeneCompass's ``BertForMaskedLM`` (:mod:`.genecompass_checkpoint`).
 :meth:`GeneCompassModel.forward_padded` is the eager reference, :meth:`GeneCompassModel.forward_varlen` the
 fast unpadded path (the species row is one more row per cell in ``cu_seqlens``).
 """
 
 from __future__ import annotations
 
-from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -24,6 +24,9 @@ from ..kernels.activations import activation_fn
 from ..kernels.padding import position_ids_from_cu_seqlens, seq_ids_from_cu_seqlens
 from .bert import BertEncoderModel, BertSelfOutput
 from .config import EncoderConfig
+from .first_rows import layer_varlen_first_rows
+from .genecompass_embeddings import GeneCompassEmbeddings
+from .layers import EncoderParams
 
 KNOWLEDGE = ("promoter", "co_exp", "gene_family", "peca_grn")  # GeneCompass's concat order
 GC_FLAGS = ("use_values", *(f"use_{k}" for k in KNOWLEDGE), "use_cls_token")
@@ -60,65 +63,6 @@ class GeneCompassConfig:
         d = {**self.extra, **self.encoder.to_hf_dict()}
         d.update({k: getattr(self, k) for k in GC_FLAGS})
         return d
-
-
-class QuickGELU(nn.Module):
-    """``x * sigmoid(1.702 x)`` (CLIP's GELU approximation, GeneCompass's concat MLP)."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x * torch.sigmoid(1.702 * x)
-
-
-class _Prior(nn.Module):
-    def __init__(self, d_in: int, hidden: int) -> None:
-        super().__init__()
-        self.linear1 = nn.Linear(d_in, hidden)
-
-
-class GeneCompassEmbeddings(nn.Module):
-    """Gene-row embeddings (everything before the species row). Knowledge tables are frozen buffers."""
-
-    def __init__(self, gcfg: GeneCompassConfig) -> None:
-        super().__init__()
-        cfg, h = gcfg.encoder, gcfg.encoder.hidden_size
-        self.gcfg = gcfg
-        self.word_embeddings = nn.Embedding(cfg.vocab_size, h, padding_idx=cfg.pad_token_id)
-        for k in gcfg.knowledge:
-            self.register_buffer(f"{k}_knowledge", torch.zeros(cfg.vocab_size, gcfg.knowledge_dim))
-            setattr(self, f"{k}_embeddings", _Prior(gcfg.knowledge_dim, h))
-        width = h * (1 + len(gcfg.knowledge)) + int(gcfg.use_values)
-        self.concat_embeddings = nn.Sequential(OrderedDict([
-            ("cat_fc", nn.Linear(width, h)), ("cat_ln", nn.LayerNorm(h, eps=1e-5)),  # torch's default eps: theirs
-            ("cat_gelu", QuickGELU()), ("cat_proj", nn.Linear(h, h))]))
-        self.position_embeddings = nn.Embedding(cfg.max_position_embeddings, h)
-        self.token_type_embeddings = nn.Embedding(cfg.type_vocab_size, h)
-        self.LayerNorm = nn.LayerNorm(h, eps=cfg.layer_norm_eps)
-        # both are saved in GeneCompass's checkpoints; position_ids is kept only to write the same layout
-        self.register_buffer("position_ids", torch.arange(cfg.max_position_embeddings)[None])
-        self.register_buffer("homologous_index", torch.arange(cfg.vocab_size))
-
-    def concat_input(self, input_ids: torch.Tensor, values: torch.Tensor, species: torch.Tensor,
-                     alpha: torch.Tensor | float = 1.0) -> torch.Tensor:
-        """``[word | value | alpha * prior_k(table_k[ids'])...]`` where ``ids'`` is homolog-remapped for species 1.
-
-        ``input_ids``, ``values`` and ``species`` (per row) share one shape; returns shape ``(..., width)``.
-        """
-        parts = [self.word_embeddings(input_ids)]
-        if self.gcfg.use_values:
-            parts.append(values.to(parts[0].dtype).unsqueeze(-1))
-        if self.gcfg.knowledge:
-            kid = torch.where(species == 1, self.homologous_index[input_ids], input_ids)
-            for k in self.gcfg.knowledge:
-                prior = getattr(self, f"{k}_embeddings").linear1
-                parts.append(alpha * prior(getattr(self, f"{k}_knowledge")[kid].to(parts[0].dtype)))
-        return torch.cat(parts, -1)
-
-    def forward(self, input_ids: torch.Tensor, values: torch.Tensor, species: torch.Tensor,
-                position_ids: torch.Tensor, alpha: torch.Tensor | float = 1.0) -> torch.Tensor:
-        """Embedding-LayerNorm output of gene rows (any leading shape; ``species`` given per row)."""
-        x = self.concat_embeddings(self.concat_input(input_ids, values, species, alpha))
-        x = x + self.position_embeddings(position_ids) + self.token_type_embeddings.weight[0]
-        return self.LayerNorm(x)
 
 
 class GeneCompassBert(BertEncoderModel):
@@ -292,6 +236,36 @@ class GeneCompassModel(nn.Module):
             ``cu_seqlens_new`` ``int32 (B+1,)`` the cell boundaries in ``h`` (species row first).
         """
         n_run = self.bert.resolve_layer(layer)
+        h, rows, cu, max_seqlen = self._embed_packed(input_ids, values, species, cu_seqlens, max_seqlen,
+                                                     no_attention_mask=no_attention_mask, pad_to=pad_to)
+        h = self.bert.encoder_varlen(h, cu, max_seqlen, n_layers=n_run, attn_backend=attn_backend)
+        return h, rows, cu
+
+    def forward_species_rows(self, input_ids: torch.Tensor, values: torch.Tensor, species: torch.Tensor | None,
+                             cu_seqlens: torch.Tensor, max_seqlen: int, *, layer: int = -1,
+                             attn_backend: str = "auto", no_attention_mask: bool = False,
+                             pad_to: int | None = None) -> torch.Tensor:
+        """The species rows of :meth:`forward_varlen` ``(B, H)`` (``pool="cls"``), in less time (inference).
+
+        Same arguments. The layers before ``layer`` run on every row; ``layer`` itself only for the
+        species rows (keys and values of every row), which skips most of that layer's work.
+        """
+        if not self.gcfg.use_cls_token:
+            msg = "this GeneCompass checkpoint has no species row (use_cls_token false); pool the genes instead"
+            raise ValueError(msg)
+        n_run = self.bert.resolve_layer(layer)
+        h, _, cu, max_seqlen = self._embed_packed(input_ids, values, species, cu_seqlens, max_seqlen,
+                                                  no_attention_mask=no_attention_mask, pad_to=pad_to)
+        if n_run == 0:
+            return h[cu[:-1].long()]
+        params = EncoderParams(self.bert, fused=True)
+        h = params.run_varlen(h, cu, max_seqlen, n_layers=n_run - 1, attn_backend=attn_backend)
+        return layer_varlen_first_rows(params, n_run - 1, h, cu)
+
+    def _embed_packed(self, input_ids: torch.Tensor, values: torch.Tensor, species: torch.Tensor | None,
+                      cu_seqlens: torch.Tensor, max_seqlen: int, *, no_attention_mask: bool,
+                      pad_to: int | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
+        """Checked, packed embedding rows with the species rows: ``(h, gene_rows, cu int32, max_seqlen)``."""
         cu = cu_seqlens.to(device=input_ids.device, dtype=torch.int64)
         n_cells, total = cu.numel() - 1, input_ids.numel()
         species = self._check(input_ids, values, species, n_cells)
@@ -329,9 +303,8 @@ class GeneCompassModel(nn.Module):
             packed[rows] = h
             packed[cu[:-1]] = self.bert.cls_embedding(species).to(h.dtype)
             h, max_seqlen = packed, max_seqlen + 1
-        cu = cu.to(torch.int32)
-        h = self.bert.encoder_varlen(h, cu, max_seqlen, n_layers=n_run, attn_backend=attn_backend)
-        return h, rows[real], cu
+        return h, rows[real], cu.to(torch.int32), max_seqlen
+
 
     # ------------------------------------------------------------------ heads, pooling, loss
     def mlm_logits(self, h: torch.Tensor) -> torch.Tensor:

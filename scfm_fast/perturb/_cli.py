@@ -37,7 +37,7 @@ def register(subparsers: Any) -> None:
         description="Perturb genes of every cell of a token dataset and stream cosine shifts to Parquet "
                     "shards in --out, then rank genes against a random-gene null (gene_stats.parquet + PNG).")
     p.add_argument("tokens", metavar="TOKENS_DIR", help="token dataset directory (Parquet shards)")
-    p.add_argument("--model", required=True, help="Hugging Face BERT checkpoint directory")
+    p.add_argument("--model", required=True, help="Hugging Face BERT or GeneCompass checkpoint directory")
     p.add_argument("--perturb", default="delete", choices=PERTURBATIONS)
     p.add_argument("--genes", default="all",
                    help="'all', a comma-separated list (token ids, Ensembl IDs or symbols; A+B = a pair "
@@ -90,6 +90,9 @@ def register(subparsers: Any) -> None:
     p.add_argument("--gene-name-map", help="symbol -> Ensembl pickle (default: bundled Geneformer V1)")
     p.add_argument("--orthologs", help="'mouse-to-human' or an ortholog table, to resolve mouse --genes as the "
                         "tokenizer did (default: the token dataset's own --orthologs, from its manifest)")
+    p.add_argument("--no-attention-mask", action="store_true",
+                   help="GeneCompass only: pad every cell and variant with (0, 0.0) genes to the model's positions "
+                        "and let the pads attend, as GeneCompass's own perturbation script does (off by default)")
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--resume", action="store_true", help="skip finished shards of an interrupted run")
     p.add_argument("--overwrite", action="store_true", help="replace the results in --out")

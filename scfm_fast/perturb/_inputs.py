@@ -59,6 +59,9 @@ def check_cells(src: CellSource, model: Any, *, pooling: str, special: Iterable[
     UsageError
         ``pooling="cls"`` with cells that do not start with a special token.
     """
+    from ..embed.genecompass import is_genecompass
+
+    species_row = is_genecompass(model)  # GeneCompass's cls readout: its species row, not a <cls> token
     vocab = model.config.vocab_size
     bad = src.first_token_outside(vocab)
     if bad is not None:  # would be an IndexError deep in the embedding
@@ -74,7 +77,7 @@ def check_cells(src: CellSource, model: Any, *, pooling: str, special: Iterable[
     for pos, ids in iter_positions(src, pad=pad):
         if maybe_long and len(ids) > max_pos:
             long_cells.append(pos)
-        if pooling == "cls" and (len(ids) == 0 or ids[0] not in spec):
+        if pooling == "cls" and not species_row and (len(ids) == 0 or ids[0] not in spec):
             no_cls.append(pos)
         if count_genes:
             n = int((~np.isin(ids, spec)).sum())

@@ -164,7 +164,8 @@ def _state_targets(args: argparse.Namespace, src: Path, model: Any, special: Any
                                special_token_ids=special, token_dictionary=args.token_dictionary,
                                batch_tokens=args.batch_tokens, device=device, dtype=args.dtype,
                                progress_bar=rank == 0, max_cells=args.max_state_cells, seed=args.state_seed,
-                               aggregate=args.state_aggregate)
+                               aggregate=args.state_aggregate,
+                               no_attention_mask=getattr(args, "no_attention_mask", False))
         embs.append(e)
         counts.append(n)
     if rank == 0:

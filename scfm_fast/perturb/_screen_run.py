@@ -65,6 +65,8 @@ def _config(args: argparse.Namespace, cells: Any) -> dict:
         # a token dataset re-tokenized in place (same path, other cells or options) must not be resumed into
         cfg["tokens_config"] = {"config_hash": tm.get("config_hash"), "n_cells": tm.get("n_cells")}
     cfg["n_cells"] = len(cells)
+    if getattr(args, "no_attention_mask", False):  # recorded only when set: earlier runs' configs stay valid
+        cfg["no_attention_mask"] = True
     return cfg
 
 
@@ -160,14 +162,9 @@ def _check_options(args: argparse.Namespace) -> None:
 
 def work(args: argparse.Namespace, *, merge: bool = True, prepared: bool = False) -> int:
     """Run this rank's shards of ``scfm perturb``; rank 0 (``merge``) then waits for every shard and merges."""
-    import numpy as np
     import torch
 
-    from .._progress import progress
     from ..vocab.targets import TargetResolver
-    from ._inputs import check_cells
-    from .screen import run_engine
-    from .states import parse_where, state_embedding
 
     rank, world = rank_world()
     local = int(os.environ.get("LOCAL_RANK", rank))
@@ -178,7 +175,6 @@ def work(args: argparse.Namespace, *, merge: bool = True, prepared: bool = False
     if n_cells == 0 and args.max_cells != 0:
         msg = f"{args.tokens}: no cells{' matching --filter' if args.filter else ''}: nothing to perturb"
         raise InputFileError(msg)
-    cps = int(args.cells_per_shard)
     job = _job(args, out, cfg, n_shards, rank, world)
     if not prepared:  # --devices workers: their parent prepared OUT (as rank 0) before starting them
         job.begin()
@@ -187,9 +183,27 @@ def work(args: argparse.Namespace, *, merge: bool = True, prepared: bool = False
     else:
         device = torch.device(f"cuda:{local % torch.cuda.device_count()}" if torch.cuda.is_available()
                               else "cpu")
+    threads = torch.get_num_threads()
     if device.type == "cpu" and world > 1 and "OMP_NUM_THREADS" not in os.environ:
         # ranks on one machine share its cores; each using all of them oversubscribes (~3x slower)
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", world))))
+    try:  # a caller in this process (tests, notebooks) gets its own thread count back
+        return _work_shards(args, cells, cfg, job, device, rank, merge=merge)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _work_shards(args: argparse.Namespace, cells: Any, cfg: dict, job: Any, device: Any, rank: int, *,
+                 merge: bool) -> int:
+    """The shards of :func:`work` this rank runs, then (rank 0, ``merge``) the merge."""
+    import numpy as np
+
+    from .._progress import progress
+    from ._inputs import check_cells
+    from .screen import run_engine
+    from .states import parse_where, state_embedding
+
+    out, n_cells, cps = job.out, len(cells), int(args.cells_per_shard)
     todo = job.todo()
     cols = _columns(args, file_index="file_index" in cells.column_names)
     if todo:
@@ -205,7 +219,8 @@ def work(args: argparse.Namespace, *, merge: bool = True, prepared: bool = False
                                               pooling=args.pooling, special_token_ids=special,
                                               token_dictionary=args.token_dictionary,
                                               batch_tokens=args.batch_tokens, device=device, dtype=args.dtype,
-                                              progress_bar=rank == 0)
+                                              progress_bar=rank == 0,
+                                              no_attention_mask=getattr(args, "no_attention_mask", False))
             if rank == 0:
                 tmp = out / ".target_embedding.npy.tmp"
                 with open(tmp, "wb") as f:
@@ -229,7 +244,8 @@ def work(args: argparse.Namespace, *, merge: bool = True, prepared: bool = False
                             batch_tokens=args.batch_tokens, device=device, dtype=args.dtype,
                             special_token_ids=special, token_dictionary=args.token_dictionary,
                             gene_name_map=args.gene_name_map, orthologs=orthologs, gene_shifts=args.gene_shifts,
-                            target_embedding=target, target_names=state_names, progress_bar=False)
+                            target_embedding=target, target_names=state_names, progress_bar=False,
+                            no_attention_mask=getattr(args, "no_attention_mask", False))
             skipped = df.attrs["skipped"]
             meta = {"shard": s, "n_cells": len(part), "n_rows": len(df), "seconds": time.perf_counter() - t0,
                     "skipped": skipped, "approx_error": df.attrs.get("approx_error")}

@@ -44,8 +44,10 @@ def perturb_cells(
     skip_absent: bool = False,
     approx_check_cells: int = 1,
     progress_bar: bool = True,
+    no_attention_mask: bool = False,
+    pad_to: int | None = None,
 ) -> pd.DataFrame:
-    """In-silico perturbation of cells with a Geneformer-family encoder (batched, exact by default).
+    """In-silico perturbation of cells with a Geneformer-family or GeneCompass encoder (batched, exact by default).
 
     Parameters
     ----------
@@ -53,10 +55,13 @@ def perturb_cells(
         A token dataset directory (Parquet shards with ``input_ids`` and optionally ``cell_index``), a
         ``pyarrow.Table`` with those columns, or a list of token-id arrays (one per cell).
     model
-        A :class:`~scfm_fast.model.bert.BertEncoderModel` (moved to ``device`` and set to eval mode).
+        A :class:`~scfm_fast.model.bert.BertEncoderModel` or a
+        :class:`~scfm_fast.model.genecompass.GeneCompassModel` with GeneCompass tokens (values and species;
+        moved to ``device`` and set to eval mode).
     perturbation
         ``"delete"``, ``"overexpress"``, ``"inhibit"`` or ``"activate"`` (semantics in
-        :mod:`scfm_fast.perturb.plan`).
+        :mod:`scfm_fast.perturb.plan`; GeneCompass: delete and overexpress, see
+        :mod:`scfm_fast.perturb.genecompass`).
     genes
         ``"all"`` (every gene of each cell, one at a time), one gene, or a list; an item that is a
         tuple/list is a group perturbed together (e.g. pairs). Genes are token ids, Ensembl IDs or symbols.
@@ -123,6 +128,9 @@ def perturb_cells(
         With ``mode="approx"``: rerun this many cells exactly to measure the approximation error.
     progress_bar
         Show a progress bar.
+    no_attention_mask, pad_to
+        GeneCompass only, to reproduce its own scripts (off by default): every variant and the original are
+        padded with ``(0, 0.0)`` genes to ``pad_to`` (default: the model's positions) and the pads attend.
 
     Returns
     -------
@@ -136,7 +144,8 @@ def perturb_cells(
                       special_token_ids=special_token_ids, token_dictionary=token_dictionary,
                       gene_name_map=gene_name_map, orthologs=orthologs, gene_shifts=gene_shifts,
                       target_embedding=target_embedding, target_names=target_names, state_shift=state_shift,
-                      skip_absent=skip_absent, progress_bar=progress_bar, approx_check_cells=approx_check_cells)
+                      skip_absent=skip_absent, progress_bar=progress_bar, approx_check_cells=approx_check_cells,
+                      no_attention_mask=no_attention_mask, pad_to=pad_to)
 
 
 def perturb_cells_reference(
@@ -165,6 +174,8 @@ def perturb_cells_reference(
     skip_absent: bool = False,
     forward_layer: int | None = None,
     progress_bar: bool = True,
+    no_attention_mask: bool = False,
+    pad_to: int | None = None,
 ) -> pd.DataFrame:
     """Reference in-silico perturbation: one plain fp32 forward pass per variant (batch of one).
 
@@ -172,7 +183,7 @@ def perturb_cells_reference(
     ----------
     tokens, model, perturbation, genes, anchor, combine, rank_shift, rank_shift_quartiles, layer, \
 emb_layer, pooling, cell_readout, device, special_token_ids, token_dictionary, gene_name_map, orthologs, \
-gene_shifts, target_embedding, target_names, state_shift, skip_absent, progress_bar
+gene_shifts, target_embedding, target_names, state_shift, skip_absent, progress_bar, no_attention_mask, pad_to
         As for :func:`scfm_fast.perturb.perturb_cells`.
     forward_layer
         Run the model up to this layer and read out there instead of ``layer`` (benchmarks use ``-1`` to
@@ -189,7 +200,8 @@ gene_shifts, target_embedding, target_names, state_shift, skip_absent, progress_
                       device=device, special_token_ids=special_token_ids, token_dictionary=token_dictionary,
                       gene_name_map=gene_name_map, orthologs=orthologs, gene_shifts=gene_shifts,
                       target_embedding=target_embedding, target_names=target_names, state_shift=state_shift,
-                      skip_absent=skip_absent, forward_layer=forward_layer, progress_bar=progress_bar)
+                      skip_absent=skip_absent, forward_layer=forward_layer, progress_bar=progress_bar,
+                      no_attention_mask=no_attention_mask, pad_to=pad_to)
 
 
 def measure_approx_error(tokens: Any, model: Any, **kwargs: Any) -> dict[str, float]:

@@ -165,27 +165,45 @@ class ExactEngine:
             h = self.P.run(h, self.n_layers)
         return h[0].float()
 
+    def embed_sources(self, plan: CellPlan, block: VariantBlock | None, sources: torch.Tensor,
+                      positions: torch.Tensor) -> torch.Tensor:
+        """Embedding rows of source positions ``sources`` (the cell's, then ``block``'s inserted genes)
+        placed at variant positions ``positions``; the per-family hook (:mod:`.genecompass` overrides it)."""
+        ins = block.inserted if block is not None else np.zeros(0, dtype=np.int64)
+        ids = torch.as_tensor(np.concatenate([plan.input_ids, ins]), device=self.device)
+        return self.P.embed(ids[sources], positions.clamp(0, self.P.max_pos - 1))
+
+    def tail_rows(self, plan: CellPlan, length: int) -> torch.Tensor | None:
+        """Embedding rows appended to every variant of ``length`` rows (pads that attend), or ``None``."""
+        return None
+
     @torch.no_grad()
     def run_block(self, plan: CellPlan, block: VariantBlock, h0: torch.Tensor, *, pooling: str,
                   gene_shifts: bool, target: torch.Tensor | None, cell_readout: str = "genes",
                   state_shift: str = "all", on_batch: Callable[[int], None] | None = None) -> BlockResult:
         P, dev = self.P, self.device
         # inserted genes are extra source positions L.. (see plan.build_insertion)
-        ids = torch.as_tensor(np.concatenate([plan.input_ids, block.inserted]), device=dev)
-        L = len(ids)
+        L = len(plan.input_ids) + len(block.inserted)
         flat, offs, xs, xo = embedding_index(block.src, L)
         with autocast_ctx(dev, self.dtype):
             ar = torch.arange(L, device=dev)
-            tabs = [P.embed(ids, (ar + int(o)).clamp(0, P.max_pos - 1)) for o in offs]
+            tabs = [self.embed_sources(plan, block, ar, ar + int(o)) for o in offs]
             if len(xs):
                 xs_t = torch.as_tensor(xs, device=dev)
-                tabs.append(P.embed(ids[xs_t], xs_t + torch.as_tensor(xo, device=dev)))
+                tabs.append(self.embed_sources(plan, block, xs_t, xs_t + torch.as_tensor(xo, device=dev)))
+            tail = self.tail_rows(plan, block.length)
+            if tail is not None:
+                tabs.append(tail)
             emb = torch.cat(tabs) if len(tabs) > 1 else tabs[0]
             qkv = P.qkv(0, emb) if self.n_layers > 0 else None
         flat_t = torch.as_tensor(flat, device=dev)
+        if tail is not None:  # the same rows (the last of the tables) after every variant of this length
+            n_tail = tail.shape[0]
+            rows = torch.arange(emb.shape[0] - n_tail, emb.shape[0], device=dev)
+            flat_t = torch.cat([flat_t, rows.expand(flat_t.shape[0], n_tail)], 1)
         # a <cls> readout without per-gene shifts needs only row 0 of the last layer
         cls_only = pooling == "cls" and not gene_shifts
-        per = max(1, self.batch_tokens // block.length)
+        per = max(1, self.batch_tokens // flat_t.shape[1])
         parts = []
         for b0 in range(0, block.n_variants, per):
             b1 = min(b0 + per, block.n_variants)
@@ -198,7 +216,7 @@ class ExactEngine:
                         h = P.layer_first_row(i, h, pre)
                     else:
                         h = P.layer(i, h, pre)
-            parts.append(readout(h0, h.float(), plan, block, slice(b0, b1), pooling=pooling,
+            parts.append(readout(h0, h[:, :block.length].float(), plan, block, slice(b0, b1), pooling=pooling,
                                  gene_shifts=gene_shifts, target=target, cell_readout=cell_readout,
                                  state_shift=state_shift))
             if on_batch is not None:

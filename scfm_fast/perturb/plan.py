@@ -68,6 +68,9 @@ class VariantBlock:
         ``(V, m)`` int64: their token ids.
     inserted
         ``(k,)`` int64: tokens of genes inserted by these variants (source positions ``L..L+k-1``).
+    inserted_values
+        ``(k,)`` float32: their values, for cells with values (GeneCompass: an overexpressed gene is an
+        inserted row carrying its raised value, see :mod:`.genecompass`); ``None`` otherwise.
     """
 
     src: np.ndarray
@@ -75,6 +78,7 @@ class VariantBlock:
     new_pos: np.ndarray
     tokens: np.ndarray
     inserted: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
+    inserted_values: np.ndarray | None = None
 
     @property
     def n_variants(self) -> int:
@@ -86,18 +90,23 @@ class VariantBlock:
 
     def take(self, rows: slice | np.ndarray) -> VariantBlock:
         return VariantBlock(self.src[rows], self.perturbed[rows], self.new_pos[rows], self.tokens[rows],
-                            self.inserted)
+                            self.inserted, self.inserted_values)
 
 
 @dataclass
 class CellPlan:
-    """All variants planned for one cell, plus what was skipped and why."""
+    """All variants planned for one cell, plus what was skipped and why.
+
+    ``values`` (``(L,)`` float32, beside ``input_ids``) and ``species`` are set for GeneCompass cells only.
+    """
 
     cell_index: int
     input_ids: np.ndarray
     special: np.ndarray  # (L,) bool: special-token positions (never perturbed, never pooled)
     blocks: list[VariantBlock] = field(default_factory=list)
     skipped: list[dict] = field(default_factory=list)
+    values: np.ndarray | None = None
+    species: int = 0
 
     @property
     def n_variants(self) -> int:

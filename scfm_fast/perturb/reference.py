@@ -23,23 +23,21 @@ def _cos(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a @ b) / (a.norm() * b.norm()).clamp_min(1e-300))
 
 
-def reference_block(model: Any, plan: CellPlan, block: VariantBlock, h0: torch.Tensor, *, layer: int,
-                    pooling: str, gene_shifts: bool, target: torch.Tensor | None, cell_readout: str = "genes",
-                    state_shift: str = "all", forward_layer: int | None = None) -> BlockResult:
-    """Readouts of one block of variants, one ``forward_reference`` call per variant.
+def reference_block(forward: Callable[[np.ndarray], torch.Tensor], plan: CellPlan, block: VariantBlock,
+                    h0: torch.Tensor, *, pooling: str, gene_shifts: bool, target: torch.Tensor | None,
+                    cell_readout: str = "genes", state_shift: str = "all") -> BlockResult:
+    """Readouts of one block of variants, one plain forward per variant.
 
-    ``forward_layer`` (default ``layer``) lets a benchmark run more layers than the readout needs (as
-    Geneformer does, which always runs the whole model); the readout is then taken at that layer.
+    ``forward(src)`` returns the readout-layer states ``(len(src), H)`` of the variant whose row ``j``
+    comes from source position ``src[j]`` (the cell's, then the block's inserted genes).
     """
-    dev = h0.device
     L = len(plan.input_ids)
-    ids = torch.as_tensor(np.concatenate([plan.input_ids, block.inserted]), device=dev)  # inserted: sources L..
-    fl = layer if forward_layer is None else forward_layer
+    ids = np.concatenate([plan.input_ids, block.inserted])  # inserted: sources L..
     targets = [] if target is None else list(target.reshape(-1, h0.shape[1]))
     cos, tshift, gtoks, gcos = [], [], [], []
     for v in range(block.n_variants):
         src = block.src[v]
-        hv = model.forward_reference(ids[torch.as_tensor(src, device=dev)][None], layer=fl)[0].float()
+        hv = forward(src).float()
         pert = set(int(p) for p in block.perturbed[v])
         # genes present in both sequences: not special, not perturbed; aligned by original position
         keep = [j for j, s in enumerate(src) if s < L and not plan.special[s] and int(s) not in pert]
@@ -59,7 +57,7 @@ def reference_block(model: Any, plan: CellPlan, block: VariantBlock, h0: torch.T
                 po = h0[[i for i in range(L) if not plan.special[i] and i in there]].mean(0)
             tshift.append([_cos(pv, t) - _cos(po, t) for t in targets])
         if gene_shifts:
-            gtoks.append(np.asarray([int(ids[src[j]]) for j in keep], dtype=np.int32))
+            gtoks.append(np.asarray([ids[src[j]] for j in keep], dtype=np.int32))
             gcos.append(np.asarray(per_gene, dtype=np.float32))
     return BlockResult(np.asarray(cos), np.asarray(tshift) if targets else None,
                        gtoks if gene_shifts else None, gcos if gene_shifts else None)
@@ -82,8 +80,13 @@ class ReferenceEngine:
 
     def run_block(self, plan: CellPlan, block: VariantBlock, h0: torch.Tensor, *,
                   on_batch: Callable[[int], None] | None = None, **readout: Any) -> BlockResult:
-        res = reference_block(self.model, plan, block, h0, layer=self.layer, forward_layer=self.forward_layer,
-                              **readout)
+        fl = self.layer if self.forward_layer is None else self.forward_layer
+        ids = torch.as_tensor(np.concatenate([plan.input_ids, block.inserted]), device=h0.device)
+
+        def forward(src: np.ndarray) -> torch.Tensor:
+            return self.model.forward_reference(ids[torch.as_tensor(src, device=h0.device)][None], layer=fl)[0]
+
+        res = reference_block(forward, plan, block, h0, **readout)
         if on_batch is not None:
             on_batch(block.n_variants)
         return res

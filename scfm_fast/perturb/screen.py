@@ -19,6 +19,7 @@ import torch
 from .._dtypes import resolve_dtype
 from .._errors import GeneMatchError, UsageError
 from .._progress import progress as _progress
+from ..embed.genecompass import check_family
 from ..store.cells import open_cells
 from ..vocab.targets import TargetResolver
 from ._inputs import check_cells, default_pooling, iter_positions, special_ids, to_cell_index
@@ -97,6 +98,8 @@ def run_engine(
     forward_layer: int | None = None,
     approx_check_cells: int = 1,
     with_file_index: bool = False,
+    no_attention_mask: bool = False,
+    pad_to: int | None = None,
 ) -> pd.DataFrame:
     """Shared driver: plan each cell, run one engine, collect the result table (see ``perturb_cells``)."""
     # option errors are UsageError / InputFileError (ValueError subclasses): the CLI reports them cleanly
@@ -121,18 +124,15 @@ def run_engine(
     if perturbation in ("inhibit", "activate") and not 0 < rank_shift <= 1:
         msg = f"rank_shift={rank_shift} (--rank-shift): use a fraction of the cell's length in (0, 1], e.g. 0.25"
         raise UsageError(msg)
-    from ..model.genecompass import GeneCompassModel
+    from . import genecompass as gcp
 
-    if isinstance(model, GeneCompassModel):
-        # its cells carry a value per gene and a species row: the engines here perturb token sequences only
-        msg = ("a GeneCompass model: in-silico perturbation of GeneCompass (genes with their values) is not "
-               "implemented yet; `scfm embed` runs GeneCompass checkpoints")
-        raise UsageError(msg)
+    gc = gcp.is_genecompass(model)  # its genes carry values and a species row leads each cell
+    gcp.check_options(model, perturbation=perturbation, engine=engine)
     layer = layer_of(layer, emb_layer)
     dev = torch.device(device) if device is not None else next(model.parameters()).device
     model = model.to(dev).eval()
     try:
-        n_layers = model.resolve_layer(layer)
+        n_layers = (model.bert if gc else model).resolve_layer(layer)
     except ValueError as e:
         msg = f"{e} (--layer)"
         raise UsageError(msg) from None
@@ -188,10 +188,17 @@ def run_engine(
     # plans (V x L index arrays) are built one cell at a time from tokens read part by part. Padding is
     # dropped (the engines run unpadded; the reference would mask it), so padded inputs give the same results.
     delete_all = groups is None and anchor_tok is None and perturbation == "delete"
+    # either family's tokens with the other's model, species, --no-attention-mask: the checks of `scfm embed`
+    check_family(src, model, pooling=pooling, no_attention_mask=no_attention_mask, pad_to=pad_to)
     total = check_cells(src, model, pooling=pooling, special=special, count_genes=delete_all)
     max_pos = model.config.max_position_embeddings
 
     def plans():
+        if gc:
+            for pos, ids, vals, sp in gcp.iter_cells(src, pad=model.config.pad_token_id):
+                yield gcp.plan_genecompass_cell(ids, vals, pos, species=sp, perturbation=perturbation,
+                                                groups=groups, special_token_ids=special, anchor=anchor_tok)
+            return
         for pos, ids in iter_positions(src, pad=model.config.pad_token_id):
             yield plan_cell(ids, pos, perturbation=perturbation, groups=groups, special_token_ids=special,
                             anchor=anchor_tok, rank_shift=rank_shift, steps=steps,
@@ -200,8 +207,12 @@ def run_engine(
     opts = dict(pooling=pooling, gene_shifts=gene_shifts, target=target, cell_readout=cell_readout,
                 state_shift=state_shift)
     attrs = dict(layer=layer, pooling=pooling, cell_readout=cell_readout, state_shift=state_shift)
-    eng = make_engine(engine, model, n_layers=n_layers, device=dev, dtype=lowp, batch_tokens=budget, layer=layer,
-                      forward_layer=forward_layer)
+    if gc:
+        eng = gcp.make_engine(engine, model, n_layers=n_layers, device=dev, dtype=lowp, batch_tokens=budget,
+                              layer=layer, no_attention_mask=no_attention_mask, pad_to=pad_to)
+    else:
+        eng = make_engine(engine, model, n_layers=n_layers, device=dev, dtype=lowp, batch_tokens=budget, layer=layer,
+                          forward_layer=forward_layer)
     bar = _progress(total=total, desc=f"perturb ({engine})", unit="perturbations", enabled=progress_bar)
     check: list[CellPlan] = []  # the first cells, rerun exactly to measure the approximation
     for plan in plans():
@@ -210,8 +221,7 @@ def run_engine(
             continue
         if engine == "approx" and len(check) < approx_check_cells:
             check.append(plan)
-        ids = torch.as_tensor(plan.input_ids, device=dev)
-        h0 = eng.unperturbed(ids)
+        h0 = eng.unperturbed_plan(plan) if gc else eng.unperturbed(torch.as_tensor(plan.input_ids, device=dev))
         for block in plan.blocks:
             builder.add(plan, block, eng.run_block(plan, block, h0, on_batch=bar.update, **opts))
     bar.close()

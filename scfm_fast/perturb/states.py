@@ -82,7 +82,7 @@ def state_embedding(tokens: Any, model: Any, *, where: Mapping[str, str | Sequen
                     layer: int = -2, pooling: str = "mean", special_token_ids: Iterable[int] | None = None,
                     token_dictionary: Any = None, batch_tokens: int | None = None, device: Any = None,
                     dtype: Any = None, progress_bar: bool = True, max_cells: int | None = None, seed: int = 0,
-                    aggregate: str = "mean") -> tuple[np.ndarray, int]:
+                    aggregate: str = "mean", no_attention_mask: bool = False) -> tuple[np.ndarray, int]:
     """Mean (or median) cell embedding of a cell state, read out as a perturbation screen reads its cells.
 
     Parameters
@@ -104,6 +104,8 @@ def state_embedding(tokens: Any, model: Any, *, where: Mapping[str, str | Sequen
         (Geneformer's ``max_ncells`` per state, 1,000); ``None``: all of them.
     aggregate
         ``"mean"`` (Geneformer's default) or ``"median"`` (element-wise) over the cells.
+    no_attention_mask
+        GeneCompass only: embed with pads that attend, as a ``no_attention_mask`` screen reads its cells.
 
     Returns
     -------
@@ -127,7 +129,8 @@ def state_embedding(tokens: Any, model: Any, *, where: Mapping[str, str | Sequen
         cells = cells.subset(rows)
     specials = special_ids(special_token_ids, src, TargetResolver(token_dictionary))
     emb, _ = embed_tokens(cells, model, layer=layer, pooling=pooling, batch_tokens=batch_tokens, device=device,
-                          dtype=dtype, special_token_ids=specials, progress_bar=progress_bar)
+                          dtype=dtype, special_token_ids=specials, progress_bar=progress_bar,
+                          **({"no_attention_mask": True} if no_attention_mask else {}))
     ok = np.isfinite(emb).all(axis=1)
     if not ok.any():
         msg = f"cell state {dict(where) if where else 'of all cells'}: no cell has any gene token to embed"

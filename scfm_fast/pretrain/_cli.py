@@ -27,7 +27,13 @@ def register(sub) -> None:
                    help="the token dictionary the data were tokenized with (default: the bundled one, if it is)")
     p.add_argument("--knowledge", metavar="NAME=PKL,...",
                    help="GeneCompass from scratch: the four prior-knowledge tables promoter=, co_exp=, gene_family=, "
-                        "peca_grn= (pickles of gene id -> vector, keyed like --token-dictionary)")
+                        "peca_grn= (pickles of gene id -> vector, keyed like --token-dictionary), or GeneCompass's "
+                        "released per-species files NAME_human=, NAME_mouse= (symbol -> vector) with id2name= "
+                        "(gene id -> symbol)")
+    p.add_argument("--homologs", metavar="FILE",
+                   help="GeneCompass from scratch: the mouse -> human homolog remap, from GeneCompass's "
+                        "homologous_hm_token.pickle (human token -> mouse token) or a two-column TSV (human gene "
+                        "id, mouse gene id); default: none (mouse genes keep their own knowledge rows)")
     s = p.add_mutually_exclusive_group()
     s.add_argument("--max-steps", type=int)
     s.add_argument("--epochs", type=float)

@@ -46,6 +46,7 @@ class PretrainOptions:
     init: str | None = None
     token_dictionary: str | None = None
     knowledge: dict[str, str] | None = None  # GeneCompass from scratch: table name -> pickle (gene id -> vector)
+    homologs: str | None = None  # GeneCompass from scratch: homolog pickle / TSV (mouse -> human remap)
     max_steps: int | None = None
     epochs: float | None = None
     batch_tokens: int = 16_384
@@ -83,7 +84,7 @@ class PretrainOptions:
         if (self.preset is None) == (self.config is None) and self.init is None:
             msg = "pass exactly one of --preset NAME or --config CONFIG.json (or --init CKPT)"
             raise UsageError(msg)
-        from .genecompass import parse_knowledge
+        from .knowledge import parse_knowledge
 
         o = replace(self, knowledge=parse_knowledge(self.knowledge), lr=_pick(self.lr, rec.get("lr"), 1e-3),
                     warmup=_pick(self.warmup, rec.get("warmup"), 0),
@@ -115,7 +116,7 @@ class PretrainOptions:
 
     def fingerprint(self) -> dict[str, Any]:
         """The options a resumed run must share (everything that changes the data order or the model)."""
-        keep = ("preset", "config", "init", "knowledge", "batch_tokens", "global_batch_cells", "global_batch_tokens", "lr",
+        keep = ("preset", "config", "init", "knowledge", "homologs", "batch_tokens", "global_batch_cells", "global_batch_tokens", "lr",
                 "warmup", "schedule", "weight_decay", "mask_prob", "protect_special", "dropout", "dtype", "seed",
                 "eval_fraction", "dataset_weights", "truncate", "max_steps", "epochs", "grad_clip")
         return {k: v for k, v in asdict(self).items() if k in keep}

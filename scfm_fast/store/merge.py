@@ -20,16 +20,11 @@ from typing import Any
 import numpy as np
 
 from .._errors import StoreError, UsageError
+from ._atomic import _atomic_write_text
+from .packed import OPTIONAL_PACKED, packed_appenders
 from .reader import read_manifest
 from .schema import MANIFEST, META_DIR, PACKED_DIR
-from .writer import (
-    OPTIONAL_PACKED,
-    _atomic_write_text,
-    _check_replaceable,
-    _config_diff,
-    config_hash,
-    packed_appenders,
-)
+from .writer import _check_replaceable, _config_diff, config_hash
 
 #: config entries that differ between the shard runs of one corpus (everything else must be equal)
 _PER_SHARD = ("shard", "input_fingerprints")

@@ -1,4 +1,4 @@
-"""Sharded Parquet writer with an atomic, resumable manifest, and the packed token store.
+"""Sharded token writer with an atomic, resumable manifest (the shard files: :mod:`.packed`).
 
 Every shard is written to a temporary name and renamed into place, and the manifest is replaced
 atomically after each shard: a crash leaves at most a stray ``*.tmp`` file, which a resumed run
@@ -13,8 +13,6 @@ import os
 import re
 import shutil
 import time
-from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -24,25 +22,16 @@ import pyarrow.parquet as pq
 
 from .._errors import StoreError
 from .._lock import TOKENS_LOCK
+from ._atomic import _atomic_write_text, _tmp_name
+from .packed import (  # noqa: F401 - OPTIONAL_PACKED, _NpyAppender re-exported
+    OPTIONAL_PACKED,
+    ShardFiles,
+    _NpyAppender,
+    npy_extent,
+    packed_appenders,
+    part_dir,
+)
 from .schema import FORMAT, MANIFEST, META_DIR, PACKED_DIR, PARTS_DIR, shard_name
-
-
-def _tmp_name(name: str) -> str:
-    """A hidden temporary name unique to this process (a stray one from another run is never reused)."""
-    return f".{name}.{os.getpid()}.tmp"
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(_tmp_name(path.name))
-    try:
-        with open(tmp, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)  # e.g. a full disk: the previous manifest stays, no partial file
-        raise
 
 
 def config_hash(config: dict[str, Any]) -> str:
@@ -89,93 +78,13 @@ def _check_replaceable(out: Path) -> None:
         raise StoreError(msg)
 
 
-class _NpyAppender:
-    """Write a 1-D ``.npy`` of known length by appending blocks (bounded memory, no memory map)."""
-
-    def __init__(self, path: Path, dtype: Any, n: int) -> None:
-        self.dtype, self.n, self.written = np.dtype(dtype), n, 0
-        self.f = open(path, "wb")  # noqa: SIM115 - closed in close()
-        np.lib.format.write_array_header_2_0(
-            self.f, {"descr": np.lib.format.dtype_to_descr(self.dtype), "fortran_order": False, "shape": (n,)})
-
-    def write(self, block: np.ndarray) -> None:
-        self.f.write(np.ascontiguousarray(block, dtype=self.dtype).tobytes())
-        self.written += block.size
-
-    def close(self, *, check: bool = True) -> None:
-        self.f.close()
-        if check and self.written != self.n:
-            msg = f"{self.f.name}: wrote {self.written} of {self.n} elements"
-            raise StoreError(msg)
-
-
-#: optional packed arrays, written when the shards carry the column: name -> (per "token"/"cell", dtype)
-OPTIONAL_PACKED = {"values": ("token", np.float32), "species": ("cell", np.int8)}
-
-
-def _optional_columns(table: pa.Table) -> dict[str, np.ndarray]:
-    """The shard's optional packed arrays (GeneCompass values, species), flattened like the tokens."""
-    out = {}
-    for name, (per, dtype) in OPTIONAL_PACKED.items():
-        if name in table.column_names:
-            col = table.column(name).combine_chunks()
-            arr = col.flatten().to_numpy(zero_copy_only=False) if per == "token" else col.to_numpy()
-            out[name] = np.asarray(arr, dtype=dtype)
-    return out
-
-
-def packed_appenders(d: Path, dtype: np.dtype, *, n_cells: int, n_tokens: int,
-                     optional: Sequence[str] = ()) -> dict[str, _NpyAppender]:
-    """One appender per packed array (tokens, offsets, cell_index, file_index and ``optional`` ones)."""
-    sizes = [("tokens", dtype, n_tokens), ("offsets", np.int64, n_cells + 1), ("cell_index", np.int64, n_cells),
-             ("file_index", np.int32, n_cells)]
-    sizes += [(name, OPTIONAL_PACKED[name][1], n_tokens if OPTIONAL_PACKED[name][0] == "token" else n_cells)
-              for name in optional]
-    return {name: _NpyAppender(d / f"{name}.npy", dt, n) for name, dt, n in sizes}
-
-
-@dataclass(frozen=True)
-class ShardFiles:
-    """Writes one shard's files (Parquet + packed part), each atomically; picklable, so that worker
-    processes write their own shards while only the run's :class:`ShardedTokenWriter` records them."""
-
-    out: Path
-    dtype: np.dtype
-
-    def write(self, table: pa.Table, name: str) -> None:
-        """The Parquet shard ``name`` and its packed part; a file not recorded in the manifest is a
-        stray that a resumed run deletes."""
-        self.write_part(table, name)
-        tmp = self.out / _tmp_name(name)
-        try:
-            # lz4 + dictionary pages: as small as zstd on token lists, and faster to write
-            pq.write_table(table, tmp, compression="lz4", row_group_size=8192)
-            os.replace(tmp, self.out / name)
-        except BaseException:
-            tmp.unlink(missing_ok=True)  # e.g. a full disk: leave no partial file behind
-            raise
-
-    def write_part(self, table: pa.Table, name: str) -> None:
-        """The shard's packed part (tokens in the packed dtype, offsets, cell/file index), atomically."""
-        ids = table.column("input_ids").combine_chunks()
-        offsets = ids.offsets.to_numpy()
-        parts = self.out / PARTS_DIR
-        part = parts / name.replace(".parquet", ".npz")
-        part_tmp = parts / _tmp_name(part.name)
-        with open(part_tmp, "wb") as f:
-            np.savez(f, tokens=ids.values.to_numpy(zero_copy_only=False).astype(self.dtype, copy=False),
-                     offsets=(offsets - offsets[0]).astype(np.int64),
-                     cell_index=table.column("cell_index").to_numpy(),
-                     file_index=table.column("file_index").to_numpy(), **_optional_columns(table))
-        os.replace(part_tmp, part)
-
-
 class ShardedTokenWriter:
     """Writes token shards into ``out_dir`` and keeps the manifest current.
 
     Each shard is written twice: as Parquet (the dataset users read) and as a small uncompressed
-    ``.npz`` part (tokens in the packed dtype, offsets, cell/file index), from which
-    :meth:`finalize` assembles the packed store by plain copies instead of re-decoding Parquet.
+    packed part (a directory of ``.npy`` arrays: tokens in the packed dtype, offsets, cell/file
+    index), from which :meth:`finalize` assembles the packed store by file-to-file copies instead of
+    re-decoding Parquet.
 
     Parameters
     ----------
@@ -271,8 +180,7 @@ class ShardedTokenWriter:
             shard = self.out / rec["file"]
             if not shard.is_file():
                 continue  # dropped from the manifest: the resumed run tokenizes these cells again
-            part = self.parts / rec["file"].replace(".parquet", ".npz")
-            if not part.is_file():
+            if not part_dir(self.parts, rec["file"]).is_dir():
                 try:
                     extra = [c for c in OPTIONAL_PACKED if c in pq.read_schema(shard).names]
                     tab = pq.read_table(shard, columns=["input_ids", "cell_index", "file_index", *extra])
@@ -302,8 +210,9 @@ class ShardedTokenWriter:
                 # a shard in progress at the crash, or one written but never recorded
                 p.unlink()
         for p in self.parts.iterdir():
-            if p.name.endswith(".tmp") or p.name.replace(".npz", ".parquet") not in known:
-                p.unlink()
+            # also an older run's .npz parts: _repair_records rebuilds them from the Parquet shards
+            if p.name.endswith(".tmp") or not p.is_dir() or p.name.replace(".part", ".parquet") not in known:
+                shutil.rmtree(p) if p.is_dir() else p.unlink()
         shutil.rmtree(self.out / PACKED_DIR, ignore_errors=True)
         for p in (self.out / META_DIR).glob("*.tmp"):  # a packed store or manifest in progress at the crash
             shutil.rmtree(p) if p.is_dir() else p.unlink()
@@ -397,12 +306,13 @@ class ShardedTokenWriter:
 
     def _optional_arrays(self, shards: list[dict[str, Any]]) -> list[str]:
         """The optional packed arrays (values, species) the shard parts carry (all parts alike)."""
-        with np.load(self.parts / shards[0]["file"].replace(".parquet", ".npz")) as z:
-            return [name for name in OPTIONAL_PACKED if name in z.files]
+        first = part_dir(self.parts, shards[0]["file"])
+        return [name for name in OPTIONAL_PACKED if (first / f"{name}.npy").is_file()]
 
     def _assemble(self, tmp: Path, shards: list[dict[str, Any]], n_cells: int, n_tokens: int) -> None:
         # plain appends, not memory maps: dirty mapped pages would count against the process's memory
-        # and grow with the corpus
+        # and grow with the corpus; the per-token arrays are copied file to file (copy_file_range),
+        # never decoded
         optional = self._optional_arrays(shards)
         outs = packed_appenders(tmp, self.dtype, n_cells=n_cells, n_tokens=n_tokens, optional=optional)
         ok = False
@@ -410,20 +320,20 @@ class ShardedTokenWriter:
             outs["offsets"].write(np.zeros(1, dtype=np.int64))
             t = 0
             for s in shards:
-                part = self.parts / s["file"].replace(".parquet", ".npz")
-                with np.load(part) as z:
-                    vals, lo = z["tokens"], z["offsets"]
-                    if vals.size != s["n_tokens"] or lo.size - 1 != s["n_cells_written"]:
-                        msg = f"{part}: shard part does not match the manifest; rerun with --overwrite"
-                        raise StoreError(msg)
-                    self._verify_shard(s, np.diff(lo), z["cell_index"])
-                    outs["tokens"].write(vals)
-                    outs["offsets"].write(t + lo[1:])
-                    outs["cell_index"].write(z["cell_index"])
-                    outs["file_index"].write(z["file_index"])
-                    for name in optional:
-                        outs[name].write(z[name])
-                t += vals.size
+                part = part_dir(self.parts, s["file"])
+                lo, cell_index = np.load(part / "offsets.npy"), np.load(part / "cell_index.npy")
+                n_tok = npy_extent(part / "tokens.npy")[1]
+                if n_tok != s["n_tokens"] or lo.size - 1 != s["n_cells_written"] or int(lo[-1]) != n_tok:
+                    msg = f"{part}: shard part does not match the manifest; rerun with --overwrite"
+                    raise StoreError(msg)
+                self._verify_shard(s, np.diff(lo), cell_index)
+                outs["tokens"].copy_from(part / "tokens.npy")
+                outs["offsets"].write(t + lo[1:])
+                outs["cell_index"].write(cell_index)
+                outs["file_index"].copy_from(part / "file_index.npy")
+                for name in optional:
+                    outs[name].copy_from(part / f"{name}.npy")
+                t += n_tok
             ok = True
         finally:
             # a short file is an error only when nothing else failed first (never mask the cause)

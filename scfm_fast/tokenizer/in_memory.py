@@ -12,7 +12,7 @@ from ..store.schema import with_table_config
 from ._inputs import ENSEMBL_ID_COLUMN, FILTER_COLUMN
 from .pipeline import COUNTS_COLUMN, TOTAL_COLUMN, tokenize_chunk
 from .qc import check_qc_mode
-from .spec import TokenizerSpec, _check_options
+from .spec import TokenizerSpec, _check_options, spec_options
 
 
 def tokenize_anndata(
@@ -81,18 +81,14 @@ def tokenize_anndata(
     >>> tab.num_rows, tab.column("length").to_numpy().max()
     (200, np.int32(2048))
     """
+    spec_kw = spec_options(locals())  # first: only the parameters are local yet
     import scipy.sparse as sp
 
     from ..readers.base import CellChunk
 
     _check_options(max_len=None, n_special=0, n_threads=None, chunk_size=chunk_size)
     check_qc_mode(qc)
-    spec = TokenizerSpec.build(preset=preset, token_dictionary=token_dictionary, gene_median=gene_median,
-                               gene_name_map=gene_name_map, orthologs=orthologs, max_len=max_len,
-                               min_gene_match=min_gene_match, allow_non_integer=allow_non_integer,
-                               backend=backend, n_threads=n_threads, gene_mapping_file=gene_mapping_file,
-                               keep_counts=keep_counts, species=species, species_column=species_column,
-                               normalize_total=normalize_total)
+    spec = TokenizerSpec.build(**spec_kw)
     if species_column is not None and species_column not in adata.obs.columns:
         msg = f"species_column {species_column!r} not in obs (available: {list(adata.obs.columns)})"
         raise InputFileError(msg)

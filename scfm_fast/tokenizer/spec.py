@@ -4,6 +4,8 @@ routes (symbol table, orthologs, Geneformer's gene mapping file), options of the
 from __future__ import annotations
 
 import functools
+import inspect
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -50,6 +52,8 @@ class TokenizerSpec:
               n_threads: int | None = None, gene_mapping_file: str | Path | None = None,
               keep_counts: bool = False, species: str | None = None, species_column: str | None = None,
               normalize_total: float | None = None) -> TokenizerSpec:
+        """The spec of a run from the tokenize options (see :func:`~scfm_fast.tokenizer.pipeline.tokenize_corpus`);
+        front ends pass them with :func:`spec_options` so that this signature is their one list."""
         pre = get_preset(preset)
         _check_options(max_len=max_len, n_special=pre.n_special, n_threads=n_threads)
         check_species_options(pre, species=species, species_column=species_column,
@@ -122,6 +126,22 @@ class TokenizerSpec:
                                normalize_total=self.normalize_total, totals=totals,
                                allow_non_integer=self.allow_non_integer, backend=self.backend,
                                n_threads=self.n_threads)
+
+
+@functools.cache
+def spec_option_names() -> tuple[str, ...]:
+    """The keywords of :meth:`TokenizerSpec.build`: the options every tokenize front end forwards to it."""
+    return tuple(inspect.signature(TokenizerSpec.build).parameters)
+
+
+def spec_options(options: Mapping[str, Any]) -> dict[str, Any]:
+    """The :meth:`TokenizerSpec.build` keywords out of a front end's options (e.g. its ``locals()``), so that
+    the forwarded list is written once, in ``build``'s signature. A front end must take every one of them."""
+    missing = [k for k in spec_option_names() if k not in options]
+    if missing:
+        msg = f"a tokenize front end lacks the TokenizerSpec options {missing}"
+        raise TypeError(msg)
+    return {k: options[k] for k in spec_option_names()}
 
 
 def _genes_of(token_of: dict[str, int]) -> frozenset[str]:

@@ -186,3 +186,40 @@ def test_cli_embeds_genecompass_and_checks_dictionary(real, tmp_path, capsys):
                  "--token-dictionary", str(tok)]) != 0
     assert f"has {v} entries but the checkpoint's vocabulary has {v + 5} word-embedding rows" in capsys.readouterr().err
     assert not (tmp_path / "x").exists()
+
+
+def test_embed_cells_anndata_equals_cli(real, tmp_path):
+    """The AnnData API with a GeneCompass model: tokenized with --preset genecompass on the fly, values and
+    species passed on; equal to ``scfm embed`` on the token dataset made from the same files."""
+    from scfm_fast.embed import embed_cells
+
+    out, tok, model, tmp = real
+    ckpt = save_genecompass(model, tmp_path / "gc")
+    res = tmp_path / "emb"
+    assert main(["embed", str(out), "--model", str(ckpt), "--out", str(res), "--pool", "cls",
+                 "--device", "cpu"]) == 0
+    cli = np.load(res / "cell_embeddings.npy")
+    src = open_cells(out)
+    file_index, cell_index = (src.columns(["file_index", "cell_index"]).column(c).to_numpy()
+                              for c in ("file_index", "cell_index"))
+    kw = {"token_dictionary": tok, "gene_median": tmp / "gc_medians.pkl", "max_len": MAX_LEN}
+    for f, (name, species) in enumerate((("human", {"species": "human"}), ("mouse", {"species_column": "organism"}))):
+        adata = anndata.read_h5ad(tmp / f"{name}.h5ad")
+        got = embed_cells(adata, model, pooling="cls", copy=True, tokenize_kwargs={**kw, **species})
+        emb = got.obsm["X_genecompass"]
+        rows = file_index == f
+        np.testing.assert_allclose(emb[cell_index[rows]], cli[rows], atol=1e-5, rtol=0)
+        assert np.isnan(emb).any(axis=1).sum() == adata.n_obs - rows.sum()  # cells without tokens: NaN
+        assert got.uns["X_genecompass"]["preset"] == "genecompass"
+    # mouse cells read as human differ (species reaches the model), and a wrong dictionary size is refused
+    as_human = embed_cells(adata, model, pooling="cls", copy=True, tokenize_kwargs={**kw, "species": "human"})
+    assert np.nanmax(np.abs(as_human.obsm["X_genecompass"] - emb)) > 1e-3
+    with open(tok, "rb") as fh:
+        d = pickle.load(fh)
+    small = tmp_path / "small.pkl"
+    with open(small, "wb") as fh:
+        pickle.dump(dict(list(d.items())[:-3]), fh)
+    with pytest.raises(InputFileError, match="entries but the checkpoint's vocabulary"):
+        embed_cells(adata, model, tokenize_kwargs={**kw, "token_dictionary": small, "species": "mouse"})
+    with pytest.raises(UsageError, match="no per-token values"):
+        embed_cells(adata, model, tokenize_kwargs={"preset": "geneformer-v1", "orthologs": "mouse-to-human"})

@@ -281,16 +281,9 @@ def test_bad_inputs_refused(model):
                                       {"use_promoter": False, "use_co_exp": False, "use_gene_family": False,
                                        "use_peca_grn": False}])
 def test_switches_varlen_equals_padded(switches, tmp_path):
-    from scfm_fast.model.config import EncoderConfig
-    from scfm_fast.model.genecompass import GeneCompassConfig, GeneCompassModel
+    from tests._genecompass import small_genecompass
 
-    enc = EncoderConfig(vocab_size=40, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
-                        intermediate_size=24, hidden_act="gelu", max_position_embeddings=32)
-    model = GeneCompassModel(GeneCompassConfig(encoder=enc, knowledge_dim=12, **switches)).eval()
-    e = model.bert.embeddings
-    for k in model.gcfg.knowledge:
-        getattr(e, f"{k}_knowledge").normal_()
-    e.homologous_index[30:] = torch.arange(2, 12)
+    model = small_genecompass(**switches)
     assert model.cls4value.predictions.decoder.weight.shape == (1, 16)  # saved whatever the switches
     lengths = torch.tensor([5, 1, 17])
     cells = [torch.randint(2, 40, (int(n),)) for n in lengths]

@@ -433,3 +433,19 @@ def test_null_run_statistics(token_dir, ckpt, tmp_path, cells, capsys):
     assert not np.allclose(got["pvalue"], gene_stats(df)["pvalue"])  # not the in-screen null
     assert _run(token_dir, ckpt, tmp_path / "x", "--null-run", str(tmp_path / "nothing")) == 2
     assert "no perturbations.parquet" in capsys.readouterr().err
+
+
+def test_rank_thread_count_is_restored(token_dir, ckpt, tmp_path, monkeypatch):
+    # a CPU rank of a torchrun job takes its share of the cores for the screen, then gives the caller's back
+    import os
+
+    import torch
+
+    for k, v in (("WORLD_SIZE", "2"), ("RANK", "0"), ("LOCAL_RANK", "0"), ("LOCAL_WORLD_SIZE", "2")):
+        monkeypatch.setenv(k, v)
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    before, calls, real = torch.get_num_threads(), [], torch.set_num_threads
+    monkeypatch.setattr(torch, "set_num_threads", lambda n: (calls.append(n), real(n)))
+    assert _run(token_dir, ckpt, tmp_path / "out", "--devices", "cpu", "--no-stats", "--merge-timeout", "0") == 2
+    assert calls == [max(1, (os.cpu_count() or 1) // 2), before]
+    assert torch.get_num_threads() == before

@@ -10,6 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from scfm_fast._errors import UsageError
 from scfm_fast.loader import pack_cells
 from scfm_fast.model.genecompass_checkpoint import load_genecompass
 from scfm_fast.pretrain.data import MaskedBatch
@@ -198,6 +199,50 @@ def test_family_and_knowledge_refusals(gc_run_inputs, tmp_path):
     with pytest.raises(UsageError, match="NAME=PKL"):
         pretrain_model([data], out=tmp_path / "c", config=str(cfg), token_dictionary=str(tok), knowledge="x=y",
                        max_steps=1, progress=False)
+
+
+def test_cli_from_scratch_with_species_files_and_homologs(gc_run_inputs, tmp_path):
+    """``scfm pretrain --knowledge NAME_human=,NAME_mouse=,id2name= --homologs TSV`` from scratch: the saved
+    checkpoint holds the homolog remap and the tables read through the symbols; --init refuses both options."""
+    import pickle
+
+    from scfm_fast.cli import main as cli_main
+    from scfm_fast.pretrain import pretrain_model
+
+    data, tok, _, cfg = gc_run_inputs
+    with open(tok, "rb") as f:
+        token_of = pickle_load(f)
+    human = [g for g in token_of if g.startswith("ENSG")]
+    mouse = [g for g in token_of if g.startswith("ENSMUSG")]
+    id2name = {g: f"SYM{i}" for i, g in enumerate(human + mouse)}
+    rng = np.random.default_rng(1)
+    parts = [f"id2name={tmp_path / 'id2name.pkl'}"]
+    tables = {}
+    for name in ("promoter", "co_exp", "gene_family", "peca_grn"):
+        for sp, genes in (("human", human), ("mouse", mouse)):
+            tables[name, sp] = {id2name[g]: rng.normal(size=8).astype(np.float32) for g in genes}
+            with open(tmp_path / f"{name}_{sp}.pkl", "wb") as f:
+                pickle.dump(tables[name, sp], f)
+            parts.append(f"{name}_{sp}={tmp_path / f'{name}_{sp}.pkl'}")
+    with open(tmp_path / "id2name.pkl", "wb") as f:
+        pickle.dump(id2name, f)
+    pairs = list(zip(human[:12], mouse[:12]))
+    (tmp_path / "homologs.tsv").write_text("human\tmouse\n" + "".join(f"{h}\t{m}\n" for h, m in pairs))
+    out = tmp_path / "run"
+    rc = cli_main(["pretrain", str(data), "--out", str(out), "--config", str(cfg), "--token-dictionary", str(tok),
+                   "--knowledge", ",".join(parts), "--homologs", str(tmp_path / "homologs.tsv"), "--max-steps", "1",
+                   "--batch-tokens", "1024", "--dtype", "float32", "--save-every", "1"])
+    assert rc == 0
+    emb = load_genecompass(out / "checkpoint-1").bert.embeddings
+    want = np.arange(len(token_of))
+    for h, m in pairs:
+        want[token_of[m]] = token_of[h]
+    np.testing.assert_array_equal(emb.homologous_index.numpy(), want)
+    g = mouse[3]
+    np.testing.assert_array_equal(emb.gene_family_knowledge[token_of[g]].numpy(), tables["gene_family", "mouse"][id2name[g]])
+    with pytest.raises(UsageError, match="--homologs build the knowledge tables / homolog remap"):
+        pretrain_model([data], out=tmp_path / "r2", init=str(out / "checkpoint-1"), token_dictionary=str(tok),
+                       homologs=str(tmp_path / "homologs.tsv"), max_steps=1, progress=False)
 
 
 def test_genecompass_base_preset():

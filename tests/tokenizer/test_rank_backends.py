@@ -471,3 +471,23 @@ def test_backend_choice(monkeypatch):
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # warned once already: silent now
         _assert_same(tokenize_rank(indptr, indices, data, backend="auto", **kw), ref)
+
+
+@pytest.mark.parametrize("backend", FAST)
+def test_sort_sizes_around_the_radix_digit_switch(backend):
+    # the C++ sort takes introsort below 192 genes, 8-bit radix digits below 2048 and 11-bit digits
+    # above; near-equal keys (medians one ulp apart, equal counts) collide in every digest width
+    rng = np.random.default_rng(7)
+    n_cols = 6000
+    col_token = rng.permutation(n_cols).astype(np.int32)
+    token_median = np.where(rng.random(n_cols) < 0.5, rng.lognormal(0, 2, n_cols),
+                            np.nextafter(1.0, rng.choice([0.0, 2.0], n_cols)))
+    sizes = [191, 192, 193, 2047, 2048, 2049, 5999]
+    indptr = np.zeros(len(sizes) + 1, dtype=np.int64)
+    np.cumsum(sizes, out=indptr[1:])
+    indices = np.concatenate([np.sort(rng.choice(n_cols, n, replace=False)) for n in sizes]).astype(np.int32)
+    data = rng.choice([1.0, 1.0, 2.0, 3.0, 250.0], indices.size).astype(np.float32)
+    for max_len in (100, 2048, 8000):
+        out, ref = _both(backend, indptr, indices, data, col_token=col_token, token_median=token_median,
+                         max_len=max_len, n_threads=2)
+        _assert_same(out, ref)
