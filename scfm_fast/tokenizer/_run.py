@@ -72,29 +72,30 @@ def use_workers(workers: int, todo: Sequence[tuple[int, int]], chunk_size: int) 
             and "fork" in mp.get_all_start_methods())
 
 
-#: glibc's ``mallopt`` parameter M_MMAP_THRESHOLD, and the value set for a tokenize run
-_M_MMAP_THRESHOLD, _MMAP_BYTES = -3, 4 << 20
-
-
 @functools.cache
-def bound_heap() -> bool:
-    """Serve every allocation of >= 4 MiB from its own memory map (glibc only; once per process).
-
-    glibc raises its mmap threshold adaptively up to 32 MiB, and keeps freed blocks below it in
-    per-thread arenas: the pieces' arrays (~20 MiB) were then recycled across the reading, ranking
-    and writing threads with growing fragmentation, and resident memory crept up with the number of
-    chunks (measured on Zarr v2 input in pieces: 200k cells +23% over 20k; with this setting +9%). A
-    fixed threshold returns such buffers to the OS on free; the cost, page faults on fresh maps, was
-    measured at under 1 ms per 20 MiB buffer (no more than with the adaptive threshold).
-    It applies to the whole process: worker processes inherit it. Returns whether it was set.
-    """
+def _malloc_trim() -> Any:
+    """glibc's ``malloc_trim``, or ``None`` (another C library)."""
     import ctypes
 
     try:
-        mallopt = ctypes.CDLL(None).mallopt
+        return ctypes.CDLL(None).malloc_trim
     except (OSError, AttributeError):
-        return False
-    return bool(mallopt(_M_MMAP_THRESHOLD, _MMAP_BYTES))
+        return None
+
+
+def _write_and_trim(write, table, **kw) -> None:
+    """Write a shard, then hand the heap memory freed since back to the OS.
+
+    glibc raises its mmap threshold adaptively (up to 32 MiB) and keeps freed blocks below it in its
+    per-thread arenas, so without a trim resident memory crept up with the number of chunks. A trim
+    per shard costs ~1 ms; fixing the threshold instead (``mallopt``) bounded memory better but cost
+    ~35% more CPU at 200,000 cells (a page fault pass over every fresh buffer).
+    """
+    write(table, **kw)
+    del table
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
 
 
 def _tokenize_piece(spec, p: FilePlan, obs_columns: list[str], piece) -> tuple[Any, dict[str, Any]]:
@@ -121,7 +122,6 @@ def run_in_process(plans: Sequence[FilePlan], writer, *, spec, chunk_size: int, 
     Chunks are read and ranked in pieces (:mod:`._pieces`), so that ranking starts after the first
     piece is read and a chunk's shard is written while the next chunk is ranked.
     """
-    bound_heap()
     with cf.ThreadPoolExecutor(1) as read_pool, cf.ThreadPoolExecutor(1) as write_pool:
         pending: cf.Future | None = None
         for p in plans:
@@ -139,8 +139,8 @@ def run_in_process(plans: Sequence[FilePlan], writer, *, spec, chunk_size: int, 
             for start, stop, table, stats in tokenize_pieces(todo, tokenize):
                 if pending is not None:
                     pending.result()  # keep one shard in flight; surfaces write errors
-                pending = write_pool.submit(writer.write_shard, table, file_index=p.file_index, start=start,
-                                            stop=stop, stats=stats)
+                pending = write_pool.submit(_write_and_trim, writer.write_shard, table, file_index=p.file_index,
+                                            start=start, stop=stop, stats=stats)
                 pending.add_done_callback(lambda _f, n=stop - start: bar.update(n))
                 del table  # the writer holds it; released as soon as it is written
         if pending is not None:
@@ -178,8 +178,9 @@ def _work(file_index: int, start: int) -> tuple[str, dict[str, Any]]:
     tokenize = functools.partial(_tokenize_piece, _JOB["spec"], p, _JOB["obs_columns"])
     first, stop, table, stats = next(tokenize_pieces(_one_chunk(pieces), tokenize))
     name = shard_name(file_index, first)
-    _JOB["files"].write(table, name)
-    return name, {"file_index": file_index, "start": first, "stop": stop, "n_cells_written": table.num_rows,
+    n_written = table.num_rows
+    _write_and_trim(_JOB["files"].write, table, name=name)
+    return name, {"file_index": file_index, "start": first, "stop": stop, "n_cells_written": n_written,
                   "stats": stats}
 
 
@@ -191,7 +192,6 @@ def run_workers(plans: Sequence[FilePlan], writer, todo: Sequence[tuple[int, int
     """
     for p in plans:
         p.reader.close()
-    bound_heap()  # before the fork: the workers inherit it
     one = copy.copy(spec)
     one.n_threads = 1  # the workers are the parallelism; each core call stays on one thread
     job = {"plans": {p.file_index: p for p in plans}, "spec": one, "files": writer.files,
