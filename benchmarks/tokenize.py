@@ -6,9 +6,11 @@ written, in streaming blocks, as AnnData-Zarr v2 (blosc lz4), AnnData-Zarr v3 (z
 show that peak memory does not grow with the number of cells (loom only at N: its dense matrix is
 33k genes x N cells).
 
-End to end (``scfm tokenize`` on all cores: ``--workers`` processes once the input has enough cells,
-each reading, ranking and writing whole chunks) is reported as cells/s, CPU seconds of the parent and
-its workers, and peak RSS of the parent and of the largest worker, against the NumPy reference pipeline (``--backend reference``, on the Zarr v2 store). Per-stage rows give user+system CPU
+End to end (``scfm tokenize``) runs both ways on all cores: ``threads=0`` is the default single process
+(pieces of each chunk read, ranked and written on overlapping threads, the core on all cores) and
+``threads=N`` is ``--workers N`` (processes that each read, rank and write whole chunks). Each is
+reported as cells/s, CPU seconds of the parent and its workers, and peak RSS of the parent and of the
+largest worker, against the NumPy reference pipeline (``--backend reference``, on the Zarr v2 store). Per-stage rows give user+system CPU
 seconds per 20,000 cells for read (decode to CSR), rank (core, one thread, plus the chunk's table) and
 write (Parquet + packed part), measured one stage at a time: less sensitive to other load on the
 machine than wall-clock rates.
@@ -215,7 +217,7 @@ def _child(args: argparse.Namespace) -> None:
         with tempfile.TemporaryDirectory() as d:
             t0 = time.perf_counter()
             c0 = resource.getrusage(resource.RUSAGE_SELF)
-            man = tokenize_corpus(args.zarr, Path(d) / "out", backend=args.backend, n_threads=args.threads,
+            man = tokenize_corpus(args.zarr, Path(d) / "out", backend=args.backend, n_threads=args.threads or None,
                                   chunk_size=args.chunk_size, progress_bar=False)
             dt = time.perf_counter() - t0
             c1 = resource.getrusage(resource.RUSAGE_SELF)
@@ -296,7 +298,8 @@ def main() -> None:
         t = max(args.threads)
 
         def e2e(stage: str, path: Path, threads: int) -> dict:
-            """``threads`` is ``--workers``: worker processes when > 1 and the input is large enough."""
+            """``threads`` is ``--workers``: worker processes when > 1 and the input is large enough;
+            0: left out (one process, the core on all cores)."""
             r = run_child(child="pipeline", backend="cpp", zarr=path, threads=threads, chunk_size=args.chunk_size)
             rate = r["cells"] / r["seconds"]
             return {"stage": stage, "backend": "cpp", "threads": threads, "cells": r["cells"], "cells_per_s": rate,
@@ -305,7 +308,8 @@ def main() -> None:
                     "cpu_s_per_20k": r["cpu_s"] * 20_000 / r["cells"]}
 
         for fmt, path in stores.items():
-            rows.append(e2e(f"end to end {fmt}", path, t))
+            # one process (the default); below MIN_WORKER_CELLS --workers runs the same loop
+            rows.append(e2e(f"end to end {fmt}", path, 0))
             st = run_child(child="stages", zarr=path, chunk_size=args.chunk_size)
             rows.append({"stage": f"stages {fmt} (CPU s / 20k cells)", "backend": "cpp", "threads": 1,
                          "cells": st["cells"], "cells_per_s": float("nan"), "x_reference": float("nan"),
@@ -314,13 +318,14 @@ def main() -> None:
             path_big = Path(d) / f"big_{fmt}{_SUFFIX[fmt]}"
             if args.scale > 1 and fmt in args.scale_formats:
                 make_store(fmt, path_big, args.cells * args.scale, seed=1)
-                for tt in sorted({1, t}):  # in-process loop (1) against worker processes (t)
+                for tt in (0, t):  # one process (the default) against --workers t
                     rows.append(e2e(f"end to end {fmt} ({args.scale}x cells)", path_big, tt))
                 shutil.rmtree(path_big) if path_big.is_dir() else path_big.unlink()
     for r in rows:
         extra = "  ".join(f"{k.replace('_cpu_s_per_20k', '')} {v:.2f}" for k, v in r.items()
                           if k.endswith("cpu_s_per_20k"))
-        print(f"{r['stage']:<40} {r['backend']:<18} threads={r['threads']}  {r['cells']:>8,} cells  "
+        mode = "in-process" if r["threads"] == 0 else f"threads={r['threads']}"
+        print(f"{r['stage']:<40} {r['backend']:<18} {mode:<10}  {r['cells']:>8,} cells  "
               f"{r['cells_per_s']:>10,.0f} cells/s  x{r['x_reference']:>6.1f} vs reference  "
               f"peak RSS {r['peak_rss_mb']:,.0f} MiB (worker {r.get('worker_peak_rss_mb', float('nan')):,.0f})  {('CPU s/20k: ' + extra) if extra else ''}")
     if not args.no_write:

@@ -24,6 +24,10 @@ def make_source(
 ) -> RowSource:
     """The row-block source matching a matrix element's encoding."""
     kw = {"stats": stats, "max_block_elements": max_block_elements, "max_block_rows": max_block_rows}
+    if elem.kind == "csc":
+        # every CSC block costs a pass over all stored entries: a small cap on its cells (a worker's
+        # chunk, the pipeline's pieces) would multiply the passes; the element budget bounds it
+        kw["max_block_rows"] = max(max_block_rows, DEFAULT_BLOCK_ROWS)
     if elem.kind == "dense":
         return DenseSource(elem.node, **kw)
     if elem.kind == "csr":

@@ -1,5 +1,8 @@
 """The chunk loop of ``scfm tokenize``: in this process (three overlapping threads) or in worker processes.
 
+In this process (the default) each chunk is read and ranked in pieces (:mod:`._pieces`) on a reading
+thread and the calling thread, and its shard written on a writing thread while the next chunk is ranked.
+
 Worker processes each read, rank and write whole chunks (their Parquet shard and packed part, under
 the shard's final name), so reading, decoding, ranking and Parquet encoding of different chunks run
 on all cores without sharing a GIL; the parent only records finished shards in the manifest, in input
@@ -11,9 +14,10 @@ from __future__ import annotations
 
 import concurrent.futures as cf
 import copy
+import functools
 import multiprocessing as mp
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -21,6 +25,7 @@ import numpy as np
 
 from .._errors import ScfmError
 from ..store.schema import shard_name
+from ._pieces import chunk_pieces, piece_size, tokenize_pieces
 
 #: Below this many cells to tokenize the in-process loop is used: forking workers and loading the
 #: core in each costs more than it saves on a small input.
@@ -67,15 +72,56 @@ def use_workers(workers: int, todo: Sequence[tuple[int, int]], chunk_size: int) 
             and "fork" in mp.get_all_start_methods())
 
 
-def _qc_slice(p: FilePlan, start: int, chunk_size: int) -> np.ndarray | None:
-    return None if p.qc_keep is None else p.qc_keep[start:start + chunk_size]
+@functools.cache
+def _malloc_trim() -> Any:
+    """glibc's ``malloc_trim``, or ``None`` (another C library)."""
+    import ctypes
+
+    try:
+        return ctypes.CDLL(None).malloc_trim
+    except (OSError, AttributeError):
+        return None
+
+
+def _write_and_trim(write, table, **kw) -> None:
+    """Write a shard, then hand the heap memory freed since back to the OS.
+
+    glibc raises its mmap threshold adaptively (up to 32 MiB) and keeps freed blocks below it in its
+    per-thread arenas, so without a trim resident memory crept up with the number of chunks. A trim
+    per shard costs ~1 ms; fixing the threshold instead (``mallopt``) bounded memory better but cost
+    ~35% more CPU at 200,000 cells (a page fault pass over every fresh buffer).
+    """
+    write(table, **kw)
+    del table
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
+
+
+def _tokenize_piece(spec, p: FilePlan, obs_columns: list[str], piece) -> tuple[Any, dict[str, Any]]:
+    from .pipeline import tokenize_chunk
+
+    qc = None if p.qc_keep is None else p.qc_keep[piece.start:piece.stop]
+    return tokenize_chunk(spec, piece, p.col_token, path=p.path, var_names=p.var_names, file_index=p.file_index,
+                          obs_columns=obs_columns, qc_keep=qc)
+
+
+def _read_ahead(p: FilePlan, first: int, chunk_size: int, pool: cf.ThreadPoolExecutor) -> Iterator[Any]:
+    """The pieces of ``p`` from row ``first`` on, each next one read on ``pool`` while this one is used."""
+    it = p.reader.iter_chunks(start=first, chunk_size=piece_size(chunk_size), obs_columns=p.read_cols)
+    fut = pool.submit(next, it, None)
+    while (piece := fut.result()) is not None:
+        fut = pool.submit(next, it, None)
+        yield piece
 
 
 def run_in_process(plans: Sequence[FilePlan], writer, *, spec, chunk_size: int, obs_columns: list[str],
                    bar) -> None:
-    """Read -> tokenize -> write on three threads of this process (the heavy parts release the GIL)."""
-    from .pipeline import tokenize_chunk
+    """Read -> tokenize -> write on three threads of this process (the heavy parts release the GIL).
 
+    Chunks are read and ranked in pieces (:mod:`._pieces`), so that ranking starts after the first
+    piece is read and a chunk's shard is written while the next chunk is ranked.
+    """
     with cf.ThreadPoolExecutor(1) as read_pool, cf.ThreadPoolExecutor(1) as write_pool:
         pending: cf.Future | None = None
         for p in plans:
@@ -85,25 +131,27 @@ def run_in_process(plans: Sequence[FilePlan], writer, *, spec, chunk_size: int, 
                 first = rec["stop"]
             if first >= p.reader.n_obs:
                 continue
-            it = p.reader.iter_chunks(start=first, chunk_size=chunk_size, obs_columns=p.read_cols)
-            fut = read_pool.submit(next, it, None)
-            while True:
-                chunk = fut.result()
-                if chunk is None:
-                    break
-                fut = read_pool.submit(next, it, None)
-                if writer.done(p.file_index, chunk.start) is not None:
-                    continue
-                table, stats = tokenize_chunk(spec, chunk, p.col_token, path=p.path, var_names=p.var_names,
-                                              file_index=p.file_index, obs_columns=obs_columns,
-                                              qc_keep=_qc_slice(p, chunk.start, chunk_size))
+            pieces = chunk_pieces(_read_ahead(p, first, chunk_size, read_pool), chunk_size=chunk_size,
+                                  n_obs=p.reader.n_obs)
+            todo = ((c, last) for c, last in pieces
+                    if writer.done(p.file_index, c.start - c.start % chunk_size) is None)
+            tokenize = functools.partial(_tokenize_piece, spec, p, obs_columns)
+            for start, stop, table, stats in tokenize_pieces(todo, tokenize):
                 if pending is not None:
                     pending.result()  # keep one shard in flight; surfaces write errors
-                pending = write_pool.submit(writer.write_shard, table, file_index=p.file_index,
-                                            start=chunk.start, stop=chunk.stop, stats=stats)
-                pending.add_done_callback(lambda _f, n=chunk.n_cells: bar.update(n))
+                pending = write_pool.submit(_write_and_trim, writer.write_shard, table, file_index=p.file_index,
+                                            start=start, stop=stop, stats=stats)
+                pending.add_done_callback(lambda _f, n=stop - start: bar.update(n))
+                del table  # the writer holds it; released as soon as it is written
         if pending is not None:
             pending.result()
+
+
+def _one_chunk(pieces: Iterator[tuple[Any, bool]]) -> Iterator[tuple[Any, bool]]:
+    for c, last in pieces:
+        yield c, last
+        if last:
+            return
 
 
 _JOB: dict[str, Any] = {}
@@ -117,7 +165,6 @@ def _init(job: dict[str, Any]) -> None:
 def _work(file_index: int, start: int) -> tuple[str, dict[str, Any]]:
     """In a worker: read, tokenize and write one chunk; returns the shard's manifest record."""
     from ..readers import open_reader
-    from .pipeline import tokenize_chunk
 
     p: FilePlan = _JOB["plans"][file_index]
     r = _JOB["readers"].get(file_index)
@@ -126,14 +173,15 @@ def _work(file_index: int, start: int) -> tuple[str, dict[str, Any]]:
         r = _JOB["readers"][file_index] = open_reader(p.path, **_JOB["reader_kw"],
                                                       max_block_rows=_JOB["chunk_size"])
     size = _JOB["chunk_size"]
-    chunk = next(r.iter_chunks(start=start, chunk_size=size, obs_columns=p.read_cols))
-    table, stats = tokenize_chunk(_JOB["spec"], chunk, p.col_token, path=p.path, var_names=p.var_names,
-                                  file_index=file_index, obs_columns=_JOB["obs_columns"],
-                                  qc_keep=_qc_slice(p, start, size))
-    name = shard_name(file_index, chunk.start)
-    _JOB["files"].write(table, name)
-    return name, {"file_index": file_index, "start": chunk.start, "stop": chunk.stop,
-                  "n_cells_written": table.num_rows, "stats": stats}
+    pieces = chunk_pieces(r.iter_chunks(start=start, chunk_size=piece_size(size), obs_columns=p.read_cols),
+                          chunk_size=size, n_obs=r.n_obs)
+    tokenize = functools.partial(_tokenize_piece, _JOB["spec"], p, _JOB["obs_columns"])
+    first, stop, table, stats = next(tokenize_pieces(_one_chunk(pieces), tokenize))
+    name = shard_name(file_index, first)
+    n_written = table.num_rows
+    _write_and_trim(_JOB["files"].write, table, name=name)
+    return name, {"file_index": file_index, "start": first, "stop": stop, "n_cells_written": n_written,
+                  "stats": stats}
 
 
 def run_workers(plans: Sequence[FilePlan], writer, todo: Sequence[tuple[int, int]], *, spec, workers: int,

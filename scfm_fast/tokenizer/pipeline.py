@@ -16,6 +16,7 @@ from .._errors import CountDataError, InputFileError, ScfmError, UsageError
 from .._lock import TOKENS_LOCK, OutputLock
 from .._progress import progress
 from ._inputs import FILTER_COLUMN, filter_mask, parse_shard, resolve_input, shard_files
+from ._pieces import piece_size
 from ._run import FilePlan, n_workers, pending_chunks, run_in_process, run_workers, use_workers
 from .counts import ranked_counts
 from .qc import check_qc_mode
@@ -306,7 +307,9 @@ def tokenize_corpus(
                                keep_counts=keep_counts, species=species, species_column=species_column,
                                normalize_total=normalize_total)
     all_paths, paths = paths, [paths[i] for i in file_ids]
-    readers = [open_reader(str(p), layer=layer, use_raw=use_raw, gene_id_column=gene_id_column) for p in paths]
+    # storage reads of one piece: larger blocks stay in memory until all their pieces are ranked
+    readers = [open_reader(str(p), layer=layer, use_raw=use_raw, gene_id_column=gene_id_column,
+                           max_block_rows=piece_size(chunk_size)) for p in paths]
     lock = OutputLock(out, command="tokenize", lock_name=TOKENS_LOCK)
     try:
         want = list(dict.fromkeys(obs_columns))

@@ -75,7 +75,7 @@ class TokenizerSpec:
             # vocabulary match first, so the symbol table never overrides them.
             if pre.gene_name_map is not None:
                 names = load_gene_name_map(pre.gene_name_map)
-            elif _genes_of(vocab.token_of) == _v1_genes():
+            elif (preset == "geneformer-v1" and token_dictionary is None) or _genes_of(vocab.token_of) == _v1_genes():
                 names = load_gene_name_map()
             else:
                 gene_name_map = "auto (off: the token dictionary's genes are not Geneformer V1's; pass --gene-name-map)"
