@@ -6,9 +6,9 @@ written, in streaming blocks, as AnnData-Zarr v2 (blosc lz4), AnnData-Zarr v3 (z
 show that peak memory does not grow with the number of cells (loom only at N: its dense matrix is
 33k genes x N cells).
 
-End to end (``scfm tokenize``) runs both ways on all cores: ``threads=0`` is the default single process
+End to end (``scfm tokenize``) runs both ways on all cores: ``threads=0`` is a single process
 (pieces of each chunk read, ranked and written on overlapping threads, the core on all cores) and
-``threads=N`` is ``--workers N`` (processes that each read, rank and write whole chunks). Each is
+``threads=N`` is ``--workers N`` (processes that each read, rank and write whole chunks; the default on N cores). Each is
 reported as cells/s, CPU seconds of the parent and its workers, and peak RSS of the parent and of the
 largest worker, against the NumPy reference pipeline (``--backend reference``, on the Zarr v2 store). Per-stage rows give user+system CPU
 seconds per 20,000 cells for read (decode to CSR), rank (core, one thread, plus the chunk's table) and
@@ -212,7 +212,11 @@ def _child(args: argparse.Namespace) -> None:
     elif args.child == "stages":
         out = _stages(args.zarr, args.chunk_size)
     else:
+        from scfm_fast.tokenizer import _run
         from scfm_fast.tokenizer.pipeline import tokenize_corpus
+
+        if not args.threads:  # "in-process": one process, the core on all cores (not the default any more)
+            _run.MAX_DEFAULT_WORKERS = 1
 
         with tempfile.TemporaryDirectory() as d:
             t0 = time.perf_counter()
@@ -299,7 +303,7 @@ def main() -> None:
 
         def e2e(stage: str, path: Path, threads: int) -> dict:
             """``threads`` is ``--workers``: worker processes when > 1 and the input is large enough;
-            0: left out (one process, the core on all cores)."""
+            0: one process, the core on all cores (the default is one worker per core)."""
             r = run_child(child="pipeline", backend="cpp", zarr=path, threads=threads, chunk_size=args.chunk_size)
             rate = r["cells"] / r["seconds"]
             return {"stage": stage, "backend": "cpp", "threads": threads, "cells": r["cells"], "cells_per_s": rate,
@@ -308,7 +312,7 @@ def main() -> None:
                     "cpu_s_per_20k": r["cpu_s"] * 20_000 / r["cells"]}
 
         for fmt, path in stores.items():
-            # one process (the default); below MIN_WORKER_CELLS --workers runs the same loop
+            # one process; below MIN_WORKER_CELLS the default and --workers run the same loop
             rows.append(e2e(f"end to end {fmt}", path, 0))
             st = run_child(child="stages", zarr=path, chunk_size=args.chunk_size)
             rows.append({"stage": f"stages {fmt} (CPU s / 20k cells)", "backend": "cpp", "threads": 1,
@@ -318,7 +322,7 @@ def main() -> None:
             path_big = Path(d) / f"big_{fmt}{_SUFFIX[fmt]}"
             if args.scale > 1 and fmt in args.scale_formats:
                 make_store(fmt, path_big, args.cells * args.scale, seed=1)
-                for tt in (0, t):  # one process (the default) against --workers t
+                for tt in (0, t):  # one process against --workers t (the default on t cores)
                     rows.append(e2e(f"end to end {fmt} ({args.scale}x cells)", path_big, tt))
                 shutil.rmtree(path_big) if path_big.is_dir() else path_big.unlink()
     for r in rows:

@@ -60,7 +60,7 @@ def _add_tokenize(sub) -> None:
     p.add_argument("--layer", help="layer holding raw counts (default: X)")
     p.add_argument("--use-raw", action="store_true", help="read raw/X")
     p.add_argument("--obs-columns", type=_csv, default=[], help="cell metadata columns to carry, a,b,c")
-    p.add_argument("--workers", type=int, default=None, help="N > 1: N worker processes, each reading, ranking and writing chunks (default: one process, core on all cores)")
+    p.add_argument("--workers", type=int, default=None, help="worker processes, each reading, ranking and writing whole chunks (default: one per core, at most 8, for inputs of 40,000 cells or more; 1: one process with the core on all cores)")
     p.add_argument("--chunk-size", type=int, default=10_000, help="cells per chunk / shard")
     p.add_argument("--max-len", type=int, default=None, help="override the preset's input size")
     p.add_argument("--backend", default="auto", choices=["auto", "cpp", "numba", "reference"])

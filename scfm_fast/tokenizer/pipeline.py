@@ -243,8 +243,9 @@ def tokenize_corpus(
     n_threads
         ``--workers``: ``N > 1`` runs N processes that each read, rank and write whole chunks (for
         inputs of at least 40,000 cells); otherwise one process with reading, ranking and writing on
-        three overlapping threads and the core on ``n_threads`` threads (default: all cores). The
-        output is the same either way.
+        three overlapping threads and the core on ``n_threads`` threads. Default: one worker per core
+        (at most 8), or one process with the core on all cores below 40,000 cells. The output is the
+        same either way.
     backend
         ``"auto"``, ``"cpp"``, ``"numba"`` or ``"reference"``.
     min_gene_match

@@ -113,13 +113,34 @@ def test_bad_count_in_a_worker_names_cell_and_gene(tmp_path, inputs):
         _run_tok(tmp_path / "bad.h5ad", tmp_path / "o", 2)
 
 
-def test_workers_are_opt_in(tmp_path, inputs, monkeypatch):
-    """Without --workers one process runs (the core on all cores), whatever the input's size."""
+def test_one_worker_runs_in_process(tmp_path, inputs, monkeypatch):
+    """``--workers 1`` runs one process, whatever the input's size."""
     srcs, _ = inputs
 
     def refuse(*a, **k):
-        raise AssertionError("worker processes started without --workers")
+        raise AssertionError("worker processes started with --workers 1")
 
     monkeypatch.setattr(pipeline, "run_workers", refuse)
-    man = tokenize_corpus(srcs, tmp_path / "o", chunk_size=CHUNK, progress_bar=False)
+    man = tokenize_corpus(srcs, tmp_path / "o", chunk_size=CHUNK, n_threads=1, progress_bar=False)
     assert man["status"] == "complete"
+
+
+def test_default_is_one_worker_per_core(tmp_path, inputs, monkeypatch):
+    """Left out, ``--workers`` is the number of usable cores, capped at MAX_DEFAULT_WORKERS."""
+    monkeypatch.setattr(_run.os, "sched_getaffinity", lambda pid: set(range(3)), raising=False)
+    assert _run.n_workers(None) == 3
+    monkeypatch.setattr(_run.os, "sched_getaffinity", lambda pid: set(range(64)), raising=False)
+    assert _run.n_workers(None) == _run.MAX_DEFAULT_WORKERS
+    assert _run.n_workers(5) == 5
+    monkeypatch.setattr(_run.os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
+    seen = []
+    real = pipeline.run_workers
+
+    def spy(*a, **k):
+        seen.append(k["workers"])
+        return real(*a, **k)
+
+    monkeypatch.setattr(pipeline, "run_workers", spy)
+    srcs, _ = inputs
+    man = tokenize_corpus(srcs, tmp_path / "o", chunk_size=CHUNK, progress_bar=False)
+    assert man["status"] == "complete" and seen == [2]
