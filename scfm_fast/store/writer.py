@@ -185,7 +185,8 @@ class ShardedTokenWriter:
             msg = (f"{path}: the manifest is damaged (truncated or not JSON), so this run cannot be resumed; "
                    "start again with --overwrite")
             raise StoreError(msg)
-        man["shards"] = fold(man["shards"], read_records(self.journal))
+        if man.get("status") != "complete":  # a complete manifest holds every record; a journal is stale
+            man["shards"] = fold(man["shards"], read_records(self.journal))
         return man
 
     def _repair_records(self) -> None:

@@ -117,7 +117,7 @@ def test_a_crash_between_manifest_write_and_journal_removal(tmp_path):
     assert [s["start"] for s in w2.manifest["shards"]] == [0, 3, 6]  # each once
     _write(w2, shards[3:])
     w2.finalize()
-    (out / JOURNAL).write_bytes(journal)  # the same crash after the final manifest
+    (out / JOURNAL).write_bytes(journal + b"{damaged\n" + journal)  # the same crash after the final manifest
     _check_cells(out, cells)  # readers use the complete manifest alone
     w3 = ShardedTokenWriter(out, config={"a": 1}, resume=True)
     assert w3.complete and not (out / JOURNAL).exists()
