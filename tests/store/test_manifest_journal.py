@@ -43,6 +43,13 @@ def _check_cells(out, cells):
     assert read_table(out).column("cell_index").to_pylist() == list(range(len(cells)))
 
 
+def _finish(w, rest, out, cells):
+    """Write the remaining shards, finalise, and check the dataset holds exactly ``cells``."""
+    _write(w, rest)
+    w.finalize()
+    _check_cells(out, cells)
+
+
 def _no_times(man):
     return {k: v for k, v in man.items() if k not in ("created", "updated")}
 
@@ -100,9 +107,7 @@ def test_resume_after_a_crash_with_a_torn_last_journal_line(tmp_path):
     assert not (out / f"part-0000-{start:012d}.parquet").exists()  # unrecorded: a stray, deleted
     assert not (out / JOURNAL).exists()  # folded into the manifest at start
     assert [s["start"] for s in json.loads((out / MAN).read_text())["shards"]] == [0, 3]
-    _write(w2, shards[2:])
-    w2.finalize()
-    _check_cells(out, cells)
+    _finish(w2, shards[2:], out, cells)
 
 
 def test_a_crash_between_manifest_write_and_journal_removal(tmp_path):
@@ -132,9 +137,7 @@ def test_an_old_style_unfinished_manifest_still_resumes(tmp_path):
     assert not (out / JOURNAL).exists() and len(json.loads((out / MAN).read_text())["shards"]) == 2
     w2 = ShardedTokenWriter(out, config={"a": 1}, resume=True)
     assert w2.done(0, 3) and w2.done(0, 6) is None
-    _write(w2, shards[2:])
-    w2.finalize()
-    _check_cells(out, cells)
+    _finish(w2, shards[2:], out, cells)
 
 
 def test_a_damaged_journal_line_before_intact_ones_is_refused(tmp_path):
