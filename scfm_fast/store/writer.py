@@ -56,8 +56,15 @@ def recorded_shards(out_dir: str | Path) -> list[dict[str, Any]]:
     """The shard records of the token run in ``out_dir``, finished or not: the manifest's, with an
     unfinished run's journal folded in (what ``--resume`` starts from)."""
     out = Path(out_dir)
-    man = json.loads((out / MANIFEST).read_text())
-    return fold(man.get("shards", []), read_records(out / JOURNAL))
+    return _with_journal(json.loads((out / MANIFEST).read_text()), out / JOURNAL)["shards"]
+
+
+def _with_journal(man: dict[str, Any], journal: Path) -> dict[str, Any]:
+    """``man`` with the journal's shard records folded in, unless complete (it then holds every record,
+    and a journal left beside it is stale)."""
+    if man.get("status") != "complete":
+        man["shards"] = fold(man.get("shards", []), read_records(journal))
+    return man
 
 
 #: names a token run writes at the top of its directory (anything else is not ours to delete)
@@ -185,9 +192,7 @@ class ShardedTokenWriter:
             msg = (f"{path}: the manifest is damaged (truncated or not JSON), so this run cannot be resumed; "
                    "start again with --overwrite")
             raise StoreError(msg)
-        if man.get("status") != "complete":  # a complete manifest holds every record; a journal is stale
-            man["shards"] = fold(man["shards"], read_records(self.journal))
-        return man
+        return _with_journal(man, self.journal)
 
     def _repair_records(self) -> None:
         """Redo recorded shards whose Parquet file is gone; rebuild missing packed parts from Parquet."""
