@@ -1,8 +1,12 @@
 """Sharded token writer with an atomic, resumable manifest (the shard files: :mod:`.packed`).
 
-Every shard is written to a temporary name and renamed into place, and the manifest is replaced
-atomically after each shard: a crash leaves at most a stray ``*.tmp`` file, which a resumed run
-deletes.  The manifest's ``status`` only becomes ``"complete"`` after the packed store is built.
+Every shard is written to a temporary name and renamed into place, then recorded by one fsynced line
+appended to the run's shard journal (:mod:`._journal`): O(1) per shard, where rewriting the manifest
+after each shard was O(shards).  The manifest itself is replaced atomically at start, on
+:meth:`~ShardedTokenWriter.update` and at finalisation, folding the journal in.  A crash leaves at most
+a stray ``*.tmp`` file, an unrecorded shard or a torn last journal line, which a resumed run deletes or
+ignores.  The manifest's ``status`` only becomes ``"complete"`` after the packed store is built, and a
+complete manifest holds every shard record (no journal), in the same layout as ever.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ import pyarrow.parquet as pq
 from .._errors import StoreError
 from .._lock import TOKENS_LOCK
 from ._atomic import _atomic_write_text, _tmp_name
+from ._journal import JOURNAL, append_record, fold, read_records
 from .packed import (  # noqa: F401 - OPTIONAL_PACKED, _NpyAppender re-exported
     OPTIONAL_PACKED,
     ShardFiles,
@@ -45,6 +50,21 @@ def _config_diff(old: dict[str, Any], new: dict[str, Any]) -> str:
 
     keys = [k for k in dict.fromkeys([*old, *new]) if enc(old.get(k)) != enc(new.get(k))]
     return "; ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in keys) or "config differs"
+
+
+def recorded_shards(out_dir: str | Path) -> list[dict[str, Any]]:
+    """The shard records of the token run in ``out_dir``, finished or not: the manifest's, with an
+    unfinished run's journal folded in (what ``--resume`` starts from)."""
+    out = Path(out_dir)
+    return _with_journal(json.loads((out / MANIFEST).read_text()), out / JOURNAL)["shards"]
+
+
+def _with_journal(man: dict[str, Any], journal: Path) -> dict[str, Any]:
+    """``man`` with the journal's shard records folded in, unless complete (it then holds every record,
+    and a journal left beside it is stale)."""
+    if man.get("status") != "complete":
+        man["shards"] = fold(man.get("shards", []), read_records(journal))
+    return man
 
 
 #: names a token run writes at the top of its directory (anything else is not ours to delete)
@@ -109,14 +129,14 @@ class ShardedTokenWriter:
         self.hash = config_hash(config)
         self.complete = False
         self.dtype = np.dtype(np.uint16 if vocab_size <= np.iinfo(np.uint16).max + 1 else np.int32)
-        man_path = self.out / MANIFEST
+        man_path, self.journal = self.out / MANIFEST, self.out / JOURNAL
         if self.out.exists() and not self.out.is_dir():
             msg = f"{self.out}: is a file; --out must be a directory (new, empty, or a token dataset)"
             raise StoreError(msg)
         if self.out.exists() and _entries(self.out):
             old = self._read_manifest(man_path)
-            nothing_written = old is not None and old.get("status") != "complete" and not old.get("shards")
-            if overwrite or nothing_written:
+            if overwrite or (old is not None and old.get("status") != "complete" and not old.get("shards")
+                             and not read_records(self.journal)):
                 # a run that stopped before its first shard (e.g. on bad counts) holds nothing to
                 # keep, so a corrected rerun needs neither --resume with the old options nor --overwrite
                 _check_replaceable(self.out)
@@ -143,6 +163,7 @@ class ShardedTokenWriter:
                     and all((self.out / s["file"]).is_file() for s in self.manifest["shards"])):
                 # nothing left to do; only parts a crash after the final manifest left behind go
                 shutil.rmtree(self.parts, ignore_errors=True)
+                self.journal.unlink(missing_ok=True)  # left by a crash right after the final manifest
                 self.complete = True
                 self._index = {s["file"]: s for s in self.manifest["shards"]}
                 return
@@ -171,7 +192,7 @@ class ShardedTokenWriter:
             msg = (f"{path}: the manifest is damaged (truncated or not JSON), so this run cannot be resumed; "
                    "start again with --overwrite")
             raise StoreError(msg)
-        return man
+        return _with_journal(man, self.journal)
 
     def _repair_records(self) -> None:
         """Redo recorded shards whose Parquet file is gone; rebuild missing packed parts from Parquet."""
@@ -218,8 +239,11 @@ class ShardedTokenWriter:
             shutil.rmtree(p) if p.is_dir() else p.unlink()
 
     def _save(self) -> None:
+        """Rewrite the whole manifest (every shard record in it), then drop the journal it now holds."""
         self.manifest["updated"] = time.time()
         _atomic_write_text(self.out / MANIFEST, json.dumps(self.manifest, indent=1, default=str))
+        # a crash before this unlink leaves records in both: folded once on resume (by file name)
+        self.journal.unlink(missing_ok=True)
 
     def done(self, file_index: int, start: int) -> dict[str, Any] | None:
         """The manifest record of a finished shard, or ``None``."""
@@ -235,14 +259,16 @@ class ShardedTokenWriter:
 
     def record(self, name: str, *, file_index: int, start: int, stop: int, n_cells_written: int,
                stats: dict[str, Any]) -> None:
-        """Record a shard that :attr:`files` wrote (possibly in a worker process) in the manifest."""
+        """Record a shard that :attr:`files` wrote (possibly in a worker process): one line appended to
+        the journal, O(1) however many shards are recorded; the manifest takes it in at finalisation."""
         rec = {"file": name, "file_index": file_index, "start": start, "stop": stop,
                "n_cells_written": n_cells_written, **stats}
+        append_record(self.journal, rec)  # durable first: a failed append records nothing
         self.manifest["shards"].append(rec)
         self._index[name] = rec
-        self._save()
 
     def update(self, **fields: Any) -> None:
+        """Set non-shard manifest fields (inputs, gene match, QC); rewrites the whole manifest."""
         self.manifest.update(fields)
         self._save()
 

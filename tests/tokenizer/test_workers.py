@@ -96,7 +96,7 @@ def test_worker_failure_resumes_to_the_same_dataset(tmp_path, inputs, monkeypatc
     man = json.loads((out / "__scfm__/manifest.json").read_text())
     assert man["status"] == "in_progress"
     # every shard file a worker finished is recorded: a failed run leaves no unrecorded shard behind
-    assert sorted(p.name for p in out.glob("*.parquet")) == sorted(s["file"] for s in man["shards"])
+    assert sorted(p.name for p in out.glob("*.parquet")) == sorted(s["file"] for s in writer_mod.recorded_shards(out))
     monkeypatch.setattr(writer_mod.ShardFiles, "write", real)
     _run_tok(srcs, out, 2, resume=True)
     _same_dataset(tmp_path / "ref", out)
