@@ -4,6 +4,9 @@ A token dataset directory holds::
 
     part-FFFF-SSSSSSSSSSSS.parquet   shards: input file FFFF, source rows from SSSS...
     __scfm__/manifest.json           config, inputs, dictionary hashes, per-shard counts, status
+    __scfm__/manifest.shards.jsonl   while a run is unfinished: one shard record per line, folded
+                                     into manifest.json on every rewrite and at finalize
+    __scfm__/parts/                  while unfinished: each shard's packed part (.npy arrays)
     __scfm__/packed/tokens.npy       all tokens, concatenated (uint16 when the vocabulary fits, else int32)
     __scfm__/packed/offsets.npy      int64, n_cells + 1: cell i is tokens[offsets[i]:offsets[i+1]]
     __scfm__/packed/{cell_index,file_index}.npy   source row and input file of each packed cell
