@@ -6,7 +6,9 @@ A target is a token id, an Ensembl id (versioned or not), a symbol, or — for c
 dictionary of ENSMUSG ids. Each goes through :func:`~scfm_fast.vocab.gene_ids.match_gene_id`,
 the tokenizer's own rule set, so "Gsta3" is the token the tokenizer gave mouse Gsta3 (its human ortholog),
 a gene without a median is never a target (it never appears in cells), and the version suffix rule is
-the tokenizer's. Special tokens are never targets.
+the tokenizer's. Special tokens are never targets. For a joint human + mouse (GeneCompass) dictionary,
+:meth:`TargetResolver.by_species` gives one resolver per species: a symbol names a gene of the cell's own
+species only.
 """
 
 from __future__ import annotations
@@ -45,7 +47,8 @@ class TargetResolver:
         Symbol -> Ensembl id (dict, pickle or CSV/TSV path, or a bundled table name such as
         ``"ensembl-mouse"``); default: by the species of the token dictionary's ids — the bundled mouse
         Ensembl table for ENSMUSG ids, both Ensembl tables for a joint human + mouse dictionary, else
-        Geneformer V1's table (:func:`~scfm_fast.vocab.symbols.default_name_map`).
+        Geneformer V1's table (:func:`~scfm_fast.vocab.symbols.default_name_map`). The joint table resolves
+        symbols per species through :meth:`by_species`.
     orthologs
         ``"mouse-to-human"``, an ortholog table path or a dict (mouse id/symbol -> human Ensembl id): the
         ``--orthologs`` the cells were tokenized with (see :meth:`for_cells`).
@@ -53,6 +56,9 @@ class TargetResolver:
         Ensembl id -> median (dict or pickle path). Only genes in both dictionaries are tokenized, so
         only they resolve. Default: the bundled medians with the bundled token dictionary; with another
         token dictionary and no medians, every gene of that dictionary counts.
+    foreign_names
+        Symbol -> Ensembl id of the other species of a joint dictionary (set by :meth:`by_species`): its
+        exact symbols are never matched case-insensitively here.
 
     Examples
     --------

@@ -12,7 +12,7 @@ import pandas as pd
 import pytest
 
 from scfm_fast.cli import main
-from scfm_fast.model.genecompass_checkpoint import save_genecompass
+from scfm_fast.model.genecompass_checkpoint import load_genecompass, save_genecompass
 from scfm_fast.perturb import perturb_cells
 from scfm_fast.store import open_cells
 from scfm_fast.vocab.ensembl import ensembl_name_map
@@ -24,22 +24,27 @@ pytest.importorskip("anndata")
 
 @pytest.fixture(scope="module")
 def gc(tmp_path_factory, pbmc_path):
+    """``(tokens, token dictionary, checkpoint)``: 3 human and 3 mouse cells, a random GeneCompass model."""
     tmp = tmp_path_factory.mktemp("gcsymbols")
     tokens, tok = tokenize_human_mouse(tmp, pbmc_path, n_human=3, n_mouse=3)
-    model = random_model(tok)
-    return tokens, tok, model, save_genecompass(model, tmp / "model")
+    return tokens, tok, save_genecompass(random_model(tok), tmp / "model")
+
+
+def _names(tok):
+    """``(token id -> Ensembl id, Ensembl id -> symbol of its species' bundled table)``."""
+    import pickle
+
+    with open(tok, "rb") as f:
+        ens_of = {t: g for g, t in pickle.load(f).items()}
+    return ens_of, {e: s for sp in ("human", "mouse") for s, e in ensembl_name_map(sp).items()}
 
 
 def _shared_genes(tokens, tok):
     """Genes expressed in both species' cells whose symbols differ only by case (e.g. Tmsb4x / TMSB4X):
     ``[(mouse symbol, ENSMUSG, human symbol, ENSG), ...]`` — the case a cross-species match would get wrong."""
-    import pickle
-
-    with open(tok, "rb") as f:
-        ens_of = {t: g for g, t in pickle.load(f).items()}
+    ens_of, sym = _names(tok)
     src = open_cells(tokens)
     cells = src.take(range(len(src)))
-    sym = {**{e: s for s, e in ensembl_name_map("human").items()}, **{e: s for s, e in ensembl_name_map("mouse").items()}}
     by_species: dict[int, dict[str, str]] = {0: {}, 1: {}}
     for ids, sp in zip(cells, src.species):
         for t in ids:
@@ -63,7 +68,7 @@ def _run(tokens, tok, ckpt, out, genes, *extra):
 
 @pytest.mark.parametrize("perturbation", ["delete", "overexpress"])
 def test_cli_symbols_resolve_per_species_and_equal_explicit_ids(gc, tmp_path, perturbation):
-    tokens, tok, _, ckpt = gc
+    tokens, tok, ckpt = gc
     (m_sym, m_id, _, _), (_, _, h_sym, h_id) = _shared_genes(tokens, tok)[:2]
     assert _run(tokens, tok, ckpt, tmp_path / "sym", f"{m_sym},{h_sym}", "--perturb", perturbation) == 0
     assert _run(tokens, tok, ckpt, tmp_path / "ids", f"{m_id},{h_id}", "--perturb", perturbation) == 0
@@ -88,7 +93,7 @@ def test_cli_symbols_resolve_per_species_and_equal_explicit_ids(gc, tmp_path, pe
 
 
 def test_cli_symbol_unknown_in_both_species_is_an_error_naming_it(gc, tmp_path, capsys):
-    tokens, tok, _, ckpt = gc
+    tokens, tok, ckpt = gc
     m_sym = _shared_genes(tokens, tok)[0][0]
     assert _run(tokens, tok, ckpt, tmp_path / "out", f"{m_sym},NotAGeneQq7") == 2
     err = capsys.readouterr().err
@@ -98,17 +103,14 @@ def test_cli_symbol_unknown_in_both_species_is_an_error_naming_it(gc, tmp_path, 
 
 def _cell_genes(tokens, tok, row):
     """``[(symbol, Ensembl id), ...]`` of the genes of cell ``row`` that carry a symbol of their species' table."""
-    import pickle
-
-    with open(tok, "rb") as f:
-        ens_of = {t: g for g, t in pickle.load(f).items()}
-    sym = {**{e: s for s, e in ensembl_name_map("human").items()}, **{e: s for s, e in ensembl_name_map("mouse").items()}}
+    ens_of, sym = _names(tok)
     ids = [ens_of[int(t)] for t in open_cells(tokens).take([row])[0]]
     return [(sym[e], e) for e in ids if e in sym]
 
 
 def test_anchor_and_combine_per_species(gc):
-    tokens, tok, model, _ = gc
+    tokens, tok, ckpt = gc
+    model = load_genecompass(ckpt)
     m_sym, m_id, h_sym, h_id = _shared_genes(tokens, tok)[0]
     kw = dict(special_token_ids=[0, 1], token_dictionary=tok, progress_bar=False)
     species = open_cells(tokens).species
