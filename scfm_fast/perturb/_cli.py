@@ -87,7 +87,10 @@ def register(subparsers: Any) -> None:
     p.add_argument("--special-tokens", help="comma-separated special token ids (default: the token dataset's, from its "
                         "manifest)")
     p.add_argument("--token-dictionary", help="token dictionary pickle (default: bundled Geneformer V1)")
-    p.add_argument("--gene-name-map", help="symbol -> Ensembl pickle (default: bundled Geneformer V1)")
+    p.add_argument("--gene-name-map",
+                   help="symbol -> Ensembl table (pickle, CSV/TSV or a bundled name such as ensembl-mouse; default: "
+                        "the one the token dataset was tokenized with; on a joint human + mouse GeneCompass dataset "
+                        "symbols resolve in each cell's own species)")
     p.add_argument("--orthologs", help="'mouse-to-human' or an ortholog table, to resolve mouse --genes as the "
                         "tokenizer did (default: the token dataset's own --orthologs, from its manifest)")
     p.add_argument("--no-attention-mask", action="store_true",

@@ -22,6 +22,10 @@ Semantics (GeneCompass's ``perturb_delete_chipseq.py``, with its bugs fixed)
 ``inhibit`` / ``activate``
     Not defined by GeneCompass (refused).
 
+Targets of a joint (human + mouse) dictionary resolve in each cell's own species (:class:`SpeciesTargets`):
+``"Actb"`` is mouse Actb in mouse cells and, in human cells, a target they cannot hold (skipped and
+recorded, like a gene a cell does not express), never human ACTB.
+
 Readouts are aligned by gene (GeneCompass pairs per-gene cosines by position, off by one after a deleted
 gene, and averages its cell value over pads); see README's perturbation section.
 """
@@ -29,12 +33,13 @@ gene, and averages its cell value over pads); see README's perturbation section.
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import torch
 
-from .._errors import UsageError
+from .._errors import GeneMatchError, UsageError
 from ..embed.genecompass import is_genecompass
 from ..store.cells import CellSource
 from ._results import BlockResult
@@ -101,14 +106,119 @@ def _raise_and_sort(plan: CellPlan, groups: np.ndarray) -> VariantBlock:
     return VariantBlock(np.stack(srcs), groups, np.stack(news), plan.input_ids[groups], plan.input_ids[pos], raised)
 
 
+#: GeneCompass species code -> name (messages)
+SPECIES_NAMES = {0: "human", 1: "mouse"}
+
+
+@dataclass
+class SpeciesTargets:
+    """A screen's targets over a joint dictionary, resolved in each species' own symbol table.
+
+    Built by :func:`species_targets`. ``groups[s]`` / ``anchor[s]`` are the token groups and anchor for cells
+    of species ``s`` (``groups[s]`` is ``None`` for ``genes="all"``); ``missing[s]`` lists the targets
+    (names, and the tokens they name in the other species) that name no gene of species ``s``: each cell
+    of ``s`` records them as skipped.
+    """
+
+    groups: dict[int, list[tuple[int, ...]] | None]
+    anchor: dict[int, int | None] = field(default_factory=dict)
+    missing: dict[int, list[tuple[list[str], list[int]]]] = field(default_factory=dict)
+    anchor_name: str | None = None
+
+    def union(self) -> tuple[list[tuple[int, ...]] | None, list[str]]:
+        """All species' groups (``None`` for ``genes="all"``) and no unresolved names: ``resolve``'s shape."""
+        if any(g is None for g in self.groups.values()):
+            return None, []
+        return list(dict.fromkeys(g for gs in self.groups.values() for g in gs or [])), []
+
+    def first_anchor(self) -> int | None:
+        return next((a for a in self.anchor.values() if a is not None), None)
+
+    def for_cell(self, species: int, cell_index: int) -> tuple[list[tuple[int, ...]] | None, int | None, list[dict]]:
+        """``(groups, anchor, skip records)`` of one cell of ``species``."""
+        name = SPECIES_NAMES.get(species, f"species {species}")
+        why = f"(GeneCompass perturbs within a species; this cell is {name})"
+        skips = [{"cell_index": cell_index, "gene_tokens": toks, "genes": names,
+                  "reason": f"{'+'.join(names)} names no {name} gene of the token dictionary {why}"}
+                 for names, toks in self.missing.get(species, [])]
+        if self.anchor_name is not None and self.anchor.get(species) is None:
+            other = [a for a in self.anchor.values() if a is not None]
+            skips.append({"cell_index": cell_index, "gene_tokens": other, "genes": [self.anchor_name],
+                          "reason": f"anchor gene {self.anchor_name!r} names no {name} gene {why}"})
+            return [], None, skips  # no pairs (groups=None would perturb every gene alone)
+        return self.groups.get(species, []), self.anchor.get(species), skips
+
+
+def species_targets(resolver: Any, genes: Any, *, combine: bool, anchor: int | str | None,
+                    vocab_size: int) -> SpeciesTargets | None:
+    """``genes`` / ``anchor`` resolved per species when ``resolver`` has a joint dictionary
+    (:meth:`~scfm_fast.vocab.targets.TargetResolver.by_species`), else ``None`` (one resolution for all cells).
+
+    A group (or, with ``combine``, the whole list) applies to a species' cells when every member names a
+    gene of that species. Token ids past the model's ``vocab_size`` name no gene.
+
+    Raises
+    ------
+    GeneMatchError
+        A target that names a gene of neither species.
+    UsageError
+        An ``anchor`` that names a gene of neither species; a special token among the targets.
+    """
+    per = resolver.by_species()
+    if per is None or (isinstance(genes, str) and genes == "all" and anchor is None):
+        return None
+
+    def tok(r: Any, g: Any) -> int | None:
+        t = r.resolve_one(g)
+        return t if t is not None and 0 <= t < vocab_size else None
+
+    out = SpeciesTargets({s: None for s in per})
+    if not (isinstance(genes, str) and genes == "all"):
+        items = [genes] if isinstance(genes, (str, int, np.integer)) else list(genes)
+        groups = [[m] if isinstance(m, (str, int, np.integer)) else list(m) for m in items]
+        toks = {s: [[tok(r, m) for m in g] for g in groups] for s, r in per.items()}
+        unknown = [str(m) for j, g in enumerate(groups) for i, m in enumerate(g)
+                   if all(toks[s][j][i] is None for s in per)]
+        if unknown:  # a typo must not run as a screen of the other genes
+            msg = (f"genes not in the token dictionary / model vocabulary: {unknown[:20]}"
+                   f"{' ...' if len(unknown) > 20 else ''}; give symbols of human or mouse genes (each resolves in "
+                   "the cells of its own species), Ensembl IDs or token ids the dictionary holds")
+            raise GeneMatchError(msg)
+        for s in per:
+            ok = [tuple(int(t) for t in ts) for ts in toks[s] if None not in ts]
+            miss = [([str(m) for m in g], sorted({t for o in per if o != s for t in toks[o][j] if t is not None}))
+                    for j, (g, ts) in enumerate(zip(groups, toks[s])) if None in ts]
+            if combine and miss:  # the whole list as one group: in a species only if every member is its gene
+                ok, miss = [], [([str(m) for g in groups for m in g], sorted({t for _, ts in miss for t in ts}))]
+            elif combine:
+                ok = [tuple(dict.fromkeys(t for g in ok for t in g))]
+            out.groups[s], out.missing[s] = ok, miss
+    if anchor is not None:
+        out.anchor_name = str(anchor)
+        out.anchor = {s: tok(r, anchor) for s, r in per.items()}
+        if all(a is None for a in out.anchor.values()):
+            msg = (f"anchor gene {anchor!r} (--anchor) is not in the token dictionary: give a symbol of a human or "
+                   "mouse gene, an Ensembl ID or a token id")
+            raise UsageError(msg)
+        for s, a in out.anchor.items():
+            if a is not None and out.groups[s] is not None:
+                out.groups[s] = [tuple(dict.fromkeys((a, *g))) for g in out.groups[s]]
+    return out
+
+
 def plan_genecompass_cell(ids: np.ndarray, values: np.ndarray, cell_index: int, *, species: int, perturbation: str,
                           groups: Iterable[tuple[int, ...]] | None, special_token_ids: Iterable[int],
-                          anchor: int | None = None) -> CellPlan:
+                          anchor: int | None = None, targets: SpeciesTargets | None = None) -> CellPlan:
     """Plan the variants of one GeneCompass cell (``ids`` and ``values`` in the cell's order).
 
     Which genes are perturbed together (groups, pairs with ``anchor``, absent genes skipped) is decided by
     :func:`~.plan.plan_cell`; overexpress variants are then built by value (see the module docstring).
+    ``targets`` (a joint dictionary) replaces ``groups`` and ``anchor`` by those of the cell's species and
+    records the targets naming no gene of it as skipped.
     """
+    extra: list[dict] = []
+    if targets is not None:
+        groups, anchor, extra = targets.for_cell(int(species), cell_index)
     ids = np.concatenate([[SPECIES_ROW], np.asarray(ids, dtype=np.int64)])
     values = np.concatenate([[0.0], np.asarray(values, dtype=np.float32)]).astype(np.float32)
     special = [SPECIES_ROW, *(int(t) for t in special_token_ids)]
@@ -116,6 +226,7 @@ def plan_genecompass_cell(ids: np.ndarray, values: np.ndarray, cell_index: int, 
     plan = plan_cell(ids, cell_index, perturbation="delete", groups=groups, special_token_ids=special,
                      anchor=anchor)
     plan.values, plan.species = values, int(species)
+    plan.skipped[:0] = extra
     if perturbation == "overexpress":
         for rec in plan.skipped:
             if rec["reason"] == "cell would have no genes left":

@@ -145,8 +145,10 @@ def run_engine(
     resolver = TargetResolver.for_cells(src, token_dictionary=token_dictionary, gene_name_map=gene_name_map)
     if orthologs is not None:
         resolver = TargetResolver(token_dictionary, gene_name_map, orthologs)
-    groups, unknown = resolver.resolve(genes, combine=combine)
     vocab = model.config.vocab_size
+    # a joint (human + mouse) dictionary: symbols resolve in each cell's own species (gcp.SpeciesTargets)
+    targets = gcp.species_targets(resolver, genes, combine=combine, anchor=anchor, vocab_size=vocab) if gc else None
+    groups, unknown = targets.union() if targets is not None else resolver.resolve(genes, combine=combine)
     if groups is not None:  # token ids given as numbers must exist in the model (not "not expressed")
         outside = [g for g in groups if any(not 0 <= t < vocab for t in g)]
         unknown += [f"token id {'+'.join(map(str, g))} (the model has {vocab} tokens)" for g in outside]
@@ -155,7 +157,9 @@ def run_engine(
         msg = (f"genes not in the token dictionary / model vocabulary: {unknown[:20]}"
                f"{' ...' if len(unknown) > 20 else ''}; give symbols, Ensembl IDs or token ids it holds")
         raise GeneMatchError(msg)
-    anchor_tok = resolver.resolve_one(anchor) if anchor is not None else None
+    anchor_tok = resolver.resolve_one(anchor) if anchor is not None and targets is None else None
+    if targets is not None:
+        anchor_tok = targets.first_anchor()
     if anchor_tok is not None and not 0 <= anchor_tok < vocab:
         anchor_tok = None
     if anchor is not None and anchor_tok is None:
@@ -197,7 +201,8 @@ def run_engine(
         if gc:
             for pos, ids, vals, sp in gcp.iter_cells(src, pad=model.config.pad_token_id):
                 yield gcp.plan_genecompass_cell(ids, vals, pos, species=sp, perturbation=perturbation,
-                                                groups=groups, special_token_ids=special, anchor=anchor_tok)
+                                                groups=groups, special_token_ids=special, anchor=anchor_tok,
+                                                targets=targets)
             return
         for pos, ids in iter_positions(src, pad=model.config.pad_token_id):
             yield plan_cell(ids, pos, perturbation=perturbation, groups=groups, special_token_ids=special,
@@ -217,6 +222,8 @@ def run_engine(
     check: list[CellPlan] = []  # the first cells, rerun exactly to measure the approximation
     for plan in plans():
         builder.skipped.extend(plan.skipped)
+        if targets is not None:  # the anchor of this cell's species (pairs: the other member is gene_token)
+            builder.anchor = targets.anchor.get(plan.species)
         if not plan.blocks:
             continue
         if engine == "approx" and len(check) < approx_check_cells:

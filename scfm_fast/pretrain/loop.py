@@ -57,8 +57,14 @@ def pretrain_model(tokens: Sequence[str | os.PathLike], *, out: str | os.PathLik
         ``epochs``, ``batch_tokens``, ``global_batch_cells``, ``global_batch_tokens``, ``lr``, ``warmup``,
         ``schedule``, ``weight_decay``, ``grad_clip``, ``mask_prob``, ``protect_special``, ``dropout``,
         ``dtype``, ``grad_checkpointing``, ``eval_fraction``, ``eval_every``, ``save_every``, ``seed``,
-        ``deterministic``, ``resume``, ``shard``, ``dataset_weights``, ``truncate``, ``token_dictionary``);
-        see :class:`~scfm_fast.pretrain.presets.PretrainOptions`.
+        ``deterministic``, ``resume``, ``shard``, ``dataset_weights``, ``truncate``, ``token_dictionary``,
+        ``knowledge``, ``homologs``); see :class:`~scfm_fast.pretrain.presets.PretrainOptions`.
+        ``knowledge`` (GeneCompass from scratch): the four prior-knowledge tables, ``"promoter=A.pkl,..."``
+        or a mapping of table name (``promoter``, ``co_exp``, ``gene_family``, ``peca_grn``, each also as
+        ``NAME_human`` / ``NAME_mouse`` for GeneCompass's per-species symbol files, plus ``id2name``) to a
+        pickle of gene id (or symbol) -> vector (:func:`~scfm_fast.pretrain.knowledge.parse_knowledge`).
+        ``homologs`` (GeneCompass from scratch): the mouse -> human homolog remap, a pickle or TSV. Both
+        need ``token_dictionary``; with ``init`` the checkpoint's tables and remap are used instead.
 
     Returns
     -------

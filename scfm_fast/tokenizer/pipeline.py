@@ -96,7 +96,7 @@ def _chunk_totals(path: str, chunk) -> np.ndarray | None:
 
 def _count_sums(indices, data, col_token):
     """Total counts and counts on vocabulary genes, in one pass (for the match report)."""
-    from ._sums import count_sums  # numba: imported on first use, not at start-up
+    from ._sums import count_sums  # the C++ core (Numba only without it): imported on first use
 
     return count_sums(indices, data, col_token)
 

@@ -6,7 +6,9 @@ A target is a token id, an Ensembl id (versioned or not), a symbol, or — for c
 dictionary of ENSMUSG ids. Each goes through :func:`~scfm_fast.vocab.gene_ids.match_gene_id`,
 the tokenizer's own rule set, so "Gsta3" is the token the tokenizer gave mouse Gsta3 (its human ortholog),
 a gene without a median is never a target (it never appears in cells), and the version suffix rule is
-the tokenizer's. Special tokens are never targets.
+the tokenizer's. Special tokens are never targets. For a joint human + mouse (GeneCompass) dictionary,
+:meth:`TargetResolver.by_species` gives one resolver per species: a symbol names a gene of the cell's own
+species only.
 """
 
 from __future__ import annotations
@@ -45,7 +47,8 @@ class TargetResolver:
         Symbol -> Ensembl id (dict, pickle or CSV/TSV path, or a bundled table name such as
         ``"ensembl-mouse"``); default: by the species of the token dictionary's ids — the bundled mouse
         Ensembl table for ENSMUSG ids, both Ensembl tables for a joint human + mouse dictionary, else
-        Geneformer V1's table (:func:`~scfm_fast.vocab.symbols.default_name_map`).
+        Geneformer V1's table (:func:`~scfm_fast.vocab.symbols.default_name_map`). The joint table resolves
+        symbols per species through :meth:`by_species`.
     orthologs
         ``"mouse-to-human"``, an ortholog table path or a dict (mouse id/symbol -> human Ensembl id): the
         ``--orthologs`` the cells were tokenized with (see :meth:`for_cells`).
@@ -53,6 +56,9 @@ class TargetResolver:
         Ensembl id -> median (dict or pickle path). Only genes in both dictionaries are tokenized, so
         only they resolve. Default: the bundled medians with the bundled token dictionary; with another
         token dictionary and no medians, every gene of that dictionary counts.
+    foreign_names
+        Symbol -> Ensembl id of the other species of a joint dictionary (set by :meth:`by_species`): its
+        exact symbols are never matched case-insensitively here.
 
     Examples
     --------
@@ -61,9 +67,11 @@ class TargetResolver:
     """
 
     def __init__(self, token_dictionary: Source = None, gene_name_map: Source = None, orthologs: Source = None, *,
-                 gene_median: Source = None) -> None:
+                 gene_median: Source = None, foreign_names: Mapping[str, str] | None = None) -> None:
         self._tok_src, self._name_src, self._orth_src, self._med_src = (token_dictionary, gene_name_map,
                                                                         orthologs, gene_median)
+        # symbols of the other species of a joint dictionary (see by_species): never matched by case here
+        self._foreign = foreign_names
 
     @classmethod
     def for_cells(cls, cells: Any, *, token_dictionary: Source = None, gene_name_map: Source = None,
@@ -128,8 +136,45 @@ class TargetResolver:
         """Token id -> Ensembl id (special tokens included, under their names)."""
         return {t: g for g, t in self.token_dict.items()}
 
+    def by_species(self) -> dict[int, TargetResolver] | None:
+        """One resolver per GeneCompass species code (0 human, 1 mouse) for a joint dictionary, else ``None``.
+
+        Applies when the dictionary holds both ENSG and ENSMUSG ids, symbols go through the bundled joint
+        table (``ensembl-human+mouse``, GeneCompass's default; a user's own table keeps one resolution for
+        all cells) and no ``--orthologs`` are in use. Each resolver reads its own species' Ensembl table:
+        ``"Actb"`` is mouse Actb in mouse cells and no gene of human cells (GeneCompass perturbs within a
+        species); a symbol of the other species' table never matches by case (``"Actb"`` is not human
+        ``ACTB``), one of neither table may (``"actb"``: each species' own Actb/ACTB, as the tokenizer
+        matches case within one species). Ensembl and token ids resolve alike in both.
+        """
+        from .ensembl import SPECIES, ensembl_name_map
+        from .symbols import dictionary_species
+
+        if "_per_species" in self.__dict__:
+            return self._per_species
+        self._per_species: dict[int, TargetResolver] | None = None
+        joint = self._name_src is None or (isinstance(self._name_src, str)
+                                           and self._name_src == "ensembl-human+mouse")
+        if not joint or self._orth_src is not None or dictionary_species(self.token_dict) != ("human", "mouse"):
+            return None
+        medians = self.vocab.median_of  # loaded once, shared
+        out: dict[int, TargetResolver] = {}
+        for sp, (_, code) in SPECIES.items():
+            other = next(o for o in SPECIES if o != sp)
+            out[code] = TargetResolver(self.token_dict, ensembl_name_map(sp), gene_median=medians,
+                                       foreign_names=ensembl_name_map(other))
+        self._per_species = out
+        return out
+
     def symbol_of(self) -> dict[int, str]:
-        """Token id -> gene symbol (the first symbol of the name map naming its Ensembl id): result labels."""
+        """Token id -> gene symbol (the first symbol of the name map naming its Ensembl id): result labels.
+
+        With a joint dictionary (:meth:`by_species`) each species' genes are named by its own table, so a
+        symbol spelled alike in both species names both genes.
+        """
+        per = self.by_species()
+        if per is not None:
+            return {t: s for r in per.values() for t, s in r.symbol_of().items()}
         out: dict[int, str] = {}
         for sym, ens in self.name_map.items():
             t = self.token_dict.get(ens)
@@ -159,8 +204,9 @@ class TargetResolver:
         if g in SPECIAL_TOKENS:
             msg = f"target {g!r} is a special token; special tokens are never targets"
             raise UsageError(msg)
+        upper = self._upper if self._foreign is None or g not in self._foreign else None
         t, _ = match_gene_id(g, self.vocab, gene_name_map=self.name_map, ortholog_map=self.ortholog_map,
-                             upper_map=self._upper)
+                             upper_map=upper)
         return t if t >= 0 else None
 
     def resolve(self, genes: Any, *, combine: bool = False,
