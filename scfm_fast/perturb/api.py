@@ -105,7 +105,8 @@ def perturb_cells(
     token_dictionary
         Ensembl ID -> token id (dict or pickle path); default: bundled Geneformer V1 dictionary.
     gene_name_map
-        Symbol -> Ensembl ID (dict or pickle path); default: bundled Geneformer V1 table.
+        Symbol -> Ensembl ID (dict or pickle path); default: the table the token dataset was tokenized
+        with (on a joint human + mouse GeneCompass dataset, symbols resolve in each cell's own species).
     orthologs
         ``"mouse-to-human"`` or an ortholog table path, for cells tokenized with ``orthologs=``: mouse
         targets (``"Actb"``, ``ENSMUSG…``) resolve through it, as the tokenizer resolved them (default: the
