@@ -8,7 +8,6 @@
 #include <cstring>
 #include <limits>
 #include <new>
-#include <sys/mman.h>
 #include <type_traits>
 
 namespace scfm {
@@ -160,23 +159,6 @@ bool range_is_clean(const IX* indices, const DT* data, i64 lo, i64 hi, i64 n_col
     }
     for (i64 k = lo; k < hi; ++k) bad |= static_cast<unsigned>(static_cast<UX>(indices[k]) >= limit);
     return bad == 0;
-}
-
-// The output buffer (free()-able).  A fresh large block is mapped anew on every call, and faulting
-// it in 4 KiB pages cost ~4% of the core besides zeroing; where the kernel offers transparent huge
-// pages on request, blocks of 4 MiB and more are 2 MiB-aligned and advised to use them.
-i32* alloc_output(size_t bytes) {
-    constexpr size_t kHuge = size_t{2} << 20;
-    void* p = nullptr;
-#ifdef MADV_HUGEPAGE
-    if (bytes >= 2 * kHuge) {
-        if (posix_memalign(&p, kHuge, bytes) != 0) p = nullptr;
-        if (p != nullptr) madvise(p, bytes / kHuge * kHuge, MADV_HUGEPAGE);  // advice only: errors ignored
-    }
-#endif
-    if (p == nullptr) p = std::malloc(bytes);
-    if (p == nullptr) throw std::bad_alloc();
-    return static_cast<i32*>(p);
 }
 
 // The per-token accumulator (0.0 = untouched, plus one sink slot), one per OS thread and kept
@@ -383,7 +365,8 @@ RankResult rank_tokenize(const CsrChunk<IP, IX, DT>& chunk, const RankConfig& cf
     }
     i32* buffer = nullptr;
     if (slot[n_parts] > 0) {
-        buffer = alloc_output(static_cast<size_t>(slot[n_parts]) * sizeof(i32));
+        buffer = static_cast<i32*>(std::malloc(static_cast<size_t>(slot[n_parts]) * sizeof(i32)));
+        if (buffer == nullptr) throw std::bad_alloc();
     }
     result.tokens = buffer;  // owned (freed) by result from here on
 
