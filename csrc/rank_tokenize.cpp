@@ -329,20 +329,23 @@ i64 find_bad_col_token(const i32* col_token, i64 n_cols, i64 n_tokens) {
 
 RankResult& RankResult::operator=(RankResult&& o) noexcept {
     if (this != &o) {
-        std::free(tokens);
+        if (!external) std::free(tokens);
         tokens = o.tokens;
         n_tokens = o.n_tokens;
         error = o.error;
+        external = o.external;
         o.tokens = nullptr;
     }
     return *this;
 }
 
-RankResult::~RankResult() { std::free(tokens); }
+RankResult::~RankResult() {
+    if (!external) std::free(tokens);
+}
 
 template <class IP, class IX, class DT>
 RankResult rank_tokenize(const CsrChunk<IP, IX, DT>& chunk, const RankConfig& cfg, int n_threads,
-                         i64* offsets, double* cell_totals) {
+                         i64* offsets, double* cell_totals, i32* out, i64 out_capacity) {
     RankResult result;
     const i64 n_cells = chunk.n_cells;
     offsets[0] = 0;
@@ -364,11 +367,14 @@ RankResult rank_tokenize(const CsrChunk<IP, IX, DT>& chunk, const RankConfig& cf
         slot[p + 1] = slot[p] + bound;
     }
     i32* buffer = nullptr;
-    if (slot[n_parts] > 0) {
+    if (out != nullptr && out_capacity >= slot[n_parts]) {
+        buffer = out;
+        result.external = true;
+    } else if (slot[n_parts] > 0) {
         buffer = static_cast<i32*>(std::malloc(static_cast<size_t>(slot[n_parts]) * sizeof(i32)));
         if (buffer == nullptr) throw std::bad_alloc();
     }
-    result.tokens = buffer;  // owned (freed) by result from here on
+    result.tokens = buffer;  // owned (freed) by result from here on, unless external
 
     std::vector<ThreadState> states(static_cast<size_t>(n_parts));
     i64* lengths = offsets + 1;  // lengths first, prefix-summed in place below
@@ -380,7 +386,7 @@ RankResult rank_tokenize(const CsrChunk<IP, IX, DT>& chunk, const RankConfig& cf
     });
     for (auto& st : states) result.error.merge(st.error);
     if (!result.error.ok()) {
-        std::free(result.release());
+        result.drop();
         return result;
     }
     for (i64 i = 0; i < n_cells; ++i) offsets[i + 1] += offsets[i];
@@ -393,8 +399,8 @@ RankResult rank_tokenize(const CsrChunk<IP, IX, DT>& chunk, const RankConfig& cf
         if (n > 0 && dst != slot[p]) std::memmove(buffer + dst, buffer + slot[p], static_cast<size_t>(n) * sizeof(i32));
     }
     if (result.n_tokens == 0) {
-        std::free(result.release());
-    } else if (result.n_tokens < slot[n_parts]) {
+        result.drop();
+    } else if (!result.external && result.n_tokens < slot[n_parts]) {
         // give the unused tail back (glibc shrinks large mmap-ed blocks in place)
         void* shrunk = std::realloc(buffer, static_cast<size_t>(result.n_tokens) * sizeof(i32));
         if (shrunk != nullptr) result.tokens = static_cast<i32*>(shrunk);
@@ -404,7 +410,7 @@ RankResult rank_tokenize(const CsrChunk<IP, IX, DT>& chunk, const RankConfig& cf
 
 #define SCFM_INSTANTIATE(IP, IX, DT)                                                              \
     template RankResult rank_tokenize<IP, IX, DT>(const CsrChunk<IP, IX, DT>&, const RankConfig&, \
-                                                  int, i64*, double*);
+                                                  int, i64*, double*, i32*, i64);
 SCFM_CSR_LAYOUTS(SCFM_INSTANTIATE)
 #undef SCFM_INSTANTIATE
 

@@ -94,10 +94,89 @@ def test_repeats_zero_sums_and_zero_keys(backend, n_threads):
     indices = np.concatenate([c for c, _ in rows]).astype(np.int32)
     data = np.concatenate([v for _, v in rows]).astype(np.float64)
     data[4] = 5e-324  # smallest subnormal: not an integer, so allow fractions
-    kw = dict(col_token=col_token, token_median=token_median, max_len=6, cls_token=9, eos_token=8,
-              allow_non_integer=True)
+    kw = dict(
+        col_token=col_token,
+        token_median=token_median,
+        max_len=6,
+        cls_token=9,
+        eos_token=8,
+        allow_non_integer=True,
+    )
     ref = rank_tokenize_ref(indptr, indices, data, **kw)
     out = tokenize_rank(indptr, indices, data, backend=backend, n_threads=n_threads, **kw)
     for a, b in zip(out, ref):
         np.testing.assert_array_equal(a, b)
-    assert list(out[0][out[1][0]:out[1][1]]) == [9, 4, 0, 8]  # token 4: 4 / 0.5, token 0: (0+2+5) / 2
+    assert list(out[0][out[1][0] : out[1][1]]) == [9, 4, 0, 8]  # token 4: 4 / 0.5, token 0: (0+2+5) / 2
+
+
+def _pbmc_like(rng, n_cells=300, n_cols=500):
+    """Random integer CSR, some cells longer than the budget; every column mapped, no repeats."""
+    nnz = rng.integers(0, n_cols, n_cells)
+    nnz[:3] = [0, n_cols, 1]
+    indptr = np.concatenate([[0], np.cumsum(nnz)]).astype(np.int64)
+    indices = np.concatenate([np.sort(rng.choice(n_cols, k, replace=False)) for k in nnz]).astype(np.int32)
+    data = rng.integers(1, 30, indptr[-1]).astype(np.float32)
+    col_token = rng.permutation(n_cols).astype(np.int32)
+    token_median = rng.choice([0.5, 1.0, 2.0, 3.0], n_cols)
+    return indptr, indices, data, col_token, token_median
+
+
+@pytest.mark.parametrize("n_threads", [1, 2])
+def test_out_buffer_reused(n_threads):
+    pytest.importorskip("scfm_fast._core")
+    from scfm_fast.tokenizer.rank import rank_output_bound
+
+    rng = np.random.default_rng(5)
+    kw = dict(max_len=200, cls_token=501, eos_token=502, backend="cpp", n_threads=n_threads)
+    first = _pbmc_like(rng)
+    second = _pbmc_like(rng, n_cells=250)
+    bound = rank_output_bound(first[0], max_len=200, n_special=2)
+    buf = np.full(bound, -7, dtype=np.int32)
+    for indptr, indices, data, col_token, token_median in (first, second):
+        k = dict(kw, col_token=col_token, token_median=token_median)
+        fresh = tokenize_rank(indptr, indices, data, **k)
+        ref = rank_tokenize_ref(
+            indptr,
+            indices,
+            data,
+            col_token=col_token,
+            token_median=token_median,
+            max_len=200,
+            cls_token=501,
+            eos_token=502,
+        )
+        got = tokenize_rank(indptr, indices, data, out=buf, **k)
+        assert np.shares_memory(got[0], buf) and got[0].base is not None
+        for a, b, c in zip(got, fresh, ref):
+            np.testing.assert_array_equal(a, b)
+            np.testing.assert_array_equal(a, c)
+    # all columns mapped, no repeats: the bound is exact for the first chunk
+    assert (
+        rank_output_bound(first[0], max_len=200, n_special=2)
+        == tokenize_rank(
+            *first[:3],
+            col_token=first[3],
+            token_median=first[4],
+            max_len=200,
+            cls_token=501,
+            eos_token=502,
+            backend="cpp",
+        )[0].shape[0]
+    )
+    # too small: a fresh array, the buffer untouched
+    small = np.full(bound - 1, -7, dtype=np.int32)
+    got = tokenize_rank(*first[:3], col_token=first[3], token_median=first[4], out=small, **kw)
+    assert not np.shares_memory(got[0], small) and (small == -7).all()
+
+
+def test_out_buffer_checked():
+    indptr, indices, data, col_token, token_median = _csr([1.0, 2.0], np.float32)
+    kw = dict(col_token=col_token, token_median=token_median, max_len=4)
+    with pytest.raises(TypeError, match="out must be a 1-D int32"):
+        tokenize_rank(indptr, indices, data, out=np.zeros(10, np.int64), **kw)
+    ro = np.zeros(10, np.int32)
+    ro.flags.writeable = False
+    with pytest.raises(ValueError, match="out must be C-contiguous and writeable"):
+        tokenize_rank(indptr, indices, data, out=ro, **kw)
+    with pytest.raises(ValueError, match="out must be C-contiguous"):
+        tokenize_rank(indptr, indices, data, out=np.zeros(20, np.int32)[::2], **kw)
