@@ -6,7 +6,9 @@
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
+#include <limits>
 #include <new>
+#include <type_traits>
 
 namespace scfm {
 namespace {
@@ -31,7 +33,7 @@ inline u64 descending_order(double key) {
     std::memcpy(&bits, &key, sizeof bits);
     constexpr u64 sign = u64{1} << 63;
     // Standard monotone map of IEEE doubles onto unsigned integers, then inverted for descending.
-    // Zero keys never get here (they are dropped), so -0.0 / +0.0 need no care.
+    // Zero keys are dropped (drop_zero_keys) before any sort, so -0.0 / +0.0 need no care.
     const u64 ascending = (bits & sign) ? ~bits : (bits | sign);
     return ~ascending;
 }
@@ -114,6 +116,51 @@ void radix_rank(std::vector<Item>& items, std::vector<Item>& spare, std::vector<
     }
 }
 
+// Removes items whose key was +-0.0 (orders of descending_order(+-0.0)) and recomputes the order
+// bounds; returns the new count.
+size_t drop_zero_keys(Item* items, size_t n, u64& lo, u64& hi) {
+    const u64 pos_zero = descending_order(0.0), neg_zero = descending_order(-0.0);
+    size_t m = 0;
+    lo = ~u64{0};
+    hi = 0;
+    for (size_t r = 0; r < n; ++r) {
+        if (items[r].order == pos_zero || items[r].order == neg_zero) continue;
+        lo = std::min(lo, items[r].order);
+        hi = std::max(hi, items[r].order);
+        items[m++] = items[r];
+    }
+    return m;
+}
+
+// True when every stored entry in [lo, hi) has a valid count (same rule as bad_count) and a column
+// index inside [0, n_cols).  Written without branches or early exits so the compiler vectorizes it
+// (baseline SSE2): the per-entry tests then leave the gather loop.  Non-integers are found as
+// (v + 2^m) - 2^m != v below 2^m (m = mantissa bits: adding 2^m rounds v to an integer).  A false
+// "not clean" only costs speed (the checked loop runs), never correctness.
+template <class IX, class DT>
+bool range_is_clean(const IX* indices, const DT* data, i64 lo, i64 hi, i64 n_cols, bool allow_non_integer) {
+    using UX = std::make_unsigned_t<IX>;
+    const UX limit = static_cast<UX>(std::min<i64>(n_cols, static_cast<i64>(std::numeric_limits<IX>::max())));
+    const DT big = std::numeric_limits<DT>::digits == 24 ? DT(0x1p23) : DT(0x1p52);
+    const DT inf = std::numeric_limits<DT>::infinity();
+    unsigned bad = 0;
+    if (allow_non_integer) {
+        for (i64 k = lo; k < hi; ++k) {
+            const DT v = data[k];
+            bad |= static_cast<unsigned>(!(v >= 0)) | static_cast<unsigned>(v == inf);
+        }
+    } else {
+        for (i64 k = lo; k < hi; ++k) {
+            const DT v = data[k];
+            const DT rounded = (v + big) - big;
+            bad |= static_cast<unsigned>(!(v >= 0)) | static_cast<unsigned>(v == inf) |
+                   (static_cast<unsigned>(v < big) & static_cast<unsigned>(rounded != v));
+        }
+    }
+    for (i64 k = lo; k < hi; ++k) bad |= static_cast<unsigned>(static_cast<UX>(indices[k]) >= limit);
+    return bad == 0;
+}
+
 // The per-token accumulator (0.0 = untouched, plus one sink slot), one per OS thread and kept
 // all-zero between uses: the calling thread runs the first range of every chunk, so small chunks
 // (e.g. one cell per call in a DataLoader worker) do not re-zero n_tokens doubles each time.
@@ -157,6 +204,8 @@ void tokenize_range(const CsrChunk<IP, IX, DT>& chunk, const RankConfig& cfg, i6
     const size_t sink = static_cast<size_t>(cfg.n_tokens);
     double* const acc = zeroed.acquire(sink + 1);
     i32* w = out;
+    const i64 first = static_cast<i64>(chunk.indptr[c0]), last = static_cast<i64>(chunk.indptr[c1]);
+    const bool clean = range_is_clean(chunk.indices, chunk.data, first, last, cfg.n_cols, cfg.allow_non_integer);
     bool producing = true;  // false once a bad index was seen: only count validation continues
     const bool given = cfg.totals != nullptr;
 
@@ -169,8 +218,19 @@ void tokenize_range(const CsrChunk<IP, IX, DT>& chunk, const RankConfig& cfg, i6
         double total = given ? cfg.totals[i] : (hi > lo ? -0.0 : 0.0);
         size_t n_touched = 0;
         i64 k = lo;
-        if (producing && (!given || total > 0)) {
-            // hot loop: validate, sum, gather (the loop-invariant `given` / `allow_non_integer`
+        if (clean && (!given || total > 0)) {
+            // hot loop on a pre-validated range: sum, gather (see the checked loop below)
+            for (; k < hi; ++k) {
+                const double v = static_cast<double>(chunk.data[k]);
+                if (!given) total += v;
+                const i32 tok = cfg.col_token[chunk.indices[k]];
+                const bool mapped = tok >= 0;
+                touched[n_touched] = tok;
+                n_touched += static_cast<size_t>(mapped);
+                acc[mapped ? static_cast<size_t>(tok) : sink] += v;
+            }
+        } else if (producing && (!given || total > 0)) {
+            // checked loop: validate, sum, gather (the loop-invariant `given` / `allow_non_integer`
             // tests are unswitched by the compiler)
             for (; k < hi; ++k) {
                 const double v = static_cast<double>(chunk.data[k]);
@@ -187,16 +247,16 @@ void tokenize_range(const CsrChunk<IP, IX, DT>& chunk, const RankConfig& cfg, i6
                     break;
                 }
                 // Branch-free (unmapped genes are frequent and unpredictable): unmapped columns add
-                // into a sink slot past the last token, which is never read back.  A token is
-                // "touched" by its first nonzero count; acc stays > 0 afterwards, so it is never
-                // listed twice.  0.0 + v == v, so acc holds the sequential sum seeded by the first
-                // value, as in the oracle.
+                // into a sink slot past the last token, which is never read back.  Every mapped
+                // entry is listed in `touched` (its slot depends only on col_token, not on the
+                // accumulator, so the next store address never waits for a random load); the key
+                // pass below drops repeats and zero sums.  0.0 + v == v, so acc holds the
+                // sequential sum seeded by the first value, as in the oracle.
                 const i32 tok = cfg.col_token[col];
                 const bool mapped = tok >= 0;
-                double& a = acc[mapped ? static_cast<size_t>(tok) : sink];
                 touched[n_touched] = tok;
-                n_touched += static_cast<size_t>(mapped & (a == 0.0) & (v != 0));
-                a += v;
+                n_touched += static_cast<size_t>(mapped);
+                acc[mapped ? static_cast<size_t>(tok) : sink] += v;
             }
         }
         // validation only: the rest of a row after a bad index, or a row that is not tokenized
@@ -226,17 +286,24 @@ void tokenize_range(const CsrChunk<IP, IX, DT>& chunk, const RankConfig& cfg, i6
         Item* items = st.items.data();
         size_t n_items = 0;
         u64 order_lo = ~u64{0}, order_hi = 0;
+        bool zero_key = false;
         for (size_t r = 0; r < n_touched; ++r) {
             const i32 tok = touched[r];
-            const double key = acc[tok] / cfg.token_median[tok];
-            acc[tok] = 0.0;
+            const double sum = acc[tok];
+            acc[tok] = 0.0;  // a repeat of this token later in the list reads 0 and is dropped
+            const double key = sum / cfg.token_median[tok];
             const u64 order = descending_order(key);
             items[n_items] = Item{order, tok, 0};
-            const bool kept = key != 0;
-            n_items += kept;  // branch-free drop of zero keys
+            // Branch-free drop of repeats and zero counts.  It tests the sum, not the key, so the
+            // next store address never waits for the division; zero keys (a sum that underflows
+            // or an infinite median: rare) are dropped in a second pass.
+            const bool kept = sum != 0;
+            n_items += kept;
+            zero_key |= kept & (key == 0);
             order_lo = kept ? std::min(order_lo, order) : order_lo;
             order_hi = kept ? std::max(order_hi, order) : order_hi;
         }
+        if (zero_key) n_items = drop_zero_keys(items, n_items, order_lo, order_hi);
         if (n_items == 0) continue;
         st.items.resize(n_items);
         const i64 keep = std::min(static_cast<i64>(n_items), cfg.budget);
@@ -262,20 +329,23 @@ i64 find_bad_col_token(const i32* col_token, i64 n_cols, i64 n_tokens) {
 
 RankResult& RankResult::operator=(RankResult&& o) noexcept {
     if (this != &o) {
-        std::free(tokens);
+        if (!external) std::free(tokens);
         tokens = o.tokens;
         n_tokens = o.n_tokens;
         error = o.error;
+        external = o.external;
         o.tokens = nullptr;
     }
     return *this;
 }
 
-RankResult::~RankResult() { std::free(tokens); }
+RankResult::~RankResult() {
+    if (!external) std::free(tokens);
+}
 
 template <class IP, class IX, class DT>
 RankResult rank_tokenize(const CsrChunk<IP, IX, DT>& chunk, const RankConfig& cfg, int n_threads,
-                         i64* offsets, double* cell_totals) {
+                         i64* offsets, double* cell_totals, i32* out, i64 out_capacity) {
     RankResult result;
     const i64 n_cells = chunk.n_cells;
     offsets[0] = 0;
@@ -297,11 +367,14 @@ RankResult rank_tokenize(const CsrChunk<IP, IX, DT>& chunk, const RankConfig& cf
         slot[p + 1] = slot[p] + bound;
     }
     i32* buffer = nullptr;
-    if (slot[n_parts] > 0) {
+    if (out != nullptr && out_capacity >= slot[n_parts]) {
+        buffer = out;
+        result.external = true;
+    } else if (slot[n_parts] > 0) {
         buffer = static_cast<i32*>(std::malloc(static_cast<size_t>(slot[n_parts]) * sizeof(i32)));
         if (buffer == nullptr) throw std::bad_alloc();
     }
-    result.tokens = buffer;  // owned (freed) by result from here on
+    result.tokens = buffer;  // owned (freed) by result from here on, unless external
 
     std::vector<ThreadState> states(static_cast<size_t>(n_parts));
     i64* lengths = offsets + 1;  // lengths first, prefix-summed in place below
@@ -313,7 +386,7 @@ RankResult rank_tokenize(const CsrChunk<IP, IX, DT>& chunk, const RankConfig& cf
     });
     for (auto& st : states) result.error.merge(st.error);
     if (!result.error.ok()) {
-        std::free(result.release());
+        result.drop();
         return result;
     }
     for (i64 i = 0; i < n_cells; ++i) offsets[i + 1] += offsets[i];
@@ -326,8 +399,8 @@ RankResult rank_tokenize(const CsrChunk<IP, IX, DT>& chunk, const RankConfig& cf
         if (n > 0 && dst != slot[p]) std::memmove(buffer + dst, buffer + slot[p], static_cast<size_t>(n) * sizeof(i32));
     }
     if (result.n_tokens == 0) {
-        std::free(result.release());
-    } else if (result.n_tokens < slot[n_parts]) {
+        result.drop();
+    } else if (!result.external && result.n_tokens < slot[n_parts]) {
         // give the unused tail back (glibc shrinks large mmap-ed blocks in place)
         void* shrunk = std::realloc(buffer, static_cast<size_t>(result.n_tokens) * sizeof(i32));
         if (shrunk != nullptr) result.tokens = static_cast<i32*>(shrunk);
@@ -337,7 +410,7 @@ RankResult rank_tokenize(const CsrChunk<IP, IX, DT>& chunk, const RankConfig& cf
 
 #define SCFM_INSTANTIATE(IP, IX, DT)                                                              \
     template RankResult rank_tokenize<IP, IX, DT>(const CsrChunk<IP, IX, DT>&, const RankConfig&, \
-                                                  int, i64*, double*);
+                                                  int, i64*, double*, i32*, i64);
 SCFM_CSR_LAYOUTS(SCFM_INSTANTIATE)
 #undef SCFM_INSTANTIATE
 

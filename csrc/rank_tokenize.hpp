@@ -2,6 +2,7 @@
 // scfm_fast/tokenizer/reference.py::rank_tokenize_ref, whose docstring defines the semantics).
 #pragma once
 
+#include <cstdlib>
 #include <vector>
 
 #include "common.hpp"
@@ -26,14 +27,24 @@ struct RankResult {
     i32* tokens = nullptr;  // n_tokens entries (may be nullptr when n_tokens == 0); free() it
     i64 n_tokens = 0;
     CellError error;        // first bad input in CSR order (ok() when none; then tokens is nullptr)
+    bool external = false;  // tokens points into the caller's buffer: not freed here
 
     RankResult() = default;
     RankResult(const RankResult&) = delete;
     RankResult& operator=(const RankResult&) = delete;
-    RankResult(RankResult&& o) noexcept : tokens(o.tokens), n_tokens(o.n_tokens), error(o.error) { o.tokens = nullptr; }
+    RankResult(RankResult&& o) noexcept
+        : tokens(o.tokens), n_tokens(o.n_tokens), error(o.error), external(o.external) {
+        o.tokens = nullptr;
+    }
     RankResult& operator=(RankResult&& o) noexcept;
     ~RankResult();
-    // Give up ownership of the buffer (the caller must free() it).
+    // Forget the tokens (freeing them unless external).
+    void drop() {
+        if (!external) std::free(tokens);
+        tokens = nullptr;
+        external = false;
+    }
+    // Give up ownership of the buffer (the caller must free() it unless external).
     i32* release() {
         i32* t = tokens;
         tokens = nullptr;
@@ -47,8 +58,11 @@ i64 find_bad_col_token(const i32* col_token, i64 n_cols, i64 n_tokens);
 // Tokenize cells [0, chunk.n_cells) with up to n_threads threads.  Writes offsets[0..n_cells]
 // (offsets[0] = 0) and cell_totals[0..n_cells).  When result.error is set, nothing else of the
 // result is meaningful.  Throws std::bad_alloc when the output cannot be allocated.
+// out / out_capacity: a caller-owned buffer of out_capacity int32s; used (result.external, tokens
+// == out) when it holds the chunk's upper bound (rank_output_bound), else a buffer is malloc()-ed.
+// Reusing one buffer across calls saves the kernel's page faults and zeroing of fresh memory.
 template <class IP, class IX, class DT>
 RankResult rank_tokenize(const CsrChunk<IP, IX, DT>& chunk, const RankConfig& cfg, int n_threads,
-                         i64* offsets, double* cell_totals);
+                         i64* offsets, double* cell_totals, i32* out = nullptr, i64 out_capacity = 0);
 
 }  // namespace scfm

@@ -27,7 +27,7 @@ from .. import _ext
 from .._errors import BackendUnavailableError, CountDataError
 from .reference import _count_error, check_counts_ref, rank_tokenize_ref
 
-__all__ = ["available_backends", "tokenize_rank"]
+__all__ = ["available_backends", "rank_output_bound", "tokenize_rank"]
 
 BACKENDS = ("cpp", "numba", "reference")
 _I32 = np.iinfo(np.int32)
@@ -179,6 +179,19 @@ def _prepare(indptr, indices, data, col_token, token_median, totals, max_len, cl
     return indptr, indices, data, col_token, token_median, totals, max_len, cls_token, eos_token
 
 
+def _out_buffer(out: Any) -> np.ndarray | None:
+    """``out`` checked for the core (errors name the argument); ``None`` stays ``None``."""
+    if out is None:
+        return None
+    if not isinstance(out, np.ndarray) or out.dtype != np.int32 or out.ndim != 1:
+        msg = f"out must be a 1-D int32 numpy array, got {type(out).__name__} {getattr(out, 'dtype', '')}".rstrip()
+        raise TypeError(msg)
+    if not (out.flags.c_contiguous and out.flags.writeable):
+        msg = "out must be C-contiguous and writeable"
+        raise ValueError(msg)
+    return out
+
+
 def _index_error(row: int, entry: int, col: int, n_cols: int) -> ValueError:
     return ValueError(
         f"cell row {row} has gene column index {col} at stored entry {entry}, outside col_token "
@@ -197,6 +210,28 @@ def _check_indices(indptr: np.ndarray, indices: np.ndarray, n_cols: int) -> None
         raise _index_error(row, j, int(indices[j]), n_cols)
 
 
+def rank_output_bound(indptr: np.ndarray, *, max_len: int, n_special: int) -> int:
+    """Most tokens :func:`tokenize_rank` can return for a chunk: the size an ``out`` buffer needs.
+
+    Parameters
+    ----------
+    indptr
+        The chunk's CSR row pointer (``n_cells + 1``).
+    max_len
+        Model input size, special tokens included.
+    n_special
+        Number of special tokens added per non-empty cell (``<cls>`` and/or ``<eos>``: 0, 1 or 2).
+
+    Returns
+    -------
+    int
+        Sum over cells with stored entries of ``min(nnz, max_len - n_special) + n_special``.
+    """
+    nnz = np.diff(np.asarray(indptr, dtype=np.int64))
+    budget = max(int(max_len) - int(n_special), 0)
+    return int((np.minimum(nnz[nnz > 0], budget) + int(n_special)).sum())
+
+
 def tokenize_rank(
     indptr: np.ndarray,
     indices: np.ndarray,
@@ -211,6 +246,7 @@ def tokenize_rank(
     allow_non_integer: bool = False,
     backend: str = "auto",
     n_threads: int | None = None,
+    out: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Tokenize a CSR chunk of cells by Geneformer's rank-value rule.
 
@@ -240,6 +276,13 @@ def tokenize_rank(
     n_threads
         Threads for the chunk; ``None`` = all available cores, but 1 inside a DataLoader worker or
         a forked process.
+    out
+        Optional reusable int32 buffer for the tokens (C++ backend only; ignored otherwise).  When
+        it is 1-D, C-contiguous, writeable and at least :func:`rank_output_bound` long, the returned
+        tokens are a view of its start, so the next call that passes it overwrites them: keep one
+        per thread and reuse it only once the previous tokens are consumed.  This saves the page
+        faults and zeroing of a fresh buffer on every call (~15% of the core's CPU on PBMC cells).
+        When it is too small a fresh array is returned and ``out`` is untouched.
 
     Returns
     -------
@@ -262,6 +305,7 @@ def tokenize_rank(
         When the requested backend cannot run here.
     """
     name = _pick_backend(backend)
+    out = _out_buffer(out)
     indptr, indices, data, col_token, token_median, totals, max_len, cls_token, eos_token = _prepare(
         indptr, indices, data, col_token, token_median, totals, max_len, cls_token, eos_token
     )
@@ -307,6 +351,7 @@ def tokenize_rank(
                 eos_token,
                 allow_non_integer,
                 threads,
+                out=out,
             )
         except core.CellDataError as exc:
             kind, row, entry, col = exc.args
