@@ -113,3 +113,22 @@ def test_species_name_map_only_replaces_the_joint_table():
     assert species_name_map("ensembl-human+mouse", None) is None
     m = species_name_map("ensembl-human+mouse", "mouse")
     assert m.species == "mouse" and m == ensembl_name_map("mouse")
+
+
+def test_real_pbmc_declared_human_gets_no_mouse_token(tmp_path, pbmc_path):
+    """Real 10x PBMC symbols with a joint dictionary: some match a mouse gene by case in the joint table
+    (e.g. "TTC37" -> mouse Ttc37 where V1's human id is another); declared human, none does."""
+    from scfm_fast.vocab import load_gene_name_map
+
+    var = list(anndata.read_h5ad(pbmc_path).var_names)
+    v1 = load_gene_name_map()
+    up = {s.upper() for s in var}
+    mouse_ids = [e for s, e in ensembl_name_map("mouse").items() if s.upper() in up]
+    tok, med = joint_dictionaries(tmp_path, [v1[s] for s in var if s in v1], mouse_ids)
+    mouse_tokens = {t for g, t in _token_of(tok).items() if g.startswith("ENSMUSG")}
+    kw = dict(preset="genecompass", token_dictionary=tok, gene_median=med)
+    human, rep = TokenizerSpec.build(**kw, species="human").resolve(var, source="pbmc")
+    joint, _ = TokenizerSpec.build(**kw, species_column="organism").resolve(var, source="pbmc")
+    assert rep.n_matched_genes > 10_000 and not set(human.tolist()) & mouse_tokens
+    assert set(joint.tolist()) & mouse_tokens  # the cross-species match the declared species prevents
+    assert ((human == joint) | np.isin(joint, list(mouse_tokens))).all()  # nothing else changes
