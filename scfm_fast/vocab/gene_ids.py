@@ -255,10 +255,11 @@ def resolve_genes(
     if getattr(gene_name_map, "species", None) == "mouse":
         allow_case_insensitive = True  # upper-cased mouse symbols matched in the mouse table: mouse genes
     if n_case > report.n_matched_genes / 2 and allow_case_insensitive is False:
+        fix = ("--species mouse if these are mouse cells" if getattr(gene_name_map, "species", None) == "human"
+               else "--orthologs mouse-to-human to map mouse genes through one-to-one orthologs")
         msg = (f"{source}: {n_case:,} of {report.n_matched_genes:,} matched genes match a human symbol only "
-               f"when case is ignored (e.g. {case_example!r}): this looks like mouse data. Pass --orthologs "
-               "mouse-to-human to map mouse genes through one-to-one orthologs, or --allow-case-insensitive "
-               "if the symbols are human")
+               f"when case is ignored (e.g. {case_example!r}): this looks like mouse data. Pass {fix}, or "
+               "--allow-case-insensitive if the symbols are human")
         raise GeneMatchError(msg)
     if n_case > report.n_matched_genes / 2 and allow_case_insensitive is None:
         # "Actb"-style symbols: most likely mouse genes that only match human symbols by case

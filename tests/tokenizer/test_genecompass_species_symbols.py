@@ -9,6 +9,7 @@ import pandas as pd
 import pytest
 import scipy.sparse as sp
 
+from scfm_fast._errors import GeneMatchError
 from scfm_fast.store import read_table
 from scfm_fast.tokenizer.pipeline import tokenize_corpus
 from scfm_fast.tokenizer.spec import TokenizerSpec
@@ -132,3 +133,10 @@ def test_real_pbmc_declared_human_gets_no_mouse_token(tmp_path, pbmc_path):
     assert rep.n_matched_genes > 10_000 and not set(human.tolist()) & mouse_tokens
     assert set(joint.tolist()) & mouse_tokens  # the cross-species match the declared species prevents
     assert ((human == joint) | np.isin(joint, list(mouse_tokens))).all()  # nothing else changes
+
+
+def test_mouse_symbols_in_a_file_declared_human_are_refused(dicts, genes):
+    tmp, tok, med = dicts
+    path = _write(tmp / "declared_human.h5ad", [g[0] for g in genes])
+    with pytest.raises(GeneMatchError, match="--species mouse if these are mouse cells"):
+        _run(path, tmp / "dh", tok, med, species="human")
