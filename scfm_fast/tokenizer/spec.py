@@ -20,6 +20,7 @@ from ..vocab import (
     resolve_genes,
 )
 from ..vocab.dictionaries import SPECIAL_TOKENS, file_sha256
+from ..vocab.gene_ids import SpeciesNameMap, species_name_map
 from .species import check_species_options
 
 
@@ -81,6 +82,9 @@ class TokenizerSpec:
                 gene_name_map = "auto (off: the token dictionary's genes are not Geneformer V1's; pass --gene-name-map)"
         elif gene_name_map is not None:
             names = load_gene_name_map(gene_name_map)
+        if pre.values and (one := species_name_map(pre.gene_name_map if gene_name_map == "auto" else gene_name_map,
+                                                   species)) is not None:
+            names = one  # a file of one declared species resolves symbols in that species only
         orth = load_ortholog_map(orthologs) if orthologs else None
         spec = cls(preset, vocab, names, orth, pre.max_len if max_len is None else max_len, min_gene_match,
                    allow_non_integer, backend, n_threads, gene_mapping=mapping, keep_counts=keep_counts)
@@ -99,6 +103,8 @@ class TokenizerSpec:
             spec.species, spec.species_column = species, species_column
             spec.config.update(values=True, normalize_total=normalize_total, species=species,
                                species_column=species_column)
+            if isinstance(names, SpeciesNameMap):  # recorded: an output tokenized with the joint table will not resume
+                spec.config["gene_name_map_species"] = species
         # validates that the dictionary holds the preset's special tokens
         spec.cls_id, spec.eos_id = vocab.special_id(pre.cls), vocab.special_id(pre.eos)
         return spec

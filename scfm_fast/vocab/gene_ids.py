@@ -85,6 +85,29 @@ def _name_map_from_table(p: Path) -> dict[str, str]:
     return dict(zip(names[ok], ids[ok]))
 
 
+class SpeciesNameMap(dict):
+    """Symbol table of one declared species, taken from the joint human + mouse table for a file whose
+    species is known (``--species``): its symbols, exact or by case, resolve only to that species'
+    genes (GeneCompass maps genes within their species; upper-cased mouse "TMSB4X" is mouse Tmsb4x,
+    never human TMSB4X).  ``species`` tells :func:`resolve_genes` that case-only matches of a mouse
+    table are mouse genes, not the sign of mouse data matched against human symbols."""
+
+    def __init__(self, mapping: Mapping[str, str], *, species: str) -> None:
+        super().__init__(mapping)
+        self.species = species
+
+
+def species_name_map(table: str | Path | None, species: str | None) -> SpeciesNameMap | None:
+    """The one-species table replacing the joint ``ensembl-human+mouse`` table when the file's species
+    is known; ``None`` for any other table or an unknown species (a per-cell species column keeps the
+    joint table: a file mixing species has no one table to restrict to)."""
+    from .ensembl import ensembl_name_map
+
+    if species is None or str(table) != "ensembl-human+mouse":
+        return None
+    return SpeciesNameMap(ensembl_name_map(species), species=species)
+
+
 def case_insensitive_map(gene_name_map: Mapping[str, str] | None, ortholog_map: Mapping[str, str] | None) -> dict | None:
     """Upper-cased symbol table for case-insensitive matches: only within one species (no ortholog table)."""
     if gene_name_map is None or ortholog_map is not None:
@@ -229,11 +252,14 @@ def resolve_genes(
     n_dup = int(matched.size - np.unique(matched).size)
     report = GeneMatchReport(len(gene_ids), int(matched.size), n_ens, n_ver, n_sym, n_orth, n_dup, unmatched,
                              n_case)
+    if getattr(gene_name_map, "species", None) == "mouse":
+        allow_case_insensitive = True  # upper-cased mouse symbols matched in the mouse table: mouse genes
     if n_case > report.n_matched_genes / 2 and allow_case_insensitive is False:
+        fix = ("--species mouse if these are mouse cells" if getattr(gene_name_map, "species", None) == "human"
+               else "--orthologs mouse-to-human to map mouse genes through one-to-one orthologs")
         msg = (f"{source}: {n_case:,} of {report.n_matched_genes:,} matched genes match a human symbol only "
-               f"when case is ignored (e.g. {case_example!r}): this looks like mouse data. Pass --orthologs "
-               "mouse-to-human to map mouse genes through one-to-one orthologs, or --allow-case-insensitive "
-               "if the symbols are human")
+               f"when case is ignored (e.g. {case_example!r}): this looks like mouse data. Pass {fix}, or "
+               "--allow-case-insensitive if the symbols are human")
         raise GeneMatchError(msg)
     if n_case > report.n_matched_genes / 2 and allow_case_insensitive is None:
         # "Actb"-style symbols: most likely mouse genes that only match human symbols by case

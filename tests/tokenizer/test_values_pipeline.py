@@ -27,10 +27,12 @@ def inputs(tmp_path_factory, pbmc_path):
     return tmp, hp, mp, tok, med
 
 
-def _oracle(path, tok, med, *, normalize_total=None):
+def _oracle(path, tok, med, *, normalize_total=None, species=None):
     adata = anndata.read_h5ad(path)
     vocab = GeneVocab.load(token_dictionary=tok, gene_median=med, preset="genecompass")
-    col_token, _ = resolve_genes(list(adata.var_names), vocab, gene_name_map=load_gene_name_map("ensembl-human+mouse"))
+    # a file of one declared species resolves symbols in that species' table (PBMC "TTC37" is never mouse Ttc37)
+    table = f"ensembl-{species}" if species else "ensembl-human+mouse"
+    col_token, _ = resolve_genes(list(adata.var_names), vocab, gene_name_map=load_gene_name_map(table))
     X = sp.csr_matrix(adata.X)
     # the pipeline takes obs["n_counts"] as the cell total when present, as for Geneformer
     totals = adata.obs["n_counts"].to_numpy(np.float64) if "n_counts" in adata.obs else None
@@ -92,7 +94,7 @@ def test_cli_species_normalize_total_and_qc(inputs, capsys):
     assert rc == 0
     man = read_manifest(out)
     assert man["config"]["normalize_total"] == 10000 and man["config"]["species"] == "human"
-    X, adata, oracle = _oracle(hp, tok, med, normalize_total=10000)
+    X, adata, oracle = _oracle(hp, tok, med, normalize_total=10000, species="human")
     keep, report = matrix_qc(X, list(adata.var_names))
     assert report.n_dropped > 0  # the PBMC file has outliers
     assert man["qc"]["files"] == [report.to_dict()] and man["summary"]["n_qc_dropped"] == report.n_dropped
@@ -163,7 +165,7 @@ def test_values_and_keep_counts_together(inputs):
     out = tmp / "counts"
     tokenize_corpus(hp, out, preset="genecompass", token_dictionary=tok, gene_median=med, species="human",
                     keep_counts=True, progress_bar=False, chunk_size=64)
-    X, adata, oracle = _oracle(hp, tok, med)
+    X, adata, oracle = _oracle(hp, tok, med, species="human")
     kept = np.flatnonzero(np.diff(oracle[2]) > 0).tolist()
     tab = _check_against_oracle(out, 0, oracle, kept)  # the values are untouched by keep_counts
     # counts by definition: each token's gene count (duplicate columns summed) / cell total x 10,000
