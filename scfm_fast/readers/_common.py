@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -59,6 +60,20 @@ _REEXPORT = "the file is damaged (e.g. an interrupted copy or write): re-export 
 def structure_error(path: str, err: Exception) -> InputFileError:
     """The error for a file whose metadata or arrays cannot be read while opening it."""
     return InputFileError(f"{path}: cannot read the file's structure ({type(err).__name__}: {err}); {_REEXPORT}")
+
+
+@contextlib.contextmanager
+def reading_structure(path: str, close: Callable[[], None] | None = None) -> Iterator[None]:
+    """Around a reader's set-up: ``close`` runs on any failure, and an error other than
+    :class:`InputFileError` (damaged metadata or arrays raise many types) becomes one naming the file."""
+    try:
+        yield
+    except BaseException as err:
+        if close is not None:
+            close()
+        if isinstance(err, Exception) and not isinstance(err, InputFileError):
+            raise structure_error(path, err) from err
+        raise
 
 
 def check_block(path: str, blk: CSRBlock) -> None:

@@ -12,7 +12,7 @@ import h5py
 
 from .._errors import InputFileError
 from ._anndata_reader import AnnDataReader
-from ._common import check_path, structure_error
+from ._common import check_path, reading_structure
 from ._sources import DEFAULT_BLOCK_ELEMENTS, DEFAULT_BLOCK_ROWS
 
 _FIX = "Pass an .h5ad written by anndata (adata.write_h5ad)."
@@ -53,7 +53,7 @@ class H5adReader(AnnDataReader):
         except OSError as err:
             msg = f"{self.path}: cannot be opened as HDF5 ({err}); the file is damaged or not an h5ad. {_FIX}"
             raise InputFileError(msg) from None
-        try:
+        with reading_structure(self.path, close=self._file.close):
             self._setup(
                 self._file,
                 layer=layer,
@@ -62,15 +62,6 @@ class H5adReader(AnnDataReader):
                 max_block_elements=max_block_elements,
                 max_block_rows=max_block_rows,
             )
-        except InputFileError:
-            self._file.close()
-            raise
-        except Exception as err:  # noqa: BLE001 - damaged HDF5 internals: h5py raises OSError, KeyError...
-            self._file.close()
-            raise structure_error(self.path, err) from err
-        except BaseException:
-            self._file.close()
-            raise
 
     def _close(self) -> None:
         if self._file.id.valid:

@@ -17,7 +17,7 @@ import numpy as np
 
 from .._errors import InputFileError
 from ._anndata_elems import ColumnValues, Frame
-from ._common import ChunkedReader, check_path, structure_error
+from ._common import ChunkedReader, check_path, reading_structure
 from ._nodes import ReadStats, is_array, node_keys, read_slice, to_str_array
 from ._sources import DEFAULT_BLOCK_ELEMENTS, DEFAULT_BLOCK_ROWS, DenseSource
 
@@ -100,7 +100,7 @@ class LoomReader(ChunkedReader):
         except OSError as err:
             msg = f"{self.path}: cannot be opened as HDF5 ({err}); {_FIX}"
             raise InputFileError(msg) from None
-        try:
+        with reading_structure(self.path, close=self._file.close):
             self._setup(
                 layer=layer,
                 use_raw=use_raw,
@@ -108,15 +108,6 @@ class LoomReader(ChunkedReader):
                 max_block_elements=max_block_elements,
                 max_block_rows=max_block_rows,
             )
-        except InputFileError:
-            self._file.close()
-            raise
-        except Exception as err:  # noqa: BLE001 - damaged HDF5 internals: h5py raises OSError, KeyError...
-            self._file.close()
-            raise structure_error(self.path, err) from err
-        except BaseException:
-            self._file.close()
-            raise
 
     def _setup(
         self,

@@ -14,7 +14,7 @@ import zarr
 
 from .._errors import InputFileError
 from ._anndata_reader import AnnDataReader, _select_matrix
-from ._common import _REEXPORT, check_path, structure_error
+from ._common import _REEXPORT, check_path, reading_structure
 from ._nodes import is_array
 from ._sources import DEFAULT_BLOCK_ELEMENTS, DEFAULT_BLOCK_ROWS
 
@@ -57,7 +57,7 @@ class ZarrReader(AnnDataReader):
         except Exception as err:  # zarr raises several types for "not a store"
             msg = f"{self.path}: not a Zarr store ({type(err).__name__}: {err}). {_FIX}"
             raise InputFileError(msg) from None
-        try:
+        with reading_structure(self.path):
             self._setup(
                 root,
                 layer=layer,
@@ -67,10 +67,6 @@ class ZarrReader(AnnDataReader):
                 max_block_rows=max_block_rows,
             )
             name, matrix, _ = _select_matrix(root, path=self.path, layer=layer, use_raw=use_raw)
-        except InputFileError:
-            raise
-        except Exception as err:  # noqa: BLE001 - damaged metadata or arrays: zarr/numcodecs raise many types
-            raise structure_error(self.path, err) from err
         if not is_array(matrix):
             check_sparse_chunks(self.path, name, matrix)
 
