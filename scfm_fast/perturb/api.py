@@ -3,7 +3,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import inspect
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 import pandas as pd
@@ -13,6 +14,17 @@ from .screen import CELL_READOUTS, MODES, STATE_SHIFTS, layer_of, run_engine
 
 __all__ = ["CELL_READOUTS", "MODES", "STATE_SHIFTS", "layer_of", "measure_approx_error", "perturb_cells",
            "perturb_cells_reference"]
+
+
+def _engine_options(options: Mapping[str, Any], *, exclude: Iterable[str] = ()) -> dict[str, Any]:
+    """A front end's options (its ``locals()``) as :func:`run_engine` keywords, so that the forwarded list
+    is written once, in ``run_engine``'s signature. Every option but ``exclude`` must be one of them."""
+    names, skip = inspect.signature(run_engine).parameters, set(exclude)
+    unknown = [k for k in options if k not in names and k not in skip]
+    if unknown:
+        msg = f"run_engine takes no options {unknown}"
+        raise TypeError(msg)
+    return {k: v for k, v in options.items() if k not in skip}
 
 
 def perturb_cells(
@@ -138,15 +150,7 @@ def perturb_cells(
     pandas.DataFrame
         One row per (cell, variant); columns documented in :mod:`scfm_fast.perturb._results`.
     """
-    return run_engine(tokens, model, engine=mode, perturbation=perturbation, genes=genes, anchor=anchor,
-                      combine=combine, rank_shift=rank_shift, rank_shift_quartiles=rank_shift_quartiles,
-                      layer=layer, emb_layer=emb_layer, pooling=pooling, cell_readout=cell_readout,
-                      batch_tokens=batch_tokens, device=device, dtype=dtype,
-                      special_token_ids=special_token_ids, token_dictionary=token_dictionary,
-                      gene_name_map=gene_name_map, orthologs=orthologs, gene_shifts=gene_shifts,
-                      target_embedding=target_embedding, target_names=target_names, state_shift=state_shift,
-                      skip_absent=skip_absent, progress_bar=progress_bar, approx_check_cells=approx_check_cells,
-                      no_attention_mask=no_attention_mask, pad_to=pad_to)
+    return run_engine(engine=mode, **_engine_options(locals(), exclude=("mode",)))
 
 
 def perturb_cells_reference(
@@ -195,14 +199,7 @@ gene_shifts, target_embedding, target_names, state_shift, skip_absent, progress_
     pandas.DataFrame
         The same table as :func:`scfm_fast.perturb.perturb_cells` (``attrs["mode"] == "reference"``).
     """
-    return run_engine(tokens, model, engine="reference", perturbation=perturbation, genes=genes, anchor=anchor,
-                      combine=combine, rank_shift=rank_shift, rank_shift_quartiles=rank_shift_quartiles,
-                      layer=layer, emb_layer=emb_layer, pooling=pooling, cell_readout=cell_readout,
-                      device=device, special_token_ids=special_token_ids, token_dictionary=token_dictionary,
-                      gene_name_map=gene_name_map, orthologs=orthologs, gene_shifts=gene_shifts,
-                      target_embedding=target_embedding, target_names=target_names, state_shift=state_shift,
-                      skip_absent=skip_absent, forward_layer=forward_layer, progress_bar=progress_bar,
-                      no_attention_mask=no_attention_mask, pad_to=pad_to)
+    return run_engine(engine="reference", **_engine_options(locals()))
 
 
 def measure_approx_error(tokens: Any, model: Any, **kwargs: Any) -> dict[str, float]:
