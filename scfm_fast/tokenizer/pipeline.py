@@ -21,7 +21,7 @@ from ._run import FilePlan, n_workers, pending_chunks, run_in_process, run_worke
 from .counts import ranked_counts
 from .qc import check_qc_mode
 from .reference import check_counts_ref, count_problem
-from .spec import TokenizerSpec, _check_options
+from .spec import TokenizerSpec, _check_options, spec_options
 from .species import species_codes
 
 log = logging.getLogger("scfm_fast")
@@ -301,12 +301,7 @@ def tokenize_corpus(
     if not file_ids:
         msg = f"--shard {shard}: takes no file of the {len(paths)} inputs; use at most {len(paths)} shards"
         raise UsageError(msg)
-    spec = TokenizerSpec.build(preset=preset, token_dictionary=token_dictionary, gene_median=gene_median,
-                               gene_name_map=gene_name_map, orthologs=orthologs, max_len=max_len,
-                               min_gene_match=min_gene_match, allow_non_integer=allow_non_integer,
-                               backend=backend, n_threads=n_threads, gene_mapping_file=gene_mapping_file,
-                               keep_counts=keep_counts, species=species, species_column=species_column,
-                               normalize_total=normalize_total)
+    spec = TokenizerSpec.build(**spec_options(locals()))  # no option of build's is rebound above
     all_paths, paths = paths, [paths[i] for i in file_ids]
     # storage reads of one piece: larger blocks stay in memory until all their pieces are ranked
     readers = [open_reader(str(p), layer=layer, use_raw=use_raw, gene_id_column=gene_id_column,
