@@ -71,19 +71,6 @@ def pretrain_model(tokens: Sequence[str | os.PathLike], *, out: str | os.PathLik
     dict with ``step``, ``last_checkpoint``, ``loss``, ``eval_loss`` and ``status``
     (``"complete"`` or ``"interrupted"``).
     """
-    created = not dist.is_initialized()
-    result = _pretrain(tokens, out=out, **options)
-    if created and dist.is_initialized():
-        # a process group left to the interpreter's exit can abort a finished rank ("terminate called
-        # without an active exception") as gloo's threads are torn down; the barrier keeps a rank from
-        # closing its connections while another still uses them. Not on errors: a rank that failed
-        # alone must not wait in a barrier the others never reach.
-        dist.barrier()
-        dist.destroy_process_group()
-    return result
-
-
-def _pretrain(tokens: Sequence[str | os.PathLike], *, out: str | os.PathLike, **options: Any) -> dict[str, Any]:
     opts = PretrainOptions(out=str(out), **options).resolved()
     paths = [str(p) for p in tokens]
     weights = opts.dataset_weights or [1.0] * len(paths)
