@@ -226,20 +226,25 @@ class Prefetcher:
         try:
             for epoch, plan in plans:
                 for st in range(start, plan.n_steps):
-                    mine = rank_step(corpus, plan, st, rank=rank, world_size=world)
-                    item = (epoch, st, [make_batch(corpus, masker, b, epoch=epoch) for b in mine])
-                    while not self._stop.is_set():
-                        try:
-                            self._q.put(item, timeout=0.1)
-                            break
-                        except queue.Full:
-                            continue
                     if self._stop.is_set():
                         return
+                    mine = rank_step(corpus, plan, st, rank=rank, world_size=world)
+                    if not self._put((epoch, st, [make_batch(corpus, masker, b, epoch=epoch) for b in mine])):
+                        return
                 start = 0
-            self._q.put(None)
+            self._put(None)
         except BaseException as e:  # noqa: BLE001 - re-raised in the consumer's thread
-            self._q.put(e)
+            self._put(e)
+
+    def _put(self, item) -> bool:
+        """Queue ``item`` unless the consumer has closed the loader (then ``False``)."""
+        while not self._stop.is_set():
+            try:
+                self._q.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
 
     def __iter__(self) -> Prefetcher:
         return self
@@ -255,4 +260,9 @@ class Prefetcher:
         return item
 
     def close(self) -> None:
+        """Stop the thread and wait for it. It must not outlive the run: a daemon thread still inside a torch op
+        at interpreter exit is ended by ``pthread_exit`` when it retakes the GIL, and that forced unwind through
+        torch's C++ frames calls ``std::terminate`` -- a finished run would abort with SIGABRT (seen under
+        torchrun)."""
         self._stop.set()
+        self._t.join()

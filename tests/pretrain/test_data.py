@@ -97,6 +97,21 @@ def test_prefetcher_yields_the_plan_in_order(two_stores):
     assert got[0][2][0].n_cells == plan.batches[2].size
 
 
+
+def test_prefetcher_close_stops_and_joins_its_thread(two_stores):
+    """A run stops long before the plan ends: close() must leave no thread behind (one still inside a torch op
+    at interpreter exit aborts the process with SIGABRT, failing a finished torchrun run)."""
+    corpus = Corpus(two_stores, max_len=128)
+    train = np.ones(len(corpus), bool)
+    plan = plan_epoch(corpus, train, weights=[1, 1], seed=0, epoch=0, batch_tokens=64, per_step=1)
+    m = Masker(vocab_size=300, mask_id=1, protected=(0, 1))
+    plans = ((e, plan) for e in range(1000))  # far more work than one step: the thread is busy or blocked
+    it = Prefetcher(corpus, m, plans, start_step=0, rank=0, world_size=1, depth=1)
+    next(it)
+    it.close()
+    assert not it._t.is_alive()
+
+
 def test_corpus_refuses_long_cells_unless_truncate_and_empty_stores(tmp_path, two_stores):
     with pytest.raises(UsageError, match=r"has \d+ tokens but the model has 50 positions.*--truncate"):
         Corpus(two_stores, max_len=50)
