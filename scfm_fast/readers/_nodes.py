@@ -13,6 +13,7 @@ from typing import Any
 
 import numpy as np
 
+from ._h5_direct import read_mapped
 from ._zarr_direct import read_direct
 
 
@@ -106,6 +107,8 @@ def to_str_array(values: np.ndarray) -> np.ndarray:
 def read_slice(node: Any, sel: Any, stats: ReadStats) -> np.ndarray:
     """Read ``node[sel]`` as a numpy array and account for it in ``stats``."""
     out = read_direct(node, sel)  # local 1-D Zarr arrays: chunks decoded directly, missing ones refused
+    if out is None:
+        out = read_mapped(node, sel)  # contiguous uncompressed HDF5 arrays: a view of the file, no copy
     if out is None:
         out = np.asarray(node[sel])
     stats.record(int(out.size))
