@@ -39,6 +39,33 @@ def _v3_codec(codecs: tuple[Any, ...]) -> Any | None | bool:
     return False
 
 
+def decoded_size(codec: Any, raw: bytes) -> int | None:
+    """Bytes that ``raw`` decodes to, read from its header (Blosc, or a Zstandard frame that records its
+    content size), else ``None``. Decoding into a given buffer is only safe with this known: a codec
+    writing fewer bytes than the buffer holds (a damaged chunk) does not say so."""
+    import numcodecs
+
+    if isinstance(codec, numcodecs.Blosc):  # 16-byte header; bytes 4..8: uncompressed size (uint32 LE)
+        return int.from_bytes(raw[4:8], "little") if len(raw) >= 16 else None
+    if isinstance(codec, numcodecs.Zstd):
+        return _zstd_content_size(raw)
+    return None
+
+
+def _zstd_content_size(raw: bytes) -> int | None:
+    """Frame_Content_Size of a single Zstandard frame (RFC 8878, 3.1.1.1), or ``None`` if absent."""
+    if len(raw) < 6 or raw[:4] != b"\x28\xb5\x2f\xfd":
+        return None
+    fhd = raw[4]
+    fcs_flag, single = fhd >> 6, (fhd >> 5) & 1
+    pos = 5 + (0 if single else 1) + (0, 1, 2, 4)[fhd & 3]
+    size = (1 if single else 0, 2, 4, 8)[fcs_flag]
+    if size == 0 or len(raw) < pos + size:
+        return None
+    value = int.from_bytes(raw[pos:pos + size], "little")
+    return value + 256 if size == 2 else value
+
+
 def _plan(node: Any) -> tuple[str, Any, Any, int] | None:
     """(array directory, metadata, decoder or None, chunk length) when the direct path applies."""
     try:
@@ -83,14 +110,18 @@ def read_direct(node: Any, sel: Any) -> np.ndarray | None:
             msg = (f"{path}: chunk {k} of Zarr array '{node.path}' is missing (an interrupted copy?); zarr would "
                    "read it as zeros. Copy the store again or re-export the file")
             raise InputFileError(msg) from None
+        c0 = k * clen
+        a, b = max(lo, c0), min(hi, c0 + clen)
+        whole = a == c0 and b == c0 + clen
         try:
+            if whole and codec is not None and decoded_size(codec, raw) == clen * dtype.itemsize:
+                codec.decode(raw, out=out[a - lo:b - lo])  # straight into the output: no copy, no temporary
+                continue
             buf = raw if codec is None else codec.decode(raw)
         except Exception as e:  # noqa: BLE001 - any codec failure means a damaged chunk
             msg = f"{path}: chunk {k} of Zarr array '{node.path}' cannot be decoded ({e}); re-export the file"
             raise InputFileError(msg) from None
         chunk = np.frombuffer(buf, dtype=dtype)
-        c0 = k * clen
-        a, b = max(lo, c0), min(hi, c0 + clen)
         if chunk.size < b - c0:
             msg = f"{path}: chunk {k} of Zarr array '{node.path}' is truncated; re-export the file"
             raise InputFileError(msg)

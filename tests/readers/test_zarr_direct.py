@@ -94,3 +94,35 @@ def test_missing_chunk_is_an_error_naming_it(tmp_path, fmt, name):
     with pytest.raises(InputFileError, match=rf"chunk 1 of Zarr array 'X/{name}' is missing") as e:
         nodes.read_direct(z, slice(0, z.shape[0]))
     assert str(d / chunk) in str(e.value)
+
+
+@pytest.mark.parametrize("fmt", [2, 3])
+@pytest.mark.parametrize("comp", ["blosc", "zstd", "gzip"])
+def test_short_chunk_inside_a_read_is_an_error(tmp_path, fmt, comp):
+    """A whole chunk inside the read is decoded straight into the output only when its header says it fills
+    the chunk: a valid but short chunk (from another array) must not leave the rest of the output unset."""
+    import numcodecs
+
+    m = _matrix()
+    _store(tmp_path / "a.zarr", fmt, comp, m)
+    z = zarr.open_group(str(tmp_path / "a.zarr"), mode="r")["X/data"]
+    codec = {"blosc": numcodecs.Blosc(cname="lz4", shuffle=1), "zstd": numcodecs.Zstd(level=3),
+             "gzip": numcodecs.GZip(level=1)}[comp]
+    chunk = tmp_path / "a.zarr" / "X" / "data" / ("1" if fmt == 2 else os.path.join("c", "1"))
+    short = np.arange(50, dtype=m.data.dtype)
+    chunk.write_bytes(codec.encode(short))
+    with pytest.raises(InputFileError, match=r"chunk 1 of Zarr array 'X/data' is truncated"):
+        nodes.read_direct(z, slice(0, 300))
+
+
+def test_decoded_size_from_headers():
+    import numcodecs
+
+    from scfm_fast.readers._zarr_direct import decoded_size
+
+    for n in (1, 100, 70_000):
+        a = np.arange(n, dtype=np.float32)
+        for c in (numcodecs.Blosc(cname="lz4"), numcodecs.Blosc(cname="zstd", shuffle=2), numcodecs.Zstd(level=3)):
+            assert decoded_size(c, c.encode(a)) == a.nbytes
+        assert decoded_size(numcodecs.GZip(), numcodecs.GZip().encode(a)) is None  # unknown: copied
+    assert decoded_size(numcodecs.Zstd(), b"not a frame") is None
