@@ -105,15 +105,47 @@ class _NpyAppender:
 OPTIONAL_PACKED = {"values": ("token", np.float32), "species": ("cell", np.int8)}
 
 
-def _optional_columns(table: pa.Table) -> dict[str, np.ndarray]:
+def _flat_values(col: pa.ChunkedArray) -> list[np.ndarray]:
+    """The values of a list column, chunk by chunk (views where Arrow allows): a table of several tokenized
+    pieces is not combined into one copy first."""
+    out = []
+    for ch in col.chunks:
+        offsets = ch.offsets.to_numpy()
+        lo, hi = int(offsets[0]), int(offsets[-1])
+        out.append(ch.values.slice(lo, hi - lo).to_numpy(zero_copy_only=False))
+    return out
+
+
+def _list_offsets(col: pa.ChunkedArray) -> np.ndarray:
+    """The list column's offsets over all chunks, from 0 (int64)."""
+    parts, base = [np.zeros(1, np.int64)], 0
+    for ch in col.chunks:
+        o = ch.offsets.to_numpy().astype(np.int64)
+        parts.append(o[1:] - o[0] + base)
+        base = int(parts[-1][-1]) if len(o) > 1 else base
+    return np.concatenate(parts)
+
+
+def _optional_columns(table: pa.Table) -> dict[str, list[np.ndarray]]:
     """The shard's optional packed arrays (GeneCompass values, species), flattened like the tokens."""
     out = {}
     for name, (per, dtype) in OPTIONAL_PACKED.items():
         if name in table.column_names:
-            col = table.column(name).combine_chunks()
-            arr = col.flatten().to_numpy(zero_copy_only=False) if per == "token" else col.to_numpy()
-            out[name] = np.asarray(arr, dtype=dtype)
+            col = table.column(name)
+            parts = _flat_values(col) if per == "token" else [c.to_numpy(zero_copy_only=False) for c in col.chunks]
+            out[name] = [np.asarray(a, dtype=dtype) for a in parts]
     return out
+
+
+def _save_parts(path: Path, parts: list[np.ndarray], dtype: np.dtype) -> None:
+    """One 1-D ``.npy`` file of ``parts`` concatenated (converted to ``dtype`` one part at a time)."""
+    dtype = np.dtype(dtype)
+    with open(path, "wb") as f:
+        np.lib.format.write_array_header_1_0(
+            f, {"descr": np.lib.format.dtype_to_descr(dtype), "fortran_order": False,
+                "shape": (sum(int(a.size) for a in parts),)})
+        for a in parts:
+            f.write(memoryview(np.ascontiguousarray(a, dtype=dtype)).cast("B"))
 
 
 def packed_appenders(d: Path, dtype: np.dtype, *, n_cells: int, n_tokens: int,
@@ -160,21 +192,18 @@ class ShardFiles:
     def write_part(self, table: pa.Table, name: str) -> None:
         """The shard's packed part: a directory of plain ``.npy`` arrays (tokens in the packed dtype,
         offsets, cell/file index, optional arrays), renamed into place once complete."""
-        ids = table.column("input_ids").combine_chunks()
-        offsets = ids.offsets.to_numpy()
-        lo, hi = int(offsets[0]), int(offsets[-1])
-        arrays = {"tokens": ids.values.slice(lo, hi - lo).to_numpy(zero_copy_only=False).astype(self.dtype, copy=False),
-                  "offsets": (offsets - lo).astype(np.int64),
-                  "cell_index": table.column("cell_index").to_numpy(),
-                  "file_index": table.column("file_index").to_numpy(), **_optional_columns(table)}
+        ids = table.column("input_ids")
+        arrays = {"tokens": (_flat_values(ids), self.dtype), "offsets": ([_list_offsets(ids)], np.int64),
+                  "cell_index": ([table.column("cell_index").to_numpy()], np.int64),
+                  "file_index": ([table.column("file_index").to_numpy()], np.int32),
+                  **{k: (v, OPTIONAL_PACKED[k][1]) for k, v in _optional_columns(table).items()}}
         final = part_dir(self.out / PARTS_DIR, name)
         tmp = final.with_name(_tmp_name(final.name))
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir()
         try:
-            for key, arr in arrays.items():
-                with open(tmp / f"{key}.npy", "wb") as f:
-                    np.save(f, arr)  # raw bytes after a header: no zip, no CRC; copied by finalize
+            for key, (parts, dtype) in arrays.items():
+                _save_parts(tmp / f"{key}.npy", parts, dtype)  # raw bytes after a header; copied by finalize
             shutil.rmtree(final, ignore_errors=True)  # a stray of a crashed run (never recorded)
             os.replace(tmp, final)
         except BaseException:
