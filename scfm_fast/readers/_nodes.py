@@ -13,6 +13,7 @@ from typing import Any
 
 import numpy as np
 
+from .._buffers import READS
 from ._h5_direct import read_mapped
 from ._zarr_direct import read_direct
 
@@ -110,8 +111,23 @@ def read_slice(node: Any, sel: Any, stats: ReadStats) -> np.ndarray:
     if out is None:
         out = read_mapped(node, sel)  # contiguous uncompressed HDF5 arrays: a view of the file, no copy
     if out is None:
+        out = _read_h5_into_pool(node, sel)  # other 1-D HDF5 slices (e.g. gzip): into reused memory
+    if out is None:
         out = np.asarray(node[sel])
     stats.record(int(out.size))
+    return out
+
+
+def _read_h5_into_pool(node: Any, sel: Any) -> np.ndarray | None:
+    """A plain slice of a 1-D numeric h5py dataset, read into a :data:`~scfm_fast._buffers.READS` array."""
+    if not (isinstance(sel, slice) and sel.step in (None, 1) and getattr(node, "ndim", 0) == 1
+            and hasattr(node, "read_direct") and node.dtype.kind in "iuf"):
+        return None
+    lo, hi, _ = sel.indices(int(node.shape[0]))
+    if hi <= lo:
+        return None
+    out = READS.empty(hi - lo, node.dtype)
+    node.read_direct(out, np.s_[lo:hi])
     return out
 
 

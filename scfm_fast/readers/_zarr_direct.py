@@ -17,6 +17,7 @@ from typing import Any
 
 import numpy as np
 
+from .._buffers import READS
 from .._errors import InputFileError
 
 
@@ -99,7 +100,7 @@ def read_direct(node: Any, sel: Any) -> np.ndarray | None:
     root, meta, codec, clen = plan
     lo, hi, _ = sel.indices(int(node.shape[0]))
     dtype = node.dtype
-    out = np.empty(max(hi - lo, 0), dtype=dtype)
+    out = READS.empty(max(hi - lo, 0), dtype)  # reused memory: no zero-fill of a fresh map per read
     for k in range(lo // clen, (hi - 1) // clen + 1 if hi > lo else lo // clen):
         key = meta.encode_chunk_key((k,))
         path = os.path.join(root, *key.split("/"))
