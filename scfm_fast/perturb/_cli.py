@@ -50,9 +50,12 @@ def register(subparsers: Any) -> None:
                    help="bin width (fraction of the cell's genes) for inhibit/activate; the gene moves one bin")
     p.add_argument("--rank-shift-quartiles", type=int, choices=[1, 2, 3],
                    help="Geneformer's perturb_rank_shift: move inhibit/activate genes by 1, 2 or 3 quartiles")
-    p.add_argument("--layer", type=int, default=-2, help="readout layer (default -2: second-to-last)")
+    p.add_argument("--layer", type=int,
+                   help="readout layer: -1 last, -2 second-to-last, 0 embeddings, k encoder layer k (default: the "
+                        "model family's own, -2 for Geneformer as its emb_layer=-1, -1 for GeneCompass as its "
+                        "perturbation script)")
     p.add_argument("--emb-layer", type=int, choices=[0, -1],
-                   help="Geneformer's numbering instead of --layer: 0 = last layer, -1 = second-to-last")
+                   help="Geneformer's numbering instead of --layer (not both): 0 = last layer, -1 = second-to-last")
     p.add_argument("--pooling", choices=["mean", "cls"],
                    help="cell readout rows (default: cls for a V2 dataset whose manifest records <cls>, else mean)")
     p.add_argument("--cell-readout", default="genes", choices=["genes", "pooled"],

@@ -144,13 +144,14 @@ def _check_options(args: argparse.Namespace) -> None:
     if args.null_run and not (Path(args.null_run) / "perturbations.parquet").is_file():
         msg = f"{args.null_run}: --null-run has no perturbations.parquet (give a finished `scfm perturb` --out)"
         raise InputFileError(msg)
-    if args.emb_layer is not None:
-        if args.layer != -2:
-            msg = "give either --layer or --emb-layer (Geneformer's numbering), not both"
-            raise UsageError(msg)
-        from .screen import layer_of
+    # resolved once (the checkpoint's family gives the default), so the manifest records what ran and a
+    # resumed run with the default compares equal to its first run
+    from ..model.checkpoint import read_config_dict
+    from ..model.registry import family_of
+    from .screen import readout_layer
 
-        args.layer, args.emb_layer = layer_of(args.layer, args.emb_layer), None
+    family = family_of(read_config_dict(args.model), source=str(Path(args.model) / "config.json")).name
+    args.layer, args.emb_layer = readout_layer(family, layer=args.layer, emb_layer=args.emb_layer), None
     if args.pooling is None:  # resolved once, so the manifest records what ran
         from ..store.cells import open_cells
         from ._inputs import default_pooling

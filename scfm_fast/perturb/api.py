@@ -37,7 +37,7 @@ def perturb_cells(
     combine: bool = False,
     rank_shift: float = 0.25,
     rank_shift_quartiles: int | None = None,
-    layer: int = -2,
+    layer: int | None = None,
     emb_layer: int | None = None,
     pooling: str | None = None,
     cell_readout: str = "genes",
@@ -89,10 +89,12 @@ def perturb_cells(
         Geneformer's ``perturb_rank_shift``: move ``activate`` / ``inhibit`` genes by 1, 2 or 3 quartiles
         (overrides ``rank_shift``).
     layer
-        Readout layer: ``-2`` (default, second-to-last), ``-1`` last, ``0`` embedding output, ``k`` the
-        output of encoder layer ``k``.
+        Readout layer: ``-1`` last, ``-2`` second-to-last, ``0`` embedding output, ``k`` the output of
+        encoder layer ``k``. Default (``None``): the model family's own, ``-2`` for Geneformer models (its
+        ``emb_layer=-1``) and ``-1`` for GeneCompass (its ``perturb_delete_chipseq.py`` reads the last
+        layer); give ``layer=`` to read another (``df.attrs["layer"]`` records the one read).
     emb_layer
-        Geneformer's numbering instead of ``layer``: ``0`` = last layer (``layer=-1``), ``-1`` =
+        Geneformer's numbering instead of ``layer`` (not both): ``0`` = last layer (``layer=-1``), ``-1`` =
         second-to-last (``layer=-2``).
     pooling
         ``"mean"`` over genes (special tokens excluded) or ``"cls"`` (the ``<cls>`` row); default ``"cls"``
@@ -163,7 +165,7 @@ def perturb_cells_reference(
     combine: bool = False,
     rank_shift: float = 0.25,
     rank_shift_quartiles: int | None = None,
-    layer: int = -2,
+    layer: int | None = None,
     emb_layer: int | None = None,
     pooling: str | None = None,
     cell_readout: str = "genes",

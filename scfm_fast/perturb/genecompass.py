@@ -26,8 +26,9 @@ Targets of a joint (human + mouse) dictionary resolve in each cell's own species
 ``"Actb"`` is mouse Actb in mouse cells and, in human cells, a target they cannot hold (skipped and
 recorded, like a gene a cell does not express), never human ACTB.
 
-Readouts are aligned by gene (GeneCompass pairs per-gene cosines by position, off by one after a deleted
-gene, and averages its cell value over pads); see README's perturbation section.
+Readouts are read at the last layer by default, as the script reads (:data:`.screen.FAMILY_LAYERS`), and
+aligned by gene (GeneCompass pairs per-gene cosines by position, off by one after a deleted gene, and
+averages its cell value over pads); see README's perturbation section.
 """
 
 from __future__ import annotations

@@ -19,7 +19,7 @@ import torch
 from .._dtypes import resolve_dtype
 from .._errors import GeneMatchError, UsageError
 from .._progress import progress as _progress
-from ..embed.genecompass import check_family
+from ..embed.genecompass import check_family, is_genecompass
 from ..store.cells import open_cells
 from ..vocab.targets import TargetResolver
 from ._inputs import check_cells, default_pooling, iter_positions, special_ids, to_cell_index
@@ -33,7 +33,12 @@ CELL_READOUTS = ("genes", "pooled")
 STATE_SHIFTS = ("all", "aligned")
 
 
-def layer_of(layer: int, emb_layer: int | None) -> int:
+#: each family's own readout layer (the model's behaviour is the default): Geneformer's InSilicoPerturber
+#: reads ``hidden_states[-2]`` (``emb_layer=-1``), GeneCompass's ``perturb_delete_chipseq.py`` the last layer
+FAMILY_LAYERS = {"bert": -2, "genecompass": -1}
+
+
+def layer_of(layer: int | None, emb_layer: int | None) -> int | None:
     """Our readout layer from Geneformer's ``emb_layer`` (0 = last layer, -1 = second-to-last)."""
     if emb_layer is None:
         return layer
@@ -41,6 +46,25 @@ def layer_of(layer: int, emb_layer: int | None) -> int:
         msg = f"emb_layer={emb_layer} (--emb-layer): Geneformer's numbering is 0 (last layer) or -1 (second-to-last)"
         raise UsageError(msg)
     return emb_layer - 1
+
+
+def family_of_model(model: Any) -> str:
+    """The model family's name (a key of :data:`FAMILY_LAYERS`): ``"genecompass"`` or ``"bert"``."""
+    return "genecompass" if is_genecompass(model) else "bert"
+
+
+def readout_layer(family: str, *, layer: int | None = None, emb_layer: int | None = None) -> int:
+    """The layer a screen reads: ``layer``, else ``emb_layer`` (Geneformer's numbering), else the family's own.
+
+    Every front end (``perturb_cells``, ``scfm perturb``, ``state_embedding``) resolves its default here,
+    so a screen and its state embeddings read the same layer.
+    """
+    if layer is not None and emb_layer is not None:
+        msg = "give either --layer (layer=) or --emb-layer (emb_layer=, Geneformer's numbering), not both"
+        raise UsageError(msg)
+    resolved = layer_of(layer, emb_layer)
+    # another registered family reads as Geneformer does
+    return FAMILY_LAYERS.get(family, FAMILY_LAYERS["bert"]) if resolved is None else resolved
 
 
 def default_batch_tokens(device: torch.device) -> int:
@@ -78,7 +102,7 @@ def run_engine(
     combine: bool = False,
     rank_shift: float = 0.25,
     rank_shift_quartiles: int | None = None,
-    layer: int = -2,
+    layer: int | None = None,
     emb_layer: int | None = None,
     pooling: str | None = None,
     cell_readout: str = "genes",
@@ -128,7 +152,7 @@ def run_engine(
 
     gc = gcp.is_genecompass(model)  # its genes carry values and a species row leads each cell
     gcp.check_options(model, perturbation=perturbation, engine=engine)
-    layer = layer_of(layer, emb_layer)
+    layer = readout_layer(family_of_model(model), layer=layer, emb_layer=emb_layer)
     dev = torch.device(device) if device is not None else next(model.parameters()).device
     model = model.to(dev).eval()
     try:

@@ -79,7 +79,7 @@ def select_cells(tokens: Any, where: Mapping[str, str | Sequence[str]]):
 
 
 def state_embedding(tokens: Any, model: Any, *, where: Mapping[str, str | Sequence[str]] | None = None,
-                    layer: int = -2, pooling: str = "mean", special_token_ids: Iterable[int] | None = None,
+                    layer: int | None = None, pooling: str = "mean", special_token_ids: Iterable[int] | None = None,
                     token_dictionary: Any = None, batch_tokens: int | None = None, device: Any = None,
                     dtype: Any = None, progress_bar: bool = True, max_cells: int | None = None, seed: int = 0,
                     aggregate: str = "mean", no_attention_mask: bool = False) -> tuple[np.ndarray, int]:
@@ -95,8 +95,8 @@ def state_embedding(tokens: Any, model: Any, *, where: Mapping[str, str | Sequen
     where
         Which cells form the state, e.g. ``{"disease": "nf"}``; ``None``: all of ``tokens``.
     layer, pooling, special_token_ids, token_dictionary
-        As for :func:`~scfm_fast.perturb.perturb_cells` (the same defaults), so the state and the
-        perturbed cells are embedded alike.
+        As for :func:`~scfm_fast.perturb.perturb_cells` (the same defaults: ``layer=None`` reads the model
+        family's own layer), so the state and the perturbed cells are embedded alike.
     batch_tokens, device, dtype, progress_bar
         As for :func:`~scfm_fast.embed.embed_tokens`.
     max_cells, seed
@@ -117,6 +117,7 @@ def state_embedding(tokens: Any, model: Any, *, where: Mapping[str, str | Sequen
     from ..embed import embed_tokens
     from ..vocab.targets import TargetResolver
     from ._inputs import special_ids
+    from .screen import family_of_model, readout_layer
 
     if aggregate not in ("mean", "median"):
         msg = f"aggregate={aggregate!r}; use 'mean' or 'median'"
@@ -128,6 +129,7 @@ def state_embedding(tokens: Any, model: Any, *, where: Mapping[str, str | Sequen
         rows = np.sort(np.random.default_rng(seed).choice(n_all, size=max_cells, replace=False))
         cells = cells.subset(rows)
     specials = special_ids(special_token_ids, src, TargetResolver(token_dictionary))
+    layer = readout_layer(family_of_model(model), layer=layer)
     emb, _ = embed_tokens(cells, model, layer=layer, pooling=pooling, batch_tokens=batch_tokens, device=device,
                           dtype=dtype, special_token_ids=specials, progress_bar=progress_bar,
                           **({"no_attention_mask": True} if no_attention_mask else {}))

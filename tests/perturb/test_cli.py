@@ -54,8 +54,9 @@ def test_screen_writes_shards_merge_stats(token_dir, ckpt, tmp_path, cells):
     assert man["status"] == "complete" and man["n_shards"] == 3
     assert sorted(p.name for p in (out / "shards").glob("*.parquet")) == [
         f"part-{s:06d}.parquet" for s in range(3)]
+    assert man["config"]["layer"] == -2  # no --layer: Geneformer's own readout, the one recorded
     df = pd.read_parquet(out / "perturbations.parquet")
-    expect = perturb_cells(cells, tiny_model(), special_token_ids=SPECIAL)
+    expect = perturb_cells(cells, tiny_model(), special_token_ids=SPECIAL, layer=-2)
     assert len(df) == len(expect) == sum(len(c) for c in cells)
     np.testing.assert_allclose(df["cos_sim"], expect["cos_sim"], rtol=0, atol=1e-6)
     assert df["cell_index"].unique().tolist() == [10 + i for i in range(7)]
@@ -191,6 +192,8 @@ def test_resume_refuses_tokens_retokenized_in_place(token_dir, ckpt, tmp_path, c
 @pytest.mark.parametrize(("extra", "expect"), [
     (["--anchor", "NOT_A_GENE_XYZ"], "--anchor"),
     (["--layer", "9"], "--layer"),
+    (["--layer", "-2", "--emb-layer", "-1"], "give either --layer"),
+    (["--layer", "-1", "--emb-layer", "0"], "give either --layer"),
     (["--perturb", "inhibit", "--rank-shift", "1.5"], "--rank-shift"),
     (["--pooling", "cls"], "pooling='cls'"),
     (["--target-embedding", "missing.npy"], "--target-embedding file not found"),

@@ -7,6 +7,7 @@ import pandas as pd
 import pytest
 import torch
 
+from scfm_fast._errors import UsageError
 from scfm_fast.perturb import perturb_cells, perturb_cells_reference
 from scfm_fast.perturb.exact import embedding_index
 
@@ -57,6 +58,18 @@ def test_all_genes_every_perturbation(model, perturbation, v2):
 def test_readout_layers(model, layer):
     cells = make_cells([9, 20])
     _assert_same(*_both(cells, model, perturbation="delete", layer=layer))
+
+
+def test_default_layer_is_geneformer_second_to_last(model):
+    # no layer given: Geneformer's own readout (hidden_states[-2], its emb_layer=-1), number for number
+    cells = make_cells([9, 20])
+    kw = dict(perturbation="delete", special_token_ids=SPECIAL, progress_bar=False)
+    default, second, last = (perturb_cells(cells, model, **kw, **e) for e in ({}, {"layer": -2}, {"layer": -1}))
+    assert default.attrs["layer"] == second.attrs["layer"] == -2
+    pd.testing.assert_frame_equal(default, second)
+    assert np.abs(default["cos_sim"] - last["cos_sim"]).max() > 1e-4
+    with pytest.raises(UsageError, match="give either --layer"):
+        perturb_cells(cells, model, layer=-2, emb_layer=-1, **kw)
 
 
 def test_layer_zero_delete_has_exact_shift_of_embedding_table(model):

@@ -5,6 +5,8 @@ reproduces unmasked padded forwards; what GeneCompass cannot do is refused clear
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pandas as pd
 import pyarrow as pa
@@ -78,8 +80,9 @@ def test_exact_equals_reference(gc, perturbation, which, pooling):
         assert (5,) in skipped  # absent everywhere: skipped, never inserted
 
 
-def _oracle(model, ids, vals, species, perturbation, *, pooling, pad_to=None):
-    """Per gene of the cell: (token, cos_sim) from plain padded forwards of NumPy-edited (ids, values)."""
+def _oracle(model, ids, vals, species, perturbation, *, pooling, pad_to=None, layer=-1):
+    """Per gene of the cell: (token, cos_sim) from plain padded forwards of NumPy-edited (ids, values) at
+    ``layer`` (-1: GeneCompass's script reads the last layer)."""
     rows = []
     for i in range(len(ids)):
         if perturbation == "delete":
@@ -96,7 +99,7 @@ def _oracle(model, ids, vals, species, perturbation, *, pooling, pad_to=None):
         batch[0][k, :len(a)], batch[1][k, :len(b)] = a, b
     with torch.no_grad():
         h = model.forward_padded(torch.from_numpy(batch[0]), torch.from_numpy(batch[1]),
-                                 torch.full((len(batch[0]),), int(species)), layer=-2,
+                                 torch.full((len(batch[0]),), int(species)), layer=layer,
                                  no_attention_mask=pad_to is not None).double().numpy()
 
     def cos(a, b):
@@ -114,14 +117,19 @@ def _oracle(model, ids, vals, species, perturbation, *, pooling, pad_to=None):
     return out
 
 
-@pytest.mark.parametrize("perturbation,pooling,no_mask", [("delete", "mean", False), ("overexpress", "cls", False),
-                                                          ("overexpress", "mean", True), ("delete", "cls", True)])
-def test_cli_equals_plain_oracle(gc, tmp_path, perturbation, pooling, no_mask):
+@pytest.mark.parametrize("perturbation,pooling,no_mask,layer", [
+    ("delete", "mean", False, None), ("overexpress", "cls", False, None), ("overexpress", "mean", True, None),
+    ("delete", "cls", True, None), ("delete", "mean", False, -2)])
+def test_cli_equals_plain_oracle(gc, tmp_path, perturbation, pooling, no_mask, layer):
+    # no --layer: GeneCompass's own readout, the last layer; an explicit --layer -2 still reads -2
     tokens, tok, _, ckpt = gc
     args = ["perturb", str(tokens), "--model", str(ckpt), "--out", str(tmp_path / "out"), "--perturb", perturbation,
             "--pooling", pooling, "--special-tokens", "0,1", "--token-dictionary", str(tok), "--cells-per-shard",
             "2", "--batch-tokens", "100", "--no-stats"]
-    assert main([*args, *(["--no-attention-mask"] if no_mask else [])]) == 0
+    assert main([*args, *(["--no-attention-mask"] if no_mask else []),
+                 *(["--layer", str(layer)] if layer is not None else [])]) == 0
+    layer = -1 if layer is None else layer
+    assert json.loads((tmp_path / "out" / "manifest.json").read_text())["config"]["layer"] == layer
     df = pd.read_parquet(tmp_path / "out" / "perturbations.parquet")
     model = load_genecompass(ckpt)  # the checkpoint the CLI read
     src = open_cells(tokens)
@@ -131,7 +139,7 @@ def test_cli_equals_plain_oracle(gc, tmp_path, perturbation, pooling, no_mask):
     for c in range(len(src)):
         got = df[(df["cell_index"] == src.cell_index[c]) & (df["file_index"] == src.file_index[c])]
         want = _oracle(model, ids_l[c], vals_l[c], species[c], perturbation, pooling=pooling,
-                       pad_to=N_POS if no_mask else None)
+                       pad_to=N_POS if no_mask else None, layer=layer)
         assert got["gene_token"].tolist() == [t for t, _ in want]
         np.testing.assert_allclose(got["cos_sim"], [x for _, x in want], atol=TOL, rtol=0)
         n += len(want)
@@ -147,6 +155,27 @@ def test_no_attention_mask_changes_results_and_exact_equals_reference(gc):
     ref = perturb_cells_reference(tokens, model, no_attention_mask=True, pad_to=N_POS - 4, **kw)
     np.testing.assert_allclose(exact["cos_sim"], ref["cos_sim"], atol=TOL, rtol=0)
     assert np.abs(exact["cos_sim"] - masked["cos_sim"]).max() > 1e-4  # the pads do attend
+
+
+def test_default_layer_is_genecompass_last_layer(gc):
+    """No layer given: GeneCompass's own readout (the last layer), number for number; state embeddings alike."""
+    from scfm_fast.perturb import state_embedding
+
+    tokens, tok, model, _ = gc
+    cells = _table(tokens, [0, len(open_cells(tokens)) - 1])
+    kw = dict(perturbation="delete", special_token_ids=[0, 1], token_dictionary=tok, progress_bar=False,
+              target_embedding=np.random.default_rng(1).normal(size=24))
+    default, last, second = (perturb_cells(cells, model, **kw, **extra)
+                             for extra in ({}, {"layer": -1}, {"layer": -2}))
+    assert default.attrs["layer"] == last.attrs["layer"] == -1 and second.attrs["layer"] == -2
+    pd.testing.assert_frame_equal(default, last)
+    assert np.abs(default["cos_sim"] - second["cos_sim"]).max() > 1e-4
+    ref = perturb_cells_reference(cells, model, **kw)
+    np.testing.assert_allclose(ref["cos_sim"], last["cos_sim"], atol=TOL, rtol=0)
+    emb = {k: state_embedding(cells, model, special_token_ids=[0, 1], progress_bar=False, **e)[0]
+           for k, e in (("default", {}), ("last", {"layer": -1}), ("second", {"layer": -2}))}
+    np.testing.assert_array_equal(emb["default"], emb["last"])
+    assert np.abs(emb["default"] - emb["second"]).max() > 1e-4
 
 
 def test_fixture_checkpoint(shared_dir):
