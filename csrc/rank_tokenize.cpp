@@ -10,105 +10,21 @@
 // Both give bit-identical keys: a lone entry's sum is 0.0 + v == v for every nonzero v.
 #include "rank_tokenize.hpp"
 
-#include <cmath>
 #include <cstdlib>
 #include <cstring>
-#include <limits>
 #include <new>
-#include <type_traits>
 
 #if defined(__linux__)
 #include <sys/mman.h>
 #endif
 
+#include "rank_gather.hpp"
 #include "rank_sort.hpp"
 
 namespace scfm {
 namespace {
 
-// Counts must be finite, >= 0, and integers unless allowed; same tests as check_counts_ref.
-inline bool bad_count(double v, bool allow_non_integer) {
-    if (!std::isfinite(v) || v < 0) return true;
-    if (allow_non_integer) return false;
-    // v != floor(v) without a libm call (baseline x86-64 has no SSE4.1 round): every double of
-    // magnitude >= 2**52 is an integer, and below that the int64 round trip is exact.
-    return v < 0x1p52 && v != static_cast<double>(static_cast<i64>(v));
-}
-
-// True when every stored entry in [lo, hi) has a valid count (same rule as bad_count) and a column
-// index inside [0, n_cols).  Written without branches or early exits so the compiler vectorizes it
-// (baseline SSE2): the per-entry tests then leave the gather loop.  Non-integers are found as
-// (v + 2^m) - 2^m != v below 2^m (m = mantissa bits: adding 2^m rounds v to an integer).  A false
-// "not clean" only costs speed (the checked loop runs), never correctness.
-template <class IX, class DT>
-bool range_is_clean(const IX* indices, const DT* data, i64 lo, i64 hi, i64 n_cols, bool allow_non_integer) {
-    using UX = std::make_unsigned_t<IX>;
-    const UX limit = static_cast<UX>(std::min<i64>(n_cols, static_cast<i64>(std::numeric_limits<IX>::max())));
-    const DT big = std::numeric_limits<DT>::digits == 24 ? DT(0x1p23) : DT(0x1p52);
-    const DT inf = std::numeric_limits<DT>::infinity();
-    unsigned bad = 0;
-    if (allow_non_integer) {
-        for (i64 k = lo; k < hi; ++k) {
-            const DT v = data[k];
-            bad |= static_cast<unsigned>(!(v >= 0)) | static_cast<unsigned>(v == inf);
-        }
-    } else {
-        for (i64 k = lo; k < hi; ++k) {
-            const DT v = data[k];
-            const DT rounded = (v + big) - big;
-            bad |= static_cast<unsigned>(!(v >= 0)) | static_cast<unsigned>(v == inf) |
-                   (static_cast<unsigned>(v < big) & static_cast<unsigned>(rounded != v));
-        }
-    }
-    for (i64 k = lo; k < hi; ++k) bad |= static_cast<unsigned>(static_cast<UX>(indices[k]) >= limit);
-    return bad == 0;
-}
-
-// The per-token accumulator (0.0 = untouched, plus one sink slot), one per OS thread and kept
-// all-zero between uses: the calling thread runs the first range of every chunk, so small chunks
-// (e.g. one cell per call in a DataLoader worker) do not re-zero n_tokens doubles each time.
-struct ZeroedAcc {
-    std::vector<double> values;
-    bool clean = true;  // false while in use, or after an exit that may have left values behind
-
-    double* acquire(size_t n) {
-        if (!clean || values.size() < n) values.assign(std::max(n, values.size()), 0.0);
-        clean = false;
-        return values.data();
-    }
-};
-
-ZeroedAcc& thread_acc() {
-    static thread_local ZeroedAcc acc;
-    return acc;
-}
-
-// Per-call table for the direct gather: the median of each column's token (1.0 for unmapped
-// columns, whose entries are never kept), so the key's divisor is loaded by column, in parallel
-// with the token, instead of through it.  Empty when the direct gather is not used.
-struct DirectTable {
-    std::vector<double> col_median;
-};
-
-// Builds the table when col_token maps no two columns onto one token and the chunk has at least
-// n_cols stored entries (building costs O(n_cols + n_tokens), at most ~one step per entry then).
-template <class IP>
-DirectTable direct_table(const IP* indptr, i64 n_cells, const RankConfig& cfg) {
-    DirectTable t;
-    const i64 nnz = static_cast<i64>(indptr[n_cells]) - static_cast<i64>(indptr[0]);
-    if (nnz < cfg.n_cols || nnz < cfg.n_tokens) return t;
-    std::vector<unsigned char> seen(static_cast<size_t>(cfg.n_tokens), 0);
-    std::vector<double> col_median(static_cast<size_t>(cfg.n_cols), 1.0);
-    for (i64 c = 0; c < cfg.n_cols; ++c) {
-        const i32 tok = cfg.col_token[c];
-        if (tok < 0) continue;
-        if (seen[static_cast<size_t>(tok)]) return t;  // two columns on one token: accumulate
-        seen[static_cast<size_t>(tok)] = 1;
-        col_median[static_cast<size_t>(c)] = cfg.token_median[tok];
-    }
-    t.col_median = std::move(col_median);
-    return t;
-}
+using namespace rank_detail;
 
 struct ThreadState {
     std::vector<i32> touched;  // accumulated gather: tokens with acc != 0, in first-seen order
@@ -117,93 +33,6 @@ struct ThreadState {
     i64 n_written = 0;         // tokens written at this range's start in the output buffer
     CellError error;
 };
-
-// Direct gather of row [lo, hi) of a clean range: fills cand with one candidate per stored entry
-// of a mapped column with a nonzero count (zero keys flagged), adds the counts into `total` when
-// sum_total.  Returns false, with cand and total to be discarded, when the column indices do not
-// strictly increase (a column may repeat: the row needs the accumulated gather).
-template <class IX, class DT>
-bool gather_direct(const IX* indices, const DT* data, i64 lo, i64 hi, const i32* col_token,
-                   const double* col_median, bool sum_total, double& total, Candidates& cand) {
-    u64* const orders = cand.orders.data();
-    i32* const toks = cand.tokens.data();
-    size_t n = 0;
-    u64 order_lo = ~u64{0}, order_hi = 0;
-    bool zero_key = false;
-    i64 prev = -1;
-    bool increasing = true;
-    for (i64 k = lo; k < hi; ++k) {
-        const i64 col = static_cast<i64>(indices[k]);
-        const double v = static_cast<double>(data[k]);
-        if (sum_total) total += v;
-        increasing &= col > prev;
-        prev = col;
-        const i32 tok = col_token[col];
-        const double key = v / col_median[col];
-        const u64 order = descending_order(key);
-        orders[n] = order;
-        toks[n] = tok;
-        // Branch-free compaction: the store address depends on the loads, never on the division.
-        const bool kept = (tok >= 0) & (v != 0);
-        n += kept;
-        zero_key |= kept & (key == 0);
-        order_lo = kept ? std::min(order_lo, order) : order_lo;
-        order_hi = kept ? std::max(order_hi, order) : order_hi;
-    }
-    cand.n = n;
-    cand.lo = order_lo;
-    cand.hi = order_hi;
-    cand.zero_key = zero_key;
-    return increasing;
-}
-
-// Key pass of the accumulated gather: one candidate per distinct touched token, resetting acc.
-inline void keys_from_acc(const i32* touched, size_t n_touched, double* acc, const double* token_median,
-                          Candidates& cand) {
-    u64* const orders = cand.orders.data();
-    i32* const toks = cand.tokens.data();
-    size_t n = 0;
-    u64 order_lo = ~u64{0}, order_hi = 0;
-    bool zero_key = false;
-    for (size_t r = 0; r < n_touched; ++r) {
-        const i32 tok = touched[r];
-        const double sum = acc[tok];
-        acc[tok] = 0.0;  // a repeat of this token later in the list reads 0 and is dropped
-        const double key = sum / token_median[tok];
-        const u64 order = descending_order(key);
-        orders[n] = order;
-        toks[n] = tok;
-        // Branch-free drop of repeats and zero counts.  It tests the sum, not the key, so the
-        // next store address never waits for the division; zero keys (a sum that underflows
-        // or an infinite median: rare) are dropped in a second pass.
-        const bool kept = sum != 0;
-        n += kept;
-        zero_key |= kept & (key == 0);
-        order_lo = kept ? std::min(order_lo, order) : order_lo;
-        order_hi = kept ? std::max(order_hi, order) : order_hi;
-    }
-    cand.n = n;
-    cand.lo = order_lo;
-    cand.hi = order_hi;
-    cand.zero_key = zero_key;
-}
-
-// Accumulated gather of a clean row (see the checked loop in tokenize_range for the rules).
-template <class IX, class DT>
-size_t gather_acc(const IX* indices, const DT* data, i64 lo, i64 hi, const i32* col_token, double* acc,
-                  size_t sink, bool sum_total, double& total, i32* touched) {
-    size_t n_touched = 0;
-    for (i64 k = lo; k < hi; ++k) {
-        const double v = static_cast<double>(data[k]);
-        if (sum_total) total += v;
-        const i32 tok = col_token[indices[k]];
-        const bool mapped = tok >= 0;
-        touched[n_touched] = tok;
-        n_touched += static_cast<size_t>(mapped);
-        acc[mapped ? static_cast<size_t>(tok) : sink] += v;
-    }
-    return n_touched;
-}
 
 template <class IP, class IX, class DT>
 void tokenize_range(const CsrChunk<IP, IX, DT>& chunk, const RankConfig& cfg, const DirectTable& table,
@@ -235,20 +64,22 @@ void tokenize_range(const CsrChunk<IP, IX, DT>& chunk, const RankConfig& cfg, co
         // first value, which is the oracle's definition; an empty row sums to +0.0.
         const double seed = given ? cfg.totals[i] : (hi > lo ? -0.0 : 0.0);
         double total = seed;
+        const bool wanted = !given || total > 0;  // a cell with a given total <= 0 gets no tokens
         size_t n_touched = 0;
         bool have_cand = false;  // candidates came from the direct gather (else from acc)
         i64 k = lo;
-        if (direct && (!given || total > 0)) {
+        if (wanted && direct) {
             have_cand = gather_direct(chunk.indices, chunk.data, lo, hi, cfg.col_token, table.col_median.data(),
                                       !given, total, st.cand);
-            k = hi;
             if (!have_cand) total = seed;  // a repeated or unsorted column: accumulate instead
         }
-        if (have_cand) {
-        } else if (clean && (!given || total > 0)) {
-            n_touched = gather_acc(chunk.indices, chunk.data, lo, hi, cfg.col_token, acc, sink, !given, total, touched);
+        if (have_cand || (wanted && clean)) {
+            if (!have_cand) {
+                n_touched = gather_acc(chunk.indices, chunk.data, lo, hi, cfg.col_token, acc, sink, !given,
+                                       total, touched);
+            }
             k = hi;
-        } else if (producing && (!given || total > 0)) {
+        } else if (wanted && producing) {
             // checked loop: validate, sum, gather (the loop-invariant `given` / `allow_non_integer`
             // tests are unswitched by the compiler)
             for (; k < hi; ++k) {
