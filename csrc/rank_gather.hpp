@@ -105,11 +105,7 @@ DirectTable direct_table(const IP* indptr, i64 n_cells, const RankConfig& cfg) {
 template <class IX, class DT>
 bool gather_direct(const IX* indices, const DT* data, i64 lo, i64 hi, const i32* col_token,
                    const double* col_median, bool sum_total, double& total, Candidates& cand) {
-    u64* const orders = cand.orders.data();
-    i32* const toks = cand.tokens.data();
-    size_t n = 0;
-    u64 order_lo = ~u64{0}, order_hi = 0;
-    bool zero_key = false;
+    CandidateWriter w(cand);
     i64 prev = -1;
     bool increasing = true;
     for (i64 k = lo; k < hi; ++k) {
@@ -119,53 +115,25 @@ bool gather_direct(const IX* indices, const DT* data, i64 lo, i64 hi, const i32*
         increasing &= col > prev;
         prev = col;
         const i32 tok = col_token[col];
-        const double key = v / col_median[col];
-        const u64 order = descending_order(key);
-        orders[n] = order;
-        toks[n] = tok;
-        // Branch-free compaction: the store address depends on the loads, never on the division.
-        const bool kept = (tok >= 0) & (v != 0);
-        n += kept;
-        zero_key |= kept & (key == 0);
-        order_lo = kept ? std::min(order_lo, order) : order_lo;
-        order_hi = kept ? std::max(order_hi, order) : order_hi;
+        w.add(tok, v / col_median[col], (tok >= 0) & (v != 0));
     }
-    cand.n = n;
-    cand.lo = order_lo;
-    cand.hi = order_hi;
-    cand.zero_key = zero_key;
+    w.finish(cand);
     return increasing;
 }
 
 // Key pass of the accumulated gather: one candidate per distinct touched token, resetting acc.
 inline void keys_from_acc(const i32* touched, size_t n_touched, double* acc, const double* token_median,
                           Candidates& cand) {
-    u64* const orders = cand.orders.data();
-    i32* const toks = cand.tokens.data();
-    size_t n = 0;
-    u64 order_lo = ~u64{0}, order_hi = 0;
-    bool zero_key = false;
+    CandidateWriter w(cand);
     for (size_t r = 0; r < n_touched; ++r) {
         const i32 tok = touched[r];
         const double sum = acc[tok];
         acc[tok] = 0.0;  // a repeat of this token later in the list reads 0 and is dropped
-        const double key = sum / token_median[tok];
-        const u64 order = descending_order(key);
-        orders[n] = order;
-        toks[n] = tok;
-        // Branch-free drop of repeats and zero counts.  It tests the sum, not the key, so the
-        // next store address never waits for the division; zero keys (a sum that underflows
-        // or an infinite median: rare) are dropped in a second pass.
-        const bool kept = sum != 0;
-        n += kept;
-        zero_key |= kept & (key == 0);
-        order_lo = kept ? std::min(order_lo, order) : order_lo;
-        order_hi = kept ? std::max(order_hi, order) : order_hi;
+        // Repeats and zero counts are dropped by testing the sum, not the key, so the next store
+        // address never waits for the division.
+        w.add(tok, sum / token_median[tok], sum != 0);
     }
-    cand.n = n;
-    cand.lo = order_lo;
-    cand.hi = order_hi;
-    cand.zero_key = zero_key;
+    w.finish(cand);
 }
 
 // Accumulated gather of a clean row (see the checked loop in tokenize_range for the rules).

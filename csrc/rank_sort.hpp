@@ -61,6 +61,37 @@ struct Candidates {
     }
 };
 
+// Appends one gather's candidates without branching on them: every entry is written and `kept`
+// only advances the count (the next store address depends on the loads, never on the division).
+// Tracks the kept orders' bounds and whether a kept key is +-0.0 (zero keys, from a sum that
+// underflows or an infinite median, are rare: drop_zero_keys removes them afterwards).
+struct CandidateWriter {
+    u64* orders;
+    i32* tokens;
+    size_t n = 0;
+    u64 lo = ~u64{0}, hi = 0;
+    bool zero_key = false;
+
+    explicit CandidateWriter(Candidates& c) : orders(c.orders.data()), tokens(c.tokens.data()) {}
+
+    void add(i32 token, double key, bool kept) {
+        const u64 order = descending_order(key);
+        orders[n] = order;
+        tokens[n] = token;
+        n += kept;
+        zero_key |= kept & (key == 0);
+        lo = kept ? std::min(lo, order) : lo;
+        hi = kept ? std::max(hi, order) : hi;
+    }
+
+    void finish(Candidates& c) const {
+        c.n = n;
+        c.lo = lo;
+        c.hi = hi;
+        c.zero_key = zero_key;
+    }
+};
+
 struct RankItem {
     u64 order;
     i32 token;
