@@ -111,10 +111,12 @@ def main() -> None:
         rows.append({"build": name, "case": case, "threads": args.threads, "cells": args.cells,
                      "cpu_s_per_20k_min": ts[0] * scale, "cpu_s_per_20k_q25": ts[len(ts) // 4] * scale,
                      "cpu_s_per_20k_median": statistics.median(ts) * scale,
+                     "cpu_s_per_20k_mean": statistics.fmean(ts) * scale,
                      "cells_per_cpu_s_best": args.cells / ts[0]})
     for r in rows:
         print(f"{r['case']:20s} {r['build']:10s} CPU s per 20k cells: min {r['cpu_s_per_20k_min']:.3f}  "
-              f"q25 {r['cpu_s_per_20k_q25']:.3f}  median {r['cpu_s_per_20k_median']:.3f}")
+              f"q25 {r['cpu_s_per_20k_q25']:.3f}  median {r['cpu_s_per_20k_median']:.3f}  "
+              f"mean {r['cpu_s_per_20k_mean']:.3f}")
     if not args.no_write:
         load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
         paths = _harness.write_results("rank_core", rows, meta={"rounds": args.rounds, "load_average": load})

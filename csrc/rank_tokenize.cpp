@@ -14,10 +14,6 @@
 #include <cstring>
 #include <new>
 
-#if defined(__linux__)
-#include <sys/mman.h>
-#endif
-
 #include "rank_gather.hpp"
 #include "rank_sort.hpp"
 
@@ -146,22 +142,6 @@ void tokenize_range(const CsrChunk<IP, IX, DT>& chunk, const RankConfig& cfg, co
     zeroed.clean = true;
 }
 
-// malloc() for the output: large blocks are asked to use transparent huge pages, so the kernel
-// faults them in 2 MiB at a time instead of 4 KiB (on PBMC chunks the 4 KiB faults and zeroing of
-// a fresh ~150 MB buffer cost about a fifth of the core).  Still a malloc()-ed block: free()-able.
-i32* alloc_tokens(i64 n) {
-    const size_t bytes = static_cast<size_t>(n) * sizeof(i32);
-#if defined(__linux__) && defined(MADV_HUGEPAGE)
-    constexpr size_t huge = size_t{1} << 21;
-    if (bytes >= 8 * huge) {
-        void* p = std::aligned_alloc(huge, (bytes + huge - 1) / huge * huge);
-        if (p != nullptr) madvise(p, (bytes + huge - 1) / huge * huge, MADV_HUGEPAGE);  // advice only
-        return static_cast<i32*>(p);
-    }
-#endif
-    return static_cast<i32*>(std::malloc(bytes));
-}
-
 }  // namespace
 
 i64 find_bad_col_token(const i32* col_token, i64 n_cols, i64 n_tokens) {
@@ -215,7 +195,7 @@ RankResult rank_tokenize(const CsrChunk<IP, IX, DT>& chunk, const RankConfig& cf
         buffer = out;
         result.external = true;
     } else if (slot[n_parts] > 0) {
-        buffer = alloc_tokens(slot[n_parts]);
+        buffer = static_cast<i32*>(std::malloc(static_cast<size_t>(slot[n_parts]) * sizeof(i32)));
         if (buffer == nullptr) throw std::bad_alloc();
     }
     result.tokens = buffer;  // owned (freed) by result from here on, unless external

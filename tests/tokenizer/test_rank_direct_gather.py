@@ -231,13 +231,13 @@ def test_bad_indices_reported_as_before(n_threads):
     assert "cell row 30 " in str(got.value) and not isinstance(got.value, CountDataError)
 
 
-def test_large_output_buffer():
-    # over 16 MiB of tokens: the output buffer takes the huge-page allocation, is slid together from
-    # two threads and shrunk; equal to calls whose buffers are small (plain malloc) and to the oracle
+def test_long_chunk_on_two_threads():
+    # thousands of long cells: two ranges written into one buffer, slid together and shrunk; equal to
+    # calls over slices (one range each) and to the oracle
     rng = np.random.default_rng(9)
     n_cols = 2200
     col_token, token_median = _vocab(rng, n_cols, unmapped=0.02)
-    mask = rng.random((2600, n_cols)) < 0.85
+    mask = rng.random((1200, n_cols)) < 0.85
     rows, cols = np.nonzero(mask)
     indptr = np.zeros(mask.shape[0] + 1, dtype=np.int64)
     np.cumsum(mask.sum(axis=1), out=indptr[1:])
@@ -245,7 +245,6 @@ def test_large_output_buffer():
     data = rng.geometric(0.55, cols.size).astype(np.float32)
     kw = dict(col_token=col_token, token_median=token_median, max_len=2048, cls_token=0, eos_token=1)
     whole = tokenize_rank(indptr, indices, data, backend="cpp", n_threads=2, **kw)
-    assert whole[0].nbytes > 16 << 20
     for lo in range(0, mask.shape[0], 400):
         hi = min(lo + 400, mask.shape[0])
         part = tokenize_rank(indptr[lo : hi + 1], indices, data, backend="cpp", n_threads=1, **kw)
