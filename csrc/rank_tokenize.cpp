@@ -10,6 +10,7 @@
 // Both give bit-identical keys: a lone entry's sum is 0.0 + v == v for every nonzero v.
 #include "rank_tokenize.hpp"
 
+#include <atomic>
 #include <cstdlib>
 #include <cstring>
 #include <new>
@@ -151,9 +152,34 @@ i64 find_bad_col_token(const i32* col_token, i64 n_cols, i64 n_tokens) {
     return -1;
 }
 
+namespace {
+
+// The one released token buffer kept for reuse (see release_token_buffer); an atomic exchange, so
+// neither a lock nor its state after fork() is involved.
+std::atomic<void*> g_spare_tokens{nullptr};
+
+// A buffer for n tokens: the kept one resized (realloc keeps its resident pages: glibc moves or
+// trims a large mmap-ed block with mremap, no copy and no new faults but for a larger tail), else
+// a fresh malloc().
+i32* acquire_token_buffer(i64 n) {
+    const size_t bytes = static_cast<size_t>(n) * sizeof(i32);
+    if (void* spare = g_spare_tokens.exchange(nullptr)) {
+        if (void* p = std::realloc(spare, bytes)) return static_cast<i32*>(p);
+        std::free(spare);
+    }
+    return static_cast<i32*>(std::malloc(bytes));
+}
+
+}  // namespace
+
+void release_token_buffer(i32* tokens) noexcept {
+    if (tokens == nullptr) return;
+    std::free(g_spare_tokens.exchange(tokens));
+}
+
 RankResult& RankResult::operator=(RankResult&& o) noexcept {
     if (this != &o) {
-        if (!external) std::free(tokens);
+        if (!external) release_token_buffer(tokens);
         tokens = o.tokens;
         n_tokens = o.n_tokens;
         error = o.error;
@@ -164,7 +190,7 @@ RankResult& RankResult::operator=(RankResult&& o) noexcept {
 }
 
 RankResult::~RankResult() {
-    if (!external) std::free(tokens);
+    if (!external) release_token_buffer(tokens);
 }
 
 template <class IP, class IX, class DT>
@@ -195,7 +221,7 @@ RankResult rank_tokenize(const CsrChunk<IP, IX, DT>& chunk, const RankConfig& cf
         buffer = out;
         result.external = true;
     } else if (slot[n_parts] > 0) {
-        buffer = static_cast<i32*>(std::malloc(static_cast<size_t>(slot[n_parts]) * sizeof(i32)));
+        buffer = acquire_token_buffer(slot[n_parts]);
         if (buffer == nullptr) throw std::bad_alloc();
     }
     result.tokens = buffer;  // owned (freed) by result from here on, unless external
