@@ -116,7 +116,7 @@ py::tuple run_typed(const py::array& indptr, const py::array& indices, const py:
         tokens = py::reinterpret_borrow<py::array_t<i32>>(view);
     } else {
         i32* buf = result.release();
-        py::capsule owner(buf, [](void* p) { std::free(p); });
+        py::capsule owner(buf, [](void* p) { scfm::release_token_buffer(static_cast<i32*>(p)); });
         tokens = py::array_t<i32>({n_tokens}, {static_cast<i64>(sizeof(i32))}, buf, owner);
     }
     return py::make_tuple(tokens, offsets, cell_totals);

@@ -1,0 +1,190 @@
+// Ranking of one cell's candidates for rank_tokenize.cpp: the (order, token) arrays a gather fills,
+// and the radix sort that writes their tokens in rank order.
+#pragma once
+
+#include <algorithm>
+#include <cstring>
+#include <vector>
+
+#include "common.hpp"
+
+namespace scfm {
+
+// The key mapped to an unsigned integer whose *ascending* order is the key's *descending* order,
+// with NaN last (as NumPy's lexsort on -key puts NaN last); equal keys map to equal integers.
+// (order, token) is then a strict total order, so sort, nth_element and any thread split all give
+// the same tokens.  Branch-free (a NaN key is rare but must not cost a mispredicted branch in the
+// gathers).
+inline u64 descending_order(double key) {
+    u64 bits;
+    std::memcpy(&bits, &key, sizeof bits);
+    // Standard monotone map of IEEE doubles onto unsigned integers (negative: flip all bits, else
+    // set the sign bit), inverted for descending: negative -> bits, else bits ^ 0x7fff...
+    // Zero keys are dropped (drop_zero_keys) before any sort, so -0.0 / +0.0 need no care.
+    const u64 negative = static_cast<u64>(static_cast<std::int64_t>(bits) >> 63);
+    const u64 descending = bits ^ (~negative >> 1);
+    const u64 nan = u64{0} - static_cast<u64>(key != key);
+    return descending | nan;
+}
+
+// One cell's candidates as parallel arrays (8-byte orders and 4-byte tokens: the sort moves only
+// 8-byte words of digest and index, and reads these by index).
+struct Candidates {
+    std::vector<u64> orders;
+    std::vector<i32> tokens;
+    size_t n = 0;            // candidates in use
+    u64 lo = 0, hi = 0;      // smallest / largest order among them
+    bool zero_key = false;   // some candidate has a +-0.0 key (to be dropped)
+
+    void reserve(size_t n_max) {
+        if (orders.size() < n_max) {
+            orders.resize(n_max);
+            tokens.resize(n_max);
+        }
+    }
+
+    // Removes the candidates whose key was +-0.0 and recomputes lo / hi.
+    void drop_zero_keys() {
+        const u64 pos_zero = descending_order(0.0), neg_zero = descending_order(-0.0);
+        size_t m = 0;
+        lo = ~u64{0};
+        hi = 0;
+        for (size_t r = 0; r < n; ++r) {
+            if (orders[r] == pos_zero || orders[r] == neg_zero) continue;
+            lo = std::min(lo, orders[r]);
+            hi = std::max(hi, orders[r]);
+            orders[m] = orders[r];
+            tokens[m++] = tokens[r];
+        }
+        n = m;
+        zero_key = false;
+    }
+};
+
+// Appends one gather's candidates without branching on them: every entry is written and `kept`
+// only advances the count (the next store address depends on the loads, never on the division).
+// Tracks the kept orders' bounds and whether a kept key is +-0.0 (zero keys, from a sum that
+// underflows or an infinite median, are rare: drop_zero_keys removes them afterwards).
+struct CandidateWriter {
+    u64* orders;
+    i32* tokens;
+    size_t n = 0;
+    u64 lo = ~u64{0}, hi = 0;
+    bool zero_key = false;
+
+    explicit CandidateWriter(Candidates& c) : orders(c.orders.data()), tokens(c.tokens.data()) {}
+
+    void add(i32 token, double key, bool kept) {
+        const u64 order = descending_order(key);
+        orders[n] = order;
+        tokens[n] = token;
+        n += kept;
+        zero_key |= kept & (key == 0);
+        lo = kept ? std::min(lo, order) : lo;
+        hi = kept ? std::max(hi, order) : hi;
+    }
+
+    void finish(Candidates& c) const {
+        c.n = n;
+        c.lo = lo;
+        c.hi = hi;
+        c.zero_key = zero_key;
+    }
+};
+
+struct RankItem {
+    u64 order;
+    i32 token;
+};
+
+struct SortScratch {
+    std::vector<u64> words, spare;  // (digest << 32 | candidate index), sorted by digest
+    std::vector<i32> counts;        // the two digit histograms
+    std::vector<RankItem> items;    // comparison-sort fallback
+};
+
+// Writes to out the tokens of the `keep` smallest candidates by (order, token), in that order.
+//
+// Most cells have hundreds to thousands of genes, and comparison sorts spend their time in
+// mispredicted branches, so this is a radix sort on a monotone digest of the order value (its top
+// 16 or 22 bits above `lo`): two stable LSD passes of 8 or 11 bits (8 below 2048 candidates, where
+// clearing and prefix-summing 2 x 2048 counters per cell cost more than they save), then one
+// insertion pass with the full (order, token) comparison, which only has work where digests
+// collide (equal or very close keys).  Exactness only needs the digest to be monotone.  The
+// passes move 8-byte words (digest, candidate index) over the gathers' parallel arrays (measured
+// as fast as moving 16-byte (order, token) items on PBMC cells).  If collisions pile up (e.g. thousands of equal keys from a vocabulary with repeated
+// medians) the insertion pass hands over to introsort, so the worst case stays O(n log n).
+inline void radix_rank(const Candidates& cand, i64 keep, SortScratch& s, i32* out) {
+    const size_t n = cand.n;
+    const u64* const orders = cand.orders.data();
+    const i32* const tokens = cand.tokens.data();
+    auto introsort = [&]() {
+        s.items.resize(n);
+        RankItem* const it = s.items.data();
+        for (size_t r = 0; r < n; ++r) it[r] = RankItem{orders[r], tokens[r]};
+        auto less = [](const RankItem& a, const RankItem& b) {
+            return a.order < b.order || (a.order == b.order && a.token < b.token);
+        };
+        if (static_cast<i64>(n) > keep) std::nth_element(it, it + keep, it + n, less);
+        std::sort(it, it + keep, less);
+        for (i64 r = 0; r < keep; ++r) out[r] = it[r].token;
+    };
+    if (n < 192) return introsort();  // the 2 x 256-bucket histograms would dominate
+
+    // Digit width follows n: the two histograms (2 x 2^bits counters, cleared and prefix-summed per
+    // cell) should cost less than the two scatter passes over n words.
+    const int digit_bits = n < 2048 ? 8 : 11;
+    const u32 n_buckets = u32{1} << digit_bits;
+    const u32 mask = n_buckets - 1;
+    const u64 range = cand.hi - cand.lo;
+    int range_bits = 0;
+    while (range_bits < 64 && (range >> range_bits) != 0) ++range_bits;
+    const int shift = std::max(0, range_bits - 2 * digit_bits);
+    s.counts.assign(2 * static_cast<size_t>(n_buckets), 0);
+    i32* const c0 = s.counts.data();
+    i32* const c1 = c0 + n_buckets;
+    s.words.resize(n);
+    s.spare.resize(n);
+    u64* const a = s.words.data();
+    u64* const b = s.spare.data();
+    for (size_t r = 0; r < n; ++r) {
+        const u32 d = static_cast<u32>((orders[r] - cand.lo) >> shift);
+        a[r] = (static_cast<u64>(d) << 32) | r;
+        ++c0[d & mask];
+        ++c1[d >> digit_bits];
+    }
+    i32 s0 = 0, s1 = 0;
+    for (u32 k = 0; k < n_buckets; ++k) {  // exclusive prefix sums: bucket starts
+        const i32 t0 = c0[k], t1 = c1[k];
+        c0[k] = s0;
+        c1[k] = s1;
+        s0 += t0;
+        s1 += t1;
+    }
+    for (size_t r = 0; r < n; ++r) b[c0[(a[r] >> 32) & mask]++] = a[r];
+    for (size_t r = 0; r < n; ++r) a[c1[b[r] >> (32 + digit_bits)]++] = b[r];
+
+    // Insertion pass: only runs of equal digests can be out of order.  Words compare by digest
+    // first (the high half); equal digests compare by the candidates' (order, token).
+    auto less = [&](u64 x, u64 y) {
+        if ((x ^ y) >> 32) return x < y;
+        const u32 i = static_cast<u32>(x), j = static_cast<u32>(y);
+        return orders[i] < orders[j] || (orders[i] == orders[j] && tokens[i] < tokens[j]);
+    };
+    size_t moves = 0;
+    for (size_t r = 1; r < n; ++r) {
+        if (!less(a[r], a[r - 1])) continue;
+        const u64 x = a[r];
+        size_t j = r;
+        do {
+            a[j] = a[j - 1];
+            --j;
+        } while (j > 0 && less(x, a[j - 1]));
+        a[j] = x;
+        moves += r - j;
+        if (moves > 16 * n) return introsort();  // many ties: stop paying O(run^2)
+    }
+    for (i64 r = 0; r < keep; ++r) out[r] = tokens[static_cast<u32>(a[r])];
+}
+
+}  // namespace scfm
