@@ -13,7 +13,6 @@ from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
-import scipy.sparse as sp
 
 from ._csr import CSRBlock, dense_to_csr, make_block
 from ._nodes import ReadStats, read_slice, storage_rows
@@ -170,6 +169,8 @@ class CSCSource:
         # counting-based CSC -> CSR conversion is O(entries) and leaves columns sorted in each row.
         col_ptr = np.zeros(self.n_cols + 1, dtype=np.int64)
         np.cumsum(per_col, out=col_ptr[1:])
+        import scipy.sparse as sp  # here only: CSC input is rare, and scipy costs ~0.1 s to import
+
         block = sp.csc_matrix((np.concatenate(vals), np.concatenate(rows), col_ptr), shape=(n, self.n_cols))
         del rows, vals
         csr = block.tocsr()

@@ -12,6 +12,7 @@ import re
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -232,20 +233,7 @@ def resolve_genes(
     if gene_mapping is not None:
         col_token, report = _resolve_mapped(gene_ids, vocab, gene_mapping)
         return col_token, _check_fraction(report, gene_ids, vocab, min_fraction=min_fraction, source=source)
-    col_token = np.full(len(gene_ids), -1, dtype=np.int32)
-    counts = dict.fromkeys(("ensembl", "version", "symbol", "ortholog", "case"), 0)
-    case_example = ""
-    unmatched: list[str] = []
-    upper = case_insensitive_map(gene_name_map, ortholog_map)
-    for j, raw in enumerate(gene_ids):
-        g = str(raw).strip()
-        t, how = match_gene_id(g, vocab, gene_name_map=gene_name_map, ortholog_map=ortholog_map, upper_map=upper)
-        if t >= 0:
-            col_token[j] = t
-            counts[how] += 1
-            case_example = case_example or (g if how == "case" else "")
-        elif len(unmatched) < 10:
-            unmatched.append(g)
+    col_token, counts, case_example, unmatched = _match_all(gene_ids, vocab, gene_name_map, ortholog_map)
     n_ens, n_ver, n_orth, n_case = counts["ensembl"], counts["version"], counts["ortholog"], counts["case"]
     n_sym = counts["symbol"] + n_case
     matched = col_token[col_token >= 0]
@@ -267,6 +255,42 @@ def resolve_genes(
                     "is mouse data, pass --orthologs mouse-to-human", source, n_case,
                     report.n_matched_genes, case_example)
     return col_token, _check_fraction(report, gene_ids, vocab, min_fraction=min_fraction, source=source)
+
+
+#: the last few gene-id matchings: a run resolves each input twice (default id source check), and a corpus
+#: of many files usually repeats one var; entries hold their tables, so an identity test cannot go stale
+_MATCHED: list[tuple[Any, ...]] = []
+
+
+def _match_all(gene_ids: Sequence[str] | np.ndarray, vocab: GeneVocab, gene_name_map: Mapping[str, str] | None,
+               ortholog_map: Mapping[str, str] | None) -> tuple[np.ndarray, dict[str, int], str, list[str]]:
+    """:func:`match_gene_id` over every column: (token per column, matches per route, a case-only example,
+    up to 10 unmatched ids). Memoised on the ids' content and the tables' identity."""
+    import hashlib
+
+    ids = [str(g).strip() for g in gene_ids]
+    key = (len(ids), hashlib.blake2b("\x00".join(ids).encode("utf-8", "surrogatepass"), digest_size=16).digest())
+    for k, v, g, o, res in _MATCHED:
+        if k == key and v is vocab and g is gene_name_map and o is ortholog_map:
+            col_token, counts, case_example, unmatched = res
+            return col_token.copy(), dict(counts), case_example, list(unmatched)
+    col_token = np.full(len(ids), -1, dtype=np.int32)
+    counts = dict.fromkeys(("ensembl", "version", "symbol", "ortholog", "case"), 0)
+    case_example = ""
+    unmatched: list[str] = []
+    upper = case_insensitive_map(gene_name_map, ortholog_map)
+    for j, g in enumerate(ids):
+        t, how = match_gene_id(g, vocab, gene_name_map=gene_name_map, ortholog_map=ortholog_map, upper_map=upper)
+        if t >= 0:
+            col_token[j] = t
+            counts[how] += 1
+            case_example = case_example or (g if how == "case" else "")
+        elif len(unmatched) < 10:
+            unmatched.append(g)
+    _MATCHED.insert(0, (key, vocab, gene_name_map, ortholog_map, (col_token.copy(), dict(counts), case_example,
+                                                                   list(unmatched))))
+    del _MATCHED[4:]
+    return col_token, counts, case_example, unmatched
 
 
 def _resolve_mapped(gene_ids: Sequence[str] | np.ndarray, vocab: GeneVocab,
