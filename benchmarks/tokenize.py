@@ -139,12 +139,15 @@ def make_loom(path: Path, n_cells: int, *, seed: int = 0, block: int = 512) -> N
 
 
 def make_store(fmt: str, path: Path, n_cells: int, *, seed: int = 0) -> None:
+    """Write the store, then flush it to disk: otherwise the kernel's write-back of the new (GB-sized) file
+    runs during the measurement that follows and is charged to it."""
     if fmt in ("zarr2", "zarr3"):
         make_zarr(path, n_cells, seed=seed, zarr_format=int(fmt[-1]))
     elif fmt == "loom":
         make_loom(path, n_cells, seed=seed)
     else:
         make_h5ad(path, n_cells, seed=seed, gzip=fmt == "h5ad-gzip")
+    os.sync()
 
 
 def _stages(path: str, chunk_size: int) -> dict:

@@ -49,6 +49,40 @@ def test_core_equals_sequential_and_numba(real_chunk, ix, dt):
     assert 0 < got[1] < got[0]
 
 
+
+@needs_core
+@pytest.mark.parametrize("case", ["integers", "one_fraction", "nan", "inf", "negative", "neg_zero", "huge",
+                                  "short", "no_columns"])
+def test_interleaved_sums_equal_the_sequential_definition(real_chunk, case):
+    """Integer counts take four interleaved accumulators (exact: every partial sum is an integer below 2^53);
+    anything else falls back to the sequential loop. Both must equal the sequential sums bit for bit."""
+    indices, data, col_token = real_chunk
+    data = data.astype(np.float64).copy()
+    if case == "one_fraction":
+        data[len(data) // 2] += 0.1  # one fractional count: the whole order matters again
+    elif case == "nan":
+        data[7] = np.nan
+    elif case == "inf":
+        data[7] = np.inf
+    elif case == "negative":
+        data[::3] *= -1
+    elif case == "neg_zero":
+        data[:] = -0.0
+    elif case == "huge":
+        data[3] = 2.0**52  # n * max|count| >= 2^53: integer partial sums may round
+        data[4] = 3.0
+    elif case == "short":
+        indices, data = indices[:3], data[:3]
+    elif case == "no_columns":
+        with pytest.raises(ValueError, match="outside col_token"):
+            _ext.core.count_sums(indices[:5], data[:5], np.zeros(0, np.int32))
+        return
+    want = _sequential(indices, data, col_token)
+    got = _ext.core.count_sums(indices, data, col_token)
+    assert np.array_equal(np.array(got), np.array(want), equal_nan=True)
+    assert [np.signbit(x) for x in got] == [np.signbit(x) for x in want]
+
+
 @needs_core
 def test_core_refuses_out_of_range_columns():
     with pytest.raises(ValueError, match="stored entry 1 has a gene column index outside col_token"):
