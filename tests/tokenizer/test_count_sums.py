@@ -53,9 +53,9 @@ def test_core_equals_sequential_and_numba(real_chunk, ix, dt):
 @needs_core
 @pytest.mark.parametrize("case", ["integers", "one_fraction", "nan", "inf", "negative", "neg_zero", "huge",
                                   "short", "no_columns"])
-def test_interleaved_sums_equal_the_sequential_definition(real_chunk, case):
-    """Integer counts take four interleaved accumulators (exact: every partial sum is an integer below 2^53);
-    anything else falls back to the sequential loop. Both must equal the sequential sums bit for bit."""
+def test_edge_cases_equal_the_sequential_definition(real_chunk, case):
+    """Fractional, non-finite, negative, signed-zero and huge counts: the core's sums equal the sequential
+    float64 definition bit for bit (signs of zero included)."""
     indices, data, col_token = real_chunk
     data = data.astype(np.float64).copy()
     if case == "one_fraction":
@@ -69,7 +69,7 @@ def test_interleaved_sums_equal_the_sequential_definition(real_chunk, case):
     elif case == "neg_zero":
         data[:] = -0.0
     elif case == "huge":
-        data[3] = 2.0**52  # n * max|count| >= 2^53: integer partial sums may round
+        data[3] = 2.0**52  # partial sums beyond 2^53 round: the order matters
         data[4] = 3.0
     elif case == "short":
         indices, data = indices[:3], data[:3]
