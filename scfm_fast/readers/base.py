@@ -31,6 +31,10 @@ class CellChunk:
         Counts, ``float32`` or ``float64``; same length as ``indices``.
     obs
         Per-cell metadata for these cells (index = cell names), holding the requested columns.
+
+    ``indices`` and ``data`` may be read-only (uncompressed h5ad arrays are memory maps of the file): copy
+    them before writing into them. Keeping them is safe: memory the reader reuses is handed out again
+    only once no view of it remains.
     """
 
     start: int
