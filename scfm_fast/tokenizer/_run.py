@@ -205,7 +205,7 @@ def _init(job: dict[str, Any]) -> None:
     if blosc is not None:
         # Blosc's own decoding threads: the workers already fill the cores (~5% less CPU on Zarr v2 without)
         blosc.use_threads = False
-    gc.freeze()  # the inherited objects never become garbage: the collector need not scan them again
+    gc.freeze()  # the parent's objects live as long as the worker: the collector need not scan them again
 
 
 def _work(file_index: int, start: int) -> tuple[str, dict[str, Any]]:
