@@ -19,8 +19,9 @@ from .schema import PACKED_DIR
 
 log = logging.getLogger("scfm_fast")
 
-#: optional packed arrays of GeneCompass datasets: float32 values aligned with tokens.npy, int8 species per
-#: cell (0 human, 1 mouse); the same names are the shards' / tables' columns
+#: optional packed arrays of GeneCompass datasets: float32 values aligned with the tokens (segments in
+#: packed/values/; a values.npy in format /1 or hand-made stores), int8 species per cell (0 human, 1 mouse);
+#: the same names are the shards' / tables' columns
 VALUES_FILE, SPECIES_FILE = "values.npy", "species.npy"
 SPECIES_COLUMN = "species"
 IDENTITY = ("cell_index", "file_index")

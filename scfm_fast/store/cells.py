@@ -26,7 +26,7 @@ import numpy as np
 import pyarrow as pa
 
 from .._errors import InputFileError, StoreError, UsageError
-from ._cell_arrays import SPECIES_COLUMN, VALUES_FILE, CellArrays, from_directory, from_lists, from_table
+from ._cell_arrays import SPECIES_COLUMN, CellArrays, from_directory, from_lists, from_table
 from .schema import PACKED_DIR, table_config
 
 
@@ -178,7 +178,7 @@ class CellSource:
     def take_values(self, indices: Any) -> list[np.ndarray]:
         """Per-token values (``float32``) of the cells at ``indices``; refused when the dataset has none."""
         if self._base.values is None:
-            msg = f"{self.name}: has no per-token values ({PACKED_DIR}/{VALUES_FILE}); tokenize with values"
+            msg = f"{self.name}: has no per-token values (no {PACKED_DIR}/values); tokenize with values"
             raise StoreError(msg)
         vals, cu = self._gather(self._base.values, indices, np.float32)
         return [vals[cu[k]:cu[k + 1]] for k in range(cu.size - 1)]

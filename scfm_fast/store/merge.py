@@ -1,14 +1,14 @@
 """Join the outputs of ``scfm tokenize --shard K/N`` jobs into one token dataset.
 
 Shard runs already number their files by their index in the full input list, so their Parquet shards
-keep their names and contents: they are hard-linked (copied only across file systems), never
-re-encoded. The packed store is concatenated in (file, row) order and the manifest is rebuilt, so the
-result equals a single run's output cell for cell, with the same config (and config hash).
+keep their names and contents: they and the packed store's per-shard token segments are hard-linked
+(copied only across file systems), never re-encoded. The per-cell packed arrays are concatenated in
+(file, row) order and the manifest is rebuilt, so the result equals a single run's output cell for
+cell, with the same config (and config hash).
 """
 
 from __future__ import annotations
 
-import errno
 import json
 import os
 import shutil
@@ -21,9 +21,10 @@ import numpy as np
 
 from .._errors import StoreError, UsageError
 from ._atomic import _atomic_write_text
-from .packed import OPTIONAL_PACKED, packed_appenders
+from .packed import OPTIONAL_PACKED, _NpyAppender, cell_appenders, npy_extent
 from .reader import read_manifest
-from .schema import MANIFEST, META_DIR, PACKED_DIR
+from .schema import MANIFEST, META_DIR, PACKED_DIR, SEGMENTS
+from .segments import link_or_copy, segment_file
 from .writer import _check_replaceable, _config_diff, config_hash
 
 #: config entries that differ between the shard runs of one corpus (everything else must be equal)
@@ -70,16 +71,6 @@ def _check_shards(dirs: Sequence[Path], mans: Sequence[dict[str, Any]]) -> int:
     return n
 
 
-def _link(src: Path, dst: Path) -> None:
-    """Hard link (no second copy of the data); a plain copy across file systems."""
-    try:
-        os.link(src, dst)
-    except OSError as e:
-        if e.errno not in (errno.EXDEV, errno.EPERM, errno.EMLINK, errno.ENOTSUP):
-            raise
-        shutil.copy2(src, dst)
-
-
 def _load_packed(d: Path, name: str) -> np.ndarray:
     try:
         return np.load(d / PACKED_DIR / f"{name}.npy", mmap_mode="r")
@@ -89,10 +80,43 @@ def _load_packed(d: Path, name: str) -> np.ndarray:
         raise StoreError(msg) from None
 
 
+def _file_segments(d: Path, man: dict[str, Any], fi: int, name: str, dtype: np.dtype, flat: np.ndarray | None,
+                   lo: int, hi: int, out: Path) -> None:
+    """Input file ``fi``'s segments of per-token array ``name`` in output ``d``, placed in ``out``: linked
+    from a segmented store; cut per shard from a single-file store (format /1), tokens ``[lo, hi)``."""
+    recs = sorted((r for r in man["shards"] if r["file_index"] == fi and int(r["n_tokens"]) > 0),
+                  key=lambda r: r["start"])
+    if sum(int(r["n_tokens"]) for r in recs) != hi - lo:
+        msg = f"{d}: the packed store does not match its manifest's shards; rebuild it with --resume"
+        raise StoreError(msg)
+    t = lo
+    for r in recs:
+        n, dst = int(r["n_tokens"]), segment_file(out / name, r["file"])
+        if flat is None:
+            src = segment_file(d / PACKED_DIR / name, r["file"])
+            try:
+                got = npy_extent(src)
+            except OSError as e:
+                msg = (f"{src}: missing or damaged ({e}); rebuild that shard output with the same "
+                       "`scfm tokenize ... --shard K/N --resume` after deleting its __scfm__/packed")
+                raise StoreError(msg) from None
+            if got[:2] != (dtype, n):
+                msg = (f"{src}: holds {got[0]}[{got[1]}], its manifest record says {dtype}[{n}]; rebuild that "
+                       "shard output with `--resume` after deleting its __scfm__/packed")
+                raise StoreError(msg)
+            link_or_copy(src, dst)
+        else:
+            seg = _NpyAppender(dst, dtype, n)
+            seg.write(np.asarray(flat[t:t + n]))
+            seg.close()
+        t += n
+
+
 def _concat_packed(dirs: Sequence[Path], mans: Sequence[dict[str, Any]], out: Path, *,
                    n_inputs: int) -> tuple[int, int, str, list[str]]:
-    """Concatenate the packed stores in file order (streaming, bounded by one file's cells), with the
-    optional arrays (GeneCompass values, species) they carry."""
+    """Join the packed stores in file order, with the optional arrays (GeneCompass values, species) they
+    carry: per-token segments are hard-linked (cut per shard from a single-file store), per-cell arrays
+    concatenated (streaming, bounded by one file's cells)."""
     dtypes = {m["packed"]["dtype"] for m in mans}
     if len(dtypes) != 1:
         msg = f"the outputs' packed stores have different token dtypes {sorted(dtypes)}; re-tokenize them alike"
@@ -104,28 +128,36 @@ def _concat_packed(dirs: Sequence[Path], mans: Sequence[dict[str, Any]], out: Pa
                "re-tokenize them alike")
         raise StoreError(msg)
     optional = [name for name in optionals.pop() if name in OPTIONAL_PACKED]
-    stores = [{k: _load_packed(d, k) for k in ("tokens", "offsets", "cell_index", "file_index", *optional)}
-              for d in dirs]
+    per_token = ["tokens", *(name for name in optional if OPTIONAL_PACKED[name][0] == "token")]
+    per_cell = [name for name in optional if OPTIONAL_PACKED[name][0] == "cell"]
+    segmented = [m["packed"].get("layout") == SEGMENTS for m in mans]
+    stores = [{k: _load_packed(d, k) for k in ("offsets", "cell_index", "file_index", *per_cell,
+                                               *([] if seg else per_token))}
+              for d, seg in zip(dirs, segmented)]
     owner = {fi: j for j, m in enumerate(mans) for fi in m["config"]["shard"]["files"]}
     n_cells = sum(int(s["offsets"].shape[0]) - 1 for s in stores)
-    n_tokens = sum(int(s["tokens"].shape[0]) for s in stores)
-    outs = packed_appenders(out, dtype, n_cells=n_cells, n_tokens=n_tokens, optional=optional)
+    n_tokens = sum(int(s["offsets"][-1]) for s in stores)
+    outs = cell_appenders(out, n_cells=n_cells, optional=per_cell)
+    for name in per_token:
+        (out / name).mkdir()
     ok = False
     try:
         outs["offsets"].write(np.zeros(1, dtype=np.int64))
         t = 0
         for fi in range(n_inputs):
-            s = stores[owner[fi]]
+            j = owner[fi]
+            s = stores[j]
             # a store holds its files in order, so one file's cells are one contiguous range
             a, b = np.searchsorted(s["file_index"], [fi, fi + 1])
             lo, hi = int(s["offsets"][a]), int(s["offsets"][b])
-            outs["tokens"].write(np.asarray(s["tokens"][lo:hi]))
+            for name in per_token:
+                dt = dtype if name == "tokens" else np.dtype(OPTIONAL_PACKED[name][1])
+                _file_segments(dirs[j], mans[j], fi, name, dt, s.get(name), lo, hi, out)
             outs["offsets"].write(t + (np.asarray(s["offsets"][a + 1:b + 1]) - lo))
             outs["cell_index"].write(np.asarray(s["cell_index"][a:b]))
             outs["file_index"].write(np.asarray(s["file_index"][a:b]))
-            for name in optional:
-                lo_, hi_ = (lo, hi) if OPTIONAL_PACKED[name][0] == "token" else (a, b)
-                outs[name].write(np.asarray(s[name][lo_:hi_]))
+            for name in per_cell:
+                outs[name].write(np.asarray(s[name][a:b]))
             t += hi - lo
         ok = True
     finally:
@@ -196,7 +228,7 @@ def merge_token_datasets(parts: Sequence[str | Path], out: str | Path, *, overwr
                 if not src.is_file():
                     msg = f"{src}: recorded in {d / MANIFEST} but missing; rerun that shard job with --resume"
                     raise StoreError(msg)
-                _link(src, tmp / rec["file"])
+                link_or_copy(src, tmp / rec["file"])
                 shards.append(rec)
         n_cells, n_tokens, dtype, optional = _concat_packed(dirs, mans, tmp / PACKED_DIR, n_inputs=n_inputs)
         shards.sort(key=lambda s: (s["file_index"], s["start"]))
@@ -208,7 +240,8 @@ def merge_token_datasets(parts: Sequence[str | Path], out: str | Path, *, overwr
         manifest = {**{k: v for k, v in mans[0].items() if k not in ("file_indexes",)},
                     "status": "complete", "config_hash": config_hash(config), "config": config,
                     "shards": shards, "inputs": inputs, "gene_match": gene_match, "n_cells": n_cells,
-                    "n_tokens": n_tokens, "packed": {"dir": PACKED_DIR, "dtype": dtype, "optional": optional},
+                    "n_tokens": n_tokens, "packed": {"dir": PACKED_DIR, "dtype": dtype, "optional": optional,
+                                                 "layout": SEGMENTS},
                     "summary": summary, "created": now, "merged_from": [str(d.resolve()) for d in dirs]}
         if mans[0].get("qc"):  # per-file QC reports, by global file index like the inputs
             manifest["qc"] = {**mans[0]["qc"], "files": qc_files}

@@ -2,7 +2,8 @@
 
 :class:`ShardFiles` writes one shard's Parquet file (what users read) and its packed part (tokens in
 the packed dtype, offsets, cell/file index, optional GeneCompass arrays) from the same in-memory
-table; :func:`packed_appenders` streams arrays into the packed store's ``.npy`` files.  Used by the
+table; :func:`cell_appenders` streams the per-cell arrays into the packed store's ``.npy`` files (the
+per-token ones are linked as segments, :mod:`.segments`).  Used by the
 run's :class:`~scfm_fast.store.writer.ShardedTokenWriter` and by :mod:`~scfm_fast.store.merge`.
 """
 
@@ -148,13 +149,16 @@ def _save_parts(path: Path, parts: list[np.ndarray], dtype: np.dtype) -> None:
             f.write(memoryview(np.ascontiguousarray(a, dtype=dtype)).cast("B"))
 
 
-def packed_appenders(d: Path, dtype: np.dtype, *, n_cells: int, n_tokens: int,
-                     optional: Sequence[str] = ()) -> dict[str, _NpyAppender]:
-    """One appender per packed array (tokens, offsets, cell_index, file_index and ``optional`` ones)."""
-    sizes = [("tokens", dtype, n_tokens), ("offsets", np.int64, n_cells + 1), ("cell_index", np.int64, n_cells),
-             ("file_index", np.int32, n_cells)]
-    sizes += [(name, OPTIONAL_PACKED[name][1], n_tokens if OPTIONAL_PACKED[name][0] == "token" else n_cells)
-              for name in optional]
+def cell_appenders(d: Path, *, n_cells: int, optional: Sequence[str] = ()) -> dict[str, _NpyAppender]:
+    """One appender per per-cell packed array (offsets, cell_index, file_index and ``optional`` per-cell
+    ones such as species); the per-token arrays are segments (:mod:`.segments`)."""
+    sizes = [("offsets", np.int64, n_cells + 1), ("cell_index", np.int64, n_cells), ("file_index", np.int32, n_cells)]
+    for name in optional:
+        per, dt = OPTIONAL_PACKED[name]
+        if per != "cell":
+            msg = f"{name} is a per-token array: it is stored as segments, not appended"
+            raise ValueError(msg)
+        sizes.append((name, dt, n_cells))
     return {name: _NpyAppender(d / f"{name}.npy", dt, n) for name, dt, n in sizes}
 
 

@@ -11,7 +11,9 @@ import pyarrow as pa
 import pyarrow.dataset as ds
 
 from .._errors import StoreError
-from .schema import MANIFEST, PACKED_DIR
+from .packed import OPTIONAL_PACKED
+from .schema import MANIFEST, PACKED_DIR, SEGMENTS
+from .segments import SEGMENTED, SegmentedArray, open_segments
 
 
 def read_manifest(path: str | Path, *, require_complete: bool = True) -> dict[str, Any]:
@@ -93,8 +95,17 @@ class TokenStore:
         self.path = Path(path)
         self.manifest = read_manifest(self.path)
         d = self.path / PACKED_DIR
+        packed = self.manifest.get("packed") or {}
+        repair = ("rebuild it with the same `scfm tokenize ... --resume` after deleting __scfm__/packed (the "
+                  "Parquet shards are intact)")
         try:
-            self.tokens = np.load(d / "tokens.npy", mmap_mode="r")
+            if not d.is_dir():
+                msg = f"no folder {d}"
+                raise FileNotFoundError(msg)
+            if packed.get("layout") == SEGMENTS:
+                self.tokens = open_segments(d, "tokens", self.manifest["shards"], packed["dtype"], repair=repair)
+            else:  # one tokens.npy (format scfm_fast.tokens/1)
+                self.tokens = np.load(d / "tokens.npy", mmap_mode="r")
             self.offsets = np.load(d / "offsets.npy", mmap_mode="r")
             self.cell_index = np.load(d / "cell_index.npy", mmap_mode="r")
             self.file_index = np.load(d / "file_index.npy", mmap_mode="r")
@@ -114,18 +125,20 @@ class TokenStore:
                    "rebuild it with the same `scfm tokenize ... --resume` after deleting __scfm__/packed")
             raise StoreError(msg)
 
-    def _optional(self, d: Path, name: str, n: int) -> np.ndarray | None:
-        if name not in ((self.manifest.get("packed") or {}).get("optional") or []):
+    def _optional(self, d: Path, name: str, n: int) -> np.ndarray | SegmentedArray | None:
+        packed = self.manifest.get("packed") or {}
+        if name not in (packed.get("optional") or []):
             return None
+        repair = "rebuild it with the same `scfm tokenize ... --resume` after deleting __scfm__/packed"
+        if packed.get("layout") == SEGMENTS and name in SEGMENTED:
+            return open_segments(d, name, self.manifest["shards"], OPTIONAL_PACKED[name][1], repair=repair)
         try:
             arr = np.load(d / f"{name}.npy", mmap_mode="r")
         except (OSError, ValueError) as e:
-            msg = (f"{self.path}: packed {name}.npy is missing or damaged ({e}); rebuild it with the same "
-                   "`scfm tokenize ... --resume` after deleting __scfm__/packed")
+            msg = f"{self.path}: packed {name}.npy is missing or damaged ({e}); {repair}"
             raise StoreError(msg) from None
         if arr.shape[0] != n:
-            msg = (f"{self.path}: packed {name}.npy has {arr.shape[0]:,} entries, expected {n:,}; rebuild it with "
-                   "the same `scfm tokenize ... --resume` after deleting __scfm__/packed")
+            msg = f"{self.path}: packed {name}.npy has {arr.shape[0]:,} entries, expected {n:,}; {repair}"
             raise StoreError(msg)
         return arr
 

@@ -7,11 +7,16 @@ A token dataset directory holds::
     __scfm__/manifest.shards.jsonl   while a run is unfinished: one shard record per line, folded
                                      into manifest.json on every rewrite and at finalize
     __scfm__/parts/                  while unfinished: each shard's packed part (.npy arrays)
-    __scfm__/packed/tokens.npy       all tokens, concatenated (uint16 when the vocabulary fits, else int32)
+    __scfm__/packed/tokens/part-FFFF-SSSSSSSSSSSS.npy   each shard's tokens (uint16 when the vocabulary
+                                     fits, else int32); in shard order they are the flat token array
     __scfm__/packed/offsets.npy      int64, n_cells + 1: cell i is tokens[offsets[i]:offsets[i+1]]
     __scfm__/packed/{cell_index,file_index}.npy   source row and input file of each packed cell
-    __scfm__/packed/values.npy    float32, aligned with tokens.npy (GeneCompass datasets only)
+    __scfm__/packed/values/part-....npy   float32, aligned with tokens (GeneCompass datasets only)
     __scfm__/packed/species.npy   int8 per packed cell, 0 human / 1 mouse (GeneCompass datasets only)
+
+The per-token arrays are segments, one per shard with tokens (hard links of the run's shard parts: no
+copy at finalize), and the manifest's ``packed.layout`` says ``"segments"``.  Datasets of format
+``scfm_fast.tokens/1`` hold one ``tokens.npy`` (and ``values.npy``) instead; both layouts are read.
 
 ``pyarrow.dataset.dataset(DIR)`` skips names starting with ``_`` or ``.``, and Hugging Face
 ``datasets.load_dataset("parquet", data_dir=DIR)`` skips ``__*__`` folders and dot-files, so both read
@@ -30,7 +35,9 @@ from typing import Any
 
 import pyarrow as pa
 
-FORMAT = "scfm_fast.tokens/1"
+FORMAT = "scfm_fast.tokens/2"
+#: ``manifest["packed"]["layout"]`` of a store whose per-token arrays are per-shard segments
+SEGMENTS = "segments"
 META_DIR = "__scfm__"
 MANIFEST = f"{META_DIR}/manifest.json"
 PACKED_DIR = f"{META_DIR}/packed"

@@ -32,11 +32,12 @@ from .packed import (  # noqa: F401 - OPTIONAL_PACKED, _NpyAppender re-exported
     OPTIONAL_PACKED,
     ShardFiles,
     _NpyAppender,
+    cell_appenders,
     npy_extent,
-    packed_appenders,
     part_dir,
 )
-from .schema import FORMAT, MANIFEST, META_DIR, PACKED_DIR, PARTS_DIR, shard_name
+from .schema import FORMAT, MANIFEST, META_DIR, PACKED_DIR, PARTS_DIR, SEGMENTS, shard_name
+from .segments import SEGMENTED, link_or_copy, segment_file
 
 
 def config_hash(config: dict[str, Any]) -> str:
@@ -322,7 +323,7 @@ class ShardedTokenWriter:
         os.replace(tmp, self.out / PACKED_DIR)
         self.manifest.update(status="complete", n_cells=n_cells, n_tokens=n_tokens,
                              packed={"dir": PACKED_DIR, "dtype": self.dtype.name,
-                                     "optional": self._optional_arrays(shards)},
+                                     "optional": self._optional_arrays(shards), "layout": SEGMENTS},
                              **summary)
         self._save()
         # the parts go only once the manifest says complete, so a crash in between can still resume
@@ -336,11 +337,16 @@ class ShardedTokenWriter:
         return [name for name in OPTIONAL_PACKED if (first / f"{name}.npy").is_file()]
 
     def _assemble(self, tmp: Path, shards: list[dict[str, Any]], n_cells: int, n_tokens: int) -> None:
-        # plain appends, not memory maps: dirty mapped pages would count against the process's memory
-        # and grow with the corpus; the per-token arrays are copied file to file (copy_file_range),
-        # never decoded
+        # Per-token arrays (tokens, values) become segments: each part's file is hard-linked, not copied
+        # (the copy was a serial pass over every token at the end of the run).  Per-cell arrays are small
+        # and appended into one file each (plain appends, not memory maps: dirty mapped pages would
+        # count against the process's memory and grow with the corpus).
         optional = self._optional_arrays(shards)
-        outs = packed_appenders(tmp, self.dtype, n_cells=n_cells, n_tokens=n_tokens, optional=optional)
+        segmented = [name for name in SEGMENTED if name == "tokens" or name in optional]
+        per_cell = [name for name in optional if name not in segmented]
+        outs = cell_appenders(tmp, n_cells=n_cells, optional=per_cell)
+        for name in segmented:
+            (tmp / name).mkdir()
         ok = False
         try:
             outs["offsets"].write(np.zeros(1, dtype=np.int64))
@@ -348,16 +354,22 @@ class ShardedTokenWriter:
             for s in shards:
                 part = part_dir(self.parts, s["file"])
                 lo, cell_index = np.load(part / "offsets.npy"), np.load(part / "cell_index.npy")
-                n_tok = npy_extent(part / "tokens.npy")[1]
-                if n_tok != s["n_tokens"] or lo.size - 1 != s["n_cells_written"] or int(lo[-1]) != n_tok:
+                tok_dtype, n_tok, _ = npy_extent(part / "tokens.npy")
+                if (tok_dtype != self.dtype or n_tok != s["n_tokens"] or lo.size - 1 != s["n_cells_written"]
+                        or int(lo[-1]) != n_tok):
                     msg = f"{part}: shard part does not match the manifest; rerun with --overwrite"
                     raise StoreError(msg)
                 self._verify_shard(s, np.diff(lo), cell_index)
-                outs["tokens"].copy_from(part / "tokens.npy")
+                for name in segmented:
+                    if name != "tokens" and npy_extent(part / f"{name}.npy")[:2] != (OPTIONAL_PACKED[name][1], n_tok):
+                        msg = f"{part / name}.npy: not aligned with the part's tokens; rerun with --overwrite"
+                        raise StoreError(msg)
+                    if n_tok:  # an empty shard has no segment
+                        link_or_copy(part / f"{name}.npy", segment_file(tmp / name, s["file"]))
                 outs["offsets"].write(t + lo[1:])
                 outs["cell_index"].write(cell_index)
                 outs["file_index"].copy_from(part / "file_index.npy")
-                for name in optional:
+                for name in per_cell:
                     outs[name].copy_from(part / f"{name}.npy")
                 t += n_tok
             ok = True

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -10,6 +13,7 @@ import pytest
 from scfm_fast._errors import StoreError, UsageError
 from scfm_fast.store import TokenStore, read_manifest, read_table
 from scfm_fast.store.merge import merge_token_datasets
+from scfm_fast.store.schema import MANIFEST, PACKED_DIR
 from scfm_fast.tokenizer.pipeline import tokenize_corpus
 from scfm_fast.vocab import GeneVocab
 from tests._data import make_counts_adata
@@ -54,7 +58,39 @@ def test_merged_shards_equal_a_single_run(tmp_path, inputs):
     rec = merged["shards"][0]["file"]
     src = next(p / rec for p in parts if (p / rec).exists())
     assert os.stat(src).st_ino == os.stat(tmp_path / "merged" / rec).st_ino
+    # so are the packed store's token segments
+    seg = Path("__scfm__/packed/tokens") / rec.replace(".parquet", ".npy")
+    src = next(p / seg for p in parts if (p / seg).exists())
+    assert os.stat(src).st_ino == os.stat(tmp_path / "merged" / seg).st_ino
     assert read_manifest(tmp_path / "merged")["status"] == "complete"
+
+
+def _as_single_file_store(d):
+    """Rewrite a finished dataset's packed store in the format /1 layout: one tokens.npy."""
+    man = json.loads((d / MANIFEST).read_text())
+    flat = np.asarray(TokenStore(d).tokens)
+    shutil.rmtree(d / PACKED_DIR / "tokens")
+    np.save(d / PACKED_DIR / "tokens.npy", flat)
+    del man["packed"]["layout"]
+    man["format"] = "scfm_fast.tokens/1"
+    (d / MANIFEST).write_text(json.dumps(man))
+
+
+def test_single_file_stores_are_read_and_merged(tmp_path, inputs):
+    single = _run(inputs, tmp_path / "single")
+    parts = [tmp_path / f"s{k}" for k in (1, 2)]
+    for k, p in enumerate(parts, 1):
+        _run(inputs, p, shard=f"{k}/2")
+    _as_single_file_store(parts[0])  # a format /1 output (an earlier build) merged with a /2 one
+    ref = TokenStore(tmp_path / "single")
+    old = TokenStore(parts[0])
+    assert isinstance(old.tokens, np.ndarray) and len(old) > 0
+    merged = merge_token_datasets(parts, tmp_path / "merged")
+    assert merged["packed"] == single["packed"] and merged["n_tokens"] == single["n_tokens"]
+    a = TokenStore(tmp_path / "merged")
+    for name in ("tokens", "offsets", "cell_index", "file_index"):
+        np.testing.assert_array_equal(getattr(a, name), getattr(ref, name))
+    assert [a[i].tolist() for i in range(len(a))] == [ref[i].tolist() for i in range(len(ref))]
 
 
 def test_merge_refuses_other_options_missing_and_plain_runs(tmp_path, inputs):

@@ -62,8 +62,13 @@ def test_merge_refuses_a_part_without_its_optional_arrays(gc_inputs):
     parts = [tmp / "t1", tmp / "t2"]
     for k, p in enumerate(parts, 1):
         _run(paths, p, tok, med, shard=f"{k}/2")
-    (parts[1] / "__scfm__" / "packed" / "values.npy").unlink()
-    with pytest.raises(StoreError, match="values.npy: missing"):
+    segment = sorted((parts[1] / "__scfm__" / "packed" / "values").iterdir())[0]
+    segment.unlink()  # one shard's values segment
+    with pytest.raises(StoreError, match=rf"values/{segment.name}: missing"):
+        merge_token_datasets(parts, tmp / "m")
+    assert not (tmp / "m").exists()
+    (parts[0] / "__scfm__" / "packed" / "species.npy").unlink()  # a per-cell array
+    with pytest.raises(StoreError, match="species.npy: missing"):
         merge_token_datasets(parts, tmp / "m")
     assert not (tmp / "m").exists()
 

@@ -101,6 +101,19 @@ def _one_shard(out, seed):
     return w, a
 
 
+def test_finalize_links_the_parts_tokens_instead_of_copying_them(tmp_path):
+    out = tmp_path / "o"
+    w, a = _one_shard(out, 4)
+    part = out / "__scfm__" / "parts" / "part-0000-000000000000.part" / "tokens.npy"
+    inode = part.stat().st_ino
+    man = w.finalize()
+    seg = out / "__scfm__" / "packed" / "tokens" / "part-0000-000000000000.npy"
+    assert seg.stat().st_ino == inode and not part.exists()
+    assert man["packed"]["layout"] == "segments" and man["format"] == "scfm_fast.tokens/2"
+    s = TokenStore(out)
+    assert [s[i].tolist() for i in range(len(s))] == [np.asarray(x).tolist() for x in a]
+
+
 def test_resume_of_a_complete_run_changes_nothing(tmp_path):
     out = tmp_path / "o"
     w, a = _one_shard(out, 3)
