@@ -10,7 +10,8 @@ End to end (``scfm tokenize``) runs both ways on all cores: ``threads=0`` is a s
 (pieces of each chunk read, ranked and written on overlapping threads, the core on all cores) and
 ``threads=N`` is ``--workers N`` (processes that each read, rank and write whole chunks; the default on N cores). Each is
 reported as cells/s, CPU seconds of the parent and its workers, and peak RSS of the parent and of the
-largest worker, against the NumPy reference pipeline (``--backend reference``, on the Zarr v2 store). Per-stage rows give user+system CPU
+largest worker (the larger stores also with shard files written through the page cache,
+``SCFM_FAST_DIRECT_IO=0``, instead of ``O_DIRECT``), against the NumPy reference pipeline (``--backend reference``, on the Zarr v2 store). Per-stage rows give user+system CPU
 seconds per 20,000 cells for read (decode to CSR), rank (core, one thread, plus the chunk's table) and
 write (Parquet + packed part), measured one stage at a time: less sensitive to other load on the
 machine than wall-clock rates.
@@ -236,11 +237,11 @@ def _child(args: argparse.Namespace) -> None:
     print(json.dumps(out))
 
 
-def run_child(**kw) -> dict:
+def run_child(*, env_extra: dict[str, str] | None = None, **kw) -> dict:
     cmd = [sys.executable, __file__]
     for k, v in kw.items():
         cmd += [f"--{k.replace('_', '-')}", str(v)]
-    env = dict(os.environ)
+    env = {**os.environ, **(env_extra or {})}
     # children import the scfm_fast of this checkout, installed or not
     env["PYTHONPATH"] = os.pathsep.join([str(Path(_HERE).parent), env.get("PYTHONPATH", "")])
     res = subprocess.run(cmd, capture_output=True, text=True, check=False, env=env)
@@ -304,10 +305,11 @@ def main() -> None:
                          "peak_rss_mb": p_ref["peak_rss_mb"]})
         t = max(args.threads)
 
-        def e2e(stage: str, path: Path, threads: int) -> dict:
+        def e2e(stage: str, path: Path, threads: int, env_extra: dict[str, str] | None = None) -> dict:
             """``threads`` is ``--workers``: worker processes when > 1 and the input is large enough;
             0: one process, the core on all cores (the default is one worker per core)."""
-            r = run_child(child="pipeline", backend="cpp", zarr=path, threads=threads, chunk_size=args.chunk_size)
+            r = run_child(child="pipeline", backend="cpp", zarr=path, threads=threads, chunk_size=args.chunk_size,
+                          env_extra=env_extra)
             rate = r["cells"] / r["seconds"]
             return {"stage": stage, "backend": "cpp", "threads": threads, "cells": r["cells"], "cells_per_s": rate,
                     "x_reference": rate / pref_rate, "peak_rss_mb": r["peak_rss_mb"],
@@ -327,6 +329,9 @@ def main() -> None:
                 make_store(fmt, path_big, args.cells * args.scale, seed=1)
                 for tt in (0, t):  # one process against --workers t (the default on t cores)
                     rows.append(e2e(f"end to end {fmt} ({args.scale}x cells)", path_big, tt))
+                # shard files through the page cache instead of O_DIRECT (store/_direct.py), same run
+                rows.append(e2e(f"end to end {fmt} ({args.scale}x cells, page cache)", path_big, t,
+                                env_extra={"SCFM_FAST_DIRECT_IO": "0"}))
                 shutil.rmtree(path_big) if path_big.is_dir() else path_big.unlink()
     for r in rows:
         extra = "  ".join(f"{k.replace('_cpu_s_per_20k', '')} {v:.2f}" for k, v in r.items()

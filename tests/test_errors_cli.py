@@ -64,10 +64,9 @@ def test_write_failure_is_one_line_and_resume_continues(tmp_path, source, monkey
     def failing(table, where, **kw):
         calls["n"] += 1
         if calls["n"] == 3:
-            with open(where, "wb") as f:  # a partial file first, as a full disk leaves
-                f.write(b"PAR1")
+            where.write(b"PAR1")  # a partial file first, as a full disk leaves (where: the shard's sink)
             exc = PermissionError if err in (errno.EACCES,) else OSError
-            raise exc(err, __import__("os").strerror(err), str(where))
+            raise exc(err, __import__("os").strerror(err), where.name)
         return real(table, where, **kw)
 
     monkeypatch.setattr(writer_mod.pq, "write_table", failing)

@@ -23,6 +23,7 @@ import pyarrow.parquet as pq
 
 from .._errors import StoreError
 from ._atomic import _tmp_name
+from ._direct import ShardSink
 from .schema import PARTS_DIR
 
 #: copy_file_range errors that mean "not here" (other file systems, old kernels): fall back to read/write
@@ -141,7 +142,7 @@ def _optional_columns(table: pa.Table) -> dict[str, list[np.ndarray]]:
 def _save_parts(path: Path, parts: list[np.ndarray], dtype: np.dtype) -> None:
     """One 1-D ``.npy`` file of ``parts`` concatenated (converted to ``dtype`` one part at a time)."""
     dtype = np.dtype(dtype)
-    with open(path, "wb") as f:
+    with ShardSink(path) as f:
         np.lib.format.write_array_header_1_0(
             f, {"descr": np.lib.format.dtype_to_descr(dtype), "fortran_order": False,
                 "shape": (sum(int(a.size) for a in parts),)})
@@ -187,7 +188,8 @@ class ShardFiles:
         self.write_part(table, name)
         tmp = self.out / _tmp_name(name)
         try:
-            pq.write_table(table, tmp, **parquet_options(table.schema))
+            with ShardSink(tmp) as sink:  # past the page cache where allowed (see _direct)
+                pq.write_table(table, sink, **parquet_options(table.schema))
             os.replace(tmp, self.out / name)
         except BaseException:
             tmp.unlink(missing_ok=True)  # e.g. a full disk: leave no partial file behind
@@ -207,7 +209,7 @@ class ShardFiles:
         tmp.mkdir()
         try:
             for key, (parts, dtype) in arrays.items():
-                _save_parts(tmp / f"{key}.npy", parts, dtype)  # raw bytes after a header; copied by finalize
+                _save_parts(tmp / f"{key}.npy", parts, dtype)  # raw bytes after a header; tokens linked by finalize
             shutil.rmtree(final, ignore_errors=True)  # a stray of a crashed run (never recorded)
             os.replace(tmp, final)
         except BaseException:
