@@ -178,16 +178,23 @@ inline void radix_rank(const Candidates& cand, i64 keep, SortScratch& s, i32* ou
         const u32 i = static_cast<u32>(x), j = static_cast<u32>(y);
         return orders[i] < orders[j] || (orders[i] == orders[j] && tokens[i] < tokens[j]);
     };
+    // The scan tests only for an equal digest (a larger one is never out of order: the words are
+    // sorted by digest) and keeps the previous word in a register.
+    auto same_digest = [](u64 x, u64 y) { return ((x ^ y) >> 32) == 0; };
     size_t moves = 0;
+    u64 prev = a[0];
     for (size_t r = 1; r < n; ++r) {
-        if (!less(a[r], a[r - 1])) continue;
         const u64 x = a[r];
+        if (!same_digest(x, prev) || !less(x, prev)) {
+            prev = x;
+            continue;
+        }
         size_t j = r;
         do {
             a[j] = a[j - 1];
             --j;
         } while (j > 0 && less(x, a[j - 1]));
-        a[j] = x;
+        a[j] = x;  // prev, shifted up by one, is a[r] now
         moves += r - j;
         if (moves > 16 * n) return introsort();  // many ties: stop paying O(run^2)
     }
