@@ -98,10 +98,11 @@ DirectTable direct_table(const IP* indptr, i64 n_cells, const RankConfig& cfg) {
     return t;
 }
 
-// Direct gather of row [lo, hi) of a clean range: fills cand with one candidate per stored entry
-// of a mapped column with a nonzero count (zero keys flagged), adds the counts into `total` when
-// sum_total.  Returns false, with cand and total to be discarded, when the column indices do not
-// strictly increase (a column may repeat: the row needs the accumulated gather).
+// Direct gather of a clean row [lo, hi) (see range_is_clean): fills cand with one candidate per
+// stored entry of a mapped column with a nonzero count (raw orders, see CandidateWriter), adds the
+// counts into `total` when sum_total.  Returns false, with cand and total to be discarded, when the
+// column indices do not strictly increase (a column may repeat: the row needs the accumulated
+// gather).
 template <class IX, class DT>
 bool gather_direct(const IX* indices, const DT* data, i64 lo, i64 hi, const i32* col_token,
                    const double* col_median, bool sum_total, double& total, Candidates& cand) {
@@ -115,7 +116,8 @@ bool gather_direct(const IX* indices, const DT* data, i64 lo, i64 hi, const i32*
         increasing &= col > prev;
         prev = col;
         const i32 tok = col_token[col];
-        w.add(tok, v / col_median[col], (tok >= 0) & (v != 0));
+        // v > 0 is v != 0 on a clean row (no NaN, no negative count) without the NaN-aware compare
+        w.add(tok, v / col_median[col], (tok >= 0) & (v > 0));
     }
     w.finish(cand);
     return increasing;

@@ -10,22 +10,28 @@
 
 namespace scfm {
 
-// The key mapped to an unsigned integer whose *ascending* order is the key's *descending* order,
-// with NaN last (as NumPy's lexsort on -key puts NaN last); equal keys map to equal integers.
-// (order, token) is then a strict total order, so sort, nth_element and any thread split all give
-// the same tokens.  Branch-free (a NaN key is rare but must not cost a mispredicted branch in the
-// gathers).
-inline u64 descending_order(double key) {
+// The key mapped to an unsigned integer whose *ascending* order is the key's *descending* order
+// (standard monotone map of IEEE doubles onto unsigned integers: negative: flip all bits, else set
+// the sign bit; inverted for descending: negative -> bits, else bits ^ 0x7fff...).  Equal keys map
+// to equal integers, but NaN keys are not yet placed: see nan_last.
+inline u64 raw_order(double key) {
     u64 bits;
     std::memcpy(&bits, &key, sizeof bits);
-    // Standard monotone map of IEEE doubles onto unsigned integers (negative: flip all bits, else
-    // set the sign bit), inverted for descending: negative -> bits, else bits ^ 0x7fff...
-    // Zero keys are dropped (drop_zero_keys) before any sort, so -0.0 / +0.0 need no care.
     const u64 negative = static_cast<u64>(static_cast<std::int64_t>(bits) >> 63);
-    const u64 descending = bits ^ (~negative >> 1);
-    const u64 nan = u64{0} - static_cast<u64>(key != key);
-    return descending | nan;
+    return bits ^ (~negative >> 1);
 }
+
+// raw_order's image of the keys the gathers must treat apart: orders below kRawPosInf are positive
+// NaNs, above kRawNegInf negative NaNs, and kRawPosZero / kRawNegZero are +0.0 / -0.0.  Positive
+// nonzero non-NaN keys (the common case) lie in [kRawPosInf, kRawPosZero).
+constexpr u64 kRawPosInf = 0x000fffffffffffffULL, kRawPosZero = 0x7fffffffffffffffULL;
+constexpr u64 kRawNegZero = 0x8000000000000000ULL, kRawNegInf = 0xfff0000000000000ULL;
+
+// A raw order with NaN last (as NumPy's lexsort on -key puts NaN last): every NaN maps to
+// all-ones.  (order, token) is then a strict total order, so sort, nth_element and any thread split
+// all give the same tokens.  Zero keys are dropped (fix_odd_keys) before any sort, so -0.0 / +0.0
+// need no care.
+inline u64 nan_last(u64 raw) { return (raw < kRawPosInf || raw > kRawNegInf) ? ~u64{0} : raw; }
 
 // One cell's candidates as parallel arrays (8-byte orders and 4-byte tokens: the sort moves only
 // 8-byte words of digest and index, and reads these by index).
@@ -34,7 +40,7 @@ struct Candidates {
     std::vector<i32> tokens;
     size_t n = 0;            // candidates in use
     u64 lo = 0, hi = 0;      // smallest / largest order among them
-    bool zero_key = false;   // some candidate has a +-0.0 key (to be dropped)
+    bool odd_keys = false;   // some key may be NaN or +-0.0: fix_odd_keys before sorting
 
     void reserve(size_t n_max) {
         if (orders.size() < n_max) {
@@ -43,43 +49,44 @@ struct Candidates {
         }
     }
 
-    // Removes the candidates whose key was +-0.0 and recomputes lo / hi.
-    void drop_zero_keys() {
-        const u64 pos_zero = descending_order(0.0), neg_zero = descending_order(-0.0);
+    // Places NaN keys last (nan_last), removes the candidates whose key was +-0.0 and recomputes
+    // lo / hi.
+    void fix_odd_keys() {
         size_t m = 0;
         lo = ~u64{0};
         hi = 0;
         for (size_t r = 0; r < n; ++r) {
-            if (orders[r] == pos_zero || orders[r] == neg_zero) continue;
-            lo = std::min(lo, orders[r]);
-            hi = std::max(hi, orders[r]);
-            orders[m] = orders[r];
+            if (orders[r] == kRawPosZero || orders[r] == kRawNegZero) continue;
+            const u64 order = nan_last(orders[r]);
+            lo = std::min(lo, order);
+            hi = std::max(hi, order);
+            orders[m] = order;
             tokens[m++] = tokens[r];
         }
         n = m;
-        zero_key = false;
+        odd_keys = false;
     }
 };
 
 // Appends one gather's candidates without branching on them: every entry is written and `kept`
 // only advances the count (the next store address depends on the loads, never on the division).
-// Tracks the kept orders' bounds and whether a kept key is +-0.0 (zero keys, from a sum that
-// underflows or an infinite median, are rare: drop_zero_keys removes them afterwards).
+// Writes raw orders and tracks their bounds; NaN and zero keys (from a NaN median, a sum that
+// underflows, an infinite median) are rare, and as the bounds show whether any can be present
+// (only positive nonzero non-NaN keys lie in [kRawPosInf, kRawPosZero)), fix_odd_keys handles them
+// afterwards instead of every entry paying for their tests.
 struct CandidateWriter {
     u64* orders;
     i32* tokens;
     size_t n = 0;
     u64 lo = ~u64{0}, hi = 0;
-    bool zero_key = false;
 
     explicit CandidateWriter(Candidates& c) : orders(c.orders.data()), tokens(c.tokens.data()) {}
 
     void add(i32 token, double key, bool kept) {
-        const u64 order = descending_order(key);
+        const u64 order = raw_order(key);
         orders[n] = order;
         tokens[n] = token;
         n += kept;
-        zero_key |= kept & (key == 0);
         lo = kept ? std::min(lo, order) : lo;
         hi = kept ? std::max(hi, order) : hi;
     }
@@ -88,7 +95,7 @@ struct CandidateWriter {
         c.n = n;
         c.lo = lo;
         c.hi = hi;
-        c.zero_key = zero_key;
+        c.odd_keys = lo < kRawPosInf || hi >= kRawPosZero;  // false when n == 0 (lo = ~0, hi = 0)
     }
 };
 
@@ -171,16 +178,23 @@ inline void radix_rank(const Candidates& cand, i64 keep, SortScratch& s, i32* ou
         const u32 i = static_cast<u32>(x), j = static_cast<u32>(y);
         return orders[i] < orders[j] || (orders[i] == orders[j] && tokens[i] < tokens[j]);
     };
+    // The scan tests only for an equal digest (a larger one is never out of order: the words are
+    // sorted by digest) and keeps the previous word in a register.
+    auto same_digest = [](u64 x, u64 y) { return ((x ^ y) >> 32) == 0; };
     size_t moves = 0;
+    u64 prev = a[0];
     for (size_t r = 1; r < n; ++r) {
-        if (!less(a[r], a[r - 1])) continue;
         const u64 x = a[r];
+        if (!same_digest(x, prev) || !less(x, prev)) {
+            prev = x;
+            continue;
+        }
         size_t j = r;
         do {
             a[j] = a[j - 1];
             --j;
         } while (j > 0 && less(x, a[j - 1]));
-        a[j] = x;
+        a[j] = x;  // prev, shifted up by one, is a[r] now
         moves += r - j;
         if (moves > 16 * n) return introsort();  // many ties: stop paying O(run^2)
     }

@@ -1,6 +1,8 @@
 // Rank-value tokenization core.  Per cell: validate counts, total (sequential float64 sum in stored
 // order), one (order, token) candidate per expressed vocabulary gene, order by (key desc, token asc),
-// truncate, add <cls>/<eos>.  Candidates come from one of two gathers:
+// truncate, add <cls>/<eos>.  A vectorized pass checks each row's counts and columns just before its
+// gather (range_is_clean); only a row with bad input takes the checked loop, which finds the error
+// to report.  Candidates come from one of two gathers:
 //  * direct (the common case): when col_token is injective over mapped columns and a row's column
 //    indices strictly increase, every stored entry is its own gene, so its key is count / median
 //    straight from the entry (no per-token read-modify-write);
@@ -47,9 +49,7 @@ void tokenize_range(const CsrChunk<IP, IX, DT>& chunk, const RankConfig& cfg, co
     const size_t sink = static_cast<size_t>(cfg.n_tokens);
     double* const acc = zeroed.acquire(sink + 1);
     i32* w = out;
-    const i64 first = static_cast<i64>(chunk.indptr[c0]), last = static_cast<i64>(chunk.indptr[c1]);
-    const bool clean = range_is_clean(chunk.indices, chunk.data, first, last, cfg.n_cols, cfg.allow_non_integer);
-    const bool direct = clean && !table.col_median.empty();
+    const bool have_table = !table.col_median.empty();
     bool producing = true;  // false once a bad index was seen: only count validation continues
     const bool given = cfg.totals != nullptr;
 
@@ -62,15 +62,21 @@ void tokenize_range(const CsrChunk<IP, IX, DT>& chunk, const RankConfig& cfg, co
         const double seed = given ? cfg.totals[i] : (hi > lo ? -0.0 : 0.0);
         double total = seed;
         const bool wanted = !given || total > 0;  // a cell with a given total <= 0 gets no tokens
+        // Checked per row, right before its gather, so the row is read from DRAM once and the gather
+        // finds it in L1 (a check of the whole range first would stream it twice).  A clean row holds
+        // no error, so skipping the checked loop for it cannot change which error is reported; a row
+        // that is not clean takes the checked loop, and after a bad index every row only validates.
+        const bool clean = wanted && producing &&
+                           range_is_clean(chunk.indices, chunk.data, lo, hi, cfg.n_cols, cfg.allow_non_integer);
         size_t n_touched = 0;
         bool have_cand = false;  // candidates came from the direct gather (else from acc)
         i64 k = lo;
-        if (wanted && direct) {
+        if (clean && have_table) {
             have_cand = gather_direct(chunk.indices, chunk.data, lo, hi, cfg.col_token, table.col_median.data(),
                                       !given, total, st.cand);
             if (!have_cand) total = seed;  // a repeated or unsorted column: accumulate instead
         }
-        if (have_cand || (wanted && clean)) {
+        if (clean) {
             if (!have_cand) {
                 n_touched = gather_acc(chunk.indices, chunk.data, lo, hi, cfg.col_token, acc, sink, !given,
                                        total, touched);
@@ -129,7 +135,7 @@ void tokenize_range(const CsrChunk<IP, IX, DT>& chunk, const RankConfig& cfg, co
         }
         if (!(total > 0)) continue;  // also catches a NaN total; nothing was gathered then
         if (!have_cand) keys_from_acc(touched, n_touched, acc, cfg.token_median, st.cand);
-        if (st.cand.zero_key) st.cand.drop_zero_keys();
+        if (st.cand.odd_keys) st.cand.fix_odd_keys();
         if (st.cand.n == 0) continue;
         const i64 keep = std::min(static_cast<i64>(st.cand.n), cfg.budget);
         if (cfg.cls_token >= 0) *w++ = cfg.cls_token;

@@ -1,4 +1,4 @@
-"""Edges of the compiled core's fast paths: the vectorized whole-range count/index check that lets the
+"""Edges of the compiled core's fast paths: the vectorized per-row count/index check that lets the
 gather loop skip per-entry tests, and the key pass that drops repeats, zero sums and zero keys.
 Every backend must still match the NumPy oracle bit for bit and raise its errors."""
 

@@ -249,3 +249,87 @@ def test_long_chunk_on_two_threads():
         np.testing.assert_array_equal(part[1] + whole[1][lo], whole[1][lo : hi + 1])
     few = rank_tokenize_ref(indptr[:41], indices, data, **kw)
     np.testing.assert_array_equal(few[0], whole[0][: whole[1][40]])
+
+
+# (row, offset into the row, kind): "count" stores a bad count there, "index" a bad column.
+BAD_CELLS = [
+    pytest.param([(10, 3, "index"), (40, 0, "count")], id="index-then-later-count"),
+    pytest.param([(5, 1, "index"), (10, 2, "count")], id="count-after-earlier-index"),
+    pytest.param([(10, 0, "index"), (45, 4, "index")], id="two-indices"),
+    pytest.param([(10, 0, "index"), (10, 5, "count")], id="index-then-count-in-one-row"),
+    pytest.param([(20, 2, "count"), (21, 0, "count")], id="two-counts"),
+    pytest.param([(59, -1, "count")], id="last-entry"),
+]
+
+
+@pytest.mark.parametrize("bad", BAD_CELLS)
+@pytest.mark.parametrize("n_threads", [1, 2, 3])
+@pytest.mark.parametrize("with_totals", [False, True], ids=["row-sum", "given-totals"])
+def test_bad_cells_among_clean_cells(bad, n_threads, with_totals):
+    # Each row is checked on its own before its gather: clean rows (sorted ones, and unsorted ones
+    # that fall back to the accumulator) take the fast gathers and rows with bad input the checked
+    # loop, yet the error must be the oracle's (any bad count before any bad index, lowest entry
+    # first), whichever rows surround it, however the rows are split over threads, and also when
+    # the bad row's given total keeps it from being tokenized.
+    rng = np.random.default_rng(11)
+    n_cols = 240
+    col_token, token_median = _vocab(rng, n_cols)
+    rows = _canonical_rows(rng, 60, n_cols)
+    for i in (7, 30, 52):
+        rows[i] = (rows[i][0][::-1], rows[i][1])  # unsorted: the accumulated gather
+    indptr, indices, data = _rows_to_csr(rows, dtype=np.float64)
+    assert indptr[-1] >= token_median.size  # large enough for the direct gather
+    indices, data = indices.copy(), data.copy()
+    for row, offset, kind in bad:
+        entry = int(indptr[row + 1] - 1 if offset < 0 else indptr[row] + offset)
+        assert indptr[row] <= entry < indptr[row + 1]
+        if kind == "count":
+            data[entry] = rng.choice([np.nan, -1.0, 2.5, np.inf])
+        else:
+            indices[entry] = rng.choice([n_cols, -3])
+    totals = None
+    if with_totals:
+        totals = rng.choice([50.0, 7e3], 60)
+        totals[[row for row, _, _ in bad][-1]] = 0.0  # the last bad row is not tokenized
+    kw = dict(col_token=col_token, token_median=token_median, totals=totals, max_len=30)
+    with pytest.raises(ValueError) as want:
+        tokenize_rank(indptr, indices, data, backend="reference", **kw)
+    with pytest.raises(ValueError) as got:
+        tokenize_rank(indptr, indices, data, backend="cpp", n_threads=n_threads, **kw)
+    assert type(got.value) is type(want.value)
+    assert str(got.value) == str(want.value)
+    # the same chunk without the bad entries tokenizes as the oracle does
+    kw["totals"] = None
+    _both(*_rows_to_csr(rows, dtype=np.float64), n_threads=n_threads, **kw)
+
+
+@pytest.mark.filterwarnings("ignore:divide by zero:RuntimeWarning")
+@pytest.mark.filterwarnings("ignore:invalid value:RuntimeWarning")
+@pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning")
+@pytest.mark.parametrize("shared", [False, True], ids=["direct", "accumulated"])
+def test_nan_keys_of_either_sign_and_signed_keys(shared):
+    # The gathers write keys unchecked and look at NaN, zero and negative keys only when the cell's
+    # order bounds say one may be present: NaN medians of either sign (NaN keys rank last, ties by
+    # token), negative keys, keys of +-inf, and cells holding only one of these.
+    rng = np.random.default_rng(12)
+    n_cols = 64
+    col_token, token_median = _vocab(rng, n_cols, unmapped=0.0)
+    if shared:
+        col_token[40] = col_token[41]  # two columns on one token: every row accumulates
+    odd = np.array([np.nan, np.copysign(np.nan, -1.0), -2.0, -0.5, np.inf, -np.inf, 0.0, 1e-300])
+    token_median[col_token[: odd.size]] = odd
+    rows = _canonical_rows(rng, 40, n_cols, fractional=True)
+    rows += [
+        ([0, 1, 10, 11], [1.0, 3.0, 2.0, 2.0]),  # NaN keys of both signs among positive keys
+        ([1, 0], [2.0, 5.0]),  # only NaN keys (unsorted)
+        ([2, 3], [4.0, 1.0]),  # only negative keys
+        ([2, 3, 12, 13], [4.0, 1.0, 1.0, 2.0]),  # negative and positive keys
+        ([6, 12], [1.0, 1.0]),  # an infinite key (count / 0: the first order of a non-NaN key), a finite one
+        ([4, 5, 6, 7], [1.0, 2.0, 3.0, 1e300]),  # zero keys of both signs (count / +-inf), two infinite keys
+        ([4, 5], [1.0, 1.0]),  # only zero keys: no tokens
+    ]
+    indptr, indices, data = _rows_to_csr(rows, dtype=np.float64)
+    assert indptr[-1] >= token_median.size
+    for n_threads in (1, 2):
+        _both(indptr, indices, data, col_token=col_token, token_median=token_median,
+              allow_non_integer=True, n_threads=n_threads, max_len=200, cls_token=0)
