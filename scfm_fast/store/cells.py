@@ -28,6 +28,7 @@ import pyarrow as pa
 from .._errors import InputFileError, StoreError, UsageError
 from ._cell_arrays import SPECIES_COLUMN, CellArrays, from_directory, from_lists, from_table
 from .schema import PACKED_DIR, table_config
+from .segments import SegmentedArray
 
 
 class CellSource:
@@ -153,6 +154,8 @@ class CellSource:
         lens = np.asarray(offs[rows + 1], dtype=np.int64) - starts
         cu = np.zeros(rows.size + 1, dtype=np.int64)
         np.cumsum(lens, out=cu[1:])
+        if isinstance(flat, SegmentedArray):  # per-shard segments: one slice per cell
+            return flat.take_ranges(starts, lens, dtype), cu
         # one gather for the whole batch: a memory map reads only the pages these cells occupy
         where = np.repeat(starts - cu[:-1], lens) + np.arange(int(cu[-1]), dtype=np.int64)
         return np.asarray(flat[where], dtype=dtype), cu

@@ -106,19 +106,27 @@ class SegmentedArray:
 
     def _take(self, idx: np.ndarray) -> np.ndarray:
         flat = idx.reshape(-1)
-        seg = np.searchsorted(self.starts, flat, side="right") - 1
         out = np.empty(flat.shape, dtype=self.dtype)
-        if flat.size and seg[0] == seg[-1] and (seg == seg[0]).all():
-            k = int(seg[0])
-            out[:] = self.segment(k)[flat - self.starts[k]]
+        if flat.size == 0:
             return out.reshape(idx.shape)
-        order = np.argsort(seg, kind="stable")  # group the positions by segment, one gather each
+        if flat.size == 1 or bool((flat[1:] >= flat[:-1]).all()):
+            # ascending positions (cells in store order: a part of a scan, a sorted selection): one run
+            # per segment touched, found by bisection, no per-position segment array
+            k0 = int(np.searchsorted(self.starts, flat[0], side="right")) - 1
+            k1 = int(np.searchsorted(self.starts, flat[-1], side="right")) - 1
+            cuts = np.searchsorted(flat, self.starts[k0:k1 + 2])
+            cuts[0], cuts[-1] = 0, flat.size
+            for j in np.flatnonzero(cuts[1:] > cuts[:-1]).tolist():
+                a, b, k = int(cuts[j]), int(cuts[j + 1]), k0 + j
+                out[a:b] = self.segment(k)[flat[a:b] - self.starts[k]]
+            return out.reshape(idx.shape)
+        seg = np.searchsorted(self.starts, flat, side="right") - 1
+        order = np.argsort(seg)  # group the positions by segment: one gather per segment touched
         sorted_seg = seg[order]
-        cuts = np.flatnonzero(np.diff(sorted_seg)) + 1
-        for part in np.split(order, cuts):
-            if part.size:
-                k = int(seg[part[0]])
-                out[part] = self.segment(k)[flat[part] - self.starts[k]]
+        bounds = np.flatnonzero(sorted_seg[1:] != sorted_seg[:-1]) + 1
+        for part in np.split(order, bounds):
+            k = int(seg[part[0]])
+            out[part] = self.segment(k)[flat[part] - self.starts[k]]
         return out.reshape(idx.shape)
 
     def __getitem__(self, key: Any) -> Any:
@@ -143,10 +151,38 @@ class SegmentedArray:
             msg = f"only integers, slices and integer or boolean arrays index a packed array, not {idx.dtype}"
             raise IndexError(msg)
         idx = idx.astype(np.int64, copy=False)
-        if idx.size and (idx.min() < -self.size or idx.max() >= self.size):
-            msg = f"index out of range for {self.size} elements"
+        if idx.size:
+            lo, hi = int(idx.min()), int(idx.max())
+            if lo < -self.size or hi >= self.size:
+                msg = f"index out of range for {self.size} elements"
+                raise IndexError(msg)
+            if lo < 0:
+                idx = np.where(idx < 0, idx + self.size, idx)
+        return self._take(idx)
+
+    def take_ranges(self, starts: np.ndarray, lengths: np.ndarray, dtype: Any = None) -> np.ndarray:
+        """Elements ``[starts[i], starts[i] + lengths[i])`` for each ``i``, concatenated (as ``dtype``).
+
+        What a batch of cells needs: one slice per range (a cell never spans segments), instead of a
+        gather through an array of every position.
+        """
+        starts = np.asarray(starts, dtype=np.int64)
+        lengths = np.asarray(lengths, dtype=np.int64)
+        out = np.empty(int(lengths.sum()), dtype=self.dtype if dtype is None else dtype)
+        if starts.size and (starts.min() < 0 or lengths.min() < 0 or (starts + lengths).max() > self.size):
+            msg = f"range out of bounds for {self.size} elements"
             raise IndexError(msg)
-        return self._take(np.where(idx < 0, idx + self.size, idx))
+        seg = np.searchsorted(self.starts, starts, side="right") - 1
+        pos = 0
+        for s, n, k in zip(starts.tolist(), lengths.tolist(), seg.tolist()):
+            if n:
+                base = int(self.starts[k])
+                if s + n <= self.starts[k + 1]:
+                    out[pos:pos + n] = self.segment(k)[s - base:s - base + n]
+                else:  # spans segments (not in a store of shards): copied piece by piece
+                    out[pos:pos + n] = self._range(s, s + n)
+                pos += n
+        return out
 
     def __array__(self, dtype: Any = None, *, copy: bool | None = None) -> np.ndarray:
         a = self._range(0, self.size)

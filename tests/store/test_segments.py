@@ -12,7 +12,7 @@ from scfm_fast.store.segments import SegmentedArray
 @pytest.fixture
 def seg(tmp_path):
     rng = np.random.default_rng(0)
-    lengths = [7, 1, 12, 5]
+    lengths = [7, 1, 0, 12, 5]  # an empty segment too
     flat = rng.integers(0, 60_000, sum(lengths)).astype(np.uint16)
     files, pos = [], 0
     for k, n in enumerate(lengths):
@@ -35,7 +35,7 @@ def test_slices_ints_and_gathers_equal_the_flat_array(seg):
         assert s[i] == flat[i]
     rng = np.random.default_rng(1)
     for idx in (rng.integers(-n, n, 50), np.array([], np.int64), np.array([3, 3, 2]), rng.integers(0, n, (4, 6)),
-                np.arange(8, 20)):
+                np.arange(8, 20), np.array([0, 0, 7, 7, 8, 19, 19, 24]), np.array([24])):
         got = s[idx]
         assert got.shape == idx.shape and got.dtype == flat.dtype
         np.testing.assert_array_equal(got, flat[idx])
@@ -66,11 +66,24 @@ def test_bad_indexes_raise_index_error(seg):
 
 def test_a_damaged_or_missing_segment_names_its_file(seg, tmp_path):
     s, flat = seg
-    np.save(tmp_path / "s2.npy", flat[:3])  # too short
+    np.save(tmp_path / "s3.npy", flat[:3])  # too short
     assert s[0] == flat[0]  # untouched segments still read
-    with pytest.raises(StoreError, match=r"s2\.npy: packed segment holds uint16\[3\], expected uint16\[12\]; "
+    with pytest.raises(StoreError, match=r"s3\.npy: packed segment holds uint16\[3\], expected uint16\[12\]; "
                                          "redo it"):
         s[10]
-    (tmp_path / "s3.npy").unlink()
-    with pytest.raises(StoreError, match=r"s3\.npy: packed segment missing or damaged .*; redo it"):
+    (tmp_path / "s4.npy").unlink()
+    with pytest.raises(StoreError, match=r"s4\.npy: packed segment missing or damaged .*; redo it"):
         s[-1]
+
+
+def test_take_ranges_equals_concatenated_slices(seg):
+    s, flat = seg
+    n = flat.size
+    starts = np.array([0, 3, 7, 8, 8, 20, 24, 5, 0])
+    lengths = np.array([7, 4, 1, 12, 0, 5, 1, 10, n])  # within segments, empty, spanning several, all
+    got = s.take_ranges(starts, lengths, np.int64)
+    assert got.dtype == np.int64
+    np.testing.assert_array_equal(got, np.concatenate([flat[a:a + m] for a, m in zip(starts, lengths)]))
+    assert s.take_ranges(np.array([], np.int64), np.array([], np.int64)).size == 0
+    with pytest.raises(IndexError):
+        s.take_ranges(np.array([n - 1]), np.array([2]))
