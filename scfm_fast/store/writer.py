@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import re
 import shutil
@@ -38,6 +39,8 @@ from .packed import (  # noqa: F401 - OPTIONAL_PACKED, _NpyAppender re-exported
 )
 from .schema import FORMAT, MANIFEST, META_DIR, PACKED_DIR, PARTS_DIR, SEGMENTS, shard_name
 from .segments import SEGMENTED, link_or_copy, segment_file
+
+log = logging.getLogger("scfm_fast")
 
 
 def config_hash(config: dict[str, Any]) -> str:
@@ -243,8 +246,13 @@ class ShardedTokenWriter:
         """Rewrite the whole manifest (every shard record in it), then drop the journal it now holds."""
         self.manifest["updated"] = time.time()
         _atomic_write_text(self.out / MANIFEST, json.dumps(self.manifest, indent=1, default=str))
-        # a crash before this unlink leaves records in both: folded once on resume (by file name)
-        self.journal.unlink(missing_ok=True)
+        # a crash before this unlink leaves records in both: folded once on resume (by file name), so a
+        # journal that cannot be removed is harmless: the run goes on (and a complete one stays complete)
+        try:
+            self.journal.unlink(missing_ok=True)
+        except OSError as e:
+            log.warning("%s: could not remove the shard journal (%s); its records are also in the manifest, "
+                        "so nothing is lost (a later --resume removes it)", self.journal, e)
 
     def done(self, file_index: int, start: int) -> dict[str, Any] | None:
         """The manifest record of a finished shard, or ``None``."""

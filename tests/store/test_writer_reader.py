@@ -180,3 +180,28 @@ def test_missing_packed_store_is_a_store_error(tmp_path):
     with pytest.raises(StoreError, match="packed token store is missing"):
         TokenStore(out)
     assert read_table(out).num_rows == 2  # the shards still read
+
+
+def test_a_journal_that_cannot_be_removed_does_not_fail_a_finished_run(tmp_path, monkeypatch, caplog):
+    import pathlib
+
+    out = tmp_path / "o"
+    w, a = _one_shard(out, 5)
+    real = pathlib.Path.unlink
+
+    def unlink(self, missing_ok=False):
+        if self.name == "manifest.shards.jsonl":
+            raise PermissionError(13, "Permission denied", str(self))
+        return real(self, missing_ok=missing_ok)
+
+    monkeypatch.setattr(pathlib.Path, "unlink", unlink)
+    with caplog.at_level("WARNING", logger="scfm_fast"):
+        man = w.finalize()
+    assert man["status"] == "complete" and "could not remove the shard journal" in caplog.text
+    journal = out / "__scfm__" / "manifest.shards.jsonl"
+    assert journal.exists()  # left behind, records also in the manifest
+    s = TokenStore(out)
+    assert [s[i].tolist() for i in range(len(s))] == [np.asarray(x).tolist() for x in a]
+    monkeypatch.setattr(pathlib.Path, "unlink", real)
+    w2 = ShardedTokenWriter(out, config={"a": 1}, resume=True)  # a later resume tidies it
+    assert w2.complete and not journal.exists()
