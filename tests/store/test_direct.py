@@ -91,3 +91,18 @@ def test_a_forked_worker_never_writes_into_its_parents_staging_blocks(tmp_path):
     assert os.waitpid(pid, 0)[1] == 0
     assert (tmp_path / "child").read_bytes() == b"B" * (BLOCK + 10)
     assert block[:4] == b"AAAA"
+
+
+@pytest.mark.parametrize("direct", [True, False])
+def test_a_write_error_is_raised_and_no_descriptor_leaks(tmp_path, monkeypatch, direct):
+    # e.g. a full disk, met on the I/O thread (direct) or in the caller (page cache)
+    real = os.pwrite
+    monkeypatch.setattr(_direct.os, "pwrite",
+                        lambda fd, b, pos: (_ for _ in ()).throw(OSError(errno.ENOSPC, "No space left on device")))
+    before = len(os.listdir("/proc/self/fd"))
+    with pytest.raises(OSError, match="No space left"):  # noqa: PT012 - the error may come from write or close
+        with ShardSink(tmp_path / "f", direct=direct) as f:
+            for _ in range(3):
+                f.write(b"x" * BLOCK)
+    monkeypatch.setattr(_direct.os, "pwrite", real)
+    assert f.closed and len(os.listdir("/proc/self/fd")) == before
