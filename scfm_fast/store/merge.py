@@ -21,7 +21,7 @@ import numpy as np
 
 from .._errors import StoreError, UsageError
 from ._atomic import _atomic_write_text
-from .packed import OPTIONAL_PACKED, _NpyAppender, cell_appenders, npy_extent
+from .packed import OPTIONAL_PACKED, _NpyAppender, cell_appenders, npy_extent, packed_split
 from .reader import read_manifest
 from .schema import MANIFEST, META_DIR, PACKED_DIR, SEGMENTS
 from .segments import link_or_copy, segment_file
@@ -128,8 +128,7 @@ def _concat_packed(dirs: Sequence[Path], mans: Sequence[dict[str, Any]], out: Pa
                "re-tokenize them alike")
         raise StoreError(msg)
     optional = [name for name in optionals.pop() if name in OPTIONAL_PACKED]
-    per_token = ["tokens", *(name for name in optional if OPTIONAL_PACKED[name][0] == "token")]
-    per_cell = [name for name in optional if OPTIONAL_PACKED[name][0] == "cell"]
+    per_token, per_cell = packed_split(optional)
     segmented = [m["packed"].get("layout") == SEGMENTS for m in mans]
     stores = [{k: _load_packed(d, k) for k in ("offsets", "cell_index", "file_index", *per_cell,
                                                *([] if seg else per_token))}

@@ -150,6 +150,13 @@ def _save_parts(path: Path, parts: list[np.ndarray], dtype: np.dtype) -> None:
             f.write(memoryview(np.ascontiguousarray(a, dtype=dtype)).cast("B"))
 
 
+def packed_split(optional: Sequence[str]) -> tuple[list[str], list[str]]:
+    """The packed arrays of a store carrying ``optional``: (per-token ones, stored as segments, tokens
+    first; per-cell optional ones, appended)."""
+    per_token = ["tokens", *(n for n in optional if OPTIONAL_PACKED[n][0] == "token")]
+    return per_token, [n for n in optional if OPTIONAL_PACKED[n][0] == "cell"]
+
+
 def cell_appenders(d: Path, *, n_cells: int, optional: Sequence[str] = ()) -> dict[str, _NpyAppender]:
     """One appender per per-cell packed array (offsets, cell_index, file_index and ``optional`` per-cell
     ones such as species); the per-token arrays are segments (:mod:`.segments`)."""

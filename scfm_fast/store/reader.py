@@ -13,7 +13,10 @@ import pyarrow.dataset as ds
 from .._errors import StoreError
 from .packed import OPTIONAL_PACKED
 from .schema import MANIFEST, PACKED_DIR, SEGMENTS
-from .segments import SEGMENTED, SegmentedArray, open_segments
+from .segments import SegmentedArray, open_segments
+
+#: what an error about a missing or damaged packed array tells the user to do
+_REPAIR = "rebuild it with the same `scfm tokenize ... --resume` after deleting __scfm__/packed"
 
 
 def read_manifest(path: str | Path, *, require_complete: bool = True) -> dict[str, Any]:
@@ -96,14 +99,12 @@ class TokenStore:
         self.manifest = read_manifest(self.path)
         d = self.path / PACKED_DIR
         packed = self.manifest.get("packed") or {}
-        repair = ("rebuild it with the same `scfm tokenize ... --resume` after deleting __scfm__/packed (the "
-                  "Parquet shards are intact)")
         try:
             if not d.is_dir():
                 msg = f"no folder {d}"
                 raise FileNotFoundError(msg)
             if packed.get("layout") == SEGMENTS:
-                self.tokens = open_segments(d, "tokens", self.manifest["shards"], packed["dtype"], repair=repair)
+                self.tokens = open_segments(d, "tokens", self.manifest["shards"], packed["dtype"], repair=_REPAIR)
             else:  # one tokens.npy (format scfm_fast.tokens/1)
                 self.tokens = np.load(d / "tokens.npy", mmap_mode="r")
             self.offsets = np.load(d / "offsets.npy", mmap_mode="r")
@@ -129,16 +130,15 @@ class TokenStore:
         packed = self.manifest.get("packed") or {}
         if name not in (packed.get("optional") or []):
             return None
-        repair = "rebuild it with the same `scfm tokenize ... --resume` after deleting __scfm__/packed"
-        if packed.get("layout") == SEGMENTS and name in SEGMENTED:
-            return open_segments(d, name, self.manifest["shards"], OPTIONAL_PACKED[name][1], repair=repair)
+        if packed.get("layout") == SEGMENTS and OPTIONAL_PACKED[name][0] == "token":
+            return open_segments(d, name, self.manifest["shards"], OPTIONAL_PACKED[name][1], repair=_REPAIR)
         try:
             arr = np.load(d / f"{name}.npy", mmap_mode="r")
         except (OSError, ValueError) as e:
-            msg = f"{self.path}: packed {name}.npy is missing or damaged ({e}); {repair}"
+            msg = f"{self.path}: packed {name}.npy is missing or damaged ({e}); {_REPAIR}"
             raise StoreError(msg) from None
         if arr.shape[0] != n:
-            msg = f"{self.path}: packed {name}.npy has {arr.shape[0]:,} entries, expected {n:,}; {repair}"
+            msg = f"{self.path}: packed {name}.npy has {arr.shape[0]:,} entries, expected {n:,}; {_REPAIR}"
             raise StoreError(msg)
         return arr
 

@@ -21,9 +21,6 @@ import numpy as np
 
 from .._errors import StoreError
 
-#: the packed arrays aligned with tokens, stored as segments (a folder of that name under packed/)
-SEGMENTED = ("tokens", "values")
-
 
 def segment_file(folder: Path, shard: str) -> Path:
     """The segment of Parquet shard ``shard`` in ``folder`` (``part-....parquet`` -> ``part-....npy``)."""
@@ -107,26 +104,13 @@ class SegmentedArray:
     def _take(self, idx: np.ndarray) -> np.ndarray:
         flat = idx.reshape(-1)
         out = np.empty(flat.shape, dtype=self.dtype)
-        if flat.size == 0:
-            return out.reshape(idx.shape)
-        if flat.size == 1 or bool((flat[1:] >= flat[:-1]).all()):
-            # ascending positions (cells in store order: a part of a scan, a sorted selection): one run
-            # per segment touched, found by bisection, no per-position segment array
-            k0 = int(np.searchsorted(self.starts, flat[0], side="right")) - 1
-            k1 = int(np.searchsorted(self.starts, flat[-1], side="right")) - 1
-            cuts = np.searchsorted(flat, self.starts[k0:k1 + 2])
-            cuts[0], cuts[-1] = 0, flat.size
-            for j in np.flatnonzero(cuts[1:] > cuts[:-1]).tolist():
-                a, b, k = int(cuts[j]), int(cuts[j + 1]), k0 + j
-                out[a:b] = self.segment(k)[flat[a:b] - self.starts[k]]
-            return out.reshape(idx.shape)
         seg = np.searchsorted(self.starts, flat, side="right") - 1
-        order = np.argsort(seg)  # group the positions by segment: one gather per segment touched
+        order = np.argsort(seg, kind="stable")  # group the positions by segment: one gather per segment
         sorted_seg = seg[order]
-        bounds = np.flatnonzero(sorted_seg[1:] != sorted_seg[:-1]) + 1
-        for part in np.split(order, bounds):
-            k = int(seg[part[0]])
-            out[part] = self.segment(k)[flat[part] - self.starts[k]]
+        for part in np.split(order, np.flatnonzero(sorted_seg[1:] != sorted_seg[:-1]) + 1):
+            if part.size:
+                k = int(seg[part[0]])
+                out[part] = self.segment(k)[flat[part] - self.starts[k]]
         return out.reshape(idx.shape)
 
     def __getitem__(self, key: Any) -> Any:

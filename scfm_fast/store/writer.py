@@ -35,10 +35,11 @@ from .packed import (  # noqa: F401 - OPTIONAL_PACKED, _NpyAppender re-exported
     _NpyAppender,
     cell_appenders,
     npy_extent,
+    packed_split,
     part_dir,
 )
 from .schema import FORMAT, MANIFEST, META_DIR, PACKED_DIR, PARTS_DIR, SEGMENTS, shard_name
-from .segments import SEGMENTED, link_or_copy, segment_file
+from .segments import link_or_copy, segment_file
 
 log = logging.getLogger("scfm_fast")
 
@@ -350,8 +351,7 @@ class ShardedTokenWriter:
         # and appended into one file each (plain appends, not memory maps: dirty mapped pages would
         # count against the process's memory and grow with the corpus).
         optional = self._optional_arrays(shards)
-        segmented = [name for name in SEGMENTED if name == "tokens" or name in optional]
-        per_cell = [name for name in optional if name not in segmented]
+        segmented, per_cell = packed_split(optional)
         outs = cell_appenders(tmp, n_cells=n_cells, optional=per_cell)
         for name in segmented:
             (tmp / name).mkdir()
