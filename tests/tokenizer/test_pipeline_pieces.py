@@ -14,11 +14,11 @@ import pytest
 import scipy.sparse as sp
 
 from scfm_fast.readers.base import CellChunk
-from scfm_fast.store import TokenStore
 from scfm_fast.tokenizer import _pieces, _run
 from scfm_fast.tokenizer.pipeline import tokenize_corpus
 from scfm_fast.tokenizer.reference import rank_tokenize_ref
 from scfm_fast.tokenizer.spec import TokenizerSpec
+from tests._datasets import assert_same_shards_and_packed
 
 ad = pytest.importorskip("anndata")
 DEMO = Path(__file__).resolve().parents[2] / "scfm_fast" / "data" / "demo" / "pbmc_200cells.h5ad"
@@ -66,14 +66,7 @@ def _records(out: Path) -> list[dict]:
 
 
 def _same_dataset(a: Path, b: Path) -> None:
-    names = sorted(p.name for p in a.glob("*.parquet"))
-    assert names and names == sorted(p.name for p in b.glob("*.parquet"))
-    for n in names:
-        assert pq.read_table(a / n).equals(pq.read_table(b / n)), n
-    sa, sb = TokenStore(a), TokenStore(b)
-    for arr in ("tokens", "offsets", "cell_index", "file_index", "values", "species"):
-        x, y = getattr(sa, arr), getattr(sb, arr)
-        assert (x is None) == (y is None) and (x is None or np.array_equal(np.asarray(x), np.asarray(y))), arr
+    assert_same_shards_and_packed(a, b)
     assert _records(a) == _records(b)  # shard statistics (counts sums included) summed over the pieces
 
 

@@ -11,12 +11,12 @@ import pytest
 import scipy.sparse as sp
 
 from scfm_fast._errors import CountDataError
-from scfm_fast.store import TokenStore
 from scfm_fast.store import writer as writer_mod
 from scfm_fast.tokenizer import _run, pipeline
 from scfm_fast.tokenizer.pipeline import tokenize_corpus
 from scfm_fast.tokenizer.reference import rank_tokenize_ref
 from scfm_fast.tokenizer.spec import TokenizerSpec
+from tests._datasets import assert_same_shards_and_packed
 
 ad = pytest.importorskip("anndata")
 DEMO = Path(__file__).resolve().parents[2] / "scfm_fast" / "data" / "demo" / "pbmc_200cells.h5ad"
@@ -45,14 +45,7 @@ def _run_tok(src, out, n, **kw):
 
 
 def _same_dataset(a: Path, b: Path) -> None:
-    names = sorted(p.name for p in a.glob("*.parquet"))
-    assert names == sorted(p.name for p in b.glob("*.parquet")) and names
-    for n in names:
-        assert pq.read_table(a / n).equals(pq.read_table(b / n)), n
-    sa, sb = TokenStore(a), TokenStore(b)
-    for arr in ("tokens", "offsets", "cell_index", "file_index", "values", "species"):
-        x, y = getattr(sa, arr), getattr(sb, arr)
-        assert (x is None) == (y is None) and (x is None or np.array_equal(np.asarray(x), np.asarray(y))), arr
+    assert_same_shards_and_packed(a, b)
     ma, mb = (json.loads((x / "__scfm__/manifest.json").read_text()) for x in (a, b))
     assert ma["status"] == mb["status"] == "complete"
     # a resumed run records the redone shards last: compare the records, not their order
