@@ -44,6 +44,20 @@ const T* checked_ptr(const py::array& a, const char* name, const char* want) {
     return static_cast<const T*>(a.data());
 }
 
+// An optional output argument (the caller's argument keeps it alive): nullptr for None, else the data
+// of a 1-D C-contiguous writeable array of dtype T, its length in `size` (errors name the argument).
+template <class T>
+T* optional_output(const py::object& obj, const char* name, const char* want, i64& size) {
+    size = 0;
+    if (obj.is_none()) return nullptr;
+    if (!py::isinstance<py::array>(obj)) throw py::type_error(std::string(name) + " must be a numpy array or None");
+    auto arr = py::reinterpret_borrow<py::array>(obj);
+    checked_ptr<T>(arr, name, want);
+    if (!arr.writeable()) throw py::value_error(std::string(name) + " must be writeable");
+    size = static_cast<i64>(arr.shape(0));
+    return static_cast<T*>(arr.mutable_data());
+}
+
 // Calls f(IX{}, DT{}) with the C++ types of the indices' and data's dtypes (int32/int64 x
 // float32/float64), or raises a TypeError naming the argument.
 template <class F>
@@ -67,7 +81,8 @@ void with_indices_data(const py::array& indices, const py::array& data, F&& f) {
 
 template <class IP, class IX, class DT>
 py::tuple run_typed(const py::array& indptr, const py::array& indices, const py::array& data,
-                    const scfm::RankConfig& cfg, int n_threads, const py::object& out) {
+                    const scfm::RankConfig& cfg, int n_threads, const py::object& out,
+                    const py::object& sums) {
     scfm::CsrChunk<IP, IX, DT> chunk;
     chunk.indptr = static_cast<const IP*>(indptr.data());
     chunk.n_cells = static_cast<i64>(indptr.shape(0)) - 1;
@@ -89,30 +104,31 @@ py::tuple run_typed(const py::array& indptr, const py::array& indices, const py:
     py::array_t<double> cell_totals(std::max<i64>(chunk.n_cells, 0));
     i64* off_ptr = offsets.mutable_data();
     double* tot_ptr = cell_totals.mutable_data();
-    i32* out_ptr = nullptr;
-    i64 out_capacity = 0;
-    py::array out_arr;  // keeps the caller's buffer alive while the core writes it
-    if (!out.is_none()) {
-        if (!py::isinstance<py::array>(out)) throw py::type_error("out must be a numpy array or None");
-        out_arr = py::reinterpret_borrow<py::array>(out);
-        checked_ptr<i32>(out_arr, "out", "int32");
-        if (!out_arr.writeable()) throw py::value_error("out must be writeable");
-        out_ptr = static_cast<i32*>(out_arr.mutable_data());
-        out_capacity = static_cast<i64>(out_arr.shape(0));
-    }
+    i64 out_capacity = 0, n_sums = 0;
+    i32* const out_ptr = optional_output<i32>(out, "out", "int32", out_capacity);
+    double* const sums_ptr = optional_output<double>(sums, "sums", "float64", n_sums);
+    if (sums_ptr != nullptr && n_sums != 3) throw py::value_error("sums must have 3 elements (total, matched, exact)");
     scfm::RankResult result;
     {
         py::gil_scoped_release release;
         result = scfm::rank_tokenize(chunk, cfg, n_threads, off_ptr, tot_ptr, out_ptr, out_capacity);
     }
     if (!result.error.ok()) raise_cell_error(result.error);
+    if (sums_ptr != nullptr) {
+        // the rows must span the arrays for these to be the sums of every stored count
+        const bool spans = static_cast<i64>(chunk.indptr[0]) == 0 && static_cast<i64>(chunk.indptr[chunk.n_cells]) == n_data;
+        const bool exact = result.sums.exact && spans;
+        sums_ptr[0] = exact ? result.sums.total : 0.0;
+        sums_ptr[1] = exact ? result.sums.matched : 0.0;
+        sums_ptr[2] = exact ? 1.0 : 0.0;
+    }
     // Hand the core's buffer to NumPy without copying; the capsule frees it with the array.
     const i64 n_tokens = result.n_tokens;
     py::array_t<i32> tokens;
     if (n_tokens == 0) {
         tokens = py::array_t<i32>(0);
     } else if (result.external) {
-        py::object view = out_arr[py::slice(0, static_cast<py::ssize_t>(n_tokens), 1)];  // a view of out
+        py::object view = out[py::slice(0, static_cast<py::ssize_t>(n_tokens), 1)];  // a view of out
         tokens = py::reinterpret_borrow<py::array_t<i32>>(view);
     } else {
         i32* buf = result.release();
@@ -124,24 +140,27 @@ py::tuple run_typed(const py::array& indptr, const py::array& indices, const py:
 
 template <class IP, class IX>
 py::tuple dispatch_data(const py::array& indptr, const py::array& indices, const py::array& data,
-                        const scfm::RankConfig& cfg, int n_threads, const py::object& out) {
-    if (has_dtype<float>(data)) return run_typed<IP, IX, float>(indptr, indices, data, cfg, n_threads, out);
-    if (has_dtype<double>(data)) return run_typed<IP, IX, double>(indptr, indices, data, cfg, n_threads, out);
+                        const scfm::RankConfig& cfg, int n_threads, const py::object& out,
+                        const py::object& sums) {
+    if (has_dtype<float>(data)) return run_typed<IP, IX, float>(indptr, indices, data, cfg, n_threads, out, sums);
+    if (has_dtype<double>(data)) return run_typed<IP, IX, double>(indptr, indices, data, cfg, n_threads, out, sums);
     throw py::type_error("data must have dtype float32 or float64, got " + dtype_name(data));
 }
 
 template <class IP>
 py::tuple dispatch_indices(const py::array& indptr, const py::array& indices, const py::array& data,
-                           const scfm::RankConfig& cfg, int n_threads, const py::object& out) {
-    if (has_dtype<i32>(indices)) return dispatch_data<IP, i32>(indptr, indices, data, cfg, n_threads, out);
-    if (has_dtype<i64>(indices)) return dispatch_data<IP, i64>(indptr, indices, data, cfg, n_threads, out);
+                           const scfm::RankConfig& cfg, int n_threads, const py::object& out,
+                           const py::object& sums) {
+    if (has_dtype<i32>(indices)) return dispatch_data<IP, i32>(indptr, indices, data, cfg, n_threads, out, sums);
+    if (has_dtype<i64>(indices)) return dispatch_data<IP, i64>(indptr, indices, data, cfg, n_threads, out, sums);
     throw py::type_error("indices must have dtype int32 or int64, got " + dtype_name(indices));
 }
 
 py::tuple rank_tokenize(const py::array& indptr, const py::array& indices, const py::array& data,
                         const py::array& col_token, const py::array& token_median,
                         const py::object& totals, i64 budget, i32 cls_token, i32 eos_token,
-                        bool allow_non_integer, int n_threads, const py::object& out) {
+                        bool allow_non_integer, int n_threads, const py::object& out,
+                        const py::object& sums) {
     require_vector(indptr, "indptr");
     require_vector(indices, "indices");
     require_vector(data, "data");
@@ -178,8 +197,8 @@ py::tuple rank_tokenize(const py::array& indptr, const py::array& indices, const
     cfg.cls_token = cls_token;
     cfg.eos_token = eos_token;
     cfg.allow_non_integer = allow_non_integer;
-    if (has_dtype<i32>(indptr)) return dispatch_indices<i32>(indptr, indices, data, cfg, n_threads, out);
-    if (has_dtype<i64>(indptr)) return dispatch_indices<i64>(indptr, indices, data, cfg, n_threads, out);
+    if (has_dtype<i32>(indptr)) return dispatch_indices<i32>(indptr, indices, data, cfg, n_threads, out, sums);
+    if (has_dtype<i64>(indptr)) return dispatch_indices<i64>(indptr, indices, data, cfg, n_threads, out, sums);
     throw py::type_error("indptr must have dtype int32 or int64, got " + dtype_name(indptr));
 }
 
@@ -289,14 +308,16 @@ PYBIND11_MODULE(_core, m) {
     m.def("rank_tokenize", &rank_tokenize, py::arg("indptr"), py::arg("indices"), py::arg("data"),
           py::arg("col_token"), py::arg("token_median"), py::arg("totals").none(true), py::arg("budget"),
           py::arg("cls_token"), py::arg("eos_token"), py::arg("allow_non_integer"), py::arg("n_threads"),
-          py::arg("out") = py::none(),
+          py::arg("out") = py::none(), py::arg("sums") = py::none(),
           R"doc(Rank-value tokenize a CSR chunk (see scfm_fast.tokenizer.reference.rank_tokenize_ref).
 
 Arrays must be 1-D and C-contiguous: indptr int32/int64, indices int32/int64, data float32/float64,
 col_token int32, token_median float64, totals float64 or None.  budget = max_len minus special tokens.
 Runs with the GIL released on up to n_threads threads.  Returns (tokens int32, offsets int64,
 totals float64); with out (1-D C-contiguous writeable int32) at least rank_output_bound() long,
-tokens are a view of out (overwritten by the next call that reuses it).  Raises CellDataError(kind, row, entry, col) on the first bad count (or, when there
+tokens are a view of out (overwritten by the next call that reuses it).  With sums (float64, 3
+elements, writeable) it is set to (total, matched, 1.0) when the chunk's count sums (see count_sums)
+were taken exactly in the same pass, else to (0, 0, 0.0): then call count_sums.  Raises CellDataError(kind, row, entry, col) on the first bad count (or, when there
 is none, the first out-of-range column index) in stored order.)doc");
 
     m.def("token_values", &token_values, py::arg("indptr"), py::arg("indices"), py::arg("data"),

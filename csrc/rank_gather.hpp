@@ -98,28 +98,41 @@ DirectTable direct_table(const IP* indptr, i64 n_cells, const RankConfig& cfg) {
     return t;
 }
 
+// A row's sequential count sums, taken by the direct gather while it reads the row anyway: `total`
+// of every stored count (the cell total when none is given; the seed is set by the caller) and
+// `matched` of those on vocabulary genes (for the match report's chunk sums, see ChunkSums).
+struct RowSums {
+    double total = 0.0;
+    double matched = 0.0;
+};
+
 // Direct gather of a clean row [lo, hi) (see range_is_clean): fills cand with one candidate per
-// stored entry of a mapped column with a nonzero count (raw orders, see CandidateWriter), adds the
-// counts into `total` when sum_total.  Returns false, with cand and total to be discarded, when the
-// column indices do not strictly increase (a column may repeat: the row needs the accumulated
+// stored entry of a mapped column with a nonzero count (raw orders, see CandidateWriter) and adds
+// the counts into `sums` in stored order.  The two sums are dependency chains of their own, which the
+// division and the candidate stores hide.  Returns false, with cand and sums to be discarded, when
+// the column indices do not strictly increase (a column may repeat: the row needs the accumulated
 // gather).
 template <class IX, class DT>
 bool gather_direct(const IX* indices, const DT* data, i64 lo, i64 hi, const i32* col_token,
-                   const double* col_median, bool sum_total, double& total, Candidates& cand) {
+                   const double* col_median, RowSums& sums, Candidates& cand) {
     CandidateWriter w(cand);
     i64 prev = -1;
     bool increasing = true;
+    double total = sums.total, matched = sums.matched;
     for (i64 k = lo; k < hi; ++k) {
         const i64 col = static_cast<i64>(indices[k]);
         const double v = static_cast<double>(data[k]);
-        if (sum_total) total += v;
+        total += v;
         increasing &= col > prev;
         prev = col;
         const i32 tok = col_token[col];
+        matched += tok >= 0 ? v : 0.0;
         // v > 0 is v != 0 on a clean row (no NaN, no negative count) without the NaN-aware compare
         w.add(tok, v / col_median[col], (tok >= 0) & (v > 0));
     }
     w.finish(cand);
+    sums.total = total;
+    sums.matched = matched;
     return increasing;
 }
 

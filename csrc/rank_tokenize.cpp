@@ -30,6 +30,7 @@ struct ThreadState {
     Candidates cand;           // (order, token) candidates of the current cell
     SortScratch sort;          // radix_rank's buffers
     i64 n_written = 0;         // tokens written at this range's start in the output buffer
+    ChunkSums sums{0.0, 0.0, true};  // this range's count sums (exact while every row adds its own)
     CellError error;
 };
 
@@ -72,10 +73,17 @@ void tokenize_range(const CsrChunk<IP, IX, DT>& chunk, const RankConfig& cfg, co
         bool have_cand = false;  // candidates came from the direct gather (else from acc)
         i64 k = lo;
         if (clean && have_table) {
+            RowSums row{hi > lo ? -0.0 : 0.0, 0.0};  // the seed rule above, for a computed total
             have_cand = gather_direct(chunk.indices, chunk.data, lo, hi, cfg.col_token, table.col_median.data(),
-                                      !given, total, st.cand);
-            if (!have_cand) total = seed;  // a repeated or unsorted column: accumulate instead
+                                      row, st.cand);
+            if (have_cand) {
+                if (!given) total = row.total;
+                // Clean rows of integer counts: the row sums are exact integers (see ChunkSums)
+                st.sums.total += row.total;
+                st.sums.matched += row.matched;
+            }
         }
+        st.sums.exact &= have_cand && !cfg.allow_non_integer;  // any other row: the caller sums the chunk
         if (clean) {
             if (!have_cand) {
                 n_touched = gather_acc(chunk.indices, chunk.data, lo, hi, cfg.col_token, acc, sink, !given,
@@ -190,6 +198,7 @@ RankResult& RankResult::operator=(RankResult&& o) noexcept {
         n_tokens = o.n_tokens;
         error = o.error;
         external = o.external;
+        sums = o.sums;
         o.tokens = nullptr;
     }
     return *this;
@@ -241,7 +250,16 @@ RankResult rank_tokenize(const CsrChunk<IP, IX, DT>& chunk, const RankConfig& cf
         st.cand = Candidates();
         st.sort = SortScratch();
     });
-    for (auto& st : states) result.error.merge(st.error);
+    result.sums = ChunkSums{0.0, 0.0, true};
+    for (auto& st : states) {
+        result.error.merge(st.error);
+        result.sums.total += st.sums.total;
+        result.sums.matched += st.sums.matched;
+        result.sums.exact &= st.sums.exact;
+    }
+    // Below 2^53 every partial sum of these non-negative integers was exact (an inexact add rounds a
+    // sum above 2^53, and sums only grow from there)
+    result.sums.exact &= result.sums.total < 0x1p53;
     if (!result.error.ok()) {
         result.drop();
         return result;

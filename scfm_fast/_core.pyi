@@ -20,6 +20,7 @@ def rank_tokenize(
     allow_non_integer: bool,
     n_threads: int,
     out: npt.NDArray[np.int32] | None = None,
+    sums: npt.NDArray[np.float64] | None = None,
 ) -> tuple[npt.NDArray[np.int32], npt.NDArray[np.int64], npt.NDArray[np.float64]]: ...
 def count_sums(
     indices: npt.NDArray[np.int32] | npt.NDArray[np.int64],

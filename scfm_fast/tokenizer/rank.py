@@ -247,6 +247,7 @@ def tokenize_rank(
     backend: str = "auto",
     n_threads: int | None = None,
     out: np.ndarray | None = None,
+    sums: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Tokenize a CSR chunk of cells by Geneformer's rank-value rule.
 
@@ -283,6 +284,12 @@ def tokenize_rank(
         per thread and reuse it only once the previous tokens are consumed.  This saves the page
         faults and zeroing of a fresh buffer on every call (~15% of the core's CPU on PBMC cells).
         When it is too small a fresh array is returned and ``out`` is untouched.
+    sums
+        Optional float64 array of 3, set to ``(total, matched, 1.0)`` when the C++ backend took the
+        chunk's count sums (:func:`scfm_fast.tokenizer._sums.count_sums`, bit for bit) in its rank pass,
+        which saves a second pass over the chunk; that needs integer counts (not
+        ``allow_non_integer``) and rows that span the arrays.  Otherwise set to ``(0, 0, 0.0)``: call
+        ``count_sums``.
 
     Returns
     -------
@@ -306,6 +313,8 @@ def tokenize_rank(
     """
     name = _pick_backend(backend)
     out = _out_buffer(out)
+    if sums is not None:
+        sums[:] = 0.0  # "not taken" unless the core sets it
     indptr, indices, data, col_token, token_median, totals, max_len, cls_token, eos_token = _prepare(
         indptr, indices, data, col_token, token_median, totals, max_len, cls_token, eos_token
     )
@@ -352,6 +361,7 @@ def tokenize_rank(
                 allow_non_integer,
                 threads,
                 out=out,
+                sums=sums,
             )
         except core.CellDataError as exc:
             kind, row, entry, col = exc.args

@@ -115,23 +115,23 @@ class TokenizerSpec:
                              ortholog_map=self.ortholog_map, gene_mapping=self.gene_mapping,
                              min_fraction=self.min_gene_match, source=source)
 
-    def tokenize_csr(self, indptr, indices, data, *, col_token, totals=None):
+    def tokenize_csr(self, indptr, indices, data, *, col_token, totals=None, sums=None):
         from .rank import tokenize_rank
 
         return tokenize_rank(indptr, indices, data, col_token=col_token,
                              token_median=self.vocab.token_median, max_len=self.max_len,
                              cls_token=self.cls_id, eos_token=self.eos_id, totals=totals,
                              allow_non_integer=self.allow_non_integer, backend=self.backend,
-                             n_threads=self.n_threads)
+                             n_threads=self.n_threads, sums=sums)
 
-    def tokenize_values_csr(self, indptr, indices, data, *, col_token, totals=None):
+    def tokenize_values_csr(self, indptr, indices, data, *, col_token, totals=None, sums=None):
         from .values import tokenize_values
 
         return tokenize_values(indptr, indices, data, col_token=col_token,
                                token_median=self.vocab.token_median, max_len=self.max_len,
                                normalize_total=self.normalize_total, totals=totals,
                                allow_non_integer=self.allow_non_integer, backend=self.backend,
-                               n_threads=self.n_threads)
+                               n_threads=self.n_threads, sums=sums)
 
 
 @functools.cache

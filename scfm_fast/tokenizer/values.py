@@ -45,6 +45,7 @@ def tokenize_values(
     allow_non_integer: bool = False,
     backend: str = "auto",
     n_threads: int | None = None,
+    sums: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Tokenize a CSR chunk by GeneCompass's rule: token ids and their values, same order.
 
@@ -69,6 +70,8 @@ def tokenize_values(
         ``"auto"``, ``"cpp"``, ``"numba"`` or ``"reference"``, as in ``tokenize_rank``.
     n_threads
         Threads for the chunk (``None``: see ``tokenize_rank``).
+    sums
+        Optional float64 array of 3 for the chunk's count sums, as in ``tokenize_rank``.
 
     Returns
     -------
@@ -91,6 +94,8 @@ def tokenize_values(
     indptr, indices, data, col_token, token_median, totals, max_len, _, _ = rank._prepare(
         indptr, indices, data, col_token, token_median, totals, max_len, -1, -1
     )
+    if sums is not None:
+        sums[:] = 0.0  # the reference path leaves the count sums to the caller
     if name == "reference":
         # the dispatcher's own checks first, so errors read the same on every backend
         check_counts_ref(indptr, data, allow_non_integer=bool(allow_non_integer))
@@ -100,7 +105,7 @@ def tokenize_values(
                                   allow_non_integer=allow_non_integer)
     tokens, offsets, cell_totals = rank.tokenize_rank(
         indptr, indices, data, col_token=col_token, token_median=token_median, max_len=max_len,
-        totals=totals, allow_non_integer=allow_non_integer, backend=name, n_threads=n_threads,
+        totals=totals, allow_non_integer=allow_non_integer, backend=name, n_threads=n_threads, sums=sums,
     )
     factor = None
     if target is not None:

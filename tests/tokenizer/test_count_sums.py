@@ -1,4 +1,6 @@
-"""The match report's count sums: the C++ core equals the Numba kernel and a sequential Python sum."""
+"""The match report's count sums: the C++ core equals the Numba kernel and a sequential Python sum, and the
+sums the rank core takes in its own pass (``tokenize_rank(..., sums=)``) equal them bit for bit whenever it
+reports them, and are left to ``count_sums`` where that cannot be shown."""
 
 from __future__ import annotations
 
@@ -7,6 +9,7 @@ import pytest
 
 from scfm_fast import _ext
 from scfm_fast.tokenizer._sums import count_sums
+from scfm_fast.tokenizer.rank import tokenize_rank
 
 needs_core = pytest.mark.skipif(_ext.core is None, reason=f"C++ core not built: {_ext.core_error}")
 
@@ -21,16 +24,25 @@ def _sequential(indices, data, col_token):
 
 
 @pytest.fixture(scope="module")
-def real_chunk(shared_dir):
-    """Real PBMC counts (float32, as read from h5ad) and a column map dropping about a third of genes."""
+def real_csr(shared_dir):
+    """Real PBMC counts as CSR (float32, as read from h5ad)."""
     anndata = pytest.importorskip("anndata")
+    import scipy.sparse as sp
+
     path = shared_dir / "data" / "human" / "scvi_pbmc_5k_protein_v3_200cells.h5ad"
     if not path.exists():
         pytest.skip(f"{path} not found")
-    X = np.asarray(anndata.read_h5ad(path).X, dtype=np.float32)
-    rows, cols = np.nonzero(X)
-    col_token = np.where(np.random.default_rng(0).random(X.shape[1]) < 0.66, 1, -1).astype(np.int32)
-    return cols.astype(np.int32), X[rows, cols], col_token
+    X = sp.csr_matrix(anndata.read_h5ad(path).X, dtype=np.float32)
+    return X.indptr.astype(np.int64), X.indices.astype(np.int32), X.data
+
+
+@pytest.fixture(scope="module")
+def real_chunk(real_csr):
+    """The stored entries and a column map dropping about a third of genes."""
+    _, indices, data = real_csr
+    n_cols = int(indices.max()) + 1
+    col_token = np.where(np.random.default_rng(0).random(n_cols) < 0.66, 1, -1).astype(np.int32)
+    return indices, data, col_token
 
 
 @needs_core
@@ -114,3 +126,93 @@ def test_tokenize_does_not_import_numba_with_the_core(tmp_path):
             "print('numba' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip().splitlines()[-1] == "False"
+
+
+@pytest.fixture(scope="module")
+def ranked(real_csr):
+    """The CSR chunk with ~95% of genes on distinct tokens (the rank core's direct gather) and medians."""
+    indptr, indices, data = real_csr
+    rng = np.random.default_rng(7)
+    n_cols = int(indices.max()) + 1
+    col_token = np.where(rng.random(n_cols) < 0.95, rng.permutation(n_cols), -1).astype(np.int32)
+    return indptr, indices, data, col_token, rng.uniform(0.5, 20.0, n_cols)
+
+
+def _rank(indptr, indices, data, col_token, median, **kw):
+    return tokenize_rank(indptr, indices, data, col_token=col_token, token_median=median, max_len=2048,
+                         backend=kw.pop("backend", "cpp"), **kw)
+
+
+@needs_core
+@pytest.mark.parametrize(("ip", "ix", "dt"), [(np.int64, np.int32, np.float32), (np.int32, np.int64, np.float64),
+                                              (np.int32, np.int32, np.float32)])
+@pytest.mark.parametrize("threads", [1, 3])
+@pytest.mark.parametrize("given", [False, True])
+def test_sums_of_the_rank_pass_equal_count_sums(ranked, ip, ix, dt, threads, given):
+    indptr, indices, data, col_token, median = ranked
+    indptr, indices, data = indptr.astype(ip), indices.astype(ix), data.astype(dt)
+    totals = np.add.reduceat(data.astype(np.float64), indptr[:-1].astype(np.int64)) if given else None
+    sums = np.full(3, np.nan)
+    got = _rank(indptr, indices, data, col_token, median, totals=totals, n_threads=threads, sums=sums)
+    assert sums[2] == 1.0
+    assert (sums[0], sums[1]) == count_sums(indices, data, col_token) == _sequential(indices, data, col_token)
+    assert 0 < sums[1] < sums[0]
+    # taking the sums changes nothing else, the computed cell totals included
+    want = _rank(indptr, indices, data, col_token, median, totals=totals, n_threads=threads)
+    for a, b in zip(got, want, strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
+def _case(case, indptr, indices, data, col_token, median):
+    """Inputs for which the rank pass cannot show its sums exact, and the keywords to call it with."""
+    kw = {}
+    if case == "allow_non_integer":
+        data = data * np.float32(1.1)
+        kw["allow_non_integer"] = True
+    elif case == "repeated_column":  # row 5 stores its first column twice: the accumulated gather
+        k = int(indptr[5])
+        indices = np.insert(indices, k, indices[k])
+        data = np.insert(data, k, np.float32(2))
+        indptr = indptr.copy()
+        indptr[6:] += 1
+    elif case == "two_columns_one_token":  # e.g. --gene-mapping-file collapsing ids: no direct gather
+        col_token = col_token.copy()
+        col_token[indices[0]] = col_token[indices[1]]
+    elif case == "cell_without_total":  # a given total of 0: its row is not read
+        kw["totals"] = np.add.reduceat(data.astype(np.float64), indptr[:-1])
+        kw["totals"][3] = 0.0
+    elif case == "rows_inside_the_arrays":  # stored entries before the first row
+        indices = np.concatenate([indices[:4], indices])
+        data = np.concatenate([data[:4], data])
+        indptr = indptr + 4
+    elif case == "total_from_2_53":  # exact integers no more: the order matters
+        data = data.astype(np.float64)
+        data[:2] = 2.0**52
+    elif case in ("numba", "reference"):
+        if case == "numba":
+            pytest.importorskip("numba")
+        kw["backend"] = case
+    return (indptr, indices, data, col_token, median), kw
+
+
+@needs_core
+@pytest.mark.parametrize("case", ["allow_non_integer", "repeated_column", "two_columns_one_token",
+                                  "cell_without_total", "rows_inside_the_arrays", "total_from_2_53", "numba",
+                                  "reference"])
+def test_sums_are_left_to_count_sums_where_not_shown_exact(ranked, case):
+    args, kw = _case(case, *ranked)
+    sums = np.full(3, np.nan)
+    got = _rank(*args, sums=sums, **kw)
+    assert sums.tolist() == [0.0, 0.0, 0.0]
+    want = _rank(*args, **kw)
+    for a, b in zip(got, want, strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
+@needs_core
+def test_bad_sums_buffer_is_refused(ranked):
+    indptr, indices, data, col_token, median = ranked
+    with pytest.raises(ValueError, match="3 elements"):
+        _rank(indptr, indices, data, col_token, median, sums=np.zeros(2))
+    with pytest.raises(TypeError, match="float64"):
+        _rank(indptr, indices, data, col_token, median, sums=np.zeros(3, np.float32))
