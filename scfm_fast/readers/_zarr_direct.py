@@ -93,6 +93,45 @@ def _plan(node: Any) -> tuple[str, Any, Any, int] | None:
     return os.path.join(str(node.store.root), node.path), meta, codec, int(node.chunks[0])
 
 
+#: per array directory, the last chunk a read decoded whole for part of it, with its stored bytes: a read that
+#: ends inside a chunk is usually followed by one that starts there (consecutive blocks of a file), which
+#: then takes the rest without decoding the chunk again.  A hit needs the same stored bytes (compared: far
+#: cheaper than decoding), so a rewritten store is never answered from here.  One chunk per array (a few
+#: MiB); a forked worker starts with its parent's.
+_PARTIAL: dict[str, tuple[int, bytes, np.ndarray]] = {}
+
+
+def _raw(path: str, k: int, node: Any) -> bytes:
+    """The stored bytes of chunk ``k``; a missing file is an error (zarr would read it as zeros)."""
+    try:
+        with open(path, "rb") as f:
+            return f.read()
+    except FileNotFoundError:
+        msg = (f"{path}: chunk {k} of Zarr array '{node.path}' is missing (an interrupted copy?); zarr would "
+               "read it as zeros. Copy the store again or re-export the file")
+        raise InputFileError(msg) from None
+
+
+def _decode(codec: Any, raw: bytes, path: str, k: int, node: Any, out: np.ndarray | None = None) -> Any:
+    try:
+        return codec.decode(raw, out=out) if out is not None else codec.decode(raw)
+    except Exception as e:  # noqa: BLE001 - any codec failure means a damaged chunk
+        msg = f"{path}: chunk {k} of Zarr array '{node.path}' cannot be decoded ({e}); re-export the file"
+        raise InputFileError(msg) from None
+
+
+def _partial_chunk(root: str, path: str, k: int, node: Any, codec: Any) -> np.ndarray:
+    """Chunk ``k`` decoded whole (uint8), for a read of part of it: the kept one when it is this chunk with the
+    same stored bytes, else decoded and kept."""
+    raw = _raw(path, k, node)
+    kept = _PARTIAL.get(root)
+    if kept is not None and kept[0] == k and kept[1] == raw:
+        return kept[2]
+    chunk = np.frombuffer(raw if codec is None else _decode(codec, raw, path, k, node), dtype=np.uint8)
+    _PARTIAL[root] = (k, raw, chunk)
+    return chunk
+
+
 def read_direct(node: Any, sel: Any) -> np.ndarray | None:
     """``node[sel]`` for a plain slice of a 1-D local Zarr array, or ``None`` when not applicable."""
     if not isinstance(sel, slice) or sel.step not in (None, 1):
@@ -107,25 +146,17 @@ def read_direct(node: Any, sel: Any) -> np.ndarray | None:
     for k in range(lo // clen, (hi - 1) // clen + 1 if hi > lo else lo // clen):
         key = meta.encode_chunk_key((k,))
         path = os.path.join(root, *key.split("/"))
-        try:
-            with open(path, "rb") as f:
-                raw = f.read()
-        except FileNotFoundError:
-            msg = (f"{path}: chunk {k} of Zarr array '{node.path}' is missing (an interrupted copy?); zarr would "
-                   "read it as zeros. Copy the store again or re-export the file")
-            raise InputFileError(msg) from None
         c0 = k * clen
         a, b = max(lo, c0), min(hi, c0 + clen)
-        whole = a == c0 and b == c0 + clen
-        try:
-            if whole and codec is not None and decoded_size(codec, raw) == clen * dtype.itemsize:
-                codec.decode(raw, out=out[a - lo:b - lo])  # straight into the output: no copy, no temporary
+        if a != c0 or b != c0 + clen:  # part of a chunk (a block boundary): kept for the next block's read
+            whole = _partial_chunk(root, path, k, node, codec)
+            chunk = whole[:whole.size - whole.size % dtype.itemsize].view(dtype)
+        else:
+            raw = _raw(path, k, node)
+            if codec is not None and decoded_size(codec, raw) == clen * dtype.itemsize:
+                _decode(codec, raw, path, k, node, out=out[a - lo:b - lo])  # straight into the output
                 continue
-            buf = raw if codec is None else codec.decode(raw)
-        except Exception as e:  # noqa: BLE001 - any codec failure means a damaged chunk
-            msg = f"{path}: chunk {k} of Zarr array '{node.path}' cannot be decoded ({e}); re-export the file"
-            raise InputFileError(msg) from None
-        chunk = np.frombuffer(buf, dtype=dtype)
+            chunk = np.frombuffer(raw if codec is None else _decode(codec, raw, path, k, node), dtype=dtype)
         if chunk.size < b - c0:
             msg = f"{path}: chunk {k} of Zarr array '{node.path}' is truncated; re-export the file"
             raise InputFileError(msg)

@@ -126,3 +126,31 @@ def test_decoded_size_from_headers():
             assert decoded_size(c, c.encode(a)) == a.nbytes
         assert decoded_size(numcodecs.GZip(), numcodecs.GZip().encode(a)) is None  # unknown: copied
     assert decoded_size(numcodecs.Zstd(), b"not a frame") is None
+
+
+@pytest.mark.parametrize("fmt", [2, 3])
+@pytest.mark.parametrize("comp", ["blosc", "zstd", "none"])
+def test_a_chunk_split_between_consecutive_reads_is_decoded_once(tmp_path, monkeypatch, fmt, comp):
+    """Consecutive blocks share the chunk at their boundary: the second read takes it from the first one's
+    decode, and a chunk rewritten in between is decoded again, never served from the earlier bytes."""
+    import scfm_fast.readers._zarr_direct as zd
+
+    m = _matrix()
+    _store(tmp_path / "a.zarr", fmt, comp, m)
+    z = zarr.open_group(str(tmp_path / "a.zarr"), mode="r")["X/data"]
+    zd._PARTIAL.clear()
+    decoded = []
+    real = zd._decode
+    monkeypatch.setattr(zd, "_decode", lambda codec, raw, path, k, *a, **kw: decoded.append(k) or real(
+        codec, raw, path, k, *a, **kw))
+    np.testing.assert_array_equal(zd.read_direct(z, slice(0, 150)), m.data[:150])  # ends inside chunk 1
+    np.testing.assert_array_equal(zd.read_direct(z, slice(150, 250)), m.data[150:250])  # 1 again, ends in 2
+    if comp != "none":
+        assert decoded.count(1) == 1 and decoded.count(0) == 1 and decoded.count(2) == 1
+    # chunk 2 rewritten (same length, other values) before the read that continues in it
+    chunk = tmp_path / "a.zarr" / "X" / "data" / ("2" if fmt == 2 else os.path.join("c", "2"))
+    new = m.data[194:291][::-1].copy() + 1
+    z2 = zarr.open_group(str(tmp_path / "a.zarr"), mode="r+")["X/data"]
+    z2[194:291] = new
+    assert chunk.exists()
+    np.testing.assert_array_equal(zd.read_direct(z, slice(250, 291)), new[250 - 194:])
