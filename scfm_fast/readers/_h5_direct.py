@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 
 from .._errors import InputFileError
+from .base import plain_slice
 
 #: elements compared with h5py's read when a dataset is first mapped
 _PROBE = 64
@@ -96,10 +97,8 @@ def _map(fname: str, off: int, dtype: np.dtype, lo: int, hi: int) -> np.ndarray:
 def read_mapped(node: Any, sel: Any) -> np.ndarray | None:
     """``node[sel]`` for a plain slice of a contiguous uncompressed 1-D HDF5 dataset, as a read-only view of
     the file; ``None`` when not applicable."""
-    if not isinstance(sel, slice) or sel.step not in (None, 1):
-        return None
-    plan = _plan(node)
+    bounds = plain_slice(node, sel)
+    plan = None if bounds is None else _plan(node)
     if plan is None:
         return None
-    lo, hi, _ = sel.indices(int(node.shape[0]))
-    return _map(plan[0], plan[1], node.dtype, lo, hi)
+    return _map(plan[0], plan[1], node.dtype, *bounds)

@@ -16,6 +16,7 @@ import numpy as np
 from .._buffers import READS
 from ._h5_direct import read_mapped
 from ._zarr_direct import read_direct
+from .base import plain_slice
 
 
 @dataclass
@@ -120,10 +121,10 @@ def read_slice(node: Any, sel: Any, stats: ReadStats) -> np.ndarray:
 
 def _read_h5_into_pool(node: Any, sel: Any) -> np.ndarray | None:
     """A plain slice of a 1-D numeric h5py dataset, read into a :data:`~scfm_fast._buffers.READS` array."""
-    if not (isinstance(sel, slice) and sel.step in (None, 1) and getattr(node, "ndim", 0) == 1
-            and hasattr(node, "read_direct") and node.dtype.kind in "iuf"):
+    bounds = plain_slice(node, sel)
+    if bounds is None or not hasattr(node, "read_direct") or node.dtype.kind not in "iuf":
         return None
-    lo, hi, _ = sel.indices(int(node.shape[0]))
+    lo, hi = bounds
     if hi <= lo:
         return None
     out = READS.empty(hi - lo, node.dtype)

@@ -20,6 +20,7 @@ import numpy as np
 
 from .._buffers import READS
 from .._errors import InputFileError
+from .base import plain_slice
 
 
 def _v3_codec(codecs: tuple[Any, ...]) -> Any | None | bool:
@@ -134,13 +135,12 @@ def _partial_chunk(root: str, path: str, k: int, node: Any, codec: Any) -> np.nd
 
 def read_direct(node: Any, sel: Any) -> np.ndarray | None:
     """``node[sel]`` for a plain slice of a 1-D local Zarr array, or ``None`` when not applicable."""
-    if not isinstance(sel, slice) or sel.step not in (None, 1):
-        return None
-    plan = _plan(node)
+    bounds = plain_slice(node, sel)
+    plan = None if bounds is None else _plan(node)
     if plan is None:
         return None
     root, meta, codec, clen = plan
-    lo, hi, _ = sel.indices(int(node.shape[0]))
+    lo, hi = bounds
     dtype = node.dtype
     out = READS.empty(max(hi - lo, 0), dtype)  # reused memory: no zero-fill of a fresh map per read
     for k in range(lo // clen, (hi - 1) // clen + 1 if hi > lo else lo // clen):

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 import pandas as pd
@@ -75,3 +75,12 @@ class Reader(Protocol):
 
     def close(self) -> None:
         """Release file handles."""
+
+
+def plain_slice(node: Any, sel: Any) -> tuple[int, int] | None:
+    """``(lo, hi)`` when ``sel`` is a step-1 slice of the 1-D array ``node`` (the reads the direct paths
+    take), else ``None``."""
+    if not isinstance(sel, slice) or sel.step not in (None, 1) or len(getattr(node, "shape", ())) != 1:
+        return None
+    lo, hi, _ = sel.indices(int(node.shape[0]))
+    return lo, hi
