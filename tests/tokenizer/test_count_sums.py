@@ -216,3 +216,41 @@ def test_bad_sums_buffer_is_refused(ranked):
         _rank(indptr, indices, data, col_token, median, sums=np.zeros(2))
     with pytest.raises(TypeError, match="float64"):
         _rank(indptr, indices, data, col_token, median, sums=np.zeros(3, np.float32))
+
+
+@needs_core
+def test_genecompass_values_take_the_same_sums(ranked):
+    from scfm_fast.tokenizer.values import tokenize_values
+
+    indptr, indices, data, col_token, median = ranked
+    sums = np.full(3, np.nan)
+    got = tokenize_values(indptr, indices, data, col_token=col_token, token_median=median, backend="cpp",
+                          sums=sums)
+    assert sums[2] == 1.0 and (sums[0], sums[1]) == count_sums(indices, data, col_token)
+    want = tokenize_values(indptr, indices, data, col_token=col_token, token_median=median, backend="cpp")
+    for a, b in zip(got, want, strict=True):
+        np.testing.assert_array_equal(a, b)
+    tokenize_values(indptr, indices, data, col_token=col_token, token_median=median, backend="reference",
+                    sums=sums)
+    assert sums.tolist() == [0.0, 0.0, 0.0]
+
+
+@needs_core
+def test_the_match_report_is_the_same_from_the_rank_pass(tmp_path, monkeypatch):
+    """A run's manifest sums: from the rank pass (C++) equal those of count_sums (reference backend)."""
+    from pathlib import Path
+
+    import scfm_fast
+    from scfm_fast.tokenizer import pipeline
+
+    demo = Path(scfm_fast.__file__).parent / "data" / "demo" / "pbmc_200cells.h5ad"
+    calls = []
+    real = pipeline._count_sums
+    monkeypatch.setattr(pipeline, "_count_sums", lambda *a: calls.append(1) or real(*a))
+    fast = pipeline.tokenize_corpus(str(demo), tmp_path / "cpp", backend="cpp", chunk_size=100, progress_bar=False)
+    assert calls == []  # every chunk's sums came from the rank pass
+    ref = pipeline.tokenize_corpus(str(demo), tmp_path / "ref", backend="reference", chunk_size=100,
+                                   progress_bar=False)
+    assert calls  # the reference backend leaves them to count_sums
+    for key in ("counts_total", "counts_matched", "fraction_counts_matched"):
+        assert fast["summary"][key] == ref["summary"][key] > 0
