@@ -60,8 +60,8 @@ void tokenize_range(const CsrChunk<IP, IX, DT>& chunk, const RankConfig& cfg, co
         // Row total: the given one, or a sequential sum.  Seeding the sum with -0.0 (the exact
         // additive identity: -0.0 + x == x for every x, +0.0 included) equals seeding it with the
         // first value, which is the oracle's definition; an empty row sums to +0.0.
-        const double seed = given ? cfg.totals[i] : (hi > lo ? -0.0 : 0.0);
-        double total = seed;
+        const double sum_seed = hi > lo ? -0.0 : 0.0;
+        double total = given ? cfg.totals[i] : sum_seed;
         const bool wanted = !given || total > 0;  // a cell with a given total <= 0 gets no tokens
         // Checked per row, right before its gather, so the row is read from DRAM once and the gather
         // finds it in L1 (a check of the whole range first would stream it twice).  A clean row holds
@@ -73,7 +73,7 @@ void tokenize_range(const CsrChunk<IP, IX, DT>& chunk, const RankConfig& cfg, co
         bool have_cand = false;  // candidates came from the direct gather (else from acc)
         i64 k = lo;
         if (clean && have_table) {
-            RowSums row{hi > lo ? -0.0 : 0.0, 0.0};  // the seed rule above, for a computed total
+            RowSums row{sum_seed, 0.0};
             have_cand = gather_direct(chunk.indices, chunk.data, lo, hi, cfg.col_token, table.col_median.data(),
                                       row, st.cand);
             if (have_cand) {

@@ -94,9 +94,9 @@ def tokenize_values(
     indptr, indices, data, col_token, token_median, totals, max_len, _, _ = rank._prepare(
         indptr, indices, data, col_token, token_median, totals, max_len, -1, -1
     )
-    if sums is not None:
-        sums[:] = 0.0  # the reference path leaves the count sums to the caller
     if name == "reference":
+        if sums is not None:
+            sums[:] = 0.0  # the count sums are left to the caller (tokenize_rank sets them on the other paths)
         # the dispatcher's own checks first, so errors read the same on every backend
         check_counts_ref(indptr, data, allow_non_integer=bool(allow_non_integer))
         rank._check_indices(indptr, indices, col_token.shape[0])
