@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import os
 import sys
-
-from tqdm.auto import tqdm
+from typing import Any
 
 
 def progress_enabled(*, requested: bool | None = True) -> bool:
@@ -16,6 +15,9 @@ def progress_enabled(*, requested: bool | None = True) -> bool:
     return True if requested else sys.stderr.isatty()
 
 
-def progress(*, total: int | None, desc: str, unit: str = "cells", enabled: bool | None = True) -> tqdm:
+def progress(*, total: int | None, desc: str, unit: str = "cells", enabled: bool | None = True) -> Any:
+    """A ``tqdm.auto`` bar (imported here, not at start-up: tqdm's import takes ~0.1 s)."""
+    from tqdm.auto import tqdm
+
     return tqdm(total=total, desc=desc, unit=unit, unit_scale=True, dynamic_ncols=True,
                 disable=not progress_enabled(requested=enabled), smoothing=0.1)

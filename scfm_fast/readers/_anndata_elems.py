@@ -15,7 +15,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-import pandas as pd
 
 from .._errors import InputFileError
 from ._nodes import (
@@ -29,8 +28,7 @@ from ._nodes import (
     read_slice,
     to_str_array,
 )
-
-ColumnValues = np.ndarray | pd.api.extensions.ExtensionArray
+from .obs import Categorical, Column, Masked, ObsBlock, column_to_pandas
 
 
 def _missing_column_error(
@@ -43,8 +41,8 @@ def _missing_column_error(
 class Frame:
     """Row-range access to a per-cell (obs) or per-gene (var) table.
 
-    Subclasses implement the storage layout; all return columns as numpy arrays or pandas
-    extension arrays of exactly ``stop - start`` rows.
+    Subclasses implement the storage layout (:meth:`read_raw`); columns are exactly ``stop - start``
+    rows, as numpy arrays or the pandas-free :mod:`~scfm_fast.readers.obs` columns.
     """
 
     path: str
@@ -64,9 +62,13 @@ class Frame:
         """Row names ``start:stop`` as an object array of ``str``."""
         raise NotImplementedError
 
-    def read_column(self, name: str, start: int = 0, stop: int | None = None) -> ColumnValues:
-        """Column ``name`` for rows ``start:stop`` (default: to the end)."""
+    def read_raw(self, name: str, start: int = 0, stop: int | None = None) -> Column:
+        """Column ``name`` for rows ``start:stop`` (default: to the end), without pandas."""
         raise NotImplementedError
+
+    def read_column(self, name: str, start: int = 0, stop: int | None = None) -> Any:
+        """Column ``name`` for rows ``start:stop`` as pandas holds it (numpy or an extension array)."""
+        return column_to_pandas(self.read_raw(name, start, stop))
 
     def check_columns(self, names: list[str] | tuple[str, ...], *, hint: str = "") -> None:
         """Raise :class:`InputFileError` naming the file and listing the columns if one is missing."""
@@ -75,12 +77,21 @@ class Frame:
             if name not in available:
                 raise _missing_column_error(self.path, self.what, name, available, hint)
 
-    def read_frame(self, start: int, stop: int, names: list[str] | tuple[str, ...]) -> pd.DataFrame:
-        """Rows ``start:stop`` with the requested columns, indexed by the row names as ``str``."""
-        index = pd.Index(self.read_index(start, stop), dtype=object)
-        return pd.DataFrame(
-            {n: self.read_column(n, start, stop) for n in names}, index=index, columns=list(names)
-        )
+    def read_block(self, start: int, stop: int, names: list[str] | tuple[str, ...]) -> ObsBlock:
+        """Rows ``start:stop`` with the requested columns, and the row names as ``str``."""
+        return ObsBlock(self.read_index(start, stop), {n: self.read_raw(n, start, stop) for n in names})
+
+
+def _categorical(frame: Frame, name: str, codes: np.ndarray, categories: np.ndarray, *,
+                 ordered: bool) -> Categorical:
+    """A categorical column whose codes are -1 (missing) or a category (as pandas checks them)."""
+    codes = np.asarray(codes)
+    if codes.dtype.kind not in "iu" or (codes.size and (codes.min() < -1 or codes.max() >= len(categories))):
+        msg = (f"{frame.path}: categorical column {name!r} of {frame.what} holds codes outside "
+               f"[-1, {len(categories) - 1}] (it has {len(categories)} categories); the file is damaged. "
+               "Rewrite it with anndata.")
+        raise InputFileError(msg)
+    return Categorical(codes, categories, ordered)
 
 
 def _decode_values(values: np.ndarray) -> np.ndarray:
@@ -113,14 +124,14 @@ class GroupFrame(Frame):
     def read_index(self, start: int, stop: int) -> np.ndarray:
         return to_str_array(read_slice(self.node[self._index_key], slice(start, stop), self.stats))
 
-    def categorical(self, name: str, cats_node: Any, codes: np.ndarray, *, ordered: bool) -> pd.Categorical:
+    def categorical(self, name: str, cats_node: Any, codes: np.ndarray, *, ordered: bool) -> Categorical:
         """Build a categorical from per-chunk ``codes`` (-1 = missing) and the column's categories."""
         # Categories are per-category, not per-cell: read them once and reuse them for every chunk.
         if name not in self._categories:
             self._categories[name] = _decode_values(np.asarray(cats_node[...]))
-        return pd.Categorical.from_codes(codes, categories=self._categories[name], ordered=ordered)
+        return _categorical(self, name, codes, self._categories[name], ordered=ordered)
 
-    def read_column(self, name: str, start: int = 0, stop: int | None = None) -> ColumnValues:
+    def read_raw(self, name: str, start: int = 0, stop: int | None = None) -> Column:
         if name not in self._columns or name not in self.node:
             raise _missing_column_error(self.path, self.what, name, self._columns)
         stop = self.length if stop is None else stop
@@ -139,7 +150,7 @@ class GroupFrame(Frame):
         return _read_encoded_group(self, name, node, sel)
 
 
-def _read_encoded_group(frame: GroupFrame, name: str, node: Any, sel: slice) -> ColumnValues:
+def _read_encoded_group(frame: GroupFrame, name: str, node: Any, sel: slice) -> Column:
     enc = encoding_type(node)
     stats = frame.stats
     if enc == "categorical":
@@ -150,13 +161,9 @@ def _read_encoded_group(frame: GroupFrame, name: str, node: Any, sel: slice) -> 
     if enc in ("nullable-integer", "nullable-boolean", "nullable-string-array"):
         values = read_slice(node["values"], sel, stats)
         mask = read_slice(node["mask"], sel, stats).astype(bool)
-        if enc == "nullable-integer":
-            return pd.arrays.IntegerArray(values, mask)
-        if enc == "nullable-boolean":
-            return pd.arrays.BooleanArray(values.astype(bool), mask)
-        text = to_str_array(values)
-        text[mask] = None
-        return pd.array(text, dtype="string")
+        if enc == "nullable-string-array":
+            values = to_str_array(values)
+        return Masked(values, mask, enc.split("-")[1])
     msg = (
         f"{frame.path}: column {name!r} of {frame.what} has encoding {enc!r}, which "
         "scfm_fast cannot read per row. Convert it to a plain column before tokenizing."
@@ -191,7 +198,7 @@ class StructuredFrame(Frame):
     def read_index(self, start: int, stop: int) -> np.ndarray:
         return to_str_array(self._rows(start, stop)[self._index_field])
 
-    def _from_rows(self, rows: np.ndarray, name: str) -> ColumnValues:
+    def _from_rows(self, rows: np.ndarray, name: str) -> Column:
         if name not in self._columns:
             raise _missing_column_error(self.path, self.what, name, self._columns)
         values = _decode_values(np.ascontiguousarray(rows[name]))
@@ -200,19 +207,17 @@ class StructuredFrame(Frame):
             # Pre-0.7 categoricals: integer codes here, category labels in uns (read once).
             if name not in self._categories:
                 self._categories[name] = _decode_values(np.asarray(self.uns[key][...]))
-            return pd.Categorical.from_codes(values, categories=self._categories[name])
+            return _categorical(self, name, values, self._categories[name], ordered=False)
         return values
 
-    def read_column(self, name: str, start: int = 0, stop: int | None = None) -> ColumnValues:
+    def read_raw(self, name: str, start: int = 0, stop: int | None = None) -> Column:
         stop = self.length if stop is None else stop
         return self._from_rows(self._rows(start, stop), name)
 
-    def read_frame(self, start: int, stop: int, names: list[str] | tuple[str, ...]) -> pd.DataFrame:
+    def read_block(self, start: int, stop: int, names: list[str] | tuple[str, ...]) -> ObsBlock:
         # One read of the compound rows serves the index and every column.
         rows = self._rows(start, stop)
-        index = pd.Index(to_str_array(rows[self._index_field]), dtype=object)
-        data = {n: self._from_rows(rows, n) for n in names}
-        return pd.DataFrame(data, index=index, columns=list(names))
+        return ObsBlock(to_str_array(rows[self._index_field]), {n: self._from_rows(rows, n) for n in names})
 
 
 def open_frame(node: Any, *, path: str, what: str, stats: ReadStats, uns: Any | None = None) -> Frame:

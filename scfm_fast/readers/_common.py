@@ -11,7 +11,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from .._errors import InputFileError
-from ._anndata_elems import ColumnValues, Frame
+from ._anndata_elems import Frame
 from ._csr import CSRBlock, rechunk
 from ._nodes import ReadStats
 from .base import CellChunk
@@ -147,9 +147,14 @@ class ChunkedReader:
         """Names of the per-gene metadata columns available in the source."""
         return self._var.columns
 
-    def read_var_column(self, name: str) -> ColumnValues:
-        """Whole per-gene column ``name`` (the gene axis is small, so it is read at once)."""
+    def read_var_column(self, name: str) -> Any:
+        """Whole per-gene column ``name`` as pandas holds it (the gene axis is small: read at once)."""
         return self._var.read_column(name)
+
+    def read_var_values(self, name: str) -> np.ndarray:
+        """Whole per-gene column ``name`` as a numpy array, categories as their labels, missing as None
+        (no pandas import)."""
+        return np.asarray(self._var.read_raw(name))
 
     def read_var_index(self) -> np.ndarray:
         """The var index (gene axis row names) as ``str``."""
@@ -163,7 +168,7 @@ class ChunkedReader:
             self._var.check_columns(
                 [gene_id_column], hint=" Pass gene_id_column= one of them, or None to use the var index."
             )
-            values = self._var.read_column(gene_id_column)
+            values = self._var.read_raw(gene_id_column)
         return np.asarray([str(v) for v in np.asarray(values, dtype=object)], dtype=str)
 
     def _check_shapes(self) -> None:
@@ -216,7 +221,7 @@ class ChunkedReader:
     def _chunks(self, start: int, chunk_size: int, columns: list[str]) -> Iterator[CellChunk]:
         def with_obs() -> Iterator[CSRBlock]:
             for blk in _checked_blocks(self.path, self._source.iter_blocks(start, chunk_size), start):
-                blk.obs = self._obs.read_frame(blk.start, blk.start + blk.n_rows, columns)
+                blk.obs = self._obs.read_block(blk.start, blk.start + blk.n_rows, columns)
                 yield blk
 
         for blk in rechunk(with_obs(), chunk_size):

@@ -11,7 +11,8 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
 import numpy as np
-import pandas as pd
+
+from .obs import ObsBlock
 
 
 def data_dtype(dtype: np.dtype) -> np.dtype:
@@ -36,16 +37,16 @@ class CSRBlock:
     indptr: np.ndarray  # int64, indptr[0] == 0
     indices: np.ndarray  # int32
     data: np.ndarray
-    obs: pd.DataFrame | None = None
+    obs: ObsBlock | None = None
 
     @property
     def n_rows(self) -> int:
         return int(self.indptr.shape[0] - 1)
 
     def slice(self, lo: int, hi: int) -> CSRBlock:
-        """Rows ``lo:hi`` relative to this block (indices/data are views; obs is a copy)."""
+        """Rows ``lo:hi`` relative to this block (indices/data and obs are views)."""
         a, b = int(self.indptr[lo]), int(self.indptr[hi])
-        obs = None if self.obs is None else self.obs.iloc[lo:hi].copy()
+        obs = None if self.obs is None else self.obs.slice(lo, hi)
         return CSRBlock(self.start + lo, self.indptr[lo : hi + 1] - a, self.indices[a:b], self.data[a:b], obs)
 
 
@@ -85,7 +86,7 @@ def concat_blocks(pieces: list[CSRBlock]) -> CSRBlock:
     indptr = np.concatenate([[0]] + [p.indptr[1:] + off for p, off in zip(pieces, offsets, strict=True)])
     obs = None
     if pieces[0].obs is not None:
-        obs = pd.concat([p.obs for p in pieces])
+        obs = ObsBlock.concat(p.obs for p in pieces)
     return CSRBlock(
         pieces[0].start,
         indptr.astype(np.int64),

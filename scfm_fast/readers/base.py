@@ -8,14 +8,13 @@ reader knows which file format the cells came from.
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
-import pandas as pd
+
+from .obs import ObsBlock
 
 
-@dataclass
 class CellChunk:
     """A block of consecutive cells in CSR layout.
 
@@ -30,18 +29,37 @@ class CellChunk:
     data
         Counts, ``float32`` or ``float64``; same length as ``indices``.
     obs
-        Per-cell metadata for these cells (index = cell names), holding the requested columns.
+        Per-cell metadata for these cells as a ``pandas.DataFrame`` (index = cell names), holding the
+        requested columns; built on first access (see :attr:`meta`).
+    meta
+        The same metadata as an :class:`~scfm_fast.readers.obs.ObsBlock`, without pandas.
 
     ``indices`` and ``data`` may be read-only (uncompressed h5ad arrays are memory maps of the file): copy
     them before writing into them. Keeping them is safe: memory the reader reuses is handed out again
     only once no view of it remains.
     """
 
-    start: int
-    indptr: np.ndarray
-    indices: np.ndarray
-    data: np.ndarray
-    obs: pd.DataFrame = field(default_factory=pd.DataFrame)
+    __slots__ = ("start", "indptr", "indices", "data", "_obs")
+
+    def __init__(self, start: int, indptr: np.ndarray, indices: np.ndarray, data: np.ndarray,
+                 obs: Any = None) -> None:
+        self.start, self.indptr, self.indices, self.data = start, indptr, indices, data
+        # an ObsBlock (readers), a DataFrame (given by a caller), or None (no metadata)
+        self._obs = ObsBlock.empty() if obs is None else obs
+
+    @property
+    def obs(self) -> Any:
+        if isinstance(self._obs, ObsBlock):  # once a DataFrame exists it is the metadata (it may be edited)
+            self._obs = self._obs.to_pandas()
+        return self._obs
+
+    @obs.setter
+    def obs(self, value: Any) -> None:
+        self._obs = ObsBlock.empty() if value is None else value
+
+    @property
+    def meta(self) -> ObsBlock:
+        return self._obs if isinstance(self._obs, ObsBlock) else ObsBlock.from_pandas(self._obs)
 
     @property
     def n_cells(self) -> int:
@@ -50,6 +68,9 @@ class CellChunk:
     @property
     def stop(self) -> int:
         return self.start + self.n_cells
+
+    def __repr__(self) -> str:
+        return f"CellChunk(start={self.start}, n_cells={self.n_cells}, nnz={int(self.indptr[-1])})"
 
 
 @runtime_checkable

@@ -16,7 +16,7 @@ import h5py
 import numpy as np
 
 from .._errors import InputFileError
-from ._anndata_elems import ColumnValues, Frame
+from ._anndata_elems import Frame
 from ._common import ChunkedReader, check_path, reading_structure
 from ._nodes import ReadStats, is_array, node_keys, read_slice, to_str_array
 from ._sources import DEFAULT_BLOCK_ELEMENTS, DEFAULT_BLOCK_ROWS, DenseSource
@@ -58,9 +58,9 @@ class LoomAttrs(Frame):
     def read_index(self, start: int, stop: int) -> np.ndarray:
         if self._index_attr is None:
             return np.arange(start, stop).astype(str).astype(object)
-        return np.asarray(self.read_column(self._index_attr, start, stop), dtype=object)
+        return np.asarray(self.read_raw(self._index_attr, start, stop), dtype=object)
 
-    def read_column(self, name: str, start: int = 0, stop: int | None = None) -> ColumnValues:
+    def read_raw(self, name: str, start: int = 0, stop: int | None = None) -> np.ndarray:
         self.check_columns([name])
         stop = self.length if stop is None else stop
         return _decode_loom_text(read_slice(self.group[name], slice(start, stop), self.stats))

@@ -21,6 +21,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from .. import _arrow as arrow
 from .._errors import StoreError
 from ._atomic import _tmp_name
 from ._direct import ShardSink
@@ -112,9 +113,9 @@ def _flat_values(col: pa.ChunkedArray) -> list[np.ndarray]:
     pieces is not combined into one copy first."""
     out = []
     for ch in col.chunks:
-        offsets = ch.offsets.to_numpy()
+        offsets = arrow.to_numpy(ch.offsets)
         lo, hi = int(offsets[0]), int(offsets[-1])
-        out.append(ch.values.slice(lo, hi - lo).to_numpy(zero_copy_only=False))
+        out.append(arrow.to_numpy(ch.values.slice(lo, hi - lo)))
     return out
 
 
@@ -122,7 +123,7 @@ def _list_offsets(col: pa.ChunkedArray) -> np.ndarray:
     """The list column's offsets over all chunks, from 0 (int64)."""
     parts, base = [np.zeros(1, np.int64)], 0
     for ch in col.chunks:
-        o = ch.offsets.to_numpy().astype(np.int64)
+        o = arrow.to_numpy(ch.offsets).astype(np.int64)
         parts.append(o[1:] - o[0] + base)
         base = int(parts[-1][-1]) if len(o) > 1 else base
     return np.concatenate(parts)
@@ -134,7 +135,7 @@ def _optional_columns(table: pa.Table) -> dict[str, list[np.ndarray]]:
     for name, (per, dtype) in OPTIONAL_PACKED.items():
         if name in table.column_names:
             col = table.column(name)
-            parts = _flat_values(col) if per == "token" else [c.to_numpy(zero_copy_only=False) for c in col.chunks]
+            parts = _flat_values(col) if per == "token" else [arrow.to_numpy(c) for c in col.chunks]
             out[name] = [np.asarray(a, dtype=dtype) for a in parts]
     return out
 
@@ -207,8 +208,8 @@ class ShardFiles:
         offsets, cell/file index, optional arrays), renamed into place once complete."""
         ids = table.column("input_ids")
         arrays = {"tokens": (_flat_values(ids), self.dtype), "offsets": ([_list_offsets(ids)], np.int64),
-                  "cell_index": ([table.column("cell_index").to_numpy()], np.int64),
-                  "file_index": ([table.column("file_index").to_numpy()], np.int32),
+                  "cell_index": ([arrow.to_numpy(table.column("cell_index"))], np.int64),
+                  "file_index": ([arrow.to_numpy(table.column("file_index"))], np.int32),
                   **{k: (v, OPTIONAL_PACKED[k][1]) for k, v in _optional_columns(table).items()}}
         final = part_dir(self.out / PARTS_DIR, name)
         tmp = final.with_name(_tmp_name(final.name))

@@ -8,7 +8,6 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.dataset as ds
 
 from .._errors import StoreError
 from .packed import OPTIONAL_PACKED
@@ -70,6 +69,8 @@ def read_table(path: str | Path, *, columns: list[str] | None = None) -> pa.Tabl
     man = read_manifest(path)
     files = _shard_files(path, man)
     # the manifest's shards only: a stray Parquet file in the directory is not part of the dataset
+    import pyarrow.dataset as ds  # on first use: it imports pandas, which the tokenize path never needs
+
     tab = ds.dataset([str(f) for f in files], format="parquet").to_table(columns=columns)
     if tab.num_rows != man.get("n_cells", tab.num_rows):
         msg = (f"{path}: the shards hold {tab.num_rows:,} cells but the manifest records {man['n_cells']:,}; "

@@ -25,6 +25,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from .. import _arrow as arrow
 from .._errors import StoreError
 from .._lock import TOKENS_LOCK
 from ._atomic import _atomic_write_text, _tmp_name
@@ -286,15 +287,17 @@ class ShardedTokenWriter:
         """The Parquet shard holds exactly the cells of its manifest record and of its packed part."""
         shard = self.out / rec["file"]
         try:
-            tab = pq.read_table(shard, columns=["length", "cell_index"])
+            # ParquetFile, not read_table: read_table goes through pyarrow.dataset, which imports pandas
+            with pq.ParquetFile(shard) as f:
+                tab = f.read(columns=["length", "cell_index"])
         except (OSError, pa.ArrowException) as e:
             msg = (f"{shard}: cannot read this shard ({e}); rerun the same `scfm tokenize ... --resume` to "
                    "redo it")
             raise StoreError(msg) from None
-        got = tab.column("length").to_numpy()
+        got = arrow.to_numpy(tab.column("length"))
         if (tab.num_rows != rec["n_cells_written"] or int(got.sum()) != rec["n_tokens"]
                 or not np.array_equal(got, lengths)
-                or not np.array_equal(tab.column("cell_index").to_numpy(), cell_index)):
+                or not np.array_equal(arrow.to_numpy(tab.column("cell_index")), cell_index)):
             msg = (f"{shard}: holds {tab.num_rows} cells / {int(got.sum())} tokens, but its manifest record "
                    f"and packed part say {rec['n_cells_written']} / {rec['n_tokens']} (was it written by "
                    "another run?); rerun with --overwrite")

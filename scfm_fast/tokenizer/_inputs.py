@@ -8,9 +8,9 @@ import re
 from typing import Any
 
 import numpy as np
-import pandas as pd
 
 from .._errors import InputFileError, UsageError
+from ..readers.obs import Masked, column_to_float, is_missing
 from ..vocab import resolve_genes
 
 FILTER_COLUMN = "filter_pass"
@@ -23,27 +23,43 @@ _FILTER_WORDS = {"true": True, "false": False, "1": True, "0": False}
 def filter_mask(path: str, chunk) -> np.ndarray:
     """Which cells of a chunk pass: ``filter_pass`` as bool, 0/1 or the strings "True"/"False" (also as
     categories); any other value is refused, so a misread column never drops every cell silently."""
-    if FILTER_COLUMN not in chunk.obs.columns:
+    meta = chunk.meta
+    if FILTER_COLUMN not in meta:
         return np.ones(chunk.n_cells, dtype=bool)
-    col = chunk.obs[FILTER_COLUMN]
-    if isinstance(col.dtype, pd.CategoricalDtype):
-        col = col.astype(object)
-    if pd.api.types.is_bool_dtype(col.dtype) and not col.isna().any():
-        return col.to_numpy(dtype=bool)
-    if pd.api.types.is_numeric_dtype(col.dtype) and not pd.api.types.is_bool_dtype(col.dtype):
-        values = col.to_numpy(dtype=np.float64, na_value=np.nan)
+    col = meta[FILTER_COLUMN]
+    if isinstance(col, Masked) and col.kind == "boolean" and not col.mask.any():
+        col = col.values
+    if isinstance(col, np.ndarray) and col.dtype.kind == "b":
+        return col.astype(bool, copy=False)
+    if (isinstance(col, np.ndarray) and col.dtype.kind in "iuf") or (
+            isinstance(col, Masked) and col.kind in ("integer", "float")):
+        values = column_to_float(col)
         if np.isin(values, (0.0, 1.0)).all():
             return values == 1
-    else:
-        words = col.map(lambda v: _FILTER_WORDS.get(str(v).strip().lower()) if isinstance(v, (str, bool, np.bool_))
-                        else None)
-        if words.notna().all():
-            return words.to_numpy(dtype=bool)
-    seen = sorted({repr(v.item() if isinstance(v, np.generic) else v) for v in col.unique()[:20]})
+        seen = np.asarray(col, dtype=object)
+    else:  # text, categories, Python objects: the words True/False/1/0 (any case), or Python bools
+        seen = np.asarray(col, dtype=object)
+        words = [_FILTER_WORDS.get(str(v).strip().lower()) if isinstance(v, (str, bool, np.bool_)) else None
+                 for v in seen]
+        if None not in words:
+            return np.array(words, dtype=bool)
+    shown = sorted({repr(v.item() if isinstance(v, np.generic) else v) for v in _first_unique(seen, 20)})
     msg = (f"{path}: obs column {FILTER_COLUMN!r} (rows {chunk.start}..{chunk.stop - 1}) holds values "
-           f"{', '.join(seen[:10])}; it must be boolean, 0/1 or 'True'/'False' (1/True = keep the cell). "
+           f"{', '.join(shown[:10])}; it must be boolean, 0/1 or 'True'/'False' (1/True = keep the cell). "
            f"Fix the column (or drop it to keep every cell)")
     raise InputFileError(msg)
+
+
+def _first_unique(values: np.ndarray, n: int) -> list:
+    """The first ``n`` distinct values in order of appearance (missing values count as one)."""
+    out: dict = {}
+    for v in values:
+        key = None if is_missing(v) else v
+        if key not in out:
+            out[key] = v
+            if len(out) == n:
+                break
+    return list(out.values())
 
 
 def _var_candidates(r, in_use: np.ndarray) -> dict[str, np.ndarray]:
@@ -53,7 +69,7 @@ def _var_candidates(r, in_use: np.ndarray) -> dict[str, np.ndarray]:
     found = {}
     for c in r.var_columns:
         try:
-            values = np.asarray(r.read_var_column(c), dtype=object)
+            values = r.read_var_values(c).astype(object)
         except InputFileError:
             continue  # a column in an encoding we cannot read is no gene-id candidate, and no reason to stop
         if values.size and isinstance(values[0], str):
@@ -76,7 +92,7 @@ def gene_ids_of(reader: Any, gene_id_column: str | None) -> tuple[np.ndarray, st
     if gene_id_column is not None:
         return reader.var_names, f"var[{gene_id_column!r}] (--gene-id-column)"
     if ENSEMBL_ID_COLUMN in reader.var_columns:
-        values = np.asarray(reader.read_var_column(ENSEMBL_ID_COLUMN), dtype=object)
+        values = reader.read_var_values(ENSEMBL_ID_COLUMN).astype(object)
         return np.asarray([str(v) for v in values], dtype=str), f"var[{ENSEMBL_ID_COLUMN!r}]"
     return reader.var_names, "var index"
 

@@ -29,9 +29,9 @@ def piece_size(chunk_size: int) -> int:
 
 def split_piece(c: CellChunk, n: int) -> tuple[CellChunk, CellChunk]:
     """The first ``n`` cells of ``c`` and the rest (counts are views, not copies)."""
-    a = int(c.indptr[n])
-    head = CellChunk(c.start, c.indptr[: n + 1], c.indices[:a], c.data[:a], c.obs.iloc[:n])
-    tail = CellChunk(c.start + n, c.indptr[n:] - a, c.indices[a:], c.data[a:], c.obs.iloc[n:])
+    a, meta = int(c.indptr[n]), c.meta
+    head = CellChunk(c.start, c.indptr[: n + 1], c.indices[:a], c.data[:a], meta.slice(0, n))
+    tail = CellChunk(c.start + n, c.indptr[n:] - a, c.indices[a:], c.data[a:], meta.slice(n, len(meta)))
     return head, tail
 
 

@@ -165,7 +165,7 @@ def _checked_chunk(path: str, chunk, var_names, *,
         rows = np.repeat(np.arange(chunk.n_cells), np.diff(chunk.indptr))
         totals = np.bincount(rows, weights=data, minlength=chunk.n_cells)
     indptr, indices = np.asarray(chunk.indptr, np.int64), np.asarray(chunk.indices)
-    if FILTER_COLUMN in chunk.obs.columns:
+    if FILTER_COLUMN in chunk.meta:
         keep = filter_mask(path, chunk)
         if not keep.all():
             lengths = np.diff(indptr)

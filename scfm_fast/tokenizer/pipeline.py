@@ -9,12 +9,13 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pandas as pd
 import pyarrow as pa
 
+from .. import _arrow as arrow
 from .._errors import CountDataError, InputFileError, ScfmError, UsageError
 from .._lock import TOKENS_LOCK, OutputLock
 from .._progress import progress
+from ..readers.obs import column_to_arrow, column_to_float
 from ._inputs import FILTER_COLUMN, filter_mask, parse_shard, resolve_input, shard_files
 from ._pieces import piece_size
 from ._run import FilePlan, n_workers, pending_chunks, run_in_process, run_workers, use_workers
@@ -66,7 +67,8 @@ def _bad_count_error(path: str, chunk, var_names, *, allow_non_integer: bool) ->
     except CountDataError as e:
         j = int(str(e).split("stored entry ")[1].split(";")[0])
         row = int(np.searchsorted(chunk.indptr, j, side="right") - 1)
-        cell = chunk.obs.index[row] if len(chunk.obs.index) > row else chunk.start + row
+        names = chunk.meta.index
+        cell = names[row] if len(names) > row else chunk.start + row
         gene = var_names[int(chunk.indices[j])]
         value = float(chunk.data[j])
         what = count_problem(value)
@@ -81,13 +83,14 @@ def _bad_count_error(path: str, chunk, var_names, *, allow_non_integer: bool) ->
 
 
 def _chunk_totals(path: str, chunk) -> np.ndarray | None:
-    if TOTAL_COLUMN not in chunk.obs.columns:
+    meta = chunk.meta
+    if TOTAL_COLUMN not in meta:
         return None
-    tot = pd.to_numeric(chunk.obs[TOTAL_COLUMN], errors="coerce").to_numpy(dtype=np.float64)
+    tot = column_to_float(meta[TOTAL_COLUMN])
     bad = ~np.isfinite(tot) | (tot < 0)
     if bad.any():
         i = int(np.flatnonzero(bad)[0])
-        msg = (f"{path}: cell '{chunk.obs.index[i]}' (row {chunk.start + i}) has {TOTAL_COLUMN}="
+        msg = (f"{path}: cell '{meta.index[i]}' (row {chunk.start + i}) has {TOTAL_COLUMN}="
                f"{float(tot[i])!r}; {TOTAL_COLUMN} must be the cell's total raw count (or drop the column to "
                "have it computed)")
         raise CountDataError(msg)
@@ -102,18 +105,7 @@ def _count_sums(indices, data, col_token):
 
 
 def _list_array(tokens: np.ndarray, offsets: np.ndarray) -> pa.ListArray:
-    return pa.ListArray.from_arrays(pa.array(offsets.astype(np.int32)), pa.array(tokens, type=pa.int32()))
-
-
-def _obs_array(col: pd.Series) -> pa.Array:
-    """One obs column as Arrow, typed by its dtype alone, so that every shard gets the same type."""
-    if not (col.dtype == object or isinstance(col.dtype, (pd.CategoricalDtype, pd.StringDtype))):
-        return pa.array(col, from_pandas=True)
-    # categorical / object / string columns become plain strings (shards share no dictionary); typed
-    # explicitly, since a chunk whose values are all missing would otherwise infer Arrow's null type
-    # and make the shards' schemas incompatible
-    values = col.astype(object).where(col.notna(), None)
-    return pa.array([v if v is None else str(v) for v in values], type=pa.string())
+    return arrow.list_array(offsets, arrow.array(tokens, dtype=np.int32))
 
 
 def tokenize_chunk(spec: TokenizerSpec, chunk, col_token: np.ndarray, *, path: str, var_names,
@@ -123,6 +115,7 @@ def tokenize_chunk(spec: TokenizerSpec, chunk, col_token: np.ndarray, *, path: s
 
     ``qc_keep``: the chunk's cells that passed ``--qc`` (``None``: no QC).
     """
+    meta = chunk.meta
     totals = _chunk_totals(path, chunk)
     values = None
     sums = np.zeros(3)  # the match report's count sums, when the core takes them in its rank pass
@@ -158,27 +151,26 @@ def tokenize_chunk(spec: TokenizerSpec, chunk, col_token: np.ndarray, *, path: s
     rows = np.flatnonzero(keep)
     cols: dict[str, Any] = {
         "input_ids": ids,
-        "length": pa.array(lengths.astype(np.int32)),
-        "cell_index": pa.array(np.arange(chunk.start, chunk.stop, dtype=np.int64)),
-        "file_index": pa.array(np.full(chunk.n_cells, file_index, dtype=np.int32)),
-        "cell_id": pa.array(chunk.obs.index.astype(str).to_numpy() if len(chunk.obs.index) == chunk.n_cells
-                            else np.arange(chunk.start, chunk.stop).astype(str)),
+        "length": arrow.array(lengths, dtype=np.int32),
+        "cell_index": arrow.array(np.arange(chunk.start, chunk.stop, dtype=np.int64)),
+        "file_index": arrow.array(np.full(chunk.n_cells, file_index, dtype=np.int32)),
+        "cell_id": arrow.strings([str(v) for v in meta.index] if len(meta) == chunk.n_cells
+                                 else [str(i) for i in range(chunk.start, chunk.stop)]),
     }
     if values is not None:
-        cols["values"] = pa.ListArray.from_arrays(pa.array(offsets.astype(np.int32)),
-                                                  pa.array(values, type=pa.float32()))
-        cols["species"] = pa.array(species_codes(chunk.obs, chunk.start, species=spec.species,
-                                                    column=spec.species_column, path=path), type=pa.int8())
+        cols["values"] = arrow.list_array(offsets, arrow.array(values, dtype=np.float32))
+        cols["species"] = arrow.array(species_codes(meta, chunk.start, species=spec.species,
+                                                      column=spec.species_column, path=path), dtype=np.int8)
     if spec.keep_counts:
         vals = ranked_counts(chunk.indptr, chunk.indices, chunk.data, col_token=col_token, tokens=tokens,
                              offsets=offsets, totals=cell_totals)
-        cols[COUNTS_COLUMN] = pa.ListArray.from_arrays(pa.array(offsets.astype(np.int32)), pa.array(vals))
+        cols[COUNTS_COLUMN] = arrow.list_array(offsets, arrow.array(vals))
     for c in obs_columns:
         if c not in cols:
-            cols[c] = _obs_array(chunk.obs[c])
+            cols[c] = column_to_arrow(meta[c])
     table = pa.table(cols)
     if rows.size != chunk.n_cells:
-        table = table.take(pa.array(rows))
+        table = table.take(arrow.array(rows))
     stats = {"n_cells_in": chunk.n_cells, "n_empty": n_empty, "n_filtered": n_filtered,
              "n_tokens": int(lengths[keep].sum()), "n_at_max_len": int((lengths[keep] >= spec.max_len).sum()),
              "counts_total": counts_total, "counts_matched": counts_matched, "n_qc_dropped": n_qc_dropped}

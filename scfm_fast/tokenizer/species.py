@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import numpy as np
-import pandas as pd
 
 from .._errors import InputFileError, UsageError
+from ..readers.obs import ObsBlock
 from ..vocab.ensembl import SPECIES, species_code
 
 _CODES = {"human": 0, "mouse": 1, "0": 0, "1": 1, "homo sapiens": 0, "mus musculus": 1}
@@ -34,7 +34,7 @@ def check_species_options(preset, *, species: str | None, species_column: str | 
         raise UsageError(msg)
 
 
-def species_codes(obs: pd.DataFrame, start: int, *, species: str | None, column: str | None,
+def species_codes(obs: ObsBlock, start: int, *, species: str | None, column: str | None,
                   path: str) -> np.ndarray:
     """int8 species code per cell: ``species`` for all, else parsed from ``obs[column]``.
 
@@ -42,11 +42,11 @@ def species_codes(obs: pd.DataFrame, start: int, *, species: str | None, column:
     """
     if species is not None:
         return np.full(len(obs), species_code(species), dtype=np.int8)
-    raw = obs[column].astype(str).str.strip().str.lower()
-    codes = raw.map(_CODES)
-    if codes.isna().any():
-        i = int(np.flatnonzero(codes.isna().to_numpy())[0])
-        msg = (f"{path}: cell '{obs.index[i]}' (row {start + i}) has {column}={obs[column].iloc[i]!r}; the "
+    values = np.asarray(obs[column], dtype=object)
+    codes = np.array([_CODES.get(str(v).strip().lower(), -1) for v in values], dtype=np.int8)
+    if (codes < 0).any():
+        i = int(np.flatnonzero(codes < 0)[0])
+        msg = (f"{path}: cell '{obs.index[i]}' (row {start + i}) has {column}={values[i]!r}; the "
                "species column must hold human/mouse (or 0/1)")
         raise InputFileError(msg)
-    return codes.to_numpy(dtype=np.int8)
+    return codes

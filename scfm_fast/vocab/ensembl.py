@@ -8,17 +8,26 @@ protein-coding/miRNA and mitochondrial gene sets.
 
 from __future__ import annotations
 
+import csv
+import gzip
 from functools import cache
+from typing import TYPE_CHECKING
 
-import pandas as pd
+import numpy as np
 
+from .._errors import InputFileError
 from .dictionaries import bundled_dir
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 #: species name -> (bundled table, GeneCompass species code)
 SPECIES: dict[str, tuple[str, int]] = {
     "human": ("human_GRCh38_e93.tsv.gz", 0),
     "mouse": ("mouse_GRCm38_e100.tsv.gz", 1),
 }
+#: the columns of a bundled table
+TABLE_COLUMNS = ("gene_id", "gene_name", "gene_biotype", "mt")
 #: biotypes whose expressed genes GeneCompass's QC counts
 QC_BIOTYPES = frozenset({"protein_coding", "miRNA"})
 #: ``--gene-name-map`` values that name a bundled Ensembl symbol table
@@ -36,14 +45,27 @@ def species_code(species: str) -> int:
 
 
 @cache
-def load_gene_table(species: str) -> pd.DataFrame:
-    """The bundled table of ``species``: ``gene_id``, ``gene_name``, ``gene_biotype``, ``mt`` (bool)."""
+def gene_columns(species: str) -> dict[str, np.ndarray]:
+    """The bundled table of ``species`` as columns: ``gene_id``, ``gene_name``, ``gene_biotype`` (``str``;
+    "" where missing) and ``mt`` (bool). Read without pandas, whose import the tokenize path avoids."""
     species_code(species)
     path = bundled_dir("ensembl") / SPECIES[species][0]
-    df = pd.read_csv(path, sep="\t", dtype={"gene_id": str, "gene_name": str, "gene_biotype": str, "mt": int},
-                     keep_default_na=False)
-    df["mt"] = df["mt"].astype(bool)
-    return df
+    with gzip.open(path, "rt", encoding="utf-8", newline="") as f:
+        rows = list(csv.reader(f, delimiter="\t"))
+    header, body = rows[0], rows[1:]
+    if header != list(TABLE_COLUMNS) or any(len(r) != len(header) for r in body):
+        msg = f"{path}: not a {'/'.join(TABLE_COLUMNS)} table; reinstall scfm_fast"
+        raise InputFileError(msg)
+    cols = {name: np.array([r[i] for r in body], dtype=object) for i, name in enumerate(header)}
+    cols["mt"] = np.array([int(v) for v in cols["mt"]], dtype=np.int64).astype(bool)
+    return cols
+
+
+def load_gene_table(species: str) -> pd.DataFrame:
+    """The bundled table of ``species`` as a DataFrame: ``gene_id``, ``gene_name``, ``gene_biotype``, ``mt``."""
+    import pandas as pd
+
+    return pd.DataFrame(gene_columns(species))
 
 
 def ensembl_name_map(*species: str) -> dict[str, str]:
@@ -60,10 +82,10 @@ def ensembl_name_map(*species: str) -> dict[str, str]:
 def _name_map(species: tuple[str, ...]) -> dict[str, str]:
     out: dict[str, str] = {}
     for s in species:
-        df = load_gene_table(s)
-        named = df[df["gene_name"] != ""]
-        for name, gid in zip(named["gene_name"], named["gene_id"]):
-            out.setdefault(name, gid)
+        cols = gene_columns(s)
+        for name, gid in zip(cols["gene_name"], cols["gene_id"], strict=True):
+            if name:
+                out.setdefault(name, gid)
     return out
 
 
@@ -73,7 +95,7 @@ def qc_gene_sets(*species: str) -> tuple[frozenset[str], frozenset[str]]:
     counted: set[str] = set()
     mito: set[str] = set()
     for s in species:
-        df = load_gene_table(s)
-        counted.update(df.loc[df["gene_biotype"].isin(QC_BIOTYPES), "gene_id"])
-        mito.update(df.loc[df["mt"], "gene_id"])
+        cols = gene_columns(s)
+        counted.update(cols["gene_id"][np.isin(cols["gene_biotype"], list(QC_BIOTYPES))])
+        mito.update(cols["gene_id"][cols["mt"]])
     return frozenset(counted), frozenset(mito)

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import pandas as pd
-
 from .._errors import InputFileError
 from .dictionaries import bundled_dir
 
@@ -36,6 +34,8 @@ def load_ortholog_map(source: str | Path = BUNDLED_MOUSE_TO_HUMAN) -> dict[str, 
         msg = f"{path}: ortholog table not found; use 'mouse-to-human' for the bundled one"
         raise InputFileError(msg)
     sep = "\t" if ".tsv" in path.name else ","
+    import pandas as pd  # on first use: the tokenize path starts without pandas
+
     df = pd.read_csv(path, sep=sep, dtype=str)
     if "Gene stable ID" in df.columns:  # BioMart export
         if "Human homology type" in df.columns:

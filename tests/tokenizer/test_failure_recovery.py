@@ -45,7 +45,9 @@ def reference(adata, tmp_path_factory):
     lambda k: pd.Categorical(np.where(k, "True", "False")),
     lambda k: np.where(k, "true", "FALSE").astype(object),
     lambda k: k.astype(np.float32),
-], ids=["bool", "str", "categorical", "lowercase", "float01"])
+    lambda k: pd.array(k, dtype="boolean"),  # anndata's nullable-boolean encoding
+    lambda k: pd.array(k.astype(np.int64), dtype="Int64"),  # nullable-integer
+], ids=["bool", "str", "categorical", "lowercase", "float01", "nullable-bool", "nullable-int"])
 def test_filter_pass_encodings_keep_the_same_cells(tmp_path, adata, reference, encode):
     a = adata.copy()
     a.obs["filter_pass"] = encode(KEEP)
@@ -62,7 +64,8 @@ def test_filter_pass_encodings_keep_the_same_cells(tmp_path, adata, reference, e
     (np.where(KEEP, "yes", "no").astype(object), "'no', 'yes'"),
     (pd.Categorical(np.where(KEEP, "pass", "fail")), "'fail', 'pass'"),
     (np.where(KEEP, 1, 2), "1, 2"),
-], ids=["yes/no", "categorical", "1/2"])
+    (pd.array(np.where(np.arange(KEEP.size) == 3, None, KEEP), dtype="boolean"), "False, None, True"),
+], ids=["yes/no", "categorical", "1/2", "nullable-bool-with-NA"])
 def test_other_filter_pass_values_are_refused(tmp_path, adata, values, shown):
     a = adata.copy()
     a.obs["filter_pass"] = values
