@@ -9,7 +9,7 @@ with ``PYTHONPATH=TREE`` (checked: the run fails if ``scfm_fast`` is imported fr
 directory.  CPU counts the parent and its workers.
 
 Run:  python benchmarks/tokenize_ab.py STORE --tree old=/path/to/checkout --tree new=. [--rounds 3]
-      [--workers 2] [--no-write]
+      [--workers 2] [--no-write] [--tag NAME]
 """
 
 from __future__ import annotations
@@ -78,6 +78,7 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--workers", type=int, default=2, help="--workers of each run (0: the default)")
     ap.add_argument("--no-write", action="store_true", help="print only; write nothing under results/")
+    ap.add_argument("--tag", default="", help="added to the results' file name (several A/Bs on one day)")
     args = ap.parse_args()
     trees = {}
     for t in args.tree:
@@ -112,7 +113,8 @@ def main() -> None:
     if not args.no_write:
         stem = "".join(c if c.isalnum() else "-" for c in rows[0]["store"].lower())
         meta = {"trees": {n: {"path": str(p), "commit": tree_commit(p)} for n, p in trees.items()}}
-        paths = _harness.write_results(f"tokenize_ab_{stem}_w{args.workers}", rows, meta=meta)
+        tag = f"_{args.tag}" if args.tag else ""
+        paths = _harness.write_results(f"tokenize_ab_{stem}_w{args.workers}{tag}", rows, meta=meta)
         print("wrote", *paths)
 
 

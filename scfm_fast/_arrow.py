@@ -61,7 +61,8 @@ def strings(values: Sequence[str | None]) -> pa.StringArray:
                                  null_count=int(nulls.sum()))
 
 
-def _numpy_dtype(t: pa.DataType) -> np.dtype | None:
+def numpy_dtype(t: pa.DataType) -> np.dtype | None:
+    """The numpy dtype of an Arrow integer or float32/64 type (None for any other type)."""
     if pa.types.is_integer(t):
         return np.dtype(f"{'u' if pa.types.is_unsigned_integer(t) else 'i'}{t.bit_width // 8}")
     if pa.types.is_floating(t) and t.bit_width in (32, 64):
@@ -79,10 +80,10 @@ def to_numpy(arr: pa.Array | pa.ChunkedArray) -> np.ndarray:
         if len(parts) == 1:
             return parts[0]
         if not parts:
-            dtype = _numpy_dtype(arr.type)
+            dtype = numpy_dtype(arr.type)
             return np.empty(0, dtype=dtype) if dtype is not None else arr.to_numpy()
         return np.concatenate(parts)
-    dtype = _numpy_dtype(arr.type)
+    dtype = numpy_dtype(arr.type)
     if dtype is None or arr.null_count:
         return arr.to_numpy(zero_copy_only=False)
     return np.frombuffer(arr.buffers()[1], dtype=dtype, count=len(arr), offset=arr.offset * dtype.itemsize)

@@ -19,12 +19,12 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from .. import _arrow as arrow
 from .._errors import StoreError
 from ._atomic import _tmp_name
 from ._direct import ShardSink
+from ._parquet_lists import write_table
 from .schema import PARTS_DIR
 
 #: copy_file_range errors that mean "not here" (other file systems, old kernels): fall back to read/write
@@ -197,7 +197,7 @@ class ShardFiles:
         tmp = self.out / _tmp_name(name)
         try:
             with ShardSink(tmp) as sink:  # past the page cache where allowed (see _direct)
-                pq.write_table(table, sink, **parquet_options(table.schema))
+                write_table(table, sink, **parquet_options(table.schema))  # token lists written directly
             os.replace(tmp, self.out / name)
         except BaseException:
             tmp.unlink(missing_ok=True)  # e.g. a full disk: leave no partial file behind
