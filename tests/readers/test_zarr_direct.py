@@ -154,3 +154,28 @@ def test_a_chunk_split_between_consecutive_reads_is_decoded_once(tmp_path, monke
     z2[194:291] = new
     assert chunk.exists()
     np.testing.assert_array_equal(zd.read_direct(z, slice(250, 291)), new[250 - 194:])
+
+
+@pytest.mark.parametrize("fmt", [2, 3])
+def test_text_read_block_by_block_decodes_each_chunk_once(tmp_path, monkeypatch, fmt):
+    """The obs index (one chunk of every cell, as AnnData writes it) read in blocks: zarr decodes the chunk
+    once, not once per block; the names equal zarr's; a chunk rewritten in between is decoded again."""
+    import scfm_fast.readers._zarr_direct as zd
+
+    names = np.array([f"cell-{i}" for i in range(500)], dtype=object)
+    path = str(tmp_path / "t.zarr")
+    z = zarr.create_array(path, shape=(500,), chunks=(200,), dtype=str, zarr_format=fmt)
+    z[:] = names
+    z = zarr.open_array(path, mode="r")
+    zd._DECODED.clear()
+    reads = []
+    real = type(z).__getitem__
+    monkeypatch.setattr(type(z), "__getitem__", lambda self, sel: reads.append(sel) or real(self, sel))
+    got = [nodes.to_str_array(zd.read_through_chunk(z, slice(s, s + 50))) for s in range(0, 500, 50)]
+    np.testing.assert_array_equal(np.concatenate(got), names)
+    assert len(reads) == 3  # chunks 0, 1, 2: one decode each for ten blocks
+    np.testing.assert_array_equal(nodes.to_str_array(zd.read_through_chunk(z, slice(150, 450))), names[150:450])
+    zarr.open_array(path, mode="r+")[400:500] = np.array([f"new-{i}" for i in range(100)], dtype=object)
+    assert list(nodes.to_str_array(zd.read_through_chunk(z, slice(440, 442)))) == ["new-40", "new-41"]
+    # not a local 1-D array, or a plain read already taken by the direct path: None
+    assert zd.read_through_chunk(z, [1, 2]) is None
