@@ -287,6 +287,8 @@ def main() -> None:
             rate = r["cells"] / r["seconds"]
             rows.append({"stage": "core (in-memory CSR)", "backend": backend, "threads": t, "cells": r["cells"],
                          "cells_per_s": rate, "x_reference": rate / ref_rate, "peak_rss_mb": r["peak_rss_mb"]})
+    if args.workdir:
+        os.makedirs(args.workdir, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=args.workdir) as d:
         stores = {}
         for fmt in args.formats:
