@@ -11,6 +11,7 @@ import pytest
 
 from scfm_fast.cli import main
 from scfm_fast.store import TokenStore, read_manifest, read_table
+from scfm_fast.store import packed as packed_mod
 from scfm_fast.store import writer as writer_mod
 from scfm_fast.tokenizer.pipeline import tokenize_corpus
 from scfm_fast.vocab import GeneVocab
@@ -58,7 +59,7 @@ def test_write_failure_is_one_line_and_resume_continues(tmp_path, source, monkey
     # tests run as root, where chmod stops nothing: the OS error is raised where the third shard is written
     src, ref = source
     out = tmp_path / "o"
-    real = writer_mod.pq.write_table
+    real = packed_mod.write_table  # what writes each shard file (its token lists directly, the rest via pyarrow)
     calls = {"n": 0}
 
     def failing(table, where, **kw):
@@ -69,12 +70,12 @@ def test_write_failure_is_one_line_and_resume_continues(tmp_path, source, monkey
             raise exc(err, __import__("os").strerror(err), where.name)
         return real(table, where, **kw)
 
-    monkeypatch.setattr(writer_mod.pq, "write_table", failing)
+    monkeypatch.setattr(packed_mod, "write_table", failing)
     assert _tok(src, out) == 2
     line = _one_line(capsys.readouterr().err)
     assert line.startswith("scfm tokenize: error: ") and f"[{code}]" in line and fix in line
     assert str(out) in line and "--resume" in line
-    _resumes_after_the_fix(src, out, ref, lambda: monkeypatch.setattr(writer_mod.pq, "write_table", real))
+    _resumes_after_the_fix(src, out, ref, lambda: monkeypatch.setattr(packed_mod, "write_table", real))
 
 
 def test_failed_finalisation_removes_its_temporary_files(tmp_path, source, monkeypatch, capsys):

@@ -176,7 +176,8 @@ def parquet_options(schema: pa.Schema) -> dict[str, Any]:
     no dictionary, statistics only on the scalar columns.  Token lists are ~80% of a shard's bytes;
     dictionary-encoding them (the cost is the hash lookup per token) with lz4 made files 2.3x smaller
     but doubled the write CPU, and compressing plain int32 tokens saves little (lz4 -15%) for +70% CPU.
-    Min/max statistics of token lists serve no reader."""
+    Min/max statistics of token lists serve no reader. With these options the list columns are written by
+    :mod:`._parquet_lists` (plain pages, levels per cell), the others by pyarrow."""
     scalar = [f.name for f in schema if not pa.types.is_list(f.type) and not pa.types.is_large_list(f.type)]
     return {"compression": "none", "use_dictionary": False, "write_statistics": scalar,
             "row_group_size": 8192}
