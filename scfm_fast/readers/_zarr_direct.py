@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 import sys
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -69,8 +70,8 @@ def _zstd_content_size(raw: bytes) -> int | None:
     return value + 256 if size == 2 else value
 
 
-def _plan(node: Any) -> tuple[str, Any, Any, int] | None:
-    """(array directory, metadata, decoder or None, chunk length) when the direct path applies."""
+def _local_dir(node: Any) -> str | None:
+    """The directory of a 1-D, unsharded Zarr array in a local store; None for anything else."""
     if "zarr" not in sys.modules:  # not a zarr node (importing zarr to find out costs ~0.2 s per process)
         return None
     try:
@@ -78,11 +79,22 @@ def _plan(node: Any) -> tuple[str, Any, Any, int] | None:
         from zarr.storage import LocalStore
     except ImportError:  # pragma: no cover - zarr is a dependency
         return None
-    if not isinstance(node, Array) or len(node.shape) != 1 or not isinstance(node.store, LocalStore):
+    if not isinstance(node, Array) or len(node.shape) != 1 or not isinstance(node.store, LocalStore) \
+            or getattr(node, "shards", None) is not None:
+        return None
+    return os.path.join(str(node.store.root), node.path)
+
+
+def _chunk_file(root: str, node: Any, k: int) -> str:
+    return os.path.join(root, *node.metadata.encode_chunk_key((k,)).split("/"))
+
+
+def _plan(node: Any) -> tuple[str, Any, int] | None:
+    """(array directory, decoder or None, chunk length) when the direct path applies."""
+    root = _local_dir(node)
+    if root is None or node.dtype.kind not in "iuf" or not node.dtype.isnative:
         return None
     meta = node.metadata
-    if node.dtype.kind not in "iuf" or not node.dtype.isnative or getattr(node, "shards", None) is not None:
-        return None
     if meta.zarr_format == 2:
         if meta.filters:
             return None
@@ -91,7 +103,7 @@ def _plan(node: Any) -> tuple[str, Any, Any, int] | None:
         codec = _v3_codec(tuple(meta.codecs))
         if codec is False:
             return None
-    return os.path.join(str(node.store.root), node.path), meta, codec, int(node.chunks[0])
+    return root, codec, int(node.chunks[0])
 
 
 #: per array directory, the last chunk a read decoded whole for part of it, with its stored bytes: a read that
@@ -121,16 +133,22 @@ def _decode(codec: Any, raw: bytes, path: str, k: int, node: Any, out: np.ndarra
         raise InputFileError(msg) from None
 
 
+def _kept(cache: dict[str, tuple[int, bytes, np.ndarray]], root: str, k: int, raw: bytes,
+          decode: Callable[[], np.ndarray]) -> np.ndarray:
+    """Chunk ``k`` of the array at ``root`` decoded whole: the one ``cache`` keeps when it is this chunk with
+    the same stored bytes ``raw``, else ``decode()``, kept in its place."""
+    kept = cache.get(root)
+    if kept is None or kept[0] != k or kept[1] != raw:
+        kept = (k, raw, decode())
+        cache[root] = kept
+    return kept[2]
+
+
 def _partial_chunk(root: str, path: str, k: int, node: Any, codec: Any) -> np.ndarray:
-    """Chunk ``k`` decoded whole (uint8), for a read of part of it: the kept one when it is this chunk with the
-    same stored bytes, else decoded and kept."""
+    """Chunk ``k`` decoded whole (uint8), for a read of part of it (see :data:`_PARTIAL`)."""
     raw = _raw(path, k, node)
-    kept = _PARTIAL.get(root)
-    if kept is not None and kept[0] == k and kept[1] == raw:
-        return kept[2]
-    chunk = np.frombuffer(raw if codec is None else _decode(codec, raw, path, k, node), dtype=np.uint8)
-    _PARTIAL[root] = (k, raw, chunk)
-    return chunk
+    return _kept(_PARTIAL, root, k, raw, lambda: np.frombuffer(
+        raw if codec is None else _decode(codec, raw, path, k, node), dtype=np.uint8))
 
 
 def read_direct(node: Any, sel: Any) -> np.ndarray | None:
@@ -139,13 +157,12 @@ def read_direct(node: Any, sel: Any) -> np.ndarray | None:
     plan = None if bounds is None else _plan(node)
     if plan is None:
         return None
-    root, meta, codec, clen = plan
+    root, codec, clen = plan
     lo, hi = bounds
     dtype = node.dtype
     out = READS.empty(max(hi - lo, 0), dtype)  # reused memory: no zero-fill of a fresh map per read
     for k in range(lo // clen, (hi - 1) // clen + 1 if hi > lo else lo // clen):
-        key = meta.encode_chunk_key((k,))
-        path = os.path.join(root, *key.split("/"))
+        path = _chunk_file(root, node, k)
         c0 = k * clen
         a, b = max(lo, c0), min(hi, c0 + clen)
         if a != c0 or b != c0 + clen:  # part of a chunk (a block boundary): kept for the next block's read
@@ -179,28 +196,19 @@ def read_through_chunk(node: Any, sel: Any) -> np.ndarray | None:
     chunk file is missing (zarr's fill values are then its answer).
     """
     bounds = plain_slice(node, sel)
-    if bounds is None or bounds[1] <= bounds[0] or "zarr" not in sys.modules:
-        return None
-    from zarr import Array
-    from zarr.storage import LocalStore
-
-    if not isinstance(node, Array) or len(node.shape) != 1 or not isinstance(node.store, LocalStore) \
-            or getattr(node, "shards", None) is not None:
+    root = None if bounds is None or bounds[1] <= bounds[0] else _local_dir(node)
+    if root is None:
         return None
     lo, hi = bounds
     clen, n = int(node.chunks[0]), int(node.shape[0])
-    root = os.path.join(str(node.store.root), node.path)
     parts = []
     for k in range(lo // clen, (hi - 1) // clen + 1):
         c0 = k * clen
         try:
-            with open(os.path.join(root, *node.metadata.encode_chunk_key((k,)).split("/")), "rb") as f:
+            with open(_chunk_file(root, node, k), "rb") as f:
                 raw = f.read()
         except FileNotFoundError:
             return None
-        kept = _DECODED.get(root)
-        if kept is None or kept[0] != k or kept[1] != raw:
-            kept = (k, raw, np.asarray(node[c0:min(c0 + clen, n)]))
-            _DECODED[root] = kept
-        parts.append(kept[2][max(lo, c0) - c0:min(hi, c0 + clen) - c0])
+        chunk = _kept(_DECODED, root, k, raw, lambda c0=c0: np.asarray(node[c0:min(c0 + clen, n)]))
+        parts.append(chunk[max(lo, c0) - c0:min(hi, c0 + clen) - c0])
     return np.concatenate(parts) if len(parts) > 1 else parts[0].copy()

@@ -221,9 +221,10 @@ def _def_levels(lengths: np.ndarray, *, empty: int, present: int) -> bytes:
 
 
 def _page(lengths: np.ndarray, rep: bytes, values: list[memoryview], n_values: int, *,
-          defs: tuple[int, int]) -> tuple[bytes, list[memoryview]]:
-    """One version 1 data page of whole rows: header, levels (``rep``: the rows' repetition levels), then
-    the plain values (not copied). ``defs``: the definition levels of an empty list and of a value."""
+          defs: tuple[int, int]) -> tuple[bytes, list[memoryview], int]:
+    """One version 1 data page of whole rows: header and levels (``rep``: the rows' repetition levels), the
+    plain values (not copied), and its number of levels. ``defs``: the definition levels of an empty list
+    and of a value."""
     deff = _def_levels(lengths, empty=defs[0], present=defs[1])
     levels = struct.pack("<i", len(rep)) + rep + struct.pack("<i", len(deff)) + deff
     size = len(levels) + sum(v.nbytes for v in values)
@@ -231,7 +232,7 @@ def _page(lengths: np.ndarray, rep: bytes, values: list[memoryview], n_values: i
     header = encode_struct([
         [1, _I32, _DATA_PAGE], [2, _I32, size], [3, _I32, size],
         [5, _STRUCT, [[1, _I32, n_levels], [2, _I32, _PLAIN], [3, _I32, _RLE], [4, _I32, _RLE]]]])
-    return header + levels, values
+    return header + levels, values, n_levels
 
 
 class _ListColumn:
@@ -239,17 +240,12 @@ class _ListColumn:
 
     def __init__(self, col: pa.ChunkedArray, defs: tuple[int, int]) -> None:
         self.defs = defs
-        self.lengths, self.starts, self.chunks = [], [], []
-        for ch in col.chunks:
-            offsets = arrow.to_numpy(ch.offsets).astype(np.int64)
-            values = arrow.to_numpy(ch.values)
-            self.lengths.append(np.diff(offsets))
-            self.starts.append(offsets[:-1])
-            self.chunks.append(values)
-        self.lengths = np.concatenate(self.lengths) if self.lengths else np.zeros(0, np.int64)
-        self.row_chunk = np.concatenate([np.full(len(s), i) for i, s in enumerate(self.starts)]) \
-            if self.starts else np.zeros(0, np.int64)
-        self.starts = np.concatenate(self.starts) if self.starts else np.zeros(0, np.int64)
+        offsets = [arrow.to_numpy(ch.offsets).astype(np.int64) for ch in col.chunks]
+        self.chunks = [arrow.to_numpy(ch.values) for ch in col.chunks]
+        none = np.zeros(0, np.int64)
+        self.lengths = np.concatenate([none, *(np.diff(o) for o in offsets)])
+        self.starts = np.concatenate([none, *(o[:-1] for o in offsets)])  # into the row's chunk's values
+        self.row_chunk = np.concatenate([none, *(np.full(len(o) - 1, i) for i, o in enumerate(offsets))])
         self.dtype = self.chunks[0].dtype if self.chunks else np.dtype(np.int32)
         self.rep, self.rep_at = _rep_levels(self.lengths)
 
@@ -278,8 +274,7 @@ class _ListColumn:
             stop = min(max(stop, r + 1), r1)
             n_values = int(ends[stop - r0 - 1]) - base
             rep = self.rep[self.rep_at[r]:self.rep_at[stop]].tobytes()
-            head, vals = _page(self.lengths[r:stop], rep, self.slices(r, stop), n_values, defs=self.defs)
-            out.append((head, vals, n_values + int((self.lengths[r:stop] == 0).sum())))
+            out.append(_page(self.lengths[r:stop], rep, self.slices(r, stop), n_values, defs=self.defs))
             r = stop
         return out
 

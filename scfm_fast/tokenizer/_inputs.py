@@ -31,14 +31,13 @@ def filter_mask(path: str, chunk) -> np.ndarray:
         col = col.values
     if isinstance(col, np.ndarray) and col.dtype.kind == "b":
         return col.astype(bool, copy=False)
+    seen = np.asarray(col, dtype=object)
     if (isinstance(col, np.ndarray) and col.dtype.kind in "iuf") or (
             isinstance(col, Masked) and col.kind in ("integer", "float")):
         values = column_to_float(col)
         if np.isin(values, (0.0, 1.0)).all():
             return values == 1
-        seen = np.asarray(col, dtype=object)
     else:  # text, categories, Python objects: the words True/False/1/0 (any case), or Python bools
-        seen = np.asarray(col, dtype=object)
         words = [_FILTER_WORDS.get(str(v).strip().lower()) if isinstance(v, (str, bool, np.bool_)) else None
                  for v in seen]
         if None not in words:

@@ -85,6 +85,7 @@ def tokenize_anndata(
     import scipy.sparse as sp
 
     from ..readers.base import CellChunk
+    from ..readers.obs import ObsBlock
 
     _check_options(max_len=None, n_special=0, n_threads=None, chunk_size=chunk_size)
     check_qc_mode(qc)
@@ -125,7 +126,7 @@ def tokenize_anndata(
         block = X[start:stop]
         block = sp.csr_matrix(block) if not sp.issparse(block) else block.tocsr()
         chunk = CellChunk(start, block.indptr.astype(np.int64), block.indices.astype(np.int32),
-                          block.data, adata.obs.iloc[start:stop][obs_cols])
+                          block.data, ObsBlock.from_pandas(adata.obs.iloc[start:stop][obs_cols]))
         tab, _ = tokenize_chunk(spec, chunk, col_token, path="adata", var_names=gene_ids,
                                 qc_keep=None if qc_keep is None else qc_keep[start:stop])
         tables.append(tab.select(out_cols))
