@@ -106,7 +106,7 @@ class AnnDataReader(ChunkedReader):
         elem = describe_matrix(matrix, path=path, name=name)
         self.n_obs, self.n_vars = elem.shape
         self._check_shapes()
-        self._var_names = self._gene_ids(gene_id_column)
+        self._use_gene_ids(gene_id_column)
         self._source = make_source(
             elem,
             stats=self.stats,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -49,6 +50,26 @@ def check_path(path: str | os.PathLike[str], *, kind: str, fix: str) -> str:
         msg = f"{p}: the {kind} is an empty directory. {fix}"
         raise InputFileError(msg)
     return str(p)
+
+
+def open_error(path: str, err: OSError, *, kind: str, fix: str) -> InputFileError:
+    """The error for a source that cannot be opened: the system's reason where it is one (too many open
+    files, no permission), else a damaged file of this ``kind``."""
+    code = getattr(err, "errno", None)
+    if code in (errno.EMFILE, errno.ENFILE):
+        try:
+            import resource
+
+            limit = f" (ulimit -n is {resource.getrlimit(resource.RLIMIT_NOFILE)[0]:,})"
+        except (ImportError, OSError, ValueError):  # not on Linux / macOS
+            limit = ""
+        return InputFileError(
+            f"{path}: cannot be opened: too many open files{limit}. The file itself is fine: raise the limit "
+            "(e.g. ulimit -n 65536 in the shell that runs the job) or open fewer files at once"
+        )
+    if code in (errno.EACCES, errno.EPERM):
+        return InputFileError(f"{path}: cannot be opened: permission denied; make the {kind} readable")
+    return InputFileError(f"{path}: cannot be opened as HDF5 ({err}); the file is damaged or is no {kind}. {fix}")
 
 
 #: ``gene_id_column`` value that selects the var index explicitly
@@ -125,12 +146,32 @@ class ChunkedReader:
     _source: RowSource
     _obs: Frame
     _var: Frame
-    _var_names: np.ndarray
+    _var_names: np.ndarray | None = None
+    _gene_id_column: str | None = None
 
     @property
     def var_names(self) -> np.ndarray:
         """Gene identifiers (``str``) of the gene axis, from ``gene_id_column`` or the var index."""
+        if self._var_names is None:  # read on first use (see _use_gene_ids)
+            if getattr(self, "_closed", False):
+                msg = f"{self.path}: this reader was closed; open the file again with open_reader()"
+                raise ValueError(msg)
+            self._var_names = self._gene_ids(self._gene_id_column)
         return self._var_names
+
+    def _use_gene_ids(self, gene_id_column: str | None) -> None:
+        """Take the gene ids from ``gene_id_column`` (checked now) and read them on first use: a tokenize
+        worker opens every file again only to read cells, and reading a 60,000-gene index costs tens of ms."""
+        self._gene_id_column = gene_id_column
+        self._var_names = None
+        if not self._ids_from_index(gene_id_column):
+            self._var.check_columns(
+                [gene_id_column], hint=" Pass gene_id_column= one of them, or None to use the var index."
+            )
+
+    def _ids_from_index(self, gene_id_column: str | None) -> bool:
+        # "index" names the var index explicitly (unless var has a column of that name)
+        return gene_id_column is None or (gene_id_column == VAR_INDEX and VAR_INDEX not in self._var.columns)
 
     @property
     def obs_columns(self) -> list[str]:
@@ -158,17 +199,21 @@ class ChunkedReader:
 
     def read_var_index(self) -> np.ndarray:
         """The var index (gene axis row names) as ``str``."""
-        return np.asarray([str(v) for v in self._var.read_index(0, self._var.length)], dtype=str)
+        return self._var_index().copy()
+
+    def _var_index(self) -> np.ndarray:
+        # read once per reader: a run asks for it twice (gene ids, then the id-source check), and reading
+        # a 60,000-gene index of variable-length strings costs tens of ms
+        cached = getattr(self, "_var_index_str", None)
+        if cached is None:
+            cached = np.asarray(self._var.read_index(0, self._var.length), dtype=object).astype(str)
+            self._var_index_str = cached
+        return cached
 
     def _gene_ids(self, gene_id_column: str | None) -> np.ndarray:
-        # "index" names the var index explicitly (unless var has a column of that name)
-        if gene_id_column is None or (gene_id_column == VAR_INDEX and VAR_INDEX not in self._var.columns):
-            values = self._var.read_index(0, self._var.length)
-        else:
-            self._var.check_columns(
-                [gene_id_column], hint=" Pass gene_id_column= one of them, or None to use the var index."
-            )
-            values = self._var.read_raw(gene_id_column)
+        if self._ids_from_index(gene_id_column):
+            return self._var_index().copy()
+        values = self._var.read_raw(gene_id_column)
         return np.asarray([str(v) for v in np.asarray(values, dtype=object)], dtype=str)
 
     def _check_shapes(self) -> None:

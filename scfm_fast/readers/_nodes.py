@@ -99,11 +99,28 @@ def to_str_array(values: np.ndarray) -> np.ndarray:
         return values.astype(object)
     if kind == "O":
         if values.size and isinstance(values.flat[0], bytes):
-            return np.array(
-                [v.decode("utf-8") if isinstance(v, bytes) else str(v) for v in values.ravel()], dtype=object
-            ).reshape(values.shape)
+            return _decode_bytes(values)
         return values
     return values.astype(str).astype(object)
+
+
+def _decode_bytes(values: np.ndarray) -> np.ndarray:
+    """An object array of UTF-8 ``bytes`` (h5py's variable-length strings) as ``str``.
+
+    Joined, decoded and split once instead of one ``decode`` call per value (a 16,000-gene var index:
+    ~1 ms instead of ~10). HDF5 strings hold no NUL, so the split gives back one string per value; when
+    it does not (a NUL inside a value, or a value that is not bytes) each value is decoded on its own.
+    """
+    flat = values.ravel().tolist()
+    try:
+        parts = b"\x00".join(flat).decode("utf-8").split("\x00")
+    except TypeError:  # some value is not bytes
+        parts = []
+    if len(parts) != len(flat):
+        parts = [v.decode("utf-8") if isinstance(v, bytes) else str(v) for v in flat]
+    out = np.empty(len(parts), dtype=object)
+    out[:] = parts
+    return out.reshape(values.shape)
 
 
 def read_slice(node: Any, sel: Any, stats: ReadStats) -> np.ndarray:

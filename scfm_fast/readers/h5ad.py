@@ -10,9 +10,8 @@ import os
 
 import h5py
 
-from .._errors import InputFileError
 from ._anndata_reader import AnnDataReader
-from ._common import check_path, reading_structure
+from ._common import check_path, open_error, reading_structure
 from ._sources import DEFAULT_BLOCK_ELEMENTS, DEFAULT_BLOCK_ROWS
 
 _FIX = "Pass an .h5ad written by anndata (adata.write_h5ad)."
@@ -51,8 +50,7 @@ class H5adReader(AnnDataReader):
         try:
             self._file = h5py.File(self.path, "r", rdcc_nbytes=_CHUNK_CACHE_BYTES)
         except OSError as err:
-            msg = f"{self.path}: cannot be opened as HDF5 ({err}); the file is damaged or not an h5ad. {_FIX}"
-            raise InputFileError(msg) from None
+            raise open_error(self.path, err, kind="h5ad file", fix=_FIX) from None
         with reading_structure(self.path, close=self._file.close):
             self._setup(
                 self._file,

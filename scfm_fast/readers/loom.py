@@ -17,7 +17,7 @@ import numpy as np
 
 from .._errors import InputFileError
 from ._anndata_elems import Frame
-from ._common import ChunkedReader, check_path, reading_structure
+from ._common import ChunkedReader, check_path, open_error, reading_structure
 from ._nodes import ReadStats, is_array, node_keys, read_slice, to_str_array
 from ._sources import DEFAULT_BLOCK_ELEMENTS, DEFAULT_BLOCK_ROWS, DenseSource
 
@@ -98,8 +98,7 @@ class LoomReader(ChunkedReader):
         try:
             self._file = h5py.File(self.path, "r", rdcc_nbytes=16 << 20)
         except OSError as err:
-            msg = f"{self.path}: cannot be opened as HDF5 ({err}); {_FIX}"
-            raise InputFileError(msg) from None
+            raise open_error(self.path, err, kind="loom file", fix=_FIX) from None
         with reading_structure(self.path, close=self._file.close):
             self._setup(
                 layer=layer,
@@ -166,7 +165,7 @@ class LoomReader(ChunkedReader):
             stats=self.stats,
             index_attrs=(gene_id_column,),
         )
-        self._var_names = self._gene_ids(gene_id_column)
+        self._use_gene_ids(gene_id_column)
         self._source = DenseSource(
             matrix,
             stats=self.stats,

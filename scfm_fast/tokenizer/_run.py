@@ -34,15 +34,19 @@ from ._pieces import chunk_pieces, piece_size, tokenize_pieces
 MIN_WORKER_CELLS = 40_000
 #: workers when ``--workers`` is left out: each holds ~0.5 GiB at the default chunk size
 MAX_DEFAULT_WORKERS = 8
+#: input files a worker keeps open (its most recently used): chunks are handed out in file order, so an
+#: older file is rarely needed again, and a corpus of thousands of files would exhaust ``ulimit -n``
+MAX_OPEN_PER_WORKER = 4
 
 
 @dataclass
 class FilePlan:
-    """One input file of the run: where its cells go and what its chunks need."""
+    """One input file of the run: where its cells go and what its chunks need (the file itself is opened
+    only while its chunks are read: a corpus of thousands of files must not hold thousands of handles)."""
 
     file_index: int
     path: str
-    reader: Any
+    n_obs: int
     col_token: np.ndarray
     var_names: Any
     read_cols: list[str]
@@ -71,11 +75,11 @@ def pending_chunks(plans: Sequence[FilePlan], writer, chunk_size: int) -> tuple[
     """
     todo, done = [], 0
     for p in plans:
-        for s in range(0, p.reader.n_obs, chunk_size):
+        for s in range(0, p.n_obs, chunk_size):
             if writer.done(p.file_index, s) is None:
                 todo.append((p.file_index, s))
             else:
-                done += min(chunk_size, p.reader.n_obs - s)
+                done += min(chunk_size, p.n_obs - s)
     return todo, done
 
 
@@ -141,9 +145,9 @@ def _tokenize_piece(spec, p: FilePlan, obs_columns: list[str], piece) -> tuple[A
                           obs_columns=obs_columns, qc_keep=qc)
 
 
-def _read_ahead(p: FilePlan, first: int, chunk_size: int, pool: cf.ThreadPoolExecutor) -> Iterator[Any]:
+def _read_ahead(p: FilePlan, reader, first: int, chunk_size: int, pool: cf.ThreadPoolExecutor) -> Iterator[Any]:
     """The pieces of ``p`` from row ``first`` on, each next one read on ``pool`` while this one is used."""
-    it = p.reader.iter_chunks(start=first, chunk_size=piece_size(chunk_size), obs_columns=p.read_cols)
+    it = reader.iter_chunks(start=first, chunk_size=piece_size(chunk_size), obs_columns=p.read_cols)
     fut = pool.submit(next, it, None)
     while (piece := fut.result()) is not None:
         fut = pool.submit(next, it, None)
@@ -151,33 +155,36 @@ def _read_ahead(p: FilePlan, first: int, chunk_size: int, pool: cf.ThreadPoolExe
 
 
 def run_in_process(plans: Sequence[FilePlan], writer, *, spec, chunk_size: int, obs_columns: list[str],
-                   bar) -> None:
+                   reader_kw: dict[str, Any], bar) -> None:
     """Read -> tokenize -> write on three threads of this process (the heavy parts release the GIL).
 
     Chunks are read and ranked in pieces (:mod:`._pieces`), so that ranking starts after the first
     piece is read and a chunk's shard is written while the next chunk is ranked.
     """
+    from ..readers import open_reader
+
     with cf.ThreadPoolExecutor(1) as read_pool, cf.ThreadPoolExecutor(1) as write_pool:
         pending: cf.Future | None = None
         for p in plans:
             # skip the finished prefix without reading it (shards finish in order)
             first = 0
-            while first < p.reader.n_obs and (rec := writer.done(p.file_index, first)) is not None:
+            while first < p.n_obs and (rec := writer.done(p.file_index, first)) is not None:
                 first = rec["stop"]
-            if first >= p.reader.n_obs:
+            if first >= p.n_obs:
                 continue
-            pieces = chunk_pieces(_read_ahead(p, first, chunk_size, read_pool), chunk_size=chunk_size,
-                                  n_obs=p.reader.n_obs)
-            todo = ((c, last) for c, last in pieces
-                    if writer.done(p.file_index, c.start - c.start % chunk_size) is None)
-            tokenize = functools.partial(_tokenize_piece, spec, p, obs_columns)
-            for start, stop, table, stats in tokenize_pieces(todo, tokenize):
-                if pending is not None:
-                    pending.result()  # keep one shard in flight; surfaces write errors
-                pending = write_pool.submit(_write_and_trim, writer.write_shard, table, file_index=p.file_index,
-                                            start=start, stop=stop, stats=stats)
-                pending.add_done_callback(lambda _f, n=stop - start: bar.update(n))
-                del table  # the writer holds it; released as soon as it is written
+            with open_reader(p.path, **reader_kw, max_block_rows=piece_size(chunk_size)) as reader:
+                pieces = chunk_pieces(_read_ahead(p, reader, first, chunk_size, read_pool), chunk_size=chunk_size,
+                                      n_obs=p.n_obs)
+                todo = ((c, last) for c, last in pieces
+                        if writer.done(p.file_index, c.start - c.start % chunk_size) is None)
+                tokenize = functools.partial(_tokenize_piece, spec, p, obs_columns)
+                for start, stop, table, stats in tokenize_pieces(todo, tokenize):
+                    if pending is not None:
+                        pending.result()  # keep one shard in flight; surfaces write errors
+                    pending = write_pool.submit(_write_and_trim, writer.write_shard, table,
+                                                file_index=p.file_index, start=start, stop=stop, stats=stats)
+                    pending.add_done_callback(lambda _f, n=stop - start: bar.update(n))
+                    del table  # the writer holds it; released as soon as it is written
         if pending is not None:
             pending.result()
 
@@ -208,16 +215,26 @@ def _init(job: dict[str, Any]) -> None:
     gc.freeze()  # the parent's objects live as long as the worker: the collector need not scan them again
 
 
-def _work(file_index: int, start: int) -> tuple[str, dict[str, Any]]:
-    """In a worker: read, tokenize and write one chunk; returns the shard's manifest record."""
+def _open_for_chunk(file_index: int, path: str) -> Any:
+    """This worker's reader of input ``file_index``: kept open for its next chunks, at most
+    :data:`MAX_OPEN_PER_WORKER` of them (the least recently used closed first)."""
     from ..readers import open_reader
 
-    p: FilePlan = _JOB["plans"][file_index]
-    r = _JOB["readers"].get(file_index)
+    readers: dict[int, Any] = _JOB["readers"]
+    r = readers.pop(file_index, None)
     if r is None:
+        while len(readers) >= MAX_OPEN_PER_WORKER:
+            readers.pop(next(iter(readers))).close()
         # storage reads capped at one chunk: a worker's next chunk is usually not the following one
-        r = _JOB["readers"][file_index] = open_reader(p.path, **_JOB["reader_kw"],
-                                                      max_block_rows=_JOB["chunk_size"])
+        r = open_reader(path, **_JOB["reader_kw"], max_block_rows=_JOB["chunk_size"])
+    readers[file_index] = r  # (re)inserted last: the most recently used
+    return r
+
+
+def _work(file_index: int, start: int) -> tuple[str, dict[str, Any]]:
+    """In a worker: read, tokenize and write one chunk; returns the shard's manifest record."""
+    p: FilePlan = _JOB["plans"][file_index]
+    r = _open_for_chunk(file_index, p.path)
     size = _JOB["chunk_size"]
     pieces = chunk_pieces(r.iter_chunks(start=start, chunk_size=piece_size(size), obs_columns=p.read_cols),
                           chunk_size=size, n_obs=r.n_obs)
@@ -234,10 +251,8 @@ def run_workers(plans: Sequence[FilePlan], writer, todo: Sequence[tuple[int, int
                 chunk_size: int, obs_columns: list[str], reader_kw: dict[str, Any], bar) -> None:
     """Tokenize the chunks ``todo`` in ``workers`` forked processes, recording shards in input order.
 
-    The parent's readers are closed first: a forked child must not share open HDF5 handles.
+    The parent holds no input open here: a forked child must not share open HDF5 handles.
     """
-    for p in plans:
-        p.reader.close()
     one = copy.copy(spec)
     one.n_threads = 1  # the workers are the parallelism; each core call stays on one thread
     job = {"plans": {p.file_index: p for p in plans}, "spec": one, "files": writer.files,

@@ -299,20 +299,19 @@ def tokenize_corpus(
         raise UsageError(msg)
     spec = TokenizerSpec.build(**spec_options(locals()))  # no option of build's is rebound above
     all_paths, paths = paths, [paths[i] for i in file_ids]
-    # storage reads of one piece: larger blocks stay in memory until all their pieces are ranked
-    readers = [open_reader(str(p), layer=layer, use_raw=use_raw, gene_id_column=gene_id_column,
-                           max_block_rows=piece_size(chunk_size)) for p in paths]
-    lock = OutputLock(out, command="tokenize", lock_name=TOKENS_LOCK)
-    try:
-        want = list(dict.fromkeys(obs_columns))
-        clash = [c for c in want if c in BASE_COLUMNS or (keep_counts and c == COUNTS_COLUMN)]
-        if clash:
-            msg = (f"obs column(s) {clash} share a name with the output's own columns {list(BASE_COLUMNS)}; "
-                   "copy them to another name in obs (e.g. obs['orig_length'] = obs['length']) and pass that")
-            raise UsageError(msg)
-        resolved = []
-        gene_ids_by_file: dict[int, np.ndarray] = {}
-        for fi, p, r in zip(file_ids, paths, readers):
+    reader_kw = {"layer": layer, "use_raw": use_raw, "gene_id_column": gene_id_column}
+    want = list(dict.fromkeys(obs_columns))
+    clash = [c for c in want if c in BASE_COLUMNS or (keep_counts and c == COUNTS_COLUMN)]
+    if clash:
+        msg = (f"obs column(s) {clash} share a name with the output's own columns {list(BASE_COLUMNS)}; "
+               "copy them to another name in obs (e.g. obs['orig_length'] = obs['length']) and pass that")
+        raise UsageError(msg)
+    # Each input is opened, checked and resolved, then closed again (opened anew to read its cells): a
+    # corpus of thousands of files must not hold thousands of handles (``ulimit -n`` is often 1,024).
+    plans: list[FilePlan] = []
+    resolved = []
+    for fi, p in zip(file_ids, paths):
+        with open_reader(str(p), **reader_kw) as r:
             missing = [c for c in want + ([species_column] if species_column else []) if c not in r.obs_columns]
             if missing:
                 msg = (f"{p}: obs column(s) {missing} not found; available: {sorted(r.obs_columns)}")
@@ -323,8 +322,12 @@ def tokenize_corpus(
             col_token, report, gene_ids = resolve_input(str(p), r, spec, gene_id_column=gene_id_column,
                                                          allow_case_insensitive=allow_case_insensitive)
             log.info("%s: %s", p, report.summary())
-            resolved.append((col_token, report))
-            gene_ids_by_file[fi] = gene_ids
+            resolved.append(report)
+            read_cols = list(dict.fromkeys(
+                want + [c for c in (TOTAL_COLUMN, FILTER_COLUMN, species_column) if c in r.obs_columns]))
+            plans.append(FilePlan(fi, str(p), r.n_obs, col_token, gene_ids, read_cols, None))
+    lock = OutputLock(out, command="tokenize", lock_name=TOKENS_LOCK)
+    try:
         config = {**spec.config, "inputs": [str(Path(p).resolve()) for p in all_paths],
                   "input_fingerprints": [_input_fingerprint(Path(p)) for p in paths],
                   "gene_id_column": gene_id_column, "layer": layer, "use_raw": use_raw,
@@ -338,30 +341,29 @@ def tokenize_corpus(
         if writer.complete:
             log.info("%s: already complete (%d cells); nothing to do", out, writer.manifest.get("n_cells", 0))
             return {**writer.manifest, "already_complete": True}
-        writer.update(inputs=[str(p) for p in paths], gene_match=[rep.to_dict() for _, rep in resolved],
+        writer.update(inputs=[str(p) for p in paths], gene_match=[rep.to_dict() for rep in resolved],
                       **({"file_indexes": file_ids} if shard_kn is not None else {}))
-        qc_keep: dict[int, np.ndarray | None] = dict.fromkeys(file_ids)
         if qc == "genecompass":
             from .qc import file_qc
 
             # the z-scores need the whole file: one streaming pass per file before tokenizing
-            results = [file_qc(r, chunk_size=chunk_size) for r in readers]
-            qc_keep = {fi: keep for fi, (keep, _) in zip(file_ids, results)}
-            writer.update(qc={"mode": qc, "files": [rep.to_dict() for _, rep in results]})
-        plans = [FilePlan(fi, str(p), r, col_token, gene_ids_by_file[fi], list(dict.fromkeys(
-                      want + [c for c in (TOTAL_COLUMN, FILTER_COLUMN, species_column) if c in r.obs_columns])),
-                      qc_keep[fi]) for fi, p, r, (col_token, _) in zip(file_ids, paths, readers, resolved)]
+            qc_reports = []
+            for plan in plans:
+                with open_reader(plan.path, **reader_kw, max_block_rows=piece_size(chunk_size)) as r:
+                    plan.qc_keep, qc_report = file_qc(r, chunk_size=chunk_size)
+                qc_reports.append(qc_report.to_dict())
+            writer.update(qc={"mode": qc, "files": qc_reports})
         todo, n_done = pending_chunks(plans, writer, chunk_size)
         workers = n_workers(n_threads)
         t0 = time.perf_counter()
-        with progress(total=sum(r.n_obs for r in readers), desc="tokenize", enabled=progress_bar) as bar:
+        with progress(total=sum(p.n_obs for p in plans), desc="tokenize", enabled=progress_bar) as bar:
             bar.update(n_done)
             if use_workers(workers, todo, chunk_size):
                 run_workers(plans, writer, todo, spec=spec, workers=workers, chunk_size=chunk_size,
-                            obs_columns=want, bar=bar,
-                            reader_kw={"layer": layer, "use_raw": use_raw, "gene_id_column": gene_id_column})
+                            obs_columns=want, bar=bar, reader_kw=reader_kw)
             else:
-                run_in_process(plans, writer, spec=spec, chunk_size=chunk_size, obs_columns=want, bar=bar)
+                run_in_process(plans, writer, spec=spec, chunk_size=chunk_size, obs_columns=want,
+                               reader_kw=reader_kw, bar=bar)
         shards = writer.manifest["shards"]
         summ = {k: sum(s.get(k, 0) for s in shards) for k in
                 ("n_cells_in", "n_empty", "n_filtered", "n_at_max_len", "counts_total", "counts_matched",
@@ -371,8 +373,6 @@ def tokenize_corpus(
         return writer.finalize(summary=summ)
     finally:
         lock.release()
-        for r in readers:
-            r.close()
 
 
 def __getattr__(name: str) -> Any:

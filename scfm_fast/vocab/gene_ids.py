@@ -262,18 +262,33 @@ def resolve_genes(
 _MATCHED: list[tuple[Any, ...]] = []
 
 
+def _ids_key(gene_ids: Sequence[str] | np.ndarray) -> tuple[tuple[Any, ...], list[str] | None]:
+    """The memo key of ``gene_ids`` (their content), and the stripped ids when the key needed them.
+
+    A numpy ``str`` array is keyed by its buffer, without making a Python string per gene (a 60,000-gene
+    var index: ~0.1 ms instead of ~40); other inputs by their stripped text.
+    """
+    import hashlib
+
+    if isinstance(gene_ids, np.ndarray) and gene_ids.dtype.kind == "U" and gene_ids.ndim == 1:
+        digest = hashlib.blake2b(np.ascontiguousarray(gene_ids).tobytes(), digest_size=16).digest()
+        return ("U", gene_ids.dtype.itemsize, len(gene_ids), digest), None
+    ids = [str(g).strip() for g in gene_ids]
+    digest = hashlib.blake2b("\x00".join(ids).encode("utf-8", "surrogatepass"), digest_size=16).digest()
+    return ("text", len(ids), digest), ids
+
+
 def _match_all(gene_ids: Sequence[str] | np.ndarray, vocab: GeneVocab, gene_name_map: Mapping[str, str] | None,
                ortholog_map: Mapping[str, str] | None) -> tuple[np.ndarray, dict[str, int], str, list[str]]:
     """:func:`match_gene_id` over every column: (token per column, matches per route, a case-only example,
     up to 10 unmatched ids). Memoised on the ids' content and the tables' identity."""
-    import hashlib
-
-    ids = [str(g).strip() for g in gene_ids]
-    key = (len(ids), hashlib.blake2b("\x00".join(ids).encode("utf-8", "surrogatepass"), digest_size=16).digest())
+    key, ids = _ids_key(gene_ids)
     for k, v, g, o, res in _MATCHED:
         if k == key and v is vocab and g is gene_name_map and o is ortholog_map:
             col_token, counts, case_example, unmatched = res
             return col_token.copy(), dict(counts), case_example, list(unmatched)
+    if ids is None:
+        ids = [g.strip() for g in gene_ids.tolist()]
     col_token = np.full(len(ids), -1, dtype=np.int32)
     counts = dict.fromkeys(("ensembl", "version", "symbol", "ortholog", "case"), 0)
     case_example = ""
