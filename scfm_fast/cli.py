@@ -230,7 +230,9 @@ def _out_lock(args: argparse.Namespace) -> contextlib.AbstractContextManager:
 _FIXES = {errno.ENOSPC: "free disk space", errno.EDQUOT: "free space in your quota",
           errno.EACCES: "fix the permissions (or choose another --out)",
           errno.EPERM: "fix the permissions (or choose another --out)",
-          errno.EROFS: "choose a writable --out", errno.ENOENT: "check that the path still exists"}
+          errno.EROFS: "choose a writable --out", errno.ENOENT: "check that the path still exists",
+          errno.EMFILE: "raise the open-file limit (e.g. ulimit -n 65536)",
+          errno.ENFILE: "raise the open-file limit (e.g. ulimit -n 65536)"}
 
 
 def os_error_message(err: OSError, *, command: str) -> str:

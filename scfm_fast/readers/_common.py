@@ -148,6 +148,7 @@ class ChunkedReader:
     _var: Frame
     _var_names: np.ndarray | None = None
     _gene_id_column: str | None = None
+    _var_index_str: np.ndarray | None = None
 
     @property
     def var_names(self) -> np.ndarray:
@@ -204,11 +205,9 @@ class ChunkedReader:
     def _var_index(self) -> np.ndarray:
         # read once per reader: a run asks for it twice (gene ids, then the id-source check), and reading
         # a 60,000-gene index of variable-length strings costs tens of ms
-        cached = getattr(self, "_var_index_str", None)
-        if cached is None:
-            cached = np.asarray(self._var.read_index(0, self._var.length), dtype=object).astype(str)
-            self._var_index_str = cached
-        return cached
+        if self._var_index_str is None:
+            self._var_index_str = np.asarray(self._var.read_index(0, self._var.length), dtype=object).astype(str)
+        return self._var_index_str
 
     def _gene_ids(self, gene_id_column: str | None) -> np.ndarray:
         if self._ids_from_index(gene_id_column):

@@ -108,3 +108,11 @@ def test_open_error_permission_and_damage():
     assert "permission denied" in str(denied) and "damaged" not in str(denied)
     bad = open_error("/x/a.h5ad", OSError("file signature not found"), kind="h5ad file", fix="Write it again.")
     assert "damaged" in str(bad) and "h5ad file" in str(bad) and str(bad).endswith("Write it again.")
+
+
+def test_cli_names_the_fix_for_too_many_open_files():
+    """Any other EMFILE (a pipe, an output file) reaches the CLI's one-line OS error, with the fix."""
+    from scfm_fast.cli import os_error_message
+
+    msg = os_error_message(OSError(errno.EMFILE, "Too many open files"), command="tokenize")
+    assert "[EMFILE]" in msg and "ulimit -n" in msg and "--resume" in msg
