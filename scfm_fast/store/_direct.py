@@ -25,6 +25,8 @@ import os
 import threading
 from pathlib import Path
 
+import numpy as np
+
 #: staging block: a multiple of every logical block size O_DIRECT may require (512 B - 4 KiB)
 BLOCK = 8 << 20
 _ALIGN = 4096
@@ -139,6 +141,36 @@ class ShardSink(io.RawIOBase):
             if self._n == BLOCK:
                 self._submit()
         return total
+
+    def write_converted(self, a: np.ndarray, dtype: np.dtype) -> int:
+        """Write 1-D ``a`` converted to ``dtype`` (its bytes in C order), converted straight into the
+        staging blocks: no converted copy of the whole array (for a shard's tokens, int32 -> uint16, a
+        fresh ~30 MiB array, its page faults and one more copy).  Returns the number of bytes written."""
+        dtype = np.dtype(dtype)
+        a = np.asarray(a).reshape(-1)
+        size = dtype.itemsize
+        if a.dtype == dtype or not self._bufs:
+            # nothing to convert, or no staging blocks: convert in bounded pieces (no whole-array copy)
+            step = max(1, BLOCK // size)
+            for i in range(0, a.size, step):
+                self.write(memoryview(np.ascontiguousarray(a[i:i + step], dtype=dtype)).cast("B"))
+            return a.size * size
+        i = 0
+        while i < a.size:
+            room = (BLOCK - self._n) // size
+            if room == 0:  # an element straddles two blocks: through write()
+                self.write(memoryview(np.ascontiguousarray(a[i:i + 1], dtype=dtype)).cast("B"))
+                i += 1
+                continue
+            take = min(room, a.size - i)
+            dst = np.frombuffer(self._bufs[self._cur], dtype=dtype, count=take, offset=self._n)
+            np.copyto(dst, a[i:i + take], casting="unsafe")  # as np.asarray(a, dtype) converts
+            del dst  # no view of the block may outlive this write (the block is reused, then closed)
+            self._n += take * size
+            i += take
+            if self._n == BLOCK:
+                self._submit()
+        return a.size * size
 
     def _submit(self) -> None:
         """Hand the full staging block to the I/O thread and continue in the other one."""

@@ -148,7 +148,7 @@ def _save_parts(path: Path, parts: list[np.ndarray], dtype: np.dtype) -> None:
             f, {"descr": np.lib.format.dtype_to_descr(dtype), "fortran_order": False,
                 "shape": (sum(int(a.size) for a in parts),)})
         for a in parts:
-            f.write(memoryview(np.ascontiguousarray(a, dtype=dtype)).cast("B"))
+            f.write_converted(a, dtype)
 
 
 def packed_split(optional: Sequence[str]) -> tuple[list[str], list[str]]:
@@ -203,6 +203,10 @@ class ShardFiles:
         except BaseException:
             tmp.unlink(missing_ok=True)  # e.g. a full disk: leave no partial file behind
             raise
+
+    def written(self, name: str) -> bool:
+        """Whether shard ``name`` and its packed part are on disk (each is renamed into place once complete)."""
+        return (self.out / name).is_file() and part_dir(self.out / PARTS_DIR, name).is_dir()
 
     def write_part(self, table: pa.Table, name: str) -> None:
         """The shard's packed part: a directory of plain ``.npy`` arrays (tokens in the packed dtype,

@@ -5,17 +5,20 @@ thread and the calling thread, and its shard written on a writing thread while t
 
 Worker processes (the default for larger inputs: one per core) each read, rank and write whole chunks (their Parquet shard and packed part, under
 the shard's final name), so reading, decoding, ranking and Parquet encoding of different chunks run
-on all cores without sharing a GIL; the parent only records finished shards in the manifest, in input
-order. A shard file that a worker wrote but the parent never recorded (a crash) is a stray that a
-resumed run deletes, so resume, the lock and the finalisation checks are those of the in-process loop.
+on all cores without sharing a GIL; a worker writes each shard on a thread of its own while it reads
+and ranks its next chunk. The parent only records finished shards in the manifest, in input order. A
+shard file that a worker wrote but the parent never recorded (a crash) is a stray that a resumed run
+deletes, so resume, the lock and the finalisation checks are those of the in-process loop.
 """
 
 from __future__ import annotations
 
 import concurrent.futures as cf
+import contextlib
 import copy
 import functools
 import multiprocessing as mp
+import multiprocessing.util
 import os
 import sys
 from collections import deque
@@ -205,7 +208,12 @@ def _init(job: dict[str, Any]) -> None:
     from .._buffers import READS
 
     _JOB.clear()
-    _JOB.update(job, readers={})
+    # one thread writes this worker's latest shard while its next chunk is read and ranked
+    _JOB.update(job, readers={}, pending=None,
+                write_pool=cf.ThreadPoolExecutor(1, thread_name_prefix="scfm-shard-write"))
+    # the last shard is finished when the pool shuts the worker down, before Python's own exit handlers
+    # (those stop the thread pools the write still needs)
+    mp.util.Finalize(None, _last_write, exitpriority=100)
     READS.clear()  # the parent's arrays: writing them here would copy every page (copy-on-write)
     _steady_heap()
     blosc = sys.modules.get("numcodecs.blosc")
@@ -231,8 +239,34 @@ def _open_for_chunk(file_index: int, path: str) -> Any:
     return r
 
 
-def _work(file_index: int, start: int) -> tuple[str, dict[str, Any]]:
-    """In a worker: read, tokenize and write one chunk; returns the shard's manifest record."""
+def _write_shard(name: str, table: Any) -> str:
+    """In a worker's writing thread: shard ``name``'s files.  An error is printed here too: the last
+    shard's is otherwise only seen as a missing file (see :func:`run_workers`)."""
+    try:
+        _JOB["files"].write(table, name=name)
+    except BaseException as e:
+        print(f"scfm tokenize: worker {os.getpid()}: writing {name} failed: {e}", file=sys.stderr)
+        raise
+    return name
+
+
+def _last_write() -> None:
+    with contextlib.suppress(BaseException):  # printed by _write_shard; the parent sees the missing file
+        _settle()
+
+
+def _settle() -> list[str]:
+    """Wait for this worker's shard write in flight, if any (re-raising its error): ``[its name]``, or ``[]``."""
+    pending, _JOB["pending"] = _JOB["pending"], None
+    return [] if pending is None else [pending.result()]
+
+
+def _work(file_index: int, start: int) -> tuple[str, dict[str, Any], list[str]]:
+    """In a worker: read and tokenize one chunk and start writing its shard; returns the shard's manifest
+    record and the names of the shards this worker has finished writing since its last result.
+
+    The write overlaps the worker's next chunk (on the 2-core benchmark VM a worker waited ~9% of its
+    time for its shard's last blocks to reach the disk); at most one write is in flight per worker."""
     p: FilePlan = _JOB["plans"][file_index]
     r = _open_for_chunk(file_index, p.path)
     size = _JOB["chunk_size"]
@@ -242,16 +276,19 @@ def _work(file_index: int, start: int) -> tuple[str, dict[str, Any]]:
     first, stop, table, stats = next(tokenize_pieces(_one_chunk(pieces), tokenize))
     name = shard_name(file_index, first)
     n_written = table.num_rows
-    _JOB["files"].write(table, name=name)
+    written = _settle()
+    _JOB["pending"] = _JOB["write_pool"].submit(_write_shard, name, table)
     return name, {"file_index": file_index, "start": first, "stop": stop, "n_cells_written": n_written,
-                  "stats": stats}
+                  "stats": stats}, written
 
 
 def run_workers(plans: Sequence[FilePlan], writer, todo: Sequence[tuple[int, int]], *, spec, workers: int,
                 chunk_size: int, obs_columns: list[str], reader_kw: dict[str, Any], bar) -> None:
     """Tokenize the chunks ``todo`` in ``workers`` forked processes, recording shards in input order.
 
-    The parent holds no input open here: a forked child must not share open HDF5 handles.
+    The parent holds no input open here: a forked child must not share open HDF5 handles.  A shard is
+    recorded once written: its worker says so with a later result, and each worker's last shard is
+    written when the pool has shut down (its files are then there, complete, or not at all).
     """
     one = copy.copy(spec)
     one.n_threads = 1  # the workers are the parallelism; each core call stays on one thread
@@ -259,31 +296,55 @@ def run_workers(plans: Sequence[FilePlan], writer, todo: Sequence[tuple[int, int
            "chunk_size": chunk_size, "obs_columns": obs_columns, "reader_kw": reader_kw}
     tasks = iter(todo)
     queue: deque[cf.Future] = deque()
-    with cf.ProcessPoolExecutor(workers, mp_context=mp.get_context("fork"), initializer=_init,
-                                initargs=(job,)) as pool:
+    waiting: deque[tuple[str, dict[str, Any]]] = deque()  # results in input order, not yet recorded
+    written: set[str] = set()  # shards their workers finished writing, not yet recorded
 
-        def submit() -> None:
-            t = next(tasks, None)
-            if t is not None:
-                queue.append(pool.submit(_work, *t))
+    def arrived(result: tuple[str, dict[str, Any], list[str]]) -> None:
+        name, rec, done = result
+        written.update(done)
+        waiting.append((name, rec))
+        while waiting and waiting[0][0] in written:
+            name, rec = waiting.popleft()
+            written.discard(name)
+            writer.record(name, **rec)
 
-        for _ in range(2 * workers):  # two chunks per worker in flight: none waits for the parent
-            submit()
-        try:
-            while queue:
-                name, rec = queue.popleft().result()
-                writer.record(name, **rec)
-                bar.update(rec["stop"] - rec["start"])
+    finished = False
+    try:
+        with cf.ProcessPoolExecutor(workers, mp_context=mp.get_context("fork"), initializer=_init,
+                                    initargs=(job,)) as pool:
+
+            def submit() -> None:
+                t = next(tasks, None)
+                if t is not None:
+                    queue.append(pool.submit(_work, *t))
+
+            for _ in range(2 * workers):  # two chunks per worker in flight: none waits for the parent
                 submit()
-        except cf.process.BrokenProcessPool:
-            msg = ("a tokenize worker process died (killed, e.g. out of memory); rerun the same command with "
-                   "--resume to continue, with fewer --workers or a smaller --chunk-size")
-            raise ScfmError(msg) from None
-        finally:
-            # record the shards other workers finished, so that a failed run leaves no unrecorded file
-            for f in queue:
-                f.cancel()
-            for f in queue:
-                if not f.cancelled() and f.exception() is None:
-                    name, rec = f.result()
-                    writer.record(name, **rec)
+            try:
+                while queue:
+                    result = queue.popleft().result()
+                    arrived(result)
+                    bar.update(result[1]["stop"] - result[1]["start"])
+                    submit()
+            except cf.process.BrokenProcessPool:
+                msg = ("a tokenize worker process died (killed, e.g. out of memory); rerun the same command "
+                       "with --resume to continue, with fewer --workers or a smaller --chunk-size")
+                raise ScfmError(msg) from None
+            finally:
+                # take in the chunks other workers finished, so that a failed run leaves no unrecorded file
+                for f in queue:
+                    f.cancel()
+                for f in queue:
+                    if not f.cancelled() and f.exception() is None:
+                        arrived(f.result())
+        finished = True
+    finally:
+        # The pool has shut down: every worker finished its last write (or died): the files say which.
+        # A shard's files are renamed into place only once complete.
+        for name, rec in waiting:
+            if name in written or writer.files.written(name):
+                writer.record(name, **rec)
+            elif finished:
+                msg = (f"{name}: its worker did not write it (see the worker's error above); rerun the same "
+                       "command with --resume to continue")
+                raise ScfmError(msg)

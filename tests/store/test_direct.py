@@ -30,6 +30,21 @@ def test_bytes_equal_a_plain_write(tmp_path, sizes, direct):
     assert (tmp_path / "f").read_bytes() == b"".join(data)
 
 
+@pytest.mark.parametrize("lead", [0, 1, 64])  # bytes before the array: 1 makes an element straddle two blocks
+@pytest.mark.parametrize("n", [0, 1, BLOCK // 2 - 1, BLOCK // 2 + 3, BLOCK + 11])
+@pytest.mark.parametrize(("src", "dst"), [(np.int32, np.uint16), (np.float64, np.float32), (np.int32, np.int32)])
+@pytest.mark.parametrize("direct", [True, False])
+def test_write_converted_writes_the_converted_arrays_bytes(tmp_path, lead, n, src, dst, direct):
+    rng = np.random.default_rng(n + lead)
+    a = (rng.integers(0, 60_000, n) if np.dtype(src).kind == "i" else rng.random(n) * 1e3).astype(src)
+    with ShardSink(tmp_path / "f", direct=direct) as f:
+        f.write(b"h" * lead)
+        assert f.write_converted(a, dst) == n * np.dtype(dst).itemsize
+        f.write(b"tail")
+        assert f.tell() == lead + n * np.dtype(dst).itemsize + 4
+    assert (tmp_path / "f").read_bytes() == b"h" * lead + np.asarray(a, dtype=dst).tobytes() + b"tail"
+
+
 def test_truncates_an_existing_file_and_is_read_by_pyarrow_and_numpy(tmp_path):
     (tmp_path / "t.parquet").write_bytes(b"x" * (BLOCK + 99))  # longer than what follows
     tab = pa.table({"input_ids": pa.array([np.arange(n, dtype=np.int32) for n in (5, 0, 3000)] * 500)})

@@ -74,3 +74,25 @@ def test_light_subcommands_skip_the_plugins():
             "print(sorted(m for m in ('torch', 'numba', 'anndata', 'pandas', 'tqdm') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+_BLAS_PROBE = """
+import os, sys
+from scfm_fast.cli import main
+rc = main(sys.argv[1:])
+print("BLAS", os.environ.get("OPENBLAS_NUM_THREADS"))
+sys.exit(rc)
+"""
+
+
+@pytest.mark.parametrize(("preset", "expected"), [(None, "1"), ("3", "3")])
+def test_tokenize_and_medians_give_openblas_one_thread_unless_the_user_chose(tmp_path, preset, expected):
+    """Its idle threads spin on the cores the workers need; a user's own setting is kept."""
+    demo = str(files("scfm_fast") / "data/demo/pbmc_200cells.h5ad")
+    env = {k: v for k, v in os.environ.items() if k != "OPENBLAS_NUM_THREADS"}
+    if preset is not None:
+        env["OPENBLAS_NUM_THREADS"] = preset
+    r = subprocess.run([sys.executable, "-c", _BLAS_PROBE, "medians", demo, "--out", str(tmp_path / "m")],
+                       capture_output=True, text=True, cwd=tmp_path, check=False, env=env)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.stdout.strip().splitlines()[-1] == f"BLAS {expected}"

@@ -10,7 +10,7 @@ import pyarrow.parquet as pq
 import pytest
 import scipy.sparse as sp
 
-from scfm_fast._errors import CountDataError
+from scfm_fast._errors import CountDataError, ScfmError
 from scfm_fast.store import writer as writer_mod
 from scfm_fast.tokenizer import _run, pipeline
 from scfm_fast.tokenizer.pipeline import tokenize_corpus
@@ -93,6 +93,32 @@ def test_worker_failure_resumes_to_the_same_dataset(tmp_path, inputs, monkeypatc
     assert man["status"] == "in_progress"
     # every shard file a worker finished is recorded: a failed run leaves no unrecorded shard behind
     assert sorted(p.name for p in out.glob("*.parquet")) == sorted(s["file"] for s in writer_mod.recorded_shards(out))
+    monkeypatch.setattr(writer_mod.ShardFiles, "write", real)
+    _run_tok(srcs, out, 2, resume=True)
+    _same_dataset(tmp_path / "ref", out)
+
+
+def test_a_workers_last_shard_that_failed_to_write_stops_the_run(tmp_path, inputs, monkeypatch, capfd):
+    """The last shard is written as the pool shuts down (writes overlap the next chunk): its failure has no
+    later result to surface in, so the missing file stops the run, and the worker names the error."""
+    srcs, _ = inputs
+    _run_tok(srcs, tmp_path / "ref", 1)
+    real = writer_mod.ShardFiles.write
+    last = writer_mod.shard_name(1, 180)  # the last chunk of the 200 cells of the second file
+
+    def fail_last(self, table, name):
+        if name == last:
+            raise OSError(28, "No space left on device")
+        return real(self, table, name)
+
+    monkeypatch.setattr(writer_mod.ShardFiles, "write", fail_last)
+    out = tmp_path / "o"
+    with pytest.raises(ScfmError, match=f"{last}: its worker did not write it.*--resume"):
+        _run_tok(srcs, out, 2)
+    assert f"writing {last} failed: [Errno 28] No space left on device" in capfd.readouterr().err
+    recorded = sorted(s["file"] for s in writer_mod.recorded_shards(out))
+    assert last not in recorded and len(recorded) == 2 * (200 // CHUNK + 1) - 1  # all the others
+    assert sorted(p.name for p in out.glob("*.parquet")) == recorded
     monkeypatch.setattr(writer_mod.ShardFiles, "write", real)
     _run_tok(srcs, out, 2, resume=True)
     _same_dataset(tmp_path / "ref", out)
