@@ -31,7 +31,7 @@ def test_bytes_equal_a_plain_write(tmp_path, sizes, direct):
 
 
 @pytest.mark.parametrize("lead", [0, 1, 64])  # bytes before the array: 1 makes an element straddle two blocks
-@pytest.mark.parametrize("n", [0, 1, BLOCK // 2 - 1, BLOCK // 2 + 3, BLOCK + 11])
+@pytest.mark.parametrize("n", [0, 1, BLOCK // 2 + 3])  # the last: 2 (uint16) or 4 (4-byte) blocks
 @pytest.mark.parametrize(("src", "dst"), [(np.int32, np.uint16), (np.float64, np.float32), (np.int32, np.int32)])
 @pytest.mark.parametrize("direct", [True, False])
 def test_write_converted_writes_the_converted_arrays_bytes(tmp_path, lead, n, src, dst, direct):
