@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -119,6 +120,32 @@ def test_a_workers_last_shard_that_failed_to_write_stops_the_run(tmp_path, input
     recorded = sorted(s["file"] for s in writer_mod.recorded_shards(out))
     assert last not in recorded and len(recorded) == 2 * (200 // CHUNK + 1) - 1  # all the others
     assert sorted(p.name for p in out.glob("*.parquet")) == recorded
+    monkeypatch.setattr(writer_mod.ShardFiles, "write", real)
+    _run_tok(srcs, out, 2, resume=True)
+    _same_dataset(tmp_path / "ref", out)
+
+
+def test_a_worker_killed_while_writing_leaves_no_recorded_partial_shard(tmp_path, inputs, monkeypatch):
+    """A worker dying mid-write (e.g. the OOM killer) while its next chunk is ranked: the pool breaks, the
+    shard is not recorded (its files never reached their final names), and --resume completes the run."""
+    srcs, _ = inputs
+    _run_tok(srcs, tmp_path / "ref", 1)
+    real = writer_mod.ShardFiles.write
+    victim = writer_mod.shard_name(0, 3 * CHUNK)
+
+    def die_in_write(self, table, name):
+        if name == victim:
+            self.write_part(table, name)  # the packed part is in place, the Parquet shard is not
+            os._exit(9)
+        return real(self, table, name)
+
+    monkeypatch.setattr(writer_mod.ShardFiles, "write", die_in_write)
+    out = tmp_path / "o"
+    with pytest.raises(ScfmError, match="worker process died"):
+        _run_tok(srcs, out, 2)
+    recorded = {s["file"] for s in writer_mod.recorded_shards(out)}
+    assert victim not in recorded
+    assert recorded <= {p.name for p in out.glob("*.parquet")}
     monkeypatch.setattr(writer_mod.ShardFiles, "write", real)
     _run_tok(srcs, out, 2, resume=True)
     _same_dataset(tmp_path / "ref", out)
