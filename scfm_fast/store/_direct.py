@@ -149,8 +149,8 @@ class ShardSink(io.RawIOBase):
         dtype = np.dtype(dtype)
         a = np.asarray(a).reshape(-1)
         size = dtype.itemsize
-        if a.dtype == dtype or not self._bufs:
-            # nothing to convert, or no staging blocks: convert in bounded pieces (no whole-array copy)
+        if not self._bufs:
+            # no staging blocks: convert in pieces of one block (no whole-array copy)
             step = max(1, BLOCK // size)
             for i in range(0, a.size, step):
                 self.write(memoryview(np.ascontiguousarray(a[i:i + step], dtype=dtype)).cast("B"))

@@ -341,10 +341,15 @@ def run_workers(plans: Sequence[FilePlan], writer, todo: Sequence[tuple[int, int
     finally:
         # The pool has shut down: every worker finished its last write (or died): the files say which.
         # A shard's files are renamed into place only once complete.
+        # Every written one is recorded before a missing one is reported (a failed run leaves no
+        # unrecorded file).
+        missing = []
         for name, rec in waiting:
             if name in written or writer.files.written(name):
                 writer.record(name, **rec)
-            elif finished:
-                msg = (f"{name}: its worker did not write it (see the worker's error above); rerun the same "
-                       "command with --resume to continue")
-                raise ScfmError(msg)
+            else:
+                missing.append(name)
+        if missing and finished:
+            msg = (f"{', '.join(missing)}: not written by their worker (see the worker's error above); rerun "
+                   "the same command with --resume to continue")
+            raise ScfmError(msg)

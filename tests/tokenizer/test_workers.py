@@ -114,7 +114,7 @@ def test_a_workers_last_shard_that_failed_to_write_stops_the_run(tmp_path, input
 
     monkeypatch.setattr(writer_mod.ShardFiles, "write", fail_last)
     out = tmp_path / "o"
-    with pytest.raises(ScfmError, match=f"{last}: its worker did not write it.*--resume"):
+    with pytest.raises(ScfmError, match=f"{last}: not written by their worker.*--resume"):
         _run_tok(srcs, out, 2)
     assert f"writing {last} failed: [Errno 28] No space left on device" in capfd.readouterr().err
     recorded = sorted(s["file"] for s in writer_mod.recorded_shards(out))
