@@ -333,6 +333,10 @@ cell_factor float64 or None.)doc");
 token, col_token >= 0), each a sequential float64 sum in stored order.  indices int32/int64, data
 float32/float64, col_token int32.  Raises ValueError on a column index outside col_token.)doc");
 
+    m.def("set_gather_simd", &scfm::set_gather_simd, py::arg("enabled"),
+          R"doc(Turn the AVX-512 direct gather of rank_tokenize on (where the CPU has it) or off; returns
+whether it is on.  Tokens and sums are the same either way (tests and A/B runs use this).)doc");
+
     m.def("build_info", []() {
         py::dict info;
 #if defined(__clang__)
@@ -343,6 +347,7 @@ float32/float64, col_token int32.  Raises ValueError on a column index outside c
         info["compiler"] = std::string("unknown");
 #endif
         info["hardware_threads"] = static_cast<int>(std::thread::hardware_concurrency());
+        info["avx512_gather"] = scfm::gather_simd_active() ? "on" : "off";
         return info;
     }, "Compiler and hardware facts of this build (for `python -m scfm_fast.info`).");
 }

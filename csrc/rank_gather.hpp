@@ -28,8 +28,10 @@ inline bool bad_count(double v, bool allow_non_integer) {
 // (baseline SSE2): the per-entry tests then leave the gather loop.  Non-integers are found as
 // (v + 2^m) - 2^m != v below 2^m (m = mantissa bits: adding 2^m rounds v to an integer).  A false
 // "not clean" only costs speed (the checked loop runs), never correctness.
+// (The body is always inlined: rank_gather_avx512.hpp compiles it once more for AVX-512.)
 template <class IX, class DT>
-bool range_is_clean(const IX* indices, const DT* data, i64 lo, i64 hi, i64 n_cols, bool allow_non_integer) {
+__attribute__((always_inline)) inline bool range_is_clean(const IX* indices, const DT* data, i64 lo, i64 hi,
+                                                          i64 n_cols, bool allow_non_integer) {
     using UX = std::make_unsigned_t<IX>;
     const UX limit = static_cast<UX>(std::min<i64>(n_cols, static_cast<i64>(std::numeric_limits<IX>::max())));
     const DT big = std::numeric_limits<DT>::digits == 24 ? DT(0x1p23) : DT(0x1p52);

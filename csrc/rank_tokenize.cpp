@@ -18,12 +18,52 @@
 #include <new>
 
 #include "rank_gather.hpp"
+#include "rank_gather_avx512.hpp"
 #include "rank_sort.hpp"
 
 namespace scfm {
 namespace {
 
 using namespace rank_detail;
+
+bool cpu_simd() {
+#ifdef SCFM_HAVE_AVX512_GATHER
+    return cpu_has_avx512_gather();
+#else
+    return false;
+#endif
+}
+
+// SCFM_FAST_SIMD=0 turns the AVX-512 gather off for the process (A/B runs, suspected CPU issues)
+bool simd_at_load() {
+    const char* env = std::getenv("SCFM_FAST_SIMD");
+    if (env != nullptr && std::strcmp(env, "0") == 0) return false;
+    return cpu_simd();
+}
+
+std::atomic<bool> g_simd{simd_at_load()};
+
+// The direct gather of a clean row: the AVX-512 twin where it applies (see rank_gather_avx512.hpp).
+template <class IX, class DT>
+bool gather_row(bool simd, const IX* indices, const DT* data, i64 lo, i64 hi, const i32* col_token,
+                const double* col_median, RowSums& sums, Candidates& cand) {
+#ifdef SCFM_HAVE_AVX512_GATHER
+    if constexpr (std::is_same_v<IX, i32>) {
+        if (simd) return gather_direct_avx512(indices, data, lo, hi, col_token, col_median, sums, cand);
+    }
+#endif
+    (void)simd;
+    return gather_direct(indices, data, lo, hi, col_token, col_median, sums, cand);
+}
+
+template <class IX, class DT>
+bool row_is_clean(bool simd, const IX* indices, const DT* data, i64 lo, i64 hi, i64 n_cols, bool allow_non_integer) {
+#ifdef SCFM_HAVE_AVX512_GATHER
+    if (simd) return range_is_clean_avx512(indices, data, lo, hi, n_cols, allow_non_integer);
+#endif
+    (void)simd;
+    return range_is_clean(indices, data, lo, hi, n_cols, allow_non_integer);
+}
 
 struct ThreadState {
     std::vector<i32> touched;  // accumulated gather: tokens with acc != 0, in first-seen order
@@ -53,6 +93,9 @@ void tokenize_range(const CsrChunk<IP, IX, DT>& chunk, const RankConfig& cfg, co
     const bool have_table = !table.col_median.empty();
     bool producing = true;  // false once a bad index was seen: only count validation continues
     const bool given = cfg.totals != nullptr;
+    const bool simd_check = g_simd.load(std::memory_order_relaxed);
+    // the lane-wise row sums of the AVX-512 gather are exact for integer counts only
+    const bool simd = simd_check && !cfg.allow_non_integer;
 
     for (i64 i = c0; i < c1; ++i) {
         const i64 lo = static_cast<i64>(chunk.indptr[i]);
@@ -68,14 +111,14 @@ void tokenize_range(const CsrChunk<IP, IX, DT>& chunk, const RankConfig& cfg, co
         // no error, so skipping the checked loop for it cannot change which error is reported; a row
         // that is not clean takes the checked loop, and after a bad index every row only validates.
         const bool clean = wanted && producing &&
-                           range_is_clean(chunk.indices, chunk.data, lo, hi, cfg.n_cols, cfg.allow_non_integer);
+                           row_is_clean(simd_check, chunk.indices, chunk.data, lo, hi, cfg.n_cols, cfg.allow_non_integer);
         size_t n_touched = 0;
         bool have_cand = false;  // candidates came from the direct gather (else from acc)
         i64 k = lo;
         if (clean && have_table) {
             RowSums row{sum_seed, 0.0};
-            have_cand = gather_direct(chunk.indices, chunk.data, lo, hi, cfg.col_token, table.col_median.data(),
-                                      row, st.cand);
+            have_cand = gather_row(simd, chunk.indices, chunk.data, lo, hi, cfg.col_token, table.col_median.data(),
+                                   row, st.cand);
             if (have_cand) {
                 if (!given) total = row.total;
                 // Clean rows of integer counts: the row sums are exact integers (see ChunkSums)
@@ -158,6 +201,14 @@ void tokenize_range(const CsrChunk<IP, IX, DT>& chunk, const RankConfig& cfg, co
 }
 
 }  // namespace
+
+bool gather_simd_active() { return g_simd.load(); }
+
+bool set_gather_simd(bool enabled) {
+    const bool on = enabled && cpu_simd();
+    g_simd.store(on);
+    return on;
+}
 
 i64 find_bad_col_token(const i32* col_token, i64 n_cols, i64 n_tokens) {
     for (i64 c = 0; c < n_cols; ++c) {

@@ -71,6 +71,13 @@ struct RankResult {
     }
 };
 
+// Whether clean rows of int32 column indices and integer counts take the AVX-512 direct gather
+// (rank_gather_avx512.hpp): on by default where the CPU has AVX-512 F/DQ/VL/BW, off with
+// SCFM_FAST_SIMD=0 in the environment at load.  set_gather_simd turns it on (where the CPU allows)
+// or off for every later call and returns whether it is on; tokens are the same either way.
+bool gather_simd_active();
+bool set_gather_simd(bool enabled);
+
 // Index of the first col_token entry that is >= n_tokens, or -1 when all are valid.
 i64 find_bad_col_token(const i32* col_token, i64 n_cols, i64 n_tokens);
 

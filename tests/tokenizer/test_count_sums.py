@@ -143,6 +143,7 @@ def _rank(indptr, indices, data, col_token, median, **kw):
                          backend=kw.pop("backend", "cpp"), **kw)
 
 
+@pytest.mark.usefixtures("gather_simd")
 @needs_core
 @pytest.mark.parametrize(("ip", "ix", "dt"), [(np.int64, np.int32, np.float32), (np.int32, np.int64, np.float64),
                                               (np.int32, np.int32, np.float32)])
@@ -195,6 +196,7 @@ def _case(case, indptr, indices, data, col_token, median):
     return (indptr, indices, data, col_token, median), kw
 
 
+@pytest.mark.usefixtures("gather_simd")
 @needs_core
 @pytest.mark.parametrize("case", ["allow_non_integer", "repeated_column", "two_columns_one_token",
                                   "cell_without_total", "rows_inside_the_arrays", "total_from_2_53", "numba",

@@ -11,6 +11,9 @@ from scfm_fast.tokenizer.rank import available_backends, tokenize_rank
 from scfm_fast.tokenizer.reference import rank_tokenize_ref
 from tests.tokenizer._same_error import same_count_error
 
+# the per-row check and the gathers run both ways: scalar and AVX-512 (where the CPU has it)
+pytestmark = pytest.mark.usefixtures("gather_simd")
+
 FAST = [
     pytest.param(name, marks=pytest.mark.skipif(reason is not None, reason=str(reason)))
     for name, reason in available_backends().items()

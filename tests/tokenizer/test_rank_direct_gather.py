@@ -4,7 +4,9 @@ The core takes the direct gather (key = count / median straight from each stored
 accumulator) when col_token maps no two columns onto one token and the chunk holds at least as many
 stored entries as there are columns and tokens; a row whose column indices do not strictly increase
 falls back to the accumulator, and so does every row of a call whose col_token is not injective or
-whose chunk is smaller.  The chunks below are built to land on each side of each of those rules.
+whose chunk is smaller.  The chunks below are built to land on each side of each of those rules.  On CPUs with AVX-512 the
+direct gather and the per-row check have AVX-512 twins (eight entries per step, masked row tails);
+every test runs with both.
 """
 
 from __future__ import annotations
@@ -18,6 +20,8 @@ from scfm_fast.tokenizer.reference import rank_tokenize_ref
 from tests.tokenizer._same_error import same_count_error
 
 pytest.importorskip("scfm_fast._core")
+# every test here runs with the scalar gathers and with the AVX-512 ones
+pytestmark = pytest.mark.usefixtures("gather_simd")
 
 
 def _assert_same(out, ref):
@@ -333,3 +337,51 @@ def test_nan_keys_of_either_sign_and_signed_keys(shared):
     for n_threads in (1, 2):
         _both(indptr, indices, data, col_token=col_token, token_median=token_median,
               allow_non_integer=True, n_threads=n_threads, max_len=200, cls_token=0)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("with_totals", [False, True], ids=["row-sum", "given-totals"])
+def test_row_lengths_around_the_vector_width(dtype, with_totals):
+    # The AVX-512 gather takes eight entries per step and a masked tail: rows of 0..33 entries, and
+    # copies with one out-of-order pair at every position (first lane, last lane of a step, the
+    # tail) that must fall back to the accumulator; unmapped columns and zero counts in every lane.
+    rng = np.random.default_rng(13)
+    n_cols = 64
+    col_token, token_median = _vocab(rng, n_cols, unmapped=0.15)
+    rows = []
+    for length in range(34):
+        cols = np.sort(rng.choice(n_cols, length, replace=False))
+        vals = rng.geometric(0.5, length).astype(np.float64)
+        vals[rng.random(length) < 0.1] = 0.0
+        rows.append((cols, vals))
+        for p in range(length - 1):
+            swapped = cols.copy()
+            swapped[[p, p + 1]] = swapped[[p + 1, p]]
+            rows.append((swapped, vals))
+    rows.append(([3, 9, 17], [-0.0, -0.0, -0.0]))  # sums to -0.0
+    indptr, indices, data = _rows_to_csr(rows, dtype=dtype)
+    assert indptr[-1] >= token_median.size
+    totals = rng.choice([0.0, 30.0, 1e4], len(rows)) if with_totals else None
+    for n_threads in (1, 2):
+        _both(indptr, indices, data, col_token=col_token, token_median=token_median, totals=totals,
+              n_threads=n_threads, max_len=20, cls_token=0)
+
+
+def test_huge_integer_counts_keep_the_stored_order_sum():
+    # Integer counts whose sum passes 2^53 round differently in another order (2^53 + 1 + 1 is 2^53
+    # in stored order, 2^53 + 2 summed pairwise): the AVX-512 gather's lane sums must give way to the
+    # stored-order sum there, so totals stay the oracle's bit for bit.
+    rng = np.random.default_rng(14)
+    n_cols = 48
+    col_token, token_median = _vocab(rng, n_cols, unmapped=0.0)
+    rows = _canonical_rows(rng, 20, n_cols)
+    rows += [
+        (list(range(12)), [2.0**53] + [1.0] * 11),
+        (list(range(20)), [1.0] * 19 + [2.0**53]),
+        (list(range(9)), [2.0**52, 2.0**52 - 1] + [1.0] * 7),
+        (list(range(30)), [3.0**30] * 30),
+    ]
+    indptr, indices, data = _rows_to_csr(rows, dtype=np.float64)
+    assert indptr[-1] >= token_median.size
+    out = _both(indptr, indices, data, col_token=col_token, token_median=token_median, max_len=40)
+    assert out[2][-4] == 2.0**53  # the stored-order sum, not 2^53 + 11

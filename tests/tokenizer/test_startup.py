@@ -96,3 +96,22 @@ def test_tokenize_and_medians_give_openblas_one_thread_unless_the_user_chose(tmp
                        capture_output=True, text=True, cwd=tmp_path, check=False, env=env)
     assert r.returncode == 0, r.stderr[-3000:]
     assert r.stdout.strip().splitlines()[-1] == f"BLAS {expected}"
+
+
+@pytest.mark.parametrize("env", [None, "0"])
+def test_avx512_gather_follows_the_cpu_unless_turned_off(env):
+    # on by default exactly where /proc/cpuinfo lists AVX-512 F/DQ/VL/BW; SCFM_FAST_SIMD=0 turns it off
+    pytest.importorskip("scfm_fast._core")
+    flags = set()
+    if os.path.exists("/proc/cpuinfo"):
+        with open("/proc/cpuinfo") as f:
+            flags = set(next((line for line in f if line.startswith("flags")), "").split())
+    has_cpu = {"avx512f", "avx512dq", "avx512vl", "avx512bw"} <= flags
+    run_env = {k: v for k, v in os.environ.items() if k != "SCFM_FAST_SIMD"}
+    if env is not None:
+        run_env["SCFM_FAST_SIMD"] = env
+    probe = ("from scfm_fast import _core; a = _core.build_info()['avx512_gather']; "
+             "b = _core.set_gather_simd(False); c = _core.build_info()['avx512_gather']; print(a, b, c)")
+    r = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, env=run_env, check=True)
+    expected = "on" if has_cpu and env is None else "off"
+    assert r.stdout.split() == [expected, "False", "off"]
