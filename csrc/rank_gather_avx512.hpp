@@ -54,11 +54,11 @@ SCFM_AVX512 bool range_is_clean_avx512(const IX* indices, const DT* data, i64 lo
     return range_is_clean(indices, data, lo, hi, n_cols, allow_non_integer);
 }
 
-// Same contract as gather_direct for a clean row of integer counts (see the file comment).
+// Same contract as gather_direct for a clean row of integer counts (see the file comment): cand
+// reserved for the row (Candidates::reserve keeps the spare slots past it that whole-vector stores use).
 template <class DT>
 SCFM_AVX512 bool gather_direct_avx512(const i32* indices, const DT* data, i64 lo, i64 hi, const i32* col_token,
                                       const double* col_median, RowSums& sums, Candidates& cand) {
-    cand.reserve(static_cast<size_t>(hi - lo) + 8);  // whole vectors are stored (see below)
     u64* const orders = cand.orders.data();
     i32* const tokens = cand.tokens.data();
     size_t n = 0;
@@ -93,7 +93,8 @@ SCFM_AVX512 bool gather_direct_avx512(const i32* indices, const DT* data, i64 lo
         lo_v = _mm512_mask_min_epu64(lo_v, kept, lo_v, order);
         hi_v = _mm512_mask_max_epu64(hi_v, kept, hi_v, order);
         // compressed in registers and stored whole (lanes past the kept ones are overwritten by the
-        // next step or ignored): compress-to-memory is microcoded and slow on some CPUs (AMD Zen 4)
+        // next step or land in the spare slots): compress-to-memory is microcoded and slow on some
+        // CPUs (AMD Zen 4)
         _mm512_storeu_si512(orders + n, _mm512_maskz_compress_epi64(kept, order));
         _mm256_storeu_si256(reinterpret_cast<__m256i*>(tokens + n), _mm256_maskz_compress_epi32(kept, tok));
         n += static_cast<size_t>(__builtin_popcount(static_cast<unsigned>(kept)));

@@ -42,10 +42,13 @@ struct Candidates {
     u64 lo = 0, hi = 0;      // smallest / largest order among them
     bool odd_keys = false;   // some key may be NaN or +-0.0: fix_odd_keys before sorting
 
+    // Room for n_max candidates, plus kSpare slots past them: the AVX-512 gather stores whole
+    // vectors of eight, whose lanes past the kept candidates land there.
+    static constexpr size_t kSpare = 8;
     void reserve(size_t n_max) {
-        if (orders.size() < n_max) {
-            orders.resize(n_max);
-            tokens.resize(n_max);
+        if (orders.size() < n_max + kSpare) {
+            orders.resize(n_max + kSpare);
+            tokens.resize(n_max + kSpare);
         }
     }
 
