@@ -179,3 +179,144 @@ def test_text_read_block_by_block_decodes_each_chunk_once(tmp_path, monkeypatch,
     assert list(nodes.to_str_array(zd.read_through_chunk(z, slice(440, 442)))) == ["new-40", "new-41"]
     # not a local 1-D array, or a plain read already taken by the direct path: None
     assert zd.read_through_chunk(z, [1, 2]) is None
+
+
+def _sharded_store(path, m: sp.csr_matrix, *, comp: str = "zstd", index_location: str = "end",
+                   index_crc: bool = True) -> None:
+    """A v3 AnnData-Zarr store whose CSR arrays are in shards of three (small) chunks each."""
+    import pandas as pd
+    from anndata.io import write_elem
+    from zarr.codecs import BytesCodec, Crc32cCodec, ShardingCodec
+
+    root = zarr.open_group(str(path), mode="w", zarr_format=3)
+    write_elem(root, "var", pd.DataFrame(index=[f"g{j}" for j in range(m.shape[1])]))
+    write_elem(root, "obs", pd.DataFrame(index=[f"c{i}" for i in range(m.shape[0])]))
+    X = root.create_group("X")
+    X.attrs.update({"encoding-type": "csr_matrix", "encoding-version": "0.1.0", "shape": list(m.shape)})
+    inner = [BytesCodec()] + ([_compressor(3, comp)] if comp != "none" else [])
+    index_codecs = [BytesCodec(), Crc32cCodec()] if index_crc else [BytesCodec()]
+    for name, arr, chunk in (("data", m.data, 97), ("indices", m.indices, 97), ("indptr", m.indptr, 13)):
+        codec = ShardingCodec(chunk_shape=(chunk,), codecs=inner, index_codecs=index_codecs,
+                              index_location=index_location)
+        z = X.create_array(name, shape=arr.shape, chunks=(3 * chunk,), dtype=arr.dtype, serializer=codec,
+                           compressors=None)
+        z[:] = arr
+    root.attrs.update({"encoding-type": "anndata", "encoding-version": "0.1.0"})
+
+
+@pytest.mark.parametrize("comp", ["blosc", "zstd", "gzip", "none"])
+@pytest.mark.parametrize(("index_location", "index_crc"), [("end", True), ("start", True), ("end", False)])
+def test_sharded_reads_are_direct_and_equal_zarr(tmp_path, monkeypatch, comp, index_location, index_crc):
+    """zarr's sharding (the coming default for v3 arrays): chunks are found through each shard's index and
+    decoded directly, in blocks that start and end inside shards and chunks."""
+    import scfm_fast.readers._zarr_direct as zd
+
+    m = _matrix()
+    _sharded_store(tmp_path / "s.zarr", m, comp=comp, index_location=index_location, index_crc=index_crc)
+    z = zarr.open_group(str(tmp_path / "s.zarr"), mode="r")["X/data"]
+    assert zd._plan(z) is not None and zd._plan(z).per_shard == 3
+    zd._PARTIAL.clear()
+    for lo, hi in ((0, m.nnz), (5, 300), (291, 582), (290, 292), (600, m.nnz), (100, 100)):
+        np.testing.assert_array_equal(zd.read_direct(z, slice(lo, hi)), m.data[lo:hi])
+    calls = []
+    real = nodes.read_direct
+    monkeypatch.setattr(nodes, "read_direct",
+                        lambda n, s: calls.append((n.path, real(n, s) is not None)) or real(n, s))
+    got = _read_all(tmp_path / "s.zarr")
+    x_reads = [direct for path, direct in calls if path.startswith("X/")]
+    assert x_reads and all(x_reads)  # every read of indptr/indices/data took the direct path
+    assert np.array_equal(got.indptr, m.indptr) and np.array_equal(got.indices, m.indices)
+    assert np.array_equal(got.data, m.data)
+
+
+def test_big_endian_v3_arrays_are_read_through_zarr(tmp_path):
+    """A ``bytes`` codec storing big-endian values: the direct path declines it (it read such values
+    byte-swapped: counts of 1.0 became 4.6e-41), and zarr's reads give the counts."""
+    import pandas as pd
+    from anndata.io import write_elem
+    from zarr.codecs import BytesCodec
+
+    import scfm_fast.readers._zarr_direct as zd
+
+    m = _matrix()
+    root = zarr.open_group(str(tmp_path / "be.zarr"), mode="w", zarr_format=3)
+    write_elem(root, "var", pd.DataFrame(index=[f"g{j}" for j in range(m.shape[1])]))
+    write_elem(root, "obs", pd.DataFrame(index=[f"c{i}" for i in range(m.shape[0])]))
+    X = root.create_group("X")
+    X.attrs.update({"encoding-type": "csr_matrix", "encoding-version": "0.1.0", "shape": list(m.shape)})
+    for name, arr in (("data", m.data), ("indices", m.indices), ("indptr", m.indptr)):
+        X.create_array(name, shape=arr.shape, chunks=(97,), dtype=arr.dtype, serializer=BytesCodec(endian="big"),
+                       compressors=None)[:] = arr
+    root.attrs.update({"encoding-type": "anndata", "encoding-version": "0.1.0"})
+    z = zarr.open_group(str(tmp_path / "be.zarr"), mode="r")["X/data"]
+    assert zd.read_direct(z, slice(0, 10)) is None
+    got = _read_all(tmp_path / "be.zarr")
+    assert (got != m).nnz == 0 and np.array_equal(got.indices, m.indices)
+
+
+def _shard_file(store, name: str, s: int):
+    return store / "X" / name / "c" / str(s)
+
+
+def _damage(f, how: str, *, index_location: str = "end") -> None:
+    raw = bytearray(f.read_bytes())
+    n_index = 16 * 3 + 4
+    index_at = len(raw) - n_index if index_location == "end" else 0
+    if how == "absent chunk":  # chunk 1 of the shard marked unwritten (both fields all ones)
+        raw[index_at + 16:index_at + 32] = b"\xff" * 16
+        import numcodecs  # keep the index checksum valid: only the entry says the chunk is missing
+
+        fixed = numcodecs.CRC32C().encode(np.frombuffer(bytes(raw[index_at:index_at + n_index - 4]), np.uint8))
+        raw[index_at:index_at + n_index] = bytes(fixed)
+    elif how == "bad checksum":
+        raw[index_at + 3] ^= 0x40
+    elif how == "truncated":
+        raw = raw[:n_index - 8]
+    elif how == "past the end":  # a chunk's length pointing beyond the file, checksum kept valid
+        import numcodecs
+
+        entry = np.frombuffer(bytes(raw[index_at + 24:index_at + 32]), "<u8")[0]
+        raw[index_at + 24:index_at + 32] = int(entry + len(raw)).to_bytes(8, "little")
+        fixed = numcodecs.CRC32C().encode(np.frombuffer(bytes(raw[index_at:index_at + n_index - 4]), np.uint8))
+        raw[index_at:index_at + n_index] = bytes(fixed)
+    f.write_bytes(bytes(raw))
+
+
+@pytest.mark.parametrize(("how", "message"), [
+    ("absent chunk", r"chunk 4 of Zarr array 'X/data' is missing from shard 1 \(its index marks it unwritten\)"),
+    ("bad checksum", r"the chunk index of shard 1 of Zarr array 'X/data' is damaged \(.*checksum"),
+    ("truncated", r"the chunk index of shard 1 of Zarr array 'X/data' is damaged \(the file has \d+ bytes"),
+    ("past the end", r"chunk 4 of Zarr array 'X/data' is truncated \(shard 1's index places it"),
+])
+@pytest.mark.parametrize("index_location", ["end", "start"])
+def test_damaged_shard_is_an_error_naming_it(tmp_path, how, message, index_location):
+    """Never zeros or another chunk's bytes for a chunk a damaged shard cannot give."""
+    import scfm_fast.readers._zarr_direct as zd
+
+    m = _matrix()
+    store = tmp_path / "s.zarr"
+    _sharded_store(store, m, index_location=index_location)
+    f = _shard_file(store, "data", 1)
+    _damage(f, how, index_location=index_location)
+    z = zarr.open_group(str(store), mode="r")["X/data"]
+    zd._PARTIAL.clear()
+    with pytest.raises(InputFileError, match=message) as e:
+        zd.read_direct(z, slice(0, m.nnz))
+    assert str(f) in str(e.value)
+    np.testing.assert_array_equal(zd.read_direct(z, slice(0, 291)), m.data[:291])  # shard 0 still reads
+
+
+def test_missing_shard_is_an_error_naming_it(tmp_path):
+    import scfm_fast.readers._zarr_direct as zd
+
+    m = _matrix()
+    store = tmp_path / "s.zarr"
+    _sharded_store(store, m)
+    f = _shard_file(store, "indices", 1)
+    os.remove(f)
+    z = zarr.open_group(str(store), mode="r")["X/indices"]
+    with pytest.raises(InputFileError, match=r"shard 1 of Zarr array 'X/indices' is missing") as e:
+        zd.read_direct(z, slice(0, m.nnz))
+    assert str(f) in str(e.value)
+    with pytest.raises(InputFileError, match=r"missing"):
+        _read_all(store)
