@@ -1,7 +1,8 @@
 """Tokenizer throughput and memory: compiled core vs Numba vs NumPy reference, and file -> token dataset.
 
 Input: real PBMC cells (the bundled 200-cell 10x v3 file) resampled with replacement to N cells and
-written, in streaming blocks, as AnnData-Zarr v2 (blosc lz4), AnnData-Zarr v3 (zstd), h5ad
+written, in streaming blocks, as AnnData-Zarr v2 (blosc lz4), AnnData-Zarr v3 (zstd; also sharded, 8 chunks
+per shard, as zarr announces for its default), h5ad
 (uncompressed and gzip, CSR) and loom (dense genes x cells, gzip); plus ``--scale``x larger stores to
 show that peak memory does not grow with the number of cells (loom only at N: its dense matrix is
 33k genes x N cells).
@@ -49,9 +50,11 @@ write_results = _harness.write_results
 DEMO = Path(__file__).resolve().parents[1] / "scfm_fast" / "data" / "demo" / "pbmc_200cells.h5ad"
 
 
-def make_zarr(path: Path, n_cells: int, *, seed: int = 0, block: int = 5000, zarr_format: int = 2) -> None:
+def make_zarr(path: Path, n_cells: int, *, seed: int = 0, block: int = 5000, zarr_format: int = 2,
+              sharded: bool = False) -> None:
     """Resample real cells into an AnnData-Zarr store with a CSR X, block by block (bounded memory);
-    v2 with zarr's default blosc lz4, v3 with its default zstd."""
+    v2 with zarr's default blosc lz4, v3 with its default zstd (``sharded``: ``data``/``indices`` in shards
+    of 8 chunks)."""
     import zarr
     from anndata.io import write_elem
 
@@ -63,8 +66,9 @@ def make_zarr(path: Path, n_cells: int, *, seed: int = 0, block: int = 5000, zar
     X = root.create_group("X")
     X.attrs.update({"encoding-type": "csr_matrix", "encoding-version": "0.1.0", "shape": [n_cells, m.shape[1]]})
     chunk = 1 << 20
-    data = X.create_array("data", shape=(total,), chunks=(chunk,), dtype=np.float32)
-    indices = X.create_array("indices", shape=(total,), chunks=(chunk,), dtype=np.int32)
+    kw = {"shards": (8 * chunk,)} if sharded else {}
+    data = X.create_array("data", shape=(total,), chunks=(chunk,), dtype=np.float32, **kw)
+    indices = X.create_array("indices", shape=(total,), chunks=(chunk,), dtype=np.int32, **kw)
     indptr = np.zeros(n_cells + 1, dtype=np.int64)
     np.cumsum(nnz_per, out=indptr[1:])
     X.create_array("indptr", shape=(n_cells + 1,), chunks=(1 << 18,), dtype=np.int64)[:] = indptr
@@ -80,8 +84,9 @@ def make_zarr(path: Path, n_cells: int, *, seed: int = 0, block: int = 5000, zar
     root.attrs.update({"encoding-type": "anndata", "encoding-version": "0.1.0"})
 
 
-FORMATS = ("zarr2", "zarr3", "h5ad", "h5ad-gzip", "loom")
-_SUFFIX = {"zarr2": ".zarr", "zarr3": ".zarr", "h5ad": ".h5ad", "h5ad-gzip": ".h5ad", "loom": ".loom"}
+FORMATS = ("zarr2", "zarr3", "zarr3-sharded", "h5ad", "h5ad-gzip", "loom")
+_SUFFIX = {"zarr2": ".zarr", "zarr3": ".zarr", "zarr3-sharded": ".zarr", "h5ad": ".h5ad", "h5ad-gzip": ".h5ad",
+           "loom": ".loom"}
 
 
 def _resampled(n_cells: int, seed: int):
@@ -142,8 +147,8 @@ def make_loom(path: Path, n_cells: int, *, seed: int = 0, block: int = 512) -> N
 def make_store(fmt: str, path: Path, n_cells: int, *, seed: int = 0) -> None:
     """Write the store, then flush it to disk: otherwise the kernel's write-back of the new (GB-sized) file
     runs during the measurement that follows and is charged to it."""
-    if fmt in ("zarr2", "zarr3"):
-        make_zarr(path, n_cells, seed=seed, zarr_format=int(fmt[-1]))
+    if fmt.startswith("zarr"):
+        make_zarr(path, n_cells, seed=seed, zarr_format=int(fmt[4]), sharded=fmt.endswith("sharded"))
     elif fmt == "loom":
         make_loom(path, n_cells, seed=seed)
     else:
