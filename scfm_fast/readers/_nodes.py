@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 
 from .._buffers import READS
+from ._h5_deflate import read_deflated
 from ._h5_direct import read_mapped
 from ._zarr_direct import read_direct, read_through_chunk
 from .base import plain_slice
@@ -129,7 +130,9 @@ def read_slice(node: Any, sel: Any, stats: ReadStats) -> np.ndarray:
     if out is None:
         out = read_mapped(node, sel)  # contiguous uncompressed HDF5 arrays: a view of the file, no copy
     if out is None:
-        out = _read_h5_into_pool(node, sel)  # other 1-D HDF5 slices (e.g. gzip): into reused memory
+        out = read_deflated(node, sel)  # gzip HDF5 arrays: chunks inflated with libdeflate
+    if out is None:
+        out = _read_h5_into_pool(node, sel)  # other 1-D HDF5 slices (e.g. lzf): into reused memory
     if out is None:
         out = read_through_chunk(node, sel)  # other 1-D local Zarr arrays (text): a chunk decoded once
     if out is None:
