@@ -77,6 +77,28 @@ def dense_to_csr(start: int, block: np.ndarray) -> CSRBlock:
     return CSRBlock(start, indptr, indices, data)
 
 
+def dense_columns_to_csr(start: int, block: np.ndarray) -> CSRBlock:
+    """:func:`dense_to_csr` of ``block.T`` for a genes x cells block (loom's layout), without transposing it.
+
+    The transposed copy of a 33k-gene block was ~30% of reading a loom file (a strided copy of the
+    whole dense block); here the non-zeros are found in the block's own order, then put in cell order
+    by a stable sort on the cell (a radix sort on 16-bit cell numbers), which keeps each cell's genes
+    ascending, as in ``dense_to_csr(start, block.T)``.
+    """
+    block = np.ascontiguousarray(block)
+    n_genes, n_cells = block.shape
+    flat = np.flatnonzero(block != 0)  # NaNs count as non-zero and are kept
+    genes, cells = np.divmod(flat, max(n_cells, 1))
+    order = np.argsort(cells.astype(np.int16 if n_cells <= 1 << 15 else np.int64), kind="stable")
+    indptr = np.zeros(n_cells + 1, dtype=np.int64)
+    np.cumsum(np.bincount(cells, minlength=n_cells), out=indptr[1:])
+    indices = genes[order].astype(np.int32)
+    # values gathered in the block's order (a forward scan), then reordered in the small array: gathering
+    # the block in cell order jumps a whole row of cells per element
+    data = block.ravel()[flat][order].astype(data_dtype(block.dtype), copy=False)
+    return CSRBlock(start, indptr, indices, data)
+
+
 def concat_blocks(pieces: list[CSRBlock]) -> CSRBlock:
     """Concatenate consecutive row blocks into one (a single piece is returned as is)."""
     if len(pieces) == 1:

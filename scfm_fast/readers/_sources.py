@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from ._csr import CSRBlock, dense_to_csr, make_block
+from ._csr import CSRBlock, dense_columns_to_csr, dense_to_csr, make_block
 from ._nodes import ReadStats, read_slice, storage_rows
 
 #: Default element budget of one read (16 Mi elements: 64 MiB of float32).
@@ -56,10 +56,9 @@ class DenseSource:
         while r < self.n_rows:
             end = min(self.n_rows, (r // self.block_rows + 1) * self.block_rows)
             if self.cells_axis == 0:
-                dense = read_slice(self.arr, slice(r, end), self.stats)
+                yield dense_to_csr(r, read_slice(self.arr, slice(r, end), self.stats))
             else:
-                dense = read_slice(self.arr, (slice(None), slice(r, end)), self.stats).T
-            yield dense_to_csr(r, dense)
+                yield dense_columns_to_csr(r, read_slice(self.arr, (slice(None), slice(r, end)), self.stats))
             r = end
 
 
