@@ -31,6 +31,8 @@ _PLANS: dict[tuple[str, str, int, int], tuple[int, bool] | None] = {}
 #: per dataset (file name, dataset name), the last chunk inflated for part of a read, with its stored bytes:
 #: the next block of the file usually starts in it (a hit needs the same stored bytes)
 _PARTIAL: dict[tuple[str, str], tuple[int, bytes, np.ndarray]] = {}
+#: datasets :data:`_PARTIAL` keeps a chunk for (the most recently inflated ones)
+MAX_KEPT = 8
 
 
 class DamagedChunk(ValueError):
@@ -124,7 +126,10 @@ def _chunk(node: Any, k: int, layout: tuple[int, bool], *, keep: bool) -> np.nda
         return kept[2]
     chunk = _inflate(node, k, layout, raw)
     if keep:
-        _PARTIAL[key] = (k, raw, chunk)
+        _PARTIAL.pop(key, None)
+        _PARTIAL[key] = (k, raw, chunk)  # the newest last
+        while len(_PARTIAL) > MAX_KEPT:  # a worker reads many files in turn: keep only the latest datasets'
+            _PARTIAL.pop(next(iter(_PARTIAL)))
     return chunk
 
 

@@ -167,8 +167,11 @@ def _plan(node: Any) -> _Layout | None:
 #: ends inside a chunk is usually followed by one that starts there (consecutive blocks of a file), which
 #: then takes the rest without decoding the chunk again.  A hit needs the same stored bytes (compared: far
 #: cheaper than decoding), so a rewritten store is never answered from here.  One chunk per array (a few
-#: MiB); a forked worker starts with its parent's.
+#: MiB), for the latest :data:`MAX_KEPT` arrays (a run over thousands of files must not keep one per file); a
+#: forked worker starts with its parent's.
 _PARTIAL: dict[str, tuple[int, bytes, np.ndarray]] = {}
+#: arrays :data:`_PARTIAL` and :data:`_DECODED` each keep a chunk for (the most recently decoded ones)
+MAX_KEPT = 8
 
 
 def _raw(path: str, k: int, node: Any) -> bytes:
@@ -271,7 +274,10 @@ def _kept(cache: dict[str, tuple[int, bytes, np.ndarray]], root: str, k: int, ra
     kept = cache.get(root)
     if kept is None or kept[0] != k or kept[1] != raw:
         kept = (k, raw, decode())
-        cache[root] = kept
+        cache.pop(root, None)
+        cache[root] = kept  # the newest last
+        while len(cache) > MAX_KEPT:  # a worker reads many files in turn: keep only the latest arrays'
+            cache.pop(next(iter(cache)))
     return kept[2]
 
 

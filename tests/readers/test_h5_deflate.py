@@ -176,3 +176,15 @@ def test_damaged_chunk_in_an_h5ad_names_file_rows_and_chunk(tmp_path):
     with pytest.raises(InputFileError, match=r"g\.h5ad: cannot read the cells from row 0 on \(DamagedChunk: chunk 0 "
                        r"of dataset '/X/indices' cannot be inflated .*re-export"):
         _read_all(path, m.shape[1])
+
+
+def test_kept_chunks_are_bounded_over_many_files(tmp_path):
+    vals = np.arange(500, dtype=np.float32)
+    gz._PARTIAL.clear()
+    for i in range(gz.MAX_KEPT + 5):
+        path = tmp_path / f"a{i}.h5"
+        _dataset(path, "v", vals, chunks=(100,), compression="gzip")
+        with h5py.File(path, "r") as f:
+            np.testing.assert_array_equal(gz.read_deflated(f["v"], slice(0, 150)), vals[:150])
+    assert len(gz._PARTIAL) == gz.MAX_KEPT
+    assert (str(tmp_path / f"a{gz.MAX_KEPT + 4}.h5"), "/v") in gz._PARTIAL

@@ -320,3 +320,18 @@ def test_missing_shard_is_an_error_naming_it(tmp_path):
     assert str(f) in str(e.value)
     with pytest.raises(InputFileError, match=r"missing"):
         _read_all(store)
+
+
+def test_kept_chunks_are_bounded_over_many_stores(tmp_path):
+    """One partly read chunk is kept per array, for the latest few arrays only: a worker that reads
+    thousands of files in turn must not keep one chunk of each."""
+    import scfm_fast.readers._zarr_direct as zd
+
+    m = _matrix()
+    zd._PARTIAL.clear()
+    for i in range(zd.MAX_KEPT + 5):
+        _store(tmp_path / f"s{i}.zarr", 2, "blosc", m)
+        z = zarr.open_group(str(tmp_path / f"s{i}.zarr"), mode="r")["X/data"]
+        np.testing.assert_array_equal(zd.read_direct(z, slice(0, 150)), m.data[:150])  # ends inside chunk 1
+    assert len(zd._PARTIAL) == zd.MAX_KEPT
+    assert any(k.startswith(str(tmp_path / f"s{zd.MAX_KEPT + 4}.zarr")) for k in zd._PARTIAL)  # the latest kept
