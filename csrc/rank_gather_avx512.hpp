@@ -105,10 +105,7 @@ SCFM_AVX512 bool gather_direct_avx512(const i32* indices, const DT* data, i64 lo
     }
     sums.total = total;
     sums.matched += _mm512_reduce_add_pd(matched_v);
-    cand.n = n;
-    cand.lo = _mm512_reduce_min_epu64(lo_v);
-    cand.hi = _mm512_reduce_max_epu64(hi_v);
-    cand.odd_keys = cand.lo < kRawPosInf || cand.hi >= kRawPosZero;  // as CandidateWriter::finish
+    cand.found(n, _mm512_reduce_min_epu64(lo_v), _mm512_reduce_max_epu64(hi_v));
     return ordered == 0xff;
 }
 

@@ -52,6 +52,16 @@ struct Candidates {
         }
     }
 
+    // Records what a gather found: n candidates whose raw orders lie in [lo, hi] (lo = ~0, hi = 0
+    // when none).  Only positive nonzero non-NaN keys lie in [kRawPosInf, kRawPosZero), so bounds
+    // outside that range flag keys that fix_odd_keys must handle (never set when n == 0).
+    void found(size_t n_found, u64 lo_found, u64 hi_found) {
+        n = n_found;
+        lo = lo_found;
+        hi = hi_found;
+        odd_keys = lo < kRawPosInf || hi >= kRawPosZero;
+    }
+
     // Places NaN keys last (nan_last), removes the candidates whose key was +-0.0 and recomputes
     // lo / hi.
     void fix_odd_keys() {
@@ -94,12 +104,7 @@ struct CandidateWriter {
         hi = kept ? std::max(hi, order) : hi;
     }
 
-    void finish(Candidates& c) const {
-        c.n = n;
-        c.lo = lo;
-        c.hi = hi;
-        c.odd_keys = lo < kRawPosInf || hi >= kRawPosZero;  // false when n == 0 (lo = ~0, hi = 0)
-    }
+    void finish(Candidates& c) const { c.found(n, lo, hi); }
 };
 
 struct RankItem {
