@@ -22,17 +22,16 @@ from typing import Any
 import numpy as np
 
 from .._buffers import READS
+from ._kept_chunks import kept_chunk
 from .base import plain_slice
 
 #: elements compared with h5py's read when a dataset is first seen
 _PROBE = 64
 #: per dataset (file name, dataset name, file identity): (chunk length, shuffled), or None (h5py reads it)
 _PLANS: dict[tuple[str, str, int, int], tuple[int, bool] | None] = {}
-#: per dataset (file name, dataset name), the last chunk inflated for part of a read, with its stored bytes:
-#: the next block of the file usually starts in it (a hit needs the same stored bytes)
+#: per dataset (file name, dataset name), the last chunk inflated for part of a read, with its stored bytes
+#: (see :mod:`._kept_chunks`)
 _PARTIAL: dict[tuple[str, str], tuple[int, bytes, np.ndarray]] = {}
-#: datasets :data:`_PARTIAL` keeps a chunk for (the most recently inflated ones)
-MAX_KEPT = 8
 
 
 class DamagedChunk(ValueError):
@@ -49,13 +48,14 @@ def _filters(node: Any) -> tuple[int, ...]:
 
 
 def _layout(node: Any) -> tuple[int, bool] | None:
-    """(chunk length, shuffled) of a dataset this module inflates, else None (before the probe)."""
+    """(chunk length, shuffled) of an h5py dataset this module inflates, else None (before the probe)."""
+    import h5py
+
     try:
         import deflate  # noqa: F401
-        import h5py
-    except ImportError:  # pragma: no cover - both are dependencies
+    except ImportError:  # pragma: no cover - a dependency; without it h5py reads gzip as before
         return None
-    if not isinstance(node, h5py.Dataset) or node.ndim != 1 or node.chunks is None:
+    if node.ndim != 1 or node.chunks is None:
         return None
     if node.dtype.kind not in "iuf" or not node.dtype.isnative:
         return None
@@ -68,6 +68,13 @@ def _layout(node: Any) -> tuple[int, bool] | None:
 
 
 def _plan(node: Any) -> tuple[int, bool] | None:
+    """(chunk length, shuffled) of a dataset read here, worked out and probed once per dataset; else None."""
+    try:
+        import h5py
+    except ImportError:  # pragma: no cover - h5py is a dependency
+        return None
+    if not isinstance(node, h5py.Dataset):
+        return None
     fname = node.file.filename
     st = os.stat(fname)
     key = (fname, node.name, st.st_ino, st.st_mtime_ns)
@@ -120,17 +127,9 @@ def _chunk(node: Any, k: int, layout: tuple[int, bool], *, keep: bool) -> np.nda
     mask, raw = node.id.read_direct_chunk((k * clen,))
     if mask:
         raise _Fallback  # stored with a filter skipped
-    key = (node.file.filename, node.name)
-    kept = _PARTIAL.get(key)
-    if kept is not None and kept[0] == k and kept[1] == raw:
-        return kept[2]
-    chunk = _inflate(node, k, layout, raw)
-    if keep:
-        _PARTIAL.pop(key, None)
-        _PARTIAL[key] = (k, raw, chunk)  # the newest last
-        while len(_PARTIAL) > MAX_KEPT:  # a worker reads many files in turn: keep only the latest datasets'
-            _PARTIAL.pop(next(iter(_PARTIAL)))
-    return chunk
+    if not keep:
+        return _inflate(node, k, layout, raw)
+    return kept_chunk(_PARTIAL, (node.file.filename, node.name), k, raw, lambda: _inflate(node, k, layout, raw))
 
 
 def _read(node: Any, layout: tuple[int, bool], lo: int, hi: int) -> np.ndarray:
@@ -150,8 +149,8 @@ def read_deflated(node: Any, sel: Any) -> np.ndarray | None:
     bounds = plain_slice(node, sel)
     if bounds is None or bounds[1] <= bounds[0]:
         return None
-    layout = _layout(node)
-    if layout is None or _plan(node) is None:
+    layout = _plan(node)
+    if layout is None:
         return None
     try:
         return _read(node, layout, *bounds)

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import os
 import sys
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -24,6 +23,7 @@ import numpy as np
 
 from .._buffers import READS
 from .._errors import InputFileError
+from ._kept_chunks import kept_chunk
 from .base import plain_slice
 
 
@@ -163,15 +163,9 @@ def _plan(node: Any) -> _Layout | None:
     return None if codec is False else _Layout(root, codec, int(node.chunks[0]))
 
 
-#: per array directory, the last chunk a read decoded whole for part of it, with its stored bytes: a read that
-#: ends inside a chunk is usually followed by one that starts there (consecutive blocks of a file), which
-#: then takes the rest without decoding the chunk again.  A hit needs the same stored bytes (compared: far
-#: cheaper than decoding), so a rewritten store is never answered from here.  One chunk per array (a few
-#: MiB), for the latest :data:`MAX_KEPT` arrays (a run over thousands of files must not keep one per file); a
-#: forked worker starts with its parent's.
+#: per array directory, the last chunk a read decoded whole for part of it, with its stored bytes
+#: (see :mod:`._kept_chunks`; a few MiB per array); a forked worker starts with its parent's.
 _PARTIAL: dict[str, tuple[int, bytes, np.ndarray]] = {}
-#: arrays :data:`_PARTIAL` and :data:`_DECODED` each keep a chunk for (the most recently decoded ones)
-MAX_KEPT = 8
 
 
 def _raw(path: str, k: int, node: Any) -> bytes:
@@ -267,23 +261,9 @@ class _StoredChunks:
         return f, index, size
 
 
-def _kept(cache: dict[str, tuple[int, bytes, np.ndarray]], root: str, k: int, raw: bytes,
-          decode: Callable[[], np.ndarray]) -> np.ndarray:
-    """Chunk ``k`` of the array at ``root`` decoded whole: the one ``cache`` keeps when it is this chunk with
-    the same stored bytes ``raw``, else ``decode()``, kept in its place."""
-    kept = cache.get(root)
-    if kept is None or kept[0] != k or kept[1] != raw:
-        kept = (k, raw, decode())
-        cache.pop(root, None)
-        cache[root] = kept  # the newest last
-        while len(cache) > MAX_KEPT:  # a worker reads many files in turn: keep only the latest arrays'
-            cache.pop(next(iter(cache)))
-    return kept[2]
-
-
 def _partial_chunk(root: str, path: str, k: int, node: Any, codec: Any, raw: bytes) -> np.ndarray:
     """Chunk ``k`` (stored as ``raw``) decoded whole (uint8), for a read of part of it (see :data:`_PARTIAL`)."""
-    return _kept(_PARTIAL, root, k, raw, lambda: np.frombuffer(
+    return kept_chunk(_PARTIAL, root, k, raw, lambda: np.frombuffer(
         raw if codec is None else _decode(codec, raw, path, k, node), dtype=np.uint8))
 
 
@@ -345,6 +325,6 @@ def read_through_chunk(node: Any, sel: Any) -> np.ndarray | None:
                 raw = f.read()
         except FileNotFoundError:
             return None
-        chunk = _kept(_DECODED, root, k, raw, lambda c0=c0: np.asarray(node[c0:min(c0 + clen, n)]))
+        chunk = kept_chunk(_DECODED, root, k, raw, lambda c0=c0: np.asarray(node[c0:min(c0 + clen, n)]))
         parts.append(chunk[max(lo, c0) - c0:min(hi, c0 + clen) - c0])
     return np.concatenate(parts) if len(parts) > 1 else parts[0].copy()

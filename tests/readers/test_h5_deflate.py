@@ -11,6 +11,7 @@ import scfm_fast.readers._h5_deflate as gz
 import scfm_fast.readers._nodes as nodes
 from scfm_fast._errors import InputFileError
 from scfm_fast.readers import open_reader
+from scfm_fast.readers._kept_chunks import MAX_KEPT
 
 h5py = pytest.importorskip("h5py")
 ad = pytest.importorskip("anndata")
@@ -181,10 +182,10 @@ def test_damaged_chunk_in_an_h5ad_names_file_rows_and_chunk(tmp_path):
 def test_kept_chunks_are_bounded_over_many_files(tmp_path):
     vals = np.arange(500, dtype=np.float32)
     gz._PARTIAL.clear()
-    for i in range(gz.MAX_KEPT + 5):
+    for i in range(MAX_KEPT + 5):
         path = tmp_path / f"a{i}.h5"
         _dataset(path, "v", vals, chunks=(100,), compression="gzip")
         with h5py.File(path, "r") as f:
             np.testing.assert_array_equal(gz.read_deflated(f["v"], slice(0, 150)), vals[:150])
-    assert len(gz._PARTIAL) == gz.MAX_KEPT
-    assert (str(tmp_path / f"a{gz.MAX_KEPT + 4}.h5"), "/v") in gz._PARTIAL
+    assert len(gz._PARTIAL) == MAX_KEPT
+    assert (str(tmp_path / f"a{MAX_KEPT + 4}.h5"), "/v") in gz._PARTIAL

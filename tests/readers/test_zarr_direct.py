@@ -11,6 +11,7 @@ import scipy.sparse as sp
 import scfm_fast.readers._nodes as nodes
 from scfm_fast._errors import InputFileError
 from scfm_fast.readers import open_reader
+from scfm_fast.readers._kept_chunks import MAX_KEPT
 
 zarr = pytest.importorskip("zarr")
 ad = pytest.importorskip("anndata")
@@ -329,9 +330,9 @@ def test_kept_chunks_are_bounded_over_many_stores(tmp_path):
 
     m = _matrix()
     zd._PARTIAL.clear()
-    for i in range(zd.MAX_KEPT + 5):
+    for i in range(MAX_KEPT + 5):
         _store(tmp_path / f"s{i}.zarr", 2, "blosc", m)
         z = zarr.open_group(str(tmp_path / f"s{i}.zarr"), mode="r")["X/data"]
         np.testing.assert_array_equal(zd.read_direct(z, slice(0, 150)), m.data[:150])  # ends inside chunk 1
-    assert len(zd._PARTIAL) == zd.MAX_KEPT
-    assert any(k.startswith(str(tmp_path / f"s{zd.MAX_KEPT + 4}.zarr")) for k in zd._PARTIAL)  # the latest kept
+    assert len(zd._PARTIAL) == MAX_KEPT
+    assert any(k.startswith(str(tmp_path / f"s{MAX_KEPT + 4}.zarr")) for k in zd._PARTIAL)  # the latest kept
