@@ -162,3 +162,21 @@ def write_h5_without_x(path: Path) -> None:
             g.attrs["_index"] = "_index"
             g.attrs["column-order"] = np.array([], dtype="S1")
             g.create_dataset("_index", data=np.array([b"a", b"b"]))
+
+
+def write_matrix_h5ad(path: Path, m: sp.csr_matrix, **kw) -> None:
+    """``m`` as an h5ad written by anndata (cells c0.., genes g0.., one numeric obs and var column);
+    ``kw`` goes to ``write_h5ad`` (e.g. ``compression="gzip"``)."""
+    a = ad.AnnData(m, obs={"n": np.arange(m.shape[0])}, var={"g": np.arange(m.shape[1])})
+    a.obs_names = [f"c{i}" for i in range(m.shape[0])]
+    a.var_names = [f"g{j}" for j in range(m.shape[1])]
+    a.write_h5ad(path, **kw)
+
+
+def read_matrix(path: Path, n_cols: int) -> sp.csr_matrix:
+    """Every cell of the file read back through ``open_reader`` in 7-cell chunks, as one CSR matrix."""
+    from scfm_fast.readers import open_reader
+
+    with open_reader(str(path)) as r:
+        blocks = list(r.iter_chunks(start=0, chunk_size=7))
+    return sp.vstack([sp.csr_matrix((b.data, b.indices, b.indptr), shape=(b.n_cells, n_cols)) for b in blocks]).tocsr()

@@ -10,8 +10,9 @@ import scipy.sparse as sp
 import scfm_fast.readers._h5_deflate as gz
 import scfm_fast.readers._nodes as nodes
 from scfm_fast._errors import InputFileError
-from scfm_fast.readers import open_reader
 from scfm_fast.readers._kept_chunks import MAX_KEPT
+
+from ._build import read_matrix, write_matrix_h5ad
 
 h5py = pytest.importorskip("h5py")
 ad = pytest.importorskip("anndata")
@@ -23,19 +24,6 @@ def _matrix(dtype=np.float32):
     m = sp.random(90, 60, density=0.25, format="csr", random_state=rng, dtype=np.float64)
     m.data = np.ceil(m.data * 30).astype(dtype)
     return m
-
-
-def _write(path, m, **kw) -> None:
-    a = ad.AnnData(m)
-    a.obs_names = [f"c{i}" for i in range(m.shape[0])]
-    a.var_names = [f"g{j}" for j in range(m.shape[1])]
-    a.write_h5ad(path, **kw)
-
-
-def _read_all(path, n_cols):
-    with open_reader(str(path)) as r:
-        blocks = list(r.iter_chunks(start=0, chunk_size=7))
-    return sp.vstack([sp.csr_matrix((b.data, b.indices, b.indptr), shape=(b.n_cells, n_cols)) for b in blocks]).tocsr()
 
 
 def _dataset(path, name, values, **kw) -> None:
@@ -71,7 +59,7 @@ def test_gzip_h5ad_is_read_through_libdeflate(tmp_path, monkeypatch, shuffle):
     block, to the same matrix."""
     m = _matrix()
     path = tmp_path / "g.h5ad"
-    _write(path, m, compression="gzip")
+    write_matrix_h5ad(path, m, compression="gzip")
     if shuffle:  # anndata passes no shuffle option: rewrite X/data and X/indices with one
         with h5py.File(path, "a") as f:
             for name in ("data", "indices"):
@@ -82,7 +70,7 @@ def test_gzip_h5ad_is_read_through_libdeflate(tmp_path, monkeypatch, shuffle):
     real = nodes.read_deflated
     monkeypatch.setattr(nodes, "read_deflated", lambda n, s: taken.append((n.name, (r := real(n, s)) is not None))
                         or r)
-    got = _read_all(path, m.shape[1])
+    got = read_matrix(path, m.shape[1])
     assert (got != m).nnz == 0 and np.array_equal(got.indices, m.indices)
     x_reads = [t for name, t in taken if name in ("/X/data", "/X/indices")]
     assert x_reads and all(x_reads)
@@ -169,14 +157,14 @@ def test_damaged_chunk_is_an_error_naming_it(tmp_path):
 def test_damaged_chunk_in_an_h5ad_names_file_rows_and_chunk(tmp_path):
     m = _matrix()
     path = tmp_path / "g.h5ad"
-    _write(path, m, compression="gzip")
+    write_matrix_h5ad(path, m, compression="gzip")
     with h5py.File(path, "a") as f:
         ds = f["X/indices"]
         _, raw = ds.id.read_direct_chunk((0,))
         ds.id.write_direct_chunk((0,), raw[:4] + bytes(b ^ 0x33 for b in raw[4:]))
     with pytest.raises(InputFileError, match=r"g\.h5ad: cannot read the cells from row 0 on \(DamagedChunk: chunk 0 "
                        r"of dataset '/X/indices' cannot be inflated .*re-export"):
-        _read_all(path, m.shape[1])
+        read_matrix(path, m.shape[1])
 
 
 def test_kept_chunks_are_bounded_over_many_files(tmp_path):

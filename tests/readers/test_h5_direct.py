@@ -13,6 +13,8 @@ import scfm_fast.readers._h5_direct as direct
 from scfm_fast._errors import InputFileError
 from scfm_fast.readers import open_reader
 
+from ._build import read_matrix, write_matrix_h5ad
+
 h5py = pytest.importorskip("h5py")
 ad = pytest.importorskip("anndata")
 
@@ -24,23 +26,10 @@ def _matrix(dtype=np.float32):
     return m
 
 
-def _write(path, m, **kw) -> None:
-    a = ad.AnnData(m, obs={"n": np.arange(m.shape[0])}, var={"g": np.arange(m.shape[1])})
-    a.obs_names = [f"c{i}" for i in range(m.shape[0])]
-    a.var_names = [f"g{j}" for j in range(m.shape[1])]
-    a.write_h5ad(path, **kw)
-
-
-def _read_all(path, n_cols):
-    with open_reader(str(path)) as r:
-        blocks = list(r.iter_chunks(start=0, chunk_size=7))
-    return sp.vstack([sp.csr_matrix((b.data, b.indices, b.indptr), shape=(b.n_cells, n_cols)) for b in blocks])
-
-
 @pytest.mark.parametrize("dtype", [np.float32, np.float64, np.int32])
 def test_mapped_slices_equal_h5py(tmp_path, dtype):
     m = _matrix(dtype)
-    _write(tmp_path / "a.h5ad", m)
+    write_matrix_h5ad(tmp_path / "a.h5ad", m)
     with h5py.File(tmp_path / "a.h5ad", "r") as f:
         for name in ("X/data", "X/indices", "X/indptr"):
             ds = f[name]
@@ -50,7 +39,7 @@ def test_mapped_slices_equal_h5py(tmp_path, dtype):
                 assert got is not None and not isinstance(got, np.memmap) and (got.size == 0 or not got.flags.writeable)
                 np.testing.assert_array_equal(got, ds[sel])
                 assert got.dtype == ds.dtype
-    assert (_read_all(tmp_path / "a.h5ad", m.shape[1]) != m).nnz == 0
+    assert (read_matrix(tmp_path / "a.h5ad", m.shape[1]) != m).nnz == 0
 
 
 def test_contiguous_storage_and_chunks_end_to_end_are_mapped(tmp_path):
@@ -82,17 +71,17 @@ def test_chunks_out_of_order_in_the_file_read_through_h5py(tmp_path):
 
 def test_chunked_or_compressed_datasets_read_through_h5py(tmp_path):
     m = _matrix()
-    _write(tmp_path / "gz.h5ad", m, compression="gzip")
+    write_matrix_h5ad(tmp_path / "gz.h5ad", m, compression="gzip")
     with h5py.File(tmp_path / "gz.h5ad", "r") as f:
         assert direct.read_mapped(f["X/data"], slice(0, 10)) is None
         assert direct.read_mapped(f["X/data"], slice(0, 10, 2)) is None  # strided: h5py
-    assert (_read_all(tmp_path / "gz.h5ad", m.shape[1]) != m).nnz == 0
+    assert (read_matrix(tmp_path / "gz.h5ad", m.shape[1]) != m).nnz == 0
 
 
 def test_truncated_file_is_an_error_naming_it(tmp_path):
     m = _matrix()
     p = tmp_path / "cut.h5ad"
-    _write(p, m)
+    write_matrix_h5ad(p, m)
     with h5py.File(p, "r") as f:
         ds = f["X/data"]
         end = direct._start(ds) + ds.nbytes
@@ -115,7 +104,7 @@ def test_map_is_released_with_its_last_view(tmp_path):
     import weakref
 
     m = _matrix()
-    _write(tmp_path / "a.h5ad", m)
+    write_matrix_h5ad(tmp_path / "a.h5ad", m)
     with h5py.File(tmp_path / "a.h5ad", "r") as f:
         arr = direct.read_mapped(f["X/data"], slice(0, 20))
         piece = arr[5:10]
@@ -131,7 +120,7 @@ def test_map_is_released_with_its_last_view(tmp_path):
 
 def test_probe_mismatch_falls_back_to_h5py(tmp_path, monkeypatch):
     m = _matrix()
-    _write(tmp_path / "a.h5ad", m)
+    write_matrix_h5ad(tmp_path / "a.h5ad", m)
     direct._PLANS.clear()
     monkeypatch.setattr(direct, "_map", lambda fname, off, dtype, lo, hi: np.full(hi - lo, -1, dtype=dtype))
     with h5py.File(tmp_path / "a.h5ad", "r") as f:
@@ -142,10 +131,10 @@ def test_probe_mismatch_falls_back_to_h5py(tmp_path, monkeypatch):
 def test_file_rewritten_in_place_is_mapped_afresh(tmp_path):
     p = tmp_path / "a.h5ad"
     m = _matrix()
-    _write(p, m)
-    assert (_read_all(p, m.shape[1]) != m).nnz == 0
+    write_matrix_h5ad(p, m)
+    assert (read_matrix(p, m.shape[1]) != m).nnz == 0
     m2 = _matrix()[:40]
     m2.data = m2.data + 1
     os.remove(p)
-    _write(p, m2)
-    assert (_read_all(p, m2.shape[1]) != m2).nnz == 0
+    write_matrix_h5ad(p, m2)
+    assert (read_matrix(p, m2.shape[1]) != m2).nnz == 0

@@ -10,8 +10,9 @@ import scipy.sparse as sp
 
 import scfm_fast.readers._nodes as nodes
 from scfm_fast._errors import InputFileError
-from scfm_fast.readers import open_reader
 from scfm_fast.readers._kept_chunks import MAX_KEPT
+
+from ._build import read_matrix
 
 zarr = pytest.importorskip("zarr")
 ad = pytest.importorskip("anndata")
@@ -54,12 +55,6 @@ def _matrix():
     return m
 
 
-def _read_all(path):
-    with open_reader(str(path)) as r:
-        blocks = list(r.iter_chunks(start=0, chunk_size=7))
-    return sp.vstack([sp.csr_matrix((b.data, b.indices, b.indptr), shape=(b.n_cells, 40)) for b in blocks]).tocsr()
-
-
 @pytest.mark.parametrize("fmt", [2, 3])
 @pytest.mark.parametrize("comp", ["blosc", "zstd", "gzip", "none"])
 def test_direct_reads_equal_zarr(tmp_path, monkeypatch, fmt, comp):
@@ -68,12 +63,12 @@ def test_direct_reads_equal_zarr(tmp_path, monkeypatch, fmt, comp):
     calls = []
     real = nodes.read_direct
     monkeypatch.setattr(nodes, "read_direct", lambda n, s: calls.append(1) or real(n, s))
-    got = _read_all(tmp_path / "a.zarr")
+    got = read_matrix(tmp_path / "a.zarr", 40)
     assert calls and (got != m).nnz == 0
     assert np.array_equal(got.indptr, m.indptr) and np.array_equal(got.indices, m.indices)
     # the same store through zarr-python only
     monkeypatch.setattr(nodes, "read_direct", lambda n, s: None)
-    via_zarr = _read_all(tmp_path / "a.zarr")
+    via_zarr = read_matrix(tmp_path / "a.zarr", 40)
     assert np.array_equal(via_zarr.data, got.data) and np.array_equal(via_zarr.indices, got.indices)
     # and the direct path did take these arrays (not a silent fallback)
     z = zarr.open_group(str(tmp_path / "a.zarr"), mode="r")["X/data"]
@@ -89,7 +84,7 @@ def test_missing_chunk_is_an_error_naming_it(tmp_path, fmt, name):
     chunk = "1" if fmt == 2 else os.path.join("c", "1")
     os.remove(d / chunk)
     with pytest.raises(InputFileError, match=r"chunk .*missing"):
-        _read_all(tmp_path / "a.zarr")  # the reader's check when opening the store, or the direct read
+        read_matrix(tmp_path / "a.zarr", 40)  # the reader's check when opening the store, or the direct read
     # the direct read itself never hands out zeros for a missing chunk
     z = zarr.open_group(str(tmp_path / "a.zarr"), mode="r")[f"X/{name}"]
     with pytest.raises(InputFileError, match=rf"chunk 1 of Zarr array 'X/{name}' is missing") as e:
@@ -223,7 +218,7 @@ def test_sharded_reads_are_direct_and_equal_zarr(tmp_path, monkeypatch, comp, in
     real = nodes.read_direct
     monkeypatch.setattr(nodes, "read_direct",
                         lambda n, s: calls.append((n.path, real(n, s) is not None)) or real(n, s))
-    got = _read_all(tmp_path / "s.zarr")
+    got = read_matrix(tmp_path / "s.zarr", 40)
     x_reads = [direct for path, direct in calls if path.startswith("X/")]
     assert x_reads and all(x_reads)  # every read of indptr/indices/data took the direct path
     assert np.array_equal(got.indptr, m.indptr) and np.array_equal(got.indices, m.indices)
@@ -251,7 +246,7 @@ def test_big_endian_v3_arrays_are_read_through_zarr(tmp_path):
     root.attrs.update({"encoding-type": "anndata", "encoding-version": "0.1.0"})
     z = zarr.open_group(str(tmp_path / "be.zarr"), mode="r")["X/data"]
     assert zd.read_direct(z, slice(0, 10)) is None
-    got = _read_all(tmp_path / "be.zarr")
+    got = read_matrix(tmp_path / "be.zarr", 40)
     assert (got != m).nnz == 0 and np.array_equal(got.indices, m.indices)
 
 
@@ -320,7 +315,7 @@ def test_missing_shard_is_an_error_naming_it(tmp_path):
         zd.read_direct(z, slice(0, m.nnz))
     assert str(f) in str(e.value)
     with pytest.raises(InputFileError, match=r"missing"):
-        _read_all(store)
+        read_matrix(store, 40)
 
 
 def test_kept_chunks_are_bounded_over_many_stores(tmp_path):
