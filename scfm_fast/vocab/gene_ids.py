@@ -26,6 +26,8 @@ _VERSIONED = re.compile(r"^(ENS[A-Z]*G\d{6,})\.\d+$")
 
 def strip_version(gene_id: str) -> str:
     """``ENSG00000141510.17`` -> ``ENSG00000141510``; other strings unchanged."""
+    if not gene_id.startswith("ENS"):  # most ids of a symbol-indexed file: no pattern match needed
+        return gene_id
     m = _VERSIONED.match(gene_id)
     return m.group(1) if m else gene_id
 
@@ -43,7 +45,10 @@ def load_gene_name_map(path: str | Path | None = None) -> dict[str, str]:
     p = Path(path) if path is not None else bundled_dir("geneformer_v1") / "gene_name_id_dict.pkl"
     if p.suffix in (".csv", ".tsv", ".gz", ".txt"):
         return _name_map_from_table(p)
-    return {str(k): str(v) for k, v in load_pickle_dict(p, what="gene name dictionary").items()}
+    d = load_pickle_dict(p, what="gene name dictionary")
+    if all(type(k) is str for k in d) and all(type(v) is str for v in d.values()):
+        return d  # Geneformer's pickle: already text (a converted copy of 40,000 entries cost ~20 ms)
+    return {str(k): str(v) for k, v in d.items()}
 
 
 def load_gene_mapping(path: str | Path) -> dict[str, str]:
@@ -113,7 +118,19 @@ def case_insensitive_map(gene_name_map: Mapping[str, str] | None, ortholog_map: 
     """Upper-cased symbol table for case-insensitive matches: only within one species (no ortholog table)."""
     if gene_name_map is None or ortholog_map is not None:
         return None
-    return {k.upper(): v for k, v in gene_name_map.items()}
+    key = id(gene_name_map)
+    kept = _UPPER.get(key)
+    if kept is None or kept[0] is not gene_name_map or kept[1] != len(gene_name_map):
+        # the later of two symbols equal but for case wins, as in a dict built one entry at a time
+        kept = (gene_name_map, len(gene_name_map), dict(zip([k.upper() for k in gene_name_map], gene_name_map.values())))
+        _UPPER.clear()
+        _UPPER[key] = kept
+    return kept[2]
+
+
+#: the last upper-cased symbol table, by the identity of its table (which it holds, so the id cannot be
+#: reused while kept); a run resolves each input twice and every input with one table: built once (~10 ms)
+_UPPER: dict[int, tuple[Mapping[str, str], int, dict[str, str]]] = {}
 
 
 def match_gene_id(g: str, vocab: GeneVocab, *, gene_name_map: Mapping[str, str] | None = None,
