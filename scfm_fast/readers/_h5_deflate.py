@@ -17,6 +17,7 @@ naming the file and the rows being read, as it does h5py's errors.
 from __future__ import annotations
 
 import os
+import sys
 from typing import Any
 
 import numpy as np
@@ -69,6 +70,8 @@ def _layout(node: Any) -> tuple[int, bool] | None:
 
 def _plan(node: Any) -> tuple[int, bool] | None:
     """(chunk length, shuffled) of a dataset read here, worked out and probed once per dataset; else None."""
+    if "h5py" not in sys.modules:  # not an h5py node (a Zarr run need not import h5py, ~35 ms)
+        return None
     try:
         import h5py
     except ImportError:  # pragma: no cover - h5py is a dependency

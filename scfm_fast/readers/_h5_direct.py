@@ -17,6 +17,7 @@ h5py's own read of them; anything else reads through h5py.
 from __future__ import annotations
 
 import os
+import sys
 from typing import Any
 
 import numpy as np
@@ -31,6 +32,8 @@ _PLANS: dict[tuple[str, str, int, int], int | None] = {}
 
 
 def _plan(node: Any) -> tuple[str, int] | None:
+    if "h5py" not in sys.modules:  # not an h5py node (a Zarr run need not import h5py, ~35 ms)
+        return None
     try:
         import h5py
     except ImportError:  # pragma: no cover - h5py is a dependency
