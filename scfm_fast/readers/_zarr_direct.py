@@ -3,10 +3,12 @@
 zarr-python 3 routes every read through its asyncio event loop and codec pipeline; for the large
 contiguous 1-D reads of a CSR matrix that costs more CPU than the decompression itself. Here the chunk
 files are read and decoded with numcodecs directly (blosc, zstd, gzip, or none), straight into the
-output array. Only layouts known exactly are taken: v2 without filters; v3 ``bytes`` (little-endian) +
-at most one of those compressors, either as the array's codecs or inside ``sharding_indexed`` (shard
-files hold many chunks and an index of their byte ranges; the index and its CRC32C are read and checked
-here). Anything else returns ``None`` and is read through zarr.
+output array. Only layouts known exactly are taken, read from the array's metadata document (the same
+planner for arrays opened by zarr-python and by :mod:`._zarr_local`): v2 without filters (any numcodecs
+compressor); v3 ``bytes`` (little-endian) + at most one of blosc / zstd / gzip, either as the array's
+codecs or inside ``sharding_indexed`` (shard files hold many chunks and an index of their byte ranges;
+the index and its CRC32C are read and checked here). Anything else returns ``None`` and is read through
+zarr.
 
 A missing chunk file, or a chunk a shard's index marks as absent, is an error naming the file and chunk;
 zarr would return fill values (zeros), silently dropping counts.
@@ -16,6 +18,7 @@ from __future__ import annotations
 
 import os
 import sys
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -27,33 +30,27 @@ from ._kept_chunks import kept_chunk
 from .base import plain_slice
 
 
-def _little_endian_bytes(codec: Any) -> bool:
+def _little_endian_bytes(codec: dict) -> bool:
     """``codec`` is v3's ``bytes`` codec storing little-endian (or single-byte) values, as this reader assumes."""
-    from zarr.codecs import BytesCodec
-
-    endian = getattr(getattr(codec, "endian", None), "value", None)
-    return isinstance(codec, BytesCodec) and endian in (None, "little")
+    endian = (codec.get("configuration") or {}).get("endian")
+    return codec.get("name") == "bytes" and endian in (None, "little")
 
 
-def _v3_codec(codecs: tuple[Any, ...]) -> Any | None | bool:
-    """numcodecs decoder for a v3 codec chain; ``None`` for uncompressed; ``False`` if unsupported.
+#: numcodecs decoders of the v3 bytes-to-bytes codecs taken here (each reads its settings from the stream)
+_V3_COMPRESSORS = {"zstd": "Zstd", "blosc": "Blosc", "gzip": "GZip"}
 
-    A big-endian ``bytes`` codec is unsupported: its values would be read byte-swapped."""
+
+def _v3_codec(codecs: Sequence[dict]) -> Any | None | bool:
+    """numcodecs decoder for a v3 codec chain (metadata documents); ``None`` for uncompressed; ``False`` if
+    unsupported.  A big-endian ``bytes`` codec is unsupported: its values would be read byte-swapped."""
     import numcodecs
-    from zarr.codecs import BloscCodec, GzipCodec, ZstdCodec
 
     if not codecs or not _little_endian_bytes(codecs[0]) or len(codecs) > 2:
         return False
     if len(codecs) == 1:
         return None
-    c = codecs[1]
-    if isinstance(c, ZstdCodec):
-        return numcodecs.Zstd()
-    if isinstance(c, BloscCodec):
-        return numcodecs.Blosc()
-    if isinstance(c, GzipCodec):
-        return numcodecs.GZip()
-    return False
+    name = _V3_COMPRESSORS.get(codecs[1].get("name"))
+    return False if name is None else getattr(numcodecs, name)()
 
 
 @dataclass(frozen=True)
@@ -66,25 +63,49 @@ class _Layout:
     per_shard: int = 0    # chunks per shard file; 0: one file per chunk
     index_at_end: bool = True
     index_crc: bool = False
+    key_prefix: str = ""  # chunk (shard) k is the file key_prefix + str(k) under root ("/" separates folders)
 
     def index_nbytes(self) -> int:
         return 16 * self.per_shard + (4 if self.index_crc else 0)
 
+    def file(self, k: int) -> str:
+        """The file of chunk ``k`` (of shard ``k`` in a sharded array: the file grid is then the shards')."""
+        return os.path.join(self.root, *(self.key_prefix + str(k)).split("/"))
 
-def _sharded_layout(root: str, node: Any, sharding: Any) -> _Layout | None:
+
+def key_prefix(meta: dict) -> str | None:
+    """What precedes the number in a 1-D array's chunk keys (v2: nothing; v3: ``c/`` or ``c.``, or nothing
+    with the ``v2`` key encoding); ``None`` for an encoding not known here."""
+    if meta.get("zarr_format") == 2:
+        return ""
+    enc = meta.get("chunk_key_encoding") or {"name": "default"}
+    sep = (enc.get("configuration") or {}).get("separator", "/" if enc.get("name") == "default" else ".")
+    if sep not in ("/", "."):
+        return None
+    return {"default": "c" + sep, "v2": ""}.get(enc.get("name"))
+
+
+def _v3_chunks(meta: dict) -> int | None:
+    """Elements per file of a 1-D v3 array (a regular grid), else ``None``."""
+    grid = meta.get("chunk_grid") or {}
+    shape = (grid.get("configuration") or {}).get("chunk_shape") or ()
+    return int(shape[0]) if grid.get("name") == "regular" and len(shape) == 1 and int(shape[0]) > 0 else None
+
+
+def _sharded_layout(root: str, meta: dict, sharding: dict, prefix: str) -> _Layout | None:
     """The layout of a ``sharding_indexed`` array whose chunks and index this reader decodes, else None."""
-    from zarr.codecs import Crc32cCodec
-
-    codec = _v3_codec(tuple(sharding.codecs))
-    index_codecs = tuple(sharding.index_codecs)
-    index_crc = len(index_codecs) == 2 and isinstance(index_codecs[1], Crc32cCodec)
-    location = getattr(sharding.index_location, "value", sharding.index_location)
+    conf = sharding.get("configuration") or {}
+    codec = _v3_codec(tuple(conf.get("codecs") or ()))
+    index_codecs = tuple(conf.get("index_codecs") or ())
+    index_crc = len(index_codecs) == 2 and index_codecs[1].get("name") == "crc32c"
+    location = conf.get("index_location", "end")
     if codec is False or not index_codecs or not _little_endian_bytes(index_codecs[0]) \
             or (len(index_codecs) > 1 and not index_crc) or location not in ("start", "end"):
         return None
-    clen, slen = int(node.chunks[0]), int(node.shards[0])
-    if clen <= 0 or slen % clen:
+    inner, slen = tuple(conf.get("chunk_shape") or ()), _v3_chunks(meta)
+    if len(inner) != 1 or slen is None or int(inner[0]) <= 0 or slen % int(inner[0]):
         return None
+    clen = int(inner[0])
     if index_crc:
         try:
             import numcodecs
@@ -92,7 +113,49 @@ def _sharded_layout(root: str, node: Any, sharding: Any) -> _Layout | None:
             numcodecs.CRC32C()
         except (ImportError, AttributeError):  # pragma: no cover - zarr v3 installs numcodecs with crc32c
             return None
-    return _Layout(root, codec, clen, slen // clen, location == "end", index_crc)
+    return _Layout(root, codec, clen, slen // clen, location == "end", index_crc, prefix)
+
+
+def layout_of(root: str, meta: dict) -> _Layout | None:
+    """The chunk layout of the 1-D array whose metadata document (``.zarray`` / ``zarr.json`` content) is
+    ``meta``, stored under ``root``, when the direct path reads it: little-endian numbers, no filters,
+    codecs known here.  The one planner for arrays opened by zarr-python and by :mod:`._zarr_local`."""
+    prefix = key_prefix(meta)
+    if prefix is None or len(meta.get("shape") or ()) != 1:
+        return None
+    if meta.get("zarr_format") == 2:
+        dtype = _numeric_dtype(meta.get("dtype"))
+        chunks = tuple(meta.get("chunks") or ())
+        if dtype is None or meta.get("filters") or len(chunks) != 1 or int(chunks[0]) <= 0:
+            return None
+        compressor = meta.get("compressor")
+        if compressor is None:
+            return _Layout(root, None, int(chunks[0]), key_prefix=prefix)
+        import numcodecs
+
+        try:
+            codec = numcodecs.get_codec(dict(compressor))
+        except Exception:  # noqa: BLE001 - a codec numcodecs does not have: zarr reads (and reports) it
+            return None
+        return _Layout(root, codec, int(chunks[0]), key_prefix=prefix)
+    if _numeric_dtype(meta.get("data_type")) is None or meta.get("storage_transformers"):
+        return None
+    codecs = tuple(meta.get("codecs") or ())
+    if len(codecs) == 1 and codecs[0].get("name") == "sharding_indexed":
+        return _sharded_layout(root, meta, codecs[0], prefix)
+    codec, clen = _v3_codec(codecs), _v3_chunks(meta)
+    return None if codec is False or clen is None else _Layout(root, codec, clen, key_prefix=prefix)
+
+
+def _numeric_dtype(spec: Any) -> np.dtype | None:
+    """The NumPy dtype of a v2 ``dtype`` or v3 ``data_type`` naming native-order integers or floats, else None."""
+    if not isinstance(spec, str):
+        return None
+    try:
+        dtype = np.dtype(spec)
+    except TypeError:
+        return None
+    return dtype if dtype.kind in "iuf" and dtype.isnative else None
 
 
 def decoded_size(codec: Any, raw: bytes) -> int | None:
@@ -125,6 +188,11 @@ def _zstd_content_size(raw: bytes) -> int | None:
 def _local_dir(node: Any, *, sharded_ok: bool = False) -> str | None:
     """The directory of a 1-D Zarr array in a local store (unsharded unless ``sharded_ok``); None for
     anything else."""
+    if len(getattr(node, "shape", ())) != 1 or (not sharded_ok and getattr(node, "shards", None) is not None):
+        return None
+    local = getattr(node, "local_dir", None)  # an array of ._zarr_local: opened without zarr-python
+    if local is not None:
+        return local
     if "zarr" not in sys.modules:  # not a zarr node (importing zarr to find out costs ~0.2 s per process)
         return None
     try:
@@ -132,35 +200,21 @@ def _local_dir(node: Any, *, sharded_ok: bool = False) -> str | None:
         from zarr.storage import LocalStore
     except ImportError:  # pragma: no cover - zarr is a dependency
         return None
-    if not isinstance(node, Array) or len(node.shape) != 1 or not isinstance(node.store, LocalStore) \
-            or (not sharded_ok and getattr(node, "shards", None) is not None):
+    if not isinstance(node, Array) or not isinstance(node.store, LocalStore):
         return None
     return os.path.join(str(node.store.root), node.path)
 
 
-def _chunk_file(root: str, node: Any, k: int) -> str:
-    """The file of chunk ``k`` (of shard ``k`` in a sharded array: the chunk grid is then the shards')."""
-    return os.path.join(root, *node.metadata.encode_chunk_key((k,)).split("/"))
+def metadata_of(node: Any) -> dict:
+    """The metadata document of a Zarr array (``.zarray`` or ``zarr.json`` content, as a dict)."""
+    meta = getattr(node, "json_meta", None)  # ._zarr_local's arrays keep theirs
+    return meta if meta is not None else node.metadata.to_dict()
 
 
 def _plan(node: Any) -> _Layout | None:
     """The array's chunk layout when the direct path applies."""
     root = _local_dir(node, sharded_ok=True)
-    if root is None or node.dtype.kind not in "iuf" or not node.dtype.isnative:
-        return None
-    meta = node.metadata
-    if meta.zarr_format == 2:
-        if meta.filters:
-            return None
-        return _Layout(root, meta.compressor, int(node.chunks[0]))
-    codecs = tuple(meta.codecs)
-    if getattr(node, "shards", None) is not None:
-        from zarr.codecs import ShardingCodec
-
-        return _sharded_layout(root, node, codecs[0]) \
-            if len(codecs) == 1 and isinstance(codecs[0], ShardingCodec) else None
-    codec = _v3_codec(codecs)
-    return None if codec is False else _Layout(root, codec, int(node.chunks[0]))
+    return None if root is None else layout_of(root, metadata_of(node))
 
 
 #: per array directory, the last chunk a read decoded whole for part of it, with its stored bytes
@@ -208,7 +262,7 @@ class _StoredChunks:
     def path(self, k: int) -> str:
         """The file holding chunk ``k``."""
         per = self.layout.per_shard
-        return _chunk_file(self.layout.root, self.node, k // per if per else k)
+        return self.layout.file(k // per if per else k)
 
     def raw(self, k: int) -> bytes:
         """The stored bytes of chunk ``k``; a missing file or chunk is an error (zarr would read zeros)."""
@@ -313,18 +367,23 @@ def read_through_chunk(node: Any, sel: Any) -> np.ndarray | None:
     """
     bounds = plain_slice(node, sel)
     root = None if bounds is None or bounds[1] <= bounds[0] else _local_dir(node)
-    if root is None:
+    prefix = None if root is None else key_prefix(metadata_of(node))
+    if prefix is None:
         return None
+    files = _Layout(root, None, int(node.chunks[0]), key_prefix=prefix)
     lo, hi = bounds
-    clen, n = int(node.chunks[0]), int(node.shape[0])
+    clen, n = files.clen, int(node.shape[0])
+    # ._zarr_local's text arrays decode a chunk's bytes themselves; zarr-python decodes a slice
+    decode = getattr(node, "chunk_decoder", None)
     parts = []
     for k in range(lo // clen, (hi - 1) // clen + 1):
         c0 = k * clen
         try:
-            with open(_chunk_file(root, node, k), "rb") as f:
+            with open(files.file(k), "rb") as f:
                 raw = f.read()
         except FileNotFoundError:
             return None
-        chunk = kept_chunk(_DECODED, root, k, raw, lambda c0=c0: np.asarray(node[c0:min(c0 + clen, n)]))
+        chunk = kept_chunk(_DECODED, root, k, raw, (lambda raw=raw: decode(raw)) if decode is not None
+                           else (lambda c0=c0: np.asarray(node[c0:min(c0 + clen, n)])))
         parts.append(chunk[max(lo, c0) - c0:min(hi, c0 + clen) - c0])
     return np.concatenate(parts) if len(parts) > 1 else parts[0].copy()

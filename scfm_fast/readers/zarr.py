@@ -1,4 +1,7 @@
-"""Streaming reader for AnnData-Zarr stores (zarr format v2 and v3, through zarr-python 3).
+"""Streaming reader for AnnData-Zarr stores (zarr format v2 and v3).
+
+A local store is opened from its metadata files (:mod:`._zarr_local`), without importing zarr-python
+(~0.25 s); zarr-python 3 opens anything else, and reads what the local nodes do not decode themselves.
 
 Handles the current anndata encodings and the legacy layout of early anndata-zarr files (dense X,
 obs/var as structured arrays with bytes fields), e.g. scanpy's ``10x-10k-subset.zarr``.  Dense X is
@@ -8,15 +11,17 @@ decompressed exactly once.
 
 from __future__ import annotations
 
+import math
 import os
-
-import zarr
+from typing import Any
 
 from .._errors import InputFileError
 from ._anndata_reader import AnnDataReader, _select_matrix
 from ._common import _REEXPORT, check_path, reading_structure
 from ._nodes import is_array
 from ._sources import DEFAULT_BLOCK_ELEMENTS, DEFAULT_BLOCK_ROWS
+from ._zarr_direct import key_prefix, metadata_of
+from ._zarr_local import open_local_group
 
 _FIX = "Pass a directory written by anndata (adata.write_zarr)."
 
@@ -53,7 +58,11 @@ class ZarrReader(AnnDataReader):
             msg = f"{self.path}: is a file, not a Zarr directory store. {_FIX}"
             raise InputFileError(msg)
         try:
-            root = zarr.open_group(self.path, mode="r")
+            root = open_local_group(self.path)
+            if root is None:  # no v2 / v3 root group document: zarr-python decides (and says why not)
+                import zarr
+
+                root = zarr.open_group(self.path, mode="r")
         except Exception as err:  # zarr raises several types for "not a store"
             msg = f"{self.path}: not a Zarr store ({type(err).__name__}: {err}). {_FIX}"
             raise InputFileError(msg) from None
@@ -71,7 +80,7 @@ class ZarrReader(AnnDataReader):
             check_sparse_chunks(self.path, name, matrix)
 
 
-def check_sparse_chunks(path: str, name: str, group: zarr.Group) -> None:
+def check_sparse_chunks(path: str, name: str, group: Any) -> None:
     """Every stored chunk (or shard) of a sparse group's ``indptr``/``indices``/``data`` must exist.
 
     zarr reads a missing chunk as its fill value, so a store copied incompletely would hand out zeros:
@@ -83,11 +92,14 @@ def check_sparse_chunks(path: str, name: str, group: zarr.Group) -> None:
         if key not in group:
             continue
         arr = group[key]
-        keys = getattr(arr, "_iter_shard_keys", None)
-        if keys is None:  # another zarr-python: nothing to check against
+        meta = metadata_of(arr)
+        prefix = key_prefix(meta)
+        if prefix is None or len(arr.shape) != 1:  # a key encoding not known here: nothing to check against
             return
+        per_file = int((getattr(arr, "shards", None) or arr.chunks)[0])
         base = os.path.join(path, *arr.path.split("/"))
-        for i, k in enumerate(keys()):
+        for i in range(math.ceil(int(arr.shape[0]) / per_file)):
+            k = prefix + str(i)
             if not os.path.exists(os.path.join(base, *k.split("/"))):
                 msg = (f"{path}: chunk {k!r} (number {i}) of {name}/{key} is missing from the store, so zarr "
                        f"would read it as zeros; {_REEXPORT}")
