@@ -6,7 +6,8 @@ once, in turn, on the same store.  A tree is a checkout whose C++ core is built 
 build_ext --inplace``, or a copy of the matching ``scfm_fast/_core*.so``).  Each run is a fresh process
 with ``PYTHONPATH=TREE`` (checked: the run fails if ``scfm_fast`` is imported from anywhere else), timed from
 ``tokenize_corpus`` to its return (imports excluded, as in ``benchmarks/tokenize.py``), into a fresh output
-directory.  CPU counts the parent and its workers.
+directory.  CPU counts the parent and its workers.  Set-up is the part of the wall time before the chunk
+loop starts (the parent opening the inputs, loading the dictionaries, matching genes).
 
 Run:  python benchmarks/tokenize_ab.py STORE --tree old=/path/to/checkout --tree new=. [--rounds 3]
       [--workers 2] [--no-write] [--tag NAME]
@@ -33,22 +34,31 @@ _spec = importlib.util.spec_from_file_location("_harness", os.path.join(_HERE, "
 _harness = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(_harness)
 
-#: one run, in a child process: prints a JSON line (cells, wall s, CPU s, where scfm_fast came from)
+#: one run, in a child process: prints a JSON line (cells, wall s, CPU s, set-up s: until the chunk loop
+#: starts, i.e. opening the inputs, dictionaries and gene matching in the parent)
 _CHILD = """
 import json, os, resource, sys, time
 tree, store, out, workers = sys.argv[1:5]
 import scfm_fast
+from scfm_fast.tokenizer import pipeline
 from scfm_fast.tokenizer.pipeline import tokenize_corpus
 origin = os.path.realpath(scfm_fast.__file__)
 if not origin.startswith(os.path.realpath(tree) + os.sep):
     sys.exit(f"scfm_fast was imported from {origin}, not from {tree}")
+loop_start = []
+for name in ("run_workers", "run_in_process"):
+    def timed(*a, _f=getattr(pipeline, name), **k):
+        loop_start.append(time.perf_counter())
+        return _f(*a, **k)
+    setattr(pipeline, name, timed)
 os.sync()  # the previous run's writes are not charged to this one
 t0, c0 = time.perf_counter(), resource.getrusage(resource.RUSAGE_SELF)
 man = tokenize_corpus(store, out, n_threads=int(workers) or None, progress_bar=False)
 wall = time.perf_counter() - t0
 c1, ch = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
 cpu = c1.ru_utime + c1.ru_stime - c0.ru_utime - c0.ru_stime + ch.ru_utime + ch.ru_stime
-print(json.dumps({"cells": man["summary"]["n_cells_in"], "wall_s": wall, "cpu_s": cpu}))
+print(json.dumps({"cells": man["summary"]["n_cells_in"], "wall_s": wall, "cpu_s": cpu,
+                  "setup_s": (loop_start[0] if loop_start else t0) - t0}))
 """
 
 
@@ -95,7 +105,8 @@ def main() -> None:
             r = run_once(tree, os.path.abspath(args.store), args.workers)
             runs[name].append(r)
             print(f"round {k + 1} {name:>10}: {r['cells'] / r['wall_s']:>9,.0f} cells/s  "
-                  f"{r['cpu_s'] * 20_000 / r['cells']:.3f} CPU s / 20k cells", flush=True)
+                  f"{r['cpu_s'] * 20_000 / r['cells']:.3f} CPU s / 20k cells  set-up {r['setup_s']:.3f} s",
+                  flush=True)
     rows = []
     for name, rs in runs.items():
         per20k = [r["cpu_s"] * 20_000 / r["cells"] for r in rs]
@@ -103,13 +114,13 @@ def main() -> None:
         rows.append({"tree": name, "store": os.path.basename(args.store.rstrip("/")), "workers": args.workers,
                      "cells": rs[0]["cells"], "rounds": len(rs), "cells_per_s_median": statistics.median(rate),
                      "cpu_s_per_20k_min": min(per20k), "cpu_s_per_20k_median": statistics.median(per20k),
-                     "cpu_s_per_20k_max": max(per20k)})
+                     "cpu_s_per_20k_max": max(per20k), "setup_s_median": statistics.median(r["setup_s"] for r in rs)})
     base = rows[0]["cpu_s_per_20k_median"]
     for row in rows:
         row["cpu_vs_first"] = row["cpu_s_per_20k_median"] / base
         print(f"{row['tree']:>10}: CPU s / 20k cells min {row['cpu_s_per_20k_min']:.3f}  median "
               f"{row['cpu_s_per_20k_median']:.3f}  max {row['cpu_s_per_20k_max']:.3f}  ({row['cpu_vs_first']:.3f}x "
-              f"{rows[0]['tree']});  median {row['cells_per_s_median']:,.0f} cells/s")
+              f"{rows[0]['tree']});  median {row['cells_per_s_median']:,.0f} cells/s, set-up {row['setup_s_median']:.3f} s")
     if not args.no_write:
         stem = "".join(c if c.isalnum() else "-" for c in rows[0]["store"].lower())
         meta = {"trees": {n: {"path": str(p), "commit": tree_commit(p)} for n, p in trees.items()}}
