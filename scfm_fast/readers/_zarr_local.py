@@ -93,8 +93,9 @@ class LocalGroup(_Node):
         return "/".join(p for p in (self.path, *str(name).split("/")) if p)
 
     def keys(self) -> list[str]:
-        """Names of the child nodes, sorted (zarr's order is its store's listing or consolidated metadata;
-        the readers take order from AnnData's ``column-order`` attribute, never from here)."""
+        """Names of the child nodes, sorted (zarr's order is its store's directory listing or consolidated
+        metadata, neither meaningful; the readers take a dataframe's column order from AnnData's
+        ``column-order`` attribute, and from here only for writers too old to record one)."""
         d = os.path.join(self.store, *self.path.split("/")) if self.path else self.store
         try:
             names = os.listdir(d)
