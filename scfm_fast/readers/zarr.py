@@ -43,6 +43,8 @@ class ZarrReader(AnnDataReader):
         Bounds on a single storage read (elements) and on the cells of one read block.
     """
 
+    decodes_large_chunks = True
+
     def __init__(
         self,
         path: str | os.PathLike[str],

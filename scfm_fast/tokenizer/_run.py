@@ -270,8 +270,9 @@ def _work(file_index: int, start: int) -> tuple[str, dict[str, Any], list[str]]:
     p: FilePlan = _JOB["plans"][file_index]
     r = _open_for_chunk(file_index, p.path)
     size = _JOB["chunk_size"]
-    pieces = chunk_pieces(r.iter_chunks(start=start, chunk_size=piece_size(size), obs_columns=p.read_cols),
-                          chunk_size=size, n_obs=r.n_obs)
+    piece = piece_size(size, whole=getattr(r, "decodes_large_chunks", False))
+    pieces = chunk_pieces(r.iter_chunks(start=start, chunk_size=piece, obs_columns=p.read_cols), chunk_size=size,
+                          n_obs=r.n_obs)
     tokenize = functools.partial(_tokenize_piece, _JOB["spec"], p, _JOB["obs_columns"])
     first, stop, table, stats = next(tokenize_pieces(_one_chunk(pieces), tokenize))
     name = shard_name(file_index, first)

@@ -78,6 +78,7 @@ def test_pieces_equal_whole_chunks(tmp_path, inputs, monkeypatch, workers, kw):
 
     def run(out, piece):
         monkeypatch.setattr(_pieces, "PIECE_CELLS", piece)
+        monkeypatch.setattr(_pieces, "WORKER_PIECE_CELLS", piece)
         return tokenize_corpus(srcs, out, chunk_size=CHUNK, n_threads=workers, progress_bar=False,
                                obs_columns=["group"], **kw)
 
@@ -102,6 +103,7 @@ def test_resume_skips_finished_chunks_between_pieces(tmp_path, inputs, monkeypat
     """A resumed run whose done shards are not a prefix (a worker run) re-does only the missing ones."""
     srcs, _ = inputs
     monkeypatch.setattr(_pieces, "PIECE_CELLS", 7)
+    monkeypatch.setattr(_pieces, "WORKER_PIECE_CELLS", 7)
     tokenize_corpus(srcs, tmp_path / "ref", chunk_size=CHUNK, progress_bar=False)
     out = tmp_path / "o"
     tokenize_corpus(srcs, out, chunk_size=CHUNK, progress_bar=False)
@@ -117,3 +119,23 @@ def test_resume_skips_finished_chunks_between_pieces(tmp_path, inputs, monkeypat
         (out / name).unlink()
     tokenize_corpus(srcs, out, chunk_size=CHUNK, progress_bar=False, resume=True)
     _same_dataset(tmp_path / "ref", out)
+
+
+def test_workers_read_zarr_chunks_whole_and_larger_chunks_in_bounded_pieces(tmp_path):
+    """A worker reading a Zarr store gains nothing from pieces smaller than its chunk (each boundary decodes
+    a partly read storage chunk), but a large --chunk-size must not make it read more than
+    WORKER_PIECE_CELLS cells at once; memory-mapped h5ad keeps small pieces."""
+    import inspect
+
+    from scfm_fast.readers import open_reader
+
+    default = inspect.signature(tokenize_corpus).parameters["chunk_size"].default
+    assert _pieces.piece_size(default, whole=True) == default
+    assert _pieces.piece_size(default) == _pieces.PIECE_CELLS < default
+    assert _pieces.piece_size(10 * default, whole=True) == _pieces.WORKER_PIECE_CELLS
+    assert _pieces.piece_size(30, whole=True) == 30
+    a = ad.AnnData(sp.csr_matrix(np.ones((3, 2), dtype=np.float32)))
+    a.write_zarr(tmp_path / "a.zarr")
+    a.write_h5ad(tmp_path / "a.h5ad")
+    with open_reader(tmp_path / "a.zarr") as z, open_reader(tmp_path / "a.h5ad") as h:
+        assert z.decodes_large_chunks and not h.decodes_large_chunks
