@@ -25,7 +25,7 @@ PIECE_CELLS = 2_500
 #: worker reads, ranks and writes its chunks one after another, so it gains nothing from overlap inside a
 #: chunk, while every piece boundary decodes a partly read ~1 Mi-element storage chunk (twice: the next
 #: chunk usually goes to another worker) and costs a core call and its Python. Paired A/Bs, whole
-#: 10,000-cell chunks against 2,500-cell pieces: CPU 0.86-0.94x on Zarr v2 and v3, for +15 MiB peak RSS
+#: 10,000-cell chunks against 2,500-cell pieces: CPU 0.85-0.94x on Zarr v2 and v3, for +15 MiB peak RSS
 #: per worker; uncompressed h5ad (memory-mapped, no decoding) measured 1.02-1.06x, so it keeps small
 #: pieces. Larger chunks (``--chunk-size``) are still read in pieces of this size: memory stays bounded.
 WORKER_PIECE_CELLS = 10_000
