@@ -149,9 +149,10 @@ class ChunkedReader:
     _var_names: np.ndarray | None = None
     _gene_id_column: str | None = None
     _var_index_str: np.ndarray | None = None
-    #: whether reads decode compressed storage chunks of ~1 Mi elements (Zarr): a read that ends inside one
-    #: decodes it whole, so callers that can read larger blocks at once should (see ``tokenizer._pieces``)
-    decodes_large_chunks: bool = False
+    #: whether reads of the counts decode compressed storage chunks (Zarr, gzip / lzf h5ad): a read that
+    #: ends inside one decodes it whole, so callers that can read larger blocks at once should (see
+    #: ``tokenizer._pieces``); uncompressed h5ad is memory-mapped, with nothing to decode
+    decodes_chunks: bool = False
 
     @property
     def var_names(self) -> np.ndarray:

@@ -60,6 +60,8 @@ class H5adReader(AnnDataReader):
                 max_block_elements=max_block_elements,
                 max_block_rows=max_block_rows,
             )
+        data = getattr(self._source, "data", None)  # a sparse matrix's counts (h5py dataset)
+        self.decodes_chunks = data is not None and getattr(data, "compression", None) is not None
 
     def _close(self) -> None:
         if self._file.id.valid:

@@ -43,7 +43,7 @@ class ZarrReader(AnnDataReader):
         Bounds on a single storage read (elements) and on the cells of one read block.
     """
 
-    decodes_large_chunks = True
+    decodes_chunks = True
 
     def __init__(
         self,

@@ -21,19 +21,19 @@ from ..readers.base import CellChunk
 #: Cells per piece in one process (~4.7 M stored counts at ~1,900 non-zeros per cell: 38 MiB of int32 +
 #: float32), where reading, ranking and writing overlap piece by piece.
 PIECE_CELLS = 2_500
-#: Cells per piece in a worker process reading a Zarr store (a reader that ``decodes_large_chunks``): a
-#: worker reads, ranks and writes its chunks one after another, so it gains nothing from overlap inside a
-#: chunk, while every piece boundary decodes a partly read ~1 Mi-element storage chunk (twice: the next
-#: chunk usually goes to another worker) and costs a core call and its Python. Paired A/Bs, whole
-#: 10,000-cell chunks against 2,500-cell pieces: CPU 0.85-0.94x on Zarr v2 and v3, for +15 MiB peak RSS
-#: per worker; uncompressed h5ad (memory-mapped, no decoding) measured 1.02-1.06x, so it keeps small
+#: Cells per piece in a worker process whose reader ``decodes_chunks`` (Zarr, gzip / lzf h5ad): a worker
+#: reads, ranks and writes its chunks one after another, so it gains nothing from overlap inside a chunk,
+#: while every piece boundary decodes a partly read storage chunk (twice: the next chunk usually goes to
+#: another worker) and costs a core call and its Python. Paired A/Bs, whole 10,000-cell chunks against
+#: 2,500-cell pieces: CPU 0.85-0.94x on Zarr v2 and v3 and 0.77x on gzip h5ad, for +15 MiB peak RSS per
+#: worker; uncompressed h5ad (memory-mapped, nothing decoded) measured 1.02-1.06x, so it keeps small
 #: pieces. Larger chunks (``--chunk-size``) are still read in pieces of this size: memory stays bounded.
 WORKER_PIECE_CELLS = 10_000
 
 
 def piece_size(chunk_size: int, *, whole: bool = False) -> int:
     """Cells per piece for chunks of ``chunk_size`` cells; ``whole``: in a worker, from a reader that decodes
-    large storage chunks (see :data:`WORKER_PIECE_CELLS`)."""
+    storage chunks (see :data:`WORKER_PIECE_CELLS`)."""
     return min(chunk_size, WORKER_PIECE_CELLS if whole else PIECE_CELLS)
 
 

@@ -270,7 +270,7 @@ def _work(file_index: int, start: int) -> tuple[str, dict[str, Any], list[str]]:
     p: FilePlan = _JOB["plans"][file_index]
     r = _open_for_chunk(file_index, p.path)
     size = _JOB["chunk_size"]
-    piece = piece_size(size, whole=getattr(r, "decodes_large_chunks", False))
+    piece = piece_size(size, whole=getattr(r, "decodes_chunks", False))
     pieces = chunk_pieces(r.iter_chunks(start=start, chunk_size=piece, obs_columns=p.read_cols), chunk_size=size,
                           n_obs=r.n_obs)
     tokenize = functools.partial(_tokenize_piece, _JOB["spec"], p, _JOB["obs_columns"])

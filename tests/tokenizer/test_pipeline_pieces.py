@@ -121,10 +121,10 @@ def test_resume_skips_finished_chunks_between_pieces(tmp_path, inputs, monkeypat
     _same_dataset(tmp_path / "ref", out)
 
 
-def test_workers_read_zarr_chunks_whole_and_larger_chunks_in_bounded_pieces(tmp_path):
-    """A worker reading a Zarr store gains nothing from pieces smaller than its chunk (each boundary decodes
-    a partly read storage chunk), but a large --chunk-size must not make it read more than
-    WORKER_PIECE_CELLS cells at once; memory-mapped h5ad keeps small pieces."""
+def test_workers_read_decoded_chunks_whole_and_larger_chunks_in_bounded_pieces(tmp_path):
+    """A worker reading Zarr or gzip h5ad gains nothing from pieces smaller than its chunk (each boundary
+    decodes a partly read storage chunk), but a large --chunk-size must not make it read more than
+    WORKER_PIECE_CELLS cells at once; memory-mapped (uncompressed) h5ad keeps small pieces."""
     import inspect
 
     from scfm_fast.readers import open_reader
@@ -137,5 +137,7 @@ def test_workers_read_zarr_chunks_whole_and_larger_chunks_in_bounded_pieces(tmp_
     a = ad.AnnData(sp.csr_matrix(np.ones((3, 2), dtype=np.float32)))
     a.write_zarr(tmp_path / "a.zarr")
     a.write_h5ad(tmp_path / "a.h5ad")
-    with open_reader(tmp_path / "a.zarr") as z, open_reader(tmp_path / "a.h5ad") as h:
-        assert z.decodes_large_chunks and not h.decodes_large_chunks
+    a.write_h5ad(tmp_path / "gz.h5ad", compression="gzip")
+    with open_reader(tmp_path / "a.zarr") as z, open_reader(tmp_path / "a.h5ad") as h, \
+            open_reader(tmp_path / "gz.h5ad") as g:
+        assert z.decodes_chunks and g.decodes_chunks and not h.decodes_chunks
