@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from ._zarr_direct import read_direct, read_through_chunk
+from ._zarr_direct import read_direct, read_through_chunk, v3_compressor
 
 #: v3 ``data_type`` names read as NumPy dtypes of the same name
 _V3_NUMERIC = frozenset({"bool", "int8", "int16", "int32", "int64", "uint8", "uint16", "uint32", "uint64",
@@ -199,17 +199,10 @@ class LocalArray(_Node):
         """Decoders of an unsharded v3 string array's chunk (``vlen-utf8`` and at most one compressor)."""
         import numcodecs
 
-        from ._zarr_direct import _V3_COMPRESSORS
-
-        names = [c.get("name") for c in codecs]
-        if not names or names[0] != "vlen-utf8" or len(names) > 2:
+        if not codecs or codecs[0].get("name") != "vlen-utf8" or len(codecs) > 2:
             return None
-        decoders = []
-        if len(names) == 2:
-            if names[1] not in _V3_COMPRESSORS:
-                return None
-            decoders.append(getattr(numcodecs, _V3_COMPRESSORS[names[1]])())
-        return [*decoders, numcodecs.VLenUTF8()]
+        decoders = [v3_compressor(c) for c in codecs[1:]]
+        return None if any(d is None for d in decoders) else [*decoders, numcodecs.VLenUTF8()]
 
     def _decode_text(self, raw: bytes) -> np.ndarray:
         buf: Any = raw

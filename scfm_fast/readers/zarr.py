@@ -20,7 +20,7 @@ from ._anndata_reader import AnnDataReader, _select_matrix
 from ._common import _REEXPORT, check_path, reading_structure
 from ._nodes import is_array
 from ._sources import DEFAULT_BLOCK_ELEMENTS, DEFAULT_BLOCK_ROWS
-from ._zarr_direct import key_prefix, metadata_of
+from ._zarr_direct import _Layout, key_prefix, metadata_of
 from ._zarr_local import open_local_group
 
 _FIX = "Pass a directory written by anndata (adata.write_zarr)."
@@ -99,10 +99,10 @@ def check_sparse_chunks(path: str, name: str, group: Any) -> None:
         if prefix is None or len(arr.shape) != 1:  # a key encoding not known here: nothing to check against
             return
         per_file = int((getattr(arr, "shards", None) or arr.chunks)[0])
-        base = os.path.join(path, *arr.path.split("/"))
+        files = _Layout(os.path.join(path, *arr.path.split("/")), None, per_file, key_prefix=prefix)
         for i in range(math.ceil(int(arr.shape[0]) / per_file)):
-            k = prefix + str(i)
-            if not os.path.exists(os.path.join(base, *k.split("/"))):
+            if not os.path.exists(files.file(i)):
+                k = prefix + str(i)
                 msg = (f"{path}: chunk {k!r} (number {i}) of {name}/{key} is missing from the store, so zarr "
                        f"would read it as zeros; {_REEXPORT}")
                 raise InputFileError(msg)
