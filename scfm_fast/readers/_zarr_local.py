@@ -22,6 +22,7 @@ from typing import Any
 
 import numpy as np
 
+from .._errors import InputFileError
 from ._zarr_direct import read_direct, read_through_chunk, v3_compressor
 
 #: v3 ``data_type`` names read as NumPy dtypes of the same name
@@ -30,12 +31,15 @@ _V3_NUMERIC = frozenset({"bool", "int8", "int16", "int32", "int64", "uint8", "ui
 
 
 def _load(path: str) -> dict | None:
-    """A metadata document, or ``None`` when the file is absent."""
+    """A metadata document, or ``None`` when the file is absent; a file that is not JSON is an error naming it."""
     try:
         with open(path, "rb") as f:
             doc = json.loads(f.read())
     except FileNotFoundError:
         return None
+    except ValueError as e:  # JSONDecodeError, UnicodeDecodeError
+        msg = f"{path}: damaged Zarr metadata ({e}); re-export or re-copy the store"
+        raise InputFileError(msg) from None
     return doc if isinstance(doc, dict) else None
 
 

@@ -134,3 +134,17 @@ def test_reading_a_zarr_store_imports_neither_zarr_nor_h5py(sources, tmp_path):
     """)
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]", out.stdout + out.stderr
+
+
+def test_damaged_metadata_is_an_error_naming_the_file(sources, tmp_path):
+    """A metadata file that is not JSON (an interrupted copy): the reader's error names that file."""
+    import shutil
+
+    from scfm_fast._errors import InputFileError
+    from scfm_fast.readers import open_reader
+
+    store = tmp_path / "bad.zarr"
+    shutil.copytree(sources["zarr_v2"].path, store)
+    (store / "X" / "data" / ".zarray").write_text("{not json")
+    with pytest.raises(InputFileError, match=r"bad\.zarr/X/data/\.zarray: damaged Zarr metadata"):
+        open_reader(store)
