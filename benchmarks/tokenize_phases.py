@@ -1,7 +1,7 @@
 """End-to-end tokenize throughput against the host's speed at the moment of each run.
 
-The 2-vCPU VM these benchmarks run on changes speed ~1.5-2x within minutes (other tenants; the guest
-sees no steal time), so one run, or a median over a quarter of an hour, mixes host phases. This script
+The 2-vCPU VM these benchmarks run on changes speed ~1.5-2x within minutes (load on the host; the
+guest sees no steal time), so one run, or a median over a quarter of an hour, mixes host phases. This script
 alternates, for ``--minutes``, a host probe with one end-to-end run per store, and reports each store's
 cells/s against the probe: over all runs, and over the runs made while the host was in the fastest third
 of the probes seen.
