@@ -49,7 +49,19 @@ def git_commit() -> str:
 
 
 def peak_rss_mb() -> float:
-    """Peak resident set size of this process so far (MiB)."""
+    """Peak resident set size of this process so far (MiB): ``VmHWM`` of ``/proc/self/status`` on Linux.
+
+    Not ``ru_maxrss``: Linux carries it across ``execve``, and ``subprocess`` starts a child with ``vfork``,
+    so a benchmark's child process reported its launcher's peak when that was larger (a 14 MiB child of a
+    600 MiB benchmark process read 614 MiB). ``ru_maxrss`` only where there is no ``/proc``.
+    """
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024.0
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 

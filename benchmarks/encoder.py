@@ -65,7 +65,6 @@ def load_cells(tokens: str | None, n: int) -> list[np.ndarray]:
 
 
 def child(args) -> None:
-    import resource
 
     import torch
 
@@ -117,7 +116,7 @@ def child(args) -> None:
 
     t = _harness.time_fn(run, repeat=args.repeat, warmup=1, cuda=dev.type == "cuda")
     out = {"seconds": t["median_s"], "cells": len(cells), "tokens": int(sum(len(c) for c in cells)),
-           "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+           "peak_rss_mb": _harness.peak_rss_mb()}
     if dev.type == "cuda":
         out["peak_gpu_mb"] = torch.cuda.max_memory_allocated() / 2**20
     print(json.dumps(out))
@@ -129,7 +128,6 @@ def child_genecompass(args) -> None:
     lengths and gene ids (V1 ids, inside GeneCompass's vocabulary, so genes recur across cells as in a
     dataset); values in 0..7 (speed does not depend on them). Our gene table starts empty in every timed
     run: filling it for these cells is part of the time."""
-    import resource
 
     import torch
 
@@ -178,7 +176,7 @@ def child_genecompass(args) -> None:
 
     t = _harness.time_fn(run, repeat=args.repeat, warmup=1, cuda=dev.type == "cuda")
     out = {"seconds": t["median_s"], "cells": len(lengths), "tokens": int(sum(lengths)),
-           "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+           "peak_rss_mb": _harness.peak_rss_mb()}
     if dev.type == "cuda":
         out["peak_gpu_mb"] = torch.cuda.max_memory_allocated() / 2**20
     print(json.dumps(out))

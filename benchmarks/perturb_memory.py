@@ -3,7 +3,7 @@
 Builds synthetic token dataset directories of ``--cells`` sizes (short cells whose genes come from a small
 id range, so the few screened genes occur often; written with the real ``ShardedTokenWriter``), saves a
 tiny random BERT checkpoint, then runs ``scfm perturb DIR --genes G1,G2 --cells-per-shard N --no-stats``
-in a fresh process per size and records its peak resident memory (``ru_maxrss``, torch's import
+in a fresh process per size and records its peak resident memory (``VmHWM``, torch's import
 included) and wall time. Cells are read part by part through ``open_cells``, so the peak should not grow
 with the number of cells; a corpus read whole would add its tokens (and Python objects per cell).
 
@@ -73,14 +73,16 @@ def save_model(d: Path) -> None:
     save_file({f"bert.{k}": v.contiguous() for k, v in m.state_dict().items()}, str(d / "model.safetensors"))
 
 
+#: one size, in a fresh interpreter; its peak is ``VmHWM``, not ``ru_maxrss``, which Linux carries over from
+#: the launching process (see ``_harness.peak_rss_mb``)
 _CHILD = """
-import json, resource, sys, time
+import json, sys, time
 sys.argv = ["scfm"] + {argv!r}
 from scfm_fast.cli import main
 t0 = time.perf_counter()
 rc = main(sys.argv[1:])
-print(json.dumps({{"rc": rc, "seconds": time.perf_counter() - t0,
-                  "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}}))
+hwm = next(int(x.split()[1]) for x in open("/proc/self/status") if x.startswith("VmHWM:"))
+print(json.dumps({{"rc": rc, "seconds": time.perf_counter() - t0, "peak_rss_mib": hwm / 1024}}))
 """
 
 

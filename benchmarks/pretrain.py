@@ -39,7 +39,6 @@ import argparse  # noqa: E402
 import importlib.util  # noqa: E402
 import json  # noqa: E402
 import multiprocessing as mp  # noqa: E402
-import resource  # noqa: E402
 import subprocess  # noqa: E402
 import tempfile  # noqa: E402
 import time  # noqa: E402
@@ -151,12 +150,12 @@ def _worker(kind: str, conn, setup: dict) -> None:
             opt.step()
             opt.zero_grad(set_to_none=True)
 
-    rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+    rss0 = _harness.peak_rss_mb()
     conn.send(("ready", len(batches), rss0))
     while True:
         cmd, i = conn.recv()
         if cmd == "stop":
-            conn.send(("peak_rss_mb", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0))
+            conn.send(("peak_rss_mb", _harness.peak_rss_mb()))
             return
         t0 = time.perf_counter()
         step(batches[i])

@@ -9,10 +9,12 @@ show that peak memory does not grow with the number of cells (loom only at N: it
 
 End to end (``scfm tokenize``) runs both ways on all cores: ``threads=0`` is a single process
 (pieces of each chunk read, ranked and written on overlapping threads, the core on all cores) and
-``threads=N`` is ``--workers N`` (processes that each read, rank and write whole chunks; the default on N cores). Each is
-reported as cells/s, CPU seconds of the parent and its workers, and peak RSS of the parent and of the
-largest worker (the larger stores also with shard files written through the page cache,
-``SCFM_FAST_DIRECT_IO=0``, instead of ``O_DIRECT``), against the NumPy reference pipeline (``--backend reference``, on the Zarr v2 store). Per-stage rows give user+system CPU
+``threads=N`` is ``--workers N`` (processes that each read, rank and write whole chunks; the default on N
+cores). Each is reported as cells/s, CPU seconds of the parent and its workers, and peak RSS (``VmHWM``)
+of the parent and of the largest worker, against the NumPy reference pipeline (``--backend reference``,
+on the Zarr v2 store). ``rss_vs_small``: the larger store's peak in one process over the smaller one's
+(memory bounded by the chunk size). The larger stores also run with shard files written through the
+page cache (``SCFM_FAST_DIRECT_IO=0``) instead of ``O_DIRECT``. Per-stage rows give user+system CPU
 seconds per 20,000 cells for read (decode to CSR), rank (core, one thread, plus the chunk's table) and
 write (Parquet + packed part), measured one stage at a time: less sensitive to other load on the
 machine than wall-clock rates.
@@ -238,7 +240,7 @@ def _child(args: argparse.Namespace) -> None:
         out = {"cells": man["summary"]["n_cells_in"], "seconds": dt,
                "cpu_s": c1.ru_utime + c1.ru_stime - c0.ru_utime - c0.ru_stime + ch.ru_utime + ch.ru_stime,
                "worker_peak_rss_mb": ch.ru_maxrss / 1024}
-    out["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    out["peak_rss_mb"] = _harness.peak_rss_mb()
     print(json.dumps(out))
 
 
@@ -325,7 +327,8 @@ def main() -> None:
 
         for fmt, path in stores.items():
             # one process; below MIN_WORKER_CELLS the default and --workers run the same loop
-            rows.append(e2e(f"end to end {fmt}", path, 0))
+            small = e2e(f"end to end {fmt}", path, 0)
+            rows.append(small)
             st = run_child(child="stages", zarr=path, chunk_size=args.chunk_size)
             rows.append({"stage": f"stages {fmt} (CPU s / 20k cells)", "backend": "cpp", "threads": 1,
                          "cells": st["cells"], "cells_per_s": float("nan"), "x_reference": float("nan"),
@@ -336,6 +339,8 @@ def main() -> None:
                 make_store(fmt, path_big, args.cells * args.scale, seed=1)
                 for tt in (0, t):  # one process against --workers t (the default on t cores)
                     rows.append(e2e(f"end to end {fmt} ({args.scale}x cells)", path_big, tt))
+                    if tt == 0:  # memory bounded by the chunk size: the same loop on --scale x the cells
+                        rows[-1]["rss_vs_small"] = rows[-1]["peak_rss_mb"] / small["peak_rss_mb"]
                 # shard files through the page cache instead of O_DIRECT (store/_direct.py), same run
                 rows.append(e2e(f"end to end {fmt} ({args.scale}x cells, page cache)", path_big, t,
                                 env_extra={"SCFM_FAST_DIRECT_IO": "0"}))
