@@ -58,9 +58,9 @@ class FilePlan:
 
 def n_workers(n_threads: int | None) -> int:
     """Worker processes for ``--workers``; left out, one per usable core (at most
-    :data:`MAX_DEFAULT_WORKERS`). On an idle 2-core machine 2 workers ran 27-43% faster than one process
-    with the core on both cores (Zarr v2/v3, uncompressed h5ad at 200,000 cells; gzip h5ad even), for
-    about twice the memory (parent ~470 MiB + ~450-580 MiB per worker); inputs under
+    :data:`MAX_DEFAULT_WORKERS`). On the 2-core benchmark machines 2 workers ran 5-43% faster than one
+    process with the core on both cores (Zarr v2/v3, h5ad at 200,000 cells), for ~2-2.5x the resident
+    memory (parent ~150 MiB + ~415-500 MiB per worker, against ~400 MiB in one process); inputs under
     :data:`MIN_WORKER_CELLS` always run in one process. ``--workers 1`` forces one process."""
     if n_threads:
         return n_threads
