@@ -65,7 +65,6 @@ def load_cells(tokens: str | None, n: int) -> list[np.ndarray]:
 
 
 def child(args) -> None:
-
     import torch
 
     from scfm_fast.embed import embed_tokens
@@ -128,7 +127,6 @@ def child_genecompass(args) -> None:
     lengths and gene ids (V1 ids, inside GeneCompass's vocabulary, so genes recur across cells as in a
     dataset); values in 0..7 (speed does not depend on them). Our gene table starts empty in every timed
     run: filling it for these cells is part of the time."""
-
     import torch
 
     from scfm_fast.kernels.padding import cu_seqlens_from_lengths
