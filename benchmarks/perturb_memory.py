@@ -73,16 +73,18 @@ def save_model(d: Path) -> None:
     save_file({f"bert.{k}": v.contiguous() for k, v in m.state_dict().items()}, str(d / "model.safetensors"))
 
 
-#: one size, in a fresh interpreter; its peak is ``VmHWM``, not ``ru_maxrss``, which Linux carries over from
-#: the launching process (see ``_harness.peak_rss_mb``)
+#: one size, in a fresh interpreter; its peak from ``_harness.peak_rss_mb`` (``VmHWM``: ``ru_maxrss`` would carry
+#: over this launching process's peak)
 _CHILD = """
-import json, sys, time
+import importlib.util, json, sys, time
+spec = importlib.util.spec_from_file_location("_harness", {harness!r})
+harness = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(harness)
 sys.argv = ["scfm"] + {argv!r}
 from scfm_fast.cli import main
 t0 = time.perf_counter()
 rc = main(sys.argv[1:])
-hwm = next(int(x.split()[1]) for x in open("/proc/self/status") if x.startswith("VmHWM:"))
-print(json.dumps({{"rc": rc, "seconds": time.perf_counter() - t0, "peak_rss_mib": hwm / 1024}}))
+print(json.dumps({{"rc": rc, "seconds": time.perf_counter() - t0, "peak_rss_mib": harness.peak_rss_mb()}}))
 """
 
 
@@ -90,7 +92,7 @@ def measure(tokens: Path, ckpt: Path, out: Path, cps: int) -> dict:
     argv = ["perturb", str(tokens), "--model", str(ckpt), "--genes", ",".join(map(str, GENES)), "--cells-per-shard",
             str(cps), "--no-stats", "--out", str(out), "--devices", "cpu", "--batch-tokens", "4096"]
     env = {**os.environ, "PYTHONPATH": os.path.dirname(_HERE), "OMP_NUM_THREADS": "1"}
-    res = subprocess.run([sys.executable, "-c", _CHILD.format(argv=argv)], capture_output=True, text=True, env=env,
+    res = subprocess.run([sys.executable, "-c", _CHILD.format(argv=argv, harness=_harness.__file__)], capture_output=True, text=True, env=env,
                          check=False)
     if res.returncode != 0:
         raise SystemExit(res.stderr[-3000:])

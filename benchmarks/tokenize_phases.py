@@ -106,7 +106,7 @@ def summarize(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
         rates = [r["cells_per_s"] for r in rs]
         rows.append({
             "store": store, "runs": len(rs), "cells": rs[0]["cells"],
-            "cells_per_s_median": _median([r["cells_per_s"] for r in rs]),
+            "cells_per_s_median": _median(rates),
             "cpu_s_per_20k_median": _median([r["cpu_s_per_20k"] for r in rs]),
             "host_mb_s_median": _median([r["host_mb_s"] for r in rs]),
             "fast_third_from_mb_s": fast_from, "fast_third_runs": len(fast),
